@@ -1,0 +1,357 @@
+"""Local disk as a store: keys are paths under a root directory, writes are atomic renames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat as stat_module
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import (
+    AlreadyExistsError,
+    DicomCloudError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnsafeNameError,
+)
+from ..localio import PARTIAL_SUFFIX, partial_path, read_chunks
+from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
+
+log = logging.getLogger(__name__)
+
+
+class LocalStore(Store):
+    """A directory tree. Keys use ``/``; the root itself is never escaped (``..`` is refused)."""
+
+    scheme = "file"
+    features = Features(server_side_copy=True, random_access_write=True)
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.bucket = str(root)
+
+    def url(self, key: str = "") -> str:
+        return str(self.path(key)) if key else str(self.root)
+
+    def path(self, key: str) -> Path:
+        """The filesystem path of ``key``, refusing names that would leave the root."""
+        check_key(key)
+        return self.root / key
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def stat(self, key: str) -> ObjectInfo:
+        path = self.path(key)
+        try:
+            st = await asyncio.to_thread(os.stat, path)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+        if not stat_module.S_ISREG(st.st_mode):
+            raise NotFoundError(f"{path}: is not a regular file")
+        metadata = await asyncio.to_thread(_read_metadata, path)
+        content_type = metadata.pop(_CONTENT_TYPE, None)
+        return ObjectInfo(
+            key=key, size=st.st_size, last_modified=_mtime(st), metadata=metadata, content_type=content_type
+        )
+
+    async def list(self, prefix: str = "", *, recursive: bool = True) -> AsyncIterator[ObjectInfo]:
+        # A prefix not ending in "/" ("study/ser") is walked from its directory and filtered.
+        base = prefix if prefix.endswith("/") or not prefix else prefix.rpartition("/")[0] + "/"
+        base = base.rstrip("/")
+        directory = self.path(base) if base else self.root
+        walker = _walk_sorted(directory, f"{base}/" if base else "", recursive)
+        while True:
+            # Directories are read a batch at a time in a thread, so huge trees do not block the loop.
+            batch = await asyncio.to_thread(_take, walker, 512)
+            for info in batch:
+                if info.key.startswith(prefix):
+                    yield info
+            if len(batch) < 512:
+                return
+
+    async def get(self, key: str) -> bytes:
+        path = self.path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        path = self.path(key)
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return os.pread(f.fileno(), max(end - start, 0), start)
+
+        try:
+            return await asyncio.to_thread(read)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+
+    async def stream(self, key: str, *, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        path = self.path(key)
+        try:
+            async for chunk in read_chunks(path, chunk_size):
+                yield chunk
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes | memoryview, options: PutOptions = PutOptions()) -> PutResult:
+        path = self.path(key)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            _write_metadata(tmp, options)
+
+        await asyncio.to_thread(self._write_then_commit, path, write, options.if_absent)
+        return PutResult(etag=None)
+
+    async def put_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        options: PutOptions = PutOptions(),
+        plan: MultipartPlan = MultipartPlan(),
+    ) -> PutResult:
+        path = self.path(key)
+        await asyncio.to_thread(_make_parent, path)
+        tmp = partial_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in chunks:
+                    await asyncio.to_thread(f.write, chunk)
+            await asyncio.to_thread(_write_metadata, tmp, options)
+            await asyncio.to_thread(_commit, tmp, path, options.if_absent)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return PutResult(etag=None)
+
+    async def put_file(
+        self, key: str, path: Path, options: PutOptions = PutOptions(), plan: MultipartPlan = MultipartPlan()
+    ) -> PutResult:
+        dest = self.path(key)
+
+        def write(tmp: Path) -> None:
+            shutil.copyfile(path, tmp)
+            _write_metadata(tmp, options)
+
+        await asyncio.to_thread(self._write_then_commit, dest, write, options.if_absent)
+        return PutResult(etag=None)
+
+    def _write_then_commit(self, path: Path, write: object, if_absent: bool) -> None:
+        assert callable(write)
+        tmp = partial_path(path)
+        try:
+            _make_parent(path)
+            write(tmp)
+            _commit(tmp, path, if_absent)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        def remove() -> None:
+            for key in keys:
+                path = self.path(key)
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise _translate(exc, path) from exc
+
+        await asyncio.to_thread(remove)
+
+    async def copy(self, src_key: str, dst_key: str) -> None:
+        src = self.path(src_key)
+        await asyncio.to_thread(
+            self._write_then_commit, self.path(dst_key), lambda tmp: shutil.copyfile(src, tmp), False
+        )
+
+    def open_writer(self, key: str, size: int) -> RandomAccessWriter:
+        """A file of ``size`` bytes to fill at any offsets, renamed into place by ``commit``."""
+        return RandomAccessWriter(self.path(key), size)
+
+
+class RandomAccessWriter:
+    """A partial file written at offsets by concurrent ranged downloads."""
+
+    def __init__(self, final: Path, size: int) -> None:
+        self.final = final
+        _make_parent(final)
+        self.tmp = partial_path(final)
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self._fd, size)
+
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def commit(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+def check_key(key: str) -> None:
+    """Refuse keys that are not a plain relative path: ``..``, ``.``, empty segments, NUL."""
+    if "\x00" in key:
+        raise UnsafeNameError(f"object name contains a NUL byte: {key!r}")
+    if key.startswith("/"):
+        raise UnsafeNameError(f"object name is an absolute path: {key!r}")
+    for segment in key.split("/"):
+        if segment in (".", ".."):
+            raise UnsafeNameError(f"object name has a '{segment}' segment: {key!r}")
+
+
+#: Object metadata lives in extended attributes under this namespace, where the filesystem has them.
+_XATTR_PREFIX = "user.dicom_cloud."
+_CONTENT_TYPE = "content-type"
+
+
+def _write_metadata(path: Path, options: PutOptions) -> None:
+    items = dict(options.metadata)
+    if options.content_type:
+        items[_CONTENT_TYPE] = options.content_type
+    for name, value in items.items():
+        try:
+            os.setxattr(path, _XATTR_PREFIX + name, value.encode("utf-8"))
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.E2BIG, errno.ENOSPC):
+                log.debug("metadata not kept for %s: filesystem has no extended attributes", path)
+                return
+            raise
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    try:
+        names = os.listxattr(path)
+    except OSError:
+        return {}
+    metadata: dict[str, str] = {}
+    for name in names:
+        if name.startswith(_XATTR_PREFIX):
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                metadata[name[len(_XATTR_PREFIX) :]] = os.getxattr(path, name).decode("utf-8")
+    return metadata
+
+
+def _make_parent(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _commit(tmp: Path, final: Path, if_absent: bool) -> None:
+    if if_absent:
+        # link() fails if the name exists, atomically: the create-only twin of rename().
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise AlreadyExistsError(f"{final} already exists") from None
+        tmp.unlink()
+    else:
+        os.replace(tmp, final)
+
+
+def _mtime(st: os.stat_result) -> datetime:
+    return datetime.fromtimestamp(st.st_mtime, tz=UTC)
+
+
+def _take(iterator: Iterator[ObjectInfo], count: int) -> list[ObjectInfo]:
+    batch: list[ObjectInfo] = []
+    for item in iterator:
+        batch.append(item)
+        if len(batch) >= count:
+            break
+    return batch
+
+
+def _walk_sorted(directory: Path, key_prefix: str, recursive: bool) -> Iterator[ObjectInfo]:
+    """Files under ``directory`` in ascending byte order of their keys, following symlinks safely."""
+    try:
+        top = os.stat(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _translate(exc, directory) from exc
+    yield from _walk_dir(directory, key_prefix, recursive, {(top.st_dev, top.st_ino)})
+
+
+def _walk_dir(
+    directory: Path, key_prefix: str, recursive: bool, ancestors: set[tuple[int, int]]
+) -> Iterator[ObjectInfo]:
+    try:
+        with os.scandir(directory) as it:
+            entries = list(it)
+    except NotADirectoryError:
+        return
+    except OSError as exc:
+        raise _translate(exc, directory) from exc
+    children: list[tuple[bytes, os.DirEntry[str], os.stat_result]] = []
+    for entry in entries:
+        if entry.name.endswith(PARTIAL_SUFFIX):
+            continue
+        try:
+            st = entry.stat()  # follows symlinks
+        except OSError:
+            log.warning("skipping %s: broken symbolic link or unreadable", entry.path)
+            continue
+        is_dir = stat_module.S_ISDIR(st.st_mode)
+        if not is_dir and not stat_module.S_ISREG(st.st_mode):
+            continue  # sockets, FIFOs, devices are not objects
+        # A directory's keys all continue with "/", so it sorts as name + "/" among its siblings.
+        sort_key = (entry.name + "/" if is_dir else entry.name).encode("utf-8", "surrogateescape")
+        children.append((sort_key, entry, st))
+    children.sort(key=lambda c: c[0])
+    for _, entry, st in children:
+        key = key_prefix + entry.name
+        if stat_module.S_ISDIR(st.st_mode):
+            if not recursive:
+                yield ObjectInfo(key=key + "/", size=0)
+                continue
+            identity = (st.st_dev, st.st_ino)
+            if identity in ancestors:
+                log.warning("skipping %s: symbolic link loop", entry.path)
+                continue
+            yield from _walk_dir(Path(entry.path), key + "/", recursive, ancestors | {identity})
+        else:
+            yield ObjectInfo(key=key, size=st.st_size, last_modified=_mtime(st))
+
+
+def _translate(exc: OSError, path: Path) -> DicomCloudError:
+    if isinstance(exc, DicomCloudError):
+        return exc
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return NotFoundError(f"{path}: no such file or directory")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDeniedError(f"{path}: permission denied")
+    if exc.errno == errno.EISDIR:
+        return NotFoundError(f"{path}: is a directory", hint="add --recursive to transfer a directory")
+    if exc.errno == errno.ENOSPC:
+        return DicomCloudError(f"{path}: no space left on device")
+    if exc.errno == errno.ENAMETOOLONG:
+        return UnsafeNameError(f"{path}: name too long for this filesystem")
+    return DicomCloudError(f"{path}: {exc.strerror or exc}")

@@ -1,0 +1,482 @@
+"""S3 (and S3-compatible), Azure Blob and in-memory stores, through obstore's Rust clients.
+
+This module is the bottom edge for those three: obstore's exceptions are translated here
+into :mod:`dicom_cloud.errors`, reading the provider's error code from the message where
+the HTTP status alone is ambiguous (a 403 is a bad signature or a missing permission).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+
+import obstore
+from obstore import exceptions as obx
+from obstore.store import AzureStore, MemoryStore, S3Store
+
+from ..credentials import aws_settings, azure_settings
+from ..errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    BucketNotFoundError,
+    DicomCloudError,
+    NetworkError,
+    NotFoundError,
+    NotSupportedError,
+    PermissionDeniedError,
+    ThrottledError,
+    UnsafeNameError,
+    UsageError,
+)
+from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
+from . import StoreConfig
+from .azure_sas import blob_sas_url
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, ObjectStore, RetryConfig
+
+T = TypeVar("T")
+
+#: In-process stores by name, so that ``memory://name`` means the same store within a process.
+_MEMORY_STORES: dict[str, MemoryStore] = {}
+
+# Provider error codes, read from response bodies, that decide the class of an error.
+_AUTH_CODES = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "AuthenticationFailed",  # Azure
+    "InvalidAuthenticationInfo",  # Azure
+    "NoAuthenticationInformation",  # Azure
+    "Server failed to authenticate the request",  # Azure and Azurite (code AuthorizationFailure)
+)
+_BUCKET_CODES = ("NoSuchBucket", "ContainerNotFound", "ContainerBeingDeleted")
+_THROTTLE_CODES = ("SlowDown", "ServerBusy", "TooManyRequests", "RequestLimitExceeded", "Throttl")
+_STATUS = re.compile(r"status code: (\d{3})")
+
+
+def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
+    """Build the obstore client for ``scheme`` (s3, azure or memory) and wrap it."""
+    retry: RetryConfig = {
+        "max_retries": config.max_retries,
+        "retry_timeout": timedelta(seconds=max(config.request_timeout, 1.0)),
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=15),
+            "base": 2,
+        },
+    }
+    client: ClientConfig = {
+        "connect_timeout": timedelta(seconds=config.connect_timeout),
+        "timeout": timedelta(seconds=config.request_timeout),
+        "pool_max_idle_per_host": "64",
+        "user_agent": "dicom-cloud",
+    }
+    if scheme == "memory":
+        inner: ObjectStore = _MEMORY_STORES.setdefault(bucket, MemoryStore())
+        return ObjectStoreBackend(
+            inner, "memory", bucket, Features(server_side_copy=True, multipart=False, etag_is_md5=False)
+        )
+    if scheme == "s3":
+        aws = aws_settings(region=config.region, endpoint=config.endpoint)
+        s3_kwargs: dict[str, Any] = {"region": aws.region}
+        if aws.access_key_id and aws.secret_access_key:
+            s3_kwargs["access_key_id"] = aws.access_key_id
+            s3_kwargs["secret_access_key"] = aws.secret_access_key
+            if aws.session_token:
+                s3_kwargs["session_token"] = aws.session_token
+        if aws.endpoint:
+            s3_kwargs["endpoint"] = aws.endpoint.rstrip("/")
+            client["allow_http"] = aws.endpoint.startswith("http://")
+        path_style = config.path_style if config.path_style is not None else bool(aws.endpoint)
+        s3_kwargs["virtual_hosted_style_request"] = not path_style
+        # Integrity: every part and every single put carries x-amz-checksum-sha256, which the
+        # server checks before accepting the bytes (SHA-256 runs in the Rust client, off the GIL).
+        s3_kwargs["checksum_algorithm"] = config.extra.get("checksum_algorithm", "SHA256")
+        if config.server_side_encryption:
+            s3_kwargs["server_side_encryption"] = config.server_side_encryption
+            if config.sse_kms_key_id:
+                s3_kwargs["sse_kms_key_id"] = config.sse_kms_key_id
+        try:
+            s3 = S3Store(bucket, client_options=client, retry_config=retry, **s3_kwargs)
+        except obx.BaseError as exc:
+            raise UsageError(f"invalid S3 configuration: {_first_line(exc)}") from exc
+        features = Features(
+            server_side_copy=True, presign=True, object_tags=True, multipart=True, etag_is_md5=True
+        )
+        return ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
+    if scheme == "azure":
+        az = azure_settings(endpoint=config.endpoint)
+        az_kwargs: dict[str, Any] = {"account_name": az.account}
+        if az.account_key:
+            az_kwargs["account_key"] = az.account_key
+        if az.sas_token:
+            az_kwargs["sas_key"] = az.sas_token
+        if az.endpoint:
+            az_kwargs["endpoint"] = az.endpoint.rstrip("/")
+            client["allow_http"] = az.endpoint.startswith("http://")
+        try:
+            azure = AzureStore(bucket, client_options=client, retry_config=retry, **az_kwargs)
+        except obx.BaseError as exc:
+            raise UsageError(f"invalid Azure configuration: {_first_line(exc)}") from exc
+        features = Features(
+            server_side_copy=True,
+            presign=bool(az.account_key),
+            object_tags=True,
+            multipart=True,
+            etag_is_md5=False,
+        )
+        signer: Signer | None = None
+        if az.account and az.account_key:
+            account, account_key = az.account, az.account_key
+            blob_endpoint = az.endpoint or f"https://{account}.blob.core.windows.net"
+
+            def signer(key: str, expires: timedelta, method: Literal["GET", "PUT"]) -> str:
+                return blob_sas_url(
+                    endpoint=blob_endpoint,
+                    account=account,
+                    account_key=account_key,
+                    container=bucket,
+                    blob=key,
+                    expires=expires,
+                    permissions="r" if method == "GET" else "cw",
+                )
+
+        return ObjectStoreBackend(
+            azure, "azure", bucket, features, endpoint=az.endpoint or "Azure", signer=signer
+        )
+    raise UsageError(f"obstore backend cannot open {scheme}://")
+
+
+Signer = Callable[[str, timedelta, Literal["GET", "PUT"]], str]
+
+
+class ObjectStoreBackend(Store):
+    """A :class:`Store` over one obstore store (S3Store, AzureStore or MemoryStore)."""
+
+    def __init__(
+        self,
+        inner: ObjectStore,
+        scheme: str,
+        bucket: str,
+        features: Features,
+        *,
+        endpoint: str = "",
+        signer: Signer | None = None,
+    ) -> None:
+        self._inner = inner
+        self.scheme = scheme
+        self.bucket = bucket
+        self.features = features
+        self._endpoint = endpoint
+        #: Replaces obstore's signing where it is wrong for the provider (Azure blob names).
+        self._signer = signer
+        self._bucket_checked = scheme == "memory"
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def stat(self, key: str) -> ObjectInfo:
+        try:
+            result = await self._call(key, obstore.get_async(self._inner, key, options={"head": True}))
+        except PermissionDeniedError:
+            # A HEAD 403 carries no body to tell bad credentials from a missing permission;
+            # a listing's 403 does. Only on this error path.
+            parent = key.rpartition("/")[0]
+            async for _ in self.list(f"{parent}/" if parent else "", recursive=False):
+                break
+            raise
+        return _info_with_attributes(key, result.meta, result.attributes)
+
+    async def list(self, prefix: str = "", *, recursive: bool = True) -> AsyncIterator[ObjectInfo]:
+        # obstore lists whole path segments ("a/b" means "a/b/..."); a plain string prefix is
+        # listed from its directory and filtered, which costs only when it does not end in "/".
+        directory = prefix if prefix.endswith("/") or not prefix else prefix.rpartition("/")[0]
+        if not recursive:
+            listing = await self._call(
+                prefix, obstore.list_with_delimiter_async(self._inner, directory.rstrip("/") or None)
+            )
+            entries = [_info(m) for m in listing["objects"]]
+            entries += [ObjectInfo(key=p.rstrip("/") + "/", size=0) for p in listing["common_prefixes"]]
+            for entry in sorted(entries, key=lambda i: i.key.encode()):
+                if entry.key.startswith(prefix):
+                    yield entry
+            return
+        stream = obstore.list(self._inner, directory.rstrip("/") or None, chunk_size=1000)
+        while True:
+            try:
+                batch = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+            except (obx.BaseError, FileNotFoundError) as exc:
+                self._raise(exc, prefix)
+            for meta in batch:
+                if meta["path"].startswith(prefix):
+                    yield _info(meta)
+
+    async def get(self, key: str) -> bytes | memoryview:
+        return (await self.read(key))[1]
+
+    async def read(self, key: str) -> tuple[ObjectInfo, bytes | memoryview]:
+        result = await self._call(key, obstore.get_async(self._inner, key))
+        data = await self._call(key, result.bytes_async())
+        # A view of the Rust buffer: no copy of the object's bytes on the Python side.
+        return _info_with_attributes(key, result.meta, result.attributes), memoryview(data)
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
+        if end <= start:
+            return b""
+        data = await self._call(key, obstore.get_range_async(self._inner, key, start=start, end=end))
+        return memoryview(data)
+
+    async def stream(self, key: str, *, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        result = await self._call(key, obstore.get_async(self._inner, key))
+        chunks = result.stream(min_chunk_size=chunk_size)
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except (obx.BaseError, FileNotFoundError) as exc:
+                self._raise(exc, key)
+            view = memoryview(chunk)
+            # Some stores (memory) hand back the whole object at once: keep chunks to the size asked.
+            for start in range(0, len(view), chunk_size):
+                yield bytes(view[start : start + chunk_size])
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes | memoryview, options: PutOptions = PutOptions()) -> PutResult:
+        result = await self._write(
+            key,
+            lambda: obstore.put_async(
+                self._inner,
+                key,
+                data,
+                attributes=_attributes(options),
+                tags=dict(options.tags) if options.tags and self.features.object_tags else None,
+                mode="create" if options.if_absent else "overwrite",
+                use_multipart=False,
+            ),
+        )
+        return PutResult(etag=_unquote(result["e_tag"]))
+
+    async def put_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        options: PutOptions = PutOptions(),
+        plan: MultipartPlan = MultipartPlan(),
+    ) -> PutResult:
+        if options.if_absent:
+            # Conditional multipart completion is not portable: check first, then write.
+            await self._refuse_existing(key)
+        result = await self._write(
+            key,
+            lambda: obstore.put_async(
+                self._inner,
+                key,
+                chunks,
+                attributes=_attributes(options),
+                tags=dict(options.tags) if options.tags and self.features.object_tags else None,
+                chunk_size=plan.part_size,
+                max_concurrency=plan.concurrency,
+            ),
+        )
+        return PutResult(etag=_unquote(result["e_tag"]))
+
+    async def put_file(
+        self, key: str, path: Path, options: PutOptions = PutOptions(), plan: MultipartPlan = MultipartPlan()
+    ) -> PutResult:
+        if options.if_absent:
+            await self._refuse_existing(key)
+        # A Path is read by obstore's Rust side, part by part: no Python buffers, no GIL.
+        result = await self._write(
+            key,
+            lambda: obstore.put_async(
+                self._inner,
+                key,
+                path,
+                attributes=_attributes(options),
+                tags=dict(options.tags) if options.tags and self.features.object_tags else None,
+                chunk_size=plan.part_size,
+                max_concurrency=plan.concurrency,
+            ),
+        )
+        return PutResult(etag=_unquote(result["e_tag"]))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        try:
+            await obstore.delete_async(self._inner, list(keys))
+        except (obx.NotFoundError, FileNotFoundError):
+            # Azure answers 404 for a missing blob; deleting what is absent is not an error.
+            for key in keys:
+                try:
+                    await obstore.delete_async(self._inner, key)
+                except (obx.NotFoundError, FileNotFoundError):
+                    continue
+                except obx.BaseError as exc:
+                    self._raise(exc, key)
+        except obx.BaseError as exc:
+            self._raise(exc, keys[0])
+
+    async def copy(self, src_key: str, dst_key: str) -> None:
+        await self._call(src_key, obstore.copy_async(self._inner, src_key, dst_key))
+
+    async def sign(self, key: str, expires: timedelta, method: Literal["GET", "PUT"] = "GET") -> str:
+        if not self.features.presign:
+            raise NotSupportedError(
+                f"{self.scheme}:// store cannot sign URLs with these credentials",
+                hint="Azure share links need an account key (AZURE_STORAGE_KEY or a connection string)",
+            )
+        if expires > timedelta(days=7) and self.scheme == "s3":
+            raise UsageError("S3 presigned URLs can last at most 7 days", hint="use --expires 7d or less")
+        if self._signer is not None:
+            return self._signer(key, expires, method)
+        signable: Any = self._inner
+        url: str = await self._call(key, obstore.sign_async(signable, method, key, expires))
+        return url
+
+    async def close(self) -> None:
+        self._inner = None  # type: ignore[assignment]
+
+    # -- error translation -------------------------------------------------------------
+
+    async def _refuse_existing(self, key: str) -> None:
+        try:
+            await self.stat(key)
+        except NotFoundError:
+            return
+        raise AlreadyExistsError(f"{self.url(key)} already exists")
+
+    async def _write(self, key: str, start: Callable[[], Awaitable[T]]) -> T:
+        """``_call`` for writes, after checking once per store that the bucket exists.
+
+        Some servers answer a write to a missing bucket with a 500 (SeaweedFS, which then
+        half-creates it), so the clear error has to come from a listing made beforehand.
+        obstore starts a request as soon as its call is made, hence ``start`` is a callable.
+        """
+        if not self._bucket_checked:
+            async for _ in self.list("", recursive=False):
+                break
+            self._bucket_checked = True
+        return await self._call(key, start())
+
+    async def _call(self, key: str, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except (obx.BaseError, FileNotFoundError) as exc:  # obstore's not-found is the built-in
+            self._raise(exc, key)
+        except OSError as exc:
+            raise NetworkError(f"{self.url(key)}: {exc.strerror or exc}") from exc
+        except ValueError as exc:  # object_store refuses empty, "." and ".." path segments
+            raise UnsafeNameError(
+                f"'{key}' is not a valid object name ({_first_line(exc).rsplit(': ', 1)[-1]})"
+            ) from exc
+
+    def _raise(self, exc: BaseException, key: str) -> NoReturn:
+        raise translate_error(exc, self.url(key), self._endpoint) from exc
+
+
+def translate_error(exc: BaseException, where: str, endpoint: str = "") -> DicomCloudError:
+    """The dicom-cloud error for an obstore exception about ``where`` (a URL)."""
+    text = str(exc)
+    status_match = _STATUS.search(text)
+    status = int(status_match.group(1)) if status_match else None
+    if any(code in text for code in _BUCKET_CODES):
+        bucket = where.split("/")[2] if "://" in where else where
+        return BucketNotFoundError(
+            f"bucket or container '{bucket}' does not exist", hint="check the name, or create it first"
+        )
+    if any(code in text for code in _AUTH_CODES) or status == 401:
+        return AuthenticationError(
+            f"{where}: the server refused the credentials ({_code(text) or status or 'unauthenticated'})",
+            hint="check the access key and secret (environment, profile or connection string)",
+        )
+    if isinstance(exc, obx.AlreadyExistsError | obx.PreconditionError):
+        return AlreadyExistsError(f"{where} already exists")
+    if isinstance(exc, obx.NotFoundError | FileNotFoundError):
+        return NotFoundError(f"{where}: no such object")
+    if isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError) or status == 403:
+        return PermissionDeniedError(
+            f"{where}: access denied ({_code(text) or 'forbidden'})",
+            hint="the credentials are valid but lack the permission for this operation",
+        )
+    if isinstance(exc, obx.NotSupportedError):
+        return NotSupportedError(f"{where}: {_first_line(exc)}")
+    if status in (429, 503) or any(code in text for code in _THROTTLE_CODES):
+        return ThrottledError(f"{where}: the server is throttling requests ({_code(text) or status})")
+    if status is not None and status >= 500:
+        return NetworkError(f"{where}: server error {status} ({_code(text) or 'no detail'})")
+    if status == 404:
+        return NotFoundError(f"{where}: not found")
+    if "error sending request" in text or "connect" in text.lower() or "timed out" in text:
+        return NetworkError(
+            f"cannot reach {endpoint or 'the storage server'} ({_network_reason(text)})",
+            hint="check the endpoint URL and that the server is running",
+        )
+    if "credential" in text.lower():
+        return AuthenticationError(
+            f"no usable credentials for {where}",
+            hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the Azure/GCS equivalents",
+        )
+    if status is not None and 400 <= status < 500:
+        return UsageError(f"{where}: request refused with status {status} ({_code(text) or 'no detail'})")
+    return DicomCloudError(f"{where}: {_first_line(exc)}")
+
+
+def _code(text: str) -> str | None:
+    match = re.search(r"<Code>([^<]+)</Code>", text)
+    return match.group(1) if match else None
+
+
+def _network_reason(text: str) -> str:
+    lowered = text.lower()
+    if "timed out" in lowered or "timeout" in lowered:
+        return "timed out"
+    if "refused" in lowered or "error sending request" in lowered:
+        return "connection refused or reset"
+    return "connection failed"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).split("\n", 1)[0].split("Debug source", 1)[0].strip()
+
+
+def _unquote(etag: str | None) -> str | None:
+    return etag.strip('"') if etag else None
+
+
+def _info(meta: Any) -> ObjectInfo:
+    return ObjectInfo(
+        key=meta["path"], size=meta["size"], last_modified=meta["last_modified"], etag=_unquote(meta["e_tag"])
+    )
+
+
+def _info_with_attributes(key: str, meta: Any, raw_attributes: Any) -> ObjectInfo:
+    attributes = dict(raw_attributes)
+    content_type = attributes.pop("Content-Type", None)
+    for standard in ("Content-Disposition", "Content-Encoding", "Content-Language", "Cache-Control"):
+        attributes.pop(standard, None)
+    return ObjectInfo(
+        key=key,
+        size=meta["size"],
+        last_modified=meta["last_modified"],
+        etag=_unquote(meta["e_tag"]),
+        metadata=attributes,
+        content_type=content_type,
+    )
+
+
+def _attributes(options: PutOptions) -> dict[str, str]:
+    attributes: dict[str, str] = dict(options.metadata)
+    if options.content_type:
+        attributes["Content-Type"] = options.content_type
+    return attributes

@@ -1,0 +1,137 @@
+"""The errors dicom-cloud raises, and the exit code each one maps to.
+
+Every failure that reaches a user is one of these. Backends translate their library's
+exceptions into the most specific class here (keeping the original as ``__cause__``);
+the CLI maps a class to an exit code and the service maps it to an HTTP status, each
+in one place.
+
+    DicomCloudError                 exit 1   (anything else that went wrong)
+    ├── UsageError                  exit 2   bad arguments, bad URL, bad configuration
+    ├── NotFoundError               exit 3   missing bucket/container, object or local path
+    │   └── BucketNotFoundError     exit 3
+    ├── AuthenticationError         exit 4   credentials missing, wrong or expired
+    ├── PermissionDeniedError       exit 5   credentials valid but not allowed
+    ├── NetworkError                exit 6   server unreachable, timeouts, resets (retryable)
+    │   └── ThrottledError          exit 6   429 / 503 SlowDown (retryable)
+    ├── IntegrityError              exit 7   checksum mismatch, truncated or tampered data
+    ├── AlreadyExistsError          exit 8   destination exists and overwriting was refused
+    ├── UnsafeNameError             exit 9   an object name that would escape its directory
+    ├── NotSupportedError           exit 10  the store cannot do this (e.g. sign on file://)
+    └── TransferFailedError         exit 1   a batch finished with some items failed
+
+``NotFoundError`` is also a ``FileNotFoundError`` so that library users can catch the
+built-in, as with obstore.
+"""
+
+from __future__ import annotations
+
+
+class DicomCloudError(Exception):
+    """Base of every error dicom-cloud raises on purpose."""
+
+    exit_code: int = 1
+    http_status: int = 500
+    #: Whether repeating the same operation later may succeed.
+    retryable: bool = False
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        #: One sentence telling the user what to do next, shown after the message.
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(DicomCloudError):
+    """The command, URL or configuration is wrong; nothing was attempted."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class NotFoundError(DicomCloudError, FileNotFoundError):
+    """An object, prefix or local path does not exist."""
+
+    exit_code = 3
+    http_status = 404
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        DicomCloudError.__init__(self, message, hint=hint)
+
+
+class BucketNotFoundError(NotFoundError):
+    """The bucket or container itself does not exist."""
+
+
+class AuthenticationError(DicomCloudError):
+    """The store refused the credentials (missing, wrong, expired)."""
+
+    exit_code = 4
+    http_status = 401
+
+
+class PermissionDeniedError(DicomCloudError):
+    """The credentials are valid but not allowed to do this."""
+
+    exit_code = 5
+    http_status = 403
+
+
+class NetworkError(DicomCloudError):
+    """The store could not be reached or the connection failed."""
+
+    exit_code = 6
+    http_status = 502
+    retryable = True
+
+
+class ThrottledError(NetworkError):
+    """The store asked us to slow down (429, 503 SlowDown)."""
+
+    http_status = 503
+
+
+class IntegrityError(DicomCloudError):
+    """Data did not match its checksum, or was truncated or tampered with."""
+
+    exit_code = 7
+    http_status = 422
+
+
+class AlreadyExistsError(DicomCloudError):
+    """The destination exists and the operation was asked not to overwrite it."""
+
+    exit_code = 8
+    http_status = 409
+
+
+class UnsafeNameError(DicomCloudError):
+    """An object name would escape the destination directory or is not representable."""
+
+    exit_code = 9
+    http_status = 400
+
+
+class NotSupportedError(DicomCloudError):
+    """The store has no such ability (for example presigned URLs on local disk)."""
+
+    exit_code = 10
+    http_status = 501
+
+
+class TransferFailedError(DicomCloudError):
+    """A batch transfer ended with some items failed; the others completed."""
+
+    exit_code = 1
+    http_status = 500
+
+    def __init__(self, message: str, *, failed: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.failed = failed
+
+
+#: Exit codes that are not errors of ours: documented beside the others.
+EXIT_OK = 0
+EXIT_INTERRUPTED = 130

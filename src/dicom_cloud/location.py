@@ -1,0 +1,71 @@
+"""A place to read from or write to: a store plus a key or prefix inside it, opened from a URL."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from .backends import StoreConfig, open_store
+from .store import Store
+from .url import StorageURL, parse_url
+
+
+@dataclass(frozen=True)
+class Location:
+    """``store`` holds the object(s); ``key`` is the object's key or the prefix of a tree.
+
+    For local paths the store is rooted at ``/`` and ``key`` is the absolute path without its
+    leading slash.
+    """
+
+    url: StorageURL
+    store: Store
+    key: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.url.is_local
+
+    @property
+    def names_directory(self) -> bool:
+        return self.url.names_directory
+
+    @property
+    def prefix(self) -> str:
+        """The key as a tree prefix: empty, or ending with one ``/``."""
+        stripped = self.key.rstrip("/")
+        return f"{stripped}/" if stripped else ""
+
+    def join(self, relative: str) -> str:
+        """The key of ``relative`` (a ``/``-separated name) inside this location's prefix."""
+        return self.prefix + relative
+
+    def display(self, key: str | None = None) -> str:
+        """The user-facing form of ``key`` (default: this location's own key)."""
+        key = self.key if key is None else key
+        return self.store.url(key)
+
+    def basename(self) -> str:
+        return posixpath.basename(self.key.rstrip("/"))
+
+
+class LocationOpener:
+    """Opens locations, sharing one store per bucket so that same-store copies stay server-side."""
+
+    def __init__(self, config: StoreConfig | None = None) -> None:
+        self.config = config or StoreConfig()
+        self._stores: dict[tuple[str, str], Store] = {}
+
+    def open(self, target: str | StorageURL) -> Location:
+        url = parse_url(target) if isinstance(target, str) else target
+        identity = (url.scheme, url.bucket)
+        store = self._stores.get(identity)
+        if store is None:
+            store = self._stores[identity] = open_store(url, self.config)
+        key = url.key.lstrip("/") if url.is_local else url.key
+        return Location(url=url, store=store, key=key)
+
+    async def close(self) -> None:
+        for store in self._stores.values():
+            await store.close()
+        self._stores.clear()

@@ -1,0 +1,189 @@
+"""The one interface every storage backend implements, and the records it speaks in.
+
+A :class:`Store` is one bucket, container or local directory. Keys are ``/``-separated
+strings relative to it, never starting with ``/``. Everything the transfer engine, the
+service and the Orthanc plugin do to storage goes through these methods; backends hold
+no transfer logic (no concurrency across objects, no progress, no retries beyond what
+their client library does per request).
+
+Contract, for every backend (checked by ``tests/integration/test_store_contract.py``):
+
+- ``stat`` and every read raise :class:`~dicom_cloud.errors.NotFoundError` for a missing
+  key, and :class:`~dicom_cloud.errors.BucketNotFoundError` when the bucket itself is missing.
+- ``list`` yields objects in ascending byte order of key (the order S3 lists in), so that
+  two listings can be merged in one pass with memory that does not grow with their length.
+- ``put*`` are atomic: a reader sees the old object or the whole new one, never a part.
+- ``delete`` of a missing key is not an error (as in S3).
+- Optional abilities are declared in :class:`Features`; callers check them and fall back.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Literal, Protocol
+
+from .errors import NotSupportedError
+
+#: Metadata key under which dicom-cloud records the CRC32C (8 hex digits) of the whole object.
+#: Underscores, not dashes: Azure metadata names must be identifiers.
+CHECKSUM_METADATA_KEY = "dicom_cloud_crc32c"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or a stat says about one object."""
+
+    key: str
+    size: int
+    last_modified: datetime | None = None
+    #: The store's entity tag, quotes removed. On S3 a single-part upload's ETag is its MD5.
+    etag: str | None = None
+    #: User metadata; only filled by ``stat`` (listings do not return it).
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    #: Content type, when the store reports it.
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """Optional abilities of a store. The core checks these instead of the store's kind."""
+
+    #: Copies between two keys of this store happen inside the server.
+    server_side_copy: bool = False
+    #: ``sign`` produces URLs that work without our credentials.
+    presign: bool = False
+    #: Object tags (S3 tagging, Azure index tags) are supported as well as metadata.
+    object_tags: bool = False
+    #: Large puts are split into parts uploaded concurrently.
+    multipart: bool = False
+    #: A single-part put's ETag is the MD5 of the content (S3 semantics), so it verifies uploads.
+    etag_is_md5: bool = False
+    #: ``open_writer`` gives a file that concurrent ranged downloads fill at offsets.
+    random_access_write: bool = False
+
+
+ServerSideEncryption = Literal["AES256", "aws:kms"]
+
+
+@dataclass(frozen=True)
+class PutOptions:
+    """How to write one object."""
+
+    content_type: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    #: Fail with AlreadyExistsError instead of replacing an existing object.
+    if_absent: bool = False
+
+
+@dataclass(frozen=True)
+class PutResult:
+    etag: str | None
+
+
+@dataclass(frozen=True)
+class MultipartPlan:
+    """How a large put is cut: parts of ``part_size`` bytes, ``concurrency`` at a time."""
+
+    part_size: int = 16 * 1024 * 1024
+    concurrency: int = 8
+
+
+class RandomAccessWriter(Protocol):
+    """An object being written at arbitrary offsets; invisible until ``commit``."""
+
+    def write_at(self, offset: int, data: bytes | memoryview) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Store(abc.ABC):
+    """One bucket, container or directory, addressed by keys."""
+
+    #: Scheme of the URLs this store answers (``s3``, ``gs``, ``azure``, ``file``, ``memory``).
+    scheme: str
+    #: Bucket, container, or root directory: used in messages and URLs.
+    bucket: str
+    features: Features = Features()
+
+    def url(self, key: str = "") -> str:
+        """The user-facing URL of a key in this store."""
+        return f"{self.scheme}://{self.bucket}/{key}"
+
+    @abc.abstractmethod
+    async def stat(self, key: str) -> ObjectInfo:
+        """Size, date, ETag and metadata of one object. NotFoundError if missing."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "", *, recursive: bool = True) -> AsyncIterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix`` (a plain string prefix), in ascending key order.
+
+        With ``recursive=False`` only the level directly under ``prefix`` is listed: objects and
+        "directories" (ObjectInfo with a key ending in ``/`` and size 0) merged in key order.
+        A prefix ending in ``/`` (or empty) is the cheap case on every backend.
+        """
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | memoryview:
+        """The whole object, in memory. For objects below the multipart threshold."""
+
+    async def read(self, key: str) -> tuple[ObjectInfo, bytes | memoryview]:
+        """The whole object with its info and metadata. Backends override to use one request."""
+        info = await self.stat(key)
+        return info, await self.get(key)
+
+    @abc.abstractmethod
+    async def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
+        """Bytes ``start`` (inclusive) to ``end`` (exclusive) of the object."""
+
+    @abc.abstractmethod
+    def stream(self, key: str, *, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        """The object as a sequence of chunks, holding at most about one chunk in memory."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes | memoryview, options: PutOptions = PutOptions()) -> PutResult:
+        """Write a whole object from memory in one request."""
+
+    @abc.abstractmethod
+    async def put_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        options: PutOptions = PutOptions(),
+        plan: MultipartPlan = MultipartPlan(),
+    ) -> PutResult:
+        """Write an object of unknown or large size from a stream of chunks (multipart where supported)."""
+
+    async def put_file(
+        self, key: str, path: Path, options: PutOptions = PutOptions(), plan: MultipartPlan = MultipartPlan()
+    ) -> PutResult:
+        """Write a local file of any size. Backends may override to read it in their own threads."""
+        from .localio import read_chunks
+
+        return await self.put_stream(key, read_chunks(path, plan.part_size), options, plan)
+
+    @abc.abstractmethod
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Delete objects; missing keys are ignored."""
+
+    async def copy(self, src_key: str, dst_key: str) -> None:
+        """Copy inside this store without moving bytes through the client (``features.server_side_copy``)."""
+        raise NotSupportedError(f"{self.scheme}:// cannot copy objects inside the server")
+
+    async def sign(self, key: str, expires: timedelta, method: Literal["GET", "PUT"] = "GET") -> str:
+        """A URL that grants ``method`` on ``key`` until ``expires`` from now (``features.presign``)."""
+        raise NotSupportedError(
+            f"{self.scheme}:// cannot make presigned URLs",
+            hint="share links exist for s3://, gs:// and azure:// locations",
+        )
+
+    def open_writer(self, key: str, size: int) -> RandomAccessWriter:
+        """A writer for ``size`` bytes at ``key`` filled at any offsets (``features.random_access_write``)."""
+        raise NotSupportedError(f"{self.scheme}:// cannot write objects at offsets")
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """Release connections. The store is unusable afterwards."""

@@ -1,0 +1,480 @@
+"""The transfer engine: moves one object or a whole tree between any two locations.
+
+How a transfer flows (see docs/ARCHITECTURE.md for the picture):
+
+1. ``plan`` turns (source, destination, recursive) into a stream of :class:`TransferItem`
+   by stat-ing one object or listing a prefix. Listings stream, so memory does not grow
+   with the number of objects.
+2. ``parallel`` workers take items from a bounded queue. Each item is moved by the
+   cheapest route the two stores allow: a server-side copy inside one store; whole-object
+   read and put for small objects (the bytes are held once, under the byte budget); for
+   large objects a multipart upload from the file, ranged parallel reads into a local
+   file, or a streamed multipart copy between providers.
+3. Every object written gets a CRC32C of its content in its metadata; every read that
+   finds one (or an MD5 ETag) checks the bytes against it before they are written
+   anywhere, and local files appear under their final name only once complete.
+4. Each step reports :class:`TransferEvent` to a callback; faces render them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import crc32c
+
+from .budget import ByteBudget
+from .errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    BucketNotFoundError,
+    DicomCloudError,
+    IntegrityError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnsafeNameError,
+    UsageError,
+)
+from .location import Location
+from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+#: Concurrent object transfers. Measured on SeaweedFS with 512 KB DICOM instances (docs/benchmarks.md):
+#: throughput climbs to 16-32 requests in flight and is flat beyond.
+DEFAULT_PARALLEL = 16
+#: Objects above this size go through multipart uploads or ranged parallel reads.
+DEFAULT_MULTIPART_THRESHOLD = 16 * MiB
+DEFAULT_PART_SIZE = 8 * MiB
+#: Parts of one large object in flight at once.
+DEFAULT_PART_CONCURRENCY = 8
+#: Bytes of object data held in memory by all workers together.
+DEFAULT_MEMORY_BUDGET = 96 * MiB
+
+#: Errors after which no other item can succeed either: stop the whole run at once.
+_FATAL = (AuthenticationError, BucketNotFoundError, PermissionDeniedError)
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    parallel: int = DEFAULT_PARALLEL
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
+    part_size: int = DEFAULT_PART_SIZE
+    part_concurrency: int = DEFAULT_PART_CONCURRENCY
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    #: Metadata, tags and content type for every object written.
+    put: PutOptions = field(default_factory=PutOptions)
+    #: Leave existing destination objects alone (reported as skipped).
+    no_overwrite: bool = False
+    #: Plan only: report what would be transferred, move nothing.
+    dry_run: bool = False
+    #: Attempts per object for failures worth retrying (network faults, throttling).
+    attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.parallel < 1:
+            raise UsageError("--parallel must be at least 1")
+        if self.part_size < 5 * MiB:
+            raise UsageError("--part-size must be at least 5 MiB (the S3 minimum)")
+        if self.multipart_threshold < 1:
+            raise UsageError("--multipart-threshold must be positive")
+
+
+@dataclass(frozen=True)
+class TransferItem:
+    src_key: str
+    dst_key: str
+    size: int
+
+
+EventKind = Literal["planned", "started", "progress", "completed", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class TransferEvent:
+    """One step of one object. ``bytes`` is the increment for ``progress``, the size otherwise."""
+
+    kind: EventKind
+    src: str
+    dst: str
+    size: int
+    bytes: int = 0
+    error: DicomCloudError | None = None
+
+
+EventCallback = Callable[[TransferEvent], None]
+
+
+@dataclass
+class TransferSummary:
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, DicomCloudError]] = field(default_factory=list)
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _ignore(_: TransferEvent) -> None:
+    return None
+
+
+class Transfer:
+    """One run of the engine from ``src`` to ``dst``."""
+
+    def __init__(
+        self,
+        src: Location,
+        dst: Location,
+        *,
+        recursive: bool,
+        options: TransferOptions | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.src = src
+        self.dst = dst
+        self.recursive = recursive
+        self.options = options or TransferOptions()
+        self.emit = on_event or _ignore
+        self.summary = TransferSummary(dry_run=self.options.dry_run)
+        self._budget = ByteBudget(self.options.memory_budget)
+        self._abort: DicomCloudError | None = None
+        self._multipart = MultipartPlan(self.options.part_size, self.options.part_concurrency)
+
+    async def run(self) -> TransferSummary:
+        started = time.monotonic()
+        await self._preflight()
+        queue: asyncio.Queue[TransferItem | None] = asyncio.Queue(maxsize=self.options.parallel * 4)
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.options.parallel)]
+        try:
+            async for item in self.plan():
+                if self._abort:
+                    break
+                await queue.put(item)
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+        except BaseException:
+            # Interrupted or the listing failed: stop the workers; partial files are removed by them.
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        finally:
+            self.summary.seconds = time.monotonic() - started
+        if self._abort:
+            raise self._abort
+        return self.summary
+
+    # -- planning ----------------------------------------------------------------------
+
+    async def _preflight(self) -> None:
+        """Fail before any work when the destination bucket is missing or the credentials are wrong."""
+        if self.dst.is_local or self.options.dry_run:
+            return
+        async for _ in self.dst.store.list(self.dst.prefix, recursive=False):
+            break
+
+    async def plan(self) -> AsyncIterator[TransferItem]:
+        """The items to transfer, streamed from a stat or a listing of the source."""
+        if self.recursive and not self._source_is_file():
+            found = False
+            prefix = self.src.prefix
+            async for info in self.src.store.list(prefix):
+                found = True
+                relative = info.key[len(prefix) :]
+                if self.src.is_local and not self.dst.is_local:
+                    # macOS writes NFD names; one spelling in the bucket avoids duplicates.
+                    relative = unicodedata.normalize("NFC", relative)
+                yield TransferItem(info.key, self.dst.join(relative), info.size)
+            if not found:
+                await self._explain_empty_source()
+            return
+        info = await self._stat_single_source()
+        yield TransferItem(info.key, self._single_destination_key(), info.size)
+
+    def _source_is_file(self) -> bool:
+        return self.src.is_local and os.path.isfile("/" + self.src.key)
+
+    async def _stat_single_source(self) -> ObjectInfo:
+        if self.src.names_directory:
+            raise UsageError(
+                f"{self.src.display()} is a directory or prefix", hint="add --recursive to transfer a tree"
+            )
+        try:
+            return await self.src.store.stat(self.src.key)
+        except NotFoundError:
+            if self.src.is_local and os.path.isdir("/" + self.src.key):
+                raise UsageError(
+                    f"{self.src.display()} is a directory", hint="add --recursive to transfer a directory"
+                ) from None
+            if not self.src.is_local:
+                async for _ in self.src.store.list(self.src.prefix):
+                    raise UsageError(
+                        f"{self.src.display()} is a prefix, not an object",
+                        hint="add --recursive to transfer everything under it",
+                    ) from None
+            raise
+
+    async def _explain_empty_source(self) -> None:
+        if self.src.is_local:
+            if not os.path.isdir("/" + self.src.key.rstrip("/")):
+                raise NotFoundError(f"{self.src.display()}: no such file or directory")
+            return  # an existing empty directory: nothing to do, and that is fine
+        raise NotFoundError(f"nothing found under {self.src.display(self.src.prefix)}")
+
+    def _single_destination_key(self) -> str:
+        into_directory = self.dst.names_directory or (
+            self.dst.is_local and os.path.isdir("/" + self.dst.key.rstrip("/"))
+        )
+        if into_directory:
+            name = self.src.basename()
+            if self.dst.is_local:
+                check_local_name(name)
+            return self.dst.join(name)
+        return self.dst.key
+
+    # -- execution ---------------------------------------------------------------------
+
+    async def _worker(self, queue: asyncio.Queue[TransferItem | None]) -> None:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if self._abort:
+                continue
+            await self._run_item(item)
+
+    async def _run_item(self, item: TransferItem) -> None:
+        src_url = self.src.display(item.src_key)
+        dst_url = self.dst.display(item.dst_key)
+        if self.options.dry_run:
+            self.emit(TransferEvent("planned", src_url, dst_url, item.size))
+            self.summary.files += 1
+            self.summary.bytes += item.size
+            return
+        self.emit(TransferEvent("started", src_url, dst_url, item.size))
+        for attempt in range(1, self.options.attempts + 1):
+            try:
+                if self.dst.is_local and self.recursive:
+                    check_local_name(item.dst_key[len(self.dst.prefix) :])
+                await self._move(item, src_url, dst_url)
+            except AlreadyExistsError:
+                self.summary.skipped += 1
+                self.emit(TransferEvent("skipped", src_url, dst_url, item.size))
+                return
+            except Exception as unexpected:  # one object's bug must not stop the others
+                exc = (
+                    unexpected
+                    if isinstance(unexpected, DicomCloudError)
+                    else DicomCloudError(f"{src_url}: unexpected error: {unexpected!r}")
+                )
+                if not isinstance(unexpected, DicomCloudError):
+                    log.debug("unexpected error transferring %s", src_url, exc_info=unexpected)
+                if isinstance(exc, _FATAL):
+                    self._abort = self._abort or exc
+                if exc.retryable and attempt < self.options.attempts and not self._abort:
+                    await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+                    continue
+                self.summary.failed.append((src_url, exc))
+                self.emit(TransferEvent("failed", src_url, dst_url, item.size, error=exc))
+                return
+            self.summary.files += 1
+            self.summary.bytes += item.size
+            self.emit(TransferEvent("completed", src_url, dst_url, item.size))
+            return
+
+    async def _move(self, item: TransferItem, src_url: str, dst_url: str) -> None:
+        src, dst = self.src.store, self.dst.store
+        put = self.options.put
+        if self.options.no_overwrite:
+            put = replace(put, if_absent=True)
+            if item.size > self.options.multipart_threshold:
+                await self._refuse_existing(item.dst_key)
+        if src is dst and src.features.server_side_copy:
+            if self.options.no_overwrite:
+                await self._refuse_existing(item.dst_key)
+            await src.copy(item.src_key, item.dst_key)
+            return
+        if item.size <= self.options.multipart_threshold:
+            async with self._budget.reserve(item.size):
+                info, data = await src.read(item.src_key)
+                checksum = verify(data, info, src_url, etag_is_md5=src.features.etag_is_md5)
+                await dst.put(item.dst_key, data, _with_checksum(put, info, checksum))
+            return
+        if self.src.is_local:
+            path = Path("/" + item.src_key)
+            checksum = await asyncio.to_thread(crc32c_file, path)
+            await dst.put_file(item.dst_key, path, _with_checksum(put, None, checksum), self._multipart)
+            return
+        info = await src.stat(item.src_key)
+        if dst.features.random_access_write:
+            await self._ranged_download(item, info, src_url, dst_url)
+        else:
+            await self._streamed_copy(item, info, put, src_url, dst_url)
+
+    async def _refuse_existing(self, key: str) -> None:
+        try:
+            await self.dst.store.stat(key)
+        except NotFoundError:
+            return
+        raise AlreadyExistsError(f"{self.dst.display(key)} exists")
+
+    async def _ranged_download(
+        self, item: TransferItem, info: ObjectInfo, src_url: str, dst_url: str
+    ) -> None:
+        """Parallel ranged reads into a partial local file, checked in order as parts arrive."""
+        size = info.size
+        part = self.options.part_size
+        writer = self.dst.store.open_writer(item.dst_key, size)
+        crc = _Crc32c()
+        pending: dict[int, bytes | memoryview] = {}
+        next_offset = 0
+        # Each part holds a window slot until it is hashed, so at most `window` parts wait in memory.
+        window = asyncio.Semaphore(self.options.part_concurrency)
+        src_store = self.src.store
+
+        async def fetch(offset: int) -> None:
+            nonlocal next_offset
+            async with self._budget.reserve(min(part, size - offset)):
+                data = await src_store.get_range(item.src_key, offset, min(offset + part, size))
+                if len(data) != min(part, size - offset):
+                    raise IntegrityError(f"{src_url}: short read at offset {offset}")
+                await asyncio.to_thread(writer.write_at, offset, data)
+                pending[offset] = data
+                while next_offset in pending:
+                    chunk = pending.pop(next_offset)
+                    crc.update(chunk)
+                    next_offset += len(chunk)
+                    window.release()
+                self.emit(TransferEvent("progress", src_url, dst_url, size, bytes=len(data)))
+
+        async def bounded(offset: int) -> None:
+            await window.acquire()
+            await fetch(offset)
+
+        try:
+            tasks = [asyncio.create_task(bounded(offset)) for offset in range(0, size, part)]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            _check_checksum(crc.hexdigest(), info, src_url)
+            await asyncio.to_thread(writer.commit)
+        except BaseException:
+            writer.abort()
+            raise
+
+    async def _streamed_copy(
+        self, item: TransferItem, info: ObjectInfo, put: PutOptions, src_url: str, dst_url: str
+    ) -> None:
+        """Between two providers: stream the source into a multipart upload; no temporary file."""
+        crc = _Crc32c()
+        src_store = self.src.store
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in src_store.stream(item.src_key, chunk_size=self.options.part_size):
+                crc.update(chunk)
+                self.emit(TransferEvent("progress", src_url, dst_url, item.size, bytes=len(chunk)))
+                yield chunk
+
+        known = info.metadata.get(CHECKSUM_METADATA_KEY)
+        options = _with_checksum(put, info, known) if known else put
+        async with self._budget.reserve(self.options.part_size * self.options.part_concurrency):
+            await self.dst.store.put_stream(item.dst_key, chunks(), options, self._multipart)
+        try:
+            _check_checksum(crc.hexdigest(), info, src_url)
+        except IntegrityError:
+            await self.dst.store.delete([item.dst_key])
+            raise
+
+
+class _Crc32c:
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._value = crc32c.crc32c(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
+
+
+def crc32c_hex(data: bytes | memoryview) -> str:
+    return f"{crc32c.crc32c(data):08x}"
+
+
+def crc32c_file(path: Path, chunk_size: int = 8 * MiB) -> str:
+    crc = _Crc32c()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            crc.update(chunk)
+    return crc.hexdigest()
+
+
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+
+
+def verify(data: bytes | memoryview, info: ObjectInfo, where: str, *, etag_is_md5: bool = False) -> str:
+    """Check whole-object bytes against what the store said of them; return their CRC32C."""
+    if len(data) != info.size:
+        raise IntegrityError(f"{where}: got {len(data)} bytes, expected {info.size}")
+    checksum = crc32c_hex(data)
+    stored = info.metadata.get(CHECKSUM_METADATA_KEY)
+    if stored:
+        if stored.lower() != checksum:
+            raise IntegrityError(f"{where}: CRC32C mismatch (stored {stored}, got {checksum})")
+    elif (
+        etag_is_md5
+        and info.etag
+        and _MD5_ETAG.match(info.etag.lower())
+        # Objects written by other tools: a plain single-part S3 ETag is the MD5 of the bytes.
+        and hashlib.md5(data, usedforsecurity=False).hexdigest() != info.etag.lower()
+    ):
+        raise IntegrityError(f"{where}: MD5 does not match the ETag")
+    return checksum
+
+
+def _check_checksum(actual: str, info: ObjectInfo, where: str) -> None:
+    stored = info.metadata.get(CHECKSUM_METADATA_KEY)
+    if stored and stored.lower() != actual:
+        raise IntegrityError(f"{where}: CRC32C mismatch (stored {stored}, got {actual})")
+
+
+def _with_checksum(put: PutOptions, source: ObjectInfo | None, checksum: str) -> PutOptions:
+    metadata = dict(put.metadata)
+    metadata[CHECKSUM_METADATA_KEY] = checksum
+    content_type = put.content_type or (source.content_type if source else None) or "application/dicom"
+    return replace(put, metadata=metadata, content_type=content_type)
+
+
+def check_local_name(relative: str) -> None:
+    """Refuse object names that could not be written safely under a local directory."""
+    if "\x00" in relative:
+        raise UnsafeNameError(f"object name contains a NUL byte: {relative!r}")
+    if "\\" in relative:
+        raise UnsafeNameError(f"object name contains a backslash: {relative!r}")
+    if relative.startswith("/") or posixpath.isabs(relative):
+        raise UnsafeNameError(f"object name is an absolute path: {relative!r}")
+    for segment in relative.split("/"):
+        if segment in ("", ".", ".."):
+            raise UnsafeNameError(f"object name would leave the destination directory: {relative!r}")
