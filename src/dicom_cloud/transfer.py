@@ -104,7 +104,12 @@ EventKind = Literal["planned", "started", "progress", "completed", "skipped", "f
 
 @dataclass(frozen=True)
 class TransferEvent:
-    """One step of one object. ``bytes`` is the increment for ``progress``, the size otherwise."""
+    """One step of one object.
+
+    ``bytes`` counts bytes moved that no earlier event counted: the increment for
+    ``progress``, and for ``completed`` the rest of the object (all of it for small objects,
+    which report no progress of their own).
+    """
 
     kind: EventKind
     src: str
@@ -156,6 +161,8 @@ class Transfer:
         self._budget = ByteBudget(self.options.memory_budget)
         self._abort: DicomCloudError | None = None
         self._multipart = MultipartPlan(self.options.part_size, self.options.part_concurrency)
+        #: Bytes of in-flight objects already reported through progress events, by source URL.
+        self._reported: dict[str, int] = {}
 
     async def run(self) -> TransferSummary:
         started = time.monotonic()
@@ -289,6 +296,7 @@ class Transfer:
                     log.debug("unexpected error transferring %s", src_url, exc_info=unexpected)
                 if isinstance(exc, _FATAL):
                     self._abort = self._abort or exc
+                self._take_back_progress(src_url, dst_url, item.size)
                 if exc.retryable and attempt < self.options.attempts and not self._abort:
                     await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
                     continue
@@ -297,7 +305,8 @@ class Transfer:
                 return
             self.summary.files += 1
             self.summary.bytes += item.size
-            self.emit(TransferEvent("completed", src_url, dst_url, item.size))
+            rest = item.size - self._reported.pop(src_url, 0)
+            self.emit(TransferEvent("completed", src_url, dst_url, item.size, bytes=rest))
             return
 
     async def _move(self, item: TransferItem, src_url: str, dst_url: str) -> None:
@@ -328,6 +337,17 @@ class Transfer:
             await self._ranged_download(item, info, src_url, dst_url)
         else:
             await self._streamed_copy(item, info, put, src_url, dst_url)
+
+    def _progress(self, src_url: str, dst_url: str, size: int, count: int) -> None:
+        if count:
+            self._reported[src_url] = self._reported.get(src_url, 0) + count
+            self.emit(TransferEvent("progress", src_url, dst_url, size, bytes=count))
+
+    def _take_back_progress(self, src_url: str, dst_url: str, size: int) -> None:
+        """A failed attempt's bytes were not moved after all: report them back as negative progress."""
+        undone = self._reported.pop(src_url, 0)
+        if undone:
+            self.emit(TransferEvent("progress", src_url, dst_url, size, bytes=-undone))
 
     async def _refuse_existing(self, key: str) -> None:
         try:
@@ -363,7 +383,7 @@ class Transfer:
                     crc.update(chunk)
                     next_offset += len(chunk)
                     window.release()
-                self.emit(TransferEvent("progress", src_url, dst_url, size, bytes=len(data)))
+                self._progress(src_url, dst_url, size, len(data))
 
         async def bounded(offset: int) -> None:
             await window.acquire()
@@ -394,7 +414,7 @@ class Transfer:
         async def chunks() -> AsyncIterator[bytes]:
             async for chunk in src_store.stream(item.src_key, chunk_size=self.options.part_size):
                 crc.update(chunk)
-                self.emit(TransferEvent("progress", src_url, dst_url, item.size, bytes=len(chunk)))
+                self._progress(src_url, dst_url, item.size, len(chunk))
                 yield chunk
 
         known = info.metadata.get(CHECKSUM_METADATA_KEY)

@@ -438,8 +438,9 @@ def _code(text: str) -> str | None:
 
 
 def _network_reason(text: str) -> str:
-    lowered = text.lower()
-    if "timed out" in lowered or "timeout" in lowered:
+    # Only the summary line: the debug dump below it always mentions "retry_timeout".
+    lowered = text.split("Debug source", 1)[0].lower()
+    if "timed out" in lowered or "operation timed" in lowered:
         return "timed out"
     if "refused" in lowered or "error sending request" in lowered:
         return "connection refused or reset"

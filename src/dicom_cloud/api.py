@@ -1,0 +1,294 @@
+"""The library API: every operation the CLI, the service and the Orthanc plugin perform, by URL.
+
+Each operation is a plain function with an async twin (``upload`` / ``upload_async``).
+Locations are URLs (``s3://bucket/key``, ``gs://``, ``azure://``, ``file://`` or a path);
+connection settings that are not in a URL go in a :class:`StoreConfig`; credentials come
+from the environment as documented in ``docs/credentials.md``.
+
+>>> from dicom_cloud import api
+>>> summary = api.upload("study/", "s3://archive/studies/1/", recursive=True)  # doctest: +SKIP
+>>> print(summary.files, summary.bytes)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
+
+from .backends import StoreConfig
+from .errors import NotFoundError, UsageError
+from .location import Location, LocationOpener
+from .store import ObjectInfo, PutOptions
+from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary
+
+T = TypeVar("T")
+
+#: Objects deleted per request (the S3 bulk-delete maximum).
+DELETE_BATCH = 1000
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from synchronous code (the sync twins)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise RuntimeError("called a synchronous dicom-cloud function inside an event loop: use the _async twin")
+
+
+# -- transfers --------------------------------------------------------------------------
+
+
+async def transfer_async(
+    source: str,
+    destination: str,
+    *,
+    recursive: bool = False,
+    options: TransferOptions | None = None,
+    config: StoreConfig | None = None,
+    on_event: EventCallback | None = None,
+    require: Literal["upload", "download", "copy"] = "copy",
+) -> TransferSummary:
+    """Copy one object or a tree from ``source`` to ``destination`` (any two locations)."""
+    opener = LocationOpener(config)
+    try:
+        src = opener.open(source)
+        dst = opener.open(destination)
+        if require == "upload" and not src.is_local:
+            raise UsageError(f"upload reads local files; {source} is remote", hint="use copy or download")
+        if require == "download" and not dst.is_local:
+            raise UsageError(f"download writes local files; {destination} is remote", hint="use copy")
+        return await Transfer(src, dst, recursive=recursive, options=options, on_event=on_event).run()
+    finally:
+        await opener.close()
+
+
+async def upload_async(source: str, destination: str, **kwargs: Any) -> TransferSummary:
+    """Upload a local file or directory (``recursive=True``) to any location."""
+    return await transfer_async(source, destination, require="upload", **kwargs)
+
+
+async def download_async(source: str, destination: str, **kwargs: Any) -> TransferSummary:
+    """Download an object or a prefix (``recursive=True``) to a local path."""
+    return await transfer_async(source, destination, require="download", **kwargs)
+
+
+async def copy_async(source: str, destination: str, **kwargs: Any) -> TransferSummary:
+    """Copy between any two locations; server-side inside one bucket, streamed across providers."""
+    return await transfer_async(source, destination, require="copy", **kwargs)
+
+
+def upload(source: str, destination: str, **kwargs: Any) -> TransferSummary:
+    """Synchronous :func:`upload_async`."""
+    return _run(upload_async(source, destination, **kwargs))
+
+
+def download(source: str, destination: str, **kwargs: Any) -> TransferSummary:
+    """Synchronous :func:`download_async`."""
+    return _run(download_async(source, destination, **kwargs))
+
+
+def copy(source: str, destination: str, **kwargs: Any) -> TransferSummary:
+    """Synchronous :func:`copy_async`."""
+    return _run(copy_async(source, destination, **kwargs))
+
+
+# -- listing ----------------------------------------------------------------------------
+
+
+async def list_async(
+    url: str, *, recursive: bool = False, config: StoreConfig | None = None
+) -> AsyncIterator[ObjectInfo]:
+    """Objects (and, without ``recursive``, sub-"directories" ending in ``/``) under ``url``.
+
+    A URL ending in ``/`` (or naming a bucket) lists inside it; otherwise its key is a
+    plain prefix, as with ``aws s3 ls``. Keys are yielded relative to the store's root.
+    Streams: memory does not grow with the number of objects.
+    """
+    opener = LocationOpener(config)
+    try:
+        location = opener.open(url)
+        prefix = location.key if not location.is_local else location.prefix
+        async for info in location.store.list(prefix, recursive=recursive):
+            yield info
+    finally:
+        await opener.close()
+
+
+def list_objects(url: str, *, recursive: bool = False, config: StoreConfig | None = None) -> list[ObjectInfo]:
+    """Synchronous :func:`list_async`, collected into a list (use the async twin for huge trees)."""
+
+    async def collect() -> list[ObjectInfo]:
+        return [info async for info in list_async(url, recursive=recursive, config=config)]
+
+    return _run(collect())
+
+
+async def stat_async(url: str, *, config: StoreConfig | None = None) -> ObjectInfo:
+    """Size, date, ETag and metadata of one object."""
+    async with _opened(url, config) as location:
+        return await location.store.stat(location.key)
+
+
+def stat(url: str, *, config: StoreConfig | None = None) -> ObjectInfo:
+    return _run(stat_async(url, config=config))
+
+
+# -- single objects in memory ----------------------------------------------------------
+
+
+async def read_bytes_async(url: str, *, config: StoreConfig | None = None) -> bytes:
+    """The whole object at ``url``."""
+    async with _opened(url, config) as location:
+        return bytes(await location.store.get(location.key))
+
+
+def read_bytes(url: str, *, config: StoreConfig | None = None) -> bytes:
+    return _run(read_bytes_async(url, config=config))
+
+
+async def write_bytes_async(
+    url: str,
+    data: bytes,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    content_type: str | None = None,
+    config: StoreConfig | None = None,
+) -> None:
+    """Write ``data`` as the object at ``url`` (atomically), with optional metadata."""
+    from .store import CHECKSUM_METADATA_KEY
+    from .transfer import crc32c_hex
+
+    meta = dict(metadata or {})
+    meta[CHECKSUM_METADATA_KEY] = crc32c_hex(data)
+    async with _opened(url, config) as location:
+        await location.store.put(location.key, data, PutOptions(content_type=content_type, metadata=meta))
+
+
+def write_bytes(url: str, data: bytes, **kwargs: Any) -> None:
+    _run(write_bytes_async(url, data, **kwargs))
+
+
+# -- delete -----------------------------------------------------------------------------
+
+
+@dataclass
+class DeleteSummary:
+    objects: int = 0
+    bytes: int = 0
+    dry_run: bool = False
+    keys: list[str] = field(default_factory=list)
+
+
+async def delete_async(
+    url: str,
+    *,
+    recursive: bool = False,
+    dry_run: bool = False,
+    config: StoreConfig | None = None,
+    on_deleted: Callable[[ObjectInfo], None] | None = None,
+) -> DeleteSummary:
+    """Delete one object, or every object under a prefix with ``recursive=True``.
+
+    A missing object is a :class:`NotFoundError` (so that typos do not pass silently).
+    With ``dry_run`` nothing is deleted and ``on_deleted`` is called for what would be.
+    """
+    summary = DeleteSummary(dry_run=dry_run)
+    report = on_deleted or (lambda _: None)
+    async with _opened(url, config) as location:
+        store = location.store
+        if not recursive:
+            if location.names_directory:
+                raise UsageError(f"{location.display()} is a prefix", hint="add --recursive to delete a tree")
+            try:
+                info = await store.stat(location.key)
+            except NotFoundError:
+                async for _ in store.list(location.prefix):
+                    raise UsageError(
+                        f"{location.display()} is a prefix, not an object",
+                        hint="add --recursive to delete everything under it",
+                    ) from None
+                raise
+            if not dry_run:
+                await store.delete([location.key])
+            summary.objects, summary.bytes = 1, info.size
+            report(info)
+            return summary
+        batch: list[ObjectInfo] = []
+
+        async def flush() -> None:
+            if batch and not dry_run:
+                await store.delete([i.key for i in batch])
+            for info in batch:
+                summary.objects += 1
+                summary.bytes += info.size
+                report(info)
+            batch.clear()
+
+        prefix = location.prefix
+        async for info in store.list(prefix):
+            batch.append(info)
+            if len(batch) >= DELETE_BATCH:
+                await flush()
+        await flush()
+        if summary.objects == 0 and not location.is_local:
+            raise NotFoundError(f"nothing found under {location.display(prefix)}")
+        return summary
+
+
+def delete(url: str, **kwargs: Any) -> DeleteSummary:
+    """Synchronous :func:`delete_async`."""
+    return _run(delete_async(url, **kwargs))
+
+
+async def count_async(url: str, *, config: StoreConfig | None = None) -> tuple[int, int]:
+    """Number of objects and bytes under a prefix (what a recursive delete would remove)."""
+    objects = total = 0
+    async with _opened(url, config) as location:
+        async for info in location.store.list(location.prefix):
+            objects += 1
+            total += info.size
+    return objects, total
+
+
+# -- share ------------------------------------------------------------------------------
+
+
+async def share_async(
+    url: str,
+    *,
+    expires: timedelta = timedelta(hours=1),
+    method: Literal["GET", "PUT"] = "GET",
+    config: StoreConfig | None = None,
+    check_exists: bool = True,
+) -> str:
+    """A presigned URL for one object, valid for ``expires`` (S3, GCS and Azure)."""
+    if expires <= timedelta(0):
+        raise UsageError("expiry must be positive")
+    async with _opened(url, config) as location:
+        if check_exists and method == "GET":
+            await location.store.stat(location.key)
+        return await location.store.sign(location.key, expires, method)
+
+
+def share(url: str, **kwargs: Any) -> str:
+    """Synchronous :func:`share_async`."""
+    return _run(share_async(url, **kwargs))
+
+
+class _opened:
+    """``async with _opened(url, config) as location``: a location whose store is closed after."""
+
+    def __init__(self, url: str, config: StoreConfig | None) -> None:
+        self._opener = LocationOpener(config)
+        self._url = url
+
+    async def __aenter__(self) -> Location:
+        return self._opener.open(self._url)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._opener.close()
