@@ -205,6 +205,8 @@ class Transfer:
             prefix = self.src.prefix
             async for info in self.src.store.list(prefix):
                 found = True
+                if info.key.endswith("/"):
+                    continue  # a "folder" marker object (S3 consoles make them): not a file
                 relative = info.key[len(prefix) :]
                 if self.src.is_local and not self.dst.is_local:
                     # macOS writes NFD names; one spelling in the bucket avoids duplicates.
@@ -254,6 +256,8 @@ class Transfer:
             name = self.src.basename()
             if self.dst.is_local:
                 check_local_name(name)
+            elif self.src.is_local:
+                name = unicodedata.normalize("NFC", name)
             return self.dst.join(name)
         return self.dst.key
 
@@ -330,7 +334,9 @@ class Transfer:
         if self.src.is_local:
             path = Path("/" + item.src_key)
             checksum = await asyncio.to_thread(crc32c_file, path)
-            await dst.put_file(item.dst_key, path, _with_checksum(put, None, checksum), self._multipart)
+            # The multipart client buffers up to part_concurrency parts of this file.
+            async with self._budget.reserve(self.options.part_size * self.options.part_concurrency):
+                await dst.put_file(item.dst_key, path, _with_checksum(put, None, checksum), self._multipart)
             return
         info = await src.stat(item.src_key)
         if dst.features.random_access_write:

@@ -101,7 +101,7 @@ def _check_bucket(bucket: str, scheme: Scheme, text: str) -> None:
     allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-._")
     if scheme == "s3":
         allowed |= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # legacy buckets; the server decides
-    if not (2 <= len(bucket) <= 255) or not set(bucket) <= allowed:
+    if not (3 <= len(bucket) <= 255) or not set(bucket) <= allowed:
         raise UsageError(
             f"'{bucket}' is not a valid bucket or container name (in '{text}')",
             hint="bucket names use lower-case letters, digits, '-' and '.'",

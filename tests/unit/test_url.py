@@ -64,7 +64,7 @@ def test_plain_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert rel_dir.names_directory
     assert parse_url("/abs/x.dcm") == StorageURL("file", "", "/abs/x.dcm")
     assert parse_url("/abs/dir/").key == "/abs/dir/"
-    assert parse_url("/abs/./dir/../x") .key == "/abs/x"
+    assert parse_url("/abs/./dir/../x").key == "/abs/x"
     assert str(parse_url("/abs/x.dcm")) == "/abs/x.dcm"
 
 

@@ -37,7 +37,8 @@ class LocalStore(Store):
         self.bucket = str(root)
 
     def url(self, key: str = "") -> str:
-        return str(self.path(key)) if key else str(self.root)
+        # For messages only: no validation here, so that an unsafe name can still be reported.
+        return str(self.root / key) if key else str(self.root)
 
     def path(self, key: str) -> Path:
         """The filesystem path of ``key``, refusing names that would leave the root."""

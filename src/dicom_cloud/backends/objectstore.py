@@ -110,7 +110,13 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         features = Features(
             server_side_copy=True, presign=True, object_tags=True, multipart=True, etag_is_md5=True
         )
-        return ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
+        backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
+        if aws.access_key_id is None:
+            backend.missing_credentials_hint = (
+                "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE (see docs/credentials.md)"
+            )
+        return backend
     if scheme == "azure":
         az = azure_settings(endpoint=config.endpoint)
         az_kwargs: dict[str, Any] = {"account_name": az.account}
@@ -178,6 +184,9 @@ class ObjectStoreBackend(Store):
         #: Replaces obstore's signing where it is wrong for the provider (Azure blob names).
         self._signer = signer
         self._bucket_checked = scheme == "memory"
+        #: Set when the store was opened without credentials of our own (the library's chain may
+        #: still find some): a refusal then most likely means "no credentials".
+        self.missing_credentials_hint: str | None = None
 
     # -- reads -------------------------------------------------------------------------
 
@@ -382,7 +391,14 @@ class ObjectStoreBackend(Store):
             ) from exc
 
     def _raise(self, exc: BaseException, key: str) -> NoReturn:
-        raise translate_error(exc, self.url(key), self._endpoint) from exc
+        error = translate_error(exc, self.url(key), self._endpoint)
+        if self.missing_credentials_hint and isinstance(error, PermissionDeniedError | AuthenticationError):
+            # Refused while we sent no keys of our own: say that, not "permission denied".
+            raise AuthenticationError(
+                f"{self.url(key)}: access refused and no credentials were sent",
+                hint=self.missing_credentials_hint,
+            ) from exc
+        raise error from exc
 
 
 def translate_error(exc: BaseException, where: str, endpoint: str = "") -> DicomCloudError:

@@ -1,646 +1,469 @@
 """The ``dicom-cloud`` command: parses arguments, calls :mod:`dicom_cloud.api`, renders the result.
 
 No storage logic lives here. Errors from the core become one line on stderr and the exit
-code of their class (table in ``docs/cli.md`` and in ``dicom-cloud --help``).
+code of their class (table in ``docs/cli.md`` and in ``dicom-cloud --help``). The parser is
+argparse: it costs nothing at start-up, which matters for a command run thousands of times
+by scripts.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import logging
+import json
 import os
-import re
 import sys
-from collections.abc import Callable, Coroutine
-from datetime import timedelta
-from typing import Annotated, Any, TypeVar
-
-import typer
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from .. import __version__, api
-from ..backends import StoreConfig
 from ..errors import EXIT_INTERRUPTED, DicomCloudError, TransferFailedError, UsageError
-from ..store import PutOptions
+from ..location import LocationOpener
+from ..store import ObjectInfo
 from ..transfer import (
     DEFAULT_MULTIPART_THRESHOLD,
     DEFAULT_PARALLEL,
     DEFAULT_PART_CONCURRENCY,
     DEFAULT_PART_SIZE,
-    TransferOptions,
     TransferSummary,
 )
-from .render import (
-    TransferProgress,
-    choose_mode,
-    human_bytes,
-    listing_line,
-    object_record,
-    print_error,
-)
+from .options import parse_duration, setup_logging, store_config, transfer_options
+from .render import TransferProgress, choose_mode, human_bytes, listing_line, object_record, print_error
 
-T = TypeVar("T")
-
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0   success                      6   network failure or throttling
-  1   some transfers failed        7   integrity check failed
-  2   bad arguments or URL         8   destination exists (--no-overwrite)
-  3   not found (object, bucket,   9   unsafe object name (../, NUL)
-      local path)                  10  operation not supported by the store
-  4   credentials refused          130 interrupted (Ctrl-C)
+EXIT_CODES_HELP = """\
+exit codes:
+  0   success                          6   network failure or throttling
+  1   some transfers failed            7   integrity check failed
+  2   bad arguments or URL             8   destination exists (--no-overwrite)
+  3   not found (object, bucket,       9   unsafe object name (../, NUL)
+      prefix or local path)            10  operation not supported by the store
+  4   credentials refused              130 interrupted (Ctrl-C)
   5   permission denied
 """
 
-app = typer.Typer(
-    name="dicom-cloud",
-    help=(
-        "Move DICOM files between local disk and object storage: AWS S3 and S3-compatible servers, "
-        "Google Cloud Storage, Azure Blob Storage.\n\n"
-        "Locations are URLs: s3://bucket/key, gs://bucket/key, azure://container/blob (or az://), "
-        "file:///path or a plain path. A trailing slash means 'inside this prefix'.\n\n"
-        "Credentials come from each provider's standard places: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-        "AWS_PROFILE and ~/.aws; GOOGLE_APPLICATION_CREDENTIALS; AZURE_STORAGE_CONNECTION_STRING or "
-        "AZURE_STORAGE_ACCOUNT with AZURE_STORAGE_KEY / AZURE_STORAGE_SAS_TOKEN.\n\n" + EXIT_CODES_HELP
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+DESCRIPTION = """\
+Move DICOM files between local disk and object storage: AWS S3 and S3-compatible
+servers, Google Cloud Storage, Azure Blob Storage.
 
-# -- shared options --------------------------------------------------------------------
+Locations are URLs: s3://bucket/key, gs://bucket/key, azure://container/blob (or
+az://), file:///path or a plain path. A trailing slash means "inside this prefix".
 
-Endpoint = Annotated[
-    str | None,
-    typer.Option(
+Credentials come from each provider's standard places: AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws; GOOGLE_APPLICATION_CREDENTIALS;
+AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with AZURE_STORAGE_KEY or
+AZURE_STORAGE_SAS_TOKEN. Run 'dicom-cloud COMMAND --help' for examples.
+"""
+
+TransferCall = Callable[..., Coroutine[Any, Any, TransferSummary]]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own errors: usage line, message, exit 2
+        self.print_usage(sys.stderr)
+        print(f"dicom-cloud: error: {message}", file=sys.stderr)
+        print(f"hint: run '{self.prog} --help' for the options and examples", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# -- option groups ---------------------------------------------------------------------
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
         "--endpoint",
-        help="S3-compatible endpoint URL (MinIO, SeaweedFS, Ceph...); also AWS_ENDPOINT_URL.",
-        envvar="DICOM_CLOUD_ENDPOINT",
-        rich_help_panel="Connection",
-    ),
-]
-Region = Annotated[
-    str | None,
-    typer.Option(
-        "--region", help="AWS region (default: AWS_REGION, profile, us-east-1).", rich_help_panel="Connection"
-    ),
-]
-PathStyle = Annotated[
-    bool | None,
-    typer.Option(
-        "--path-style/--virtual-host",
-        help="S3 addressing; default: path style when --endpoint is given.",
-        rich_help_panel="Connection",
-    ),
-]
-Retries = Annotated[
-    int,
-    typer.Option(
+        default=os.environ.get("DICOM_CLOUD_ENDPOINT"),
+        help="S3-compatible endpoint URL (MinIO, SeaweedFS, Ceph...); also DICOM_CLOUD_ENDPOINT "
+        "or AWS_ENDPOINT_URL",
+    )
+    group.add_argument("--region", help="AWS region (default: AWS_REGION, the profile's, else us-east-1)")
+    style = group.add_mutually_exclusive_group()
+    style.add_argument(
+        "--path-style",
+        dest="path_style",
+        action="store_const",
+        const=True,
+        default=None,
+        help="S3 path-style addressing (the default when --endpoint is given)",
+    )
+    style.add_argument(
+        "--virtual-host",
+        dest="path_style",
+        action="store_const",
+        const=False,
+        help="S3 virtual-host addressing",
+    )
+    group.add_argument(
         "--retries",
-        min=0,
-        max=20,
-        help="Retries per request on transient failures.",
-        rich_help_panel="Connection",
-    ),
-]
-Timeout = Annotated[
-    float,
-    typer.Option(
-        "--timeout", min=1, help="Seconds before one request is abandoned.", rich_help_panel="Connection"
-    ),
-]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.", rich_help_panel="Output")]
-JsonOut = Annotated[
-    bool,
-    typer.Option(
-        "--json", help="Print one JSON object per line (events or objects).", rich_help_panel="Output"
-    ),
-]
-Verbose = Annotated[
-    bool,
-    typer.Option("--verbose", "-v", help="Log requests and decisions to stderr.", rich_help_panel="Output"),
-]
-Recursive = Annotated[
-    bool, typer.Option("--recursive", "-r", help="Operate on every object under a prefix or directory.")
-]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
-Parallel = Annotated[
-    int,
-    typer.Option(
-        "--parallel",
+        type=_bounded_int(0, 20),
+        default=4,
+        help="retries per request on transient failures (default: %(default)s)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds before one request is abandoned (default: %(default)s)",
+    )
+
+
+def _output_options(parser: argparse.ArgumentParser, *, quiet: bool = True) -> None:
+    group = parser.add_argument_group("output")
+    if quiet:
+        group.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    group.add_argument("--json", dest="json_output", action="store_true", help="one JSON object per line")
+    group.add_argument("-v", "--verbose", action="store_true", help="log decisions to stderr (never secrets)")
+
+
+def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="where to read: a URL or a local path")
+    parser.add_argument("destination", help="where to write: a URL or a local path")
+    parser.add_argument(
+        "-r", "--recursive", action="store_true", help="every object under a prefix or directory"
+    )
+    parser.add_argument("--tags", help="metadata K=V,K2=V2 stored with every object written")
+    parser.add_argument(
+        "--object-tags", action="store_true", help="also store --tags as S3 object tags / Azure index tags"
+    )
+    parser.add_argument(
+        "--encrypt",
+        choices=["server-side"],
+        help="server-side: SSE-S3 (AES256) on S3; Azure and GCS always encrypt at rest",
+    )
+    parser.add_argument("--sse-kms-key-id", help="SSE-KMS key id or ARN for S3 writes")
+    parser.add_argument(
+        "--no-overwrite", action="store_true", help="skip objects that already exist at the destination"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; transfer nothing")
+    perf = parser.add_argument_group("performance")
+    perf.add_argument(
         "-j",
-        min=1,
-        max=512,
-        help=f"Objects transferred at once (default {DEFAULT_PARALLEL}, measured on small DICOM files).",
-        rich_help_panel="Performance",
-    ),
-]
-PartSize = Annotated[
-    str,
-    typer.Option(
+        "--parallel",
+        type=_bounded_int(1, 512),
+        default=DEFAULT_PARALLEL,
+        help="objects transferred at once (default: %(default)s, measured: docs/benchmarks.md)",
+    )
+    perf.add_argument(
         "--part-size",
-        help="Part size for multipart transfers (e.g. 8MiB, 64MB).",
-        rich_help_panel="Performance",
-    ),
-]
-Threshold = Annotated[
-    str,
-    typer.Option(
+        default=f"{DEFAULT_PART_SIZE // 2**20}MiB",
+        help="part size of multipart transfers (default: %(default)s)",
+    )
+    perf.add_argument(
         "--multipart-threshold",
-        help="Objects larger than this use multipart/ranged transfers.",
-        rich_help_panel="Performance",
-    ),
-]
-PartConcurrency = Annotated[
-    int,
-    typer.Option(
+        default=f"{DEFAULT_MULTIPART_THRESHOLD // 2**20}MiB",
+        help="larger objects use multipart uploads and ranged parallel downloads (default: %(default)s)",
+    )
+    perf.add_argument(
         "--part-concurrency",
-        min=1,
-        max=64,
-        help="Parts of one large object in flight.",
-        rich_help_panel="Performance",
-    ),
-]
-
-
-def _config(
-    endpoint: str | None,
-    region: str | None,
-    path_style: bool | None,
-    retries: int,
-    timeout: float,
-    *,
-    encrypt: str | None = None,
-    sse_kms_key_id: str | None = None,
-) -> StoreConfig:
-    sse: str | None = None
-    if encrypt is not None:
-        if encrypt != "server-side":
-            raise UsageError(
-                f"--encrypt {encrypt} is not available",
-                hint="use --encrypt server-side (SSE-S3, or SSE-KMS with --sse-kms-key-id)",
-            )
-        sse = "AES256"
-    if sse_kms_key_id:
-        sse = "aws:kms"
-    return StoreConfig(
-        endpoint=endpoint,
-        region=region,
-        path_style=path_style,
-        max_retries=retries,
-        request_timeout=timeout,
-        server_side_encryption=sse,
-        sse_kms_key_id=sse_kms_key_id,
+        type=_bounded_int(1, 64),
+        default=DEFAULT_PART_CONCURRENCY,
+        help="parts of one large object in flight (default: %(default)s)",
     )
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
 
-
-def parse_size(text: str, option: str) -> int:
-    match = _SIZE.match(text)
-    unit = (match.group(2) or "").lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise UsageError(f"{option}: cannot read size '{text}'", hint="write e.g. 8MiB, 64MB or 1048576")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$", re.IGNORECASE)
-
-
-def parse_duration(text: str) -> timedelta:
-    match = _DURATION.match(text)
-    if not match:
-        raise UsageError(f"--expires: cannot read duration '{text}'", hint="write e.g. 3600, 30m, 12h or 7d")
-    value, unit = int(match.group(1)), (match.group(2) or "s").lower()
-    seconds = value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
-    return timedelta(seconds=seconds)
-
-
-def parse_tags(text: str | None) -> dict[str, str]:
-    """``K=V,K2=V2`` into a dict; keys are checked so that every provider accepts them."""
-    if not text:
-        return {}
-    tags: dict[str, str] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(
-                f"--tags: '{item}' is not KEY=VALUE", hint='write --tags "Source=PACS1,Dataset=CT"'
-            )
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
-            raise UsageError(f"--tags: key '{key}' must start with a letter and use letters, digits, _ . -")
-        if not value.isascii():
-            raise UsageError(f"--tags: value of '{key}' must be ASCII (HTTP headers carry metadata)")
-        tags[key] = value.strip()
-    return tags
-
-
-def _transfer_options(
-    parallel: int,
-    part_size: str,
-    threshold: str,
-    part_concurrency: int,
-    *,
-    tags: str | None = None,
-    object_tags: bool = False,
-    no_overwrite: bool = False,
-    dry_run: bool = False,
-) -> TransferOptions:
-    metadata = parse_tags(tags)
-    return TransferOptions(
-        parallel=parallel,
-        part_size=parse_size(part_size, "--part-size"),
-        multipart_threshold=parse_size(threshold, "--multipart-threshold"),
-        part_concurrency=part_concurrency,
-        put=PutOptions(metadata=metadata, tags=metadata if object_tags else {}),
-        no_overwrite=no_overwrite,
-        dry_run=dry_run,
-    )
-
-
-def _setup_logging(verbose: bool) -> None:
-    if verbose:
-        logging.basicConfig(
-            level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
-        )
-        # Third-party HTTP logs may print signed URLs: keep them at INFO.
-        for noisy in ("urllib3", "google", "httpx", "httpcore"):
-            logging.getLogger(noisy).setLevel(logging.INFO)
-    else:
-        logging.basicConfig(
-            level=logging.WARNING, format="dicom-cloud: warning: %(message)s", stream=sys.stderr
-        )
-
-
-def _run_transfer(
-    verb: str,
-    call: Callable[..., Coroutine[Any, Any, TransferSummary]],
-    source: str,
-    destination: str,
-    *,
-    recursive: bool,
-    options: TransferOptions,
-    config: StoreConfig,
-    quiet: bool,
-    json_output: bool,
-) -> None:
-    mode = choose_mode(quiet=quiet, json_output=json_output)
-    with TransferProgress(mode, verb) as progress:
-        summary = asyncio.run(
-            call(source, destination, recursive=recursive, options=options, config=config, on_event=progress)
-        )
-    progress.summary(summary)
-    if summary.failed:
-        attempted = len(summary.failed) + summary.files + summary.skipped
-        raise TransferFailedError(
-            f"{len(summary.failed)} of {attempted} transfers failed",
-            failed=len(summary.failed),
-            hint="re-run the same command to retry the failed ones",
-        )
+    return parse
 
 
 # -- commands --------------------------------------------------------------------------
 
 
-def _transfer_command(
-    name: str, verb: str, call: Callable[..., Coroutine[Any, Any, TransferSummary]], doc: str
-) -> None:
-    def command(
-        source: Annotated[
-            str, typer.Argument(help="Where to read: a URL or a local path.", show_default=False)
-        ],
-        destination: Annotated[
-            str, typer.Argument(help="Where to write: a URL or a local path.", show_default=False)
-        ],
-        recursive: Recursive = False,
-        tags: Annotated[
-            str | None, typer.Option("--tags", help="Metadata K=V,K2=V2 stored with every object written.")
-        ] = None,
-        object_tags: Annotated[
-            bool,
-            typer.Option("--object-tags", help="Also store --tags as S3 object tags / Azure index tags."),
-        ] = False,
-        encrypt: Annotated[
-            str | None,
-            typer.Option(
-                "--encrypt",
-                help="'server-side': SSE-S3 (AES256) on S3; Azure and GCS always encrypt at rest.",
-            ),
-        ] = None,
-        sse_kms_key_id: Annotated[
-            str | None, typer.Option("--sse-kms-key-id", help="SSE-KMS key id or ARN for S3 writes.")
-        ] = None,
-        no_overwrite: Annotated[
-            bool, typer.Option("--no-overwrite", help="Skip objects that already exist at the destination.")
-        ] = False,
-        dry_run: DryRun = False,
-        parallel: Parallel = DEFAULT_PARALLEL,
-        part_size: PartSize = f"{DEFAULT_PART_SIZE // 2**20}MiB",
-        multipart_threshold: Threshold = f"{DEFAULT_MULTIPART_THRESHOLD // 2**20}MiB",
-        part_concurrency: PartConcurrency = DEFAULT_PART_CONCURRENCY,
-        endpoint: Endpoint = None,
-        region: Region = None,
-        path_style: PathStyle = None,
-        retries: Retries = 4,
-        timeout: Timeout = 300.0,
-        quiet: Quiet = False,
-        json_output: JsonOut = False,
-        verbose: Verbose = False,
-    ) -> None:
-        _setup_logging(verbose)
-        options = _transfer_options(
-            parallel,
-            part_size,
-            multipart_threshold,
-            part_concurrency,
-            tags=tags,
-            object_tags=object_tags,
-            no_overwrite=no_overwrite,
-            dry_run=dry_run,
+def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        options = transfer_options(
+            args.parallel,
+            args.part_size,
+            args.multipart_threshold,
+            args.part_concurrency,
+            tags=args.tags,
+            object_tags=args.object_tags,
+            no_overwrite=args.no_overwrite,
+            dry_run=args.dry_run,
         )
-        config = _config(
-            endpoint, region, path_style, retries, timeout, encrypt=encrypt, sse_kms_key_id=sse_kms_key_id
-        )
-        _run_transfer(
-            verb,
-            call,
-            source,
-            destination,
-            recursive=recursive,
-            options=options,
-            config=config,
-            quiet=quiet,
-            json_output=json_output,
-        )
+        config = _config(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
+        mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
+        with TransferProgress(mode, verb) as progress:
+            summary = asyncio.run(
+                call(
+                    args.source,
+                    args.destination,
+                    recursive=args.recursive,
+                    options=options,
+                    config=config,
+                    on_event=progress,
+                )
+            )
+        progress.summary(summary)
+        if summary.failed and not args.recursive:
+            raise summary.failed[0][1]  # one object: exit with its own error's code
+        if summary.failed:
+            attempted = len(summary.failed) + summary.files + summary.skipped
+            raise TransferFailedError(
+                f"{len(summary.failed)} of {attempted} transfers failed",
+                failed=len(summary.failed),
+                hint="re-run the same command to retry the failed ones",
+            )
+        return 0
 
-    command.__doc__ = doc
-    app.command(name, epilog=EXIT_CODES_HELP)(command)
-
-
-_transfer_command(
-    "upload",
-    "Uploaded",
-    api.upload_async,
-    """Upload a local file, or a directory with --recursive, to a bucket.
-
-    \b
-    dicom-cloud upload scan.dcm s3://archive/scans/scan.dcm
-    dicom-cloud upload study/ s3://archive/studies/1/ --recursive
-    dicom-cloud upload study/ gs://archive/1/ -r --tags "Source=PACS1"
-    dicom-cloud upload study/ s3://bucket/1/ -r --endpoint http://127.0.0.1:9000
-    """,
-)
-_transfer_command(
-    "download",
-    "Downloaded",
-    api.download_async,
-    """Download an object, or a prefix with --recursive, to local disk.
-
-    Files appear under their final name only when complete and verified.
-
-    \b
-    dicom-cloud download s3://archive/scans/scan.dcm scan.dcm
-    dicom-cloud download s3://archive/studies/1/ local-study/ --recursive
-    """,
-)
-_transfer_command(
-    "copy",
-    "Copied",
-    api.copy_async,
-    """Copy between any two locations: server-side inside one bucket, streamed across providers.
-
-    \b
-    dicom-cloud copy s3://src/study/ gs://dst/study/ --recursive
-    dicom-cloud copy azure://c/a.dcm s3://b/a.dcm
-    """,
-)
+    return handler
 
 
-@app.command("list", epilog=EXIT_CODES_HELP)
-def list_command(
-    url: Annotated[
-        str, typer.Argument(help="Bucket, prefix or local directory to list.", show_default=False)
-    ],
-    recursive: Annotated[
-        bool, typer.Option("--recursive", "-r", help="List every object below, not one level.")
-    ] = False,
-    details: Annotated[
-        bool, typer.Option("--details", "-l", help="Show last-modified time and size.")
-    ] = False,
-    json_output: JsonOut = False,
-    endpoint: Endpoint = None,
-    region: Region = None,
-    path_style: PathStyle = None,
-    retries: Retries = 4,
-    timeout: Timeout = 300.0,
-    verbose: Verbose = False,
-) -> None:
-    """List objects under a prefix (one level, or everything with --recursive).
+def _config(args: argparse.Namespace, **kwargs: Any) -> Any:
+    return store_config(args.endpoint, args.region, args.path_style, args.retries, args.timeout, **kwargs)
 
-    \b
-    dicom-cloud list s3://archive/studies/
-    dicom-cloud list s3://archive/studies/ --recursive --details
-    dicom-cloud list gs://archive/ --json
-    """
-    _setup_logging(verbose)
-    config = _config(endpoint, region, path_style, retries, timeout)
+
+def _list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    location = LocationOpener(config).open(args.url)
+    # Names are shown relative to the listed prefix's directory, as `aws s3 ls` does.
+    if location.names_directory or location.is_local:
+        base = location.prefix
+    else:
+        parent = location.key.rpartition("/")[0]
+        base = f"{parent}/" if parent else ""
 
     async def run() -> tuple[int, int]:
         count = total = 0
-        from ..location import LocationOpener
-
-        display = LocationOpener(config).open(url)
-        base = (
-            display.prefix
-            if (display.names_directory or display.is_local)
-            else display.key.rpartition("/")[0]
-        )
-        base = f"{base.rstrip('/')}/" if base.strip("/") else ""
-        async for info in api.list_async(url, recursive=recursive, config=config):
+        async for info in api.list_async(args.url, recursive=args.recursive, config=config):
             count += 1
             total += info.size
-            if json_output:
-                print(__import__("json").dumps(object_record(info, display.display), ensure_ascii=False))
+            if args.json_output:
+                print(json.dumps(object_record(info, location.display), ensure_ascii=False))
             else:
                 name = info.key[len(base) :] if info.key.startswith(base) else info.key
-                print(listing_line(info, details=details, name=name))
+                print(listing_line(info, details=args.details, name=name))
         return count, total
 
     count, total = asyncio.run(run())
-    if details and not json_output:
+    if args.details and not args.json_output:
         print(f"{count} entries, {human_bytes(total)}", file=sys.stderr)
+    return 0
 
 
-@app.command("delete", epilog=EXIT_CODES_HELP)
-def delete_command(
-    url: Annotated[str, typer.Argument(help="Object, or prefix with --recursive.", show_default=False)],
-    recursive: Annotated[
-        bool, typer.Option("--recursive", "-r", help="Delete every object under the prefix.")
-    ] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Do not ask for confirmation.")] = False,
-    dry_run: DryRun = False,
-    quiet: Quiet = False,
-    json_output: JsonOut = False,
-    endpoint: Endpoint = None,
-    region: Region = None,
-    path_style: PathStyle = None,
-    retries: Retries = 4,
-    timeout: Timeout = 300.0,
-    verbose: Verbose = False,
-) -> None:
-    """Delete an object, or everything under a prefix with --recursive.
-
-    Asks for confirmation on a terminal; elsewhere refuses without --force.
-
-    \b
-    dicom-cloud delete s3://archive/scans/old.dcm
-    dicom-cloud delete s3://archive/tmp/ --recursive --dry-run
-    dicom-cloud delete s3://archive/tmp/ --recursive --force
-    """
-    _setup_logging(verbose)
-    config = _config(endpoint, region, path_style, retries, timeout)
-    if not force and not dry_run:
-        if recursive:
-            objects, total = asyncio.run(api.count_async(url, config=config))
+def _delete(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not args.force and not args.dry_run:
+        question = f"Delete {args.url}?"
+        if args.recursive:
+            objects, total = asyncio.run(api.count_async(args.url, config=config))
+            plural = "s" if objects != 1 else ""
             question = (
-                f"Delete {objects} object{'s' if objects != 1 else ''} ({human_bytes(total)}) under {url}?"
+                f"Delete {objects} object{plural} ({human_bytes(total)}) under {args.url}?" if objects else ""
             )
-            if objects == 0:
-                question = ""
-        else:
-            question = f"Delete {url}?"
         if question:
             if not sys.stdin.isatty():
                 raise UsageError(
                     "refusing to delete without confirmation",
                     hint="pass --force (or --dry-run to see what would go)",
                 )
-            if not typer.confirm(question, default=False, err=True):
+            answer = input(f"{question} [y/N] ").strip().lower()
+            if answer not in ("y", "yes"):
                 print("Nothing deleted.", file=sys.stderr)
-                return
-    verb = "would delete" if dry_run else "deleted"
+                return 0
+    verb = "would delete" if args.dry_run else "deleted"
 
-    def report(info: Any) -> None:
-        if json_output:
-            print(
-                __import__("json").dumps(
-                    {"event": verb.replace(" ", "_"), "key": info.key, "size": info.size}
-                )
-            )
-        elif dry_run or not quiet:
+    def report(info: ObjectInfo) -> None:
+        if args.json_output:
+            print(json.dumps({"event": verb.replace(" ", "_"), "key": info.key, "size": info.size}))
+        elif args.dry_run or not args.quiet:
             print(f"{verb} {info.key}")
 
     summary = asyncio.run(
-        api.delete_async(url, recursive=recursive, dry_run=dry_run, config=config, on_deleted=report)
+        api.delete_async(
+            args.url, recursive=args.recursive, dry_run=args.dry_run, config=config, on_deleted=report
+        )
     )
-    if not quiet and not json_output:
+    if not args.quiet and not args.json_output:
+        plural = "s" if summary.objects != 1 else ""
+        head = "Would delete" if args.dry_run else "Deleted"
+        print(f"{head} {summary.objects} object{plural} ({human_bytes(summary.bytes)})", file=sys.stderr)
+    return 0
+
+
+def _share(args: argparse.Namespace) -> int:
+    config = _config(args)
+    lifetime = parse_duration(args.expires)
+
+    def emit(target: str, link: str) -> None:
         print(
-            f"{'Would delete' if dry_run else 'Deleted'} {summary.objects} object"
-            f"{'s' if summary.objects != 1 else ''} ({human_bytes(summary.bytes)})",
-            file=sys.stderr,
+            json.dumps({"url": target, "link": link})
+            if args.json_output
+            else (f"{target}\t{link}" if args.recursive else link)
         )
 
-
-@app.command("share", epilog=EXIT_CODES_HELP)
-def share_command(
-    url: Annotated[
-        str, typer.Argument(help="Object to share (s3://, gs:// or azure://).", show_default=False)
-    ],
-    expires: Annotated[
-        str, typer.Option("--expires", "-e", help="Lifetime: seconds or 30m, 12h, 7d (S3: at most 7d).")
-    ] = "1h",
-    recursive: Annotated[
-        bool, typer.Option("--recursive", "-r", help="One URL per object under the prefix.")
-    ] = False,
-    json_output: JsonOut = False,
-    endpoint: Endpoint = None,
-    region: Region = None,
-    path_style: PathStyle = None,
-    retries: Retries = 4,
-    timeout: Timeout = 300.0,
-    verbose: Verbose = False,
-) -> None:
-    """Print a presigned URL that lets anyone holding it download the object until it expires.
-
-    \b
-    dicom-cloud share s3://archive/scans/scan.dcm --expires 12h
-    dicom-cloud share gs://archive/study/ --recursive --expires 7d --json
-    """
-    _setup_logging(verbose)
-    config = _config(endpoint, region, path_style, retries, timeout)
-    lifetime = parse_duration(expires)
-
     async def run() -> None:
-        if not recursive:
-            link = await api.share_async(url, expires=lifetime, config=config)
-            print(__import__("json").dumps({"url": url, "link": link}) if json_output else link)
+        if not args.recursive:
+            emit(args.url, await api.share_async(args.url, expires=lifetime, config=config))
             return
-        from ..location import LocationOpener
-
         opener = LocationOpener(config)
-        location = opener.open(url)
+        location = opener.open(args.url)
         try:
             found = False
             async for info in location.store.list(location.prefix):
                 found = True
-                link = await location.store.sign(info.key, lifetime)
-                target = location.display(info.key)
-                print(
-                    __import__("json").dumps({"url": target, "link": link})
-                    if json_output
-                    else f"{target}\t{link}"
-                )
+                emit(location.display(info.key), await location.store.sign(info.key, lifetime))
             if not found:
-                raise UsageError(f"nothing found under {url}")
+                raise UsageError(f"nothing found under {args.url}")
         finally:
             await opener.close()
 
     asyncio.run(run())
+    return 0
 
 
-@app.command("version")
-def version_command() -> None:
-    """Print the version."""
+def _version(_: argparse.Namespace) -> int:
     print(f"dicom-cloud {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dicom-cloud", description=DESCRIPTION, epilog=EXIT_CODES_HELP, formatter_class=_Formatter
+    )
+    parser.add_argument("--version", action="version", version=f"dicom-cloud {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, summary: str, examples: str, handler: Callable[[argparse.Namespace], int]) -> Any:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=f"{summary}\n\nexamples:\n{examples}",
+            epilog=EXIT_CODES_HELP,
+            formatter_class=_Formatter,
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    for name, verb, call, summary, examples in (
+        (
+            "upload",
+            "Uploaded",
+            api.upload_async,
+            "Upload a local file, or a directory with --recursive, to a bucket.",
+            "  dicom-cloud upload scan.dcm s3://archive/scans/scan.dcm\n"
+            "  dicom-cloud upload study/ s3://archive/studies/1/ --recursive\n"
+            '  dicom-cloud upload study/ gs://archive/1/ -r --tags "Source=PACS1"\n'
+            "  dicom-cloud upload study/ s3://bucket/1/ -r --endpoint http://127.0.0.1:9000",
+        ),
+        (
+            "download",
+            "Downloaded",
+            api.download_async,
+            "Download an object, or a prefix with --recursive, to local disk. Files appear under\n"
+            "their final name only when complete and verified.",
+            "  dicom-cloud download s3://archive/scans/scan.dcm scan.dcm\n"
+            "  dicom-cloud download s3://archive/studies/1/ local-study/ --recursive",
+        ),
+        (
+            "copy",
+            "Copied",
+            api.copy_async,
+            "Copy between any two locations: server-side inside one bucket, streamed across providers.",
+            "  dicom-cloud copy s3://src/study/ gs://dst/study/ --recursive\n"
+            "  dicom-cloud copy azure://c/a.dcm s3://b/a.dcm",
+        ),
+    ):
+        sub = add(name, summary, examples, _transfer(verb, call))
+        _transfer_arguments(sub)
+        _connection_options(sub)
+        _output_options(sub)
+
+    sub = add(
+        "list",
+        "List objects under a prefix (one level, or everything with --recursive).",
+        "  dicom-cloud list s3://archive/studies/\n"
+        "  dicom-cloud list s3://archive/studies/ --recursive --details\n"
+        "  dicom-cloud list gs://archive/ --json",
+        _list,
+    )
+    sub.add_argument("url", help="bucket, prefix or local directory")
+    sub.add_argument("-r", "--recursive", action="store_true", help="every object below, not one level")
+    sub.add_argument("-l", "--details", action="store_true", help="show last-modified time and size")
+    _connection_options(sub)
+    _output_options(sub, quiet=False)
+
+    sub = add(
+        "delete",
+        "Delete an object, or everything under a prefix with --recursive. Asks for\n"
+        "confirmation on a terminal; elsewhere refuses without --force.",
+        "  dicom-cloud delete s3://archive/scans/old.dcm\n"
+        "  dicom-cloud delete s3://archive/tmp/ --recursive --dry-run\n"
+        "  dicom-cloud delete s3://archive/tmp/ --recursive --force",
+        _delete,
+    )
+    sub.add_argument("url", help="object, or prefix with --recursive")
+    sub.add_argument("-r", "--recursive", action="store_true", help="every object under the prefix")
+    sub.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+    sub.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
+    _connection_options(sub)
+    _output_options(sub)
+
+    sub = add(
+        "share",
+        "Print a presigned URL that lets anyone holding it download the object until it expires.",
+        "  dicom-cloud share s3://archive/scans/scan.dcm --expires 12h\n"
+        "  dicom-cloud share gs://archive/study/ --recursive --expires 7d --json",
+        _share,
+    )
+    sub.add_argument("url", help="object to share (s3://, gs:// or azure://)")
+    sub.add_argument(
+        "-e",
+        "--expires",
+        default="1h",
+        help="lifetime: seconds, or 30m, 12h, 7d (S3: at most 7d) (default: %(default)s)",
+    )
+    sub.add_argument("-r", "--recursive", action="store_true", help="one URL per object under the prefix")
+    _connection_options(sub)
+    _output_options(sub, quiet=False)
+
+    add("version", "Print the version.", "  dicom-cloud version", _version)
+    return parser
 
 
 # -- entry point -----------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code (errors are printed, never raised)."""
+    parser = build_parser()
     try:
-        app(args=argv, prog_name="dicom-cloud", standalone_mode=False)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else 0
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 2
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        code: int = args.handler(args)
+        return code
     except DicomCloudError as exc:
         print_error(exc, exc.hint)
         return exc.exit_code
-    except typer.Exit as exc:
-        return int(exc.exit_code or 0)
-    except (KeyboardInterrupt, typer.Abort):
+    except KeyboardInterrupt:
         print("\ndicom-cloud: interrupted; finished objects are complete", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception as exc:
-        # Typer's own parser errors (bad option, missing argument) know how to show themselves.
-        show = getattr(exc, "show", None)
-        if callable(show) and hasattr(exc, "exit_code"):
-            show()
-            return int(exc.exit_code)
-        if type(exc).__name__ == "Abort":
-            print("\ndicom-cloud: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
         if os.environ.get("DICOM_CLOUD_DEBUG"):
             raise
         print_error(f"internal error: {exc!r}", "this is a bug; DICOM_CLOUD_DEBUG=1 shows details")
         return 1
-    return 0
 
 
 def run() -> None:

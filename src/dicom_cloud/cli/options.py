@@ -1,0 +1,126 @@
+"""Turning command-line values into core settings: sizes, durations, tags, StoreConfig, TransferOptions."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from datetime import timedelta
+
+from ..backends import StoreConfig
+from ..errors import UsageError
+from ..store import PutOptions
+from ..transfer import TransferOptions
+
+
+def store_config(
+    endpoint: str | None,
+    region: str | None,
+    path_style: bool | None,
+    retries: int,
+    timeout: float,
+    *,
+    encrypt: str | None = None,
+    sse_kms_key_id: str | None = None,
+) -> StoreConfig:
+    sse: str | None = None
+    if encrypt is not None:
+        if encrypt != "server-side":
+            raise UsageError(
+                f"--encrypt {encrypt} is not available",
+                hint="use --encrypt server-side (SSE-S3, or SSE-KMS with --sse-kms-key-id)",
+            )
+        sse = "AES256"
+    if sse_kms_key_id:
+        sse = "aws:kms"
+    return StoreConfig(
+        endpoint=endpoint,
+        region=region,
+        path_style=path_style,
+        max_retries=retries,
+        request_timeout=timeout,
+        server_side_encryption=sse,
+        sse_kms_key_id=sse_kms_key_id,
+    )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str, option: str) -> int:
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise UsageError(f"{option}: cannot read size '{text}'", hint="write e.g. 8MiB, 64MB or 1048576")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> timedelta:
+    match = _DURATION.match(text)
+    if not match:
+        raise UsageError(f"--expires: cannot read duration '{text}'", hint="write e.g. 3600, 30m, 12h or 7d")
+    value, unit = int(match.group(1)), (match.group(2) or "s").lower()
+    seconds = value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    return timedelta(seconds=seconds)
+
+
+def parse_tags(text: str | None) -> dict[str, str]:
+    """``K=V,K2=V2`` into a dict; keys are checked so that every provider accepts them."""
+    if not text:
+        return {}
+    tags: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(
+                f"--tags: '{item}' is not KEY=VALUE", hint='write --tags "Source=PACS1,Dataset=CT"'
+            )
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
+            raise UsageError(f"--tags: key '{key}' must start with a letter and use letters, digits, _ . -")
+        if not value.isascii():
+            raise UsageError(f"--tags: value of '{key}' must be ASCII (HTTP headers carry metadata)")
+        tags[key] = value.strip()
+    return tags
+
+
+def transfer_options(
+    parallel: int,
+    part_size: str,
+    threshold: str,
+    part_concurrency: int,
+    *,
+    tags: str | None = None,
+    object_tags: bool = False,
+    no_overwrite: bool = False,
+    dry_run: bool = False,
+) -> TransferOptions:
+    metadata = parse_tags(tags)
+    return TransferOptions(
+        parallel=parallel,
+        part_size=parse_size(part_size, "--part-size"),
+        multipart_threshold=parse_size(threshold, "--multipart-threshold"),
+        part_concurrency=part_concurrency,
+        put=PutOptions(metadata=metadata, tags=metadata if object_tags else {}),
+        no_overwrite=no_overwrite,
+        dry_run=dry_run,
+    )
+
+
+def setup_logging(verbose: bool) -> None:
+    if verbose:
+        logging.basicConfig(
+            level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        # Third-party HTTP logs may print signed URLs: keep them at INFO.
+        for noisy in ("urllib3", "google", "httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
+    else:
+        logging.basicConfig(
+            level=logging.WARNING, format="dicom-cloud: warning: %(message)s", stream=sys.stderr
+        )

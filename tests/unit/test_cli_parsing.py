@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from dicom_cloud.cli.main import main
+from dicom_cloud.cli.options import parse_duration, parse_size, parse_tags
+from dicom_cloud.errors import UsageError
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("8MiB", 8 * 2**20),
+        ("64MB", 64 * 10**6),
+        ("1048576", 1048576),
+        ("16mib", 16 * 2**20),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("5 M", 5 * 10**6),
+        ("2k", 2000),
+        ("100B", 100),
+        (" 3KiB ", 3 * 1024),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text, "--part-size") == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "8XB", "-1", "8 MiBs", "5ib", "MiB", "1e6"])
+def test_parse_size_bad(text: str) -> None:
+    with pytest.raises(UsageError, match="--part-size"):
+        parse_size(text, "--part-size")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("30m", timedelta(minutes=30)),
+        ("7d", timedelta(days=7)),
+        ("3600", timedelta(hours=1)),
+        ("12h", timedelta(hours=12)),
+        ("45s", timedelta(seconds=45)),
+        ("2w", timedelta(weeks=2)),
+        ("1H", timedelta(hours=1)),
+    ],
+)
+def test_parse_duration(text: str, value: timedelta) -> None:
+    assert parse_duration(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "1.5h", "abc", "10y", "-5m", "m"])
+def test_parse_duration_bad(text: str) -> None:
+    with pytest.raises(UsageError, match="--expires"):
+        parse_duration(text)
+
+
+def test_parse_tags() -> None:
+    assert parse_tags(None) == {}
+    assert parse_tags("") == {}
+    assert parse_tags("Source=PACS1,Dataset=CT") == {"Source": "PACS1", "Dataset": "CT"}
+    assert parse_tags(" a_b.c-d = x y ,e=") == {"a_b.c-d": "x y", "e": ""}
+    assert parse_tags("k=v=w") == {"k": "v=w"}
+
+
+@pytest.mark.parametrize("text", ["novalue", "a=1,b", "=x", "1abc=x", "bad key=x", "k/x=1", "ké=1", "k=é"])
+def test_parse_tags_bad(text: str) -> None:
+    with pytest.raises(UsageError, match="--tags"):
+        parse_tags(text)
+
+
+def test_help_returns_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "upload" in out and "exit codes" in out.lower()
+
+
+def test_missing_local_source_is_exit_3_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["upload", "/nonexistent", "memory://b/x"]) == 3
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert "/nonexistent" in captured.err
+
+
+def test_bad_scheme_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    assert main(["upload", str(tmp_path / "a.dcm"), "ftp://bucket/x"]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "scheme" in captured.err
+
+
+def test_bad_option_values_are_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    src = str(tmp_path / "a.dcm")
+    assert main(["upload", src, "memory://b/x", "--part-size", "lots"]) == 2
+    assert main(["upload", src, "memory://b/x", "--part-size", "1MiB"]) == 2  # below the S3 minimum
+    assert main(["upload", src, "memory://b/x", "--tags", "novalue"]) == 2
+    assert main(["upload", src]) == 2  # missing argument (click's usage error)
+    assert main(["upload", src, "memory://b/x", "--no-such-option"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_upload_to_memory_succeeds(
+    tmp_path: Path, mem_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.dcm").write_bytes(b"hello")
+    assert main(["upload", str(tmp_path / "a.dcm"), f"memory://{mem_bucket}/dir/", "--quiet"]) == 0
+    assert main(["list", f"memory://{mem_bucket}/dir/"]) == 0
+    assert "a.dcm" in capsys.readouterr().out
