@@ -19,9 +19,10 @@ from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 from .backends import StoreConfig
+from .checksum import crc32c_hex
 from .errors import NotFoundError, UsageError
 from .location import Location, LocationOpener
-from .store import ObjectInfo, PutOptions
+from .store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
 from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary
 
 T = TypeVar("T")
@@ -160,9 +161,6 @@ async def write_bytes_async(
     config: StoreConfig | None = None,
 ) -> None:
     """Write ``data`` as the object at ``url`` (atomically), with optional metadata."""
-    from .store import CHECKSUM_METADATA_KEY
-    from .transfer import crc32c_hex
-
     meta = dict(metadata or {})
     meta[CHECKSUM_METADATA_KEY] = crc32c_hex(data)
     async with _opened(url, config) as location:

@@ -13,14 +13,19 @@ from pathlib import Path
 PARTIAL_SUFFIX = ".dicom-cloud-partial"
 
 
-async def read_chunks(path: Path, chunk_size: int) -> AsyncIterator[bytes]:
-    """Yield a file's bytes in chunks of ``chunk_size`` (the last may be shorter)."""
+async def read_chunks(
+    path: Path, chunk_size: int, *, start: int = 0, end: int | None = None
+) -> AsyncIterator[bytes]:
+    """Yield bytes ``start`` to ``end`` (default: the whole file) in chunks of ``chunk_size``."""
     f = await asyncio.to_thread(open, path, "rb")
     try:
-        while True:
-            chunk = await asyncio.to_thread(f.read, chunk_size)
+        position = start
+        while end is None or position < end:
+            want = chunk_size if end is None else min(chunk_size, end - position)
+            chunk = await asyncio.to_thread(os.pread, f.fileno(), want, position)
             if not chunk:
                 return
+            position += len(chunk)
             yield chunk
     finally:
         f.close()

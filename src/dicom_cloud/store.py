@@ -141,8 +141,11 @@ class Store(abc.ABC):
         """Bytes ``start`` (inclusive) to ``end`` (exclusive) of the object."""
 
     @abc.abstractmethod
-    def stream(self, key: str, *, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-        """The object as a sequence of chunks, holding at most about one chunk in memory."""
+    def stream(
+        self, key: str, *, chunk_size: int = 1024 * 1024, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes | memoryview]:
+        """Bytes ``start`` to ``end`` (exclusive; default: to the end) as chunks of about
+        ``chunk_size``, holding at most about one chunk in memory."""
 
     @abc.abstractmethod
     async def put(self, key: str, data: bytes | memoryview, options: PutOptions = PutOptions()) -> PutResult:
@@ -152,7 +155,7 @@ class Store(abc.ABC):
     async def put_stream(
         self,
         key: str,
-        chunks: AsyncIterable[bytes],
+        chunks: AsyncIterable[bytes | memoryview],
         options: PutOptions = PutOptions(),
         plan: MultipartPlan = MultipartPlan(),
     ) -> PutResult:

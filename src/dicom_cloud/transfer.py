@@ -31,9 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import crc32c
-
 from .budget import ByteBudget
+from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex
 from .errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -60,6 +59,8 @@ DEFAULT_MULTIPART_THRESHOLD = 16 * MiB
 DEFAULT_PART_SIZE = 8 * MiB
 #: Parts of one large object in flight at once.
 DEFAULT_PART_CONCURRENCY = 8
+#: Chunk size of streamed reads (ranged downloads, copies between providers).
+_STREAM_CHUNK = 1024 * 1024
 #: Bytes of object data held in memory by all workers together.
 DEFAULT_MEMORY_BUDGET = 96 * MiB
 
@@ -365,38 +366,40 @@ class Transfer:
     async def _ranged_download(
         self, item: TransferItem, info: ObjectInfo, src_url: str, dst_url: str
     ) -> None:
-        """Parallel ranged reads into a partial local file, checked in order as parts arrive."""
+        """Parallel ranged reads streamed into a partial local file; renamed only once verified.
+
+        Each part is read as a stream of small chunks written at their offsets, so memory
+        holds about one chunk per part in flight; each part's CRC32C is computed on the way
+        and the object's CRC is combined from them at the end.
+        """
         size = info.size
         part = self.options.part_size
+        offsets = list(range(0, size, part))
+        part_crcs = [0] * len(offsets)
         writer = self.dst.store.open_writer(item.dst_key, size)
-        crc = _Crc32c()
-        pending: dict[int, bytes | memoryview] = {}
-        next_offset = 0
-        # Each part holds a window slot until it is hashed, so at most `window` parts wait in memory.
-        window = asyncio.Semaphore(self.options.part_concurrency)
+        parts_in_flight = asyncio.Semaphore(self.options.part_concurrency)
         src_store = self.src.store
 
-        async def fetch(offset: int) -> None:
-            nonlocal next_offset
-            async with self._budget.reserve(min(part, size - offset)):
-                data = await src_store.get_range(item.src_key, offset, min(offset + part, size))
-                if len(data) != min(part, size - offset):
-                    raise IntegrityError(f"{src_url}: short read at offset {offset}")
-                await asyncio.to_thread(writer.write_at, offset, data)
-                pending[offset] = data
-                while next_offset in pending:
-                    chunk = pending.pop(next_offset)
+        async def fetch(index: int, start: int) -> None:
+            end = min(start + part, size)
+            async with parts_in_flight, self._budget.reserve(2 * _STREAM_CHUNK):
+                crc = Crc32c()
+                position = start
+                async for chunk in src_store.stream(
+                    item.src_key, chunk_size=_STREAM_CHUNK, start=start, end=end
+                ):
+                    await asyncio.to_thread(writer.write_at, position, chunk)
                     crc.update(chunk)
-                    next_offset += len(chunk)
-                    window.release()
-                self._progress(src_url, dst_url, size, len(data))
-
-        async def bounded(offset: int) -> None:
-            await window.acquire()
-            await fetch(offset)
+                    position += len(chunk)
+                    self._progress(src_url, dst_url, size, len(chunk))
+                if position != end:
+                    raise IntegrityError(
+                        f"{src_url}: got {position - start} bytes of part at {start}, expected {end - start}"
+                    )
+                part_crcs[index] = crc.value
 
         try:
-            tasks = [asyncio.create_task(bounded(offset)) for offset in range(0, size, part)]
+            tasks = [asyncio.create_task(fetch(index, start)) for index, start in enumerate(offsets)]
             try:
                 await asyncio.gather(*tasks)
             except BaseException:
@@ -404,7 +407,10 @@ class Transfer:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
-            _check_checksum(crc.hexdigest(), info, src_url)
+            whole = 0
+            for index, start in enumerate(offsets):
+                whole = crc32c_combine(whole, part_crcs[index], min(part, size - start))
+            _check_checksum(f"{whole:08x}", info, src_url)
             await asyncio.to_thread(writer.commit)
         except BaseException:
             writer.abort()
@@ -414,10 +420,10 @@ class Transfer:
         self, item: TransferItem, info: ObjectInfo, put: PutOptions, src_url: str, dst_url: str
     ) -> None:
         """Between two providers: stream the source into a multipart upload; no temporary file."""
-        crc = _Crc32c()
+        crc = Crc32c()
         src_store = self.src.store
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes | memoryview]:
             async for chunk in src_store.stream(item.src_key, chunk_size=self.options.part_size):
                 crc.update(chunk)
                 self._progress(src_url, dst_url, item.size, len(chunk))
@@ -432,29 +438,6 @@ class Transfer:
         except IntegrityError:
             await self.dst.store.delete([item.dst_key])
             raise
-
-
-class _Crc32c:
-    def __init__(self) -> None:
-        self._value = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._value = crc32c.crc32c(data, self._value)
-
-    def hexdigest(self) -> str:
-        return f"{self._value:08x}"
-
-
-def crc32c_hex(data: bytes | memoryview) -> str:
-    return f"{crc32c.crc32c(data):08x}"
-
-
-def crc32c_file(path: Path, chunk_size: int = 8 * MiB) -> str:
-    crc = _Crc32c()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            crc.update(chunk)
-    return crc.hexdigest()
 
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")

@@ -159,7 +159,9 @@ class GCSStore(Store):
             return b""
         return await self._run(partial(self._download_range, key, None, start, end), key)
 
-    async def stream(self, key: str, *, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    async def stream(
+        self, key: str, *, chunk_size: int = 1024 * 1024, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes | memoryview]:
         if chunk_size <= 0:
             raise UsageError(f"chunk size must be positive, not {chunk_size}")
 
@@ -169,13 +171,16 @@ class GCSStore(Store):
             return int(blob.size or 0), blob.generation
 
         size, generation = await self._run(head, key)
-        position = 0
-        while position < size:
+        stop = size if end is None else min(end, size)
+        position = start
+        while position < stop:
             # Pinning the generation makes a concurrent overwrite fail the read instead of
             # splicing two versions together.
-            end = min(position + chunk_size, size)
+            chunk_end = min(position + chunk_size, stop)
             try:
-                chunk = await self._run(partial(self._download_range, key, generation, position, end), key)
+                chunk = await self._run(
+                    partial(self._download_range, key, generation, position, chunk_end), key
+                )
             except NotFoundError as exc:
                 if isinstance(exc, BucketNotFoundError):
                     raise
@@ -210,7 +215,7 @@ class GCSStore(Store):
     async def put_stream(
         self,
         key: str,
-        chunks: AsyncIterable[bytes],
+        chunks: AsyncIterable[bytes | memoryview],
         options: PutOptions = PutOptions(),
         plan: MultipartPlan = MultipartPlan(),
     ) -> PutResult:
@@ -474,14 +479,16 @@ class _ChunkReader:
     file early: a failure or an abort raises, which leaves the upload session unfinalized.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop, first: bytes) -> None:
+    def __init__(
+        self, chunks: AsyncIterator[bytes | memoryview], loop: asyncio.AbstractEventLoop, first: bytes
+    ) -> None:
         self._chunks = chunks
         self._loop = loop
         self._leftover = memoryview(first)
         self._position = 0
         self._eof = False
         self._aborted = threading.Event()
-        self._pending: Future[bytes | None] | None = None
+        self._pending: Future[bytes | memoryview | None] | None = None
 
     def tell(self) -> int:
         return self._position
@@ -519,7 +526,7 @@ class _UploadAborted(Exception):
     """Raised inside the upload thread when its caller has gone away."""
 
 
-async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+async def _next_chunk(chunks: AsyncIterator[bytes | memoryview]) -> bytes | memoryview | None:
     return await anext(chunks, None)
 
 

@@ -83,6 +83,34 @@ class LocalStore(Store):
         except OSError as exc:
             raise _translate(exc, path) from exc
 
+    async def read(self, key: str) -> tuple[ObjectInfo, bytes | memoryview]:
+        path = self.path(key)
+
+        def read_with_info() -> tuple[ObjectInfo, bytes]:
+            # One thread hop for stat, metadata and bytes: this runs once per small file uploaded.
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+            metadata = _read_metadata(path)
+            content_type = metadata.pop(_CONTENT_TYPE, None)
+            info = ObjectInfo(
+                key=key,
+                size=len(data),
+                last_modified=_mtime(st),
+                metadata=metadata,
+                content_type=content_type,
+            )
+            return info, data
+
+        try:
+            return await asyncio.to_thread(read_with_info)
+        except IsADirectoryError:
+            raise NotFoundError(
+                f"{path}: is a directory", hint="add --recursive to transfer a directory"
+            ) from None
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         path = self.path(key)
 
@@ -95,10 +123,12 @@ class LocalStore(Store):
         except OSError as exc:
             raise _translate(exc, path) from exc
 
-    async def stream(self, key: str, *, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    async def stream(
+        self, key: str, *, chunk_size: int = 1024 * 1024, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes | memoryview]:
         path = self.path(key)
         try:
-            async for chunk in read_chunks(path, chunk_size):
+            async for chunk in read_chunks(path, chunk_size, start=start, end=end):
                 yield chunk
         except OSError as exc:
             raise _translate(exc, path) from exc
@@ -119,7 +149,7 @@ class LocalStore(Store):
     async def put_stream(
         self,
         key: str,
-        chunks: AsyncIterable[bytes],
+        chunks: AsyncIterable[bytes | memoryview],
         options: PutOptions = PutOptions(),
         plan: MultipartPlan = MultipartPlan(),
     ) -> PutResult:

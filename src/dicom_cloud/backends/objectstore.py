@@ -98,7 +98,9 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         s3_kwargs["virtual_hosted_style_request"] = not path_style
         # Integrity: every part and every single put carries x-amz-checksum-sha256, which the
         # server checks before accepting the bytes (SHA-256 runs in the Rust client, off the GIL).
-        s3_kwargs["checksum_algorithm"] = config.extra.get("checksum_algorithm", "SHA256")
+        checksum = config.extra.get("checksum_algorithm", "SHA256")
+        if checksum:
+            s3_kwargs["checksum_algorithm"] = checksum
         if config.server_side_encryption:
             s3_kwargs["server_side_encryption"] = config.server_side_encryption
             if config.sse_kms_key_id:
@@ -243,8 +245,17 @@ class ObjectStoreBackend(Store):
         data = await self._call(key, obstore.get_range_async(self._inner, key, start=start, end=end))
         return memoryview(data)
 
-    async def stream(self, key: str, *, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-        result = await self._call(key, obstore.get_async(self._inner, key))
+    async def stream(
+        self, key: str, *, chunk_size: int = 1024 * 1024, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes | memoryview]:
+        if end is not None and end <= start:
+            return
+        options: Any = {}
+        if end is not None:
+            options["range"] = (start, end)
+        elif start:
+            options["range"] = {"offset": start}
+        result = await self._call(key, obstore.get_async(self._inner, key, options=options or None))
         chunks = result.stream(min_chunk_size=chunk_size)
         while True:
             try:
@@ -255,8 +266,11 @@ class ObjectStoreBackend(Store):
                 self._raise(exc, key)
             view = memoryview(chunk)
             # Some stores (memory) hand back the whole object at once: keep chunks to the size asked.
-            for start in range(0, len(view), chunk_size):
-                yield bytes(view[start : start + chunk_size])
+            if len(view) <= 2 * chunk_size:
+                yield view
+                continue
+            for offset in range(0, len(view), chunk_size):
+                yield view[offset : offset + chunk_size]
 
     # -- writes ------------------------------------------------------------------------
 
@@ -278,7 +292,7 @@ class ObjectStoreBackend(Store):
     async def put_stream(
         self,
         key: str,
-        chunks: AsyncIterable[bytes],
+        chunks: AsyncIterable[bytes | memoryview],
         options: PutOptions = PutOptions(),
         plan: MultipartPlan = MultipartPlan(),
     ) -> PutResult:
