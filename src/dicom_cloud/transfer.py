@@ -59,10 +59,13 @@ DEFAULT_MULTIPART_THRESHOLD = 16 * MiB
 DEFAULT_PART_SIZE = 8 * MiB
 #: Parts of one large object in flight at once.
 DEFAULT_PART_CONCURRENCY = 8
+#: Parts that obstore's multipart writer holds per upload slot (being read, queued, being sent):
+#: measured as peak RSS over a 1 GiB upload.
+_HELD_PARTS_PER_SLOT = 3
 #: Chunk size of streamed reads (ranged downloads, copies between providers).
 _STREAM_CHUNK = 1024 * 1024
 #: Bytes of object data held in memory by all workers together.
-DEFAULT_MEMORY_BUDGET = 96 * MiB
+DEFAULT_MEMORY_BUDGET = 80 * MiB
 
 #: Errors after which no other item can succeed either: stop the whole run at once.
 _FATAL = (AuthenticationError, BucketNotFoundError, PermissionDeniedError)
@@ -161,7 +164,6 @@ class Transfer:
         self.summary = TransferSummary(dry_run=self.options.dry_run)
         self._budget = ByteBudget(self.options.memory_budget)
         self._abort: DicomCloudError | None = None
-        self._multipart = MultipartPlan(self.options.part_size, self.options.part_concurrency)
         #: Bytes of in-flight objects already reported through progress events, by source URL.
         self._reported: dict[str, int] = {}
 
@@ -332,18 +334,25 @@ class Transfer:
                 checksum = verify(data, info, src_url, etag_is_md5=src.features.etag_is_md5)
                 await dst.put(item.dst_key, data, _with_checksum(put, info, checksum))
             return
+        part = self.options.part_size
         if self.src.is_local:
             path = Path("/" + item.src_key)
             checksum = await asyncio.to_thread(crc32c_file, path)
-            # The multipart client buffers up to part_concurrency parts of this file.
-            async with self._budget.reserve(self.options.part_size * self.options.part_concurrency):
-                await dst.put_file(item.dst_key, path, _with_checksum(put, None, checksum), self._multipart)
+            plan = self._upload_plan()
+            async with self._budget.reserve(_HELD_PARTS_PER_SLOT * part * plan.concurrency):
+                await dst.put_file(item.dst_key, path, _with_checksum(put, None, checksum), plan)
             return
         info = await src.stat(item.src_key)
         if dst.features.random_access_write:
             await self._ranged_download(item, info, src_url, dst_url)
         else:
             await self._streamed_copy(item, info, put, src_url, dst_url)
+
+    def _upload_plan(self) -> MultipartPlan:
+        """Parts in flight for one multipart upload, as many as the memory budget allows."""
+        part = self.options.part_size
+        slots = self.options.memory_budget // (_HELD_PARTS_PER_SLOT * part)
+        return MultipartPlan(part, max(1, min(self.options.part_concurrency, slots)))
 
     def _progress(self, src_url: str, dst_url: str, size: int, count: int) -> None:
         if count:
@@ -431,8 +440,9 @@ class Transfer:
 
         known = info.metadata.get(CHECKSUM_METADATA_KEY)
         options = _with_checksum(put, info, known) if known else put
-        async with self._budget.reserve(self.options.part_size * self.options.part_concurrency):
-            await self.dst.store.put_stream(item.dst_key, chunks(), options, self._multipart)
+        plan = self._upload_plan()
+        async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
+            await self.dst.store.put_stream(item.dst_key, chunks(), options, plan)
         try:
             _check_checksum(crc.hexdigest(), info, src_url)
         except IntegrityError:
