@@ -13,6 +13,7 @@ from the environment as documented in ``docs/credentials.md``.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -114,6 +115,7 @@ async def list_async(
     try:
         location = opener.open(url)
         prefix = location.key if not location.is_local else location.prefix
+        _require_local_directory(location)
         async for info in location.store.list(prefix, recursive=recursive):
             yield info
     finally:
@@ -228,6 +230,7 @@ async def delete_async(
             batch.clear()
 
         prefix = location.prefix
+        _require_local_directory(location)
         async for info in store.list(prefix):
             batch.append(info)
             if len(batch) >= DELETE_BATCH:
@@ -276,6 +279,12 @@ async def share_async(
 def share(url: str, **kwargs: Any) -> str:
     """Synchronous :func:`share_async`."""
     return _run(share_async(url, **kwargs))
+
+
+def _require_local_directory(location: Location) -> None:
+    """A missing local directory is an error (a missing bucket prefix is merely empty)."""
+    if location.is_local and not os.path.isdir("/" + location.key.rstrip("/")):
+        raise NotFoundError(f"{location.display()}: no such directory")
 
 
 class _opened:

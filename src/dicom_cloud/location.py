@@ -6,6 +6,7 @@ import posixpath
 from dataclasses import dataclass
 
 from .backends import StoreConfig, open_store
+from .errors import UsageError
 from .store import Store
 from .url import StorageURL, parse_url
 
@@ -49,6 +50,17 @@ class Location:
         return posixpath.basename(self.key.rstrip("/"))
 
 
+def _check_object_key(url: StorageURL) -> None:
+    """S3 and Azure keys with empty, "." or ".." segments are refused: they read as paths
+    that mean something else, and the S3/Azure client cannot address them."""
+    segments = url.key.rstrip("/").split("/") if url.key.rstrip("/") else []
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise UsageError(
+            f"'{url}' has an empty, '.' or '..' path segment",
+            hint="write the object name without '//', '/./' or '/../'",
+        )
+
+
 class LocationOpener:
     """Opens locations, sharing one store per bucket so that same-store copies stay server-side."""
 
@@ -63,6 +75,8 @@ class LocationOpener:
         if store is None:
             store = self._stores[identity] = open_store(url, self.config)
         key = url.key.lstrip("/") if url.is_local else url.key
+        if url.scheme in ("s3", "azure"):
+            _check_object_key(url)
         return Location(url=url, store=store, key=key)
 
     async def close(self) -> None:

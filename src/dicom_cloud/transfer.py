@@ -196,9 +196,13 @@ class Transfer:
 
     async def _preflight(self) -> None:
         """Fail before any work when the destination bucket is missing or the credentials are wrong."""
-        if self.dst.is_local or self.options.dry_run:
+        if self.dst.is_local:
             return
-        async for _ in self.dst.store.list(self.dst.prefix, recursive=False):
+        key = self.dst.key
+        directory = key if self.dst.names_directory or self.recursive else key.rpartition("/")[0]
+        async for _ in self.dst.store.list(
+            f"{directory.rstrip('/')}/" if directory.strip("/") else "", recursive=False
+        ):
             break
 
     async def plan(self) -> AsyncIterator[TransferItem]:
@@ -323,7 +327,14 @@ class Transfer:
             put = replace(put, if_absent=True)
             if item.size > self.options.multipart_threshold:
                 await self._refuse_existing(item.dst_key)
-        if src is dst and src.features.server_side_copy:
+        # Inside one store the server copies (metadata included) unless new metadata or tags are
+        # asked for; uploads from local disk always go the read-and-put way to record a CRC32C.
+        if (
+            src is dst
+            and src.features.server_side_copy
+            and not self.src.is_local
+            and not (put.metadata or put.tags)
+        ):
             if self.options.no_overwrite:
                 await self._refuse_existing(item.dst_key)
             await src.copy(item.src_key, item.dst_key)

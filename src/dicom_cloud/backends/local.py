@@ -210,7 +210,7 @@ class LocalStore(Store):
     async def copy(self, src_key: str, dst_key: str) -> None:
         src = self.path(src_key)
         await asyncio.to_thread(
-            self._write_then_commit, self.path(dst_key), lambda tmp: shutil.copyfile(src, tmp), False
+            self._write_then_commit, self.path(dst_key), lambda tmp: shutil.copy2(src, tmp), False
         )
 
     def open_writer(self, key: str, size: int) -> RandomAccessWriter:

@@ -225,6 +225,13 @@ class ObjectStoreBackend(Store):
             except StopAsyncIteration:
                 return
             except (obx.BaseError, FileNotFoundError) as exc:
+                if "invalid path" in str(exc):
+                    # obstore refuses to list past a name with "." or ".." segments.
+                    raise UnsafeNameError(
+                        f"{self.url(prefix)}: an object below has a name with '.' or '..' segments, "
+                        "which cannot be listed safely",
+                        hint="rename or delete that object with the provider's own tools",
+                    ) from exc
                 self._raise(exc, prefix)
             for meta in batch:
                 if meta["path"].startswith(prefix):
@@ -434,7 +441,11 @@ def translate_error(exc: BaseException, where: str, endpoint: str = "") -> Dicom
         return AlreadyExistsError(f"{where} already exists")
     if isinstance(exc, obx.NotFoundError | FileNotFoundError):
         return NotFoundError(f"{where}: no such object")
-    if isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError) or status == 403:
+    if (
+        isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError)
+        or status == 403
+        or "AccessDenied" in text  # bulk deletes answer 200 with per-key AccessDenied errors
+    ):
         return PermissionDeniedError(
             f"{where}: access denied ({_code(text) or 'forbidden'})",
             hint="the credentials are valid but lack the permission for this operation",

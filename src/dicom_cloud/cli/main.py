@@ -196,7 +196,7 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
         )
         config = _config(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
-        with TransferProgress(mode, verb) as progress:
+        with TransferProgress(mode, verb, report_failures=args.recursive) as progress:
             summary = asyncio.run(
                 call(
                     args.source,
@@ -276,11 +276,19 @@ def _delete(args: argparse.Namespace) -> int:
                 return 0
     verb = "would delete" if args.dry_run else "deleted"
 
+    display = LocationOpener(config).open(args.url).display
+
     def report(info: ObjectInfo) -> None:
         if args.json_output:
-            print(json.dumps({"event": verb.replace(" ", "_"), "key": info.key, "size": info.size}))
+            record = {
+                "event": verb.replace(" ", "_"),
+                "key": info.key,
+                "url": display(info.key),
+                "size": info.size,
+            }
+            print(json.dumps(record, ensure_ascii=False))
         elif args.dry_run or not args.quiet:
-            print(f"{verb} {info.key}")
+            print(f"{verb} {display(info.key)}")
 
     summary = asyncio.run(
         api.delete_async(

@@ -81,8 +81,12 @@ def parse_tags(text: str | None) -> dict[str, str]:
             raise UsageError(
                 f"--tags: '{item}' is not KEY=VALUE", hint='write --tags "Source=PACS1,Dataset=CT"'
             )
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
-            raise UsageError(f"--tags: key '{key}' must start with a letter and use letters, digits, _ . -")
+        # Azure metadata names must be identifiers; S3 and GCS accept those too.
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise UsageError(
+                f"--tags: key '{key}' must be an identifier (letters, digits, _; not starting with a digit)",
+                hint="Azure refuses metadata names with '-' or '.': write Study_Id, not Study-Id",
+            )
         if not value.isascii():
             raise UsageError(f"--tags: value of '{key}' must be ASCII (HTTP headers carry metadata)")
         tags[key] = value.strip()

@@ -35,8 +35,12 @@ def choose_mode(*, quiet: bool, json_output: bool, stream: TextIO = sys.stderr) 
 class TransferProgress:
     """Receives engine events and renders them in the chosen mode; thread-safe enough for one loop."""
 
-    def __init__(self, mode: OutputMode, verb: str, *, interval: float = 5.0) -> None:
+    def __init__(
+        self, mode: OutputMode, verb: str, *, interval: float = 5.0, report_failures: bool = True
+    ) -> None:
         self.mode = mode
+        #: Print a line per failed object (off when the caller reports a single failure itself).
+        self.report_failures = report_failures
         self.verb = verb  # "Uploaded", "Downloaded", "Copied"
         self.interval = interval
         self.files_total = 0
@@ -109,7 +113,7 @@ class TransferProgress:
             )
 
     def _error_line(self, event: TransferEvent) -> None:
-        if self.mode == "json":
+        if self.mode == "json" or not self.report_failures:
             return
         message = str(event.error) if event.error else "failed"
         text = f"error: {event.src}: {message}" if event.src not in message else f"error: {message}"
