@@ -191,6 +191,13 @@ def _wait_until(proc: _Proc, ready, timeout: float = START_TIMEOUT, what: str = 
 def _request(
     method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b"", timeout: float = 10.0
 ) -> tuple[int, bytes]:
+    status, _, answer = _request_with_headers(method, url, headers, body, timeout)
+    return status, answer
+
+
+def _request_with_headers(
+    method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b"", timeout: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
@@ -199,7 +206,8 @@ def _request(
             path += "?" + parts.query
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
-        return resp.status, resp.read()
+        answer = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, answer
     finally:
         conn.close()
 
@@ -289,6 +297,13 @@ class S3Server:
         )
         headers = _sigv4_headers(method, url, ak, sk, self.region, body)
         return _request(method, url, headers, body)
+
+    def s3_head(self, path: str) -> tuple[int, dict[str, str]]:
+        """A signed HEAD: status and response headers (lower-case names)."""
+        url = self.endpoint + path
+        headers = _sigv4_headers("HEAD", url, self.access_key, self.secret_key, self.region, b"")
+        status, answer_headers, _ = _request_with_headers("HEAD", url, headers)
+        return status, answer_headers
 
     def create_bucket(self, name: str) -> None:
         status, body = _retrying(lambda: self.s3_request("PUT", "/" + name), f"create bucket {name}")

@@ -21,6 +21,11 @@ def crc32c_hex(data: bytes | memoryview) -> str:
     return f"{crc32c.crc32c(data):08x}"
 
 
+def crc32c_update(value: int, data: bytes | memoryview) -> int:
+    """``value`` (the CRC32C of what came before) extended over ``data``."""
+    return crc32c.crc32c(data, value)
+
+
 class Crc32c:
     """An incremental CRC32C."""
 

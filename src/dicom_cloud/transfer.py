@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from .budget import ByteBudget
-from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex
+from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_update
 from .errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -45,7 +45,7 @@ from .errors import (
     UsageError,
 )
 from .location import Location
-from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions
+from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ _STREAM_CHUNK = 1024 * 1024
 #: Bytes of object data held in memory by all workers together.
 DEFAULT_MEMORY_BUDGET = 80 * MiB
 
-#: Errors after which no other item can succeed either: stop the whole run at once.
-_FATAL = (AuthenticationError, BucketNotFoundError, PermissionDeniedError)
+#: Errors after which no other item can succeed either: stop the whole run at once. A permission
+#: refusal is one too while nothing has succeeded yet (afterwards it concerns one object only).
+_FATAL = (AuthenticationError, BucketNotFoundError)
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,9 @@ class Transfer:
                 )
                 if not isinstance(unexpected, DicomCloudError):
                     log.debug("unexpected error transferring %s", src_url, exc_info=unexpected)
-                if isinstance(exc, _FATAL):
+                if isinstance(exc, _FATAL) or (
+                    isinstance(exc, PermissionDeniedError) and not self.summary.files
+                ):
                     self._abort = self._abort or exc
                 self._take_back_progress(src_url, dst_url, item.size)
                 if exc.retryable and attempt < self.options.attempts and not self._abort:
@@ -406,20 +409,20 @@ class Transfer:
         async def fetch(index: int, start: int) -> None:
             end = min(start + part, size)
             async with parts_in_flight, self._budget.reserve(2 * _STREAM_CHUNK):
-                crc = Crc32c()
+                crc = 0
                 position = start
                 async for chunk in src_store.stream(
                     item.src_key, chunk_size=_STREAM_CHUNK, start=start, end=end
                 ):
-                    await asyncio.to_thread(writer.write_at, position, chunk)
-                    crc.update(chunk)
+                    # Write and hash in one hop to a worker thread: both release the GIL.
+                    crc = await asyncio.to_thread(_write_and_hash, writer, position, chunk, crc)
                     position += len(chunk)
                     self._progress(src_url, dst_url, size, len(chunk))
                 if position != end:
                     raise IntegrityError(
                         f"{src_url}: got {position - start} bytes of part at {start}, expected {end - start}"
                     )
-                part_crcs[index] = crc.value
+                part_crcs[index] = crc
 
         try:
             tasks = [asyncio.create_task(fetch(index, start)) for index, start in enumerate(offsets)]
@@ -462,6 +465,11 @@ class Transfer:
         except IntegrityError:
             await self.dst.store.delete([item.dst_key])
             raise
+
+
+def _write_and_hash(writer: RandomAccessWriter, offset: int, chunk: bytes | memoryview, crc: int) -> int:
+    writer.write_at(offset, chunk)
+    return crc32c_update(crc, chunk)
 
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")

@@ -12,6 +12,7 @@ used on the command line) and a zero-byte file, under names with spaces, Unicode
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import json
@@ -1116,3 +1117,82 @@ def test_clean_exit_repeated(seaweedfs: S3Server, s3_bucket: str, data: Data, tm
     final = tmp_path / "final"
     run_cli("download", url, final, "-r", env=env).ok()
     assert_same_tree(final, data.many)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Server-side encryption and what a person sees on a terminal
+
+
+def test_server_side_encryption_on_s3(seaweedfs: S3Server, s3_bucket: str, data: Data) -> None:
+    env = cli_env(seaweedfs.env())
+    source = data.small.root / "CT_small.dcm"
+    run_cli("upload", source, f"s3://{s3_bucket}/sse/a.dcm", "--encrypt", "server-side", env=env).ok()
+    run_cli("upload", source, f"s3://{s3_bucket}/sse/plain.dcm", env=env).ok()
+    status, headers = seaweedfs.s3_head(f"/{s3_bucket}/sse/a.dcm")
+    assert status == 200 and headers.get("x-amz-server-side-encryption") == "AES256", headers
+    status, headers = seaweedfs.s3_head(f"/{s3_bucket}/sse/plain.dcm")
+    assert status == 200 and "x-amz-server-side-encryption" not in headers, headers
+    # And it reads back as the same bytes.
+    out = data.small.root.parent / "sse-back.dcm"
+    run_cli("download", f"s3://{s3_bucket}/sse/a.dcm", out, env=env).ok()
+    assert out.read_bytes() == source.read_bytes()
+    run_cli("upload", source, f"s3://{s3_bucket}/x.dcm", "--encrypt", "client-side", env=env).fails(2)
+
+
+def test_progress_bar_on_a_terminal(seaweedfs: S3Server, s3_bucket: str, data: Data, tmp_path: Path) -> None:
+    """On a terminal the transfer shows a live bar and ends with one summary line."""
+    import pty
+
+    env = cli_env(seaweedfs.env(), COLUMNS="120", TERM="xterm")
+    argv = [str(CLI), "upload", str(data.small.root), f"s3://{s3_bucket}/tty/", "-r"]
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI with the pty as its terminal
+        os.execve(argv[0], argv, env)  # noqa: S606 - the real console script, no shell
+    output = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    text = output.decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "Uploaded" in text and "0 failed" in text, text
+    assert "Traceback" not in text
+
+
+def test_aws_profile_from_shared_files(
+    seaweedfs: S3Server, s3_bucket: str, data: Data, tmp_path: Path
+) -> None:
+    """Keys from ~/.aws/credentials under AWS_PROFILE, region and endpoint from ~/.aws/config."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[archive]\n"
+        f"aws_access_key_id = {seaweedfs.access_key}\n"
+        f"aws_secret_access_key = {seaweedfs.secret_key}\n"
+    )
+    config = tmp_path / "config"
+    config.write_text(f"[profile archive]\nregion = us-east-1\nendpoint_url = {seaweedfs.endpoint}\n")
+    env = cli_env(AWS_PROFILE="archive")
+    env["AWS_SHARED_CREDENTIALS_FILE"], env["AWS_CONFIG_FILE"] = str(credentials), str(config)
+    run_cli("upload", data.small.root / "CT_small.dcm", f"s3://{s3_bucket}/profile/a.dcm", env=env).ok()
+    listing = run_cli("list", f"s3://{s3_bucket}/profile/", env=env).ok()
+    assert "a.dcm" in listing.stdout
+    env["AWS_PROFILE"] = "missing"
+    run_cli("list", f"s3://{s3_bucket}/", env=env).fails(2)
+
+
+def test_azure_account_and_key_variables(azurite: AzureServer, azure_container: str, data: Data) -> None:
+    env = cli_env(
+        AZURE_STORAGE_ACCOUNT=azurite.account,
+        AZURE_STORAGE_KEY=azurite.key,
+        AZURE_STORAGE_BLOB_ENDPOINT=azurite.endpoint,
+    )
+    run_cli("upload", data.small.root / "CT_small.dcm", f"az://{azure_container}/k/a.dcm", env=env).ok()
+    assert "a.dcm" in run_cli("list", f"azure://{azure_container}/k/", env=env).ok().stdout
+    env["AZURE_STORAGE_KEY"] = base64.b64encode(b"x" * 64).decode()
+    run_cli("list", f"azure://{azure_container}/k/", "--retries", "0", env=env).fails(4)
