@@ -391,21 +391,34 @@ def verify_download(dest: Path, entries: list[Any]) -> str | None:
 # Seeding the download sources
 
 
-async def _put_all(store: S3Store, items: list[tuple[str, Path]], concurrency: int = 16) -> None:
+async def _put_all(
+    store: S3Store, items: list[tuple[str, Path]], concurrency: int = 16, *, with_checksums: bool = False
+) -> None:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(key: str, path: Path) -> None:
         async with gate:
-            await obs.put_async(store, key, path)
+            attributes = None
+            if with_checksums:
+                # The metadata dicom-cloud writes: downloads then check a CRC32C, not an MD5 ETag.
+                from dicom_cloud.checksum import crc32c_file
+                from dicom_cloud.store import CHECKSUM_METADATA_KEY
+
+                attributes = {CHECKSUM_METADATA_KEY: crc32c_file(path)}
+            await obs.put_async(store, key, path, attributes=attributes)
 
     await asyncio.gather(*(one(k, p) for k, p in items))
 
 
-def seed(store: S3Store, inputs: Path, manifest: Manifest) -> None:
-    """Upload the sources once under seed/ for the download scenarios (with obstore, no tool under test)."""
+def seed(store: S3Store, inputs: Path, manifest: Manifest, *, with_checksums: bool = False) -> None:
+    """Upload the sources once under seed/ for the download scenarios (with obstore, no tool under test).
+
+    ``with_checksums`` adds the CRC32C metadata that dicom-cloud writes, as if dicom-cloud had
+    uploaded them; without it the objects look as any other tool leaves them (MD5 ETag only).
+    """
     items = [(f"seed/study/{Path(e.name).name}", inputs / e.name) for e in manifest.study]
     items.append(("seed/large/large.bin", inputs / manifest.large.name))
-    asyncio.run(_put_all(store, items))
+    asyncio.run(_put_all(store, items, with_checksums=with_checksums))
     problem = verify_study_upload(store, "seed/study/", manifest)
     problem = problem or verify_large_upload(store, "seed/large/", manifest)
     if problem:
@@ -664,6 +677,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=BENCH / ".data", help="inputs, server data, logs")
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where latest.md/.json go")
     p.add_argument("--keep-server", action="store_true", help="leave SeaweedFS running until Ctrl-C")
+    p.add_argument(
+        "--seed-checksums",
+        action="store_true",
+        help="give the objects of the download scenarios the CRC32C metadata dicom-cloud writes "
+        "(default: plain objects, as another tool would leave them)",
+    )
     for tool in EXTRA_ARGS_TOOLS:
         p.add_argument(f"--{tool}-args", default="", metavar="ARGS", help=f"extra arguments for {tool}")
     args = p.parse_args(argv)
@@ -740,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[Sample] = []
     try:
         store = make_store(srv)
-        seed(store, paths["inputs"], manifest)
+        seed(store, paths["inputs"], manifest, with_checksums=args.seed_checksums)
         samples = run_all(plan, srv, store, paths, manifest)
         rows = summarize(samples, manifest, plan)
         text = markdown(rows, manifest, meta)
