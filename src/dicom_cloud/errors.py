@@ -18,6 +18,8 @@ in one place.
     ├── UnsafeNameError             exit 9   an object name that would escape its directory
     ├── NotSupportedError           exit 10  the store cannot do this (e.g. sign on file://)
     └── TransferFailedError         exit 1   a batch finished with some items failed
+    UsageError
+    └── KeyMissingError             exit 11  an object is encrypted under a master key not given
 
 ``NotFoundError`` is also a ``FileNotFoundError`` so that library users can catch the
 built-in, as with obstore.
@@ -49,6 +51,17 @@ class UsageError(DicomCloudError):
 
     exit_code = 2
     http_status = 400
+
+
+class KeyMissingError(UsageError):
+    """An object is client-side encrypted under a master key id that was not supplied."""
+
+    exit_code = 11
+    http_status = 403
+
+    def __init__(self, message: str, *, key_id: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.key_id = key_id
 
 
 class NotFoundError(DicomCloudError, FileNotFoundError):

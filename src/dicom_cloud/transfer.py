@@ -33,12 +33,15 @@ from typing import Literal
 
 from .budget import ByteBudget
 from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_update
+from .crypto.a1 import header_key_id
+from .crypto.envelope import FORMAT_METADATA_KEY, KEY_ID_METADATA_KEY, ClientEncryption, Format
 from .errors import (
     AlreadyExistsError,
     AuthenticationError,
     BucketNotFoundError,
     DicomCloudError,
     IntegrityError,
+    KeyMissingError,
     NotFoundError,
     PermissionDeniedError,
     UnsafeNameError,
@@ -69,7 +72,7 @@ DEFAULT_MEMORY_BUDGET = 80 * MiB
 
 #: Errors after which no other item can succeed either: stop the whole run at once. A permission
 #: refusal is one too while nothing has succeeded yet (afterwards it concerns one object only).
-_FATAL = (AuthenticationError, BucketNotFoundError)
+_FATAL = (AuthenticationError, BucketNotFoundError, KeyMissingError)
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,14 @@ class TransferOptions:
     dry_run: bool = False
     #: Attempts per object for failures worth retrying (network faults, throttling).
     attempts: int = 3
+    #: Client-side encryption: keys to decrypt with, and the format to encrypt in (see crypto/envelope.py).
+    encryption: ClientEncryption | None = None
+    #: Re-encrypt objects in place under the current master key; skip those already under it.
+    rekey: bool = False
 
     def __post_init__(self) -> None:
+        if self.rekey and not (self.encryption and self.encryption.writes_encrypted):
+            raise UsageError("rekey needs the new master key to encrypt with")
         if self.parallel < 1:
             raise UsageError("--parallel must be at least 1")
         if self.part_size < 5 * MiB:
@@ -143,6 +152,15 @@ class TransferSummary:
 
 def _ignore(_: TransferEvent) -> None:
     return None
+
+
+class _Skip(Exception):
+    """This object needs no work (reported as skipped, with the reason in the log)."""
+
+
+_NO_ENCRYPTION = ClientEncryption()
+#: Room for an envelope's header and tags beside a whole object in memory.
+_ENVELOPE_ROOM = 64 * 1024
 
 
 class Transfer:
@@ -294,7 +312,8 @@ class Transfer:
                 if self.dst.is_local and self.recursive:
                     check_local_name(item.dst_key[len(self.dst.prefix) :])
                 await self._move(item, src_url, dst_url)
-            except AlreadyExistsError:
+            except (AlreadyExistsError, _Skip) as reason:
+                log.debug("skipped %s: %s", src_url, reason)
                 self.summary.skipped += 1
                 self.emit(TransferEvent("skipped", src_url, dst_url, item.size))
                 return
@@ -309,7 +328,10 @@ class Transfer:
                 if isinstance(exc, _FATAL) or (
                     isinstance(exc, PermissionDeniedError) and not self.summary.files
                 ):
+                    # The whole run stops with this error: it is reported once, by the caller.
                     self._abort = self._abort or exc
+                    self._take_back_progress(src_url, dst_url, item.size)
+                    return
                 self._take_back_progress(src_url, dst_url, item.size)
                 if exc.retryable and attempt < self.options.attempts and not self._abort:
                     await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
@@ -326,44 +348,88 @@ class Transfer:
     async def _move(self, item: TransferItem, src_url: str, dst_url: str) -> None:
         src, dst = self.src.store, self.dst.store
         put = self.options.put
+        crypt = self.options.encryption or _NO_ENCRYPTION
+        if self.options.rekey:
+            await self._skip_unless_rekey_needed(item, src_url)
         if self.options.no_overwrite:
             put = replace(put, if_absent=True)
             if item.size > self.options.multipart_threshold:
                 await self._refuse_existing(item.dst_key)
-        # Inside one store the server copies (metadata included) unless new metadata or tags are
-        # asked for; uploads from local disk always go the read-and-put way to record a CRC32C.
+        # Inside one store the server copies (metadata included) unless the bytes or the
+        # metadata change; uploads from local disk always go the read-and-put way to record a CRC32C.
         if (
             src is dst
             and src.features.server_side_copy
             and not self.src.is_local
-            and not (put.metadata or put.tags)
+            and not (put.metadata or put.tags or crypt.writes_encrypted)
         ):
             if self.options.no_overwrite:
                 await self._refuse_existing(item.dst_key)
             await src.copy(item.src_key, item.dst_key)
             return
         if item.size <= self.options.multipart_threshold:
-            async with self._budget.reserve(item.size):
+            async with self._budget.reserve(2 * item.size + _ENVELOPE_ROOM):
                 info, data = await src.read(item.src_key)
-                # Hashing releases the GIL: in a worker thread it runs beside the event loop.
-                checksum = await asyncio.to_thread(
-                    verify, data, info, src_url, etag_is_md5=src.features.etag_is_md5
-                )
-                await dst.put(item.dst_key, data, _with_checksum(put, info, checksum))
-            return
-        part = self.options.part_size
-        if self.src.is_local:
-            path = Path("/" + item.src_key)
-            checksum = await asyncio.to_thread(crc32c_file, path)
-            plan = self._upload_plan()
-            async with self._budget.reserve(_HELD_PARTS_PER_SLOT * part * plan.concurrency):
-                await dst.put_file(item.dst_key, path, _with_checksum(put, None, checksum), plan)
+                # Hashing and ciphers release the GIL: in a worker thread they run beside the event loop.
+                data, options = await asyncio.to_thread(self._prepare_whole, data, info, put, src_url, item)
+                await dst.put(item.dst_key, data, options)
             return
         info = await src.stat(item.src_key)
-        if dst.features.random_access_write:
+        fmt = crypt.detect(item.src_key, info.metadata)
+        if fmt is not None and crypt.writes_encrypted:
+            # Re-encryption (copy or rekey), wherever the destination is: never plaintext at rest.
+            await self._streamed_copy(item, info, put, src_url, dst_url, decrypt=fmt)
+        elif fmt is not None and self.dst.is_local:
+            await self._decrypting_download(item, info, fmt, src_url, dst_url)
+        elif self.src.is_local and fmt is None and not crypt.writes_encrypted:
+            await self._upload_file(item, put)
+        elif dst.features.random_access_write and not crypt.writes_encrypted:
             await self._ranged_download(item, info, src_url, dst_url)
         else:
             await self._streamed_copy(item, info, put, src_url, dst_url)
+
+    async def _upload_file(self, item: TransferItem, put: PutOptions) -> None:
+        """A large local file: CRC32C first (it goes in the metadata), then a multipart upload."""
+        path = Path("/" + item.src_key)
+        checksum = await asyncio.to_thread(crc32c_file, path)
+        plan = self._upload_plan()
+        async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
+            await self.dst.store.put_file(item.dst_key, path, _with_checksum(put, None, checksum), plan)
+
+    def _prepare_whole(
+        self, data: bytes | memoryview, info: ObjectInfo, put: PutOptions, src_url: str, item: TransferItem
+    ) -> tuple[bytes | memoryview, PutOptions]:
+        """Verify a whole object read into memory, decrypt or encrypt it as the rules say, and
+        return the bytes to write with their metadata. Runs in a worker thread."""
+        crypt = self.options.encryption or _NO_ENCRYPTION
+        checksum = verify(data, info, src_url, etag_is_md5=self.src.store.features.etag_is_md5)
+        fmt = crypt.detect(item.src_key, info.metadata)
+        if fmt is not None and not (self.dst.is_local or crypt.writes_encrypted):
+            # Ciphertext copied as it is, with the marker that says how to read it.
+            return data, _with_checksum(put, info, checksum, keep=_markers(info))
+        if fmt is not None:
+            data = crypt.decrypt(src_url, fmt, info.metadata, data)
+            checksum = crc32c_hex(data)
+        if crypt.writes_encrypted:
+            data = crypt.encrypt(data)
+            return data, _with_checksum(put, info, crc32c_hex(data), keep=crypt.marker())
+        return data, _with_checksum(put, info, checksum)
+
+    async def _skip_unless_rekey_needed(self, item: TransferItem, src_url: str) -> None:
+        """For rekey: only encrypted objects not yet under the current master key are rewritten."""
+        crypt = self.options.encryption
+        assert crypt is not None and crypt.ring is not None
+        info = await self.src.store.stat(item.src_key)
+        fmt = crypt.detect(item.src_key, info.metadata)
+        if fmt is None:
+            raise _Skip(f"{src_url} is not client-side encrypted")
+        recorded = info.metadata.get(KEY_ID_METADATA_KEY, "")
+        if recorded.isdigit():
+            key_id = int(recorded)
+        else:  # an object written by Orthanc: the key id is in its first bytes
+            key_id = header_key_id(await self.src.store.get_range(item.src_key, 0, 6))
+        if key_id == crypt.ring.current.id and fmt == crypt.encrypt_as:
+            raise _Skip(f"{src_url} is already under master key {key_id}")
 
     def _upload_plan(self) -> MultipartPlan:
         """Parts in flight for one multipart upload, as many as the memory budget allows."""
@@ -443,27 +509,74 @@ class Transfer:
             raise
 
     async def _streamed_copy(
-        self, item: TransferItem, info: ObjectInfo, put: PutOptions, src_url: str, dst_url: str
+        self,
+        item: TransferItem,
+        info: ObjectInfo,
+        put: PutOptions,
+        src_url: str,
+        dst_url: str,
+        *,
+        decrypt: Format | None = None,
     ) -> None:
-        """Between two providers: stream the source into a multipart upload; no temporary file."""
-        crc = Crc32c()
+        """Stream the source into a multipart upload; no temporary file.
+
+        Decrypts and re-encrypts on the way when asked. A failed check raises inside the stream,
+        before its end, so the multipart upload is abandoned rather than completed.
+        """
+        crypt = self.options.encryption or _NO_ENCRYPTION
+        stored_crc = Crc32c()
+        decryptor = crypt.decryptor(src_url, decrypt, info.metadata) if decrypt else None
+        encryptor = crypt.encryptor() if crypt.writes_encrypted else None
         src_store = self.src.store
 
         async def chunks() -> AsyncIterator[bytes | memoryview]:
+            if encryptor is not None:
+                yield encryptor.header
             async for chunk in src_store.stream(item.src_key, chunk_size=self.options.part_size):
-                crc.update(chunk)
+                stored_crc.update(chunk)
                 self._progress(src_url, dst_url, item.size, len(chunk))
-                yield chunk
+                plain: bytes | memoryview = decryptor.update(chunk) if decryptor else chunk
+                yield encryptor.update(plain) if encryptor else plain
+            if not self.src.is_local:
+                _check_checksum(stored_crc.hexdigest(), info, src_url)
+            if decryptor is not None:
+                await asyncio.to_thread(decryptor.finalize)  # IntegrityError: the upload is abandoned
+            if encryptor is not None:
+                yield encryptor.finalize()
 
-        known = info.metadata.get(CHECKSUM_METADATA_KEY)
-        options = _with_checksum(put, info, known) if known else put
+        if encryptor is not None:
+            # The ciphertext's CRC is known only at the end; its GCM tags protect it instead.
+            options = replace(put, metadata={**put.metadata, **crypt.marker()})
+        elif decrypt is None and info.metadata.get(CHECKSUM_METADATA_KEY):
+            options = _with_checksum(put, info, info.metadata[CHECKSUM_METADATA_KEY], keep=_markers(info))
+        else:
+            options = replace(put, metadata={**put.metadata, **_markers(info)})
         plan = self._upload_plan()
         async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
             await self.dst.store.put_stream(item.dst_key, chunks(), options, plan)
+
+    async def _decrypting_download(
+        self, item: TransferItem, info: ObjectInfo, fmt: Format, src_url: str, dst_url: str
+    ) -> None:
+        """An encrypted object streamed and decrypted in order into a partial file, renamed once authentic."""
+        crypt = self.options.encryption or _NO_ENCRYPTION
+        decryptor = crypt.decryptor(src_url, fmt, info.metadata)
+        stored_crc = Crc32c()
+        writer = self.dst.store.open_writer(item.dst_key, 0)
+        position = 0
         try:
-            _check_checksum(crc.hexdigest(), info, src_url)
-        except IntegrityError:
-            await self.dst.store.delete([item.dst_key])
+            async with self._budget.reserve(2 * _STREAM_CHUNK):
+                async for chunk in self.src.store.stream(item.src_key, chunk_size=_STREAM_CHUNK):
+                    stored_crc.update(chunk)
+                    plain = await asyncio.to_thread(decryptor.update, chunk)
+                    await asyncio.to_thread(writer.write_at, position, plain)
+                    position += len(plain)
+                    self._progress(src_url, dst_url, item.size, len(chunk))
+            _check_checksum(stored_crc.hexdigest(), info, src_url)
+            await asyncio.to_thread(decryptor.finalize)
+            await asyncio.to_thread(writer.commit)
+        except BaseException:
+            writer.abort()
             raise
 
 
@@ -501,8 +614,16 @@ def _check_checksum(actual: str, info: ObjectInfo, where: str) -> None:
         raise IntegrityError(f"{where}: CRC32C mismatch (stored {stored}, got {actual})")
 
 
-def _with_checksum(put: PutOptions, source: ObjectInfo | None, checksum: str) -> PutOptions:
+def _markers(info: ObjectInfo) -> dict[str, str]:
+    """The encryption markers of an object, to carry along when its ciphertext is copied as is."""
+    return {k: v for k, v in info.metadata.items() if k in (FORMAT_METADATA_KEY, KEY_ID_METADATA_KEY)}
+
+
+def _with_checksum(
+    put: PutOptions, source: ObjectInfo | None, checksum: str, *, keep: dict[str, str] | None = None
+) -> PutOptions:
     metadata = dict(put.metadata)
+    metadata.update(keep or {})
     metadata[CHECKSUM_METADATA_KEY] = checksum
     content_type = put.content_type or (source.content_type if source else None) or "application/dicom"
     return replace(put, metadata=metadata, content_type=content_type)

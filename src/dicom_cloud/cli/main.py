@@ -28,7 +28,7 @@ from ..transfer import (
     DEFAULT_PART_SIZE,
     TransferSummary,
 )
-from .options import parse_duration, setup_logging, store_config, transfer_options
+from .options import client_encryption, parse_duration, setup_logging, store_config, transfer_options
 from .render import TransferProgress, choose_mode, human_bytes, listing_line, object_record, print_error
 
 EXIT_CODES_HELP = """\
@@ -38,8 +38,8 @@ exit codes:
   2   bad arguments or URL             8   destination exists (--no-overwrite)
   3   not found (object, bucket,       9   unsafe object name (../, NUL)
       prefix or local path)            10  operation not supported by the store
-  4   credentials refused              130 interrupted (Ctrl-C)
-  5   permission denied
+  4   credentials refused              11  encrypted under a master key not given
+  5   permission denied                130 interrupted (Ctrl-C)
 """
 
 DESCRIPTION = """\
@@ -132,8 +132,15 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--encrypt",
-        choices=["server-side"],
-        help="server-side: SSE-S3 (AES256) on S3; Azure and GCS always encrypt at rest",
+        choices=["server-side", "client-side"],
+        help="client-side: encrypt before upload with --master-key (Orthanc's A1 envelope, or DC2); "
+        "server-side: SSE-S3 (AES256) on S3, Azure and GCS always encrypt at rest",
+    )
+    _key_arguments(parser)
+    parser.add_argument(
+        "--encryption-format",
+        choices=["A1", "DC2", "a1", "dc2"],
+        help="client-side format: A1 (Orthanc-compatible, default) or DC2 (chunked, ranged reads)",
     )
     parser.add_argument("--sse-kms-key-id", help="SSE-KMS key id or ARN for S3 writes")
     parser.add_argument(
@@ -166,6 +173,22 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _key_arguments(parser: argparse.ArgumentParser) -> None:
+    keys = parser.add_argument_group("client-side encryption keys (also DICOM_CLOUD_MASTER_KEY, config file)")
+    keys.add_argument(
+        "--master-key",
+        metavar="ID:PATH",
+        help="master key: a uint32 id and a file of base64 of 32 bytes; encrypts, and decrypts its objects",
+    )
+    keys.add_argument(
+        "--previous-key",
+        metavar="ID:PATH",
+        action="append",
+        default=[],
+        help="an older master key, for reading only (repeatable)",
+    )
+
+
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -193,6 +216,9 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
             object_tags=args.object_tags,
             no_overwrite=args.no_overwrite,
             dry_run=args.dry_run,
+            encryption=client_encryption(
+                args.encrypt, args.encryption_format, args.master_key, args.previous_key
+            ),
         )
         config = _config(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
@@ -333,6 +359,36 @@ def _share(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rekey(args: argparse.Namespace) -> int:
+    encryption = client_encryption("client-side", args.encryption_format, args.master_key, args.previous_key)
+    options = transfer_options(
+        args.parallel, f"{DEFAULT_PART_SIZE}", f"{DEFAULT_MULTIPART_THRESHOLD}", DEFAULT_PART_CONCURRENCY,
+        encryption=encryption, rekey=True,
+    )  # fmt: skip
+    mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
+    with TransferProgress(mode, "Re-encrypted", report_failures=args.recursive) as progress:
+        summary = asyncio.run(
+            api.copy_async(
+                args.url,
+                args.url,
+                recursive=args.recursive,
+                options=options,
+                config=_config(args),
+                on_event=progress,
+            )
+        )
+    progress.summary(summary)
+    if summary.failed:
+        if not args.recursive:
+            raise summary.failed[0][1]
+        raise TransferFailedError(
+            f"{len(summary.failed)} objects could not be re-encrypted",
+            failed=len(summary.failed),
+            hint="run the same command again: objects already under the new key are skipped",
+        )
+    return 0
+
+
 def _version(_: argparse.Namespace) -> int:
     print(f"dicom-cloud {__version__}")
     return 0
@@ -437,6 +493,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-r", "--recursive", action="store_true", help="one URL per object under the prefix")
     _connection_options(sub)
     _output_options(sub, quiet=False)
+
+    sub = add(
+        "rekey",
+        "Re-encrypt client-side encrypted objects under a new master key, in place. Objects already\n"
+        "under the new key are skipped, so an interrupted rekey resumes by running it again.",
+        "  dicom-cloud rekey s3://archive/studies/ -r --master-key 8:new.key --previous-key 7:old.key",
+        _rekey,
+    )
+    sub.add_argument("url", help="object, or prefix with --recursive")
+    sub.add_argument("-r", "--recursive", action="store_true", help="every object under the prefix")
+    _key_arguments(sub)
+    sub.add_argument(
+        "--encryption-format", choices=["A1", "DC2", "a1", "dc2"], help="format to rewrite in (default: A1)"
+    )
+    sub.add_argument(
+        "-j",
+        "--parallel",
+        type=_bounded_int(1, 512),
+        default=8,
+        help="objects at once (default: %(default)s)",
+    )
+    _connection_options(sub)
+    _output_options(sub)
 
     add("version", "Print the version.", "  dicom-cloud version", _version)
     return parser

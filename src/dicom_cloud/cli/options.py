@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from datetime import timedelta
 
 from ..backends import StoreConfig
+from ..crypto.envelope import ClientEncryption
+from ..crypto.keysource import load_keys
 from ..errors import UsageError
 from ..store import PutOptions
 from ..transfer import TransferOptions
@@ -24,12 +27,7 @@ def store_config(
     sse_kms_key_id: str | None = None,
 ) -> StoreConfig:
     sse: str | None = None
-    if encrypt is not None:
-        if encrypt != "server-side":
-            raise UsageError(
-                f"--encrypt {encrypt} is not available",
-                hint="use --encrypt server-side (SSE-S3, or SSE-KMS with --sse-kms-key-id)",
-            )
+    if encrypt == "server-side":
         sse = "AES256"
     if sse_kms_key_id:
         sse = "aws:kms"
@@ -103,6 +101,8 @@ def transfer_options(
     object_tags: bool = False,
     no_overwrite: bool = False,
     dry_run: bool = False,
+    encryption: ClientEncryption | None = None,
+    rekey: bool = False,
 ) -> TransferOptions:
     metadata = parse_tags(tags)
     return TransferOptions(
@@ -113,7 +113,28 @@ def transfer_options(
         put=PutOptions(metadata=metadata, tags=metadata if object_tags else {}),
         no_overwrite=no_overwrite,
         dry_run=dry_run,
+        encryption=encryption,
+        rekey=rekey,
     )
+
+
+def client_encryption(
+    encrypt: str | None, fmt: str | None, master_key: str | None, previous_keys: Sequence[str]
+) -> ClientEncryption | None:
+    """Keys (flags, environment or configuration file) and whether to encrypt what is written."""
+    settings = load_keys(master_key, previous_keys)
+    writes = encrypt == "client-side"
+    if writes and settings.ring is None:
+        raise UsageError(
+            "--encrypt client-side needs a master key",
+            hint="pass --master-key ID:PATH (make one with: openssl rand -base64 32 > master.key)",
+        )
+    if settings.ring is None:
+        return None
+    chosen = (fmt or settings.format or "A1").upper()
+    if chosen not in ("A1", "DC2"):
+        raise UsageError(f"unknown encryption format '{chosen}'", hint="use A1 (Orthanc-compatible) or DC2")
+    return ClientEncryption(ring=settings.ring, encrypt_as=chosen if writes else None)  # type: ignore[arg-type]
 
 
 def setup_logging(verbose: bool) -> None:

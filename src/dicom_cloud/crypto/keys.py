@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicom_cloud.errors import UsageError
+from dicom_cloud.errors import KeyMissingError, UsageError
 
 #: Length of a master key: AES-256.
 KEY_SIZE = 32
@@ -155,9 +155,10 @@ class KeyRing:
         key = self._by_id.get(key_id)
         if key is None:
             known = ", ".join(str(i) for i in self._by_id)
-            raise UsageError(
+            raise KeyMissingError(
                 f"master key id {key_id} is not configured (known ids: {known})",
-                hint=f"Add the master key with id {key_id} as a previous key (ID:PATH).",
+                key_id=key_id,
+                hint=f"add the master key with id {key_id} as a previous key (--previous-key {key_id}:PATH)",
             )
         return key
 

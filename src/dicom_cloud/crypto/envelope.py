@@ -1,0 +1,129 @@
+"""Client-side encryption during transfers: which objects to encrypt or decrypt, in which format.
+
+The rules, as the transfer engine applies them:
+
+- Writing with ``encrypt_as`` set: every object written is encrypted under the ring's current
+  master key, and marked in metadata (format and key id, never key material).
+- Reading: an object is encrypted when its metadata says so, or when its name ends in ``.enc``
+  (Orthanc's plugins name their encrypted objects so). It is decrypted when the bytes go to local
+  disk (download) or are re-encrypted (copy or rekey with ``encrypt_as``); otherwise ciphertext is
+  copied as it is, so that a copy never turns protected data into plaintext by accident.
+- An encrypted object that must be decrypted under a key id the ring lacks (or with no ring at
+  all) is refused with :class:`~dicom_cloud.errors.KeyMissingError` naming the id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ..errors import KeyMissingError
+from . import a1
+from .keys import KeyRing
+
+Format = Literal["A1", "DC2"]
+
+#: Metadata keys marking an encrypted object (identifiers: Azure requires them).
+FORMAT_METADATA_KEY = "dicom_cloud_encryption"
+KEY_ID_METADATA_KEY = "dicom_cloud_key_id"
+#: Suffix Orthanc's object-storage plugins give encrypted objects.
+ORTHANC_SUFFIX = ".enc"
+
+
+class Encryptor(Protocol):
+    header: bytes
+
+    def update(self, chunk: bytes | memoryview) -> bytes: ...
+    def finalize(self) -> bytes: ...
+
+
+class Decryptor(Protocol):
+    def update(self, chunk: bytes | memoryview) -> bytes: ...
+    def finalize(self) -> object: ...
+
+
+@dataclass(frozen=True)
+class ClientEncryption:
+    """Master keys for reading, and the format to write in (``None``: write plaintext)."""
+
+    ring: KeyRing | None = None
+    encrypt_as: Format | None = None
+
+    def __post_init__(self) -> None:
+        if self.encrypt_as and self.ring is None:
+            raise KeyMissingError(
+                "client-side encryption needs a master key", hint="pass --master-key ID:PATH"
+            )
+
+    # -- writing -------------------------------------------------------------------------
+
+    @property
+    def writes_encrypted(self) -> bool:
+        return self.encrypt_as is not None
+
+    def marker(self) -> dict[str, str]:
+        """Metadata recording how a written object is encrypted."""
+        assert self.ring is not None and self.encrypt_as is not None
+        return {FORMAT_METADATA_KEY: self.encrypt_as, KEY_ID_METADATA_KEY: str(self.ring.current.id)}
+
+    def encrypt(self, plaintext: bytes | memoryview) -> bytes:
+        encryptor = self.encryptor()
+        return b"".join((encryptor.header, encryptor.update(plaintext), encryptor.finalize()))
+
+    def encryptor(self) -> Encryptor:
+        assert self.ring is not None
+        if self.encrypt_as == "DC2":
+            from .chunked import DC2Encryptor
+
+            return DC2Encryptor(self.ring)
+        return a1.A1Encryptor(self.ring)
+
+    def encrypted_size(self, plaintext_size: int) -> int:
+        if self.encrypt_as == "DC2":
+            from .chunked import encrypted_size
+
+            return encrypted_size(plaintext_size)
+        return plaintext_size + a1.OVERHEAD
+
+    # -- reading -------------------------------------------------------------------------
+
+    def detect(self, key: str, metadata: Mapping[str, str]) -> Format | None:
+        """The format ``key`` is encrypted in, from its metadata or its name; None for plaintext."""
+        recorded = metadata.get(FORMAT_METADATA_KEY)
+        if recorded in ("A1", "DC2"):
+            return recorded  # type: ignore[return-value]
+        if key.endswith(ORTHANC_SUFFIX):
+            return "A1"
+        return None
+
+    def require_key(self, url: str, fmt: Format, metadata: Mapping[str, str]) -> KeyRing:
+        """The ring, checked to hold the object's key when the metadata names it."""
+        recorded = metadata.get(KEY_ID_METADATA_KEY, "")
+        key_id = int(recorded) if recorded.isdigit() else None
+        if self.ring is None:
+            which = f" under master key id {key_id}" if key_id is not None else ""
+            raise KeyMissingError(
+                f"{url} is client-side encrypted ({fmt}){which}",
+                key_id=key_id,
+                hint=f"pass --master-key {key_id if key_id is not None else 'ID'}:PATH to decrypt it",
+            )
+        if key_id is not None:
+            self.ring.lookup(key_id)
+        return self.ring
+
+    def decrypt(self, url: str, fmt: Format, metadata: Mapping[str, str], blob: bytes | memoryview) -> bytes:
+        ring = self.require_key(url, fmt, metadata)
+        if fmt == "DC2":
+            from .chunked import decrypt as dc2_decrypt
+
+            return dc2_decrypt(blob, ring)
+        return a1.decrypt(blob, ring)
+
+    def decryptor(self, url: str, fmt: Format, metadata: Mapping[str, str]) -> Decryptor:
+        ring = self.require_key(url, fmt, metadata)
+        if fmt == "DC2":
+            from .chunked import DC2Decryptor
+
+            return DC2Decryptor(ring)
+        return a1.A1Decryptor(ring)
