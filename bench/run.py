@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import hashlib
@@ -45,7 +46,10 @@ from generate import Manifest, ensure, parse_size, sha256_file  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "bench"
 SCENARIOS = ("study-upload", "study-download", "large-upload", "large-download")
-TOOLS = ("dicom-cloud", "s5cmd", "s5cmd-32", "aws-cli", "rclone")
+TOOLS = ("dicom-cloud", "dicom-cloud-a1", "s5cmd", "s5cmd-32", "aws-cli", "rclone")
+#: The master key the encrypted variant uses (a fixed test key: the data is synthetic).
+BENCH_KEY_ID = 1
+BENCH_KEY = base64.b64encode(hashlib.sha256(b"dicom-cloud benchmark master key").digest()).decode()
 EXTRA_ARGS_TOOLS = ("dicom-cloud", "s5cmd", "aws-cli", "rclone")  # s5cmd-32 takes s5cmd's
 MEMORY_TOUCH = 2 << 30
 RUN_TIMEOUT = 1800.0
@@ -79,6 +83,7 @@ class Context:
     prefix: str  # upload destination prefix (ends with '/'), or download source prefix
     local_dest: Path  # download destination directory (fresh and empty)
     extra: tuple[str, ...]  # --<tool>-args
+    key_file: Path | None = None  # master key of the dicom-cloud-a1 variant
 
 
 def s5cmd_binary() -> Path:
@@ -101,6 +106,15 @@ def _dicom_cloud(scenario: str, c: Context) -> list[str]:
         "large-upload": [exe, "upload", str(c.large_file), url + "large.bin", *common],
         "large-download": [exe, "download", url + "large.bin", str(c.local_dest / "large.bin"), *common],
     }[scenario]
+
+
+def _dicom_cloud_a1(scenario: str, c: Context) -> list[str]:
+    """dicom-cloud with client-side encryption (Orthanc's A1 envelope): encrypts what it uploads,
+    decrypts what it downloads (the download sources are seeded encrypted)."""
+    assert c.key_file is not None
+    key = ["--master-key", f"{BENCH_KEY_ID}:{c.key_file}"]
+    encrypt = ["--encrypt", "client-side"] if scenario.endswith("upload") else []
+    return [*_dicom_cloud(scenario, c), *encrypt, *key]
 
 
 def _s5cmd(scenario: str, c: Context, workers: int | None = None) -> list[str]:
@@ -152,6 +166,7 @@ def command(tool: str, scenario: str, c: Context) -> list[str]:
         return _s5cmd(scenario, c, workers=32)
     builders: dict[str, Callable[[str, Context], list[str]]] = {
         "dicom-cloud": _dicom_cloud,
+        "dicom-cloud-a1": _dicom_cloud_a1,
         "s5cmd": _s5cmd,
         "aws-cli": _aws,
         "rclone": _rclone,
@@ -189,7 +204,7 @@ def tool_env(tool: str, srv: S3Server, home: Path) -> dict[str, str]:
 
 def tool_problem(tool: str) -> str | None:
     """Why the tool cannot run here, or None."""
-    if tool == "dicom-cloud":
+    if tool in ("dicom-cloud", "dicom-cloud-a1"):
         exe = VENV_BIN / "dicom-cloud"
         if not exe.exists():
             return f"{exe.name} is not installed in the venv (pip install -e . in the repository)"
@@ -473,14 +488,17 @@ def one_run(
     home, dest = work / "home", work / "dest"
     upload = scenario.endswith("upload")
     kind = scenario.split("-")[0]
-    prefix = f"runs/{scenario}/{tool}/{rep}/" if upload else f"seed/{kind}/"
+    encrypted = tool == "dicom-cloud-a1"
+    seed_root = "seed-a1" if encrypted else "seed"
+    prefix = f"runs/{scenario}/{tool}/{rep}/" if upload else f"{seed_root}/{kind}/"
     ctx = Context(
         endpoint=srv.endpoint,
         study_dir=paths["inputs"] / "study",
         large_file=paths["inputs"] / manifest.large.name,
         prefix=prefix,
         local_dest=dest,
-        extra=plan.extra.get(tool.removesuffix("-32"), ()),
+        extra=plan.extra.get(tool.removesuffix("-32").removesuffix("-a1"), ()),
+        key_file=paths["inputs"].parent / "bench-master.key",
     )
     argv = command(tool, scenario, ctx)
     shutil.rmtree(work, ignore_errors=True)
@@ -490,7 +508,10 @@ def one_run(
     sample = Sample(scenario, tool, rep, argv)
     measure(sample, tool_env(tool, srv, home), paths["logs"] / f"{scenario}-{tool}-{rep}.log")
     if sample.ok:
-        sample.error = check(store, scenario, prefix, dest, manifest)
+        if encrypted and upload:
+            sample.error = verify_encrypted_upload(store, scenario, prefix, manifest, paths["inputs"])
+        else:
+            sample.error = check(store, scenario, prefix, dest, manifest)
     if upload:
         # Keep the server's contents the same size for every run.
         keys = list(list_prefix(store, prefix))
@@ -498,6 +519,64 @@ def one_run(
             obs.delete(store, keys)
     shutil.rmtree(work, ignore_errors=True)
     return sample
+
+
+def _bench_ring() -> Any:
+    from dicom_cloud.crypto.keys import KeyRing, MasterKey
+
+    return KeyRing(MasterKey.from_base64(BENCH_KEY_ID, BENCH_KEY, source="benchmark key"))
+
+
+def verify_encrypted_upload(
+    store: S3Store, scenario: str, prefix: str, manifest: Manifest, inputs: Path
+) -> str | None:
+    """Every object is there, 86 bytes longer than its source, and decrypts to the source's bytes."""
+    from dicom_cloud.crypto import a1
+
+    ring = _bench_ring()
+    entries = manifest.study if scenario == "study-upload" else [manifest.large]
+    for entry in entries:
+        name = Path(entry.name).name
+        key = prefix + name
+        try:
+            size = obs.head(store, key)["size"]
+        except FileNotFoundError:
+            return f"{key} is missing"
+        if size != entry.size + a1.OVERHEAD:
+            return f"{key}: {size} bytes, expected {entry.size + a1.OVERHEAD}"
+    # Decrypt a sample (all of a small study, the whole large file) and compare with the source.
+    for entry in entries[:20]:
+        decryptor = a1.A1Decryptor(ring)
+        digest = hashlib.sha256()
+        for chunk in obs.get(store, prefix + Path(entry.name).name).stream(min_chunk_size=8 << 20):
+            digest.update(decryptor.update(chunk))
+        decryptor.finalize()
+        if digest.hexdigest() != entry.sha256:
+            return f"{entry.name}: decrypted content differs from the source"
+    return None
+
+
+def seed_encrypted(store: S3Store, inputs: Path, manifest: Manifest) -> None:
+    """The download sources of the encrypted variant: A1 objects with the markers dicom-cloud writes."""
+    from dicom_cloud.crypto import a1
+    from dicom_cloud.crypto.envelope import FORMAT_METADATA_KEY, KEY_ID_METADATA_KEY
+
+    ring = _bench_ring()
+    markers = {FORMAT_METADATA_KEY: "A1", KEY_ID_METADATA_KEY: str(BENCH_KEY_ID)}
+    (inputs.parent / "bench-master.key").write_text(BENCH_KEY + "\n")
+    for entry in manifest.study:
+        data = (inputs / entry.name).read_bytes()
+        obs.put(store, f"seed-a1/study/{Path(entry.name).name}", a1.encrypt(data, ring), attributes=markers)
+
+    def large_chunks() -> Any:
+        encryptor = a1.A1Encryptor(ring)
+        yield encryptor.header
+        with (inputs / manifest.large.name).open("rb") as f:
+            while chunk := f.read(8 << 20):
+                yield encryptor.update(chunk)
+        yield encryptor.finalize()
+
+    obs.put(store, "seed-a1/large/large.bin", large_chunks(), attributes=markers, chunk_size=8 << 20)
 
 
 def check(store: S3Store, scenario: str, prefix: str, dest: Path, manifest: Manifest) -> str | None:
@@ -760,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = make_store(srv)
         seed(store, paths["inputs"], manifest, with_checksums=args.seed_checksums)
+        if "dicom-cloud-a1" in plan.tools:
+            seed_encrypted(store, paths["inputs"], manifest)
         samples = run_all(plan, srv, store, paths, manifest)
         rows = summarize(samples, manifest, plan)
         text = markdown(rows, manifest, meta)
