@@ -19,6 +19,7 @@ How a transfer flows (see docs/ARCHITECTURE.md for the picture):
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import os
@@ -558,24 +559,52 @@ class Transfer:
     async def _decrypting_download(
         self, item: TransferItem, info: ObjectInfo, fmt: Format, src_url: str, dst_url: str
     ) -> None:
-        """An encrypted object streamed and decrypted in order into a partial file, renamed once authentic."""
+        """An encrypted object decrypted in order into a partial file, renamed once authentic.
+
+        The cipher runs in order, but the reads need not: parts are fetched ahead, a window of
+        them in flight, and handed to the decryptor as their turn comes.
+        """
         crypt = self.options.encryption or _NO_ENCRYPTION
         decryptor = crypt.decryptor(src_url, fmt, info.metadata)
+        size = info.size
+        part = self.options.part_size
+        window = max(1, min(self.options.part_concurrency, self.options.memory_budget // (2 * part)))
         stored_crc = Crc32c()
         writer = self.dst.store.open_writer(item.dst_key, 0)
-        position = 0
+        src_store = self.src.store
+        offsets = iter(range(0, size, part))
+        ahead: collections.deque[asyncio.Task[bytes | memoryview]] = collections.deque()
+
+        def launch() -> None:
+            start = next(offsets, None)
+            if start is not None:
+                ahead.append(
+                    asyncio.create_task(src_store.get_range(item.src_key, start, min(start + part, size)))
+                )
+
+        def decrypt_and_write(position: int, data: bytes | memoryview) -> int:
+            stored_crc.update(data)
+            plain = decryptor.update(data)
+            writer.write_at(position, plain)
+            return len(plain)
+
         try:
-            async with self._budget.reserve(2 * _STREAM_CHUNK):
-                async for chunk in self.src.store.stream(item.src_key, chunk_size=_STREAM_CHUNK):
-                    stored_crc.update(chunk)
-                    plain = await asyncio.to_thread(decryptor.update, chunk)
-                    await asyncio.to_thread(writer.write_at, position, plain)
-                    position += len(plain)
-                    self._progress(src_url, dst_url, item.size, len(chunk))
+            async with self._budget.reserve(window * part):
+                for _ in range(window):
+                    launch()
+                position = 0
+                while ahead:
+                    data = await ahead.popleft()
+                    launch()
+                    position += await asyncio.to_thread(decrypt_and_write, position, data)
+                    self._progress(src_url, dst_url, size, len(data))
             _check_checksum(stored_crc.hexdigest(), info, src_url)
             await asyncio.to_thread(decryptor.finalize)
             await asyncio.to_thread(writer.commit)
         except BaseException:
+            for task in ahead:
+                task.cancel()
+            await asyncio.gather(*ahead, return_exceptions=True)
             writer.abort()
             raise
 
