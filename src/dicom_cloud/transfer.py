@@ -541,7 +541,10 @@ class Transfer:
             if not self.src.is_local:
                 _check_checksum(stored_crc.hexdigest(), info, src_url)
             if decryptor is not None:
-                await asyncio.to_thread(decryptor.finalize)  # IntegrityError: the upload is abandoned
+                # IntegrityError here abandons the upload; what it returns is the last plaintext.
+                rest = await asyncio.to_thread(decryptor.finalize)
+                if rest:
+                    yield encryptor.update(rest) if encryptor else rest
             if encryptor is not None:
                 yield encryptor.finalize()
 
@@ -599,7 +602,9 @@ class Transfer:
                     position += await asyncio.to_thread(decrypt_and_write, position, data)
                     self._progress(src_url, dst_url, size, len(data))
             _check_checksum(stored_crc.hexdigest(), info, src_url)
-            await asyncio.to_thread(decryptor.finalize)
+            rest = await asyncio.to_thread(decryptor.finalize)
+            if rest:
+                await asyncio.to_thread(writer.write_at, position, rest)
             await asyncio.to_thread(writer.commit)
         except BaseException:
             for task in ahead:

@@ -19,6 +19,7 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import google.auth
 import requests
@@ -75,6 +76,7 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     urllib3.exceptions.PoolError,
     urllib3.exceptions.SSLError,
 )
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 _CREDENTIALS_HINT = (
     "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file "
     "or run `gcloud auth application-default login`"
@@ -87,7 +89,13 @@ def open_gcs(bucket: str, config: StoreConfig) -> Store:
 
 
 class GCSStore(Store):
-    """One GCS bucket. ``config.endpoint`` is ignored: it names S3 endpoints only."""
+    """One GCS bucket. ``config.endpoint`` is ignored: it names S3 endpoints only.
+
+    Server-side encryption (docs/server-side-encryption.md): ``config.sse_customer_key`` is a
+    customer-supplied encryption key (CSEK), sent with every request that reads or writes object
+    content; ``config.gcs_kms_key_name`` names the Cloud KMS key new objects are written under.
+    The S3 and Azure options are ignored here ("AES256" is what GCS always does).
+    """
 
     scheme = "gs"
     features = Features(
@@ -100,6 +108,15 @@ class GCSStore(Store):
         self._endpoint = self._emulator or _GOOGLE_ENDPOINT
         self._timeout = (config.connect_timeout, config.request_timeout)
         self._max_retries = max(0, config.max_retries)
+        self._encryption_key = config.sse_customer_key
+        self._kms_key_name = config.gcs_kms_key_name
+        if self._encryption_key is not None and self._kms_key_name is not None:
+            raise UsageError(
+                "gs:// objects are encrypted with a customer-supplied key or a Cloud KMS key, not both",
+                hint="give either the customer key or the KMS key name",
+            )
+        if self._encryption_key is not None:
+            _refuse_key_in_clear(self._endpoint)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._clients: list[storage.Client] = []
@@ -111,7 +128,7 @@ class GCSStore(Store):
 
     async def stat(self, key: str) -> ObjectInfo:
         def run(client: storage.Client) -> ObjectInfo:
-            blob = client.bucket(self.bucket).blob(key)
+            blob = self._blob(client, key)
             blob.reload(timeout=self._timeout, retry=self._retry())
             return _object_info(blob, with_metadata=True)
 
@@ -142,7 +159,7 @@ class GCSStore(Store):
 
     async def get(self, key: str) -> bytes:
         def run(client: storage.Client) -> bytes:
-            blob = client.bucket(self.bucket).blob(key)
+            blob = self._blob(client, key)
             data: bytes = blob.download_as_bytes(
                 raw_download=True, timeout=self._timeout, retry=self._retry()
             )
@@ -166,7 +183,7 @@ class GCSStore(Store):
             raise UsageError(f"chunk size must be positive, not {chunk_size}")
 
         def head(client: storage.Client) -> tuple[int, int | None]:
-            blob = client.bucket(self.bucket).blob(key)
+            blob = self._blob(client, key)
             blob.reload(timeout=self._timeout, retry=self._retry())
             return int(blob.size or 0), blob.generation
 
@@ -296,8 +313,9 @@ class GCSStore(Store):
 
     async def copy(self, src_key: str, dst_key: str) -> None:
         def run(client: storage.Client) -> None:
-            bucket = client.bucket(self.bucket)
-            source, target = bucket.blob(src_key), bucket.blob(dst_key)
+            # With a customer key the SDK sends it for both ends (x-goog-copy-source-encryption-*);
+            # with a KMS key the target carries destinationKmsKeyName.
+            source, target = self._blob(client, src_key), self._blob(client, dst_key)
             token: str | None = None
             # Rewrite rather than copyTo: large copies across storage classes or locations
             # take several calls, each resuming from the token of the previous one.
@@ -313,7 +331,7 @@ class GCSStore(Store):
             raise UsageError(f"a gs:// signed URL must expire within 7 days, not {expires}")
 
         def run(client: storage.Client) -> str:
-            blob = client.bucket(self.bucket).blob(key)
+            blob = self._blob(client, key)
             url: str = blob.generate_signed_url(
                 version="v4", expiration=expires, method=method, **self._signing_arguments()
             )
@@ -405,10 +423,28 @@ class GCSStore(Store):
             return None
         return _CountedRetry(self._max_retries, self._timeout[1] * (self._max_retries + 1))
 
+    def _blob(
+        self,
+        client: storage.Client,
+        key: str,
+        *,
+        chunk_size: int | None = None,
+        generation: int | None = None,
+    ) -> Any:
+        """A Blob carrying this store's encryption settings, which the SDK turns into request
+        headers (x-goog-encryption-*, for a customer key) or the kmsKeyName parameter of uploads."""
+        return client.bucket(self.bucket).blob(
+            key,
+            chunk_size=chunk_size,
+            generation=generation,
+            encryption_key=self._encryption_key,
+            kms_key_name=self._kms_key_name,
+        )
+
     def _blob_for_put(
         self, client: storage.Client, key: str, options: PutOptions, *, chunk_size: int | None = None
     ) -> Any:
-        blob = client.bucket(self.bucket).blob(key, chunk_size=chunk_size)
+        blob = self._blob(client, key, chunk_size=chunk_size)
         if options.metadata:
             blob.metadata = dict(options.metadata)
         if options.if_absent and blob.exists(timeout=self._timeout, retry=self._retry()):
@@ -439,7 +475,7 @@ class GCSStore(Store):
     def _download_range(
         self, key: str, generation: int | None, start: int, end: int, client: storage.Client
     ) -> bytes:
-        blob = client.bucket(self.bucket).blob(key, generation=generation)
+        blob = self._blob(client, key, generation=generation)
         try:
             data: bytes = blob.download_as_bytes(
                 start=start,
@@ -555,6 +591,16 @@ def _key_file_credentials() -> Credentials:
             hint="signing gs:// URLs needs a service-account key file with a private key",
         ) from exc
     return credentials
+
+
+def _refuse_key_in_clear(endpoint: str) -> None:
+    """A customer key travels in every request: only over HTTPS, or plain HTTP to this machine."""
+    parts = urlsplit(endpoint)
+    if parts.scheme != "https" and parts.hostname not in _LOOPBACK:
+        raise UsageError(
+            f"refusing to send a customer encryption key over plain HTTP to {parts.hostname}",
+            hint="use an https:// endpoint (plain http is accepted only for 127.0.0.1/localhost)",
+        )
 
 
 def _check_options(url: str, options: PutOptions) -> None:

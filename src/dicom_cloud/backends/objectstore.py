@@ -7,11 +7,15 @@ the HTTP status alone is ambiguous (a 403 is a bad signature or a missing permis
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from urllib.parse import urlencode, urlsplit
 
 import obstore
 from obstore import exceptions as obx
@@ -33,10 +37,10 @@ from ..errors import (
 )
 from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import StoreConfig
-from .azure_sas import blob_sas_url
+from .azure_sas import SAS_VERSION, blob_sas_url
 
 if TYPE_CHECKING:
-    from obstore.store import ClientConfig, ObjectStore, RetryConfig
+    from obstore.store import AzureSASToken, ClientConfig, ObjectStore, RetryConfig
 
 T = TypeVar("T")
 
@@ -101,10 +105,28 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         checksum = config.extra.get("checksum_algorithm", "SHA256")
         if checksum:
             s3_kwargs["checksum_algorithm"] = checksum
-        if config.server_side_encryption:
+        # Server-side encryption (docs/server-side-encryption.md). obstore adds the SSE-C headers
+        # to every request that touches content (GET, HEAD, PUT, parts, copy source and target);
+        # SSE-S3/SSE-KMS headers go on object creation only, as S3 wants.
+        encryption: str | None = None
+        if config.sse_customer_key is not None:
+            if config.server_side_encryption:
+                raise UsageError(
+                    f"an S3 object takes one kind of server-side encryption: a customer key (SSE-C) "
+                    f"or {config.server_side_encryption}, not both",
+                    hint="drop the customer key or the other server-side encryption option",
+                )
+            _refuse_key_in_clear(aws.endpoint or "https://s3.amazonaws.com")
+            s3_kwargs["server_side_encryption"] = "sse-c"
+            s3_kwargs["sse_customer_key_base64"] = base64.b64encode(config.sse_customer_key).decode()
+            encryption = "SSE-C with a customer key"
+        elif config.server_side_encryption:
             s3_kwargs["server_side_encryption"] = config.server_side_encryption
+            if config.server_side_encryption != "AES256":  # SSE-S3 needs no key: nothing to hint
+                encryption = f"server-side encryption {config.server_side_encryption}"
             if config.sse_kms_key_id:
                 s3_kwargs["sse_kms_key_id"] = config.sse_kms_key_id
+                encryption = f"{encryption} with KMS key {config.sse_kms_key_id}"
         try:
             s3 = S3Store(bucket, client_options=client, retry_config=retry, **s3_kwargs)
         except obx.BaseError as exc:
@@ -113,6 +135,7 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
             server_side_copy=True, presign=True, object_tags=True, multipart=True, etag_is_md5=True
         )
         backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
+        backend.write_encryption = encryption
         if aws.access_key_id is None:
             backend.missing_credentials_hint = (
                 "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -129,12 +152,54 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         if az.endpoint:
             az_kwargs["endpoint"] = az.endpoint.rstrip("/")
             client["allow_http"] = az.endpoint.startswith("http://")
+        # Server-side encryption (docs/server-side-encryption.md); the S3-only options are ignored.
+        scope, cpk = config.azure_encryption_scope, config.sse_customer_key
+        if scope and cpk is not None:
+            raise UsageError(
+                "an Azure blob is encrypted with an encryption scope or a customer-provided key, not both",
+                hint="give either the encryption scope or the customer key",
+            )
+        encryption = None
+        if cpk is not None:
+            _refuse_key_in_clear(az.endpoint or "https://blob.core.windows.net")
+            # obstore sends x-ms-encryption-key, -key-sha256 and -algorithm: AES256 on every
+            # blob request, inside the SharedKey signature.
+            az_kwargs["encryption_key"] = base64.b64encode(cpk).decode()
+            encryption = "a customer-provided key"
+        credential_provider: _ScopedContainerSAS | None = None
+        if scope:
+            encryption = f"encryption scope {scope}"
+            if az.account and az.account_key:
+                # obstore adds client default headers after signing, so a SharedKey signature would
+                # not cover x-ms-encryption-scope and Azure refuses the request. Sign container SAS
+                # tokens with the key instead, naming the scope (ses): Azure then encrypts every
+                # write made with them under the scope, and no extra header is needed.
+                credential_provider = _ScopedContainerSAS(
+                    account=az.account,
+                    account_key=az.account_key,
+                    container=bucket,
+                    scope=scope,
+                    plain_http=bool(az.endpoint and az.endpoint.startswith("http://")),
+                )
+                az_kwargs.pop("account_key", None)
+                az_kwargs.pop("sas_key", None)
+            else:
+                # SAS tokens and Entra ID tokens do not sign headers: the header is enough.
+                client["default_headers"] = {"x-ms-encryption-scope": scope}
         try:
-            azure = AzureStore(bucket, client_options=client, retry_config=retry, **az_kwargs)
+            azure = AzureStore(
+                bucket,
+                client_options=client,
+                retry_config=retry,
+                credential_provider=credential_provider,
+                **az_kwargs,
+            )
         except obx.BaseError as exc:
             raise UsageError(f"invalid Azure configuration: {_first_line(exc)}") from exc
         features = Features(
-            server_side_copy=True,
+            # Copy Blob takes no customer-provided key (Azurite answers 501): with one, copies
+            # go through the client, read and written with the key.
+            server_side_copy=cpk is None,
             presign=bool(az.account_key),
             object_tags=True,
             multipart=True,
@@ -156,13 +221,86 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
                     permissions="r" if method == "GET" else "cw",
                 )
 
-        return ObjectStoreBackend(
+        azure_backend = ObjectStoreBackend(
             azure, "azure", bucket, features, endpoint=az.endpoint or "Azure", signer=signer
         )
+        azure_backend.write_encryption = encryption
+        return azure_backend
     raise UsageError(f"obstore backend cannot open {scheme}://")
 
 
 Signer = Callable[[str, timedelta, Literal["GET", "PUT"]], str]
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _refuse_key_in_clear(endpoint: str) -> None:
+    """A customer key travels in every request: only over HTTPS, or plain HTTP to this machine."""
+    parts = urlsplit(endpoint)
+    if parts.scheme != "https" and parts.hostname not in _LOOPBACK:
+        raise UsageError(
+            f"refusing to send a customer encryption key over plain HTTP to {parts.hostname}",
+            hint="use an https:// endpoint (plain http is accepted only for 127.0.0.1/localhost)",
+        )
+
+
+class _ScopedContainerSAS:
+    """obstore credential provider: container SAS tokens signed with the account key, carrying
+    an encryption scope (``ses``, service version 2020-12-06 and later), renewed before expiry."""
+
+    #: Read, add, create, write, delete, list, tags: what the store does, in Azure's order.
+    PERMISSIONS = "racwdlt"
+    LIFETIME = timedelta(hours=6)
+
+    def __init__(
+        self, *, account: str, account_key: str, container: str, scope: str, plain_http: bool
+    ) -> None:
+        self._account = account
+        self._key = base64.b64decode(account_key)
+        self._container = container
+        self._scope = scope
+        self._protocol = "https,http" if plain_http else "https"
+
+    def __call__(self) -> AzureSASToken:
+        now = datetime.now(UTC)
+        start = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        expiry_time = now + self.LIFETIME
+        expiry = expiry_time.strftime("%Y-%m-%dT%H:%M:%SZ")
+        string_to_sign = "\n".join(
+            [
+                self.PERMISSIONS,
+                start,
+                expiry,
+                f"/blob/{self._account}/{self._container}",
+                "",  # signed identifier
+                "",  # signed IP
+                self._protocol,
+                SAS_VERSION,
+                "c",  # signed resource: container
+                "",  # snapshot time
+                self._scope,  # signed encryption scope
+                "",  # rscc
+                "",  # rscd
+                "",  # rsce
+                "",  # rscl
+                "",  # rsct
+            ]
+        )
+        signature = base64.b64encode(hmac.new(self._key, string_to_sign.encode(), hashlib.sha256).digest())
+        token = urlencode(
+            {
+                "sv": SAS_VERSION,
+                "st": start,
+                "se": expiry,
+                "sr": "c",
+                "sp": self.PERMISSIONS,
+                "spr": self._protocol,
+                "ses": self._scope,
+                "sig": signature.decode(),
+            }
+        )
+        # Renewed a quarter of an hour early, so that no request starts with a token about to lapse.
+        return {"sas_token": token, "expires_at": expiry_time - timedelta(minutes=15)}
 
 
 class ObjectStoreBackend(Store):
@@ -189,6 +327,8 @@ class ObjectStoreBackend(Store):
         #: Set when the store was opened without credentials of our own (the library's chain may
         #: still find some): a refusal then most likely means "no credentials".
         self.missing_credentials_hint: str | None = None
+        #: What server-side encryption writes ask for (set by open_objectstore), for error hints.
+        self.write_encryption: str | None = None
 
     # -- reads -------------------------------------------------------------------------
 
@@ -397,7 +537,17 @@ class ObjectStoreBackend(Store):
             async for _ in self.list("", recursive=False):
                 break
             self._bucket_checked = True
-        return await self._call(key, start())
+        try:
+            return await self._call(key, start())
+        except (NetworkError, UsageError, PermissionDeniedError) as exc:
+            # A server without the encryption asked for (or a key it cannot use) answers with a
+            # bare 400, 403 or 500: say what the write asked for.
+            if self.write_encryption and not isinstance(exc, ThrottledError):
+                exc.hint = (
+                    f"this write asked for {self.write_encryption}: check that the server supports "
+                    "it and that these credentials may use the key (docs/server-side-encryption.md)"
+                )
+            raise
 
     async def _call(self, key: str, awaitable: Awaitable[T]) -> T:
         try:

@@ -39,8 +39,25 @@ class Encryptor(Protocol):
 
 
 class Decryptor(Protocol):
+    """``update`` returns plaintext (A1: not yet authenticated); ``finalize`` checks the tag(s)
+    and returns any plaintext still held back (DC2's last chunk; nothing for A1)."""
+
     def update(self, chunk: bytes | memoryview) -> bytes: ...
-    def finalize(self) -> object: ...
+    def finalize(self) -> bytes: ...
+
+
+class _A1Decryptor:
+    """A1's streaming decryptor with the common ``finalize`` that returns the remaining plaintext."""
+
+    def __init__(self, ring: KeyRing) -> None:
+        self._inner = a1.A1Decryptor(ring)
+
+    def update(self, chunk: bytes | memoryview) -> bytes:
+        return self._inner.update(chunk)
+
+    def finalize(self) -> bytes:
+        self._inner.finalize()
+        return b""
 
 
 @dataclass(frozen=True)
@@ -126,4 +143,4 @@ class ClientEncryption:
             from .chunked import DC2Decryptor
 
             return DC2Decryptor(ring)
-        return a1.A1Decryptor(ring)
+        return _A1Decryptor(ring)
