@@ -60,6 +60,7 @@ async def transfer_async(
     try:
         src = opener.open(source)
         dst = opener.open(destination)
+        opener.config.check_encryption_applies({src.url.scheme, dst.url.scheme})
         if require == "upload" and not src.is_local:
             raise UsageError(f"upload reads local files; {source} is remote", hint="use copy or download")
         if require == "download" and not dst.is_local:

@@ -1196,3 +1196,27 @@ def test_azure_account_and_key_variables(azurite: AzureServer, azure_container: 
     assert "a.dcm" in run_cli("list", f"azure://{azure_container}/k/", env=env).ok().stdout
     env["AZURE_STORAGE_KEY"] = base64.b64encode(b"x" * 64).decode()
     run_cli("list", f"azure://{azure_container}/k/", "--retries", "0", env=env).fails(4)
+
+
+def test_sse_customer_key_from_the_command_line(
+    seaweedfs: S3Server, s3_bucket: str, data: Data, tmp_path: Path
+) -> None:
+    """SSE-C: the key file is needed to write and to read back; without it the read is refused."""
+    key_file = tmp_path / "sse.key"
+    key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    env = cli_env(seaweedfs.env())
+    source = data.small.root / "CT_small.dcm"
+    url = f"s3://{s3_bucket}/ssec/a.dcm"
+    run_cli("upload", source, url, "--sse-customer-key-file", key_file, env=env).ok()
+    back = tmp_path / "back.dcm"
+    run_cli("download", url, back, "--sse-customer-key-file", key_file, env=env).ok()
+    assert back.read_bytes() == source.read_bytes()
+    refused = run_cli("download", url, tmp_path / "nokey.dcm", "--retries", "0", env=env)
+    assert refused.code != 0 and "Traceback" not in refused.stderr, str(refused)
+    assert not (tmp_path / "nokey.dcm").exists()
+    bad = tmp_path / "bad.key"
+    bad.write_text(base64.b64encode(os.urandom(16)).decode())
+    result = run_cli("upload", source, url, "--sse-customer-key-file", bad, env=env).fails(2)
+    assert "16 bytes" in result.stderr and bad.read_text().strip() not in result.stderr
+    run_cli("upload", source, url, "--gcs-kms-key", "projects/p/locations/l/keyRings/r/cryptoKeys/k",
+            env=env).fails(2)  # fmt: skip

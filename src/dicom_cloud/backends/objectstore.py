@@ -132,7 +132,12 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         except obx.BaseError as exc:
             raise UsageError(f"invalid S3 configuration: {_first_line(exc)}") from exc
         features = Features(
-            server_side_copy=True, presign=True, object_tags=True, multipart=True, etag_is_md5=True
+            server_side_copy=True,
+            presign=True,
+            object_tags=True,
+            multipart=True,
+            # AWS gives SSE-C and SSE-KMS objects ETags that are not the MD5 of their bytes.
+            etag_is_md5=encryption is None,
         )
         backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
         backend.write_encryption = encryption
@@ -197,8 +202,8 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         except obx.BaseError as exc:
             raise UsageError(f"invalid Azure configuration: {_first_line(exc)}") from exc
         features = Features(
-            # Copy Blob takes no customer-provided key (Azurite answers 501): with one, copies
-            # go through the client, read and written with the key.
+            # With a customer-provided key obstore copies with Put Blob From URL, which Azurite
+            # does not implement (501) and Azure limits to 5,000 MiB: copies go through the client.
             server_side_copy=cpk is None,
             presign=bool(az.account_key),
             object_tags=True,

@@ -110,6 +110,13 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
         default=300.0,
         help="seconds before one request is abandoned (default: %(default)s)",
     )
+    group.add_argument(
+        "--sse-customer-key-file",
+        metavar="PATH",
+        default=os.environ.get("DICOM_CLOUD_SSE_CUSTOMER_KEY_FILE"),
+        help="file with a base64 32-byte key: SSE-C on S3, customer-provided key on Azure, CSEK on GCS; "
+        "needed again to read; never logged (also DICOM_CLOUD_SSE_CUSTOMER_KEY_FILE)",
+    )
 
 
 def _output_options(parser: argparse.ArgumentParser, *, quiet: bool = True) -> None:
@@ -143,6 +150,14 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         help="client-side format: A1 (Orthanc-compatible, default) or DC2 (chunked, ranged reads)",
     )
     parser.add_argument("--sse-kms-key-id", help="SSE-KMS key id or ARN for S3 writes")
+    parser.add_argument(
+        "--azure-encryption-scope", metavar="NAME", help="Azure encryption scope for writes (must exist)"
+    )
+    parser.add_argument(
+        "--gcs-kms-key",
+        metavar="NAME",
+        help="Cloud KMS key for GCS writes: projects/P/locations/L/keyRings/R/cryptoKeys/K",
+    )
     parser.add_argument(
         "--no-overwrite", action="store_true", help="skip objects that already exist at the destination"
     )
@@ -249,7 +264,17 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
 
 
 def _config(args: argparse.Namespace, **kwargs: Any) -> Any:
-    return store_config(args.endpoint, args.region, args.path_style, args.retries, args.timeout, **kwargs)
+    return store_config(
+        args.endpoint,
+        args.region,
+        args.path_style,
+        args.retries,
+        args.timeout,
+        sse_customer_key_file=args.sse_customer_key_file,
+        azure_encryption_scope=getattr(args, "azure_encryption_scope", None),
+        gcs_kms_key_name=getattr(args, "gcs_kms_key", None),
+        **kwargs,
+    )
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 from ..backends import StoreConfig
 from ..crypto.envelope import ClientEncryption
@@ -25,6 +27,9 @@ def store_config(
     *,
     encrypt: str | None = None,
     sse_kms_key_id: str | None = None,
+    sse_customer_key_file: str | None = None,
+    azure_encryption_scope: str | None = None,
+    gcs_kms_key_name: str | None = None,
 ) -> StoreConfig:
     sse: str | None = None
     if encrypt == "server-side":
@@ -39,7 +44,27 @@ def store_config(
         request_timeout=timeout,
         server_side_encryption=sse,
         sse_kms_key_id=sse_kms_key_id,
+        sse_customer_key=_customer_key(sse_customer_key_file) if sse_customer_key_file else None,
+        azure_encryption_scope=azure_encryption_scope,
+        gcs_kms_key_name=gcs_kms_key_name,
     )
+
+
+def _customer_key(path: str) -> bytes:
+    """The 32 raw bytes of a base64 key file; errors name the file, never its content."""
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+        key = base64.b64decode(text, validate=True)
+    except FileNotFoundError:
+        raise UsageError(f"--sse-customer-key-file: {path} does not exist") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise UsageError(f"--sse-customer-key-file: {path} does not hold base64 text") from None
+    if len(key) != 32:
+        raise UsageError(
+            f"--sse-customer-key-file: {path} holds {len(key)} bytes, not 32",
+            hint="make one with: head -c 32 /dev/urandom | base64 > sse.key",
+        )
+    return key
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
