@@ -35,7 +35,13 @@ from typing import Literal
 from .budget import ByteBudget
 from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_update
 from .crypto.a1 import header_key_id
-from .crypto.envelope import FORMAT_METADATA_KEY, KEY_ID_METADATA_KEY, ClientEncryption, Format
+from .crypto.envelope import (
+    FORMAT_METADATA_KEY,
+    KEY_ID_METADATA_KEY,
+    ClientEncryption,
+    Format,
+    recorded_key_id,
+)
 from .errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -424,10 +430,8 @@ class Transfer:
         fmt = crypt.detect(item.src_key, info.metadata)
         if fmt is None:
             raise _Skip(f"{src_url} is not client-side encrypted")
-        recorded = info.metadata.get(KEY_ID_METADATA_KEY, "")
-        if recorded.isdigit():
-            key_id = int(recorded)
-        else:  # an object written by Orthanc: the key id is in its first bytes
+        key_id = recorded_key_id(info.metadata)
+        if key_id is None:  # an object written by Orthanc: the key id is in its first bytes
             key_id = header_key_id(await self.src.store.get_range(item.src_key, 0, 6))
         if key_id == crypt.ring.current.id and fmt == crypt.encrypt_as:
             raise _Skip(f"{src_url} is already under master key {key_id}")
@@ -568,10 +572,13 @@ class Transfer:
         them in flight, and handed to the decryptor as their turn comes.
         """
         crypt = self.options.encryption or _NO_ENCRYPTION
-        decryptor = crypt.decryptor(src_url, fmt, info.metadata)
+        head = b"" if crypt.ring else await self.src.store.get_range(item.src_key, 0, 64)  # to name the key
+        decryptor = crypt.decryptor(src_url, fmt, info.metadata, head)
         size = info.size
-        part = self.options.part_size
-        window = max(1, min(self.options.part_concurrency, self.options.memory_budget // (2 * part)))
+        # Smaller parts than plain downloads: each is held whole until its turn to be decrypted.
+        part = min(self.options.part_size, 4 * MiB)
+        # Held at once: the parts in flight, the one being decrypted, and the decryptor's output.
+        window = max(1, min(self.options.part_concurrency, self.options.memory_budget // (3 * part) - 1))
         stored_crc = Crc32c()
         writer = self.dst.store.open_writer(item.dst_key, 0)
         src_store = self.src.store
@@ -592,7 +599,7 @@ class Transfer:
             return len(plain)
 
         try:
-            async with self._budget.reserve(window * part):
+            async with self._budget.reserve((window + 2) * part):
                 for _ in range(window):
                     launch()
                 position = 0

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from ..errors import KeyMissingError
+from ..errors import DicomCloudError, KeyMissingError, NotSupportedError
 from . import a1
 from .keys import KeyRing
 
@@ -44,6 +44,26 @@ class Decryptor(Protocol):
 
     def update(self, chunk: bytes | memoryview) -> bytes: ...
     def finalize(self) -> bytes: ...
+
+
+def recorded_key_id(metadata: Mapping[str, str]) -> int | None:
+    """The key id in an object's metadata, if it is a plain decimal number."""
+    text = metadata.get(KEY_ID_METADATA_KEY, "")
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _key_id(fmt: Format, metadata: Mapping[str, str], head: bytes | memoryview) -> int | None:
+    recorded = recorded_key_id(metadata)
+    if recorded is not None or not head:
+        return recorded
+    try:
+        if fmt == "DC2":
+            from .chunked import read_header
+
+            return read_header(head).key_id
+        return a1.header_key_id(head)
+    except (DicomCloudError, ValueError):
+        return None  # too short or not of this format: the decryption will say so
 
 
 class _A1Decryptor:
@@ -110,14 +130,22 @@ class ClientEncryption:
         recorded = metadata.get(FORMAT_METADATA_KEY)
         if recorded in ("A1", "DC2"):
             return recorded  # type: ignore[return-value]
+        if recorded is not None:
+            # Marked encrypted, in a format this version does not know: never pass it off as plaintext.
+            raise NotSupportedError(
+                f"{key} is encrypted in an unknown format '{recorded}'",
+                hint="a newer dicom-cloud may read it",
+            )
         if key.endswith(ORTHANC_SUFFIX):
             return "A1"
         return None
 
-    def require_key(self, url: str, fmt: Format, metadata: Mapping[str, str]) -> KeyRing:
-        """The ring, checked to hold the object's key when the metadata names it."""
-        recorded = metadata.get(KEY_ID_METADATA_KEY, "")
-        key_id = int(recorded) if recorded.isdigit() else None
+    def require_key(
+        self, url: str, fmt: Format, metadata: Mapping[str, str], head: bytes | memoryview = b""
+    ) -> KeyRing:
+        """The ring, checked to hold the object's key. The key id comes from the metadata, or from
+        the object's first bytes (``head``) for objects written by Orthanc, which have no metadata."""
+        key_id = _key_id(fmt, metadata, head)
         if self.ring is None:
             which = f" under master key id {key_id}" if key_id is not None else ""
             raise KeyMissingError(
@@ -130,15 +158,17 @@ class ClientEncryption:
         return self.ring
 
     def decrypt(self, url: str, fmt: Format, metadata: Mapping[str, str], blob: bytes | memoryview) -> bytes:
-        ring = self.require_key(url, fmt, metadata)
+        ring = self.require_key(url, fmt, metadata, blob[:16])
         if fmt == "DC2":
             from .chunked import decrypt as dc2_decrypt
 
             return dc2_decrypt(blob, ring)
         return a1.decrypt(blob, ring)
 
-    def decryptor(self, url: str, fmt: Format, metadata: Mapping[str, str]) -> Decryptor:
-        ring = self.require_key(url, fmt, metadata)
+    def decryptor(
+        self, url: str, fmt: Format, metadata: Mapping[str, str], head: bytes | memoryview = b""
+    ) -> Decryptor:
+        ring = self.require_key(url, fmt, metadata, head)
         if fmt == "DC2":
             from .chunked import DC2Decryptor
 

@@ -74,4 +74,6 @@ def load_keys(
     if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
         raise UsageError(f'{path}: encryption.previous_keys must be a list of "ID:PATH" strings')
     fmt = table.get("format")
+    if fmt is not None and (not isinstance(fmt, str) or fmt.upper() not in ("A1", "DC2")):
+        raise UsageError(f'{path}: encryption.format must be "A1" or "DC2", not {fmt!r}')
     return KeySettings(KeyRing.from_specs(str(table["master_key"]), listed), format=fmt, source=str(path))
