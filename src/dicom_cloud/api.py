@@ -21,10 +21,13 @@ from typing import Any, Literal, TypeVar
 
 from .backends import StoreConfig
 from .checksum import crc32c_hex
+from .crypto.envelope import ClientEncryption
+from .crypto.keys import KeyRing
 from .errors import NotFoundError, UsageError
+from .localio import resolves_within
 from .location import Location, LocationOpener
 from .store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
-from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary
+from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary, verify
 
 T = TypeVar("T")
 
@@ -145,14 +148,28 @@ def stat(url: str, *, config: StoreConfig | None = None) -> ObjectInfo:
 # -- single objects in memory ----------------------------------------------------------
 
 
-async def read_bytes_async(url: str, *, config: StoreConfig | None = None) -> bytes:
-    """The whole object at ``url``."""
+async def read_bytes_async(
+    url: str, *, config: StoreConfig | None = None, keys: KeyRing | None = None, raw: bool = False
+) -> bytes:
+    """The whole object at ``url``, checked against its stored checksum, and decrypted when it is
+    client-side encrypted (``keys`` must then hold its master key: KeyMissingError otherwise).
+    ``raw=True`` returns the stored bytes as they are (ciphertext included), still checked."""
     async with _opened(url, config) as location:
-        return bytes(await location.store.get(location.key))
+        info, data = await location.store.read(location.key)
+        verify(data, info, url, etag_is_md5=location.store.features.etag_is_md5)
+        if raw:
+            return bytes(data)
+        crypt = ClientEncryption(ring=keys)
+        fmt = crypt.detect(location.key, info.metadata)
+        if fmt is not None:
+            return crypt.decrypt(url, fmt, info.metadata, data)
+        return bytes(data)
 
 
-def read_bytes(url: str, *, config: StoreConfig | None = None) -> bytes:
-    return _run(read_bytes_async(url, config=config))
+def read_bytes(
+    url: str, *, config: StoreConfig | None = None, keys: KeyRing | None = None, raw: bool = False
+) -> bytes:
+    return _run(read_bytes_async(url, config=config, keys=keys, raw=raw))
 
 
 async def write_bytes_async(
@@ -167,7 +184,8 @@ async def write_bytes_async(
     meta = dict(metadata or {})
     meta[CHECKSUM_METADATA_KEY] = crc32c_hex(data)
     async with _opened(url, config) as location:
-        await location.store.put(location.key, data, PutOptions(content_type=content_type, metadata=meta))
+        options = PutOptions(content_type=content_type or "application/dicom", metadata=meta)
+        await location.store.put(location.key, data, options)
 
 
 def write_bytes(url: str, data: bytes, **kwargs: Any) -> None:
@@ -233,6 +251,9 @@ async def delete_async(
         prefix = location.prefix
         _require_local_directory(location)
         async for info in store.list(prefix):
+            if location.is_local and not resolves_within("/" + prefix, "/" + info.key):
+                # Reached through a symbolic link to a directory elsewhere: not ours to delete.
+                continue
             batch.append(info)
             if len(batch) >= DELETE_BATCH:
                 await flush()

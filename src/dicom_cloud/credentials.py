@@ -6,6 +6,7 @@ client library and to nothing else. See ``docs/credentials.md`` for the order, a
 
 from __future__ import annotations
 
+import base64
 import configparser
 import os
 from dataclasses import dataclass, field
@@ -163,6 +164,7 @@ def azure_settings(*, endpoint: str | None = None, env: dict[str, str] | None = 
         if not account:
             raise UsageError("AZURE_STORAGE_CONNECTION_STRING has no AccountName or BlobEndpoint")
         sas = parts.get("SharedAccessSignature")
+        _check_account_key(parts.get("AccountKey"), "AZURE_STORAGE_CONNECTION_STRING")
         return AzureSettings(
             account=account,
             account_key=parts.get("AccountKey"),
@@ -178,6 +180,7 @@ def azure_settings(*, endpoint: str | None = None, env: dict[str, str] | None = 
             "AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN",
         )
     key = e.get("AZURE_STORAGE_KEY") or e.get("AZURE_STORAGE_ACCOUNT_KEY")
+    _check_account_key(key, "AZURE_STORAGE_KEY")
     sas = e.get("AZURE_STORAGE_SAS_TOKEN")
     source = "AZURE_STORAGE_KEY" if key else "AZURE_STORAGE_SAS_TOKEN" if sas else "library default chain"
     return AzureSettings(
@@ -187,6 +190,16 @@ def azure_settings(*, endpoint: str | None = None, env: dict[str, str] | None = 
         endpoint=endpoint or e.get("AZURE_STORAGE_BLOB_ENDPOINT") or None,
         source=source,
     )
+
+
+def _check_account_key(key: str | None, source: str) -> None:
+    """An account key is base64; say so now rather than fail inside a signature (never print it)."""
+    if key is None:
+        return
+    try:
+        base64.b64decode(key, validate=True)
+    except ValueError:
+        raise UsageError(f"the account key in {source} is not valid base64") from None
 
 
 def _account_from_endpoint(endpoint: str) -> str | None:

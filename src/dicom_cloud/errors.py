@@ -145,6 +145,5 @@ class TransferFailedError(DicomCloudError):
         self.failed = failed
 
 
-#: Exit codes that are not errors of ours: documented beside the others.
-EXIT_OK = 0
+#: The exit code of an interrupted run (128 + SIGINT), documented beside the others.
 EXIT_INTERRUPTED = 130

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -31,20 +30,13 @@ async def read_chunks(
         f.close()
 
 
+def resolves_within(root: str, path: str) -> bool:
+    """Whether the directory holding ``path`` is ``root`` or below it once symbolic links are followed."""
+    real_root = os.path.realpath(root)
+    parent = os.path.realpath(os.path.dirname(path))  # noqa: PTH120 - strings, not Paths, on this hot path
+    return parent == real_root or parent.startswith(real_root.rstrip("/") + "/")
+
+
 def partial_path(final: Path) -> Path:
     """A unique temporary name beside ``final``, so that a rename into place is atomic."""
     return final.with_name(f".{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
-
-
-def write_atomic(final: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a temporary file beside ``final`` and rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise

@@ -58,15 +58,10 @@ class Features:
     presign: bool = False
     #: Object tags (S3 tagging, Azure index tags) are supported as well as metadata.
     object_tags: bool = False
-    #: Large puts are split into parts uploaded concurrently.
-    multipart: bool = False
     #: A single-part put's ETag is the MD5 of the content (S3 semantics), so it verifies uploads.
     etag_is_md5: bool = False
     #: ``open_writer`` gives a file that concurrent ranged downloads fill at offsets.
     random_access_write: bool = False
-
-
-ServerSideEncryption = Literal["AES256", "aws:kms"]
 
 
 @dataclass(frozen=True)

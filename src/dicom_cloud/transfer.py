@@ -54,6 +54,7 @@ from .errors import (
     UnsafeNameError,
     UsageError,
 )
+from .localio import resolves_within
 from .location import Location
 from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 
@@ -107,6 +108,10 @@ class TransferOptions:
             raise UsageError("rekey needs the new master key to encrypt with")
         if self.parallel < 1:
             raise UsageError("--parallel must be at least 1")
+        if self.attempts < 1:
+            raise UsageError("attempts must be at least 1")
+        if self.memory_budget < self.part_size:
+            raise UsageError("the memory budget must hold at least one part")
         if self.part_size < 5 * MiB:
             raise UsageError("--part-size must be at least 5 MiB (the S3 minimum)")
         if self.multipart_threshold < 1:
@@ -118,6 +123,8 @@ class TransferItem:
     src_key: str
     dst_key: str
     size: int
+    #: The name below the source prefix, for items of a listing (None for a single object).
+    relative: str | None = None
 
 
 EventKind = Literal["planned", "started", "progress", "completed", "skipped", "failed"]
@@ -186,12 +193,23 @@ class Transfer:
         self.dst = dst
         self.recursive = recursive
         self.options = options or TransferOptions()
-        self.emit = on_event or _ignore
+        self._on_event = on_event or _ignore
+        #: An exception raised by the event callback (a closed pipe...): stops the run, re-raised at the end.
+        self._callback_error: BaseException | None = None
         self.summary = TransferSummary(dry_run=self.options.dry_run)
         self._budget = ByteBudget(self.options.memory_budget)
         self._abort: DicomCloudError | None = None
         #: Bytes of in-flight objects already reported through progress events, by source URL.
         self._reported: dict[str, int] = {}
+
+    def emit(self, event: TransferEvent) -> None:
+        if self._callback_error is not None:
+            return
+        try:
+            self._on_event(event)
+        except Exception as exc:  # the consumer failed, not the transfer: stop, then say so
+            self._callback_error = exc
+            self._abort = self._abort or DicomCloudError(f"the progress consumer failed: {exc!r}")
 
     async def run(self) -> TransferSummary:
         started = time.monotonic()
@@ -214,6 +232,8 @@ class Transfer:
             raise
         finally:
             self.summary.seconds = time.monotonic() - started
+        if self._callback_error is not None:
+            raise self._callback_error
         if self._abort:
             raise self._abort
         return self.summary
@@ -226,9 +246,8 @@ class Transfer:
             return
         key = self.dst.key
         directory = key if self.dst.names_directory or self.recursive else key.rpartition("/")[0]
-        async for _ in self.dst.store.list(
-            f"{directory.rstrip('/')}/" if directory.strip("/") else "", recursive=False
-        ):
+        # A recursive listing streams: only its first page is fetched, however large the bucket.
+        async for _ in self.dst.store.list(f"{directory.rstrip('/')}/" if directory.strip("/") else ""):
             break
 
     async def plan(self) -> AsyncIterator[TransferItem]:
@@ -236,6 +255,16 @@ class Transfer:
         if self.recursive and not self._source_is_file():
             found = False
             prefix = self.src.prefix
+            if (
+                self.src.store is self.dst.store
+                and self.dst.prefix != prefix
+                and self.dst.prefix.startswith(prefix)
+            ):
+                # What is written would be listed again and copied again, without end.
+                raise UsageError(
+                    f"{self.dst.display(self.dst.prefix)} is inside {self.src.display(prefix)}",
+                    hint="copy to a destination outside the source tree",
+                )
             async for info in self.src.store.list(prefix):
                 found = True
                 if info.key.endswith("/"):
@@ -244,7 +273,7 @@ class Transfer:
                 if self.src.is_local and not self.dst.is_local:
                     # macOS writes NFD names; one spelling in the bucket avoids duplicates.
                     relative = unicodedata.normalize("NFC", relative)
-                yield TransferItem(info.key, self.dst.join(relative), info.size)
+                yield TransferItem(info.key, self.dst.join(relative), info.size, relative)
             if not found:
                 await self._explain_empty_source()
             return
@@ -316,11 +345,13 @@ class Transfer:
         self.emit(TransferEvent("started", src_url, dst_url, item.size))
         for attempt in range(1, self.options.attempts + 1):
             try:
-                if self.dst.is_local and self.recursive:
-                    check_local_name(item.dst_key[len(self.dst.prefix) :])
+                if self.dst.is_local and item.relative is not None:
+                    check_local_name(item.relative)
+                    _check_confined(self.dst, item.dst_key)
                 await self._move(item, src_url, dst_url)
             except (AlreadyExistsError, _Skip) as reason:
                 log.debug("skipped %s: %s", src_url, reason)
+                self._take_back_progress(src_url, dst_url, item.size)
                 self.summary.skipped += 1
                 self.emit(TransferEvent("skipped", src_url, dst_url, item.size))
                 return
@@ -378,7 +409,20 @@ class Transfer:
             async with self._budget.reserve(2 * item.size + _ENVELOPE_ROOM):
                 info, data = await src.read(item.src_key)
                 # Hashing and ciphers release the GIL: in a worker thread they run beside the event loop.
-                data, options = await asyncio.to_thread(self._prepare_whole, data, info, put, src_url, item)
+                try:
+                    data, options = await asyncio.to_thread(
+                        self._prepare_whole, data, info, put, src_url, item
+                    )
+                except EtagMismatch:
+                    first = hashlib.md5(data, usedforsecurity=False).digest()
+                    info, data = await src.read(item.src_key)
+                    if hashlib.md5(data, usedforsecurity=False).digest() != first:
+                        raise  # two reads, two contents: damage in transit
+                    # The same bytes twice: the ETag is not an MD5 of them; the other checks still apply.
+                    log.debug("%s: ETag is not an MD5 of the content (SSE-KMS or SSE-C?)", src_url)
+                    data, options = await asyncio.to_thread(
+                        self._prepare_whole, data, info, put, src_url, item, trust_etag=False
+                    )
                 await dst.put(item.dst_key, data, options)
             return
         info = await src.stat(item.src_key)
@@ -404,12 +448,19 @@ class Transfer:
             await self.dst.store.put_file(item.dst_key, path, _with_checksum(put, None, checksum), plan)
 
     def _prepare_whole(
-        self, data: bytes | memoryview, info: ObjectInfo, put: PutOptions, src_url: str, item: TransferItem
+        self,
+        data: bytes | memoryview,
+        info: ObjectInfo,
+        put: PutOptions,
+        src_url: str,
+        item: TransferItem,
+        *,
+        trust_etag: bool = True,
     ) -> tuple[bytes | memoryview, PutOptions]:
         """Verify a whole object read into memory, decrypt or encrypt it as the rules say, and
         return the bytes to write with their metadata. Runs in a worker thread."""
         crypt = self.options.encryption or _NO_ENCRYPTION
-        checksum = verify(data, info, src_url, etag_is_md5=self.src.store.features.etag_is_md5)
+        checksum = verify(data, info, src_url, etag_is_md5=trust_etag and self.src.store.features.etag_is_md5)
         fmt = crypt.detect(item.src_key, info.metadata)
         if fmt is not None and not (self.dst.is_local or crypt.writes_encrypted):
             # Ciphertext copied as it is, with the marker that says how to read it.
@@ -554,11 +605,9 @@ class Transfer:
 
         if encryptor is not None:
             # The ciphertext's CRC is known only at the end; its GCM tags protect it instead.
-            options = replace(put, metadata={**put.metadata, **crypt.marker()})
-        elif decrypt is None and info.metadata.get(CHECKSUM_METADATA_KEY):
-            options = _with_checksum(put, info, info.metadata[CHECKSUM_METADATA_KEY], keep=_markers(info))
-        else:
-            options = replace(put, metadata={**put.metadata, **_markers(info)})
+            options = _with_checksum(put, info, None, keep=crypt.marker())
+        else:  # the same bytes: the source's CRC32C (if any) still describes them
+            options = _with_checksum(put, info, info.metadata.get(CHECKSUM_METADATA_KEY), keep=_markers(info))
         plan = self._upload_plan()
         async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
             await self.dst.store.put_stream(item.dst_key, chunks(), options, plan)
@@ -626,6 +675,11 @@ def _write_and_hash(writer: RandomAccessWriter, offset: int, chunk: bytes | memo
     return crc32c_update(crc, chunk)
 
 
+class EtagMismatch(IntegrityError):
+    """The bytes' MD5 differs from an ETag that looks like one. Either the bytes were damaged, or the
+    ETag is not an MD5 at all (SSE-KMS and SSE-C objects written by other tools): a second read tells."""
+
+
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -645,7 +699,7 @@ def verify(data: bytes | memoryview, info: ObjectInfo, where: str, *, etag_is_md
         # Objects written by other tools: a plain single-part S3 ETag is the MD5 of the bytes.
         and hashlib.md5(data, usedforsecurity=False).hexdigest() != info.etag.lower()
     ):
-        raise IntegrityError(f"{where}: MD5 does not match the ETag")
+        raise EtagMismatch(f"{where}: MD5 does not match the ETag")
     return checksum
 
 
@@ -655,19 +709,34 @@ def _check_checksum(actual: str, info: ObjectInfo, where: str) -> None:
         raise IntegrityError(f"{where}: CRC32C mismatch (stored {stored}, got {actual})")
 
 
+#: Metadata dicom-cloud computes for each write; never carried over from the source object.
+_OWN_METADATA = (CHECKSUM_METADATA_KEY, FORMAT_METADATA_KEY, KEY_ID_METADATA_KEY)
+
+
 def _markers(info: ObjectInfo) -> dict[str, str]:
     """The encryption markers of an object, to carry along when its ciphertext is copied as is."""
     return {k: v for k, v in info.metadata.items() if k in (FORMAT_METADATA_KEY, KEY_ID_METADATA_KEY)}
 
 
 def _with_checksum(
-    put: PutOptions, source: ObjectInfo | None, checksum: str, *, keep: dict[str, str] | None = None
+    put: PutOptions, source: ObjectInfo | None, checksum: str | None, *, keep: dict[str, str] | None = None
 ) -> PutOptions:
-    metadata = dict(put.metadata)
-    metadata.update(keep or {})
-    metadata[CHECKSUM_METADATA_KEY] = checksum
+    """What to write with an object: the source's own metadata and content type carried over (a copy
+    or a rekey keeps them), the user's additions, the encryption markers, and the CRC32C of the
+    bytes written when it is known."""
+    carried = {k: v for k, v in (source.metadata if source else {}).items() if k not in _OWN_METADATA}
+    metadata = {**carried, **put.metadata, **(keep or {})}
+    if checksum:
+        metadata[CHECKSUM_METADATA_KEY] = checksum
     content_type = put.content_type or (source.content_type if source else None) or "application/dicom"
     return replace(put, metadata=metadata, content_type=content_type)
+
+
+def _check_confined(dst: Location, key: str) -> None:
+    """The directory a download writes into must resolve inside the destination: a symbolic link
+    already in the destination must not carry a file out of it."""
+    if not resolves_within("/" + dst.prefix, "/" + key):
+        raise UnsafeNameError(f"/{key} would be written outside /{dst.prefix} (through a symbolic link)")
 
 
 def check_local_name(relative: str) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote
 
@@ -65,6 +65,13 @@ def parse_url(text: str) -> StorageURL:
         raise UsageError("location contains a NUL character")
     head, sep, rest = text.partition("://")
     if not sep:
+        typo = re.match(r"^([A-Za-z0-9]+):/?(?!/)", text)
+        if typo and typo.group(1).lower() in _SCHEME_ALIASES:
+            # "s3:/bucket" or "gs:bucket" would otherwise quietly become a local directory.
+            raise UsageError(
+                f"'{text}' looks like a {typo.group(1)}:// URL with a slash missing",
+                hint=f"write {typo.group(1)}://... (or ./{text} for a local path)",
+            )
         return _local(text)
     name = head.lower()
     scheme = _SCHEME_ALIASES.get(name)
@@ -106,10 +113,3 @@ def _check_bucket(bucket: str, scheme: Scheme, text: str) -> None:
             f"'{bucket}' is not a valid bucket or container name (in '{text}')",
             hint="bucket names use lower-case letters, digits, '-' and '.'",
         )
-
-
-def local_path(url: StorageURL) -> Path:
-    """The filesystem path of a ``file`` location."""
-    if not url.is_local:
-        raise UsageError(f"{url} is not a local path")
-    return Path(url.key)

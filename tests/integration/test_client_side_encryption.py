@@ -164,7 +164,7 @@ def raw(monkeypatch: pytest.MonkeyPatch, backend: Backend, key: str) -> bytes:
             m.delenv(var, raising=False)
         for var, value in backend.env.items():
             m.setenv(var, value)
-        return api.read_bytes(backend.url(key))
+        return api.read_bytes(backend.url(key), raw=True)
 
 
 def raw_head(monkeypatch: pytest.MonkeyPatch, backend: Backend, key: str, size: int = 16) -> bytes:

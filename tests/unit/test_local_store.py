@@ -10,7 +10,7 @@ import pytest
 from dicom_cloud.backends import open_store
 from dicom_cloud.backends.local import LocalStore
 from dicom_cloud.errors import AlreadyExistsError, NotFoundError, UnsafeNameError
-from dicom_cloud.localio import PARTIAL_SUFFIX, write_atomic
+from dicom_cloud.localio import PARTIAL_SUFFIX
 from dicom_cloud.store import CHECKSUM_METADATA_KEY, PutOptions
 
 
@@ -83,12 +83,16 @@ def test_failing_overwrite_keeps_old_content(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["x.dcm"]
 
 
-def test_write_atomic_cleans_up(tmp_path: Path) -> None:
+def test_failed_put_leaves_the_old_file_and_no_partial(tmp_path: Path) -> None:
+    from dicom_cloud.backends.local import LocalStore
+
+    store = LocalStore(Path("/"))
     final = tmp_path / "sub" / "f.bin"
-    write_atomic(final, b"ok")
+    key = str(final).lstrip("/")
+    asyncio.run(store.put(key, b"ok"))
     assert final.read_bytes() == b"ok"
     with pytest.raises(TypeError):
-        write_atomic(final, "not bytes")  # type: ignore[arg-type]
+        asyncio.run(store.put(key, "not bytes"))  # type: ignore[arg-type]
     assert final.read_bytes() == b"ok"
     assert os.listdir(final.parent) == ["f.bin"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dicom_cloud.errors import UsageError
-from dicom_cloud.url import StorageURL, local_path, parse_url
+from dicom_cloud.url import StorageURL, parse_url
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,7 @@ def test_file_urls() -> None:
     assert parse_url("file:///abs/with%20space/") == StorageURL("file", "", "/abs/with space/")
     url = parse_url("file:///abs/dir/")
     assert url.is_local and url.names_directory
-    assert local_path(url) == Path("/abs/dir")
+    assert url.key == "/abs/dir/"
     with pytest.raises(UsageError):
         parse_url("file://relative/path")
 
@@ -75,11 +75,6 @@ def test_home_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert not parse_url("~").names_directory
     assert parse_url("~/").key == str(tmp_path) + "/"
     assert parse_url("~/").names_directory
-
-
-def test_local_path_refuses_remote() -> None:
-    with pytest.raises(UsageError):
-        local_path(parse_url("s3://bucket/key"))
 
 
 @pytest.mark.parametrize("text", ["ftp://host/x", "http://bucket/x", "s4://bucket/x", "://bucket/x"])

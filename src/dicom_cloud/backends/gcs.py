@@ -98,9 +98,7 @@ class GCSStore(Store):
     """
 
     scheme = "gs"
-    features = Features(
-        server_side_copy=True, presign=True, object_tags=False, multipart=True, etag_is_md5=False
-    )
+    features = Features(server_side_copy=True, presign=True, object_tags=False, etag_is_md5=False)
 
     def __init__(self, bucket: str, config: StoreConfig) -> None:
         self.bucket = bucket

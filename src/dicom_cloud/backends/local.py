@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import stat as stat_module
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from ..errors import (
     AlreadyExistsError,
     DicomCloudError,
+    IntegrityError,
     NotFoundError,
     PermissionDeniedError,
     UnsafeNameError,
@@ -219,31 +221,61 @@ class LocalStore(Store):
 
 
 class RandomAccessWriter:
-    """A partial file written at offsets by concurrent ranged downloads."""
+    """A partial file written at offsets by concurrent ranged downloads.
+
+    Writes run in worker threads that outlive a cancelled download; ``commit`` and ``abort``
+    wait for the writes in flight before closing the file, so no write lands on a reused
+    descriptor.
+    """
 
     def __init__(self, final: Path, size: int) -> None:
         self.final = final
-        _make_parent(final)
         self.tmp = partial_path(final)
-        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, size)
+        self._writing = 0
+        self._idle = threading.Condition()
+        self._fd = -1
+        try:
+            _make_parent(final)
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self._fd, size)
+        except OSError as exc:
+            self.abort()
+            raise _translate(exc, final) from exc
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view = view[written:]
-            offset += written
+        with self._idle:
+            if self._fd < 0:
+                raise IntegrityError(f"{self.final}: write after the download ended")
+            self._writing += 1
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise _translate(exc, self.final) from exc
+        finally:
+            with self._idle:
+                self._writing -= 1
+                self._idle.notify_all()
+
+    def _close(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._writing == 0)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def commit(self) -> None:
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self.tmp, self.final)
+        self._close()
+        try:
+            os.replace(self.tmp, self.final)
+        except OSError as exc:
+            raise _translate(exc, self.final) from exc
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close()
         with contextlib.suppress(OSError):
             self.tmp.unlink()
 

@@ -84,9 +84,7 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
     }
     if scheme == "memory":
         inner: ObjectStore = _MEMORY_STORES.setdefault(bucket, MemoryStore())
-        return ObjectStoreBackend(
-            inner, "memory", bucket, Features(server_side_copy=True, multipart=False, etag_is_md5=False)
-        )
+        return ObjectStoreBackend(inner, "memory", bucket, Features(server_side_copy=True, etag_is_md5=False))
     if scheme == "s3":
         aws = aws_settings(region=config.region, endpoint=config.endpoint)
         s3_kwargs: dict[str, Any] = {"region": aws.region}
@@ -135,7 +133,6 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
             server_side_copy=True,
             presign=True,
             object_tags=True,
-            multipart=True,
             # AWS gives SSE-C and SSE-KMS objects ETags that are not the MD5 of their bytes.
             etag_is_md5=encryption is None,
         )
@@ -207,7 +204,6 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
             server_side_copy=cpk is None,
             presign=bool(az.account_key),
             object_tags=True,
-            multipart=True,
             etag_is_md5=False,
         )
         signer: Signer | None = None
@@ -344,7 +340,7 @@ class ObjectStoreBackend(Store):
             # A HEAD 403 carries no body to tell bad credentials from a missing permission;
             # a listing's 403 does. Only on this error path.
             parent = key.rpartition("/")[0]
-            async for _ in self.list(f"{parent}/" if parent else "", recursive=False):
+            async for _ in self.list(f"{parent}/" if parent else ""):
                 break
             raise
         return _info_with_attributes(key, result.meta, result.attributes)
@@ -514,7 +510,10 @@ class ObjectStoreBackend(Store):
         if expires > timedelta(days=7) and self.scheme == "s3":
             raise UsageError("S3 presigned URLs can last at most 7 days", hint="use --expires 7d or less")
         if self._signer is not None:
-            return self._signer(key, expires, method)
+            try:
+                return self._signer(key, expires, method)
+            except ValueError as exc:  # binascii.Error: an account key that is not base64
+                raise UsageError("the Azure account key is not valid base64") from exc
         signable: Any = self._inner
         url: str = await self._call(key, obstore.sign_async(signable, method, key, expires))
         return url
@@ -539,7 +538,7 @@ class ObjectStoreBackend(Store):
         obstore starts a request as soon as its call is made, hence ``start`` is a callable.
         """
         if not self._bucket_checked:
-            async for _ in self.list("", recursive=False):
+            async for _ in self.list(""):
                 break
             self._bucket_checked = True
         try:
@@ -644,7 +643,9 @@ def _network_reason(text: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).split("\n", 1)[0].split("Debug source", 1)[0].strip()
+    line = str(exc).split("\n", 1)[0].split("Debug source", 1)[0].strip()
+    # Request URLs may carry signatures or SAS tokens in their query: never repeat those.
+    return re.sub(r"\?\S*", "?...", line)
 
 
 def _unquote(etag: str | None) -> str | None:

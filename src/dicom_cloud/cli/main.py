@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .. import __version__, api
-from ..errors import EXIT_INTERRUPTED, DicomCloudError, TransferFailedError, UsageError
+from ..errors import EXIT_INTERRUPTED, DicomCloudError, NotFoundError, TransferFailedError, UsageError
 from ..location import LocationOpener
 from ..store import ObjectInfo
 from ..transfer import (
@@ -35,7 +35,7 @@ EXIT_CODES_HELP = """\
 exit codes:
   0   success                          6   network failure or throttling
   1   some transfers failed            7   integrity check failed
-  2   bad arguments or URL             8   destination exists (--no-overwrite)
+  2   bad arguments or URL             8   destination exists (create-only writes)
   3   not found (object, bucket,       9   unsafe object name (../, NUL)
       prefix or local path)            10  operation not supported by the store
   4   credentials refused              11  encrypted under a master key not given
@@ -277,6 +277,11 @@ def _config(args: argparse.Namespace, **kwargs: Any) -> Any:
     )
 
 
+def _display(config: Any, url: str) -> Callable[[str], str]:
+    """How keys under ``url`` are shown (opening a location makes no request)."""
+    return LocationOpener(config).open(url).display
+
+
 def _list(args: argparse.Namespace) -> int:
     config = _config(args)
     location = LocationOpener(config).open(args.url)
@@ -327,7 +332,7 @@ def _delete(args: argparse.Namespace) -> int:
                 return 0
     verb = "would delete" if args.dry_run else "deleted"
 
-    display = LocationOpener(config).open(args.url).display
+    display = _display(config, args.url)
 
     def report(info: ObjectInfo) -> None:
         if args.json_output:
@@ -376,7 +381,7 @@ def _share(args: argparse.Namespace) -> int:
                 found = True
                 emit(location.display(info.key), await location.store.sign(info.key, lifetime))
             if not found:
-                raise UsageError(f"nothing found under {args.url}")
+                raise NotFoundError(f"nothing found under {args.url}")
         finally:
             await opener.close()
 

@@ -75,7 +75,7 @@ class TransferProgress:
                 console=_stderr_console(),
             )
             self._rich.start()
-            self._task = self._rich.add_task(self.verb.rstrip("ed") + "ing", total=None, files="0/0 files")
+            self._task = self._rich.add_task("Transferring", total=None, files="0/0 files")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -117,6 +117,7 @@ class ClientEncryption:
         return a1.A1Encryptor(self.ring)
 
     def encrypted_size(self, plaintext_size: int) -> int:
+        """The stored size of an object of ``plaintext_size`` bytes written by ``encrypt``."""
         if self.encrypt_as == "DC2":
             from .chunked import encrypted_size
 
