@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..errors import UsageError
 from ..store import Store
@@ -137,6 +138,19 @@ _SSE_ALGORITHMS = frozenset({"AES256", "aws:kms", "aws:kms:dsse"})
 #: Azure's rule: 3-63 lower-case letters, digits and dashes, each dash between two letters or digits.
 _AZURE_SCOPE = re.compile(r"(?=.{3,63}$)[a-z0-9]+(?:-[a-z0-9]+)*")
 _GCS_KMS_KEY = re.compile(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+")
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def refuse_key_in_clear(endpoint: str) -> None:
+    """A customer key travels in every request: only over HTTPS, or plain HTTP to this machine."""
+    parts = urlsplit(endpoint)
+    if parts.scheme != "https" and parts.hostname not in _LOOPBACK:
+        raise UsageError(
+            f"refusing to send a customer encryption key over plain HTTP to {parts.hostname}",
+            hint="use an https:// endpoint (plain http is accepted only for 127.0.0.1/localhost)",
+        )
 
 
 def open_store(url: StorageURL | str, config: StoreConfig | None = None) -> Store:

@@ -17,6 +17,53 @@ from urllib.parse import quote, urlencode
 SAS_VERSION = "2021-08-06"
 
 
+def service_sas(
+    *,
+    account: str,
+    account_key: str,
+    resource: str,
+    kind: str,
+    permissions: str,
+    expiry: datetime,
+    plain_http: bool,
+    encryption_scope: str = "",
+    now: datetime | None = None,
+) -> str:
+    """The query string of a service SAS for ``resource`` (``container`` or ``container/blob``,
+    decoded) of ``kind`` ``b`` (blob) or ``c`` (container), signed with the account key."""
+    now = now or datetime.now(UTC)
+    # Start a little in the past: clocks of client and server are never exactly equal.
+    start = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    end = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+    protocol = "https,http" if plain_http else "https"
+    string_to_sign = "\n".join(
+        [
+            permissions,
+            start,
+            end,
+            f"/blob/{account}/{resource}",
+            "",  # signed identifier
+            "",  # signed IP
+            protocol,
+            SAS_VERSION,
+            kind,  # signed resource
+            "",  # snapshot time
+            encryption_scope,
+            "",  # rscc
+            "",  # rscd
+            "",  # rsce
+            "",  # rscl
+            "",  # rsct
+        ]
+    )
+    digest = hmac.new(base64.b64decode(account_key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
+    fields = {"sv": SAS_VERSION, "st": start, "se": end, "sr": kind, "sp": permissions, "spr": protocol}
+    if encryption_scope:
+        fields["ses"] = encryption_scope
+    fields["sig"] = base64.b64encode(digest).decode()
+    return urlencode(fields)
+
+
 def blob_sas_url(
     *,
     endpoint: str,
@@ -30,41 +77,14 @@ def blob_sas_url(
 ) -> str:
     """A URL granting ``permissions`` (``r`` read, ``w`` write...) on one blob until ``now + expires``."""
     now = now or datetime.now(UTC)
-    # Start a little in the past: clocks of client and server are never exactly equal.
-    start = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    expiry = (now + expires).strftime("%Y-%m-%dT%H:%M:%SZ")
-    resource = f"/blob/{account}/{container}/{blob}"
-    protocol = "https,http" if endpoint.startswith("http://") else "https"
-    string_to_sign = "\n".join(
-        [
-            permissions,
-            start,
-            expiry,
-            resource,
-            "",  # signed identifier
-            "",  # signed IP
-            protocol,
-            SAS_VERSION,
-            "b",  # signed resource: blob
-            "",  # snapshot time
-            "",  # encryption scope
-            "",  # rscc
-            "",  # rscd
-            "",  # rsce
-            "",  # rscl
-            "",  # rsct
-        ]
-    )
-    digest = hmac.new(base64.b64decode(account_key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
-    query = urlencode(
-        {
-            "sv": SAS_VERSION,
-            "st": start,
-            "se": expiry,
-            "sr": "b",
-            "sp": permissions,
-            "spr": protocol,
-            "sig": base64.b64encode(digest).decode(),
-        }
+    query = service_sas(
+        account=account,
+        account_key=account_key,
+        resource=f"{container}/{blob}",
+        kind="b",
+        permissions=permissions,
+        expiry=now + expires,
+        plain_http=endpoint.startswith("http://"),
+        now=now,
     )
     return f"{endpoint.rstrip('/')}/{quote(container)}/{quote(blob, safe='/')}?{query}"

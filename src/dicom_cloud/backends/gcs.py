@@ -19,7 +19,6 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import google.auth
 import requests
@@ -47,6 +46,7 @@ from ..errors import (
     UsageError,
 )
 from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
+from . import refuse_key_in_clear
 
 if TYPE_CHECKING:
     from . import StoreConfig
@@ -114,7 +114,7 @@ class GCSStore(Store):
                 hint="give either the customer key or the KMS key name",
             )
         if self._encryption_key is not None:
-            _refuse_key_in_clear(self._endpoint)
+            refuse_key_in_clear(self._endpoint)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._clients: list[storage.Client] = []
@@ -589,16 +589,6 @@ def _key_file_credentials() -> Credentials:
             hint="signing gs:// URLs needs a service-account key file with a private key",
         ) from exc
     return credentials
-
-
-def _refuse_key_in_clear(endpoint: str) -> None:
-    """A customer key travels in every request: only over HTTPS, or plain HTTP to this machine."""
-    parts = urlsplit(endpoint)
-    if parts.scheme != "https" and parts.hostname not in _LOOPBACK:
-        raise UsageError(
-            f"refusing to send a customer encryption key over plain HTTP to {parts.hostname}",
-            hint="use an https:// endpoint (plain http is accepted only for 127.0.0.1/localhost)",
-        )
 
 
 def _check_options(url: str, options: PutOptions) -> None:

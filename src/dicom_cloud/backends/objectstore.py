@@ -8,14 +8,11 @@ the HTTP status alone is ambiguous (a 403 is a bad signature or a missing permis
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
-from urllib.parse import urlencode, urlsplit
 
 import obstore
 from obstore import exceptions as obx
@@ -36,8 +33,8 @@ from ..errors import (
     UsageError,
 )
 from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
-from . import StoreConfig
-from .azure_sas import SAS_VERSION, blob_sas_url
+from . import StoreConfig, refuse_key_in_clear
+from .azure_sas import blob_sas_url, service_sas
 
 if TYPE_CHECKING:
     from obstore.store import AzureSASToken, ClientConfig, ObjectStore, RetryConfig
@@ -114,7 +111,7 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
                     f"or {config.server_side_encryption}, not both",
                     hint="drop the customer key or the other server-side encryption option",
                 )
-            _refuse_key_in_clear(aws.endpoint or "https://s3.amazonaws.com")
+            refuse_key_in_clear(aws.endpoint or "https://s3.amazonaws.com")
             s3_kwargs["server_side_encryption"] = "sse-c"
             s3_kwargs["sse_customer_key_base64"] = base64.b64encode(config.sse_customer_key).decode()
             encryption = "SSE-C with a customer key"
@@ -163,7 +160,7 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
             )
         encryption = None
         if cpk is not None:
-            _refuse_key_in_clear(az.endpoint or "https://blob.core.windows.net")
+            refuse_key_in_clear(az.endpoint or "https://blob.core.windows.net")
             # obstore sends x-ms-encryption-key, -key-sha256 and -algorithm: AES256 on every
             # blob request, inside the SharedKey signature.
             az_kwargs["encryption_key"] = base64.b64encode(cpk).decode()
@@ -232,18 +229,6 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
 
 Signer = Callable[[str, timedelta, Literal["GET", "PUT"]], str]
 
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-def _refuse_key_in_clear(endpoint: str) -> None:
-    """A customer key travels in every request: only over HTTPS, or plain HTTP to this machine."""
-    parts = urlsplit(endpoint)
-    if parts.scheme != "https" and parts.hostname not in _LOOPBACK:
-        raise UsageError(
-            f"refusing to send a customer encryption key over plain HTTP to {parts.hostname}",
-            hint="use an https:// endpoint (plain http is accepted only for 127.0.0.1/localhost)",
-        )
-
 
 class _ScopedContainerSAS:
     """obstore credential provider: container SAS tokens signed with the account key, carrying
@@ -257,51 +242,25 @@ class _ScopedContainerSAS:
         self, *, account: str, account_key: str, container: str, scope: str, plain_http: bool
     ) -> None:
         self._account = account
-        self._key = base64.b64decode(account_key)
+        self._key = account_key
         self._container = container
         self._scope = scope
-        self._protocol = "https,http" if plain_http else "https"
+        self._plain_http = plain_http
 
     def __call__(self) -> AzureSASToken:
-        now = datetime.now(UTC)
-        start = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        expiry_time = now + self.LIFETIME
-        expiry = expiry_time.strftime("%Y-%m-%dT%H:%M:%SZ")
-        string_to_sign = "\n".join(
-            [
-                self.PERMISSIONS,
-                start,
-                expiry,
-                f"/blob/{self._account}/{self._container}",
-                "",  # signed identifier
-                "",  # signed IP
-                self._protocol,
-                SAS_VERSION,
-                "c",  # signed resource: container
-                "",  # snapshot time
-                self._scope,  # signed encryption scope
-                "",  # rscc
-                "",  # rscd
-                "",  # rsce
-                "",  # rscl
-                "",  # rsct
-            ]
-        )
-        signature = base64.b64encode(hmac.new(self._key, string_to_sign.encode(), hashlib.sha256).digest())
-        token = urlencode(
-            {
-                "sv": SAS_VERSION,
-                "st": start,
-                "se": expiry,
-                "sr": "c",
-                "sp": self.PERMISSIONS,
-                "spr": self._protocol,
-                "ses": self._scope,
-                "sig": signature.decode(),
-            }
+        expiry = datetime.now(UTC) + self.LIFETIME
+        token = service_sas(
+            account=self._account,
+            account_key=self._key,
+            resource=self._container,
+            kind="c",
+            permissions=self.PERMISSIONS,
+            expiry=expiry,
+            plain_http=self._plain_http,
+            encryption_scope=self._scope,
         )
         # Renewed a quarter of an hour early, so that no request starts with a token about to lapse.
-        return {"sas_token": token, "expires_at": expiry_time - timedelta(minutes=15)}
+        return {"sas_token": token, "expires_at": expiry - timedelta(minutes=15)}
 
 
 class ObjectStoreBackend(Store):
