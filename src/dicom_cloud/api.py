@@ -298,6 +298,23 @@ async def share_async(
         return await location.store.sign(location.key, expires, method)
 
 
+async def share_many_async(
+    url: str, *, expires: timedelta = timedelta(hours=1), config: StoreConfig | None = None
+) -> AsyncIterator[tuple[str, str]]:
+    """(object URL, presigned URL) for every object under a prefix; NotFoundError when there is none."""
+    if expires <= timedelta(0):
+        raise UsageError("expiry must be positive")
+    async with _opened(url, config) as location:
+        found = False
+        async for info in location.store.list(location.prefix):
+            if info.key.endswith("/"):
+                continue  # folder markers
+            found = True
+            yield location.display(info.key), await location.store.sign(info.key, expires)
+        if not found:
+            raise NotFoundError(f"nothing found under {location.display(location.prefix)}")
+
+
 def share(url: str, **kwargs: Any) -> str:
     """Synchronous :func:`share_async`."""
     return _run(share_async(url, **kwargs))

@@ -559,7 +559,7 @@ class Transfer:
             for index, start in enumerate(offsets):
                 whole = crc32c_combine(whole, part_crcs[index], min(part, size - start))
             _check_checksum(f"{whole:08x}", info, src_url)
-            await asyncio.to_thread(writer.commit)
+            await asyncio.to_thread(writer.commit, self.options.no_overwrite)
         except BaseException:
             writer.abort()
             raise
@@ -649,23 +649,26 @@ class Transfer:
 
         try:
             async with self._budget.reserve((window + 2) * part):
-                for _ in range(window):
-                    launch()
-                position = 0
-                while ahead:
-                    data = await ahead.popleft()
-                    launch()
-                    position += await asyncio.to_thread(decrypt_and_write, position, data)
-                    self._progress(src_url, dst_url, size, len(data))
+                try:
+                    for _ in range(window):
+                        launch()
+                    position = 0
+                    while ahead:
+                        data = await ahead.popleft()
+                        launch()
+                        position += await asyncio.to_thread(decrypt_and_write, position, data)
+                        self._progress(src_url, dst_url, size, len(data))
+                finally:
+                    # The reads ahead hold memory: they end before the budget is given back.
+                    for task in ahead:
+                        task.cancel()
+                    await asyncio.gather(*ahead, return_exceptions=True)
             _check_checksum(stored_crc.hexdigest(), info, src_url)
             rest = await asyncio.to_thread(decryptor.finalize)
             if rest:
                 await asyncio.to_thread(writer.write_at, position, rest)
-            await asyncio.to_thread(writer.commit)
+            await asyncio.to_thread(writer.commit, self.options.no_overwrite)
         except BaseException:
-            for task in ahead:
-                task.cancel()
-            await asyncio.gather(*ahead, return_exceptions=True)
             writer.abort()
             raise
 

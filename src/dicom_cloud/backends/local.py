@@ -267,10 +267,11 @@ class RandomAccessWriter:
                 os.close(self._fd)
                 self._fd = -1
 
-    def commit(self) -> None:
+    def commit(self, if_absent: bool = False) -> None:
+        """Give the file its final name (refusing to replace one with ``if_absent``)."""
         self._close()
         try:
-            os.replace(self.tmp, self.final)
+            _commit(self.tmp, self.final, if_absent)
         except OSError as exc:
             raise _translate(exc, self.final) from exc
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .. import __version__, api
-from ..errors import EXIT_INTERRUPTED, DicomCloudError, NotFoundError, TransferFailedError, UsageError
+from ..errors import EXIT_INTERRUPTED, DicomCloudError, TransferFailedError, UsageError
 from ..location import LocationOpener
 from ..store import ObjectInfo
 from ..transfer import (
@@ -373,17 +373,8 @@ def _share(args: argparse.Namespace) -> int:
         if not args.recursive:
             emit(args.url, await api.share_async(args.url, expires=lifetime, config=config))
             return
-        opener = LocationOpener(config)
-        location = opener.open(args.url)
-        try:
-            found = False
-            async for info in location.store.list(location.prefix):
-                found = True
-                emit(location.display(info.key), await location.store.sign(info.key, lifetime))
-            if not found:
-                raise NotFoundError(f"nothing found under {args.url}")
-        finally:
-            await opener.close()
+        async for target, link in api.share_many_async(args.url, expires=lifetime, config=config):
+            emit(target, link)
 
     asyncio.run(run())
     return 0

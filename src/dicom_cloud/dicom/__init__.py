@@ -1,0 +1,1 @@
+"""DICOM-aware helpers: reading identities from Part 10 headers."""
