@@ -17,6 +17,7 @@ in one place.
     ├── AlreadyExistsError          exit 8   destination exists and overwriting was refused
     ├── UnsafeNameError             exit 9   an object name that would escape its directory
     ├── NotSupportedError           exit 10  the store cannot do this (e.g. sign on file://)
+    ├── DicomFormatError            exit 12  not DICOM, or a header malformed beyond the policy
     └── TransferFailedError         exit 1   a batch finished with some items failed
     UsageError
     └── KeyMissingError             exit 11  an object is encrypted under a master key not given
@@ -132,6 +133,19 @@ class NotSupportedError(DicomCloudError):
 
     exit_code = 10
     http_status = 501
+
+
+class DicomFormatError(DicomCloudError):
+    """The data is not DICOM, or its header is malformed beyond what the policy accepts."""
+
+    exit_code = 12
+    http_status = 422
+
+    def __init__(self, reason: str, *, detail: str = "", hint: str | None = None) -> None:
+        message = f"{reason} ({detail})" if detail else reason
+        super().__init__(message, hint=hint)
+        #: A stable reason (``dicom.header.REASON_*``): safe to log, free of patient data.
+        self.reason = reason
 
 
 class TransferFailedError(DicomCloudError):

@@ -39,7 +39,8 @@ exit codes:
   3   not found (object, bucket,       9   unsafe object name (../, NUL)
       prefix or local path)            10  operation not supported by the store
   4   credentials refused              11  encrypted under a master key not given
-  5   permission denied                130 interrupted (Ctrl-C)
+  5   permission denied                12  not DICOM, or a malformed DICOM header
+                                       130 interrupted (Ctrl-C)
 """
 
 DESCRIPTION = """\
