@@ -42,11 +42,13 @@ from .crypto.envelope import (
     Format,
     recorded_key_id,
 )
+from .dicom.upload import DicomPolicy
 from .errors import (
     AlreadyExistsError,
     AuthenticationError,
     BucketNotFoundError,
     DicomCloudError,
+    DicomFormatError,
     IntegrityError,
     KeyMissingError,
     NotFoundError,
@@ -102,6 +104,8 @@ class TransferOptions:
     encryption: ClientEncryption | None = None
     #: Re-encrypt objects in place under the current master key; skip those already under it.
     rekey: bool = False
+    #: DICOM-aware writes: names from a layout, attributes as metadata, validation (dicom/upload.py).
+    dicom: DicomPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.rekey and not (self.encryption and self.encryption.writes_encrypted):
@@ -156,6 +160,8 @@ class TransferSummary:
     bytes: int = 0
     skipped: int = 0
     failed: list[tuple[str, DicomCloudError]] = field(default_factory=list)
+    #: Files left out by validation (not DICOM, malformed), with the reason: counted in ``skipped`` too.
+    rejected: list[tuple[str, DicomFormatError]] = field(default_factory=list)
     seconds: float = 0.0
     dry_run: bool = False
 
@@ -353,7 +359,10 @@ class Transfer:
                 log.debug("skipped %s: %s", src_url, reason)
                 self._take_back_progress(src_url, dst_url, item.size)
                 self.summary.skipped += 1
-                self.emit(TransferEvent("skipped", src_url, dst_url, item.size))
+                rejected = reason.__cause__ if isinstance(reason.__cause__, DicomFormatError) else None
+                if rejected is not None:
+                    self.summary.rejected.append((src_url, rejected))
+                self.emit(TransferEvent("skipped", src_url, dst_url, item.size, error=rejected))
                 return
             except Exception as unexpected:  # one object's bug must not stop the others
                 exc = (
@@ -386,6 +395,9 @@ class Transfer:
     async def _move(self, item: TransferItem, src_url: str, dst_url: str) -> None:
         src, dst = self.src.store, self.dst.store
         put = self.options.put
+        if self.options.dicom is not None:
+            item, dicom_metadata = await self._apply_dicom_policy(self.options.dicom, item)
+            put = replace(put, metadata={**dicom_metadata, **put.metadata})
         crypt = self.options.encryption or _NO_ENCRYPTION
         if self.options.rekey:
             await self._skip_unless_rekey_needed(item, src_url)
@@ -446,6 +458,23 @@ class Transfer:
         plan = self._upload_plan()
         async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
             await self.dst.store.put_file(item.dst_key, path, _with_checksum(put, None, checksum), plan)
+
+    async def _apply_dicom_policy(
+        self, policy: DicomPolicy, item: TransferItem
+    ) -> tuple[TransferItem, dict[str, str]]:
+        """Read the instance's header; name the object by the layout; say which attributes to record."""
+        try:
+            identity = await policy.identify(
+                self.src.store, item.src_key, local=self.src.is_local, size=item.size
+            )
+        except DicomFormatError as exc:
+            if policy.skip_invalid:
+                raise _Skip(f"not uploaded: {exc.reason}") from exc
+            raise
+        name = policy.object_name(identity, posixpath.basename(item.src_key))
+        if name is not None:
+            item = replace(item, dst_key=self.dst.join(name), relative=name)
+        return item, policy.metadata(identity)
 
     def _prepare_whole(
         self,

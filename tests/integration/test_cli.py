@@ -1220,3 +1220,47 @@ def test_sse_customer_key_from_the_command_line(
     assert "16 bytes" in result.stderr and bad.read_text().strip() not in result.stderr
     run_cli("upload", source, url, "--gcs-kms-key", "projects/p/locations/l/keyRings/r/cryptoKeys/k",
             env=env).fails(2)  # fmt: skip
+
+
+def test_dicom_aware_upload(
+    seaweedfs: S3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--layout names objects from headers, --validate leaves non-DICOM out with a reason,
+    --dicom-tags records attributes, and patient data is refused in names, metadata and --tags."""
+    src = tmp_path / "study"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(_pydicom_file(name), src / name)
+    (src / "notes.txt").write_text("not an image")
+    env = cli_env(seaweedfs.env())
+    url = f"s3://{s3_bucket}/archive/"
+    result = run_cli(
+        "upload", src, url, "-r", "--layout", "uid", "--validate", "--dicom-tags", "Modality", env=env
+    )
+    result.ok()
+    assert "notes.txt" in result.stderr and "not DICOM" in result.stderr
+    ct = pydicom.dcmread(src / "CT_small.dcm", stop_before_pixels=True)
+    key = f"archive/{ct.StudyInstanceUID}/{ct.SeriesInstanceUID}/{ct.SOPInstanceUID}.dcm"
+    listing = run_cli("list", url, "-r", "--json", env=env).ok().json_lines()
+    assert key in [r["key"] for r in listing] and len(listing) == 2
+    for var, value in seaweedfs.env().items():
+        monkeypatch.setenv(var, value)
+    from dicom_cloud import api
+
+    assert api.stat(f"s3://{s3_bucket}/{key}").metadata.get("dicom_modality") == "CT"
+    hashed = run_cli(
+        "upload", src, f"s3://{s3_bucket}/hashed/", "-r", "--layout", "hashed", "--validate", env=env
+    )
+    hashed.ok()
+    names = [
+        r["key"] for r in run_cli("list", f"s3://{s3_bucket}/hashed/", "-r", "--json", env=env).json_lines()
+    ]
+    assert names and not any(ct.SOPInstanceUID in n or ct.StudyInstanceUID in n for n in names)
+    for refused in (
+        ["--layout", "{PatientName}/{SOPInstanceUID}.dcm"],
+        ["--dicom-tags", "PatientID"],
+        ["--tags", "PatientID=123"],
+    ):
+        run_cli("upload", src / "CT_small.dcm", url, *refused, env=env).fails(2)
+    run_cli("upload", src / "CT_small.dcm", url, "--tags", "PatientID=123", "--allow-phi", env=env).ok()
+    run_cli("upload", src / "notes.txt", url, "--layout", "uid", env=env).fails(12)

@@ -28,7 +28,14 @@ from ..transfer import (
     DEFAULT_PART_SIZE,
     TransferSummary,
 )
-from .options import client_encryption, parse_duration, setup_logging, store_config, transfer_options
+from .options import (
+    client_encryption,
+    dicom_policy,
+    parse_duration,
+    setup_logging,
+    store_config,
+    transfer_options,
+)
 from .render import TransferProgress, choose_mode, human_bytes, listing_line, object_record, print_error
 
 EXIT_CODES_HELP = """\
@@ -163,6 +170,36 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-overwrite", action="store_true", help="skip objects that already exist at the destination"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan; transfer nothing")
+    dicom = parser.add_argument_group("DICOM")
+    dicom.add_argument(
+        "--layout",
+        metavar="PRESET|TEMPLATE",
+        help="name objects from their DICOM header: 'hashed' (no UID in names, load spread over "
+        "prefixes), 'uid' ({StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm) or a template",
+    )
+    dicom.add_argument(
+        "--layout-key-file",
+        metavar="PATH",
+        help="secret for the 'hashed' layout: names cannot be linked to UIDs",
+    )
+    dicom.add_argument(
+        "--dicom-tags",
+        metavar="K1,K2",
+        help="DICOM attributes stored as object metadata (dicom_<keyword>), e.g. Modality,SeriesInstanceUID",
+    )
+    dicom.add_argument(
+        "--validate",
+        action="store_true",
+        help="skip files that are not DICOM (each reported with the reason)",
+    )
+    dicom.add_argument(
+        "--strict", action="store_true", help="read headers strictly (Part 10 files with all identity UIDs)"
+    )
+    dicom.add_argument(
+        "--allow-phi",
+        action="store_true",
+        help="allow patient data (PatientName, PatientID, dates...) in names, metadata and --tags",
+    )
     perf = parser.add_argument_group("performance")
     perf.add_argument(
         "-j",
@@ -235,6 +272,15 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
             encryption=client_encryption(
                 args.encrypt, args.encryption_format, args.master_key, args.previous_key
             ),
+            dicom=dicom_policy(
+                args.layout,
+                args.layout_key_file,
+                args.dicom_tags,
+                validate=args.validate,
+                strict=args.strict,
+                allow_phi=args.allow_phi,
+            ),
+            allow_phi=args.allow_phi,
         )
         config = _config(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)

@@ -13,6 +13,9 @@ from pathlib import Path
 from ..backends import StoreConfig
 from ..crypto.envelope import ClientEncryption
 from ..crypto.keysource import load_keys
+from ..dicom.layout import Layout
+from ..dicom.phi import check_tags_allowed
+from ..dicom.upload import DicomPolicy
 from ..errors import UsageError
 from ..store import PutOptions
 from ..transfer import TransferOptions
@@ -128,8 +131,12 @@ def transfer_options(
     dry_run: bool = False,
     encryption: ClientEncryption | None = None,
     rekey: bool = False,
+    dicom: DicomPolicy | None = None,
+    allow_phi: bool = False,
 ) -> TransferOptions:
     metadata = parse_tags(tags)
+    # "--tags PatientID=..." is the classic way PHI ends up in object metadata.
+    check_tags_allowed(metadata, allow_phi, where="object metadata (--tags)")
     return TransferOptions(
         parallel=parallel,
         part_size=parse_size(part_size, "--part-size"),
@@ -140,6 +147,37 @@ def transfer_options(
         dry_run=dry_run,
         encryption=encryption,
         rekey=rekey,
+        dicom=dicom,
+    )
+
+
+def dicom_policy(
+    layout: str | None,
+    layout_key_file: str | None,
+    dicom_tags: str | None,
+    *,
+    validate: bool,
+    strict: bool,
+    allow_phi: bool,
+) -> DicomPolicy | None:
+    """The DICOM handling asked for on the command line; None when none of its options is used."""
+    if not (layout or dicom_tags or validate or strict):
+        if layout_key_file:
+            raise UsageError("--layout-key-file goes with --layout hashed")
+        return None
+    key = None
+    if layout_key_file:
+        try:
+            key = Path(layout_key_file).read_bytes().strip()
+        except OSError:
+            raise UsageError(f"--layout-key-file: cannot read {layout_key_file}") from None
+    tags = tuple(t.strip() for t in (dicom_tags or "").split(",") if t.strip())
+    return DicomPolicy(
+        layout=Layout.from_spec(layout, key=key, allow_phi=allow_phi) if layout else None,
+        metadata_tags=tags,
+        skip_invalid=validate,
+        strict=strict,
+        allow_phi=allow_phi,
     )
 
 

@@ -95,6 +95,8 @@ class TransferProgress:
         elif kind == "skipped":
             self.files_done += 1
             self.bytes_done += event.size
+            if event.error is not None:  # left out by validation: say why
+                self._error_line(event, label="skipped")
         elif kind == "failed":
             self.failed += 1
             self._error_line(event)
@@ -112,11 +114,11 @@ class TransferProgress:
                 files=f"{self.files_done}/{self.files_total} files",
             )
 
-    def _error_line(self, event: TransferEvent) -> None:
-        if self.mode == "json" or not self.report_failures:
+    def _error_line(self, event: TransferEvent, label: str = "error") -> None:
+        if self.mode in ("json", "quiet") or not self.report_failures:
             return
         message = str(event.error) if event.error else "failed"
-        text = f"error: {event.src}: {message}" if event.src not in message else f"error: {message}"
+        text = f"{label}: {event.src}: {message}" if event.src not in message else f"{label}: {message}"
         if self._rich is not None:
             self._rich.console.print(text, markup=False, highlight=False)
         else:
@@ -160,8 +162,11 @@ class TransferProgress:
         ]
         if not summary.dry_run and summary.files:
             parts.append(f"{summary.files / seconds:.0f} files/s, {human_bytes(summary.bytes / seconds)}/s")
-        if summary.skipped:
-            parts.append(f"{summary.skipped} skipped (already there)")
+        rejected = len(summary.rejected)
+        if summary.skipped - rejected:
+            parts.append(f"{summary.skipped - rejected} skipped")
+        if rejected:
+            parts.append(f"{rejected} not DICOM or malformed (left out)")
         parts.append(f"{len(summary.failed)} failed")
         print(", ".join(parts), file=sys.stderr)
 

@@ -172,15 +172,16 @@ def uids_in_template(template: str) -> list[str]:
     return [keyword for keyword in template_keywords(template) if is_identifying_uid(keyword)]
 
 
-def check_tags_allowed(keywords: Iterable[str], allow_phi: bool) -> None:
+def check_tags_allowed(keywords: Iterable[str], allow_phi: bool, *, where: str = "object names") -> None:
     """Refuse PHI ``keywords`` unless ``allow_phi``; UIDs and non-PHI attributes always pass.
 
-    Raises :class:`~dicom_cloud.errors.UsageError` naming every offending keyword.
+    Raises :class:`~dicom_cloud.errors.UsageError` naming every offending keyword and ``where``
+    the values would have gone (object names, object metadata).
     """
     offending = sorted({keyword for keyword in keywords if is_phi(keyword)})
     if offending and not allow_phi:
         raise UsageError(
-            f"object names would contain PHI ({', '.join(offending)}); pass --allow-phi to store them anyway",
-            hint="object names are visible to anyone who can list the bucket and are never encrypted; "
-            "prefer the 'hashed' layout",
+            f"{where} would contain PHI ({', '.join(offending)}); pass --allow-phi to store them anyway",
+            hint=f"{where} are visible to anyone who can list the bucket and are never encrypted"
+            + ("; prefer the 'hashed' layout" if where == "object names" else ""),
         )
