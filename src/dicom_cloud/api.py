@@ -338,3 +338,65 @@ class _opened:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._opener.close()
+
+
+# -- studies ----------------------------------------------------------------------------
+
+
+@dataclass
+class StudySummary:
+    """What a prefix holds of one study, from object metadata or headers (never pixel data)."""
+
+    study_instance_uid: str
+    series: set[str] = field(default_factory=set)
+    instances: int = 0
+    bytes: int = 0
+    modalities: set[str] = field(default_factory=set)
+
+
+async def studies_async(
+    url: str, *, config: StoreConfig | None = None, parallel: int = 32
+) -> tuple[list[StudySummary], int]:
+    """Objects under ``url`` grouped by study, and how many objects could not be read as DICOM.
+
+    Each object's identity comes from a ranged read of its header (one request, as a HEAD would
+    be). Encrypted objects and other non-DICOM objects are counted apart.
+    """
+    from .dicom.header import read_identity_from_store
+    from .errors import DicomFormatError
+
+    studies: dict[str, StudySummary] = {}
+    unreadable = 0
+    gate = asyncio.Semaphore(parallel)
+    async with _opened(url, config) as location:
+        store = location.store
+
+        async def one(info: ObjectInfo) -> None:
+            nonlocal unreadable
+            async with gate:
+                try:
+                    identity = await read_identity_from_store(store, info.key, size=info.size)
+                except DicomFormatError:
+                    unreadable += 1
+                    return
+            study = studies.setdefault(
+                identity.study_instance_uid or "(none)", StudySummary(identity.study_instance_uid or "(none)")
+            )
+            study.series.add(identity.series_instance_uid or "(none)")
+            study.instances += 1
+            study.bytes += info.size
+            if identity.modality:
+                study.modalities.add(identity.modality)
+
+        pending: set[asyncio.Task[None]] = set()
+        async for info in store.list(location.prefix if location.is_local else location.key):
+            if info.key.endswith("/"):
+                continue
+            task = asyncio.create_task(one(info))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            if len(pending) >= parallel * 4:  # memory stays flat however many objects
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            await asyncio.gather(*pending)
+    return sorted(studies.values(), key=lambda s: s.study_instance_uid), unreadable

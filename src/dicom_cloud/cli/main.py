@@ -331,6 +331,8 @@ def _display(config: Any, url: str) -> Callable[[str], str]:
 
 def _list(args: argparse.Namespace) -> int:
     config = _config(args)
+    if args.studies:
+        return _list_studies(args, config)
     location = LocationOpener(config).open(args.url)
     # Names are shown relative to the listed prefix's directory, as `aws s3 ls` does.
     if location.names_directory or location.is_local:
@@ -354,6 +356,32 @@ def _list(args: argparse.Namespace) -> int:
     count, total = asyncio.run(run())
     if args.details and not args.json_output:
         print(f"{count} entries, {human_bytes(total)}", file=sys.stderr)
+    return 0
+
+
+def _list_studies(args: argparse.Namespace, config: Any) -> int:
+    studies, unreadable = asyncio.run(api.studies_async(args.url, config=config))
+    for study in studies:
+        modalities = ",".join(sorted(study.modalities)) or "-"
+        if args.json_output:
+            record = {
+                "study_instance_uid": study.study_instance_uid,
+                "series": len(study.series),
+                "instances": study.instances,
+                "bytes": study.bytes,
+                "modalities": sorted(study.modalities),
+            }
+            print(json.dumps(record))
+        else:
+            print(
+                f"{study.study_instance_uid}  {len(study.series):>4} series  {study.instances:>6} instances  "
+                f"{human_bytes(study.bytes):>10}  {modalities}"
+            )
+    if not args.json_output:
+        note = (
+            f", {unreadable} objects not readable as DICOM (encrypted or other files)" if unreadable else ""
+        )
+        print(f"{len(studies)} studies{note}", file=sys.stderr)
     return 0
 
 
@@ -525,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("url", help="bucket, prefix or local directory")
     sub.add_argument("-r", "--recursive", action="store_true", help="every object below, not one level")
     sub.add_argument("-l", "--details", action="store_true", help="show last-modified time and size")
+    sub.add_argument(
+        "--studies",
+        action="store_true",
+        help="group the objects below by DICOM study (series, instances, size, modalities), from headers",
+    )
     _connection_options(sub)
     _output_options(sub, quiet=False)
 
