@@ -23,6 +23,7 @@ from .backends import StoreConfig
 from .checksum import crc32c_hex
 from .crypto.envelope import ClientEncryption
 from .crypto.keys import KeyRing
+from .dicom.manifest import ManifestWriter
 from .errors import NotFoundError, UsageError
 from .localio import resolves_within
 from .location import Location, LocationOpener
@@ -57,9 +58,15 @@ async def transfer_async(
     config: StoreConfig | None = None,
     on_event: EventCallback | None = None,
     require: Literal["upload", "download", "copy"] = "copy",
+    manifest: str | None = None,
 ) -> TransferSummary:
-    """Copy one object or a tree from ``source`` to ``destination`` (any two locations)."""
+    """Copy one object or a tree from ``source`` to ``destination`` (any two locations).
+
+    ``manifest``: a ``.jsonl``, ``.csv`` or ``.parquet`` path receiving one row per object
+    (UIDs, key, size, CRC32C, status), written as the transfer goes.
+    """
     opener = LocationOpener(config)
+    writer = ManifestWriter.open(manifest) if manifest else None
     try:
         src = opener.open(source)
         dst = opener.open(destination)
@@ -68,7 +75,17 @@ async def transfer_async(
             raise UsageError(f"upload reads local files; {source} is remote", hint="use copy or download")
         if require == "download" and not dst.is_local:
             raise UsageError(f"download writes local files; {destination} is remote", hint="use copy")
-        return await Transfer(src, dst, recursive=recursive, options=options, on_event=on_event).run()
+        transfer = Transfer(
+            src, dst, recursive=recursive, options=options, on_event=on_event, manifest=writer
+        )
+        summary = await transfer.run()
+        if writer is not None:
+            writer.close()
+        return summary
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # kept as <name>.partial for inspection
+        raise
     finally:
         await opener.close()
 

@@ -42,6 +42,9 @@ from .crypto.envelope import (
     Format,
     recorded_key_id,
 )
+from .dicom.deidentify import DeidentifyOptions, deidentify, new_uid
+from .dicom.header import DicomIdentity
+from .dicom.manifest import ManifestRow, ManifestWriter
 from .dicom.upload import DicomPolicy
 from .errors import (
     AlreadyExistsError,
@@ -56,6 +59,7 @@ from .errors import (
     UnsafeNameError,
     UsageError,
 )
+from .filters import Filter
 from .localio import resolves_within
 from .location import Location
 from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
@@ -106,6 +110,10 @@ class TransferOptions:
     rekey: bool = False
     #: DICOM-aware writes: names from a layout, attributes as metadata, validation (dicom/upload.py).
     dicom: DicomPolicy | None = None
+    #: Which names and DICOM instances to take (include/exclude globs, files-from, modality, UIDs).
+    filter: Filter | None = None
+    #: De-identify every instance on its way (PS3.15 Basic Profile, dicom/deidentify.py).
+    deidentify: DeidentifyOptions | None = None
 
     def __post_init__(self) -> None:
         if self.rekey and not (self.encryption and self.encryption.writes_encrypted):
@@ -179,6 +187,8 @@ class _Skip(Exception):
 
 
 _NO_ENCRYPTION = ClientEncryption()
+#: Header reading for DICOM filters when no DICOM policy was asked for.
+_HEADER_ONLY = DicomPolicy()
 #: Room for an envelope's header and tags beside a whole object in memory.
 _ENVELOPE_ROOM = 64 * 1024
 
@@ -194,8 +204,13 @@ class Transfer:
         recursive: bool,
         options: TransferOptions | None = None,
         on_event: EventCallback | None = None,
+        manifest: ManifestWriter | None = None,
     ) -> None:
         self.src = src
+        #: Inventory of what was written, skipped or left out (dicom/manifest.py), row by row.
+        self.manifest = manifest
+        #: Identity and CRC32C of items in flight, for their manifest rows.
+        self._written: dict[str, tuple[DicomIdentity | None, str | None, str | None]] = {}
         self.dst = dst
         self.recursive = recursive
         self.options = options or TransferOptions()
@@ -276,6 +291,8 @@ class Transfer:
                 if info.key.endswith("/"):
                     continue  # a "folder" marker object (S3 consoles make them): not a file
                 relative = info.key[len(prefix) :]
+                if self.options.filter is not None and not self.options.filter.accepts_name(relative):
+                    continue
                 if self.src.is_local and not self.dst.is_local:
                     # macOS writes NFD names; one spelling in the bucket avoids duplicates.
                     relative = unicodedata.normalize("NFC", relative)
@@ -362,6 +379,13 @@ class Transfer:
                 rejected = reason.__cause__ if isinstance(reason.__cause__, DicomFormatError) else None
                 if rejected is not None:
                     self.summary.rejected.append((src_url, rejected))
+                self._manifest_row(
+                    item,
+                    src_url,
+                    dst_url,
+                    "rejected" if rejected else "skipped",
+                    rejected.reason if rejected else "",
+                )
                 self.emit(TransferEvent("skipped", src_url, dst_url, item.size, error=rejected))
                 return
             except Exception as unexpected:  # one object's bug must not stop the others
@@ -388,6 +412,7 @@ class Transfer:
                 return
             self.summary.files += 1
             self.summary.bytes += item.size
+            self._manifest_row(item, src_url, dst_url, "uploaded")
             rest = item.size - self._reported.pop(src_url, 0)
             self.emit(TransferEvent("completed", src_url, dst_url, item.size, bytes=rest))
             return
@@ -395,8 +420,11 @@ class Transfer:
     async def _move(self, item: TransferItem, src_url: str, dst_url: str) -> None:
         src, dst = self.src.store, self.dst.store
         put = self.options.put
-        if self.options.dicom is not None:
-            item, dicom_metadata = await self._apply_dicom_policy(self.options.dicom, item)
+        policy = self.options.dicom
+        if policy is None and self.options.filter is not None and self.options.filter.needs_header:
+            policy = _HEADER_ONLY
+        if policy is not None:
+            item, dicom_metadata = await self._apply_dicom_policy(policy, item)
             put = replace(put, metadata={**dicom_metadata, **put.metadata})
         crypt = self.options.encryption or _NO_ENCRYPTION
         if self.options.rekey:
@@ -417,7 +445,8 @@ class Transfer:
                 await self._refuse_existing(item.dst_key)
             await src.copy(item.src_key, item.dst_key)
             return
-        if item.size <= self.options.multipart_threshold:
+        # De-identification rewrites the dataset: it needs the whole instance in memory.
+        if item.size <= self.options.multipart_threshold or self.options.deidentify is not None:
             async with self._budget.reserve(2 * item.size + _ENVELOPE_ROOM):
                 info, data = await src.read(item.src_key)
                 # Hashing and ciphers release the GIL: in a worker thread they run beside the event loop.
@@ -436,6 +465,13 @@ class Transfer:
                         self._prepare_whole, data, info, put, src_url, item, trust_etag=False
                     )
                 await dst.put(item.dst_key, data, options)
+                if item.src_key in self._written:
+                    identity, _, named = self._written[item.src_key]
+                    self._written[item.src_key] = (
+                        identity,
+                        options.metadata.get(CHECKSUM_METADATA_KEY),
+                        named,
+                    )
             return
         info = await src.stat(item.src_key)
         fmt = crypt.detect(item.src_key, info.metadata)
@@ -463,17 +499,30 @@ class Transfer:
         self, policy: DicomPolicy, item: TransferItem
     ) -> tuple[TransferItem, dict[str, str]]:
         """Read the instance's header; name the object by the layout; say which attributes to record."""
+        selecting = self.options.filter is not None and self.options.filter.needs_header
         try:
             identity = await policy.identify(
                 self.src.store, item.src_key, local=self.src.is_local, size=item.size
             )
         except DicomFormatError as exc:
+            if policy is _HEADER_ONLY and selecting:
+                raise _Skip("not DICOM: does not match the DICOM filters") from None
             if policy.skip_invalid:
                 raise _Skip(f"not uploaded: {exc.reason}") from exc
             raise
+        if self.options.deidentify is not None:
+            identity = _deidentified_identity(identity, self.options.deidentify)
+        self._written[item.src_key] = (identity, None, None)
+        if (
+            selecting
+            and self.options.filter is not None
+            and not self.options.filter.accepts_identity(identity)
+        ):
+            raise _Skip("does not match the DICOM filters")
         name = policy.object_name(identity, posixpath.basename(item.src_key))
         if name is not None:
             item = replace(item, dst_key=self.dst.join(name), relative=name)
+            self._written[item.src_key] = (identity, None, item.dst_key)
         return item, policy.metadata(identity)
 
     def _prepare_whole(
@@ -496,6 +545,9 @@ class Transfer:
             return data, _with_checksum(put, info, checksum, keep=_markers(info))
         if fmt is not None:
             data = crypt.decrypt(src_url, fmt, info.metadata, data)
+            checksum = crc32c_hex(data)
+        if self.options.deidentify is not None:
+            data, _ = deidentify(bytes(data), self.options.deidentify)
             checksum = crc32c_hex(data)
         if crypt.writes_encrypted:
             data = crypt.encrypt(data)
@@ -521,6 +573,23 @@ class Transfer:
         part = self.options.part_size
         slots = self.options.memory_budget // (_HELD_PARTS_PER_SLOT * part)
         return MultipartPlan(part, max(1, min(self.options.part_concurrency, slots)))
+
+    def _manifest_row(
+        self, item: TransferItem, src_url: str, dst_url: str, status: str, reason: str = ""
+    ) -> None:
+        identity, crc, named = self._written.pop(item.src_key, (None, None, None))
+        if self.manifest is None:
+            return
+        row = ManifestRow.from_identity(
+            identity,
+            source=src_url,
+            key=self.dst.display(named) if named else dst_url,
+            size=item.size,
+            crc32c=crc,
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+        )
+        self.manifest.write(row)
 
     def _progress(self, src_url: str, dst_url: str, size: int, count: int) -> None:
         if count:
@@ -700,6 +769,24 @@ class Transfer:
         except BaseException:
             writer.abort()
             raise
+
+
+def _deidentified_identity(identity: DicomIdentity, options: DeidentifyOptions) -> DicomIdentity:
+    """The identity the de-identified instance will have: UIDs remapped, patient data gone."""
+
+    def remap(uid: str | None) -> str | None:
+        return new_uid(options.secret, uid) if uid else uid
+
+    return replace(
+        identity,
+        study_instance_uid=remap(identity.study_instance_uid),
+        series_instance_uid=remap(identity.series_instance_uid),
+        sop_instance_uid=remap(identity.sop_instance_uid) or identity.sop_instance_uid,
+        patient_id=None,
+        accession_number=None,
+        study_date=None,
+        extra={},
+    )
 
 
 def _write_and_hash(writer: RandomAccessWriter, offset: int, chunk: bytes | memoryview, crc: int) -> int:

@@ -30,8 +30,10 @@ from ..transfer import (
 )
 from .options import (
     client_encryption,
+    deidentify_options,
     dicom_policy,
     parse_duration,
+    selection,
     setup_logging,
     store_config,
     transfer_options,
@@ -196,6 +198,43 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         "--strict", action="store_true", help="read headers strictly (Part 10 files with all identity UIDs)"
     )
     dicom.add_argument(
+        "--deidentify",
+        action="store_true",
+        help="de-identify every instance on its way (PS3.15 Basic Profile; needs --deid-secret-file)",
+    )
+    dicom.add_argument(
+        "--deid-secret-file",
+        metavar="PATH",
+        help="secret (>= 16 bytes) making new UIDs and pseudonyms consistent across files and runs",
+    )
+    dicom.add_argument(
+        "--deid-dates",
+        choices=["remove", "shift"],
+        default="remove",
+        help="dates: removed (Basic Profile) or shifted per patient, intervals kept (default: %(default)s)",
+    )
+    dicom.add_argument(
+        "--manifest",
+        metavar="PATH",
+        help="inventory of what was transferred: .jsonl, .csv or .parquet (UIDs, key, size, CRC32C, status)",
+    )
+    select = parser.add_argument_group("selection")
+    select.add_argument("--include", metavar="GLOB", action="append", default=[], help="only names matching")
+    select.add_argument(
+        "--exclude", metavar="GLOB", action="append", default=[], help="leave out names matching"
+    )
+    select.add_argument(
+        "--files-from", metavar="PATH", help="only the names listed in this file, one per line"
+    )
+    select.add_argument("--modality", metavar="M", action="append", default=[], help="only these modalities")
+    select.add_argument(
+        "--study-uid", "--study", metavar="UID", action="append", default=[], help="only this study"
+    )
+    select.add_argument(
+        "--series-uid", "--series", metavar="UID", action="append", default=[], help="only this series"
+    )
+    select.add_argument("--sop-class", metavar="UID", action="append", default=[], help="only this SOP class")
+    dicom.add_argument(
         "--allow-phi",
         action="store_true",
         help="allow patient data (PatientName, PatientID, dates...) in names, metadata and --tags",
@@ -281,6 +320,8 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
                 allow_phi=args.allow_phi,
             ),
             allow_phi=args.allow_phi,
+            selection=selection(args),
+            deidentify=deidentify_options(args.deidentify, args.deid_secret_file, args.deid_dates),
         )
         config = _config(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
@@ -293,6 +334,7 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
                     options=options,
                     config=config,
                     on_event=progress,
+                    manifest=args.manifest,
                 )
             )
         progress.summary(summary)

@@ -9,14 +9,17 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from ..backends import StoreConfig
 from ..crypto.envelope import ClientEncryption
 from ..crypto.keysource import load_keys
+from ..dicom.deidentify import DeidentifyOptions
 from ..dicom.layout import Layout
 from ..dicom.phi import check_tags_allowed
 from ..dicom.upload import DicomPolicy
 from ..errors import UsageError
+from ..filters import Filter
 from ..store import PutOptions
 from ..transfer import TransferOptions
 
@@ -133,6 +136,8 @@ def transfer_options(
     rekey: bool = False,
     dicom: DicomPolicy | None = None,
     allow_phi: bool = False,
+    selection: Filter | None = None,
+    deidentify: DeidentifyOptions | None = None,
 ) -> TransferOptions:
     metadata = parse_tags(tags)
     # "--tags PatientID=..." is the classic way PHI ends up in object metadata.
@@ -148,7 +153,43 @@ def transfer_options(
         encryption=encryption,
         rekey=rekey,
         dicom=dicom,
+        filter=selection,
+        deidentify=deidentify,
     )
+
+
+def selection(args: Any) -> Filter | None:
+    """The --include/--exclude/--files-from/--modality/--study-uid/... filter, or None."""
+    values = (args.include, args.exclude, args.files_from, args.modality, args.study_uid, args.series_uid)
+    if not any(values) and not args.sop_class:
+        return None
+    modalities = [m.strip() for item in args.modality for m in item.split(",") if m.strip()]
+    return Filter(
+        args.include,
+        args.exclude,
+        files_from=Path(args.files_from) if args.files_from else None,
+        modality=modalities,
+        study_uid=args.study_uid,
+        series_uid=args.series_uid,
+        sop_class=args.sop_class,
+    )
+
+
+def deidentify_options(enabled: bool, secret_file: str | None, dates: str) -> DeidentifyOptions | None:
+    if not enabled:
+        if secret_file:
+            raise UsageError("--deid-secret-file goes with --deidentify")
+        return None
+    if not secret_file:
+        raise UsageError(
+            "--deidentify needs --deid-secret-file",
+            hint="the secret keeps new UIDs consistent across runs: head -c 32 /dev/urandom > deid.key",
+        )
+    try:
+        secret = Path(secret_file).read_bytes().strip()
+    except OSError:
+        raise UsageError(f"--deid-secret-file: cannot read {secret_file}") from None
+    return DeidentifyOptions(secret=secret, keep_dates=dates)  # type: ignore[arg-type]
 
 
 def dicom_policy(
