@@ -1264,3 +1264,45 @@ def test_dicom_aware_upload(
         run_cli("upload", src / "CT_small.dcm", url, *refused, env=env).fails(2)
     run_cli("upload", src / "CT_small.dcm", url, "--tags", "PatientID=123", "--allow-phi", env=env).ok()
     run_cli("upload", src / "notes.txt", url, "--layout", "uid", env=env).fails(12)
+
+
+def test_deidentify_filters_manifest_and_study_download(
+    seaweedfs: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """--deidentify on the way up (consistent UIDs, no patient data), a manifest of what went where,
+    selection by modality, `list --studies`, and `download --study` of one study."""
+    src = tmp_path / "study"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"):
+        shutil.copy(_pydicom_file(name), src / name)
+    secret = tmp_path / "deid.key"
+    secret.write_bytes(os.urandom(32))
+    env = cli_env(seaweedfs.env())
+    url = f"s3://{s3_bucket}/anon/"
+    manifest = tmp_path / "manifest.jsonl"
+    run_cli(
+        "upload", src, url, "-r", "--deidentify", "--deid-secret-file", secret, "--layout", "uid",
+        "--manifest", manifest, env=env,
+    ).ok()  # fmt: skip
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert {r["status"] for r in rows} == {"uploaded"} and len(rows) == 3
+    ct = pydicom.dcmread(src / "CT_small.dcm", stop_before_pixels=True)
+    assert all(ct.StudyInstanceUID not in json.dumps(r) for r in rows)
+    back = tmp_path / "back"
+    run_cli("download", url, back, "-r", env=env).ok()
+    for path in back.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert str(ds.PatientName).startswith("ANON-") and ds.PatientName != ct.PatientName
+        assert not str(ds.StudyInstanceUID).startswith("1.3.6.1.4.1.5962")
+    studies = run_cli("list", url, "-r", "--studies", "--json", env=env).ok().json_lines()
+    assert len(studies) == 3 and sum(s["instances"] for s in studies) == 3
+    ct_row = next(r for r in rows if r["modality"] == "CT")
+    one = tmp_path / "one"
+    run_cli("download", url, one, "-r", "--study", ct_row["study_instance_uid"], env=env).ok()
+    assert len(list(one.rglob("*.dcm"))) == 1
+    only_mr = tmp_path / "mr"
+    run_cli("upload", src, f"s3://{s3_bucket}/mr/", "-r", "--modality", "MR", env=env).ok()
+    run_cli("download", f"s3://{s3_bucket}/mr/", only_mr, "-r", env=env).ok()
+    assert [p.name for p in only_mr.rglob("*.dcm")] == ["MR_small.dcm"]
+    run_cli("upload", src, url, "-r", "--deidentify", env=env).fails(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import sys
 import tracemalloc
 from dataclasses import asdict
 from pathlib import Path
@@ -154,8 +155,10 @@ def test_extension_case_insensitive(tmp_path: Path) -> None:
     assert (tmp_path / "M.JSONL").exists()
 
 
-@pytest.mark.skipif(HAVE_PYARROW, reason="pyarrow is installed; the missing-pyarrow error cannot occur")
-def test_parquet_without_pyarrow(tmp_path: Path) -> None:
+def test_parquet_without_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry in sys.modules makes the import fail as if pyarrow were not installed.
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(UsageError) as info:
         ManifestWriter.open(tmp_path / "m.parquet")
     assert "pip install pyarrow" in (info.value.hint or "")
