@@ -15,6 +15,7 @@ in one place.
     │   └── ThrottledError          exit 6   429 / 503 SlowDown (retryable)
     ├── IntegrityError              exit 7   checksum mismatch, truncated or tampered data
     ├── AlreadyExistsError          exit 8   destination exists and overwriting was refused
+    │   └── ConflictError           exit 8   destination holds other bytes (--on-conflict fail)
     ├── UnsafeNameError             exit 9   an object name that would escape its directory
     ├── NotSupportedError           exit 10  the store cannot do this (e.g. sign on file://)
     ├── DicomFormatError            exit 12  not DICOM, or a header malformed beyond the policy
@@ -119,6 +120,10 @@ class AlreadyExistsError(DicomCloudError):
 
     exit_code = 8
     http_status = 409
+
+
+class ConflictError(AlreadyExistsError):
+    """The destination holds different bytes under the same name, and the policy says fail."""
 
 
 class UnsafeNameError(DicomCloudError):

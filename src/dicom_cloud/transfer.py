@@ -50,6 +50,7 @@ from .errors import (
     AlreadyExistsError,
     AuthenticationError,
     BucketNotFoundError,
+    ConflictError,
     DicomCloudError,
     DicomFormatError,
     IntegrityError,
@@ -114,6 +115,10 @@ class TransferOptions:
     filter: Filter | None = None
     #: De-identify every instance on its way (PS3.15 Basic Profile, dicom/deidentify.py).
     deidentify: DeidentifyOptions | None = None
+    #: When the destination already holds an object under the same name with other bytes (for a
+    #: DICOM layout: the same SOP Instance UID): overwrite it, skip, keep both, or fail. Identical
+    #: bytes are always skipped when this is not "overwrite".
+    on_conflict: Literal["overwrite", "skip", "keep-both", "fail"] = "overwrite"
 
     def __post_init__(self) -> None:
         if self.rekey and not (self.encryption and self.encryption.writes_encrypted):
@@ -372,6 +377,12 @@ class Transfer:
                     check_local_name(item.relative)
                     _check_confined(self.dst, item.dst_key)
                 await self._move(item, src_url, dst_url)
+            except ConflictError as conflict:
+                self._take_back_progress(src_url, dst_url, item.size)
+                self.summary.failed.append((src_url, conflict))
+                self._manifest_row(item, src_url, dst_url, "rejected", "conflict")
+                self.emit(TransferEvent("failed", src_url, dst_url, item.size, error=conflict))
+                return
             except (AlreadyExistsError, _Skip) as reason:
                 log.debug("skipped %s: %s", src_url, reason)
                 self._take_back_progress(src_url, dst_url, item.size)
@@ -464,6 +475,8 @@ class Transfer:
                     data, options = await asyncio.to_thread(
                         self._prepare_whole, data, info, put, src_url, item, trust_etag=False
                     )
+                if self.options.on_conflict != "overwrite":
+                    item = await self._resolve_conflict(item, options)
                 await dst.put(item.dst_key, data, options)
                 if item.src_key in self._written:
                     identity, _, named = self._written[item.src_key]
@@ -494,6 +507,28 @@ class Transfer:
         plan = self._upload_plan()
         async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
             await self.dst.store.put_file(item.dst_key, path, _with_checksum(put, None, checksum), plan)
+
+    async def _resolve_conflict(self, item: TransferItem, options: PutOptions) -> TransferItem:
+        """Where to write, or whether to, when something is already at the destination name."""
+        try:
+            existing = await self.dst.store.stat(item.dst_key)
+        except NotFoundError:
+            return item
+        ours = options.metadata.get(CHECKSUM_METADATA_KEY)
+        if ours and existing.metadata.get(CHECKSUM_METADATA_KEY) == ours:
+            raise _Skip("identical object already there")
+        if self.options.on_conflict == "skip":
+            raise _Skip("another object is already there (--on-conflict skip)")
+        if self.options.on_conflict == "fail":
+            raise ConflictError(
+                f"{self.dst.display(item.dst_key)} already holds different bytes",
+                hint="choose --on-conflict overwrite, skip or keep-both",
+            )
+        # keep-both: the new bytes go beside the old, named by their checksum (stable across runs).
+        stem, dot, ext = item.dst_key.rpartition(".")
+        suffix = f"~{ours or 'new'}"
+        new_key = f"{stem}{suffix}.{ext}" if dot and "/" not in ext else f"{item.dst_key}{suffix}"
+        return replace(item, dst_key=new_key)
 
     async def _apply_dicom_policy(
         self, policy: DicomPolicy, item: TransferItem

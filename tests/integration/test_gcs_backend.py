@@ -459,7 +459,9 @@ def test_closed_port_with_retries(monkeypatch: pytest.MonkeyPatch) -> None:
         t0 = time.monotonic()
         with pytest.raises(NetworkError):
             await store.stat("a")
-        assert 0.2 < time.monotonic() - t0 < 10  # two retries with backoff, then give up
+        # Two retries, then give up: bounded. (No lower bound: the SDK's backoff has full jitter,
+        # so two sleeps can add up to almost nothing.)
+        assert time.monotonic() - t0 < 10
 
     run("nobucket", body, StoreConfig(max_retries=2, connect_timeout=2, request_timeout=5))
 

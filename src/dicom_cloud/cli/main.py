@@ -177,7 +177,8 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         "--layout",
         metavar="PRESET|TEMPLATE",
         help="name objects from their DICOM header: 'hashed' (no UID in names, load spread over "
-        "prefixes), 'uid' ({StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm) or a template",
+        "prefixes), 'uid' ({StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm), "
+        "'orthanc-flat' / 'orthanc-legacy' (Orthanc's object names), or a template",
     )
     dicom.add_argument(
         "--layout-key-file",
@@ -196,6 +197,14 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     dicom.add_argument(
         "--strict", action="store_true", help="read headers strictly (Part 10 files with all identity UIDs)"
+    )
+    dicom.add_argument(
+        "--on-conflict",
+        choices=["overwrite", "skip", "keep-both", "fail"],
+        default="overwrite",
+        help="an object already at the name with other bytes (with a DICOM layout: the same SOP Instance "
+        "UID): replace it, leave it, write beside it (name~crc32c), or fail (exit 8); identical bytes "
+        "are skipped unless overwrite (default: %(default)s)",
     )
     dicom.add_argument(
         "--deidentify",
@@ -318,10 +327,12 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
                 validate=args.validate,
                 strict=args.strict,
                 allow_phi=args.allow_phi,
+                encrypted=args.encrypt == "client-side",
             ),
             allow_phi=args.allow_phi,
             selection=selection(args),
             deidentify=deidentify_options(args.deidentify, args.deid_secret_file, args.deid_dates),
+            on_conflict=args.on_conflict,
         )
         config = _config(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)

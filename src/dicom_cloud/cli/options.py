@@ -138,6 +138,7 @@ def transfer_options(
     allow_phi: bool = False,
     selection: Filter | None = None,
     deidentify: DeidentifyOptions | None = None,
+    on_conflict: str = "overwrite",
 ) -> TransferOptions:
     metadata = parse_tags(tags)
     # "--tags PatientID=..." is the classic way PHI ends up in object metadata.
@@ -155,6 +156,7 @@ def transfer_options(
         dicom=dicom,
         filter=selection,
         deidentify=deidentify,
+        on_conflict=on_conflict,  # type: ignore[arg-type]
     )
 
 
@@ -200,6 +202,7 @@ def dicom_policy(
     validate: bool,
     strict: bool,
     allow_phi: bool,
+    encrypted: bool = False,
 ) -> DicomPolicy | None:
     """The DICOM handling asked for on the command line; None when none of its options is used."""
     if not (layout or dicom_tags or validate or strict):
@@ -213,6 +216,15 @@ def dicom_policy(
         except OSError:
             raise UsageError(f"--layout-key-file: cannot read {layout_key_file}") from None
     tags = tuple(t.strip() for t in (dicom_tags or "").split(",") if t.strip())
+    if layout in ("orthanc-flat", "orthanc-legacy"):
+        return DicomPolicy(
+            metadata_tags=tags,
+            skip_invalid=validate,
+            strict=strict,
+            allow_phi=allow_phi,
+            orthanc_structure="flat" if layout == "orthanc-flat" else "legacy",
+            encrypted=encrypted,
+        )
     return DicomPolicy(
         layout=Layout.from_spec(layout, key=key, allow_phi=allow_phi) if layout else None,
         metadata_tags=tags,

@@ -9,14 +9,16 @@ tag list are checked when the policy is built, before any transfer starts).
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..errors import UsageError
 from ..store import Store
 from .header import DicomIdentity, Policy, read_identity_from_file, read_identity_from_store
-from .layout import Layout
+from .layout import Layout, OrthancContentType, orthanc_object_name
 from .phi import check_tags_allowed
 
 #: DicomIdentity fields by DICOM keyword: what a layout or a metadata tag can name without an extra read.
@@ -34,6 +36,9 @@ _IDENTITY_FIELDS: Mapping[str, str] = {
     "InstanceNumber": "instance_number",
 }
 
+#: Namespace of the uuid5 names given by the Orthanc layouts (fixed: names must not change between versions).
+_ORTHANC_NAMESPACE = uuid.UUID("7d4a3c1e-5b2f-4e8a-9c6d-0f1e2d3c4b5a")
+
 #: Prefix of the metadata keys holding DICOM attributes (identifiers: Azure requires them).
 METADATA_PREFIX = "dicom_"
 
@@ -50,6 +55,10 @@ class DicomPolicy:
     #: Read headers strictly (Part 10 preamble and marker, all identity UIDs present and valid).
     strict: bool = False
     allow_phi: bool = False
+    #: Name objects as Orthanc's object-storage plugins do ("flat" or "legacy"), instead of ``layout``.
+    orthanc_structure: Literal["flat", "legacy"] | None = None
+    #: With ``orthanc_structure``: the objects are client-side encrypted (Orthanc adds ``.enc``).
+    encrypted: bool = False
     #: Keywords to read beyond the identity (derived).
     extra_tags: tuple[str, ...] = field(init=False, default=())
 
@@ -85,6 +94,16 @@ class DicomPolicy:
 
     def object_name(self, identity: DicomIdentity, filename: str) -> str | None:
         """The name below the destination prefix, or None to keep the source's relative name."""
+        if self.orthanc_structure is not None:
+            # Orthanc names attachments by random uuids; a uuid5 of the SOP Instance UID has the
+            # same form and stays the same across runs, so a re-run finds what it wrote.
+            attachment = str(uuid.uuid5(_ORTHANC_NAMESPACE, identity.sop_instance_uid))
+            return orthanc_object_name(
+                attachment,
+                OrthancContentType.DICOM,
+                structure=self.orthanc_structure,
+                encrypted=self.encrypted,
+            )
         if self.layout is None:
             return None
         return self.layout.name(self.values(identity), filename=filename)
