@@ -13,9 +13,12 @@ from the environment as documented in ``docs/credentials.md``.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
@@ -59,6 +62,7 @@ async def transfer_async(
     on_event: EventCallback | None = None,
     require: Literal["upload", "download", "copy"] = "copy",
     manifest: str | None = None,
+    deid_map: str | None = None,
 ) -> TransferSummary:
     """Copy one object or a tree from ``source`` to ``destination`` (any two locations).
 
@@ -67,6 +71,9 @@ async def transfer_async(
     """
     opener = LocationOpener(config)
     writer = ManifestWriter.open(manifest) if manifest else None
+    uid_log = _UidMapLog(deid_map) if deid_map else None
+    if uid_log is not None:
+        options = replace(options or TransferOptions(), on_uid_map=uid_log.write)
     try:
         src = opener.open(source)
         dst = opener.open(destination)
@@ -87,7 +94,25 @@ async def transfer_async(
             writer.abort()  # kept as <name>.partial for inspection
         raise
     finally:
+        if uid_log is not None:
+            uid_log.close()
         await opener.close()
+
+
+class _UidMapLog:
+    """The de-identification UID mapping, appended as JSON lines (old, new) from worker threads."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._lock = threading.Lock()
+
+    def write(self, mapping: Mapping[str, str]) -> None:
+        lines = "".join(json.dumps({"old": old, "new": new}) + "\n" for old, new in mapping.items())
+        with self._lock:
+            self._file.write(lines)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 async def upload_async(source: str, destination: str, **kwargs: Any) -> TransferSummary:
@@ -124,7 +149,7 @@ def copy(source: str, destination: str, **kwargs: Any) -> TransferSummary:
 
 
 async def list_async(
-    url: str, *, recursive: bool = False, config: StoreConfig | None = None
+    url: str, *, recursive: bool = False, config: StoreConfig | None = None, metadata: bool = False
 ) -> AsyncIterator[ObjectInfo]:
     """Objects (and, without ``recursive``, sub-"directories" ending in ``/``) under ``url``.
 
@@ -137,8 +162,28 @@ async def list_async(
         location = opener.open(url)
         prefix = location.key if not location.is_local else location.prefix
         _require_local_directory(location)
-        async for info in location.store.list(prefix, recursive=recursive):
-            yield info
+        listing = location.store.list(prefix, recursive=recursive)
+        if not metadata:
+            async for info in listing:
+                yield info
+            return
+        # Listings carry no metadata: one stat per object, 32 in flight, yielded in listing order.
+        ahead: collections.deque[asyncio.Task[ObjectInfo]] = collections.deque()
+        store = location.store
+
+        async def with_metadata(info: ObjectInfo) -> ObjectInfo:
+            return info if info.key.endswith("/") else await store.stat(info.key)
+
+        try:
+            async for info in listing:
+                ahead.append(asyncio.create_task(with_metadata(info)))
+                if len(ahead) >= 32:
+                    yield await ahead.popleft()
+            while ahead:
+                yield await ahead.popleft()
+        finally:
+            for task in ahead:
+                task.cancel()
     finally:
         await opener.close()
 

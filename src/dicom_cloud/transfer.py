@@ -27,7 +27,7 @@ import posixpath
 import re
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -119,6 +119,8 @@ class TransferOptions:
     #: DICOM layout: the same SOP Instance UID): overwrite it, skip, keep both, or fail. Identical
     #: bytes are always skipped when this is not "overwrite".
     on_conflict: Literal["overwrite", "skip", "keep-both", "fail"] = "overwrite"
+    #: Receives each instance's UID mapping (old -> new) when de-identifying; called from worker threads.
+    on_uid_map: Callable[[Mapping[str, str]], None] | None = None
 
     def __post_init__(self) -> None:
         if self.rekey and not (self.encryption and self.encryption.writes_encrypted):
@@ -582,8 +584,10 @@ class Transfer:
             data = crypt.decrypt(src_url, fmt, info.metadata, data)
             checksum = crc32c_hex(data)
         if self.options.deidentify is not None:
-            data, _ = deidentify(bytes(data), self.options.deidentify)
+            data, uid_map = deidentify(bytes(data), self.options.deidentify)
             checksum = crc32c_hex(data)
+            if self.options.on_uid_map is not None:
+                self.options.on_uid_map(uid_map)
         if crypt.writes_encrypted:
             data = crypt.encrypt(data)
             return data, _with_checksum(put, info, crc32c_hex(data), keep=crypt.marker())

@@ -223,6 +223,12 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         help="dates: removed (Basic Profile) or shifted per patient, intervals kept (default: %(default)s)",
     )
     dicom.add_argument(
+        "--deid-map",
+        metavar="PATH",
+        help="keep the UID mapping (JSON lines: old, new) in this file; it links the data back to "
+        "patients: store it apart, or not at all (the default)",
+    )
+    dicom.add_argument(
         "--manifest",
         metavar="PATH",
         help="inventory of what was transferred: .jsonl, .csv or .parquet (UIDs, key, size, CRC32C, status)",
@@ -346,6 +352,7 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
                     config=config,
                     on_event=progress,
                     manifest=args.manifest,
+                    deid_map=args.deid_map,
                 )
             )
         progress.summary(summary)
@@ -396,14 +403,22 @@ def _list(args: argparse.Namespace) -> int:
 
     async def run() -> tuple[int, int]:
         count = total = 0
-        async for info in api.list_async(args.url, recursive=args.recursive, config=config):
+        async for info in api.list_async(
+            args.url, recursive=args.recursive, config=config, metadata=args.metadata
+        ):
             count += 1
             total += info.size
             if args.json_output:
-                print(json.dumps(object_record(info, location.display), ensure_ascii=False))
+                record = object_record(info, location.display)
+                if args.metadata:
+                    record["metadata"] = dict(info.metadata)
+                print(json.dumps(record, ensure_ascii=False))
             else:
                 name = info.key[len(base) :] if info.key.startswith(base) else info.key
-                print(listing_line(info, details=args.details, name=name))
+                line = listing_line(info, details=args.details, name=name)
+                if args.metadata and info.metadata:
+                    line += "  " + " ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
+                print(line)
         return count, total
 
     count, total = asyncio.run(run())
@@ -606,6 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("url", help="bucket, prefix or local directory")
     sub.add_argument("-r", "--recursive", action="store_true", help="every object below, not one level")
     sub.add_argument("-l", "--details", action="store_true", help="show last-modified time and size")
+    sub.add_argument(
+        "--metadata",
+        "-m",
+        action="store_true",
+        help="also show each object's metadata (--tags, --dicom-tags like dicom_modality): a request each",
+    )
     sub.add_argument(
         "--studies",
         action="store_true",
