@@ -1306,3 +1306,34 @@ def test_deidentify_filters_manifest_and_study_download(
     run_cli("download", f"s3://{s3_bucket}/mr/", only_mr, "-r", env=env).ok()
     assert [p.name for p in only_mr.rglob("*.dcm")] == ["MR_small.dcm"]
     run_cli("upload", src, url, "-r", "--deidentify", env=env).fails(2)
+
+
+def test_on_conflict_deid_map_and_metadata_listing(
+    seaweedfs: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Two files with one SOP Instance UID but different bytes meet under a DICOM layout."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(_pydicom_file("MR_small.dcm"), src / "a.dcm")
+    shutil.copy(_pydicom_file("MR_truncated.dcm"), src / "b.dcm")  # same UIDs, other bytes
+    env = cli_env(seaweedfs.env())
+    url = f"s3://{s3_bucket}/c/"
+    common = ["--layout", "uid", "--dicom-tags", "Modality"]
+    run_cli("upload", src / "a.dcm", url, *common, env=env).ok()
+    run_cli(
+        "upload", src / "a.dcm", url, *common, "--on-conflict", "fail", env=env
+    ).ok()  # identical: skipped
+    run_cli("upload", src / "b.dcm", url, *common, "--on-conflict", "fail", env=env).fails(8)
+    run_cli("upload", src / "b.dcm", url, *common, "--on-conflict", "skip", env=env).ok()
+    assert len(run_cli("list", url, "-r", "--json", env=env).ok().json_lines()) == 1
+    run_cli("upload", src / "b.dcm", url, *common, "--on-conflict", "keep-both", env=env).ok()
+    listed = run_cli("list", url, "-r", "--json", "--metadata", env=env).ok().json_lines()
+    assert len(listed) == 2 and any("~" in r["key"] for r in listed)
+    assert all(r["metadata"].get("dicom_modality") == "MR" for r in listed)
+    secret, mapping = tmp_path / "deid.key", tmp_path / "map.jsonl"
+    secret.write_bytes(os.urandom(32))
+    run_cli("upload", src / "a.dcm", f"s3://{s3_bucket}/anon/", "--deidentify", "--deid-secret-file", secret,
+            "--deid-map", mapping, env=env).ok()  # fmt: skip
+    pairs = [json.loads(line) for line in mapping.read_text().splitlines()]
+    mr = pydicom.dcmread(src / "a.dcm", stop_before_pixels=True)
+    assert any(p["old"] == mr.SOPInstanceUID and p["new"].startswith("2.25.") for p in pairs)
