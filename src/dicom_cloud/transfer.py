@@ -488,6 +488,9 @@ class Transfer:
                         named,
                     )
             return
+        if self.options.on_conflict != "overwrite":
+            # Large objects: the CRC32C is not known yet, so any object already there counts as different.
+            item = await self._resolve_conflict(item, put)
         info = await src.stat(item.src_key)
         fmt = crypt.detect(item.src_key, info.metadata)
         if fmt is not None and crypt.writes_encrypted:
