@@ -283,17 +283,7 @@ async def delete_async(
     async with _opened(url, config) as location:
         store = location.store
         if not recursive:
-            if location.names_directory:
-                raise UsageError(f"{location.display()} is a prefix", hint="add --recursive to delete a tree")
-            try:
-                info = await store.stat(location.key)
-            except NotFoundError:
-                async for _ in store.list(location.prefix):
-                    raise UsageError(
-                        f"{location.display()} is a prefix, not an object",
-                        hint="add --recursive to delete everything under it",
-                    ) from None
-                raise
+            info = await location.stat_object("delete")
             if not dry_run:
                 await store.delete([location.key])
             summary.objects, summary.bytes = 1, info.size

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass
 
 from .backends import StoreConfig, open_store
-from .errors import UsageError
-from .store import Store
+from .errors import NotFoundError, UsageError
+from .store import ObjectInfo, Store
 from .url import StorageURL, parse_url
 
 
@@ -48,6 +49,23 @@ class Location:
 
     def basename(self) -> str:
         return posixpath.basename(self.key.rstrip("/"))
+
+    async def stat_object(self, action: str) -> ObjectInfo:
+        """The one object this location names; a clear UsageError when it names a directory or a
+        prefix instead (``action`` completes the hint: "add --recursive to <action> ...")."""
+        hint = f"add --recursive to {action} everything under it"
+        if self.names_directory:
+            raise UsageError(f"{self.display()} is a directory or prefix", hint=hint)
+        try:
+            return await self.store.stat(self.key)
+        except NotFoundError:
+            if self.is_local:
+                if os.path.isdir("/" + self.key):
+                    raise UsageError(f"{self.display()} is a directory", hint=hint) from None
+            else:
+                async for _ in self.store.list(self.prefix):
+                    raise UsageError(f"{self.display()} is a prefix, not an object", hint=hint) from None
+            raise
 
 
 def _check_object_key(url: StorageURL) -> None:

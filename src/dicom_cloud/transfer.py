@@ -314,24 +314,7 @@ class Transfer:
         return self.src.is_local and os.path.isfile("/" + self.src.key)
 
     async def _stat_single_source(self) -> ObjectInfo:
-        if self.src.names_directory:
-            raise UsageError(
-                f"{self.src.display()} is a directory or prefix", hint="add --recursive to transfer a tree"
-            )
-        try:
-            return await self.src.store.stat(self.src.key)
-        except NotFoundError:
-            if self.src.is_local and os.path.isdir("/" + self.src.key):
-                raise UsageError(
-                    f"{self.src.display()} is a directory", hint="add --recursive to transfer a directory"
-                ) from None
-            if not self.src.is_local:
-                async for _ in self.src.store.list(self.src.prefix):
-                    raise UsageError(
-                        f"{self.src.display()} is a prefix, not an object",
-                        hint="add --recursive to transfer everything under it",
-                    ) from None
-            raise
+        return await self.src.stat_object("transfer")
 
     async def _explain_empty_source(self) -> None:
         if self.src.is_local:
@@ -849,10 +832,8 @@ def verify(data: bytes | memoryview, info: ObjectInfo, where: str, *, etag_is_md
     if len(data) != info.size:
         raise IntegrityError(f"{where}: got {len(data)} bytes, expected {info.size}")
     checksum = crc32c_hex(data)
-    stored = info.metadata.get(CHECKSUM_METADATA_KEY)
-    if stored:
-        if stored.lower() != checksum:
-            raise IntegrityError(f"{where}: CRC32C mismatch (stored {stored}, got {checksum})")
+    if info.metadata.get(CHECKSUM_METADATA_KEY):
+        _check_checksum(checksum, info, where)
     elif (
         etag_is_md5
         and info.etag

@@ -187,11 +187,16 @@ def deidentify_options(enabled: bool, secret_file: str | None, dates: str) -> De
             "--deidentify needs --deid-secret-file",
             hint="the secret keeps new UIDs consistent across runs: head -c 32 /dev/urandom > deid.key",
         )
-    try:
-        secret = Path(secret_file).read_bytes().strip()
-    except OSError:
-        raise UsageError(f"--deid-secret-file: cannot read {secret_file}") from None
+    secret = _read_secret(secret_file, "--deid-secret-file")
     return DeidentifyOptions(secret=secret, keep_dates=dates)  # type: ignore[arg-type]
+
+
+def _read_secret(path: str, option: str) -> bytes:
+    """The raw bytes of a secret file (surrounding whitespace dropped); errors never show them."""
+    try:
+        return Path(path).read_bytes().strip()
+    except OSError:
+        raise UsageError(f"{option}: cannot read {path}") from None
 
 
 def dicom_policy(
@@ -209,12 +214,7 @@ def dicom_policy(
         if layout_key_file:
             raise UsageError("--layout-key-file goes with --layout hashed")
         return None
-    key = None
-    if layout_key_file:
-        try:
-            key = Path(layout_key_file).read_bytes().strip()
-        except OSError:
-            raise UsageError(f"--layout-key-file: cannot read {layout_key_file}") from None
+    key = _read_secret(layout_key_file, "--layout-key-file") if layout_key_file else None
     tags = tuple(t.strip() for t in (dicom_tags or "").split(",") if t.strip())
     if layout in ("orthanc-flat", "orthanc-legacy"):
         return DicomPolicy(
