@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+from .errors import UnsafeNameError
 
 #: Suffix of files being written; renamed to their final name only when complete and verified.
 PARTIAL_SUFFIX = ".dicom-cloud-partial"
@@ -40,3 +43,16 @@ def resolves_within(root: str, path: str) -> bool:
 def partial_path(final: Path) -> Path:
     """A unique temporary name beside ``final``, so that a rename into place is atomic."""
     return final.with_name(f".{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def check_local_name(relative: str) -> None:
+    """Refuse object names that could not be written safely under a local directory."""
+    if "\x00" in relative:
+        raise UnsafeNameError(f"object name contains a NUL byte: {relative!r}")
+    if "\\" in relative:
+        raise UnsafeNameError(f"object name contains a backslash: {relative!r}")
+    if relative.startswith("/") or posixpath.isabs(relative):
+        raise UnsafeNameError(f"object name is an absolute path: {relative!r}")
+    for segment in relative.split("/"):
+        if segment in ("", ".", ".."):
+            raise UnsafeNameError(f"object name would leave the destination directory: {relative!r}")

@@ -61,7 +61,7 @@ from .errors import (
     UsageError,
 )
 from .filters import Filter
-from .localio import resolves_within
+from .localio import check_local_name, resolves_within
 from .location import Location
 from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 
@@ -879,16 +879,3 @@ def _check_confined(dst: Location, key: str) -> None:
     already in the destination must not carry a file out of it."""
     if not resolves_within("/" + dst.prefix, "/" + key):
         raise UnsafeNameError(f"/{key} would be written outside /{dst.prefix} (through a symbolic link)")
-
-
-def check_local_name(relative: str) -> None:
-    """Refuse object names that could not be written safely under a local directory."""
-    if "\x00" in relative:
-        raise UnsafeNameError(f"object name contains a NUL byte: {relative!r}")
-    if "\\" in relative:
-        raise UnsafeNameError(f"object name contains a backslash: {relative!r}")
-    if relative.startswith("/") or posixpath.isabs(relative):
-        raise UnsafeNameError(f"object name is an absolute path: {relative!r}")
-    for segment in relative.split("/"):
-        if segment in ("", ".", ".."):
-            raise UnsafeNameError(f"object name would leave the destination directory: {relative!r}")

@@ -85,6 +85,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from dicom_cloud.dicom import phi
 from dicom_cloud.errors import UnsafeNameError, UsageError
+from dicom_cloud.localio import check_local_name
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -459,19 +460,15 @@ def _size(pieces: list[_Piece]) -> int:
 
 
 def _check_name(name: str) -> None:
-    """The rules of :func:`dicom_cloud.transfer.check_local_name`, plus control characters and limits.
-
-    Kept here rather than imported so that the transfer engine can use layouts without an import cycle;
-    the tests check that every name this module makes passes ``check_local_name`` too.
-    """
-    if not name or name.startswith("/"):
-        raise UnsafeNameError(f"object name is empty or absolute: {name!r}")
+    """The rules every downloaded name must pass (:func:`~dicom_cloud.localio.check_local_name`),
+    plus control characters and length limits."""
+    if not name:
+        raise UnsafeNameError("object name is empty")
+    check_local_name(name)
     for ch in name:
-        if ch == "\\" or unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+        if unicodedata.category(ch) in _UNSAFE_CATEGORIES:
             raise UnsafeNameError(f"object name contains {ch!r}: {name!r}")
     for segment in name.split("/"):
-        if segment in ("", ".", ".."):
-            raise UnsafeNameError(f"object name has an empty, '.' or '..' segment: {name!r}")
         if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
             raise UnsafeNameError(f"object name has a segment over {MAX_SEGMENT_BYTES} bytes: {name!r}")
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
