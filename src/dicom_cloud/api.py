@@ -20,6 +20,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from .backends import StoreConfig
@@ -28,10 +29,14 @@ from .crypto.envelope import ClientEncryption
 from .crypto.keys import KeyRing
 from .dicom.manifest import ManifestWriter
 from .errors import NotFoundError, UsageError
+from .filters import Filter
+from .journal import JobSpec, Journal
 from .localio import resolves_within
 from .location import Location, LocationOpener
 from .store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
+from .sync import PlanCallback, Sync, SyncOptions, SyncSummary
 from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary, verify
+from .treediff import DifferenceCallback, VerifyResult, verify_trees
 
 T = TypeVar("T")
 
@@ -63,11 +68,15 @@ async def transfer_async(
     require: Literal["upload", "download", "copy"] = "copy",
     manifest: str | None = None,
     deid_map: str | None = None,
+    job: JobRequest | None = None,
 ) -> TransferSummary:
     """Copy one object or a tree from ``source`` to ``destination`` (any two locations).
 
     ``manifest``: a ``.jsonl``, ``.csv`` or ``.parquet`` path receiving one row per object
     (UIDs, key, size, CRC32C, status), written as the transfer goes.
+
+    ``job``: keep a journal (journal.py) of a recursive transfer, or of a large file's upload, so
+    that running it again after an interruption skips what is done and continues large uploads.
     """
     opener = LocationOpener(config)
     writer = ManifestWriter.open(manifest) if manifest else None
@@ -82,10 +91,25 @@ async def transfer_async(
             raise UsageError(f"upload reads local files; {source} is remote", hint="use copy or download")
         if require == "download" and not dst.is_local:
             raise UsageError(f"download writes local files; {destination} is remote", hint="use copy")
+        journal = _open_journal(job, require, src, dst, recursive, options)
         transfer = Transfer(
-            src, dst, recursive=recursive, options=options, on_event=on_event, manifest=writer
+            src,
+            dst,
+            recursive=recursive,
+            options=options,
+            on_event=on_event,
+            manifest=writer,
+            journal=journal,
         )
-        summary = await transfer.run()
+        try:
+            summary = await transfer.run()
+        except BaseException:
+            if journal is not None:
+                journal.close()  # interrupted: the journal stays for the next run
+            raise
+        if journal is not None:
+            # A job with no failures is forgotten; failures stay recorded, retried by running it again.
+            journal.finish(failed=len(summary.failed))
         if writer is not None:
             writer.close()
         return summary
@@ -96,6 +120,128 @@ async def transfer_async(
     finally:
         if uid_log is not None:
             uid_log.close()
+        await opener.close()
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Ask a transfer to keep a journal: the command line that started it (for ``resume``), and
+    the options that change what is written (part of the job's identity)."""
+
+    options: Mapping[str, Any]
+    argv: tuple[str, ...] = ()
+    cwd: str = ""
+    #: Where job files live (default: journal.jobs_dir()).
+    directory: str | None = None
+
+
+def _open_journal(
+    job: JobRequest | None,
+    verb: str,
+    src: Location,
+    dst: Location,
+    recursive: bool,
+    options: TransferOptions | None,
+) -> Journal | None:
+    if job is None or (options is not None and options.dry_run):
+        return None
+    threshold = (options or TransferOptions()).multipart_threshold
+    if not recursive and not (src.is_local and _file_size("/" + src.key) > threshold):
+        return None  # one small object: nothing to resume that re-running does not redo as fast
+    spec = JobSpec(
+        verb=verb,
+        source=src.display(src.key),
+        destination=dst.display(dst.key),
+        options={**job.options, "recursive": recursive},
+        argv=job.argv,
+        cwd=job.cwd,
+    )
+    return Journal.open(spec, Path(job.directory) if job.directory else None)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+async def sync_async(
+    source: str,
+    destination: str,
+    *,
+    options: TransferOptions | None = None,
+    sync: SyncOptions | None = None,
+    config: StoreConfig | None = None,
+    on_event: EventCallback | None = None,
+    on_plan: PlanCallback | None = None,
+    job: JobRequest | None = None,
+) -> SyncSummary:
+    """Make ``destination`` hold what ``source`` holds (both are trees: prefixes or directories).
+
+    Copies what is new or changed (size, then content checksum; the journal's record of the last
+    sync as the fast path), deletes extraneous destination objects with ``SyncOptions.delete`` (at
+    most ``max_delete`` of them), or merges both ways with ``bidirectional``. See sync.py.
+    """
+    options = options or TransferOptions()
+    sync = sync or SyncOptions()
+    job = job or JobRequest(options={})
+    opener = LocationOpener(config)
+    try:
+        src = opener.open(source)
+        dst = opener.open(destination)
+        opener.config.check_encryption_applies({src.url.scheme, dst.url.scheme})
+        for side in (src, dst):
+            _require_local_directory(side, create=side is dst and not sync.bidirectional)
+        spec = JobSpec(
+            verb="sync",
+            source=src.display(src.prefix),
+            destination=dst.display(dst.prefix),
+            # One state per pair of trees, whatever the options: one-way and two-way runs share it,
+            # and the lock keeps any two syncs of the same pair from running at once.
+            options={},
+            argv=job.argv,
+            cwd=job.cwd,
+        )
+        journal = Journal.open(
+            spec, Path(job.directory) if job.directory else None, record=not options.dry_run
+        )
+        try:
+            summary = await Sync(
+                src, dst, journal, transfer=options, options=sync, on_event=on_event, on_plan=on_plan
+            ).run()
+        except BaseException:
+            journal.close()
+            raise
+        if options.dry_run:
+            journal.close()
+        else:
+            journal.finish(failed=len(summary.failed), keep=True)
+        return summary
+    finally:
+        await opener.close()
+
+
+async def verify_async(
+    source: str,
+    destination: str,
+    *,
+    config: StoreConfig | None = None,
+    on_difference: DifferenceCallback,
+    parallel: int = 16,
+    name_filter: Filter | None = None,
+) -> VerifyResult:
+    """Compare two trees by name, size and content checksum; report each difference."""
+    opener = LocationOpener(config)
+    try:
+        a = opener.open(source)
+        b = opener.open(destination)
+        for side in (a, b):
+            _require_local_directory(side)
+        return await verify_trees(
+            a, b, on_difference=on_difference, parallel=parallel, name_filter=name_filter
+        )
+    finally:
         await opener.close()
 
 
@@ -372,10 +518,16 @@ def share(url: str, **kwargs: Any) -> str:
     return _run(share_async(url, **kwargs))
 
 
-def _require_local_directory(location: Location) -> None:
-    """A missing local directory is an error (a missing bucket prefix is merely empty)."""
-    if location.is_local and not os.path.isdir("/" + location.key.rstrip("/")):
-        raise NotFoundError(f"{location.display()}: no such directory")
+def _require_local_directory(location: Location, *, create: bool = False) -> None:
+    """A missing local directory is an error (a missing bucket prefix is merely empty), unless
+    it is a destination to ``create``."""
+    path = "/" + location.key.rstrip("/")
+    if not location.is_local or os.path.isdir(path):
+        return
+    if create and not Path(path).exists():
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return
+    raise NotFoundError(f"{location.display()}: no such directory")
 
 
 class _opened:

@@ -19,7 +19,10 @@ in one place.
     ├── UnsafeNameError             exit 9   an object name that would escape its directory
     ├── NotSupportedError           exit 10  the store cannot do this (e.g. sign on file://)
     ├── DicomFormatError            exit 12  not DICOM, or a header malformed beyond the policy
-    └── TransferFailedError         exit 1   a batch finished with some items failed
+    ├── TransferFailedError         exit 1   a batch finished with some items failed
+    ├── DifferencesFoundError       exit 1   verify found the two trees differ
+    ├── JobLockedError              exit 13  the same job is already running
+    └── DeleteLimitError            exit 14  a sync would delete more than --max-delete allows
     UsageError
     └── KeyMissingError             exit 11  an object is encrypted under a master key not given
 
@@ -162,6 +165,31 @@ class TransferFailedError(DicomCloudError):
     def __init__(self, message: str, *, failed: int, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.failed = failed
+
+
+class DifferencesFoundError(DicomCloudError):
+    """``verify`` compared two trees and they differ (the differences were reported)."""
+
+    exit_code = 1
+    http_status = 409
+
+    def __init__(self, message: str, *, differences: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.differences = differences
+
+
+class JobLockedError(DicomCloudError):
+    """Another process is running the same job (same command, same source and destination)."""
+
+    exit_code = 13
+    http_status = 409
+
+
+class DeleteLimitError(DicomCloudError):
+    """A sync would delete more of the destination than allowed: nothing was changed."""
+
+    exit_code = 14
+    http_status = 409
 
 
 #: The exit code of an interrupted run (128 + SIGINT), documented beside the others.

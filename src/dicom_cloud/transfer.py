@@ -30,7 +30,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from .budget import ByteBudget
 from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_update
@@ -61,6 +61,7 @@ from .errors import (
     UsageError,
 )
 from .filters import Filter
+from .journal import Journal
 from .localio import check_local_name, resolves_within
 from .location import Location
 from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
@@ -144,9 +145,27 @@ class TransferItem:
     size: int
     #: The name below the source prefix, for items of a listing (None for a single object).
     relative: str | None = None
+    #: What the source said of this version of the object (ETag, or size and mtime): a journal
+    #: entry counts as done only for the same version.
+    version: str = ""
 
 
-EventKind = Literal["planned", "started", "progress", "completed", "skipped", "failed"]
+def object_version(info: ObjectInfo) -> str:
+    """A string that changes when the object changes: its ETag, else its size and modification time."""
+    if info.etag:
+        return f"etag:{info.etag}"
+    stamp = info.last_modified.timestamp() if info.last_modified else ""
+    return f"mtime:{info.size}:{stamp}"
+
+
+class DoneCallback(Protocol):
+    """Told of each object written and verified: its item, the CRC32C of the bytes written (when
+    known) and the destination's ETag for them (when the store returned one)."""
+
+    def __call__(self, item: TransferItem, crc32c: str | None, etag: str | None) -> None: ...
+
+
+EventKind = Literal["planned", "started", "progress", "completed", "skipped", "failed", "deleted"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +198,8 @@ class TransferSummary:
     rejected: list[tuple[str, DicomFormatError]] = field(default_factory=list)
     seconds: float = 0.0
     dry_run: bool = False
+    #: Objects skipped because an earlier, interrupted run of the same job finished them.
+    resumed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -212,8 +233,18 @@ class Transfer:
         options: TransferOptions | None = None,
         on_event: EventCallback | None = None,
         manifest: ManifestWriter | None = None,
+        journal: Journal | None = None,
+        items: AsyncIterator[TransferItem] | None = None,
+        on_done: DoneCallback | None = None,
     ) -> None:
         self.src = src
+        #: Finished objects of earlier runs of this job are skipped; finished ones are recorded.
+        self.journal = journal
+        #: Items planned by the caller (sync) instead of a listing of the source.
+        self._items = items
+        self._on_done = on_done
+        #: CRC32C and ETag of what was written, by source key, for journal and on_done.
+        self._wrote: dict[str, tuple[str | None, str | None]] = {}
         #: Inventory of what was written, skipped or left out (dicom/manifest.py), row by row.
         self.manifest = manifest
         #: Identity and CRC32C of items in flight, for their manifest rows.
@@ -280,6 +311,10 @@ class Transfer:
 
     async def plan(self) -> AsyncIterator[TransferItem]:
         """The items to transfer, streamed from a stat or a listing of the source."""
+        if self._items is not None:
+            async for item in self._items:
+                yield item
+            return
         if self.recursive and not self._source_is_file():
             found = False
             prefix = self.src.prefix
@@ -303,12 +338,14 @@ class Transfer:
                 if self.src.is_local and not self.dst.is_local:
                     # macOS writes NFD names; one spelling in the bucket avoids duplicates.
                     relative = unicodedata.normalize("NFC", relative)
-                yield TransferItem(info.key, self.dst.join(relative), info.size, relative)
+                yield TransferItem(
+                    info.key, self.dst.join(relative), info.size, relative, object_version(info)
+                )
             if not found:
                 await self._explain_empty_source()
             return
         info = await self._stat_single_source()
-        yield TransferItem(info.key, self._single_destination_key(), info.size)
+        yield TransferItem(info.key, self._single_destination_key(), info.size, version=object_version(info))
 
     def _source_is_file(self) -> bool:
         return self.src.is_local and os.path.isfile("/" + self.src.key)
@@ -354,6 +391,11 @@ class Transfer:
             self.emit(TransferEvent("planned", src_url, dst_url, item.size))
             self.summary.files += 1
             self.summary.bytes += item.size
+            return
+        if self.journal is not None and self.journal.is_done(item.src_key, item.version):
+            self.summary.skipped += 1
+            self.summary.resumed += 1
+            self.emit(TransferEvent("skipped", src_url, dst_url, item.size))
             return
         self.emit(TransferEvent("started", src_url, dst_url, item.size))
         for attempt in range(1, self.options.attempts + 1):
@@ -408,6 +450,11 @@ class Transfer:
                 return
             self.summary.files += 1
             self.summary.bytes += item.size
+            crc, etag = self._wrote.pop(item.src_key, (None, None))
+            if self.journal is not None:
+                self.journal.record_done(item.src_key, item.version, item.dst_key, item.size, crc)
+            if self._on_done is not None:
+                self._on_done(item, crc, etag)
             self._manifest_row(item, src_url, dst_url, "uploaded")
             rest = item.size - self._reported.pop(src_url, 0)
             self.emit(TransferEvent("completed", src_url, dst_url, item.size, bytes=rest))
@@ -440,6 +487,7 @@ class Transfer:
             if self.options.no_overwrite:
                 await self._refuse_existing(item.dst_key)
             await src.copy(item.src_key, item.dst_key)
+            self._wrote[item.src_key] = (None, None)
             return
         # De-identification rewrites the dataset: it needs the whole instance in memory.
         if item.size <= self.options.multipart_threshold or self.options.deidentify is not None:
@@ -462,7 +510,8 @@ class Transfer:
                     )
                 if self.options.on_conflict != "overwrite":
                     item = await self._resolve_conflict(item, options)
-                await dst.put(item.dst_key, data, options)
+                result = await dst.put(item.dst_key, data, options)
+                self._wrote[item.src_key] = (options.metadata.get(CHECKSUM_METADATA_KEY), result.etag)
                 if item.src_key in self._written:
                     identity, _, named = self._written[item.src_key]
                     self._written[item.src_key] = (
@@ -494,7 +543,10 @@ class Transfer:
         checksum = await asyncio.to_thread(crc32c_file, path)
         plan = self._upload_plan()
         async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
-            await self.dst.store.put_file(item.dst_key, path, _with_checksum(put, None, checksum), plan)
+            result = await self.dst.store.put_file(
+                item.dst_key, path, _with_checksum(put, None, checksum), plan
+            )
+        self._wrote[item.src_key] = (checksum, result.etag)
 
     async def _resolve_conflict(self, item: TransferItem, options: PutOptions) -> TransferItem:
         """Where to write, or whether to, when something is already at the destination name."""
@@ -683,6 +735,7 @@ class Transfer:
                 whole = crc32c_combine(whole, part_crcs[index], min(part, size - start))
             _check_checksum(f"{whole:08x}", info, src_url)
             await asyncio.to_thread(writer.commit, self.options.no_overwrite)
+            self._wrote[item.src_key] = (f"{whole:08x}", None)
         except BaseException:
             writer.abort()
             raise
@@ -733,7 +786,8 @@ class Transfer:
             options = _with_checksum(put, info, info.metadata.get(CHECKSUM_METADATA_KEY), keep=_markers(info))
         plan = self._upload_plan()
         async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
-            await self.dst.store.put_stream(item.dst_key, chunks(), options, plan)
+            result = await self.dst.store.put_stream(item.dst_key, chunks(), options, plan)
+        self._wrote[item.src_key] = (options.metadata.get(CHECKSUM_METADATA_KEY), result.etag)
 
     async def _decrypting_download(
         self, item: TransferItem, info: ObjectInfo, fmt: Format, src_url: str, dst_url: str

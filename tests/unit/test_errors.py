@@ -37,8 +37,10 @@ def test_exit_code_matches_docstring(name: str) -> None:
 
 
 def test_exit_codes_are_distinct_per_family() -> None:
-    # Direct children of the base each have their own code, except the batch summary error (1).
-    direct = [c for c in DicomCloudError.__subclasses__() if c is not errors.TransferFailedError]
+    # Direct children of the base each have their own code, except the two "something differed or
+    # failed" summaries, which share the generic 1.
+    summaries = (errors.TransferFailedError, errors.DifferencesFoundError)
+    direct = [c for c in DicomCloudError.__subclasses__() if c not in summaries]
     codes = [c.exit_code for c in direct]
     assert len(codes) == len(set(codes))
     assert 1 not in codes

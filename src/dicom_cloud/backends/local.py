@@ -23,7 +23,7 @@ from ..errors import (
     UnsafeNameError,
 )
 from ..localio import PARTIAL_SUFFIX, partial_path, read_chunks
-from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
+from ..store import CHECKSUM_METADATA_KEY, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 
 log = logging.getLogger(__name__)
 
@@ -295,12 +295,17 @@ def check_key(key: str) -> None:
 #: Object metadata lives in extended attributes under this namespace, where the filesystem has them.
 _XATTR_PREFIX = "user.dicom_cloud."
 _CONTENT_TYPE = "content-type"
+#: Size and mtime of the content the stored CRC32C was computed for.
+_CHECKSUM_STAMP = "crc32c-stamp"
 
 
 def _write_metadata(path: Path, options: PutOptions) -> None:
     items = dict(options.metadata)
     if options.content_type:
         items[_CONTENT_TYPE] = options.content_type
+    if CHECKSUM_METADATA_KEY in items:
+        # Editing a file keeps its extended attributes: the checksum says which content it describes.
+        items[_CHECKSUM_STAMP] = _stamp(os.stat(path))
     for name, value in items.items():
         try:
             os.setxattr(path, _XATTR_PREFIX + name, value.encode("utf-8"))
@@ -321,7 +326,19 @@ def _read_metadata(path: Path) -> dict[str, str]:
         if name.startswith(_XATTR_PREFIX):
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 metadata[name[len(_XATTR_PREFIX) :]] = os.getxattr(path, name).decode("utf-8")
+    stamp = metadata.pop(_CHECKSUM_STAMP, None)
+    if CHECKSUM_METADATA_KEY in metadata:
+        try:
+            current = _stamp(os.stat(path))
+        except OSError:
+            current = None
+        if stamp != current:  # the file changed since the checksum was recorded: it is stale
+            del metadata[CHECKSUM_METADATA_KEY]
     return metadata
+
+
+def _stamp(st: os.stat_result) -> str:
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _make_parent(path: Path) -> None:

@@ -28,28 +28,28 @@ from ..transfer import (
     DEFAULT_PART_SIZE,
     TransferSummary,
 )
+from .jobs import add_job_commands, add_journal_option, job_request
 from .options import (
     client_encryption,
-    deidentify_options,
-    dicom_policy,
+    config_from_args,
+    options_from_args,
     parse_duration,
-    selection,
     setup_logging,
-    store_config,
     transfer_options,
 )
 from .render import TransferProgress, choose_mode, human_bytes, listing_line, object_record, print_error
 
 EXIT_CODES_HELP = """\
 exit codes:
-  0   success                          6   network failure or throttling
-  1   some transfers failed            7   integrity check failed
-  2   bad arguments or URL             8   destination exists (create-only writes)
-  3   not found (object, bucket,       9   unsafe object name (../, NUL)
-      prefix or local path)            10  operation not supported by the store
-  4   credentials refused              11  encrypted under a master key not given
-  5   permission denied                12  not DICOM, or a malformed DICOM header
-                                       130 interrupted (Ctrl-C)
+  0   success                          7   integrity check failed
+  1   some transfers failed; verify    8   destination exists (create-only writes)
+      found differences                9   unsafe object name (../, NUL)
+  2   bad arguments or URL             10  operation not supported by the store
+  3   not found (object, bucket,       11  encrypted under a master key not given
+      prefix or local path)            12  not DICOM, or a malformed DICOM header
+  4   credentials refused              13  the same job is already running
+  5   permission denied                14  sync would delete more than --max-delete
+  6   network failure or throttling    130 interrupted (Ctrl-C); run again to resume
 """
 
 DESCRIPTION = """\
@@ -314,33 +314,8 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
 
 def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        options = transfer_options(
-            args.parallel,
-            args.part_size,
-            args.multipart_threshold,
-            args.part_concurrency,
-            tags=args.tags,
-            object_tags=args.object_tags,
-            no_overwrite=args.no_overwrite,
-            dry_run=args.dry_run,
-            encryption=client_encryption(
-                args.encrypt, args.encryption_format, args.master_key, args.previous_key
-            ),
-            dicom=dicom_policy(
-                args.layout,
-                args.layout_key_file,
-                args.dicom_tags,
-                validate=args.validate,
-                strict=args.strict,
-                allow_phi=args.allow_phi,
-                encrypted=args.encrypt == "client-side",
-            ),
-            allow_phi=args.allow_phi,
-            selection=selection(args),
-            deidentify=deidentify_options(args.deidentify, args.deid_secret_file, args.deid_dates),
-            on_conflict=args.on_conflict,
-        )
-        config = _config(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
+        options = options_from_args(args)
+        config = config_from_args(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
         with TransferProgress(mode, verb, report_failures=args.recursive) as progress:
             summary = asyncio.run(
@@ -353,6 +328,7 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
                     on_event=progress,
                     manifest=args.manifest,
                     deid_map=args.deid_map,
+                    job=job_request(args),
                 )
             )
         progress.summary(summary)
@@ -370,27 +346,13 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
     return handler
 
 
-def _config(args: argparse.Namespace, **kwargs: Any) -> Any:
-    return store_config(
-        args.endpoint,
-        args.region,
-        args.path_style,
-        args.retries,
-        args.timeout,
-        sse_customer_key_file=args.sse_customer_key_file,
-        azure_encryption_scope=getattr(args, "azure_encryption_scope", None),
-        gcs_kms_key_name=getattr(args, "gcs_kms_key", None),
-        **kwargs,
-    )
-
-
 def _display(config: Any, url: str) -> Callable[[str], str]:
     """How keys under ``url`` are shown (opening a location makes no request)."""
     return LocationOpener(config).open(url).display
 
 
 def _list(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_from_args(args)
     if args.studies:
         return _list_studies(args, config)
     location = LocationOpener(config).open(args.url)
@@ -454,7 +416,7 @@ def _list_studies(args: argparse.Namespace, config: Any) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_from_args(args)
     if not args.force and not args.dry_run:
         question = f"Delete {args.url}?"
         if args.recursive:
@@ -502,7 +464,7 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _share(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_from_args(args)
     lifetime = parse_duration(args.expires)
 
     def emit(target: str, link: str) -> None:
@@ -537,7 +499,7 @@ def _rekey(args: argparse.Namespace) -> int:
                 args.url,
                 recursive=args.recursive,
                 options=options,
-                config=_config(args),
+                config=config_from_args(args),
                 on_event=progress,
             )
         )
@@ -607,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = add(name, summary, examples, _transfer(verb, call))
         _transfer_arguments(sub)
+        add_journal_option(sub)
         _connection_options(sub)
         _output_options(sub)
 
@@ -692,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(sub)
     _output_options(sub)
 
+    add_job_commands(add, _transfer_arguments, _connection_options, _output_options)
     add("version", "Print the version.", "  dicom-cloud version", _version)
     return parser
 
@@ -706,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by journals, for `resume`
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return 2

@@ -265,3 +265,48 @@ def setup_logging(verbose: bool) -> None:
         logging.basicConfig(
             level=logging.WARNING, format="dicom-cloud: warning: %(message)s", stream=sys.stderr
         )
+
+
+def options_from_args(args: Any) -> TransferOptions:
+    """The TransferOptions of a transfer command's parsed arguments (upload, download, copy, sync)."""
+    return transfer_options(
+        args.parallel,
+        args.part_size,
+        args.multipart_threshold,
+        args.part_concurrency,
+        tags=args.tags,
+        object_tags=args.object_tags,
+        no_overwrite=args.no_overwrite,
+        dry_run=args.dry_run,
+        encryption=client_encryption(
+            args.encrypt, args.encryption_format, args.master_key, args.previous_key
+        ),
+        dicom=dicom_policy(
+            args.layout,
+            args.layout_key_file,
+            args.dicom_tags,
+            validate=args.validate,
+            strict=args.strict,
+            allow_phi=args.allow_phi,
+            encrypted=args.encrypt == "client-side",
+        ),
+        allow_phi=args.allow_phi,
+        selection=selection(args),
+        deidentify=deidentify_options(args.deidentify, args.deid_secret_file, args.deid_dates),
+        on_conflict=args.on_conflict,
+    )
+
+
+def config_from_args(args: Any, **kwargs: Any) -> StoreConfig:
+    """The StoreConfig of any command's connection options."""
+    return store_config(
+        args.endpoint,
+        args.region,
+        args.path_style,
+        args.retries,
+        args.timeout,
+        sse_customer_key_file=args.sse_customer_key_file,
+        azure_encryption_scope=getattr(args, "azure_encryption_scope", None),
+        gcs_kms_key_name=getattr(args, "gcs_kms_key", None),
+        **kwargs,
+    )
