@@ -58,6 +58,7 @@ MULTIPART = ["--multipart-threshold", "5MiB", "--part-size", "5MiB"]
 
 _DROP_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "DICOM_CLOUD_")
 _DROP = {"STORAGE_EMULATOR_HOST", "CLOUDSDK_CONFIG"}
+_STATE_DIR = tempfile.mkdtemp(prefix="dicom-cloud-test-state-")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,6 +71,8 @@ def cli_env(*server_envs: Mapping[str, str], **extra: str) -> dict[str, str]:
     # No ~/.aws profile may leak in (the tests' own identities only).
     env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = "/nonexistent/dicom-cloud-tests"
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    # Job journals of the tests go to a directory of their own, not the user's state directory.
+    env["DICOM_CLOUD_STATE_DIR"] = _STATE_DIR
     for server_env in server_envs:
         env.update(server_env)
     env.update(extra)
