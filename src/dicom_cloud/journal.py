@@ -2,7 +2,7 @@
 after an interruption (Ctrl-C, ``kill -9``, a lost network) skips it.
 
 One job = one SQLite file ``<state dir>/jobs/<job id>.sqlite``; the format is specified in
-``docs/resume.md``. The job id is a hash of what makes two runs "the same command": the verb, the
+``docs/sync.md``. The job id is a hash of what makes two runs "the same command": the verb, the
 resolved source and destination, and the options that change what is written. A job holds:
 
 - ``job``: one row describing it (the command line and working directory, to ``resume`` it);
@@ -36,7 +36,7 @@ from typing import Any
 
 from .errors import JobLockedError, UsageError
 
-#: Version of the job file's schema (docs/resume.md); files of other versions are refused.
+#: Version of the job file's schema (docs/sync.md); files of other versions are refused.
 SCHEMA_VERSION = 1
 _COMMIT_INTERVAL = 0.5
 _COMMIT_ROWS = 500
