@@ -6,9 +6,11 @@ of the listed blocks. A block's id is derived from its part number and the MD5 o
 requires), so a resumed run finds its blocks with Get Block List and knows what each holds
 without reading it back; the server checks each block against its ``Content-MD5`` on arrival.
 
-There is no "abort": Azure discards uncommitted blocks when the blob is committed by anyone, or
-after seven days. Requests carry short-lived service SAS tokens signed with the account key;
-nothing signed is kept in the session state.
+Azure has no "abort": it discards uncommitted blocks when the blob is committed, or after seven
+days. To discard them now, a blob that has no committed version is committed empty (only if it
+still does not exist) and deleted (only if it is still that empty blob). Requests carry
+short-lived service SAS tokens signed with the account key; nothing signed is kept in the session
+state.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import hashlib
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
@@ -31,13 +34,12 @@ from ..errors import (
     DicomCloudError,
     IntegrityError,
     NotFoundError,
-    NotSupportedError,
     PermissionDeniedError,
     UsageError,
 )
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
-from .azure_sas import blob_sas_url
+from .azure_sas import blob_sas_url, service_sas
 from .rest import Request, RestClient
 
 #: A service version that knows every header used here.
@@ -202,13 +204,83 @@ class AzureResumableUploads:
         return await self.stat(key)
 
     async def abort(self, state: dict[str, Any]) -> None:
-        """Azure has no way to drop uncommitted blocks: they expire after seven days (docs/resume.md)."""
+        await self.discard(state["key"])
 
-    def incomplete(self, prefix: str = "") -> AsyncIterator[IncompleteUpload]:
-        raise NotSupportedError(
-            f"azure://{self.container}: unfinished block uploads cannot be listed",
-            hint="Azure discards uncommitted blocks by itself after seven days",
+    async def discard(self, key: str) -> bool:
+        """Drop the uncommitted blocks of a blob that has no committed version; False when the blob
+        exists (its uncommitted blocks then expire by themselves after seven days)."""
+        body = b'<?xml version="1.0" encoding="utf-8"?><BlockList></BlockList>'
+        created = await self._http.send(
+            lambda: Request(
+                "PUT",
+                self._blob(key, "cw", {"comp": "blocklist"}),
+                {"x-ms-version": _VERSION, "If-None-Match": "*", "Content-Type": "application/xml"},
+                body,
+            )
         )
+        if created.status_code in (409, 412):  # a committed blob exists: leave it alone
+            return False
+        if created.status_code >= 300:
+            raise self._error(created, self._url(key))
+        etag = created.headers.get("ETag", "")
+        deleted = await self._http.send(
+            lambda: Request("DELETE", self._blob(key, "d"), {"x-ms-version": _VERSION, "If-Match": etag})
+        )
+        if deleted.status_code >= 300 and deleted.status_code not in (404, 412):
+            raise self._error(deleted, self._url(key))
+        return True
+
+    async def incomplete(self, prefix: str = "") -> AsyncIterator[IncompleteUpload]:
+        """Blobs that have uncommitted blocks and no committed version (Azure lists those with
+        ``include=uncommittedblobs``; blobs with both are not distinguishable and not listed)."""
+        marker = ""
+        while True:
+            query = {"restype": "container", "comp": "list", "include": "uncommittedblobs", "prefix": prefix}
+            if marker:
+                query["marker"] = marker
+            url = self._container_url("rl", query)
+            response = await self._call("GET", url, f"azure://{self.container}/{prefix}")
+            assert response is not None
+            root = ET.fromstring(response.content)  # noqa: S314 - from the configured endpoint
+            for blob in root.iter("Blob"):
+                name = blob.findtext("Name") or ""
+                props = blob.find("Properties")
+                length = props.findtext("Content-Length") if props is not None else None
+                # An uncommitted-only blob lists with length 0; an empty committed blob too, so
+                # those are told apart by their block list.
+                if length not in (None, "0") or not await self._only_uncommitted(name):
+                    continue
+                created = props.findtext("Creation-Time") if props is not None else None
+                yield IncompleteUpload(
+                    key=name,
+                    upload_id="",
+                    initiated=parsedate_to_datetime(created) if created else None,
+                )
+            marker = root.findtext("NextMarker") or ""
+            if not marker:
+                return
+
+    async def _only_uncommitted(self, key: str) -> bool:
+        url = self._blob(key, "r", {"comp": "blocklist", "blocklisttype": "all"})
+        response = await self._call("GET", url, self._url(key), missing_ok=True)
+        if response is None:
+            return False
+        root = ET.fromstring(response.content)  # noqa: S314 - from the configured endpoint
+        committed = root.find("CommittedBlocks")
+        uncommitted = root.find("UncommittedBlocks")
+        return (committed is None or len(committed) == 0) and uncommitted is not None and len(uncommitted) > 0
+
+    def _container_url(self, permissions: str, query: dict[str, str]) -> str:
+        sas = service_sas(
+            account=self._account,
+            account_key=self._key,
+            resource=self.container,
+            kind="c",
+            permissions=permissions,
+            expiry=datetime.now(UTC) + _SAS_LIFETIME,
+            plain_http=self._endpoint.startswith("http://"),
+        )
+        return f"{self._endpoint}/{quote(self.container)}?{urlencode(query, quote_via=quote)}&{sas}"
 
     async def stat(self, key: str) -> ObjectInfo:
         response = await self._call("HEAD", self._blob(key, "r"), self._url(key))
