@@ -87,6 +87,14 @@ class ResumableUploads(Protocol):
         """Unfinished uploads under ``prefix``; NotSupportedError where the provider cannot list them."""
         ...
 
+    async def abort_incomplete(self, upload: IncompleteUpload) -> None:
+        """Discard one upload that ``incomplete`` listed."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (the store's ``close`` calls it)."""
+        ...
+
 
 class StateStore(Protocol):
     """Where session states live between runs (the transfer journal implements it)."""

@@ -85,6 +85,12 @@ class Counting:
     def incomplete(self, prefix: str = "") -> Any:
         return self.inner.incomplete(prefix)
 
+    async def abort_incomplete(self, upload: Any) -> None:
+        await self.inner.abort_incomplete(upload)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
 
 class Ctx:
     def __init__(self, name: str, url: str, tmp: Path) -> None:

@@ -206,6 +206,9 @@ class AzureResumableUploads:
     async def abort(self, state: dict[str, Any]) -> None:
         await self.discard(state["key"])
 
+    async def abort_incomplete(self, upload: IncompleteUpload) -> None:
+        await self.discard(upload.key)
+
     async def discard(self, key: str) -> bool:
         """Drop the uncommitted blocks of a blob that has no committed version; False when the blob
         exists (its uncommitted blocks then expire by themselves after seven days)."""

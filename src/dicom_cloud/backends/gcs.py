@@ -372,6 +372,8 @@ class GCSStore(Store):
         return authorization_from(credentials, lambda: credentials.refresh(AuthRequest()))  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
+        if self._resumable is not None:
+            await self._resumable.close()
         with self._lock:
             self._closed = True
             clients, self._clients = self._clients, []

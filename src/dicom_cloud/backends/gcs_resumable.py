@@ -210,6 +210,9 @@ class GCSResumableUploads:
             hint="GCS discards unfinished sessions by itself after one week",
         )
 
+    async def abort_incomplete(self, upload: IncompleteUpload) -> None:
+        raise NotSupportedError(f"gs://{self.bucket}: resumable upload sessions cannot be listed")
+
     async def close(self) -> None:
         self._http.close()
 

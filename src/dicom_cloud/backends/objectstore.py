@@ -550,6 +550,8 @@ class ObjectStoreBackend(Store):
 
     async def close(self) -> None:
         self._inner = None  # type: ignore[assignment]
+        if self._resumable is not None:
+            await self._resumable.close()
 
     # -- error translation -------------------------------------------------------------
 

@@ -195,6 +195,9 @@ class S3ResumableUploads:
     async def abort(self, state: dict[str, Any]) -> None:
         await self.abort_upload(state["key"], state["upload_id"])
 
+    async def abort_incomplete(self, upload: IncompleteUpload) -> None:
+        await self.abort_upload(upload.key, upload.upload_id)
+
     async def abort_upload(self, key: str, upload_id: str) -> None:
         url = self._object(key, {"uploadId": upload_id})
         response = await self._http.send(lambda: self._signed("DELETE", url))
