@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .budget import ByteBudget
 from .checksum import crc32c_file
-from .errors import IntegrityError, NotFoundError, UsageError
+from .errors import DicomCloudError, IntegrityError, NotFoundError, UsageError
 from .store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
 
 #: Version of the session-state dicts written here; states of another version start over.
@@ -271,9 +271,13 @@ async def upload_file_resumable(
             async with gate:
                 await send(number)
 
-        async with asyncio.TaskGroup() as group:
-            for number in missing:
-                group.create_task(bounded(number))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for number in missing:
+                    group.create_task(bounded(number))
+        except BaseExceptionGroup as group_error:
+            # Callers map one typed error to an exit code or a retry: give them the first one.
+            raise _first_error(group_error) from None
 
     # The file must not have changed while it was read: parts sent and parts kept would mix.
     if await asyncio.to_thread(_source_fingerprint, path) != fingerprint:
@@ -304,6 +308,20 @@ def _describes(
         and state.get("part_size") == part_size
         and state.get("key") == key
     )
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first failure of a group (a typed error if there is one); cancellations come last."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = list(error.exceptions)
+        else:
+            leaves.append(error)
+    typed = [e for e in leaves if isinstance(e, DicomCloudError)]
+    return (typed or leaves)[0]
 
 
 async def _abort_quietly(uploads: ResumableUploads, state: dict[str, Any]) -> None:
