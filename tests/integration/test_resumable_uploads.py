@@ -20,7 +20,7 @@ import pytest
 from dicom_cloud.backends import StoreConfig, open_store
 from dicom_cloud.budget import ByteBudget
 from dicom_cloud.checksum import crc32c_file
-from dicom_cloud.errors import AuthenticationError, NotSupportedError
+from dicom_cloud.errors import AuthenticationError, IntegrityError, NotFoundError, NotSupportedError
 from dicom_cloud.resumable import (
     MemoryStateStore,
     PartRecord,
@@ -291,5 +291,21 @@ def test_md5_of_parts_matches_what_s3_lists(ctx: Ctx) -> None:
     async def body(_: Store, uploads: ResumableUploads) -> None:
         parts = await uploads.uploaded_parts(state)
         assert parts[1].md5 == hashlib.md5(ctx.data[: ctx.part]).hexdigest()  # noqa: S324
+
+    ctx.run(body)
+
+
+def test_gcs_object_with_other_bytes_is_refused_and_deleted(ctx: Ctx) -> None:
+    if ctx.name != "gs":
+        pytest.skip("GCS checks whole objects (its sessions report no per-chunk checksum)")
+
+    async def body(store: Store, uploads: ResumableUploads) -> None:
+        state = await uploads.begin(ctx.key, ctx.part, ctx.part, PutOptions())
+        state.update(part_size=ctx.part, crc32c="00000000")  # what the file's CRC32C was said to be
+        await uploads.upload_part(state, 1, os.urandom(ctx.part))
+        with pytest.raises(IntegrityError, match="CRC32C"):
+            await uploads.complete(state, [])
+        with pytest.raises(NotFoundError):
+            await store.stat(ctx.key)
 
     ctx.run(body)

@@ -65,3 +65,37 @@ def test_presigned_url_with_signed_content_type(seaweedfs: S3Server, s3_bucket: 
     assert ok.status_code == 200, ok.text
     bad = requests.put(presigned, data=b"d", headers={"content-type": "text/plain"}, timeout=30)
     assert bad.status_code == 403
+
+
+def test_multipart_upload_through_presigned_part_urls(seaweedfs: S3Server, s3_bucket: str) -> None:
+    """Parts sent by someone holding only presigned URLs; the upload completed with our keys."""
+    import asyncio
+    import base64
+
+    from dicom_cloud.backends.s3_multipart import S3ResumableUploads
+    from dicom_cloud.store import PutOptions
+
+    uploads = S3ResumableUploads(
+        bucket=s3_bucket,
+        endpoint=seaweedfs.endpoint,
+        region=seaweedfs.region,
+        credentials=SigningCredentials(seaweedfs.access_key, seaweedfs.secret_key),
+        path_style=True,
+    )
+    parts = [b"a" * (5 * 1024 * 1024), b"tail"]
+
+    async def main() -> None:
+        state = await uploads.begin("presigned/x y.bin", sum(map(len, parts)), len(parts[0]), PutOptions())
+        for number, data in enumerate(parts, start=1):
+            md5 = base64.b64encode(hashlib.md5(data).digest()).decode()  # noqa: S324
+            url = uploads.presign_part(state, number, expires_in=300, content_md5=md5)
+            wrong = requests.put(url, data=data[:-1] + b"!", headers={"content-md5": md5}, timeout=30)
+            assert wrong.status_code in (400, 403)  # signed MD5: other bytes are refused
+            response = requests.put(url, data=data, headers={"content-md5": md5}, timeout=30)
+            assert response.status_code == 200, response.text
+        held = await uploads.uploaded_parts(state)
+        info = await uploads.complete(state, [held[1], held[2]])
+        assert info.size == sum(map(len, parts))
+        await uploads.close()
+
+    asyncio.run(main())

@@ -30,7 +30,7 @@ from ..errors import (
     UsageError,
 )
 from ..resumable import IncompleteUpload, PartRecord, part_range
-from ..store import ObjectInfo, PutOptions
+from ..store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
 from .rest import Request, RestClient
 
 #: Chunks other than the last must be multiples of this (a GCS rule).
@@ -103,7 +103,16 @@ class GCSResumableUploads:
             query["kmsKeyName"] = self._kms_key_name
         url = f"{self._endpoint}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o?{urlencode(query)}"
         content_type = options.content_type or "application/octet-stream"
-        resource = {"name": key, "contentType": content_type, "metadata": dict(options.metadata)}
+        resource: dict[str, Any] = {
+            "name": key,
+            "contentType": content_type,
+            "metadata": dict(options.metadata),
+        }
+        crc = options.metadata.get(CHECKSUM_METADATA_KEY)
+        if crc:
+            # Declared up front, the CRC32C is checked by the server when the last chunk arrives:
+            # an object with other bytes is never finalised.
+            resource["crc32c"] = base64.b64encode(bytes.fromhex(crc)).decode()
         body = json.dumps(resource).encode()
 
         def build() -> Request:

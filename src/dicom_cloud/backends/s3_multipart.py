@@ -175,6 +175,23 @@ class S3ResumableUploads:
             raise IntegrityError(f"part {number} of {self._url(key)}: the server stored other bytes")
         return PartRecord(number, len(data), etag=etag or digest.hex(), md5=digest.hex())
 
+    def presign_part(
+        self, state: dict[str, Any], number: int, *, expires_in: int = 3600, content_md5: str | None = None
+    ) -> str:
+        """A URL that lets its holder PUT part ``number`` of this upload until it expires.
+
+        With ``content_md5`` (base64, as in the header) the URL accepts only those bytes. Such
+        URLs are capabilities: hand them out, never keep them in the session state.
+        """
+        headers = {"content-md5": content_md5} if content_md5 else None
+        return self._signer.presign(
+            "PUT",
+            self._object(state["key"]),
+            expires_in=expires_in,
+            params={"partNumber": str(number), "uploadId": state["upload_id"]},
+            signed_headers=headers,
+        )
+
     async def complete(self, state: dict[str, Any], parts: list[PartRecord]) -> ObjectInfo:
         key = state["key"]
         body = "".join(
