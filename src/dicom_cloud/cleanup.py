@@ -99,6 +99,8 @@ async def _leftovers(
         async for item in _partial_files(location):
             yield item
         return
+    if location.url.scheme == "memory":
+        return  # in-process stores hold no unfinished uploads
     uploads = location.store.resumable_uploads()
     if uploads is None:
         raise NotSupportedError(

@@ -20,7 +20,13 @@ import pytest
 from dicom_cloud.backends import StoreConfig, open_store
 from dicom_cloud.budget import ByteBudget
 from dicom_cloud.checksum import crc32c_file
-from dicom_cloud.errors import AuthenticationError, IntegrityError, NotFoundError, NotSupportedError
+from dicom_cloud.errors import (
+    AuthenticationError,
+    BucketNotFoundError,
+    IntegrityError,
+    NotFoundError,
+    NotSupportedError,
+)
 from dicom_cloud.resumable import (
     MemoryStateStore,
     PartRecord,
@@ -307,5 +313,21 @@ def test_gcs_object_with_other_bytes_is_refused_and_deleted(ctx: Ctx) -> None:
             await uploads.complete(state, [])
         with pytest.raises(NotFoundError):
             await store.stat(ctx.key)
+
+    ctx.run(body)
+
+
+def test_missing_bucket_is_a_typed_error(ctx: Ctx) -> None:
+    if ctx.name != "azure":
+        # SeaweedFS creates a missing bucket on the first upload; fake-gcs-server opens the session.
+        pytest.skip("the S3 and GCS test servers accept uploads into a missing bucket")
+    ctx.url = f"azure://no-such-container-{uuid.uuid4().hex[:8]}"
+
+    async def body(_: Store, uploads: ResumableUploads) -> None:
+        state = await uploads.begin(ctx.key, ctx.size, ctx.part, PutOptions())
+        with pytest.raises(BucketNotFoundError):
+            await uploads.upload_part({**state, "part_size": ctx.part}, 1, b"x")
+        with pytest.raises(BucketNotFoundError):
+            await uploads.uploaded_parts(state)
 
     ctx.run(body)
