@@ -352,3 +352,11 @@ def test_urls_path_style_and_virtual_hosted() -> None:
         "https://b.s3.eu-west-1.amazonaws.com/k"
     )
     assert sigv4.bucket_url("http://127.0.0.1:8333/", "b", path_style=True) == "http://127.0.0.1:8333/b/"
+
+
+def test_default_ports_are_not_part_of_the_signed_host() -> None:
+    explicit = S3.sign("GET", "https://examplebucket.s3.amazonaws.com:443/test.txt", when=S3_WHEN)
+    implicit = S3.sign("GET", f"{HOST}/test.txt", when=S3_WHEN)
+    assert explicit.headers["Authorization"] == implicit.headers["Authorization"]
+    other = S3.sign("GET", "http://127.0.0.1:8333/b/k", when=S3_WHEN)
+    assert "host:127.0.0.1:8333\n" in other.canonical_request

@@ -171,7 +171,7 @@ class Signer:
         pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
         present = {name.lower() for name, _ in pairs}
         if "host" not in present:
-            pairs.append(("host", parts.netloc))
+            pairs.append(("host", _host(parts.scheme, parts.netloc)))
         if "x-amz-date" not in present:
             pairs.append(("x-amz-date", amz_date(when)))
         if add_content_sha256 is None:
@@ -225,7 +225,7 @@ class Signer:
             raise ValueError(f"a presigned URL lives 1 to {MAX_PRESIGN_SECONDS} seconds, not {expires_in}")
         when = when or datetime.now(UTC)
         parts = urlsplit(url)
-        header_pairs = [("host", parts.netloc), *((signed_headers or {}).items())]
+        header_pairs = [("host", _host(parts.scheme, parts.netloc)), *((signed_headers or {}).items())]
         block, signed_names = self.canonical_headers(header_pairs)
         query = _query_pairs(parts.query)
         query += list((params or {}).items())
@@ -253,6 +253,12 @@ class Signer:
         # S3 paths go out exactly as signed (encoded once), so a name given unencoded still works.
         path = self.canonical_uri(parts.path) if self._s3_paths else (parts.path or "/")
         return f"{parts.scheme}://{parts.netloc}{path}?{canonical_query}&X-Amz-Signature={signature}"
+
+
+def _host(scheme: str, netloc: str) -> str:
+    """The Host header HTTP clients send: the port only when it is not the scheme's default."""
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    return netloc[: -len(default)] if default and netloc.endswith(default) else netloc
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:
