@@ -150,6 +150,21 @@ def plan_parts(size: int, part_size: int, uploads: ResumableUploads) -> int:
     return count
 
 
+#: Part sizes are rounded up to a multiple of this: GCS's chunk quantum, harmless elsewhere.
+PART_QUANTUM = 256 * 1024
+
+
+def fit_part_size(size: int, requested: int, uploads: ResumableUploads) -> int:
+    """The part size to use for ``size`` bytes: ``requested``, raised to the provider's minimum,
+    rounded up to :data:`PART_QUANTUM`, and grown until the parts fit the provider's maximum count."""
+    part = max(requested, uploads.min_part_size, 1, _ceil_div(size, uploads.max_parts))
+    return _ceil_div(part, PART_QUANTUM) * PART_QUANTUM
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def part_range(number: int, size: int, part_size: int) -> tuple[int, int]:
     start = (number - 1) * part_size
     return start, min(start + part_size, size)

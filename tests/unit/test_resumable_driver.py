@@ -19,6 +19,7 @@ from dicom_cloud.resumable import (
     MemoryStateStore,
     PartRecord,
     ResumableResult,
+    fit_part_size,
     part_range,
     upload_file_resumable,
 )
@@ -234,3 +235,13 @@ def test_a_failed_part_raises_its_own_error_not_a_group(data_file: Path) -> None
     uploads.fail_after = 2
     with pytest.raises(ConnectionError):
         upload(uploads, data_file, MemoryStateStore(), budget=4 * PART)
+
+
+def test_fit_part_size() -> None:
+    uploads = InProcessUploads()  # min 1 byte, at most 100 parts
+    quantum = 256 * 1024
+    assert fit_part_size(10, 1, uploads) == quantum
+    assert fit_part_size(10, quantum + 1, uploads) == 2 * quantum
+    assert fit_part_size(1000 * quantum, quantum, uploads) == 10 * quantum  # 100 parts
+    uploads.min_part_size = 5 * 1024 * 1024
+    assert fit_part_size(10, quantum, uploads) == 5 * 1024 * 1024
