@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -331,3 +332,32 @@ def test_missing_bucket_is_a_typed_error(ctx: Ctx) -> None:
             await uploads.uploaded_parts(state)
 
     ctx.run(body)
+
+
+def test_tags_are_applied(ctx: Ctx, request: pytest.FixtureRequest) -> None:
+    if ctx.name == "gs":
+        pytest.skip("GCS has no object tags")
+    states = MemoryStateStore()
+
+    async def body(_: Store, uploads: ResumableUploads) -> None:
+        await upload_file_resumable(
+            uploads,
+            ctx.file,
+            ctx.key,
+            part_size=ctx.part,
+            options=PutOptions(tags={"Source": "PACS 1"}),
+            state_store=states,
+            budget=ByteBudget(4 * ctx.part),
+        )
+
+    ctx.run(body)
+    bucket = ctx.url.split("://", 1)[1]
+    path = f"/{bucket}/{urllib.parse.quote(ctx.key)}"
+    if ctx.name == "s3":
+        status, answer = request.getfixturevalue("seaweedfs").s3_request("GET", path + "?tagging")
+    else:
+        status, answer = request.getfixturevalue("azurite").azure_request(
+            "GET", path + "?comp=tags", {"x-ms-version": "2021-08-06"}
+        )
+    assert status == 200, answer
+    assert b"<Key>Source</Key>" in answer and b"<Value>PACS 1</Value>" in answer
