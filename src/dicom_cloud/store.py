@@ -24,9 +24,12 @@ from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from .errors import NotSupportedError
+
+if TYPE_CHECKING:
+    from .resumable import ResumableUploads
 
 #: Metadata key under which dicom-cloud records the CRC32C (8 hex digits) of the whole object.
 #: Underscores, not dashes: Azure metadata names must be identifiers.
@@ -182,6 +185,11 @@ class Store(abc.ABC):
     def open_writer(self, key: str, size: int) -> RandomAccessWriter:
         """A writer for ``size`` bytes at ``key`` filled at any offsets (``features.random_access_write``)."""
         raise NotSupportedError(f"{self.scheme}:// cannot write objects at offsets")
+
+    def resumable_uploads(self) -> ResumableUploads | None:
+        """Multipart uploads that a later process can continue (docs/resume.md), or None when
+        this store (or the credentials it was opened with) cannot offer them."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections. The store is unusable afterwards."""

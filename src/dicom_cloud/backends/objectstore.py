@@ -18,7 +18,7 @@ import obstore
 from obstore import exceptions as obx
 from obstore.store import AzureStore, MemoryStore, S3Store
 
-from ..credentials import aws_settings, azure_settings
+from ..credentials import AwsSettings, AzureSettings, aws_settings, azure_settings
 from ..errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -38,6 +38,8 @@ from .azure_sas import blob_sas_url, service_sas
 
 if TYPE_CHECKING:
     from obstore.store import AzureSASToken, ClientConfig, ObjectStore, RetryConfig
+
+    from ..resumable import ResumableUploads
 
 T = TypeVar("T")
 
@@ -135,6 +137,7 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         )
         backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
         backend.write_encryption = encryption
+        backend.resumable_factory = _s3_resumable_factory(bucket, aws, config, path_style)
         if aws.access_key_id is None:
             backend.missing_credentials_hint = (
                 "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -223,11 +226,71 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
             azure, "azure", bucket, features, endpoint=az.endpoint or "Azure", signer=signer
         )
         azure_backend.write_encryption = encryption
+        azure_backend.resumable_factory = _azure_resumable_factory(bucket, az, config)
         return azure_backend
     raise UsageError(f"obstore backend cannot open {scheme}://")
 
 
 Signer = Callable[[str, timedelta, Literal["GET", "PUT"]], str]
+
+
+def _s3_resumable_factory(
+    bucket: str, aws: AwsSettings, config: StoreConfig, path_style: bool
+) -> Callable[[], ResumableUploads] | None:
+    """Resumable uploads sign their own requests: only with keys we hold, and not with SSE-C
+    (the customer key would have to travel with every part request: not implemented)."""
+    if not (aws.access_key_id and aws.secret_access_key) or config.sse_customer_key is not None:
+        return None
+    from .s3_multipart import S3ResumableUploads
+    from .sigv4 import SigningCredentials, aws_endpoint
+
+    create_headers: dict[str, str] = {}
+    if config.server_side_encryption:
+        create_headers["x-amz-server-side-encryption"] = config.server_side_encryption
+    if config.sse_kms_key_id:
+        create_headers["x-amz-server-side-encryption-aws-kms-key-id"] = config.sse_kms_key_id
+    credentials = SigningCredentials(aws.access_key_id, aws.secret_access_key, aws.session_token)
+
+    def build() -> ResumableUploads:
+        return S3ResumableUploads(
+            bucket=bucket,
+            endpoint=aws.endpoint or aws_endpoint(aws.region),
+            region=aws.region,
+            credentials=credentials,
+            path_style=path_style,
+            create_headers=create_headers,
+            max_retries=config.max_retries,
+            timeout=(config.connect_timeout, config.request_timeout),
+        )
+
+    return build
+
+
+def _azure_resumable_factory(
+    bucket: str, az: AzureSettings, config: StoreConfig
+) -> Callable[[], ResumableUploads] | None:
+    """Blocks are written with SAS URLs signed by the account key; other credentials (SAS tokens
+    from the environment, Entra ID) and the encryption options make the store not resumable."""
+    if not (az.account and az.account_key):
+        return None
+    if config.sse_customer_key is not None or config.azure_encryption_scope is not None:
+        return None
+    from .azure_blocks import AzureResumableUploads
+
+    account, key = az.account, az.account_key
+    endpoint = az.endpoint or f"https://{account}.blob.core.windows.net"
+
+    def build() -> ResumableUploads:
+        return AzureResumableUploads(
+            container=bucket,
+            endpoint=endpoint,
+            account=account,
+            account_key=key,
+            max_retries=config.max_retries,
+            timeout=(config.connect_timeout, config.request_timeout),
+        )
+
+    return build
 
 
 class _ScopedContainerSAS:
@@ -289,6 +352,14 @@ class ObjectStoreBackend(Store):
         self.missing_credentials_hint: str | None = None
         #: What server-side encryption writes ask for (set by open_objectstore), for error hints.
         self.write_encryption: str | None = None
+        #: Builds the resumable-upload client (set by open_objectstore when credentials allow).
+        self.resumable_factory: Callable[[], ResumableUploads] | None = None
+        self._resumable: ResumableUploads | None = None
+
+    def resumable_uploads(self) -> ResumableUploads | None:
+        if self._resumable is None and self.resumable_factory is not None:
+            self._resumable = self.resumable_factory()
+        return self._resumable
 
     # -- reads -------------------------------------------------------------------------
 
@@ -479,6 +550,8 @@ class ObjectStoreBackend(Store):
 
     async def close(self) -> None:
         self._inner = None  # type: ignore[assignment]
+        if self._resumable is not None:
+            await self._resumable.close()
 
     # -- error translation -------------------------------------------------------------
 

@@ -656,6 +656,20 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(sub)
 
     add_job_commands(add, _transfer_arguments, _connection_options, _output_options)
+
+    # cleanup: leftovers of interrupted transfers (code in cli/cleanup.py)
+    from . import cleanup as cleanup_command
+
+    sub = add(
+        "cleanup",
+        cleanup_command.SUMMARY,
+        cleanup_command.EXAMPLES,
+        lambda args: cleanup_command.run(args, config_from_args(args)),
+    )
+    cleanup_command.add_arguments(sub)
+    _connection_options(sub)
+    _output_options(sub)
+
     add("version", "Print the version.", "  dicom-cloud version", _version)
     return parser
 

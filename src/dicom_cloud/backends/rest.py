@@ -1,0 +1,89 @@
+"""Plain HTTP for the protocol operations our client libraries do not offer (resumable uploads).
+
+One ``requests.Session`` per caller, each call run in a worker thread (requests blocks), with
+retries of what is transient (connection failures, timeouts, 408/429/5xx) and a fresh request
+built for every attempt (signatures carry a timestamp). Nothing here logs a URL or a header:
+they may carry signatures or session capabilities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..errors import NetworkError, ThrottledError
+
+_TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | memoryview = b""
+
+
+class RestClient:
+    """Sends requests built by ``build`` (called again on each retry), from worker threads."""
+
+    def __init__(
+        self, *, what: str, max_retries: int = 4, timeout: tuple[float, float] = (10.0, 300.0)
+    ) -> None:
+        self._what = what  # e.g. "S3 at http://127.0.0.1:8333": for messages, never a signed URL
+        self._max_retries = max(0, max_retries)
+        self._timeout = timeout
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    async def send(
+        self, build: Callable[[], Request], *, ok: Callable[[int], bool] = lambda s: s < 300
+    ) -> requests.Response:
+        """The first response whose status is ``ok`` or not transient; NetworkError after retries."""
+        return await asyncio.to_thread(self._send_blocking, build, ok)
+
+    def _send_blocking(self, build: Callable[[], Request], ok: Callable[[int], bool]) -> requests.Response:
+        attempt = 0
+        while True:
+            request = build()
+            try:
+                response = self._session.request(
+                    request.method,
+                    request.url,
+                    headers=request.headers,
+                    data=bytes(request.body) if isinstance(request.body, memoryview) else request.body,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                )
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as exc:
+                if attempt >= self._max_retries:
+                    raise NetworkError(f"cannot reach {self._what}: {type(exc).__name__}") from None
+            else:
+                if ok(response.status_code) or response.status_code not in _TRANSIENT:
+                    return response
+                if attempt >= self._max_retries:
+                    error = ThrottledError if response.status_code in (429, 503) else NetworkError
+                    raise error(f"{self._what} answered HTTP {response.status_code} {_brief(response)}")
+            attempt += 1
+            # Exponential backoff with jitter: 0.2 s, 0.4 s... up to 8 s.
+            time.sleep(min(8.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _brief(response: requests.Response) -> str:
+    """The start of an error body, whitespace collapsed (providers' bodies hold no secrets)."""
+    return " ".join(response.text[:300].split())
