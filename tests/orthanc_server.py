@@ -22,7 +22,9 @@ from servers import _Proc, _request, _wait_until, free_ports
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 PLUGINS_DIR = Path("/usr/share/orthanc/plugins")
-INSTALL_HINT = "run scripts/install-test-servers as root (it installs orthanc, orthanc-python, orthanc-dicomweb)"
+INSTALL_HINT = (
+    "run scripts/install-test-servers as root (it installs orthanc, orthanc-python, orthanc-dicomweb)"
+)
 
 
 class OrthancError(RuntimeError):
@@ -106,9 +108,7 @@ def start_orthanc(
         config["DicomWeb"] = {**config["DicomWeb"], "Host": f"127.0.0.1:{http_port}"}
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
-    full_env = {
-        k: "" for k in os.environ if k.startswith(("AWS_", "AZURE_", "GOOGLE_", "STORAGE_EMULATOR"))
-    }
+    full_env = {k: "" for k in os.environ if k.startswith(("AWS_", "AZURE_", "GOOGLE_", "STORAGE_EMULATOR"))}
     full_env.pop("AWS_CA_BUNDLE", None)
     full_env.update(PYTHONDONTWRITEBYTECODE="1", **(env or {}))
     proc = _Proc("orthanc", [str(ORTHANC_BIN), str(config_path)], workdir, env=full_env)

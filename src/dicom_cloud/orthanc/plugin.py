@@ -167,7 +167,8 @@ def _answer(output: Any, value: Any) -> None:
 
 def _fail(output: Any, exc: DicomCloudError) -> None:
     body = json.dumps({"HttpStatus": exc.http_status, "Message": exc.message, "Hint": exc.hint})
-    output.SendHttpStatus(exc.http_status, body)
+    # orthanc-python 4.0 takes the body as text plus its size in bytes.
+    output.SendHttpStatus(exc.http_status, body, len(body.encode()))
 
 
 def _move_storage(output: Any, uri: str, **request: Any) -> None:
