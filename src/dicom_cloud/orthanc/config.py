@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from ..backends import StoreConfig
 from ..credentials import parse_connection_string
-from ..crypto.keys import KeyRing, MasterKey
+from ..crypto.keys import MAX_KEY_ID, KeyRing, MasterKey
 from ..dicom.layout import orthanc_object_name
 from ..errors import UsageError
 
@@ -362,6 +362,8 @@ def _key(name: str, what: str, value: object) -> MasterKey:
             f'{name}.StorageEncryption.{what} must be [id, "/path/to/key"], not {value!r}',
             hint='e.g. "MasterKey": [3, "/etc/orthanc/master-3.key"]',
         )
+    if not 0 <= value[0] <= MAX_KEY_ID:
+        raise UsageError(f"{name}.StorageEncryption.{what}: id {value[0]} is not an integer from 0 to {MAX_KEY_ID}")
     return MasterKey.from_file(value[0], value[1])
 
 
