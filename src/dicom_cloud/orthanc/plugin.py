@@ -81,8 +81,8 @@ def initialize() -> None:
     log.warning("storage area: %s", config.describe())
     for setting in config.not_applied:
         log.warning("setting not applied by this plugin: %s", setting)
-    if config.provider != "s3":
-        log.info("Content-MD5 is not sent; S3 uploads carry x-amz-checksum-sha256 instead")
+    if config.provider == "s3":
+        log.info("uploads carry x-amz-checksum-sha256 (checked by the server) instead of Content-MD5")
     orthanc.RegisterStorageArea(_create, _read, _remove)
     orthanc.RegisterRestCallback("/dicom-cloud/pending-removals", _pending_removals)
     orthanc.RegisterRestCallback("/dicom-cloud/pending-removals/retry", _retry_removals)
