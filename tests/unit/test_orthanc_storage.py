@@ -355,3 +355,16 @@ def test_move_jobs(tmp_path: Path, loop: LoopThread) -> None:
     finally:
         worker.stop()
     assert store.keys() == []
+
+
+def test_reads_objects_of_the_a1_test_vectors(tmp_path: Path, loop: LoopThread) -> None:
+    """A bucket written elsewhere in A1 (the format's fixed vectors) reads through the storage area."""
+    vectors = json.loads((Path(__file__).parents[1] / "vectors" / "a1.json").read_text())["vectors"]
+    for number, vector in enumerate(vectors):
+        key = tmp_path / f"vector-{number}.key"
+        key.write_text(vector["master_key_file"])
+        storage, store = area(
+            tmp_path / str(number), loop, StorageEncryption={"MasterKey": [vector["master_key_id"], str(key)]}
+        )
+        asyncio.run(store.inner.put(f"{U1}.dcm.enc", bytes.fromhex(vector["object"])))
+        assert storage.read(U1, 1) == bytes.fromhex(vector["plaintext"]), vector["name"]
