@@ -302,6 +302,48 @@ def test_delete_removes_the_objects(plugin: PluginOrthanc) -> None:
     assert plugin.orthanc.get_json("/dicom-cloud/pending-removals") == []
 
 
+def test_legacy_structure_root_path_and_unknown_files(tmp_path: Path, files: list[Dicom]) -> None:
+    objects = tmp_path / "objects"
+    config = _orthanc_config(
+        [
+            "--local",
+            objects,
+            "--structure",
+            "legacy",
+            "--root-path",
+            "pacs/",
+            "--storage-directory",
+            tmp_path / "o",
+        ],
+        cli_env(),
+    )
+    orthanc = start_orthanc(tmp_path / "legacy", config)
+    try:
+        dicom = next(d for d in files if d.name == "CT_small.dcm")
+        instance = orthanc.post("/instances", dicom.data)["ID"]
+        uuid = orthanc.get_json(f"/instances/{instance}/attachments/dicom/info")["Uuid"]
+        assert (objects / "pacs" / uuid[0:2] / uuid[2:4] / uuid).read_bytes() == dicom.data
+        assert orthanc.get(f"/instances/{instance}/file") == dicom.data
+    finally:
+        orthanc.stop()
+
+    # Flat names with EnableLegacyUnknownFiles: a header stored as .unk (older plugins) is still read.
+    config = _orthanc_config(["--local", objects, "--storage-directory", tmp_path / "flat"], cli_env())
+    config["DicomCloudLocalStorage"]["EnableLegacyUnknownFiles"] = True
+    orthanc = start_orthanc(tmp_path / "flat-run", config)
+    try:
+        instance = orthanc.post("/instances", dicom.data)["ID"]
+        head = orthanc.get_json(f"/instances/{instance}/attachments/dicom-until-pixel-data/info")["Uuid"]
+        (objects / f"{head}.dcm.head").rename(objects / f"{head}.unk")
+        assert orthanc.get(f"/instances/{instance}/attachments/dicom-until-pixel-data/data")[:132].endswith(
+            b"DICM"
+        )
+        orthanc.delete(f"/instances/{instance}")
+        assert not (objects / f"{head}.unk").exists()
+    finally:
+        orthanc.stop()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Hybrid mode: migrating an Orthanc that used its own file storage, both ways
 

@@ -55,7 +55,7 @@ def test_s3_keys_are_applied(key_file: Path) -> None:
             AccessKey="AK",
             SecretKey="SK",
             Endpoint="s3.fr-par.scw.cloud",
-            VirtualAddressing=False,
+            VirtualAddressing=False,  # path-style: the endpoint is used as it is
             ConnectionTimeout=5,
             RequestTimeout=60,
             MaxRetries=2,
@@ -85,6 +85,14 @@ def test_s3_keys_are_applied(key_file: Path) -> None:
     assert config.encryption.max_concurrent_input_size == 16 * MEGABYTE
     assert config.object_name("0a1b2c3d-x", 1) == "orthanc/0a/1b/0a1b2c3d-x"  # legacy: no .enc
     assert "master key ids 3, 1" in config.describe()
+
+
+def test_virtual_addressing_with_an_endpoint_puts_the_bucket_in_the_host() -> None:
+    config = parse_configuration(s3(Endpoint="s3.fr-par.scw.cloud"))
+    assert config is not None and config.store_config.endpoint == "https://b.s3.fr-par.scw.cloud"
+    assert config.store_config.path_style is False
+    local = parse_configuration(s3(Endpoint="http://127.0.0.1:9000/", VirtualAddressing=False))
+    assert local is not None and local.store_config.endpoint == "http://127.0.0.1:9000/"
 
 
 def test_deprecated_migration_key_means_write_to_object_storage() -> None:

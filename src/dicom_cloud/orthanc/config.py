@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from ..backends import StoreConfig
 from ..credentials import parse_connection_string
@@ -218,6 +219,8 @@ def parse_configuration(configuration: Mapping[str, Any]) -> PluginConfig | None
         if endpoint and "://" not in endpoint:
             endpoint = "https://" + endpoint  # the AWS SDK's default scheme
         virtual = section.boolean("VirtualAddressing", True)
+        if endpoint and virtual:
+            endpoint = _virtual_host_endpoint(endpoint, bucket)
         store_config = StoreConfig(
             endpoint=endpoint,
             region=region,
@@ -307,6 +310,18 @@ def parse_configuration(configuration: Mapping[str, Any]) -> PluginConfig | None
     )
 
 
+def _virtual_host_endpoint(endpoint: str, bucket: str | None) -> str:
+    """The bucket's own endpoint for virtual-hosted requests (``https://BUCKET.host``).
+
+    The AWS SDK puts the bucket in front of a custom endpoint's host itself; the S3 client used here
+    takes a virtual-hosted endpoint as the bucket's address, so the bucket is added here.
+    """
+    parts = urlsplit(endpoint)
+    if not parts.hostname:
+        raise UsageError(f"AwsS3Storage.Endpoint {endpoint!r} is not a URL or host name")
+    return urlunsplit(parts._replace(netloc=f"{bucket}.{parts.netloc}"))
+
+
 def _storage_directory(configuration: Mapping[str, Any]) -> Path:
     value = configuration.get("StorageDirectory", "OrthancStorage")
     if not isinstance(value, str) or not value:
@@ -363,7 +378,9 @@ def _key(name: str, what: str, value: object) -> MasterKey:
             hint='e.g. "MasterKey": [3, "/etc/orthanc/master-3.key"]',
         )
     if not 0 <= value[0] <= MAX_KEY_ID:
-        raise UsageError(f"{name}.StorageEncryption.{what}: id {value[0]} is not an integer from 0 to {MAX_KEY_ID}")
+        raise UsageError(
+            f"{name}.StorageEncryption.{what}: id {value[0]} is not an integer from 0 to {MAX_KEY_ID}"
+        )
     return MasterKey.from_file(value[0], value[1])
 
 
