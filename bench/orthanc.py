@@ -43,6 +43,8 @@ from orthanc_server import OrthancServer, start_orthanc  # noqa: E402
 from servers import S3Server, start_seaweedfs  # noqa: E402
 
 CONFIGURATIONS = ("filesystem", "plugin-s3", "plugin-s3-encrypted")
+#: Not run by default: the plugin on a local directory, to tell the plugin's own cost from the server's.
+EXTRA_CONFIGURATIONS = ("plugin-local",)
 MEMORY_TOUCH = 2 << 30
 
 
@@ -93,6 +95,14 @@ def configuration(name: str, s3: S3Server, workdir: Path, key_file: Path) -> dic
     from dicom_cloud.cli.orthanc import python_path
     from dicom_cloud.orthanc import ENTRY_SCRIPT
 
+    plugin = {
+        **base,
+        "Plugins": ["/usr/share/orthanc/plugins/libOrthancPython.so"],
+        "PythonScript": str(ENTRY_SCRIPT),
+        "DicomCloud": {"PythonPath": python_path()},
+    }
+    if name == "plugin-local":
+        return {**plugin, "DicomCloudLocalStorage": {"Directory": str(workdir / "storage" / "objects")}}
     bucket = f"bench-{name}-{int(time.time() * 1000)}"
     s3.create_bucket(bucket)
     section: dict[str, Any] = {
@@ -105,13 +115,7 @@ def configuration(name: str, s3: S3Server, workdir: Path, key_file: Path) -> dic
     }
     if name.endswith("encrypted"):
         section["StorageEncryption"] = {"MasterKey": [1, str(key_file)]}
-    return {
-        **base,
-        "Plugins": ["/usr/share/orthanc/plugins/libOrthancPython.so"],
-        "PythonScript": str(ENTRY_SCRIPT),
-        "DicomCloud": {"PythonPath": python_path()},
-        "AwsS3Storage": section,
-    }
+    return {**plugin, "AwsS3Storage": section}
 
 
 def run_once(
@@ -183,12 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instances", type=int, default=400, help="CT instances in the study (default 400)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each configuration (default 3)")
     p.add_argument("--clients", type=int, default=4, help="HTTP clients at once (default 4)")
-    p.add_argument("--configurations", default=",".join(CONFIGURATIONS), help="comma-separated subset")
+    p.add_argument(
+        "--configurations",
+        default=",".join(CONFIGURATIONS),
+        help="comma-separated: filesystem, plugin-s3, plugin-s3-encrypted (default), plugin-local",
+    )
     p.add_argument("--data-dir", type=Path, default=BENCH / ".data", help="inputs and server data")
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where orthanc-latest.* go")
     args = p.parse_args(argv)
     names = [n for n in args.configurations.split(",") if n]
-    unknown = set(names) - set(CONFIGURATIONS)
+    unknown = set(names) - set(CONFIGURATIONS) - set(EXTRA_CONFIGURATIONS)
     if unknown:
         p.error(f"unknown configurations: {', '.join(sorted(unknown))}")
 
