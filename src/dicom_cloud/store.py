@@ -76,6 +76,9 @@ class PutOptions:
     tags: Mapping[str, str] = field(default_factory=dict)
     #: Fail with AlreadyExistsError instead of replacing an existing object.
     if_absent: bool = False
+    #: Storage class of the new object: an S3 storage class (``STANDARD_IA``...) or an Azure access
+    #: tier (``Cool``...). Stores that have no such notion ignore it.
+    storage_class: str | None = None
 
 
 @dataclass(frozen=True)

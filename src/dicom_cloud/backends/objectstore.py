@@ -709,4 +709,7 @@ def _attributes(options: PutOptions) -> dict[str, str]:
     attributes: dict[str, str] = dict(options.metadata)
     if options.content_type:
         attributes["Content-Type"] = options.content_type
+    if options.storage_class:
+        # obstore sends it as x-amz-storage-class on S3 and x-ms-access-tier on Azure.
+        attributes["Storage-Class"] = options.storage_class
     return attributes

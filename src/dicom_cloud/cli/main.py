@@ -671,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(sub)
 
     add("version", "Print the version.", "  dicom-cloud version", _version)
+
+    from .orthanc import add_parser as add_orthanc_parser  # the Orthanc plugin's configuration
+
+    add_orthanc_parser(commands, add)
     return parser
 
 
