@@ -64,6 +64,7 @@ from .filters import Filter
 from .journal import Journal
 from .localio import check_local_name, resolves_within
 from .location import Location
+from .resumable import fit_part_size, upload_file_resumable
 from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 
 log = logging.getLogger(__name__)
@@ -538,10 +539,36 @@ class Transfer:
             await self._streamed_copy(item, info, put, src_url, dst_url)
 
     async def _upload_file(self, item: TransferItem, put: PutOptions) -> None:
-        """A large local file: CRC32C first (it goes in the metadata), then a multipart upload."""
+        """A large local file: CRC32C first (it goes in the metadata), then a multipart upload.
+
+        With a journal, and a store that can continue an upload from another process, the upload's
+        session is kept in the journal so that a re-run sends only the parts the server lacks."""
         path = Path("/" + item.src_key)
-        checksum = await asyncio.to_thread(crc32c_file, path)
         plan = self._upload_plan()
+        uploads = self.dst.store.resumable_uploads() if self.journal is not None else None
+        if uploads is not None and self.journal is not None:
+            src_url, dst_url = self.src.display(item.src_key), self.dst.display(item.dst_key)
+            resumed = await upload_file_resumable(
+                uploads,
+                path,
+                item.dst_key,
+                part_size=fit_part_size(item.size, plan.part_size, uploads),
+                options=_with_checksum(put, None, None),
+                state_store=self.journal,
+                budget=self._budget,
+                on_progress=lambda count: self._progress(src_url, dst_url, item.size, count),
+                concurrency=plan.concurrency,
+            )
+            if resumed.resumed:
+                log.info(
+                    "%s: continued an interrupted upload, %d of %d parts already on the server",
+                    dst_url,
+                    resumed.parts_reused,
+                    resumed.parts_total,
+                )
+            self._wrote[item.src_key] = (resumed.crc32c, resumed.info.etag)
+            return
+        checksum = await asyncio.to_thread(crc32c_file, path)
         async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
             result = await self.dst.store.put_file(
                 item.dst_key, path, _with_checksum(put, None, checksum), plan

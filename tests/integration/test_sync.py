@@ -348,3 +348,44 @@ def test_interrupted_sync_resumes_without_recopying(request: pytest.FixtureReque
     assert result["created"] + result["updated"] + result["unchanged"] == len(files)
     run_cli("verify", src, remote.url("sy/"), env=env).ok()
     assert json.dumps(result)
+
+
+def _session_saved(env: Mapping[str, str]) -> bool:
+    for path in _state_dir(env).glob("*.sqlite"):
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
+            found = db.execute("SELECT count(*) FROM sessions").fetchone()[0]
+            db.close()
+        except sqlite3.Error:
+            continue
+        if found:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("remote", ["s3", "azure"], indirect=True)
+def test_kill_9_mid_multipart_upload_continues_from_the_parts_on_the_server(
+    remote: Backend, tmp_path: Path
+) -> None:
+    env = cli_env(remote.env, DICOM_CLOUD_STATE_DIR=str(tmp_path / "state"))
+    big = tmp_path / "big.dcm"
+    big.write_bytes(random.Random(5).randbytes(160 * 1024 * 1024))
+    sizes = ["--multipart-threshold", "8MiB", "--part-size", "5MiB", "--part-concurrency", "1"]
+    argv = ["upload", str(big), remote.url("mp/big.dcm"), *sizes, "-v"]
+    proc = subprocess.Popen(
+        [str(CLI), *argv], env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path
+    )
+    deadline = time.monotonic() + 60
+    while not _session_saved(env) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.4)  # a few parts reach the server
+    assert proc.poll() is None, "the upload ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert listed(remote, "mp/") == {}, "a partial object became visible"
+    resumed = run_cli(*argv, env=env, cwd=tmp_path, timeout=300).ok()
+    assert "parts already on the server" in resumed.stderr, str(resumed)
+    back = tmp_path / "back.dcm"
+    run_cli("download", remote.url("mp/big.dcm"), back, "-q", env=env).ok()
+    assert back.read_bytes() == big.read_bytes()
+    assert run_cli("jobs", "--json", env=env).ok().json_lines() == []
