@@ -237,9 +237,9 @@ def test_object_names_are_those_of_the_cpp_plugins(plugin: PluginOrthanc) -> Non
     assert all(UUID.match(n) for n in names)
 
 
+# StorageClass/Tags are AwsS3Storage keys, AccessTier an AzureBlobStorage key.
+@pytest.mark.parametrize("plugin", ["s3", "azure"], indirect=True)
 def test_storage_class_access_tier_and_tags(plugin: PluginOrthanc) -> None:
-    if plugin.backend not in ("s3", "azure"):
-        pytest.skip("StorageClass/Tags are AwsS3Storage keys, AccessTier an AzureBlobStorage key")
     _upload_all(plugin)
     instance = next(iter(plugin.ids.values()))
     uuid = plugin.orthanc.get_json(f"/instances/{instance}/attachments/dicom/info")["Uuid"]
