@@ -536,3 +536,47 @@ def test_gcs_kms_key(
     assert rewrites and all(f"destinationKmsKeyName={quoted}" in u for u in rewrites), rewrites
     # No customer key goes with a KMS key.
     assert not any("x-goog-encryption-key" in h for _, _, h in gcs_requests)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Azure: whole-blob writes carry Content-MD5, which the server checks
+
+
+def test_azure_puts_carry_content_md5_checked_by_the_server(
+    azurite: AzureServer,
+    azure_container: str,
+    azure_proxy: tuple[_Recorder, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicom_cloud.backends import azure_blocks
+    from dicom_cloud.errors import AlreadyExistsError, IntegrityError
+    from dicom_cloud.store import PutOptions
+
+    proxy, endpoint = azure_proxy
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", _connection_string(azurite, endpoint))
+    url = f"azure://{azure_container}"
+    data = os.urandom(70_000)
+    options = PutOptions(content_type="application/dicom", metadata={"dicom_cloud_crc32c": "0badcafe"})
+
+    async def write(store: Store) -> Any:
+        await store.put("md5/a.dcm", data, options)
+        with pytest.raises(AlreadyExistsError):
+            await store.put("md5/a.dcm", b"other", PutOptions(if_absent=True))
+        return await store.read("md5/a.dcm")
+
+    info, got = run(url, cfg(), write)
+    assert bytes(got) == data and info.metadata["dicom_cloud_crc32c"] == "0badcafe"
+    assert info.content_type == "application/dicom"
+    [put] = [h for m, p, h in proxy.requests if m == "PUT" and p.split("?")[0].endswith("/md5/a.dcm")][:1]
+    assert put["content-md5"] == base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+    # Bytes that do not match their Content-MD5 (damaged on the way) are refused by the server.
+    wrong = hashlib.md5(b"something else", usedforsecurity=False).digest()
+    monkeypatch.setattr(azure_blocks, "_md5", lambda _: wrong)
+    with pytest.raises(IntegrityError):
+        run(url, cfg(), lambda store: store.put("md5/b.dcm", data, options))
+    assert not [n for n in run(url, cfg(), lambda store: _names(store, "md5/")) if n.endswith("b.dcm")]
+
+
+async def _names(store: Store, prefix: str) -> list[str]:
+    return [info.key async for info in store.list(prefix)]

@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import StoreConfig, refuse_key_in_clear
+from .azure_blocks import AzureResumableUploads
 from .azure_sas import blob_sas_url, service_sas
 
 if TYPE_CHECKING:
@@ -356,6 +357,18 @@ class ObjectStoreBackend(Store):
         self.resumable_factory: Callable[[], ResumableUploads] | None = None
         self._resumable: ResumableUploads | None = None
 
+    def _verified_azure_writer(self, options: PutOptions) -> AzureResumableUploads | None:
+        """On Azure, whole puts go through our own Put Blob with Content-MD5 (checked by the server)
+        when we hold the account key; metadata must be ASCII to travel in headers as it is."""
+        if self.scheme != "azure":
+            return None
+        uploads = self.resumable_uploads()
+        if not isinstance(uploads, AzureResumableUploads):
+            return None
+        if not all(value.isascii() and name.isascii() for name, value in options.metadata.items()):
+            return None
+        return uploads
+
     def resumable_uploads(self) -> ResumableUploads | None:
         if self._resumable is None and self.resumable_factory is not None:
             self._resumable = self.resumable_factory()
@@ -453,6 +466,10 @@ class ObjectStoreBackend(Store):
     # -- writes ------------------------------------------------------------------------
 
     async def put(self, key: str, data: bytes | memoryview, options: PutOptions = PutOptions()) -> PutResult:
+        verified = self._verified_azure_writer(options)
+        if verified is not None:
+            etag = await self._write(key, lambda: verified.put_whole(key, data, options))
+            return PutResult(etag=etag)
         result = await self._write(
             key,
             lambda: obstore.put_async(

@@ -12,6 +12,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import requests
@@ -20,6 +21,8 @@ from requests.adapters import HTTPAdapter
 from ..errors import NetworkError, ThrottledError
 
 _TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+#: Requests in flight at once per client: the engine's default parallelism.
+_THREADS = 32
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,18 @@ class RestClient:
         self._max_retries = max(0, max_retries)
         self._timeout = timeout
         self._session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32)
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=_THREADS)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        # Threads of its own: asyncio's default pool has only a few on small machines, and these
+        # requests (whole small objects, on Azure) run as many at once as the engine's workers.
+        self._threads = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="dicom-cloud-rest")
 
     async def send(
         self, build: Callable[[], Request], *, ok: Callable[[int], bool] = lambda s: s < 300
     ) -> requests.Response:
         """The first response whose status is ``ok`` or not transient; NetworkError after retries."""
-        return await asyncio.to_thread(self._send_blocking, build, ok)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._send_blocking, build, ok)
 
     def _send_blocking(self, build: Callable[[], Request], ok: Callable[[int], bool]) -> requests.Response:
         attempt = 0
@@ -81,6 +87,7 @@ class RestClient:
             time.sleep(min(8.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
 
     def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
         self._session.close()
 
 
