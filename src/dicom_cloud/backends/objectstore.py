@@ -32,6 +32,7 @@ from ..errors import (
     UnsafeNameError,
     UsageError,
 )
+from ..retry import resumable_listing
 from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import StoreConfig, refuse_key_in_clear
 from .azure_sas import blob_sas_url, service_sas
@@ -318,7 +319,16 @@ class ObjectStoreBackend(Store):
                 if entry.key.startswith(prefix):
                     yield entry
             return
-        stream = obstore.list(self._inner, directory.rstrip("/") or None, chunk_size=1000)
+        # A listing that fails part-way (a dropped connection, throttling past obstore's own
+        # retries) resumes after the last key it gave, under the retry policy (retry.py).
+        async for info in resumable_listing(
+            lambda after: self._list_after(directory, prefix, after), lambda i: i.key, what=self.url(prefix)
+        ):
+            yield info
+
+    async def _list_after(self, directory: str, prefix: str, after: str | None) -> AsyncIterator[ObjectInfo]:
+        """Objects under ``directory`` starting with ``prefix`` whose keys sort after ``after``."""
+        stream = obstore.list(self._inner, directory.rstrip("/") or None, offset=after, chunk_size=1000)
         while True:
             try:
                 batch = await stream.__anext__()

@@ -20,6 +20,7 @@ from typing import Any
 from .. import __version__, api
 from ..errors import EXIT_INTERRUPTED, DicomCloudError, TransferFailedError, UsageError
 from ..location import LocationOpener
+from ..retry import DEFAULT_ATTEMPTS
 from ..store import ObjectInfo
 from ..transfer import (
     DEFAULT_MULTIPART_THRESHOLD,
@@ -278,6 +279,13 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PART_CONCURRENCY,
         help="parts of one large object in flight (default: %(default)s)",
     )
+    perf.add_argument(
+        "--attempts",
+        type=_bounded_int(1, 20),
+        default=DEFAULT_ATTEMPTS,
+        help="attempts per object on network faults and throttling, with backoff "
+        "(default: %(default)s; see docs/reliability.md)",
+    )
 
 
 def _key_arguments(parser: argparse.ArgumentParser) -> None:
@@ -339,6 +347,7 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
             selection=selection(args),
             deidentify=deidentify_options(args.deidentify, args.deid_secret_file, args.deid_dates),
             on_conflict=args.on_conflict,
+            attempts=args.attempts,
         )
         config = _config(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
