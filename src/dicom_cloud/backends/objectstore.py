@@ -61,6 +61,18 @@ _AUTH_CODES = (
 _BUCKET_CODES = ("NoSuchBucket", "ContainerNotFound", "ContainerBeingDeleted")
 _THROTTLE_CODES = ("SlowDown", "ServerBusy", "TooManyRequests", "RequestLimitExceeded", "Throttl")
 _STATUS = re.compile(r"status code: (\d{3})")
+#: How reqwest/hyper describe a connection that broke mid-body (obstore retries none of these).
+_TRANSPORT_PHRASES = (
+    "request or response body error",
+    "error decoding response body",
+    "connection closed before message completed",
+    "IncompleteMessage",
+    "connection reset",
+    "Connection reset",
+    "broken pipe",
+    "Broken pipe",
+    "unexpected end of file",
+)
 
 
 def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
@@ -581,6 +593,9 @@ def translate_error(exc: BaseException, where: str, endpoint: str = "") -> Dicom
         return NetworkError(f"{where}: server error {status} ({_code(text) or 'no detail'})")
     if status == 404:
         return NotFoundError(f"{where}: not found")
+    if any(phrase in text for phrase in _TRANSPORT_PHRASES):
+        # A connection dropped part-way through a request or response body.
+        return NetworkError(f"{where}: connection dropped ({_network_reason(text)})")
     if "error sending request" in text or "connect" in text.lower() or "timed out" in text:
         return NetworkError(
             f"cannot reach {endpoint or 'the storage server'} ({_network_reason(text)})",
@@ -608,6 +623,8 @@ def _network_reason(text: str) -> str:
         return "timed out"
     if "refused" in lowered or "error sending request" in lowered:
         return "connection refused or reset"
+    if "body" in lowered or "reset" in lowered or "closed" in lowered or "broken pipe" in lowered:
+        return "connection reset or closed mid-transfer"
     return "connection failed"
 
 
