@@ -40,7 +40,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Fault = Literal[
-    "slowdown", "server_error", "too_many_requests", "delay", "drop_request_body", "drop_response_body", "reset"
+    "slowdown",
+    "server_error",
+    "too_many_requests",
+    "delay",
+    "drop_request_body",
+    "drop_response_body",
+    "reset",
 ]
 
 _ERRORS: dict[str, tuple[int, str, str]] = {

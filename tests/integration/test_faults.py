@@ -16,10 +16,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from test_cli import assert_same_tree, cli_env, run_cli
 
 from faultproxy import FaultProxy, Rule
 from servers import S3Server
-from test_cli import assert_same_tree, cli_env, run_cli
 
 MiB = 1024 * 1024
 MULTIPART = ["--multipart-threshold", "5MiB", "--part-size", "5MiB"]
@@ -105,28 +105,33 @@ def _assert_faulted(proxy: FaultProxy, kinds: tuple[str, ...]) -> None:
         assert proxy.counts[kind] > 0, f"no {kind} injected: {dict(proxy.counts)}"
 
 
-ALL_FAULTS = (
-    "slowdown", "server_error", "too_many_requests", "reset", "drop_request_body", "drop_response_body", "delay",
-)  # fmt: skip
+ALL_FAULTS = ("slowdown", "server_error", "too_many_requests", "reset", "drop_request_body",
+              "drop_response_body", "delay")  # fmt: skip
 
 
 def test_upload_download_copy_through_faults(faulty: Faulty, tree: dict[str, bytes], tmp_path: Path) -> None:
     source = _write(tmp_path / "src", tree)
     _mixed_faults(faulty.proxy)
     url = f"s3://{faulty.bucket}"
-    run_cli("upload", f"{source}/", f"{url}/up/", "-r", *MULTIPART, "-j", "16", env=faulty.env, timeout=300).ok()
+    run_cli(
+        "upload", f"{source}/", f"{url}/up/", "-r", *MULTIPART, "-j", "16", env=faulty.env, timeout=300
+    ).ok()
     _assert_faulted(faulty.proxy, ALL_FAULTS)
     upload_counts = dict(faulty.proxy.counts)
     _assert_exact_copy(faulty, "up/", tree, tmp_path)
 
     faulty.proxy.counts.clear()
     down = tmp_path / "down"
-    run_cli("download", f"{url}/up/", f"{down}/", "-r", *MULTIPART, "-j", "16", env=faulty.env, timeout=300).ok()
+    run_cli(
+        "download", f"{url}/up/", f"{down}/", "-r", *MULTIPART, "-j", "16", env=faulty.env, timeout=300
+    ).ok()
     _assert_faulted(faulty.proxy, ("slowdown", "reset", "drop_response_body", "too_many_requests"))
     assert_same_tree(down, tree)
 
     faulty.proxy.counts.clear()
-    run_cli("copy", f"{url}/up/", f"{url}/copied/", "-r", *MULTIPART, "-j", "16", env=faulty.env, timeout=300).ok()
+    run_cli(
+        "copy", f"{url}/up/", f"{url}/copied/", "-r", *MULTIPART, "-j", "16", env=faulty.env, timeout=300
+    ).ok()
     _assert_faulted(faulty.proxy, ("slowdown", "reset", "too_many_requests"))
     _assert_exact_copy(faulty, "copied/", tree, tmp_path)
     print("faults injected during the upload:", upload_counts)
@@ -148,7 +153,9 @@ def test_throttling_backs_concurrency_off(faulty: Faulty, tree: dict[str, bytes]
     assert summary["throttled"] > 0, summary
     assert summary["lowest_concurrency"] <= 16, summary
     _assert_exact_copy(faulty, "t/", small, tmp_path)
-    plain = run_cli("upload", f"{source}/", f"s3://{faulty.bucket}/t2/", *options, env=faulty.env, timeout=300).ok()
+    plain = run_cli(
+        "upload", f"{source}/", f"s3://{faulty.bucket}/t2/", *options, env=faulty.env, timeout=300
+    ).ok()
     assert "concurrency went down to" in plain.stderr, str(plain)
 
 

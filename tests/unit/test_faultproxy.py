@@ -45,7 +45,9 @@ def proxy() -> Iterator[FaultProxy]:
     server.shutdown()
 
 
-def _get(proxy: FaultProxy, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes, dict[str, str]]:
+def _get(
+    proxy: FaultProxy, method: str = "GET", body: bytes | None = None
+) -> tuple[int, bytes, dict[str, str]]:
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
     try:
         conn.request(method, "/bucket/key?x=1", body=body, headers={"Host": "example.test:9000"})
