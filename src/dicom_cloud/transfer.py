@@ -65,6 +65,7 @@ from .errors import (
 from .filters import Filter
 from .localio import check_local_name, resolves_within
 from .location import Location
+from .names import check_object_key, nfc_twin, other_spelling_on_disk
 from .retry import DEFAULT_ATTEMPTS, RetryPolicy, retry_after_of
 from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 from .throttle import AdaptiveLimiter
@@ -374,6 +375,7 @@ class Transfer:
                 if self.dst.is_local and item.relative is not None:
                     check_local_name(item.relative)
                     _check_confined(self.dst, item.dst_key)
+                _check_faithful_names(self.src, self.dst, item)
                 async with self._limiter.slot():
                     try:
                         await self._move(item, src_url, dst_url)
@@ -906,3 +908,26 @@ def _check_confined(dst: Location, key: str) -> None:
     already in the destination must not carry a file out of it."""
     if not resolves_within("/" + dst.prefix, "/" + key):
         raise UnsafeNameError(f"/{key} would be written outside /{dst.prefix} (through a symbolic link)")
+
+
+def _check_faithful_names(src: Location, dst: Location, item: TransferItem) -> None:
+    """Refuse names that would not survive the trip: too long for an object store, or folded by
+    Unicode normalisation into another file's name (names.py)."""
+    if not dst.is_local:
+        check_object_key(item.dst_key, dst.display(item.dst_key))
+        if src.is_local and item.relative is not None and item.src_key.startswith(src.prefix):
+            twin = nfc_twin("/" + src.prefix, item.src_key[len(src.prefix) :])
+            if twin is not None:
+                raise UnsafeNameError(
+                    f"/{item.src_key} and {twin} have the same name once normalised to NFC "
+                    f"({dst.display(item.dst_key)}); only the NFC spelling is uploaded",
+                    hint="rename one of the two files",
+                )
+    elif not src.is_local:
+        existing = other_spelling_on_disk("/" + item.dst_key)
+        if existing is not None:
+            raise UnsafeNameError(
+                f"{src.display(item.src_key)} would replace {existing}: this file system folds "
+                "the two spellings into one name",
+                hint="download the two objects into different directories",
+            )
