@@ -110,21 +110,28 @@ async def resumable_listing(
 ) -> AsyncIterator[T]:
     """Items of a listing in key order, restarted after the last key yielded when it fails on a
     retryable error. ``open_listing(after)`` lists the keys strictly greater than ``after`` (all
-    keys when ``after`` is None). Each successful item resets the count of attempts."""
+    keys when ``after`` is None). Each successful item resets the count of attempts. A listing whose
+    items came out of key order is not resumed (its error is raised): resuming could skip keys."""
     after: str | None = None
     failures = 0  # consecutive failures without an item in between
     first_failure: float | None = None
+    #: Resuming "after a key" is sound only if the server lists in key order (some S3-compatible
+    #: servers list depth-first): once an item comes out of order, a failure is not resumed.
+    in_order = True
     while True:
         try:
             async for item in open_listing(after):
-                after = key_of(item)
+                key = key_of(item)
+                if after is not None and key <= after:
+                    in_order = False
+                after = key
                 failures, first_failure = 0, None
                 yield item
             return
         except DicomCloudError as error:
             failures += 1
             first_failure = first_failure or time.monotonic()
-            if not policy.should_retry(error, failures, first_failure):
+            if not in_order or not policy.should_retry(error, failures, first_failure):
                 raise
             wait = policy.delay(failures, retry_after=retry_after_of(error))
             log.debug("listing %s failed (%s); resuming after %r in %.2f s", what, error, after, wait)

@@ -150,13 +150,15 @@ def test_throttling_backs_concurrency_off(faulty: Faulty, tree: dict[str, bytes]
     ).ok()
     summary = result.json_lines()[-1]
     assert summary["event"] == "summary" and summary["files"] == len(small), summary
+    print("throttling summary:", summary)
     assert summary["throttled"] > 0, summary
     assert summary["lowest_concurrency"] <= 16, summary
     _assert_exact_copy(faulty, "t/", small, tmp_path)
     plain = run_cli(
-        "upload", f"{source}/", f"s3://{faulty.bucket}/t2/", *options, env=faulty.env, timeout=300
+        "upload", f"{source}/", f"s3://{faulty.bucket}/t2/", *options, "-v", env=faulty.env, timeout=300
     ).ok()
-    assert "concurrency went down to" in plain.stderr, str(plain)
+    assert "concurrency went down to" in plain.stderr, str(plain)  # the summary line
+    assert "the store is throttling: concurrency 32 -> 16" in plain.stderr, str(plain)  # the log
 
 
 def test_permanently_throttled_endpoint_ends_with_exit_6(

@@ -118,3 +118,17 @@ def test_limiter_bounds_work_in_flight() -> None:
         return peak
 
     assert asyncio.run(scenario()) <= 2
+
+
+def test_listing_out_of_key_order_is_not_resumed() -> None:
+    async def listing(after: str | None) -> AsyncIterator[str]:
+        yield "a/x"
+        yield "a b"  # depth-first order: resuming after "a b" would skip "a/y"
+        raise NetworkError("connection reset")
+
+    async def collect() -> list[str]:
+        policy = RetryPolicy(attempts=5, base_delay=0.0, max_delay=0.0)
+        return [k async for k in resumable_listing(listing, lambda k: k, policy)]
+
+    with pytest.raises(NetworkError):
+        asyncio.run(collect())
