@@ -4,7 +4,8 @@ Clients are pointed at the proxy's ``endpoint`` instead of the server's. The pro
 request to the upstream server byte for byte, Host header included: an S3 client signs the Host it
 connects to (the proxy's), and the server checks the signature against the Host it receives, so
 SigV4 signatures stay valid. Between the two it applies programmable faults, chosen per request by
-rules (method, path pattern, probability, count) with a seeded random generator::
+rules (method, path pattern, probability or every n-th request, count) with a seeded random
+generator::
 
     with FaultProxy("127.0.0.1", 8333, seed=7) as proxy:
         proxy.add(Rule("slowdown", probability=0.1))
@@ -65,6 +66,9 @@ class Rule:
     #: Regular expression searched in the request target (path and query); any when None.
     path: str | None = None
     probability: float = 1.0
+    #: Fire on every n-th request this rule sees instead of drawing (counts that do not depend on
+    #: the order in which concurrent requests arrive).
+    every: int | None = None
     #: How many times this rule may fire at most (unbounded when None).
     count: int | None = None
     #: For ``delay``: seconds to wait before forwarding.
@@ -72,6 +76,7 @@ class Rule:
     #: For error answers: a Retry-After header to send (seconds), when set.
     retry_after: int | None = None
     fired: int = field(default=0, init=False)
+    seen: int = field(default=0, init=False)
 
     def matches(self, method: str, target: str) -> bool:
         if self.count is not None and self.fired >= self.count:
@@ -151,7 +156,14 @@ class FaultProxy:
         with self._lock:
             self.counts["requests"] += 1
             for rule in self.rules:
-                if rule.matches(method, target) and self._random.random() < rule.probability:
+                if not rule.matches(method, target):
+                    continue
+                rule.seen += 1
+                if rule.every is not None:
+                    fires = rule.seen % rule.every == 0
+                else:
+                    fires = self._random.random() < rule.probability
+                if fires:
                     rule.fired += 1
                     self.counts[rule.fault] += 1
                     return rule

@@ -427,7 +427,7 @@ class Transfer:
                     log.debug("retrying %s in %.2f s (attempt %d: %s)", src_url, wait, attempt, exc)
                     await asyncio.sleep(wait)
                     continue
-                if isinstance(exc, NetworkError) and not self.summary.files:
+                if isinstance(exc, NetworkError) and self.recursive and not self.summary.files:
                     # Every attempt failed and nothing has succeeded yet: the store is unreachable
                     # or refusing everything; stop rather than wait out each remaining object.
                     self._abort = self._abort or exc

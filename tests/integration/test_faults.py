@@ -19,7 +19,7 @@ import pytest
 from test_cli import assert_same_tree, cli_env, run_cli
 
 from faultproxy import FaultProxy, Rule
-from servers import S3Server
+from servers import AzureServer, S3Server
 
 MiB = 1024 * 1024
 MULTIPART = ["--multipart-threshold", "5MiB", "--part-size", "5MiB"]
@@ -29,25 +29,34 @@ SMALL_FILES = 240
 @dataclass
 class Faulty:
     proxy: FaultProxy
-    server: S3Server
-    bucket: str
+    #: The bucket's URL without a trailing slash ("s3://bucket").
+    root: str
+    #: The CLI's environment with the proxy as the endpoint, and with the server itself.
+    env: dict[str, str]
+    direct_env: dict[str, str]
 
-    @property
-    def env(self) -> dict[str, str]:
-        """The CLI's environment: the proxy as the S3 endpoint."""
-        return cli_env(self.server.env(), AWS_ENDPOINT_URL=self.proxy.endpoint)
 
-    @property
-    def direct_env(self) -> dict[str, str]:
-        return cli_env(self.server.env())
+def _upstream(endpoint: str) -> tuple[str, int]:
+    parts = urlsplit(endpoint)
+    assert parts.hostname and parts.port
+    return parts.hostname, parts.port
 
 
 @pytest.fixture
 def faulty(seaweedfs: S3Server, s3_bucket: str) -> Iterator[Faulty]:
-    upstream = urlsplit(seaweedfs.endpoint)
-    assert upstream.hostname and upstream.port
-    with FaultProxy(upstream.hostname, upstream.port, seed=20261121) as proxy:
-        yield Faulty(proxy, seaweedfs, s3_bucket)
+    with FaultProxy(*_upstream(seaweedfs.endpoint), seed=20261121) as proxy:
+        env = cli_env(seaweedfs.env(), AWS_ENDPOINT_URL=proxy.endpoint)
+        yield Faulty(proxy, f"s3://{s3_bucket}", env, cli_env(seaweedfs.env()))
+
+
+@pytest.fixture
+def faulty_azure(azurite: AzureServer, azure_container: str) -> Iterator[Faulty]:
+    """The same in front of Azurite: SharedKey signatures do not cover the host, only the path."""
+    with FaultProxy(*_upstream(azurite.endpoint), seed=7) as proxy:
+        through = azurite.connection_string.replace(azurite.endpoint, f"{proxy.endpoint}/{azurite.account}")
+        assert through != azurite.connection_string
+        env = cli_env(azurite.env(), AZURE_STORAGE_CONNECTION_STRING=through)
+        yield Faulty(proxy, f"azure://{azure_container}", env, cli_env(azurite.env()))
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +81,9 @@ def _write(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def _bucket_keys(faulty: Faulty, prefix: str) -> list[str]:
-    """Every key under ``prefix``, listed directly from SeaweedFS (not through the proxy)."""
-    result = run_cli("list", f"s3://{faulty.bucket}/{prefix}", "-r", "--json", env=faulty.direct_env).ok()
-    base = f"s3://{faulty.bucket}/{prefix}"
+    """Every key under ``prefix``, listed directly from the server (not through the proxy)."""
+    base = f"{faulty.root}/{prefix}"
+    result = run_cli("list", base, "-r", "--json", env=faulty.direct_env).ok()
     return [r["url"][len(base) :] for r in result.json_lines()]
 
 
@@ -84,20 +93,21 @@ def _assert_exact_copy(faulty: Faulty, prefix: str, files: dict[str, bytes], tmp
     assert sorted(keys) == sorted(files), "keys missing or extra (multipart leftovers?)"
     check = tmp_path / f"direct-{prefix.strip('/')}"
     run_cli(
-        "download", f"s3://{faulty.bucket}/{prefix}", f"{check}/", "-r", *MULTIPART, env=faulty.direct_env
+        "download", f"{faulty.root}/{prefix}", f"{check}/", "-r", *MULTIPART, env=faulty.direct_env
     ).ok()
     assert_same_tree(check, files)
 
 
 def _mixed_faults(proxy: FaultProxy) -> None:
-    """About one request in six faulted, spread over every kind of fault."""
-    proxy.add(Rule("slowdown", probability=0.04))
-    proxy.add(Rule("server_error", probability=0.03))
-    proxy.add(Rule("too_many_requests", probability=0.03))
-    proxy.add(Rule("reset", probability=0.02))
-    proxy.add(Rule("drop_request_body", method="PUT", probability=0.04))
-    proxy.add(Rule("drop_response_body", probability=0.03))
-    proxy.add(Rule("delay", probability=0.03, seconds=0.2))
+    """About one request in five faulted, spread over every kind of fault. Every n-th request
+    rather than a draw, so that each kind is injected however the concurrent requests interleave."""
+    proxy.add(Rule("drop_request_body", method="PUT", every=19))
+    proxy.add(Rule("slowdown", every=23))
+    proxy.add(Rule("too_many_requests", every=29))
+    proxy.add(Rule("server_error", every=31))
+    proxy.add(Rule("delay", every=33, seconds=0.2))
+    proxy.add(Rule("drop_response_body", every=37))
+    proxy.add(Rule("reset", every=41))
 
 
 def _assert_faulted(proxy: FaultProxy, kinds: tuple[str, ...]) -> None:
@@ -112,7 +122,7 @@ ALL_FAULTS = ("slowdown", "server_error", "too_many_requests", "reset", "drop_re
 def test_upload_download_copy_through_faults(faulty: Faulty, tree: dict[str, bytes], tmp_path: Path) -> None:
     source = _write(tmp_path / "src", tree)
     _mixed_faults(faulty.proxy)
-    url = f"s3://{faulty.bucket}"
+    url = faulty.root
     run_cli(
         "upload", f"{source}/", f"{url}/up/", "-r", *MULTIPART, "-j", "16", env=faulty.env, timeout=300
     ).ok()
@@ -146,7 +156,7 @@ def test_throttling_backs_concurrency_off(faulty: Faulty, tree: dict[str, bytes]
     faulty.proxy.add(Rule("slowdown", method="PUT", probability=0.3))
     options = ["-r", "-j", "32", "--retries", "2", "--attempts", "10"]
     result = run_cli(
-        "upload", f"{source}/", f"s3://{faulty.bucket}/t/", *options, "--json", env=faulty.env, timeout=300
+        "upload", f"{source}/", f"{faulty.root}/t/", *options, "--json", env=faulty.env, timeout=300
     ).ok()
     summary = result.json_lines()[-1]
     assert summary["event"] == "summary" and summary["files"] == len(small), summary
@@ -155,7 +165,7 @@ def test_throttling_backs_concurrency_off(faulty: Faulty, tree: dict[str, bytes]
     assert summary["lowest_concurrency"] <= 16, summary
     _assert_exact_copy(faulty, "t/", small, tmp_path)
     plain = run_cli(
-        "upload", f"{source}/", f"s3://{faulty.bucket}/t2/", *options, "-v", env=faulty.env, timeout=300
+        "upload", f"{source}/", f"{faulty.root}/t2/", *options, "-v", env=faulty.env, timeout=300
     ).ok()
     assert "concurrency went down to" in plain.stderr, str(plain)  # the summary line
     assert "the store is throttling: concurrency 32 -> 16" in plain.stderr, str(plain)  # the log
@@ -168,7 +178,7 @@ def test_permanently_throttled_endpoint_ends_with_exit_6(
     source = _write(tmp_path / "src", small)
     faulty.proxy.add(Rule("slowdown"))  # everything, the first listing included
     started = time.monotonic()
-    result = run_cli("upload", f"{source}/", f"s3://{faulty.bucket}/x/", "-r", env=faulty.env, timeout=120)
+    result = run_cli("upload", f"{source}/", f"{faulty.root}/x/", "-r", env=faulty.env, timeout=120)
     result.fails(6).one_line()
     assert "throttling" in result.stderr, str(result)
     assert time.monotonic() - started < 60, str(result)
@@ -179,9 +189,27 @@ def test_permanently_throttled_endpoint_ends_with_exit_6(
     faulty.proxy.add(Rule("slowdown", method="PUT"))
     started = time.monotonic()
     result = run_cli(
-        "upload", f"{source}/", f"s3://{faulty.bucket}/x/", "-r", "--attempts", "3", "--retries", "1",
+        "upload", f"{source}/", f"{faulty.root}/x/", "-r", "--attempts", "3", "--retries", "1",
         env=faulty.env, timeout=120,
     )  # fmt: skip
     result.fails(6)
     assert time.monotonic() - started < 60, str(result)
     assert _bucket_keys(faulty, "x/") == []
+
+
+def test_azure_upload_and_download_through_faults(
+    faulty_azure: Faulty, tree: dict[str, bytes], tmp_path: Path
+) -> None:
+    files = {k: v for k, v in tree.items() if not k.startswith("d") or k < "d2"} | {
+        "big/one.dcm": tree["big/one.dcm"]
+    }
+    source = _write(tmp_path / "src", files)
+    _mixed_faults(faulty_azure.proxy)
+    url = faulty_azure.root
+    options = ["-r", *MULTIPART, "-j", "16"]
+    run_cli("upload", f"{source}/", f"{url}/up/", *options, env=faulty_azure.env, timeout=300).ok()
+    _assert_faulted(faulty_azure.proxy, ("slowdown", "reset", "drop_request_body"))
+    _assert_exact_copy(faulty_azure, "up/", files, tmp_path)
+    down = tmp_path / "down"
+    run_cli("download", f"{url}/up/", f"{down}/", *options, env=faulty_azure.env, timeout=300).ok()
+    assert_same_tree(down, files)

@@ -114,3 +114,10 @@ def test_delay(proxy: FaultProxy) -> None:
     started = time.monotonic()
     assert _get(proxy)[1] == BODY
     assert time.monotonic() - started >= 0.3
+
+
+def test_every_nth_request() -> None:
+    proxy = FaultProxy("127.0.0.1", 9)
+    proxy.add(Rule("reset", every=3))
+    fired = [proxy._choose("GET", "/k") is not None for _ in range(9)]
+    assert fired == [False, False, True] * 3

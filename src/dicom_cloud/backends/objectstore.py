@@ -59,6 +59,8 @@ _AUTH_CODES = (
     "Server failed to authenticate the request",  # Azure and Azurite (code AuthorizationFailure)
 )
 _BUCKET_CODES = ("NoSuchBucket", "ContainerNotFound", "ContainerBeingDeleted")
+#: A multipart upload whose parts the server no longer has (S3 NoSuchUpload, Azure InvalidBlockList).
+_LOST_UPLOAD_CODES = ("NoSuchUpload", "InvalidBlockList")
 _THROTTLE_CODES = ("SlowDown", "ServerBusy", "TooManyRequests", "RequestLimitExceeded", "Throttl")
 _STATUS = re.compile(r"status code: (\d{3})")
 #: How reqwest/hyper describe a connection that broke mid-body (obstore retries none of these).
@@ -572,6 +574,10 @@ def translate_error(exc: BaseException, where: str, endpoint: str = "") -> Dicom
             f"{where}: the server refused the credentials ({_code(text) or status or 'unauthenticated'})",
             hint="check the access key and secret (environment, profile or connection string)",
         )
+    if any(code in text for code in _LOST_UPLOAD_CODES):
+        # A multipart commit repeated after its first try succeeded with the answer lost (or an
+        # upload the server dropped): the blocks are gone. Writing the whole object again is safe.
+        return NetworkError(f"{where}: the multipart upload was lost part-way ({_code(text) or 'gone'})")
     if isinstance(exc, obx.AlreadyExistsError | obx.PreconditionError):
         return AlreadyExistsError(f"{where} already exists")
     if isinstance(exc, obx.NotFoundError | FileNotFoundError):
