@@ -8,10 +8,13 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from test_transfer_engine import FakeSource, _location
 
+from dicom_cloud.backends import open_store
 from dicom_cloud.errors import IntegrityError, NetworkError, ThrottledError, UsageError
 from dicom_cloud.retry import RetryPolicy, call_with_retries, resumable_listing
 from dicom_cloud.throttle import AdaptiveLimiter
+from dicom_cloud.transfer import Transfer, TransferOptions
 
 
 def test_full_jitter_within_exponential_bounds() -> None:
@@ -132,3 +135,53 @@ def test_listing_out_of_key_order_is_not_resumed() -> None:
 
     with pytest.raises(NetworkError):
         asyncio.run(collect())
+
+
+# -- in the engine ---------------------------------------------------------------------------
+
+
+class _Refusing(FakeSource):
+    """Refuses the first ``refusals`` reads of each object with ``error``."""
+
+    def __init__(self, objects: dict[str, bytes], error: Exception, refusals: int) -> None:
+        super().__init__(objects)
+        self.error, self.refusals = error, refusals
+        self.reads: dict[str, int] = {}
+
+    async def get(self, key: str) -> bytes:
+        self.reads[key] = self.reads.get(key, 0) + 1
+        if self.reads[key] <= self.refusals:
+            raise self.error
+        return self.objects[key]
+
+
+def test_engine_retries_throttled_objects_and_backs_off(mem_bucket: str) -> None:
+    objects = {f"p/{i:03d}.dcm": bytes([i]) * 100 for i in range(40)}
+    source = _Refusing(objects, ThrottledError("slow down"), refusals=1)
+    transfer = Transfer(
+        _location(source, "p/"),
+        _location(open_store(f"memory://{mem_bucket}/"), ""),
+        recursive=True,
+        options=TransferOptions(parallel=16),
+    )
+    summary = asyncio.run(transfer.run())
+    assert summary.files == 40 and not summary.failed
+    assert summary.throttled == 40  # one refusal per object, every one retried
+    assert summary.lowest_concurrency < 16
+    assert all(count == 2 for count in source.reads.values())
+
+
+def test_engine_stops_when_nothing_gets_through(mem_bucket: str) -> None:
+    objects = {f"p/{i:03d}.dcm": b"x" for i in range(500)}
+    source = _Refusing(objects, NetworkError("connection refused"), refusals=10**6)
+    transfer = Transfer(
+        _location(source, "p/"),
+        _location(open_store(f"memory://{mem_bucket}/"), ""),
+        recursive=True,
+        options=TransferOptions(parallel=4, attempts=2),
+    )
+    started = time.monotonic()
+    with pytest.raises(NetworkError):
+        asyncio.run(transfer.run())
+    assert time.monotonic() - started < 5
+    assert sum(source.reads.values()) < 40  # far from 500 objects x 2 attempts
