@@ -13,13 +13,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from test_cli import assert_same_tree, cli_env, run_cli
 
 from faultproxy import FaultProxy, Rule
-from servers import AzureServer, S3Server
+from servers import AzureServer, GCSServer, S3Server
 
 MiB = 1024 * 1024
 MULTIPART = ["--multipart-threshold", "5MiB", "--part-size", "5MiB"]
@@ -29,6 +30,7 @@ SMALL_FILES = 240
 @dataclass
 class Faulty:
     proxy: FaultProxy
+    server: Any
     #: The bucket's URL without a trailing slash ("s3://bucket").
     root: str
     #: The CLI's environment with the proxy as the endpoint, and with the server itself.
@@ -46,7 +48,7 @@ def _upstream(endpoint: str) -> tuple[str, int]:
 def faulty(seaweedfs: S3Server, s3_bucket: str) -> Iterator[Faulty]:
     with FaultProxy(*_upstream(seaweedfs.endpoint), seed=20261121) as proxy:
         env = cli_env(seaweedfs.env(), AWS_ENDPOINT_URL=proxy.endpoint)
-        yield Faulty(proxy, f"s3://{s3_bucket}", env, cli_env(seaweedfs.env()))
+        yield Faulty(proxy, seaweedfs, f"s3://{s3_bucket}", env, cli_env(seaweedfs.env()))
 
 
 @pytest.fixture
@@ -56,7 +58,16 @@ def faulty_azure(azurite: AzureServer, azure_container: str) -> Iterator[Faulty]
         through = azurite.connection_string.replace(azurite.endpoint, f"{proxy.endpoint}/{azurite.account}")
         assert through != azurite.connection_string
         env = cli_env(azurite.env(), AZURE_STORAGE_CONNECTION_STRING=through)
-        yield Faulty(proxy, f"azure://{azure_container}", env, cli_env(azurite.env()))
+        yield Faulty(proxy, azurite, f"azure://{azure_container}", env, cli_env(azurite.env()))
+
+
+@pytest.fixture
+def faulty_gcs(fake_gcs: GCSServer, gcs_bucket: str) -> Iterator[Faulty]:
+    """The same in front of fake-gcs-server (JSON API; resumable upload sessions go to the URL the
+    server names, which is its own: their chunks bypass the proxy)."""
+    with FaultProxy(*_upstream(fake_gcs.endpoint), seed=3) as proxy:
+        env = cli_env(fake_gcs.env(), STORAGE_EMULATOR_HOST=proxy.endpoint)
+        yield Faulty(proxy, fake_gcs, f"gs://{gcs_bucket}", env, cli_env(fake_gcs.env()))
 
 
 @pytest.fixture(scope="module")
@@ -212,4 +223,22 @@ def test_azure_upload_and_download_through_faults(
     _assert_exact_copy(faulty_azure, "up/", files, tmp_path)
     down = tmp_path / "down"
     run_cli("download", f"{url}/up/", f"{down}/", *options, env=faulty_azure.env, timeout=300).ok()
+    assert_same_tree(down, files)
+
+
+def test_gcs_upload_and_download_through_faults(
+    faulty_gcs: Faulty, tree: dict[str, bytes], tmp_path: Path
+) -> None:
+    files = {k: v for k, v in tree.items() if not k.startswith("d") or k < "d2"} | {
+        "big/one.dcm": tree["big/one.dcm"]
+    }
+    source = _write(tmp_path / "src", files)
+    _mixed_faults(faulty_gcs.proxy)
+    url = faulty_gcs.root
+    options = ["-r", *MULTIPART, "-j", "16"]
+    run_cli("upload", f"{source}/", f"{url}/up/", *options, env=faulty_gcs.env, timeout=300).ok()
+    _assert_faulted(faulty_gcs.proxy, ("slowdown", "reset", "too_many_requests"))
+    _assert_exact_copy(faulty_gcs, "up/", files, tmp_path)
+    down = tmp_path / "down"
+    run_cli("download", f"{url}/up/", f"{down}/", *options, env=faulty_gcs.env, timeout=300).ok()
     assert_same_tree(down, files)
