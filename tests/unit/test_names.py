@@ -7,6 +7,8 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from test_transfer_engine import FakeSource
+from test_transfer_engine import _location as fake_location
 
 from dicom_cloud import names
 from dicom_cloud.backends import open_store
@@ -116,3 +118,15 @@ def test_symlink_loop_on_upload_is_skipped_with_a_warning(
     assert summary.files == 1 and not summary.failed
     assert "symbolic link loop" in caplog.text
     assert list(_memory_keys(mem_bucket)) == ["sub/a.dcm"]
+
+
+@pytest.mark.parametrize("hostile", ["a\x00b.dcm", "x\\..\\..\\evil.dcm", "/abs.dcm", "../up.dcm"])
+def test_hostile_download_names_fail_alone_and_stay_inside(tmp_path: Path, hostile: str) -> None:
+    """NUL cannot be tested against the servers: SeaweedFS and fake-gcs-server refuse such names,
+    Azurite accepts the write but does not list the blob."""
+    source = FakeSource({f"p/{hostile}": b"evil", "p/ok.dcm": b"ok"})
+    dest = tmp_path / "jail" / "dest"
+    summary = asyncio.run(Transfer(fake_location(source, "p/"), _location(f"{dest}/"), recursive=True).run())
+    assert summary.files == 1 and len(summary.failed) == 1
+    assert isinstance(summary.failed[0][1], UnsafeNameError)
+    assert [p.name for p in (tmp_path / "jail").rglob("*") if p.is_file()] == ["ok.dcm"]
