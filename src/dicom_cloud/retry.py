@@ -71,8 +71,11 @@ class RetryPolicy:
         return first_failure is None or time.monotonic() - first_failure < self.deadline
 
 
-#: The policy used where nothing else was configured (store listings, the preflight).
+#: The policy used where nothing else was configured (objects take theirs from --attempts).
 DEFAULT_POLICY = RetryPolicy()
+#: Listings: fewer, shorter waits. The first listing of a run is also the check that the store
+#: answers at all, and an unreachable endpoint should be reported within seconds.
+LISTING_POLICY = RetryPolicy(attempts=3, max_delay=2.0, deadline=30.0)
 
 
 def retry_after_of(error: BaseException) -> float | None:
@@ -104,7 +107,7 @@ async def call_with_retries(
 async def resumable_listing(
     open_listing: Callable[[str | None], AsyncIterator[T]],
     key_of: Callable[[T], str],
-    policy: RetryPolicy = DEFAULT_POLICY,
+    policy: RetryPolicy = LISTING_POLICY,
     *,
     what: str = "",
 ) -> AsyncIterator[T]:
