@@ -134,6 +134,11 @@ class FaultProxy:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
+            # Connections still open (clients keep them alive): end their tasks before the loop.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)

@@ -242,3 +242,20 @@ def test_gcs_upload_and_download_through_faults(
     down = tmp_path / "down"
     run_cli("download", f"{url}/up/", f"{down}/", *options, env=faulty_gcs.env, timeout=300).ok()
     assert_same_tree(down, files)
+
+
+def test_slow_answers_time_out_and_are_retried(
+    faulty: Faulty, tree: dict[str, bytes], tmp_path: Path
+) -> None:
+    small = dict(list(tree.items())[:30])
+    source = _write(tmp_path / "src", small)
+    # Longer than --timeout: each of these requests is abandoned and made again.
+    faulty.proxy.add(Rule("delay", method="PUT", every=4, count=4, seconds=3.0))
+    faulty.proxy.add(Rule("delay", method="GET", every=4, count=4, seconds=3.0))
+    url = f"{faulty.root}/slow/"
+    run_cli("upload", f"{source}/", url, "-r", "--timeout", "1", env=faulty.env, timeout=120).ok()
+    down = tmp_path / "down"
+    run_cli("download", url, f"{down}/", "-r", "--timeout", "1", env=faulty.env, timeout=120).ok()
+    assert faulty.proxy.counts["delay"] == 8
+    assert_same_tree(down, small)
+    _assert_exact_copy(faulty, "slow/", small, tmp_path)
