@@ -110,6 +110,11 @@ class ThrottledError(NetworkError):
 
     http_status = 503
 
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, hint=hint)
+        #: Seconds the server asked us to wait (its Retry-After header), when the backend can read it.
+        self.retry_after = retry_after
+
 
 class IntegrityError(DicomCloudError):
     """Data did not match its checksum, or was truncated or tampered with."""

@@ -55,8 +55,10 @@ from .errors import (
     DicomFormatError,
     IntegrityError,
     KeyMissingError,
+    NetworkError,
     NotFoundError,
     PermissionDeniedError,
+    ThrottledError,
     UnsafeNameError,
     UsageError,
 )
@@ -64,8 +66,11 @@ from .filters import Filter
 from .journal import Journal
 from .localio import check_local_name, resolves_within
 from .location import Location
+from .names import check_object_key, nfc_twin, other_spelling_on_disk
 from .resumable import fit_part_size, upload_file_resumable
+from .retry import DEFAULT_ATTEMPTS, RetryPolicy, retry_after_of
 from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
+from .throttle import AdaptiveLimiter
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +110,8 @@ class TransferOptions:
     no_overwrite: bool = False
     #: Plan only: report what would be transferred, move nothing.
     dry_run: bool = False
-    #: Attempts per object for failures worth retrying (network faults, throttling).
-    attempts: int = 3
+    #: Attempts per object for failures worth retrying (network faults, throttling): retry.py's policy.
+    attempts: int = DEFAULT_ATTEMPTS
     #: Client-side encryption: keys to decrypt with, and the format to encrypt in (see crypto/envelope.py).
     encryption: ClientEncryption | None = None
     #: Re-encrypt objects in place under the current master key; skip those already under it.
@@ -201,6 +206,9 @@ class TransferSummary:
     dry_run: bool = False
     #: Objects skipped because an earlier, interrupted run of the same job finished them.
     resumed: int = 0
+    #: Throttling answers that reached the engine, and the lowest concurrency it backed off to.
+    throttled: int = 0
+    lowest_concurrency: int = 0
 
     @property
     def ok(self) -> bool:
@@ -261,6 +269,9 @@ class Transfer:
         self._abort: DicomCloudError | None = None
         #: Bytes of in-flight objects already reported through progress events, by source URL.
         self._reported: dict[str, int] = {}
+        #: Per-object retries (retry.py) and the concurrency that backs off under throttling (throttle.py).
+        self._retry = RetryPolicy(attempts=self.options.attempts)
+        self._limiter = AdaptiveLimiter(self.options.parallel)
 
     def emit(self, event: TransferEvent) -> None:
         if self._callback_error is not None:
@@ -292,6 +303,8 @@ class Transfer:
             raise
         finally:
             self.summary.seconds = time.monotonic() - started
+            self.summary.throttled = self._limiter.throttled
+            self.summary.lowest_concurrency = self._limiter.lowest
         if self._callback_error is not None:
             raise self._callback_error
         if self._abort:
@@ -399,12 +412,20 @@ class Transfer:
             self.emit(TransferEvent("skipped", src_url, dst_url, item.size))
             return
         self.emit(TransferEvent("started", src_url, dst_url, item.size))
+        first_failure: float | None = None
         for attempt in range(1, self.options.attempts + 1):
             try:
                 if self.dst.is_local and item.relative is not None:
                     check_local_name(item.relative)
                     _check_confined(self.dst, item.dst_key)
-                await self._move(item, src_url, dst_url)
+                _check_faithful_names(self.src, self.dst, item)
+                async with self._limiter.slot():
+                    try:
+                        await self._move(item, src_url, dst_url)
+                    except ThrottledError:
+                        self._limiter.on_throttled()
+                        raise
+                await self._limiter.on_success()
             except ConflictError as conflict:
                 self._take_back_progress(src_url, dst_url, item.size)
                 self.summary.failed.append((src_url, conflict))
@@ -443,9 +464,17 @@ class Transfer:
                     self._take_back_progress(src_url, dst_url, item.size)
                     return
                 self._take_back_progress(src_url, dst_url, item.size)
-                if exc.retryable and attempt < self.options.attempts and not self._abort:
-                    await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+                first_failure = first_failure or time.monotonic()
+                if self._retry.should_retry(exc, attempt, first_failure) and not self._abort:
+                    wait = self._retry.delay(attempt, retry_after=retry_after_of(exc))
+                    log.debug("retrying %s in %.2f s (attempt %d: %s)", src_url, wait, attempt, exc)
+                    await asyncio.sleep(wait)
                     continue
+                if isinstance(exc, NetworkError) and self.recursive and not self.summary.files:
+                    # Every attempt failed and nothing has succeeded yet: the store is unreachable
+                    # or refusing everything; stop rather than wait out each remaining object.
+                    self._abort = self._abort or exc
+                    return
                 self.summary.failed.append((src_url, exc))
                 self.emit(TransferEvent("failed", src_url, dst_url, item.size, error=exc))
                 return
@@ -960,3 +989,26 @@ def _check_confined(dst: Location, key: str) -> None:
     already in the destination must not carry a file out of it."""
     if not resolves_within("/" + dst.prefix, "/" + key):
         raise UnsafeNameError(f"/{key} would be written outside /{dst.prefix} (through a symbolic link)")
+
+
+def _check_faithful_names(src: Location, dst: Location, item: TransferItem) -> None:
+    """Refuse names that would not survive the trip: too long for an object store, or folded by
+    Unicode normalisation into another file's name (names.py)."""
+    if not dst.is_local:
+        check_object_key(item.dst_key, dst.display(item.dst_key))
+        if src.is_local and item.relative is not None and item.src_key.startswith(src.prefix):
+            twin = nfc_twin("/" + src.prefix, item.src_key[len(src.prefix) :])
+            if twin is not None:
+                raise UnsafeNameError(
+                    f"/{item.src_key} and {twin} have the same name once normalised to NFC "
+                    f"({dst.display(item.dst_key)}); only the NFC spelling is uploaded",
+                    hint="rename one of the two files",
+                )
+    elif not src.is_local:
+        existing = other_spelling_on_disk("/" + item.dst_key)
+        if existing is not None:
+            raise UnsafeNameError(
+                f"{src.display(item.src_key)} would replace {existing}: this file system folds "
+                "the two spellings into one name",
+                hint="download the two objects into different directories",
+            )

@@ -712,7 +712,10 @@ def _translate(
         return IntegrityError(f"{url}: checksum mismatch between client and server")
     status = _status_of(exc)
     if status is not None:
-        return _from_status(status, _server_reason(exc), url, bucket, bucket_missing)
+        error = _from_status(status, _server_reason(exc), url, bucket, bucket_missing)
+        if isinstance(error, ThrottledError):
+            error.retry_after = _retry_after(exc)
+        return error
     if isinstance(exc, (auth_exceptions.TransportError, requests.RequestException, *_TRANSIENT_TYPES)):
         if isinstance(exc, auth_exceptions.TransportError):
             endpoint = "Google's token service"  # credentials are refreshed before the request
@@ -755,6 +758,17 @@ def _status_of(exc: Exception) -> int | None:
     if isinstance(exc, InvalidResponse):
         return int(exc.response.status_code)
     return None
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """The Retry-After header of a throttling answer, in seconds (the delta-seconds form only)."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: rare for storage APIs, and the backoff applies anyway
+        return None
 
 
 def _server_reason(exc: Exception) -> str:

@@ -32,6 +32,7 @@ from ..errors import (
     UnsafeNameError,
     UsageError,
 )
+from ..retry import resumable_listing
 from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import StoreConfig, refuse_key_in_clear
 from .azure_blocks import AzureResumableUploads
@@ -61,8 +62,22 @@ _AUTH_CODES = (
     "Server failed to authenticate the request",  # Azure and Azurite (code AuthorizationFailure)
 )
 _BUCKET_CODES = ("NoSuchBucket", "ContainerNotFound", "ContainerBeingDeleted")
+#: A multipart upload whose parts the server no longer has (S3 NoSuchUpload, Azure InvalidBlockList).
+_LOST_UPLOAD_CODES = ("NoSuchUpload", "InvalidBlockList")
 _THROTTLE_CODES = ("SlowDown", "ServerBusy", "TooManyRequests", "RequestLimitExceeded", "Throttl")
 _STATUS = re.compile(r"status code: (\d{3})")
+#: How reqwest/hyper describe a connection that broke mid-body (obstore retries none of these).
+_TRANSPORT_PHRASES = (
+    "request or response body error",
+    "error decoding response body",
+    "connection closed before message completed",
+    "IncompleteMessage",
+    "connection reset",
+    "Connection reset",
+    "broken pipe",
+    "Broken pipe",
+    "unexpected end of file",
+)
 
 
 def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
@@ -402,7 +417,16 @@ class ObjectStoreBackend(Store):
                 if entry.key.startswith(prefix):
                     yield entry
             return
-        stream = obstore.list(self._inner, directory.rstrip("/") or None, chunk_size=1000)
+        # A listing that fails part-way (a dropped connection, throttling past obstore's own
+        # retries) resumes after the last key it gave, under the retry policy (retry.py).
+        async for info in resumable_listing(
+            lambda after: self._list_after(directory, prefix, after), lambda i: i.key, what=self.url(prefix)
+        ):
+            yield info
+
+    async def _list_after(self, directory: str, prefix: str, after: str | None) -> AsyncIterator[ObjectInfo]:
+        """Objects under ``directory`` starting with ``prefix`` whose keys sort after ``after``."""
+        stream = obstore.list(self._inner, directory.rstrip("/") or None, offset=after, chunk_size=1000)
         while True:
             try:
                 batch = await stream.__anext__()
@@ -640,6 +664,10 @@ def translate_error(exc: BaseException, where: str, endpoint: str = "") -> Dicom
             f"{where}: the server refused the credentials ({_code(text) or status or 'unauthenticated'})",
             hint="check the access key and secret (environment, profile or connection string)",
         )
+    if any(code in text for code in _LOST_UPLOAD_CODES):
+        # A multipart commit repeated after its first try succeeded with the answer lost (or an
+        # upload the server dropped): the blocks are gone. Writing the whole object again is safe.
+        return NetworkError(f"{where}: the multipart upload was lost part-way ({_code(text) or 'gone'})")
     if isinstance(exc, obx.AlreadyExistsError | obx.PreconditionError):
         return AlreadyExistsError(f"{where} already exists")
     if isinstance(exc, obx.NotFoundError | FileNotFoundError):
@@ -661,6 +689,9 @@ def translate_error(exc: BaseException, where: str, endpoint: str = "") -> Dicom
         return NetworkError(f"{where}: server error {status} ({_code(text) or 'no detail'})")
     if status == 404:
         return NotFoundError(f"{where}: not found")
+    if any(phrase in text for phrase in _TRANSPORT_PHRASES):
+        # A connection dropped part-way through a request or response body.
+        return NetworkError(f"{where}: connection dropped ({_network_reason(text)})")
     if "error sending request" in text or "connect" in text.lower() or "timed out" in text:
         return NetworkError(
             f"cannot reach {endpoint or 'the storage server'} ({_network_reason(text)})",
@@ -688,6 +719,8 @@ def _network_reason(text: str) -> str:
         return "timed out"
     if "refused" in lowered or "error sending request" in lowered:
         return "connection refused or reset"
+    if "body" in lowered or "reset" in lowered or "closed" in lowered or "broken pipe" in lowered:
+        return "connection reset or closed mid-transfer"
     return "connection failed"
 
 

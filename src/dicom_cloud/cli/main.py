@@ -20,6 +20,7 @@ from typing import Any
 from .. import __version__, api
 from ..errors import EXIT_INTERRUPTED, DicomCloudError, TransferFailedError, UsageError
 from ..location import LocationOpener
+from ..retry import DEFAULT_ATTEMPTS
 from ..store import ObjectInfo
 from ..transfer import (
     DEFAULT_MULTIPART_THRESHOLD,
@@ -277,6 +278,13 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         type=_bounded_int(1, 64),
         default=DEFAULT_PART_CONCURRENCY,
         help="parts of one large object in flight (default: %(default)s)",
+    )
+    perf.add_argument(
+        "--attempts",
+        type=_bounded_int(1, 20),
+        default=DEFAULT_ATTEMPTS,
+        help="attempts per object on network faults and throttling, with backoff "
+        "(default: %(default)s; see docs/reliability.md)",
     )
 
 

@@ -20,6 +20,7 @@ from ..dicom.phi import check_tags_allowed
 from ..dicom.upload import DicomPolicy
 from ..errors import UsageError
 from ..filters import Filter
+from ..retry import DEFAULT_ATTEMPTS
 from ..store import PutOptions
 from ..transfer import TransferOptions
 
@@ -139,6 +140,7 @@ def transfer_options(
     selection: Filter | None = None,
     deidentify: DeidentifyOptions | None = None,
     on_conflict: str = "overwrite",
+    attempts: int = DEFAULT_ATTEMPTS,
 ) -> TransferOptions:
     metadata = parse_tags(tags)
     # "--tags PatientID=..." is the classic way PHI ends up in object metadata.
@@ -157,6 +159,7 @@ def transfer_options(
         filter=selection,
         deidentify=deidentify,
         on_conflict=on_conflict,  # type: ignore[arg-type]
+        attempts=attempts,
     )
 
 
@@ -294,6 +297,7 @@ def options_from_args(args: Any) -> TransferOptions:
         selection=selection(args),
         deidentify=deidentify_options(args.deidentify, args.deid_secret_file, args.deid_dates),
         on_conflict=args.on_conflict,
+        attempts=args.attempts,
     )
 
 

@@ -149,6 +149,8 @@ class TransferProgress:
                     "failed": len(summary.failed),
                     "seconds": round(summary.seconds, 3),
                     "dry_run": summary.dry_run,
+                    "throttled": summary.throttled,
+                    "lowest_concurrency": summary.lowest_concurrency,
                 }
             )
             return
@@ -168,6 +170,11 @@ class TransferProgress:
         if rejected:
             parts.append(f"{rejected} not DICOM or malformed (left out)")
         parts.append(f"{len(summary.failed)} failed")
+        if summary.throttled:
+            parts.append(
+                f"throttled {summary.throttled} time{'s' if summary.throttled != 1 else ''}; "
+                f"concurrency went down to {summary.lowest_concurrency}"
+            )
         print(", ".join(parts), file=sys.stderr)
 
 
