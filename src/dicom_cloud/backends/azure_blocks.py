@@ -42,7 +42,7 @@ from ..errors import (
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
 from .azure_sas import blob_sas_url, service_sas
-from .rest import Request, RestClient
+from .rest import Request, RestClient, info_from_headers
 
 #: A service version that knows every header used here.
 _VERSION = "2021-08-06"
@@ -323,18 +323,7 @@ class AzureResumableUploads:
     async def stat(self, key: str) -> ObjectInfo:
         response = await self._call("HEAD", self._blob(key, "r"), self._url(key))
         assert response is not None
-        metadata = {
-            name[len("x-ms-meta-") :]: value
-            for name, value in response.headers.items()
-            if name.lower().startswith("x-ms-meta-")
-        }
-        return ObjectInfo(
-            key=key,
-            size=int(response.headers.get("Content-Length", "0")),
-            etag=response.headers.get("ETag", "").strip('"') or None,
-            metadata=metadata,
-            content_type=response.headers.get("Content-Type"),
-        )
+        return info_from_headers(key, response.headers, "x-ms-meta-")
 
     async def close(self) -> None:
         self._http.close()

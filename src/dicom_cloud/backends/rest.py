@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ..errors import NetworkError, ThrottledError
+from ..store import ObjectInfo
 
 _TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 #: Requests in flight at once per client: the engine's default parallelism.
@@ -94,3 +95,20 @@ class RestClient:
 def _brief(response: requests.Response) -> str:
     """The start of an error body, whitespace collapsed (providers' bodies hold no secrets)."""
     return " ".join(response.text[:300].split())
+
+
+def info_from_headers(key: str, headers: Mapping[str, str], meta_prefix: str) -> ObjectInfo:
+    """An object's info from a HEAD answer: size, ETag, content type, and the user metadata sent
+    as headers named ``meta_prefix`` + name (``x-amz-meta-``, ``x-ms-meta-``)."""
+    metadata = {
+        name[len(meta_prefix) :]: value
+        for name, value in headers.items()
+        if name.lower().startswith(meta_prefix)
+    }
+    return ObjectInfo(
+        key=key,
+        size=int(headers.get("Content-Length", "0")),
+        etag=headers.get("ETag", "").strip('"') or None,
+        metadata=metadata,
+        content_type=headers.get("Content-Type"),
+    )

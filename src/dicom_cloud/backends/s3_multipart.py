@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
-from .rest import Request, RestClient
+from .rest import Request, RestClient, info_from_headers
 from .sigv4 import UNSIGNED_PAYLOAD, Signer, SigningCredentials, bucket_url, object_url, sha256_hex
 
 _AUTH_CODES = frozenset(
@@ -246,18 +246,7 @@ class S3ResumableUploads:
 
     async def stat(self, key: str) -> ObjectInfo:
         response = await self._call("HEAD", self._object(key), self._url(key))
-        metadata = {
-            name[len("x-amz-meta-") :]: value
-            for name, value in response.headers.items()
-            if name.lower().startswith("x-amz-meta-")
-        }
-        return ObjectInfo(
-            key=key,
-            size=int(response.headers.get("Content-Length", "0")),
-            etag=response.headers.get("ETag", "").strip('"') or None,
-            metadata=metadata,
-            content_type=response.headers.get("Content-Type"),
-        )
+        return info_from_headers(key, response.headers, "x-amz-meta-")
 
     async def close(self) -> None:
         self._http.close()
