@@ -16,17 +16,17 @@ def test_defaults_are_an_embedded_development_service(tmp_path: Path) -> None:
     settings = load_settings(environ={}, flags={"data_dir": tmp_path})
     assert settings.environment == "development"
     assert settings.storage_url == (tmp_path / "objects").as_uri()
-    assert settings.database_url.startswith("sqlite+aiosqlite:///")
+    assert settings.database_url.startswith("sqlite:///")
     assert settings.base_url == "http://127.0.0.1:8042"
 
 
 def test_precedence_flags_then_environment_then_file(tmp_path: Path) -> None:
     config = tmp_path / "service.toml"
-    config.write_text('[service]\nport = 1000\nhost = "0.0.0.0"\nquery_tags = ["PatientSex"]\n')
+    config.write_text('[service]\nport = 1000\nhost = "::1"\nquery_tags = ["PatientSex"]\n')
     environ = {"DICOM_CLOUD_SERVICE_PORT": "2000", "DICOM_CLOUD_SERVICE_CORS_ORIGINS": "https://a, https://b"}
     settings = load_settings({"port": 3000, "host": None}, environ=environ, config_file=config)
     assert settings.port == 3000
-    assert settings.host == "0.0.0.0"
+    assert settings.host == "::1"
     assert settings.query_tags == ("PatientSex",)
     assert settings.cors_origins == ("https://a", "https://b")
     assert load_settings(environ=environ, config_file=config).port == 2000

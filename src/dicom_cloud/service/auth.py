@@ -163,7 +163,11 @@ class OidcVerifier:
                 url = self.jwks_url or await asyncio.to_thread(self._discover)
                 # PyJWKClient caches the key set for ``lifespan`` and fetches again on an unknown kid.
                 client = jwt.PyJWKClient(
-                    url, cache_keys=True, lifespan=self.ttl, timeout=10, cooldown_duration=self.refetch_cooldown
+                    url,
+                    cache_keys=True,
+                    lifespan=self.ttl,
+                    timeout=10,
+                    cooldown_duration=self.refetch_cooldown,
                 )
                 self._jwks = _Jwks(now, client)
             return self._jwks.client

@@ -23,6 +23,8 @@ from .http_errors import MalformedRequestError, PayloadTooLargeError, Unsupporte
 #: RFC 2046: 1 to 70 characters from this set, not ending with a space.
 _BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
 _HEADER_END = b"\r\n\r\n"
+#: ``; name=value`` or ``; name="quoted value"`` (RFC 9110 parameters).
+_PARAMETER = re.compile(r';?\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class MediaType:
     def parse(cls, header: str) -> MediaType:
         value, _, rest = header.partition(";")
         params: dict[str, str] = {}
-        for match in re.finditer(r';?\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', rest):
+        for match in _PARAMETER.finditer(rest):
             raw = match.group(2).strip()
             if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
                 raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
@@ -54,7 +56,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes (whatever it declared)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"the request body is {declared} bytes; this service takes at most {limit}")
+        raise PayloadTooLargeError(
+            f"the request body is {declared} bytes; this service takes at most {limit}"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

@@ -120,7 +120,7 @@ class ServiceSettings(BaseModel):
 
     @property
     def database_url(self) -> str:
-        return self.database or f"sqlite+aiosqlite:///{self.data_dir / 'index.sqlite'}"
+        return self.database or f"sqlite:///{self.data_dir / 'index.sqlite'}"
 
     @property
     def base_url(self) -> str:
@@ -173,7 +173,8 @@ def load_settings(
         return ServiceSettings(**values)
     except ValidationError as exc:
         reasons = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}" for error in exc.errors()
+            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
         )
         raise UsageError(f"invalid service settings: {reasons}", hint="see docs/service.md") from None
 
