@@ -77,6 +77,11 @@ class ServiceSettings(BaseModel):
     upload_part_size: int = Field(64 * 1024**2, ge=5 * 1024**2)
     stow_max_bytes: int = Field(512 * 1024**2, gt=0)
     share_max_ttl_seconds: int = Field(30 * 24 * 3600, gt=0)
+    #: Serve /metrics without credentials (only for scrapers on a private network).
+    metrics_public: bool = False
+    #: Create an admin token for ``bootstrap_tenant`` on first start and print it once.
+    bootstrap_admin: bool = True
+    bootstrap_tenant: str = Field("default", min_length=1, max_length=200)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("query_tags", "cors_origins", "oidc_algorithms", mode="before")
