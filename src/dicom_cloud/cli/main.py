@@ -28,6 +28,7 @@ from ..transfer import (
     DEFAULT_PART_SIZE,
     TransferSummary,
 )
+from . import serve as serve_commands
 from .options import (
     client_encryption,
     deidentify_options,
@@ -692,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(sub)
     _output_options(sub)
 
+    serve_commands.register(add)  # dicom-cloud serve, dicom-cloud token (the service's commands)
     add("version", "Print the version.", "  dicom-cloud version", _version)
     return parser
 

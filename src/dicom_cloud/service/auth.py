@@ -160,7 +160,9 @@ class OidcVerifier:
         async with self._lock:
             now = time.monotonic()
             if self._jwks is None or now - self._jwks.fetched_at > self.ttl:
-                url: str = self.jwks_url or await asyncio.to_thread(self._discover)
+                url = self.jwks_url
+                if url is None:
+                    url = await asyncio.to_thread(self._discover)
                 # PyJWKClient caches the key set for ``lifespan`` and fetches again on an unknown kid.
                 client = jwt.PyJWKClient(
                     url,

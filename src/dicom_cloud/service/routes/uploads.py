@@ -32,7 +32,6 @@ from ..http_errors import (
     MalformedRequestError,
     PayloadTooLargeError,
     UnauthenticatedError,
-    UnsupportedMediaTypeError,
 )
 from ..multipart import MediaType, read_body
 
@@ -210,8 +209,6 @@ async def put_file(
         expires=expires,
     )
     if not hmac.compare_digest(expected, signature):
-        if content_type not in ("application/dicom", "application/octet-stream"):
-            raise UnsupportedMediaTypeError("send the Content-Type declared for this file")
         raise UnauthenticatedError(
             "the upload URL's signature does not match (altered, or another content type)"
         )
