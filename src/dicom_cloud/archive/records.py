@@ -174,9 +174,17 @@ class UploadOutcome:
     def as_json(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
-            "accepted": [a.__dict__ for a in self.accepted],
-            "rejected": [r.__dict__ for r in self.rejected],
+            "accepted": [dict(a.__dict__) for a in self.accepted],
+            "rejected": [dict(r.__dict__) for r in self.rejected],
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> UploadOutcome:
+        return cls(
+            str(data["session_id"]),
+            accepted=tuple(AcceptedFile(**a) for a in data.get("accepted", [])),
+            rejected=tuple(RejectedFile(**r) for r in data.get("rejected", [])),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""The index database: one SQLAlchemy engine per archive, the schema brought up by Alembic at open.
+
+URLs: ``sqlite:///relative/or/absolute/path.db`` (the embedded default), ``sqlite://`` (in
+memory, tests), ``postgresql://user:password@host:port/db`` (``postgres://`` too; psycopg 3 is
+always the driver). Several service instances may open the same PostgreSQL database at once:
+migrations run under an advisory lock, so exactly one of them upgrades the schema.
+
+The ORM is synchronous; :meth:`Database.run` runs one unit of work (a function of a session,
+committed when it returns, rolled back when it raises) in a worker thread, so the event loop
+never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from ..errors import UsageError
+
+T = TypeVar("T")
+
+#: Arbitrary, fixed: the advisory lock id taken while migrating a PostgreSQL index.
+_MIGRATION_LOCK_ID = 0x0D1C0C10
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def engine_url(url: str) -> str:
+    """``url`` with the driver this project uses (psycopg 3 for PostgreSQL). UsageError when
+    the URL is not SQLite or PostgreSQL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(
+            "the database URL is not valid", hint="use sqlite:///path/index.db or postgresql://user@host/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite").render_as_string(hide_password=False)
+    raise UsageError(
+        f"unsupported database '{backend}'", hint="use sqlite:///path/index.db or postgresql://user@host/db"
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")  # cascades from studies to labels etc.
+    cursor.execute("PRAGMA busy_timeout=30000")  # writers from other threads wait, not fail
+    cursor.close()
+
+
+def create_index_engine(url: str) -> Engine:
+    full = engine_url(url)
+    parsed = make_url(full)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            engine = create_engine(full, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+        else:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(full, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        if database not in ("", ":memory:"):
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        return engine
+    return create_engine(full, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the schema to the newest migration (Alembic, no alembic.ini needed)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+class Database:
+    """The index: an engine, a session factory, and a way to run work off the event loop."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_index_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, url: str) -> Database:
+        db = cls(url)
+        try:
+            await asyncio.to_thread(upgrade_schema, db.engine)
+        except Exception:
+            db.engine.dispose()
+            raise
+        return db
+
+    def run_sync(self, work: Callable[[Session], T]) -> T:
+        with self.sessions.begin() as session:
+            return work(session)
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)`` in a worker thread, in one transaction."""
+        return await asyncio.to_thread(self.run_sync, work)
+
+    def close(self) -> None:
+        self.engine.dispose()
