@@ -105,6 +105,8 @@ def make_token(service_data_dir: Path, tenant: str, scopes: str) -> str:
 def test_dicomweb_client_store_search_retrieve_delete(service: LiveService) -> None:
     client = client_for(service)
     datasets = [pydicom.dcmread(path) for path in (CT, MR, RTDOSE)]
+    # pydicom's rtdose.dcm names another instance in its file meta: made consistent here.
+    datasets[2].file_meta.MediaStorageSOPInstanceUID = datasets[2].SOPInstanceUID
     answer = client.store_instances(datasets)
     assert len(answer.ReferencedSOPSequence) == 3
     assert "FailedSOPSequence" not in answer

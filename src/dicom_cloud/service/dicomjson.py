@@ -94,8 +94,8 @@ def check_accepts(request: Request, *, media_type: str, related_type: str | None
         return
     for media in ranges:
         type_matches = media.value in ("*/*", media_type, media_type.split("/")[0] + "/*")
-        root = media.params.get("type", related_type or "").lower()
-        if type_matches and (related_type is None or root == related_type):
+        root = media.params.get("type", "*/*").lower()
+        if type_matches and (related_type is None or _covers(root, related_type)):
             return
         if related_type is not None and media.value == related_type:
             return  # single-part request of the root type: answered as multipart with one part
@@ -104,6 +104,11 @@ def check_accepts(request: Request, *, media_type: str, related_type: str | None
         + (f'; type="{related_type}"' if related_type else "")
         + f", not {request.headers.get('accept')}"
     )
+
+
+def _covers(media_range: str, media_type: str) -> bool:
+    """Whether a media range (``*/*``, ``image/*``, ``image/jpeg``) includes ``media_type``."""
+    return media_range in ("*/*", media_type, media_type.split("/")[0] + "/*")
 
 
 def parse_frame_list(text: str) -> list[int]:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...archive import InstanceRecord, QueryParams
-from ...dicom.header import read_identity
+from ...dicom.header import DicomIdentity, read_identity
 from ...errors import AlreadyExistsError, DicomCloudError, DicomFormatError, NotSupportedError
 from ..auth import Principal
 from ..deps import ArchiveDep, MetricsDep, Reader, SettingsDep, Writer
@@ -86,17 +86,16 @@ async def _stow(
     base = service_root(request, settings)
     response = StowResponse(retrieve_url=f"{base}/studies/{study}" if study else None)
     for part in parts:
-        identity = None
+        identity = _identity(part.content)
         if part.content_type != DICOM:
             response.failure(None, None, FAILURE_CANNOT_UNDERSTAND)
             metrics.instances_stored.labels("refused").inc()
             continue
+        if study is not None and identity is not None and identity.study_instance_uid != study:
+            response.failure(identity.sop_class_uid, identity.sop_instance_uid, FAILURE_STUDY_MISMATCH)
+            metrics.instances_stored.labels("refused").inc()
+            continue
         try:
-            identity = read_identity(part.content, policy="strict")
-            if study is not None and identity.study_instance_uid != study:
-                response.failure(identity.sop_class_uid, identity.sop_instance_uid, FAILURE_STUDY_MISMATCH)
-                metrics.instances_stored.labels("refused").inc()
-                continue
             stored = await archive.store_instance(principal.tenant, part.content)
         except DicomFormatError:
             reason = FAILURE_CANNOT_UNDERSTAND
@@ -127,6 +126,14 @@ async def _stow(
         )
         metrics.instances_stored.labels("refused").inc()
     return dicom_json(response.as_json(), response.status)
+
+
+def _identity(content: memoryview) -> DicomIdentity | None:
+    """UIDs for the answer and the study check; the archive alone decides what it accepts."""
+    try:
+        return read_identity(content)
+    except DicomCloudError:
+        return None
 
 
 _STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
