@@ -24,7 +24,7 @@ router = APIRouter(tags=["shares"])
 
 
 class ShareIn(BaseModel):
-    expires_in_seconds: int = Field(86400, ge=60, description="lifetime (at most share_max_ttl_seconds)")
+    expires_in_seconds: int = Field(86400, ge=1, description="lifetime (at most share_max_ttl_seconds)")
 
 
 class ShareOut(BaseModel):
