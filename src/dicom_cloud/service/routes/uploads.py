@@ -208,7 +208,7 @@ async def put_file(
         size=size,
         expires=expires,
     )
-    if not hmac.compare_digest(expected, signature):
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
         raise UnauthenticatedError(
             "the upload URL's signature does not match (altered, or another content type)"
         )
