@@ -7,7 +7,6 @@ requests reach the routes' logic instead of stopping at authentication.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pydicom
 import pytest
