@@ -223,7 +223,11 @@ class Archive:
     def _same(self, existing: InstanceRecord, size: int, crc: str, changed: bool) -> StoredInstance:
         if existing.size == size and existing.crc32c == crc:
             return StoredInstance(existing, created=False, preamble_sanitised=changed)
-        raise ConflictError(
+        raise self._conflict()
+
+    @staticmethod
+    def _conflict() -> ConflictError:
+        return ConflictError(
             "an instance with this SOP Instance UID and other content is already stored",
             hint="delete the stored instance first to replace it",
         )
@@ -266,13 +270,11 @@ class Archive:
                     existing = await self._run(lambda s: index.find_instance(s, tenant, uid))
                     if existing is not None:
                         if existing.object_key == object_key:
-                            return self._same(existing, size, crc, changed)
-                        await self._delete_objects([object_key, sidecar_key])
-                        return self._same(existing, size, crc, changed)
+                            return self._same(existing, size, crc, changed)  # same bytes, same objects
+                        raise self._conflict() from None
             raise ConflictError("the index kept refusing the instance's rows; try again")
-        except ConflictError:
-            raise
         except BaseException:
+            # Our objects carry our CRC in their names: no other row points at them.
             await self._delete_objects([object_key, sidecar_key])
             raise
 
