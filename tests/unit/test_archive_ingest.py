@@ -9,9 +9,9 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from archive_helpers import Run, all_test_files, make_instance, opened, read_test_file
 from pydicom import dcmread
 
+from archive_helpers import Run, all_test_files, make_instance, opened, read_test_file
 from dicom_cloud.archive import Archive, ArchiveSettings
 from dicom_cloud.archive.parsing import BULK_DATA_THRESHOLD
 from dicom_cloud.crypto.envelope import ClientEncryption
@@ -36,7 +36,9 @@ def _expected_ok(path: Path) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = dcmread(BytesIO(data))
-        if not all(k in ds for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")):
+        if not all(
+            k in ds for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
+        ):
             return False
         return bool(ds.file_meta.get("MediaStorageSOPInstanceUID", ds.SOPInstanceUID) == ds.SOPInstanceUID)
     except Exception:
@@ -59,12 +61,20 @@ def test_every_pydicom_test_file_is_stored_or_refused_cleanly(archive: tuple[Arc
     # Non-DICOM, headless and truncated files are refused; the well-formed ones are stored.
     for name in ("README.txt", "crayons.icc", "ExplVR_LitEndNoMeta.dcm", "MR_truncated.dcm"):
         assert name in refused, name
-    for name in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "waveform_ecg.dcm"):
+    for name in (
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "waveform_ecg.dcm",
+    ):
         assert name in stored, name
     well_formed = {p.name for p in all_test_files() if _expected_ok(p)}
     assert len(stored) >= 50
     assert set(stored) <= well_formed, set(stored) - well_formed
-    assert not (well_formed - set(stored)) - {"MR_truncated.dcm"}, {n: refused[n] for n in well_formed - set(stored)}
+    assert not (well_formed - set(stored)) - {"MR_truncated.dcm"}, {
+        n: refused[n] for n in well_formed - set(stored)
+    }
 
 
 @pytest.mark.parametrize(
@@ -156,7 +166,13 @@ def test_series_filed_under_another_study_is_refused(archive: tuple[Archive, Run
 
 def test_sidecar_equals_the_instance_header(archive: tuple[Archive, Run]) -> None:
     a, run = archive
-    for name in ("CT_small.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm", "waveform_ecg.dcm", "test-SR.dcm"):
+    for name in (
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "waveform_ecg.dcm",
+        "test-SR.dcm",
+    ):
         data = read_test_file(name)
         stored = run(a.store_instance("acme", data)).record
         sidecar = run(a.metadata("acme", stored.study_instance_uid, sop_instance_uid=stored.sop_instance_uid))
@@ -183,7 +199,9 @@ def test_metadata_bulk_data_uris_can_be_absolute(archive: tuple[Archive, Run]) -
     )
 
 
-def test_failed_object_write_leaves_no_index_row(archive: tuple[Archive, Run], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_object_write_leaves_no_index_row(
+    archive: tuple[Archive, Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, run = archive
     calls: list[str] = []
     real_put = a.store.put
@@ -241,6 +259,6 @@ def test_bad_tenant_names_are_refused(archive: tuple[Archive, Run], tenant: str)
 
 
 def test_too_large_instance_is_refused(mem_bucket: str) -> None:
-    with opened(ArchiveSettings(f"memory://{mem_bucket}", "sqlite://", max_instance_size=1000)) as (a, run):
-        with pytest.raises(UsageError, match="larger than"):
-            run(a.store_instance("acme", make_instance(STUDY, SERIES, SOP, frames=20)))
+    settings = ArchiveSettings(f"memory://{mem_bucket}", "sqlite://", max_instance_size=1000)
+    with opened(settings) as (a, run), pytest.raises(UsageError, match="larger than"):
+        run(a.store_instance("acme", make_instance(STUDY, SERIES, SOP, frames=20)))

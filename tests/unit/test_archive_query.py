@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from archive_helpers import Run, make_instance, opened
 
+from archive_helpers import Run, make_instance, opened
 from dicom_cloud.archive import Archive, ArchiveSettings
 from dicom_cloud.errors import NotFoundError, UsageError
 
@@ -16,16 +16,18 @@ A, B, C, X = "1.2.840.1", "1.2.840.2", "1.2.840.3", "1.2.840.9"
 
 def _instances() -> list[tuple[str, bytes]]:
     def inst(tenant: str, study: str, series: str, n: int, **attrs: Any) -> tuple[str, bytes]:
-        return tenant, make_instance(study, f"{study}.{series}", f"{study}.{series}.{n}", InstanceNumber=n, **attrs)
+        return tenant, make_instance(
+            study, f"{study}.{series}", f"{study}.{series}.{n}", InstanceNumber=n, **attrs
+        )
 
     a = dict(
-        PatientName="Doe^John", PatientID="P1", PatientBirthDate="19700101", PatientSex="M", StudyDate="20200115",
-        StudyTime="093000", AccessionNumber="ACC1", StudyDescription="CT Chest", ReferringPhysicianName="Smith^Ann",
-        StudyID="S1",
+        PatientName="Doe^John", PatientID="P1", PatientBirthDate="19700101", PatientSex="M",
+        StudyDate="20200115", StudyTime="093000", AccessionNumber="ACC1", StudyDescription="CT Chest",
+        ReferringPhysicianName="Smith^Ann", StudyID="S1",
     )  # fmt: skip
     b = dict(
-        PatientName="DOE^JANE", PatientID="P2", StudyDate="20201231", StudyTime="1430", AccessionNumber="ACC2",
-        StudyDescription="MR Brain", InstitutionName="General Hospital",
+        PatientName="DOE^JANE", PatientID="P2", StudyDate="20201231", StudyTime="1430",
+        AccessionNumber="ACC2", StudyDescription="MR Brain", InstitutionName="General Hospital",
     )  # fmt: skip
     c = dict(PatientName="Roe^Richard", PatientID="P3", StudyDate="20210601", StudyDescription="CT 50%_off")
     return [
@@ -147,7 +149,9 @@ def test_limit_and_offset(archive: tuple[Archive, Run]) -> None:
 
 
 def test_limit_is_capped(mem_bucket: str) -> None:
-    settings = ArchiveSettings(f"memory://{mem_bucket}", "sqlite://", default_query_limit=2, max_query_limit=3)
+    settings = ArchiveSettings(
+        f"memory://{mem_bucket}", "sqlite://", default_query_limit=2, max_query_limit=3
+    )
     with opened(settings) as (a, run):
         for i in range(5):
             run(a.store_instance("acme", make_instance(f"1.9.{i}", f"1.9.{i}.1", f"1.9.{i}.1.1")))
@@ -180,7 +184,9 @@ def test_instance_search(archive: tuple[Archive, Run]) -> None:
     assert len(run(a.search_instances("acme", {"SOPInstanceUID": f"{A}.1.1,{C}.1.3"}))) == 2
     assert len(run(a.search_instances("acme", {"limit": "2", "offset": "6"}))) == 1
     assert len(run(a.search_instances("acme", {"InstitutionName": "General Hospital"}))) == 1
-    [one] = run(a.search_instances("acme", {"InstanceNumber": "1"}, study_instance_uid=B, base_url="http://h"))
+    [one] = run(
+        a.search_instances("acme", {"InstanceNumber": "1"}, study_instance_uid=B, base_url="http://h")
+    )
     assert one["00081190"]["Value"] == [f"http://h/studies/{B}/series/{B}.1/instances/{B}.1.1"]
 
 
@@ -204,7 +210,9 @@ def test_instance_search(archive: tuple[Archive, Run]) -> None:
         ({"PatientID": ["a", "b"]}, "more than once"),
     ],
 )
-def test_bad_parameters_are_usage_errors(archive: tuple[Archive, Run], params: dict[str, Any], message: str) -> None:
+def test_bad_parameters_are_usage_errors(
+    archive: tuple[Archive, Run], params: dict[str, Any], message: str
+) -> None:
     a, run = archive
     with pytest.raises(UsageError, match=message) as exc:
         run(a.search_studies("acme", params))

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from io import BytesIO
 
 import pytest
-from archive_helpers import Run, make_instance, opened, read_test_file
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
 
+from archive_helpers import Run, make_instance, opened, read_test_file
 from dicom_cloud.archive import Archive, ArchiveSettings, InstanceRecord
 from dicom_cloud.errors import NotFoundError, NotSupportedError, UsageError
 
