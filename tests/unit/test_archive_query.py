@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -238,7 +239,7 @@ def test_tenants_never_see_each_other(archive: tuple[Archive, Run]) -> None:
         a.rendered("other", A, f"{A}.1", f"{A}.1.1"),
         a.get_labels("other", A),
         a.delete("other", A),
-        a.create_share("other", A, __import__("datetime").timedelta(hours=1)),
+        a.create_share("other", A, timedelta(hours=1)),
     ):
         with pytest.raises(NotFoundError):
             run(call)
