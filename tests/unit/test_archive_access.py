@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Iterator
@@ -198,3 +199,35 @@ def test_ingest_object_refuses_keys_outside_the_tenant_staging(archive: tuple[Ar
             run(a.ingest_object("acme", key))
     with pytest.raises(RejectedObjectError, match="not uploaded"):
         run(a.ingest_object("acme", "acme/staging/none/0"))
+
+
+def test_expired_uploads_are_swept(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    data = make_instance(STUDY, f"{STUDY}.1", f"{STUDY}.1.1")
+    old = run(a.create_upload("acme", [DeclaredFile("a.dcm", len(data))], timedelta(minutes=5)))
+    fresh = run(a.create_upload("beta", [DeclaredFile("b.dcm", len(data))], timedelta(hours=5)))
+    run(a.write_staging("acme", old.id, 0, data))
+    run(a.write_staging("beta", fresh.id, 0, data))
+    assert run(a.expire_uploads()) == 0
+    assert run(a.expire_uploads(datetime.now(UTC) + timedelta(hours=1))) == 1
+    assert run(a.get_upload("acme", old.id)).state == "expired"
+    assert run(a.get_upload("beta", fresh.id)).state == "pending"
+    assert [o.key.split("/")[0] for o in run(_listing(a)) if "/staging/" in o.key] == ["beta"]
+
+
+def test_only_one_of_two_concurrent_completions_ingests(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    data = make_instance(STUDY, f"{STUDY}.1", f"{STUDY}.1.1")
+    upload = run(a.create_upload("acme", [DeclaredFile("a.dcm", len(data))]))
+    run(a.write_staging("acme", upload.id, 0, data))
+
+    async def both() -> list[object]:
+        return await asyncio.gather(
+            *(a.complete_upload("acme", upload.id) for _ in range(2)), return_exceptions=True
+        )
+
+    outcomes = run(both())
+    done = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(done) >= 1 and all(o == done[0] for o in done)
+    assert all(isinstance(o, ConflictError) for o in outcomes if isinstance(o, BaseException))
+    assert len(done[0].accepted) == 1  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -196,3 +197,51 @@ def test_delete_removes_rows_before_objects(
     # Storing it again works: the leftover objects are simply overwritten.
     _store(archive, make_instance(STUDY, SERIES, f"{SERIES}.1"))
     assert len(run(_keys(a))) == 2
+
+
+def test_read_instances_streams_in_order(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    datas = [make_instance(STUDY, SERIES, f"{SERIES}.{n}", InstanceNumber=n) for n in range(1, 8)]
+    for d in datas:
+        _store(archive, d)
+    records = run(a.instances("acme", STUDY))
+
+    async def collect(prefetch: int) -> list[bytes]:
+        return [data async for _, data in a.read_instances(records, prefetch=prefetch)]
+
+    assert run(collect(1)) == datas
+    assert run(collect(3)) == datas
+    assert run(collect(50)) == datas
+
+    async def first_only() -> bytes:
+        async for _, data in a.read_instances(records):
+            return data  # leaving early cancels the reads ahead
+        raise AssertionError
+
+    assert run(first_only()) == datas[0]
+
+
+def test_bulk_data(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    data = read_test_file("MR_small_RLE.dcm")
+    r = _store(archive, data)
+    pixels = run(a.bulkdata("acme", *_uids(r), "7FE00010"))
+    assert pixels == dcmread(BytesIO(data)).PixelData
+    with pytest.raises(NotFoundError):
+        run(a.bulkdata("acme", *_uids(r), "60003000"))
+    with pytest.raises(UsageError):
+        run(a.bulkdata("acme", *_uids(r), "../x"))
+    with pytest.raises(UsageError):
+        run(a.bulkdata("acme", *_uids(r), "00100010"))
+
+
+def test_local_directory_storage_and_sqlite_file(tmp_path: Path) -> None:
+    settings = ArchiveSettings(str(tmp_path / "data"), f"sqlite:///{tmp_path}/index/index.db")
+    data = make_instance(STUDY, SERIES, f"{SERIES}.1")
+    with opened(settings) as (a, run):
+        record = run(a.store_instance("acme", data)).record
+    assert (tmp_path / "data" / record.object_key).read_bytes() == data
+    with opened(settings) as (a, run):  # reopened: the index persisted
+        [again] = run(a.instances("acme", STUDY))
+        assert again == record
+        assert run(a.read_instance(again)) == data
