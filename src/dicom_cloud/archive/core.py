@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
@@ -44,7 +46,7 @@ from ..store import CHECKSUM_METADATA_KEY, PutOptions, Store
 from . import access, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
-from .imaging import extract_frames, render_frame
+from .imaging import element_bytes, extract_frames, render_frame
 from .parsing import ParsedInstance, parse_instance, sanitise_preamble
 from .records import (
     AcceptedFile,
@@ -223,7 +225,11 @@ class Archive:
     def _same(self, existing: InstanceRecord, size: int, crc: str, changed: bool) -> StoredInstance:
         if existing.size == size and existing.crc32c == crc:
             return StoredInstance(existing, created=False, preamble_sanitised=changed)
-        raise ConflictError(
+        raise self._conflict()
+
+    @staticmethod
+    def _conflict() -> ConflictError:
+        return ConflictError(
             "an instance with this SOP Instance UID and other content is already stored",
             hint="delete the stored instance first to replace it",
         )
@@ -266,15 +272,23 @@ class Archive:
                     existing = await self._run(lambda s: index.find_instance(s, tenant, uid))
                     if existing is not None:
                         if existing.object_key == object_key:
-                            return self._same(existing, size, crc, changed)
-                        await self._delete_objects([object_key, sidecar_key])
-                        return self._same(existing, size, crc, changed)
+                            return self._same(existing, size, crc, changed)  # same bytes, same objects
+                        raise self._conflict() from None
             raise ConflictError("the index kept refusing the instance's rows; try again")
-        except ConflictError:
-            raise
         except BaseException:
-            await self._delete_objects([object_key, sidecar_key])
+            await self._remove_unindexed(tenant, uid, object_key, sidecar_key)
             raise
+
+    async def _remove_unindexed(self, tenant: str, uid: str, object_key: str, sidecar_key: str) -> None:
+        """Remove the objects of a failed ingest, unless a row points at them after all (a commit
+        whose acknowledgement was lost) or the index cannot tell (then they stay, unreferenced)."""
+        try:
+            existing = await self._run(lambda s: index.find_instance(s, tenant, uid))
+        except Exception:
+            log.warning("objects of a failed ingest left in place: the index is unreachable")
+            return
+        if existing is None or existing.object_key != object_key:
+            await self._delete_objects([object_key, sidecar_key])
 
     async def ingest_object(
         self,
@@ -402,6 +416,16 @@ class Archive:
         await self.set_upload_state(tenant, session_id, "completed", outcome.as_json())
         return outcome
 
+    async def expire_uploads(self, now: datetime | None = None) -> int:
+        """Housekeeping for every tenant: mark pending sessions past their deadline ``expired``
+        and remove their staging objects. Returns how many sessions expired. Safe to run from
+        several service instances at once."""
+        when = now or datetime.now(UTC)
+        expired = await self._run(lambda s: uploads.expire_due(s, when))
+        for upload in expired:
+            await self._delete_objects(upload.staging_keys)
+        return len(expired)
+
     async def _ingest_session(self, upload: UploadSession) -> UploadOutcome:
         limit = asyncio.Semaphore(_UPLOAD_CONCURRENCY)
 
@@ -504,6 +528,50 @@ class Archive:
         if len(data) != record.size or crc32c_hex(data) != record.crc32c:
             raise IntegrityError("a stored instance does not match the size and CRC32C in the index")
         return data
+
+    async def read_instances(
+        self, records: Sequence[InstanceRecord], *, prefetch: int = 4
+    ) -> AsyncIterator[tuple[InstanceRecord, bytes]]:
+        """Each record with its bytes, in order, reading up to ``prefetch`` instances ahead: what a
+        multipart/related response streams. Memory holds at most ``prefetch + 1`` instances."""
+        if prefetch < 1:
+            raise UsageError("prefetch must be at least 1")
+        pending: deque[asyncio.Task[bytes]] = deque()
+        upcoming = iter(records)
+        try:
+            for record in upcoming:
+                pending.append(asyncio.create_task(self.read_instance(record)))
+                if len(pending) > prefetch:
+                    break
+            for record in records:
+                data = await pending.popleft()
+                yield record, data
+                following = next(upcoming, None)
+                if following is not None:
+                    pending.append(asyncio.create_task(self.read_instance(following)))
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def bulkdata(
+        self,
+        tenant: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        tag: str,
+    ) -> bytes:
+        """The value of one top-level bulk data element (``tag``: 8 hex digits, as in the
+        sidecar's ``BulkDataURI``), as stored: encapsulated pixel data stays encapsulated.
+        NotFoundError when the instance lacks it."""
+        if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
+            raise UsageError("a bulk data tag is 8 hex digits")
+        record = await self._one(tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
+        data = await self.read_instance(record)
+        value = await asyncio.to_thread(element_bytes, data, int(tag, 16))
+        if value is None:
+            raise NotFoundError("the instance has no such bulk data element")
+        return value
 
     async def metadata(
         self,

@@ -55,6 +55,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")  # cascades from studies to labels etc.
     cursor.execute("PRAGMA busy_timeout=30000")  # writers from other threads wait, not fail
+    cursor.execute("PRAGMA case_sensitive_like=ON")  # LIKE as in PostgreSQL: QIDO text matching is exact
     cursor.close()
 
 

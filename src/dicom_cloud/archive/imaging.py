@@ -80,6 +80,17 @@ def extract_frames(data: bytes, numbers: Sequence[int]) -> tuple[str, list[bytes
     return out_syntax, frames, False
 
 
+def element_bytes(data: bytes, tag: int) -> bytes | None:
+    """The raw value of a top-level element of an instance (bulk data retrieval); None if absent."""
+    ds = _dataset(data)
+    if tag not in ds:
+        return None
+    value = ds[tag].value
+    if isinstance(value, bytes):
+        return value
+    raise UsageError("the element is not bulk data (its value is in the metadata)")
+
+
 def _to_uint8(arr: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     arr = arr.astype(np.float64)
     low, high = float(arr.min()), float(arr.max())

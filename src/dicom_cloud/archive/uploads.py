@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ..errors import NotFoundError, UsageError
@@ -119,23 +119,42 @@ def set_state(
 
 
 def claim(session: Session, tenant: str, session_id: str, now: datetime) -> tuple[UploadSession, bool]:
-    """Move a pending session to ``completing`` (under a row lock where the database has them).
+    """Move a pending, unexpired session to ``completing``, atomically (one conditional UPDATE, so
+    two service instances completing the same session at once cannot both win).
 
-    Returns the session and whether this caller claimed it; a session already completing or
-    completed is returned unclaimed. An expired one is marked ``expired``.
+    Returns the session and whether this caller claimed it. An expired pending session is marked
+    ``expired`` and returned unclaimed, as is a session already completing or completed.
     """
-    row = session.scalar(
-        select(UploadSessionRow)
-        .where(UploadSessionRow.tenant == tenant, UploadSessionRow.id == session_id)
-        .with_for_update()
+    owned = (UploadSessionRow.tenant == tenant, UploadSessionRow.id == session_id)
+    claimed = session.execute(
+        update(UploadSessionRow)
+        .where(*owned, UploadSessionRow.state == "pending", UploadSessionRow.expires > now)
+        .values(state="completing")
+        .execution_options(synchronize_session=False)
     )
-    if row is None:
-        raise NotFoundError("no such upload session")
-    if row.state == "pending" and now >= utc(row.expires):
+    if claimed.rowcount == 1:  # type: ignore[attr-defined]
+        return get(session, tenant, session_id), True
+    session.execute(
+        update(UploadSessionRow)
+        .where(*owned, UploadSessionRow.state == "pending", UploadSessionRow.expires <= now)
+        .values(state="expired")
+        .execution_options(synchronize_session=False)
+    )
+    session.expire_all()
+    return get(session, tenant, session_id), False
+
+
+def expire_due(session: Session, now: datetime, limit: int = 100) -> list[UploadSession]:
+    """Mark pending sessions past their deadline ``expired`` (any tenant); returns them."""
+    rows = list(
+        session.scalars(
+            select(UploadSessionRow)
+            .where(UploadSessionRow.state == "pending", UploadSessionRow.expires <= now)
+            .order_by(UploadSessionRow.expires)
+            .limit(limit)
+        )
+    )
+    for row in rows:
         row.state = "expired"
-    if row.state != "pending":
-        session.flush()
-        return _session(row), False
-    row.state = "completing"
     session.flush()
-    return _session(row), True
+    return [_session(r) for r in rows]

@@ -1,0 +1,263 @@
+"""QIDO-RS searches: every matching type, includefield, limit/offset, tenants, bad parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from archive_helpers import Run, make_instance, opened
+from dicom_cloud.archive import Archive, ArchiveSettings
+from dicom_cloud.errors import NotFoundError, UsageError
+
+A, B, C, X = "1.2.840.1", "1.2.840.2", "1.2.840.3", "1.2.840.9"
+
+
+def _instances() -> list[tuple[str, bytes]]:
+    def inst(tenant: str, study: str, series: str, n: int, **attrs: Any) -> tuple[str, bytes]:
+        return tenant, make_instance(
+            study, f"{study}.{series}", f"{study}.{series}.{n}", InstanceNumber=n, **attrs
+        )
+
+    a = dict(
+        PatientName="Doe^John", PatientID="P1", PatientBirthDate="19700101", PatientSex="M",
+        StudyDate="20200115", StudyTime="093000", AccessionNumber="ACC1", StudyDescription="CT Chest",
+        ReferringPhysicianName="Smith^Ann", StudyID="S1",
+    )  # fmt: skip
+    b = dict(
+        PatientName="DOE^JANE", PatientID="P2", StudyDate="20201231", StudyTime="1430",
+        AccessionNumber="ACC2", StudyDescription="MR Brain", InstitutionName="General Hospital",
+    )  # fmt: skip
+    c = dict(PatientName="Roe^Richard", PatientID="P3", StudyDate="20210601", StudyDescription="CT 50%_off")
+    return [
+        inst("acme", A, "1", 1, Modality="CT", SeriesNumber=1, SeriesDescription="axial", **a),
+        inst("acme", A, "1", 2, Modality="CT", SeriesNumber=1, SeriesDescription="axial", **a),
+        inst("acme", A, "2", 1, Modality="SR", SeriesNumber=2, pixels=False, **a),
+        inst("acme", B, "1", 1, Modality="MR", SeriesNumber=1, **b),
+        inst("acme", C, "1", 1, Modality="CT", SeriesNumber=3, **c),
+        inst("acme", C, "1", 2, Modality="CT", SeriesNumber=3, **c),
+        inst("acme", C, "1", 3, Modality="CT", SeriesNumber=3, **c),
+        inst("other", X, "1", 1, Modality="CT", SeriesNumber=1, **a),
+    ]
+
+
+@pytest.fixture(scope="module")
+def archive() -> Iterator[tuple[Archive, Run]]:
+    settings = ArchiveSettings("memory://qido-tests", "sqlite://", extra_query_tags=["InstitutionName"])
+    with opened(settings) as (a, run):
+        for tenant, data in _instances():
+            run(a.store_instance(tenant, data))
+        run(a.set_labels("acme", A, tags=["teaching", "lung"], description="Nice nodule case"))
+        run(a.set_labels("acme", C, tags=["teaching"]))
+        yield a, run
+
+
+def studies(archive: tuple[Archive, Run], tenant: str = "acme", **params: Any) -> list[str]:
+    a, run = archive
+    return [r["0020000D"]["Value"][0] for r in run(a.search_studies(tenant, params))]
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({}, [A, B, C]),
+        ({"PatientID": "P1"}, [A]),
+        ({"00100020": "P2"}, [B]),  # tag form
+        ({"PatientID": ""}, [A, B, C]),  # universal matching
+        ({"PatientName": "doe^john"}, [A]),  # PN: case-insensitive
+        ({"PatientName": "Doe*"}, [A, B]),
+        ({"PatientName": "*o?^*"}, [A, B, C]),
+        ({"PatientName": "R*"}, [C]),
+        ({"StudyDescription": "CT*"}, [A, C]),
+        ({"StudyDescription": "ct*"}, []),  # other text: case-sensitive
+        ({"StudyDescription": "CT 50%_off"}, [C]),
+        ({"StudyDescription": "CT 5%"}, []),  # % and _ are literal
+        ({"StudyDescription": "*%*"}, [C]),
+        ({"StudyDescription": "CT?Chest"}, [A]),
+        ({"AccessionNumber": "ACC2"}, [B]),
+        ({"StudyInstanceUID": f"{A},{C}"}, [A, C]),
+        ({"StudyInstanceUID": f"{B}\\{C}"}, [B, C]),
+        ({"StudyInstanceUID": X}, []),  # another tenant's study
+        ({"StudyDate": "20200115"}, [A]),
+        ({"StudyDate": "20200101-20201231"}, [A, B]),
+        ({"StudyDate": "20201231-"}, [B, C]),
+        ({"StudyDate": "-20200115"}, [A]),
+        ({"StudyTime": "0900-1000"}, [A]),
+        ({"StudyTime": "1430"}, [B]),
+        ({"StudyTime": "14-"}, [B]),
+        ({"ModalitiesInStudy": "SR"}, [A]),
+        ({"ModalitiesInStudy": "MR,SR"}, [A, B]),
+        ({"ModalitiesInStudy": "CT"}, [A, C]),
+        ({"Modality": "MR"}, [B]),
+        ({"ReferringPhysicianName": "smith*"}, [A]),
+        ({"PatientBirthDate": "19700101"}, [A]),
+        ({"PatientSex": "M"}, [A]),
+        ({"StudyID": "S1"}, [A]),
+        ({"InstitutionName": "General*"}, [B]),  # configured extra query tag
+        ({"00080080": "General Hospital"}, [B]),
+        ({"label": "teaching"}, [A, C]),
+        ({"label": "lung,other"}, [A]),
+        ({"label": ["teaching", "lung"]}, [A]),  # repeated: all groups
+        ({"labeldescription": "*nodule*"}, [A]),
+        ({"PatientName": "Doe*", "StudyDate": "20200201-"}, [B]),
+        ({"PatientName": "Doe*", "ModalitiesInStudy": "MR"}, [B]),
+        ({"PatientID": "' OR '1'='1"}, []),  # bound parameters: no injection
+        ({"fuzzymatching": "true", "PatientID": "P1"}, [A]),
+    ],
+)
+def test_study_matching(archive: tuple[Archive, Run], params: dict[str, Any], expected: list[str]) -> None:
+    assert studies(archive, **params) == expected
+
+
+def test_study_results_carry_the_required_attributes(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    [study] = run(a.search_studies("acme", {"PatientID": "P1"}, base_url="https://h/dicomweb"))
+    assert study["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^John"}]}
+    assert study["00080061"] == {"vr": "CS", "Value": ["CT", "SR"]}  # ModalitiesInStudy
+    assert study["00201206"] == {"vr": "IS", "Value": [2]}  # NumberOfStudyRelatedSeries
+    assert study["00201208"] == {"vr": "IS", "Value": [3]}  # NumberOfStudyRelatedInstances
+    assert study["00080020"] == {"vr": "DA", "Value": ["20200115"]}
+    assert study["00080030"] == {"vr": "TM", "Value": ["093000"]}
+    assert study["00080050"] == {"vr": "SH", "Value": ["ACC1"]}
+    assert study["00081190"] == {"vr": "UR", "Value": [f"https://h/dicomweb/studies/{A}"]}
+    assert study["00080005"] == {"vr": "CS", "Value": ["ISO_IR 192"]}
+    assert "00081030" not in study  # StudyDescription only with includefield
+    [b] = run(a.search_studies("acme", {"PatientID": "P2"}))
+    assert b["00100030"] == {"vr": "DA"}  # absent birth date: present, empty
+
+
+def test_includefield(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    [s] = run(a.search_studies("acme", {"PatientID": "P2", "includefield": "StudyDescription,00080080"}))
+    assert s["00081030"]["Value"] == ["MR Brain"]
+    assert s["00080080"]["Value"] == ["General Hospital"]
+    [s] = run(a.search_studies("acme", {"PatientID": "P2", "includefield": ["00081030"]}))
+    assert s["00081030"]["Value"] == ["MR Brain"]
+    [s] = run(a.search_studies("acme", {"PatientID": "P2", "includefield": "all"}))
+    assert {"00081030", "00080080", "00080090", "00200010"} <= set(s)
+    # Known attributes the index does not keep are left out, not an error.
+    [s] = run(a.search_studies("acme", {"PatientID": "P2", "includefield": "PatientWeight"}))
+    assert "00101030" not in s
+
+
+def test_limit_and_offset(archive: tuple[Archive, Run]) -> None:
+    assert studies(archive, limit="2") == [A, B]
+    assert studies(archive, limit="2", offset="2") == [C]
+    assert studies(archive, offset="5") == []
+    assert studies(archive, limit="0") == []
+
+
+def test_limit_is_capped(mem_bucket: str) -> None:
+    settings = ArchiveSettings(
+        f"memory://{mem_bucket}", "sqlite://", default_query_limit=2, max_query_limit=3
+    )
+    with opened(settings) as (a, run):
+        for i in range(5):
+            run(a.store_instance("acme", make_instance(f"1.9.{i}", f"1.9.{i}.1", f"1.9.{i}.1.1")))
+        assert len(run(a.search_studies("acme", {}))) == 2
+        assert len(run(a.search_studies("acme", {"limit": "100"}))) == 3
+
+
+def test_series_search(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    found = run(a.search_series("acme", {}, study_instance_uid=A))
+    assert [s["0020000E"]["Value"][0] for s in found] == [f"{A}.1", f"{A}.2"]
+    assert found[0]["00201209"] == {"vr": "IS", "Value": [2]}  # NumberOfSeriesRelatedInstances
+    assert found[0]["0008103E"] == {"vr": "LO", "Value": ["axial"]}
+    assert found[0]["0020000D"]["Value"] == [A]
+    everything = run(a.search_series("acme", {"Modality": "CT"}))
+    assert [s["0020000E"]["Value"][0] for s in everything] == [f"{A}.1", f"{C}.1"]
+    assert run(a.search_series("acme", {"SeriesNumber": "3"}))[0]["0020000D"]["Value"] == [C]
+    assert run(a.search_series("acme", {"PatientName": "roe*"}))[0]["0020000D"]["Value"] == [C]
+    assert run(a.search_series("acme", {}, study_instance_uid=X)) == []
+
+
+def test_instance_search(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    found = run(a.search_instances("acme", {}, study_instance_uid=C, series_instance_uid=f"{C}.1"))
+    assert [i["00200013"]["Value"][0] for i in found] == [1, 2, 3]
+    assert found[0]["00280010"] == {"vr": "US", "Value": [8]}
+    assert found[0]["00080016"]["Value"] == ["1.2.840.10008.5.1.4.1.1.2"]
+    assert {"0020000D", "0020000E", "00080018"} <= set(found[0])
+    assert len(run(a.search_instances("acme", {"InstanceNumber": "2"}))) == 2
+    assert len(run(a.search_instances("acme", {"SOPInstanceUID": f"{A}.1.1,{C}.1.3"}))) == 2
+    assert len(run(a.search_instances("acme", {"limit": "2", "offset": "6"}))) == 1
+    assert len(run(a.search_instances("acme", {"InstitutionName": "General Hospital"}))) == 1
+    [one] = run(
+        a.search_instances("acme", {"InstanceNumber": "1"}, study_instance_uid=B, base_url="http://h")
+    )
+    assert one["00081190"]["Value"] == [f"http://h/studies/{B}/series/{B}.1/instances/{B}.1.1"]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"NoSuchKeyword": "x"}, "not a DICOM keyword"),
+        ({"PatientWeight": "70"}, "can search on"),
+        ({"StudyDate": "2020"}, "not a date"),
+        ({"StudyDate": "20200101-2021"}, "not a date"),
+        ({"StudyDate": "-"}, "not a date"),
+        ({"StudyTime": "25xx"}, "not a time"),
+        ({"StudyInstanceUID": "1.2.*"}, "wildcards"),
+        ({"limit": "-1"}, "non-negative"),
+        ({"offset": "x"}, "non-negative"),
+        ({"limit": ["1", "2"]}, "more than once"),
+        ({"SOPInstanceUID": "1.2"}, "not an attribute of the study level"),
+        ({"fuzzymatching": "maybe"}, "true or false"),
+        ({"includefield": "NotAThing"}, "not a DICOM keyword"),
+        ({"Limit": "3"}, "lower case"),
+        ({"PatientID": ["a", "b"]}, "more than once"),
+    ],
+)
+def test_bad_parameters_are_usage_errors(
+    archive: tuple[Archive, Run], params: dict[str, Any], message: str
+) -> None:
+    a, run = archive
+    with pytest.raises(UsageError, match=message) as exc:
+        run(a.search_studies("acme", params))
+    assert exc.value.http_status == 400
+
+
+def test_bad_integer_at_series_level(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    with pytest.raises(UsageError, match="integer"):
+        run(a.search_series("acme", {"SeriesNumber": "one"}))
+
+
+def test_tenants_never_see_each_other(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    assert studies(archive, "other") == [X]
+    assert studies(archive, "other", PatientID="P1") == [X]
+    assert studies(archive, "nobody") == []
+    assert run(a.search_instances("other", {}, study_instance_uid=A)) == []
+    for call in (
+        a.instances("other", A),
+        a.metadata("other", A),
+        a.frames("other", A, f"{A}.1", f"{A}.1.1", [1]),
+        a.rendered("other", A, f"{A}.1", f"{A}.1.1"),
+        a.get_labels("other", A),
+        a.delete("other", A),
+        a.create_share("other", A, timedelta(hours=1)),
+    ):
+        with pytest.raises(NotFoundError):
+            run(call)
+    assert studies(archive) == [A, B, C]  # the failed delete touched nothing
+
+
+def test_labels(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    labels = run(a.get_labels("acme", A))
+    assert labels.tags == ("lung", "teaching") and labels.description == "Nice nodule case"
+    assert run(a.get_labels("acme", B)).tags == ()
+    with pytest.raises(UsageError):
+        run(a.set_labels("acme", B, tags=["a,b"]))
+    with pytest.raises(UsageError):
+        run(a.set_labels("acme", B, tags="single-string"))
+    updated = run(a.set_labels("acme", B, tags=["  x ", "x", "y"]))
+    assert updated.tags == ("x", "y")
+    assert studies(archive, label="x") == [B]
+    run(a.set_labels("acme", B, tags=[], description=""))
+    assert run(a.get_labels("acme", B)) == type(labels)(B, (), None)
+    assert studies(archive, label="x") == []
