@@ -5,7 +5,7 @@ principal reaches its own study only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -24,6 +24,7 @@ from ..dicomjson import (
     FAILURE_OUT_OF_RESOURCES,
     FAILURE_PROCESSING,
     FAILURE_STUDY_MISMATCH,
+    OCTET_STREAM,
     UID_MAX,
     UID_PATTERN,
     StowResponse,
@@ -44,6 +45,9 @@ from ..multipart import (
 )
 
 router = APIRouter(tags=["DICOMweb"])
+
+#: Instances read ahead while a multipart answer streams (memory: this many + 1 instances).
+RETRIEVE_PREFETCH = 4
 
 Uid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX, description="a DICOM UID")]
 FrameList = Annotated[str, Path(pattern=r"^[0-9]+(,[0-9]+)*$", max_length=2000, description="e.g. 1,2,3")]
@@ -298,14 +302,19 @@ async def _retrieve(
     principal.require_study(study)
     check_accepts(request, media_type="multipart/related", related_type=DICOM)
     records = await archive.instances(principal.tenant, study, series, instance)
+    reads = archive.read_instances(records, prefetch=RETRIEVE_PREFETCH)
     # The first instance is read before the answer starts: a store fault becomes a clean error
     # status instead of a truncated 200.
-    first = await archive.read_instance(records[0])
+    first = await anext(reads)
 
     async def parts() -> AsyncIterator[tuple[str, bytes]]:
-        yield _part_type(records[0]), first
-        for record in records[1:]:
-            yield _part_type(record), await archive.read_instance(record)
+        try:
+            yield _part_type(first[0]), first[1]
+            async for record, data in reads:
+                yield _part_type(record), data
+        finally:
+            if isinstance(reads, AsyncGenerator):  # stops the reads ahead of a client that left
+                await reads.aclose()
 
     boundary = new_boundary()
     return StreamingResponse(
@@ -398,6 +407,35 @@ async def instance_metadata(
     settings: SettingsDep,
 ) -> JSONResponse:
     return await _metadata(request, principal, archive, settings, study, series, instance)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+    responses={200: _MULTIPART},
+    summary="WADO-RS: a bulk data value named by a BulkDataURI of the metadata",
+)
+async def retrieve_bulkdata(
+    request: Request,
+    study: Uid,
+    series: Uid,
+    instance: Uid,
+    tag: Annotated[str, Path(pattern=r"^[0-9A-Fa-f]{8}$", description="ggggeeee")],
+    principal: Reader,
+    archive: ArchiveDep,
+) -> StreamingResponse:
+    """The value as stored (encapsulated pixel data stays encapsulated), as one
+    ``application/octet-stream`` part."""
+    principal.require_study(study)
+    check_accepts(request, media_type="multipart/related", related_type=OCTET_STREAM)
+    value = await archive.bulkdata(principal.tenant, study, series, instance, tag.upper())
+
+    async def parts() -> AsyncIterator[tuple[str, bytes]]:
+        yield OCTET_STREAM, value
+
+    boundary = new_boundary()
+    return StreamingResponse(
+        write_related(parts(), boundary), media_type=related_content_type(boundary, OCTET_STREAM)
+    )
 
 
 # -- WADO-RS: frames, rendered, thumbnail -------------------------------------------------------

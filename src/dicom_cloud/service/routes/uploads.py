@@ -29,7 +29,6 @@ from ..auth import Principal
 from ..deps import ArchiveDep, MetricsDep, SettingsDep, Writer
 from ..dicomjson import service_root
 from ..http_errors import (
-    MalformedRequestError,
     PayloadTooLargeError,
     UnauthenticatedError,
 )
@@ -118,10 +117,15 @@ async def create_upload(
     # The session outlives its URLs by an hour: time to finish the last PUT and complete.
     session = await archive.create_upload(principal.tenant, declared, expires_in=ttl + timedelta(hours=1))
     url_expires = int(time.time() + ttl.total_seconds())
+    try:
+        presigned: list[str] | None = await archive.upload_urls(session, expires_in=ttl)
+    except NotSupportedError:
+        presigned = None  # local disk, memory: this service takes the bytes itself
     urls = []
-    for index, (file, key) in enumerate(zip(body.files, session.staging_keys, strict=True)):
-        url = await _presigned_put(archive, key, ttl)
-        if url is None:
+    for index, file in enumerate(body.files):
+        if presigned is not None:
+            url = presigned[index]
+        else:
             url = _service_put_url(request, settings, principal, session, index, file, url_expires)
         urls.append(
             FileUrl(
@@ -139,16 +143,6 @@ async def create_upload(
         url_expires=datetime.fromtimestamp(url_expires).astimezone(),
         files=urls,
     )
-
-
-async def _presigned_put(archive: ArchiveDep, key: str, ttl: timedelta) -> str | None:
-    """A presigned PUT of the bucket itself, or None when the store cannot presign."""
-    if not archive.store.features.presign:
-        return None
-    try:
-        return await archive.store.sign(archive.store_key(key), ttl, "PUT")
-    except NotSupportedError:
-        return None
 
 
 def _service_put_url(
@@ -214,11 +208,8 @@ async def put_file(
         )
     if expires < time.time():
         raise UnauthenticatedError("the upload URL has expired", hint="start a new upload")
-    session = await archive.get_upload(tenant, session_id)
-    if index >= len(session.staging_keys) or session.state != "pending":
-        raise MalformedRequestError("this upload no longer takes files")
     data = await read_body(request, size)
-    await archive.store.put(archive.store_key(session.staging_keys[index]), data)
+    await archive.write_staging(tenant, session_id, index, data)
     return Response(status_code=204)
 
 
