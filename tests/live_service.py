@@ -10,6 +10,7 @@ Also: a fresh PostgreSQL database per run on the project's test server (127.0.0.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 import uuid
@@ -36,13 +37,25 @@ class LiveService:
         self._thread.join(timeout=30)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def start_service(settings: ServiceSettings) -> LiveService:
+    """Start on a free port; ``public_url`` is set to it unless given (dicomweb-client sends a Host
+    header without the port, so links built from the request would lack it)."""
+    port = free_port()
+    if settings.public_url is None:
+        settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
     tokens: list[str] = []
     app = create_app(settings, announce_token=tokens.append)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
-        port=0,
+        port=port,
         log_config=None,
         access_log=False,
         lifespan="on",
@@ -59,7 +72,6 @@ def start_service(settings: ServiceSettings) -> LiveService:
             server.should_exit = True
             raise RuntimeError("the service did not start in time")
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
     return LiveService(f"http://127.0.0.1:{port}", tokens[0] if tokens else None, server, thread)
 
 

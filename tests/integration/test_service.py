@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 from requests.exceptions import HTTPError
 
 from dicom_cloud.service.settings import ServiceSettings, load_settings
-from live_service import LiveService, fresh_postgres_database, start_service
+from live_service import LiveService, free_port, fresh_postgres_database, start_service
 from servers import S3Server
 
 CT = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
@@ -139,7 +139,9 @@ def test_dicomweb_client_store_search_retrieve_delete(service: LiveService) -> N
 
     metadata = client.retrieve_study_metadata(ct.StudyInstanceUID)
     assert uid(metadata[0], SOP_UID) == ct.SOPInstanceUID
-    assert "7FE00010" not in metadata[0] or "BulkDataURI" in metadata[0]["7FE00010"]
+    pixel_uri = metadata[0]["7FE00010"]["BulkDataURI"]
+    assert pixel_uri.startswith(service.url + "/studies/")
+    assert client.retrieve_bulkdata(pixel_uri) == [ct.PixelData]
     assert client.retrieve_series_metadata(ct.StudyInstanceUID, ct.SeriesInstanceUID)
     instance_metadata = client.retrieve_instance_metadata(
         ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID
@@ -494,11 +496,7 @@ def test_two_instances_share_postgresql_and_bucket(s3_env: S3Server, s3_bucket: 
 
 def test_serve_command_starts_with_no_setup(tmp_path: Path) -> None:
     """``dicom-cloud serve`` with only a data directory: prints the bootstrap token once, serves /healthz."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [str(CLI), "serve", "--data-dir", str(tmp_path), "--port", str(port)],
         stdout=subprocess.PIPE,

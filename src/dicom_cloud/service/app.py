@@ -7,6 +7,8 @@ error handlers, CORS, the access log and metrics middleware, the bearer authenti
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -66,6 +68,22 @@ def _print_once(secret: str) -> None:
     )
 
 
+#: Seconds between two sweeps of expired upload sessions (any instance may sweep; it is idempotent).
+UPLOAD_SWEEP_INTERVAL = 600.0
+
+
+async def _sweep_uploads(archive: Archive) -> None:
+    """Expire pending upload sessions past their deadline and remove their staged objects."""
+    while True:
+        try:
+            expired = await archive.expire_uploads()
+            if expired:
+                log.info("uploads.expired", extra={"sessions": expired})
+        except Exception as exc:  # a failed sweep is retried at the next interval
+            log.warning("uploads.sweep_failed", extra={"error": type(exc).__name__})
+        await asyncio.sleep(UPLOAD_SWEEP_INTERVAL)
+
+
 def create_app(
     settings: ServiceSettings,
     archive: Archive | None = None,
@@ -84,10 +102,14 @@ def create_app(
             OidcVerifier.from_settings(settings),
             api_tokens=settings.api_tokens,
         )
+        sweeper = asyncio.create_task(_sweep_uploads(current))
         try:
             await bootstrap_admin(current, settings, announce_token)
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             if opened:
                 await current.close()
 
