@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
+from test_service_oidc import Issuer
 
 from dicom_cloud.service.app import create_app
 from dicom_cloud.service.settings import load_settings
-from test_service_oidc import Issuer
 
 CT = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # type: ignore[arg-type]
 MR = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # type: ignore[arg-type]
