@@ -381,7 +381,7 @@ def _upload(http: httpx.Client, files: list[tuple[str, bytes]]) -> dict[str, Any
     session: dict[str, Any] = created.json()
     for url, (_, data) in zip(session["files"], files, strict=True):
         put = httpx.put(url["url"], content=data, headers=url["headers"], timeout=60)
-        assert put.status_code in (200, 204), put.text
+        assert put.status_code in (200, 204), (put.text, url["url"])
     return session
 
 
@@ -434,16 +434,20 @@ def test_direct_upload_presigned_to_seaweedfs(s3_env: S3Server, s3_bucket: str, 
             ct = pydicom.dcmread(CT)
             retrieved = client_for(live).retrieve_study(ct.StudyInstanceUID)
             assert retrieved[0].PixelData == ct.PixelData
-            # A PUT larger than declared is caught at completion.
+            # The URL is signed for one content type and one exact size: S3 refuses anything else.
             created = http.post("/uploads", json={"files": [{"name": "ct.dcm", "size": 100}]}).json()
-            put = httpx.put(
-                created["files"][0]["url"],
-                content=CT.read_bytes(),
-                headers={"Content-Type": "application/dicom"},
-            )
-            assert put.status_code == 200
+            url = created["files"][0]["url"]
+            assert created["files"][0]["headers"] == {
+                "Content-Type": "application/dicom",
+                "Content-Length": "100",
+            }
+            longer = httpx.put(url, content=CT.read_bytes(), headers={"Content-Type": "application/dicom"})
+            assert longer.status_code == 403
+            other_type = httpx.put(url, content=b"x" * 100, headers={"Content-Type": "text/plain"})
+            assert other_type.status_code == 403
+            # Nothing arrived: completing rejects the file, nothing is stored.
             result = http.post(f"/uploads/{created['id']}/complete").json()
-            assert result["accepted"] == [] and "size" in result["rejected"][0]["reason"]
+            assert result["accepted"] == [] and result["rejected"][0]["reason"]
     finally:
         live.stop()
 

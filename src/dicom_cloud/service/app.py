@@ -24,6 +24,7 @@ from .auth import Authenticator, OidcVerifier
 from .deps import secret_resolver
 from .handlers import install_error_handlers
 from .observability import AccessLogMiddleware, Metrics
+from .presign import S3PutSigner
 from .routes import dicomweb, health, labels, shares, tokens, uploads
 from .settings import ServiceSettings
 
@@ -124,6 +125,7 @@ def create_app(
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.put_signer = S3PutSigner.for_storage(settings.storage_url)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(

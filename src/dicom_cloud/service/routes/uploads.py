@@ -33,6 +33,7 @@ from ..http_errors import (
     UnauthenticatedError,
 )
 from ..multipart import MediaType, read_body
+from ..presign import S3PutSigner
 
 router = APIRouter(tags=["uploads"])
 
@@ -117,25 +118,24 @@ async def create_upload(
     # The session outlives its URLs by an hour: time to finish the last PUT and complete.
     session = await archive.create_upload(principal.tenant, declared, expires_in=ttl + timedelta(hours=1))
     url_expires = int(time.time() + ttl.total_seconds())
-    try:
-        presigned: list[str] | None = await archive.upload_urls(session, expires_in=ttl)
-    except NotSupportedError:
-        presigned = None  # local disk, memory: this service takes the bytes itself
+    signer: S3PutSigner | None = request.app.state.put_signer
+    presigned: list[str] | None = None
+    if signer is None:
+        try:
+            presigned = await archive.upload_urls(session, expires_in=ttl)
+        except NotSupportedError:
+            presigned = None  # local disk, memory: this service takes the bytes itself
     urls = []
-    for index, file in enumerate(body.files):
-        if presigned is not None:
+    for index, (file, key) in enumerate(zip(body.files, session.staging_keys, strict=True)):
+        headers: dict[str, str] = {"Content-Type": file.content_type}
+        if signer is not None:  # S3 with static keys: content type and exact size are signed
+            scoped = signer.put(archive.store_key(key), file.content_type, file.size, ttl)
+            url, headers = scoped.url, scoped.headers
+        elif presigned is not None:
             url = presigned[index]
         else:
             url = _service_put_url(request, settings, principal, session, index, file, url_expires)
-        urls.append(
-            FileUrl(
-                index=index,
-                name=file.name,
-                size=file.size,
-                url=url,
-                headers={"Content-Type": file.content_type},
-            )
-        )
+        urls.append(FileUrl(index=index, name=file.name, size=file.size, url=url, headers=headers))
     return UploadOut(
         id=session.id,
         state=session.state,
