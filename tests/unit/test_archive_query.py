@@ -98,7 +98,10 @@ def test_series_search(archive: tuple[Archive, Run]) -> None:
     assert found[0]["00201209"] == {"vr": "IS", "Value": [2]}  # NumberOfSeriesRelatedInstances
     assert found[0]["0008103E"] == {"vr": "LO", "Value": ["axial"]}
     assert found[0]["0020000D"]["Value"] == [A]
+    assert "00100010" not in found[0]  # within a study: no study attributes
     everything = run(a.search_series("acme", {"Modality": "CT"}))
+    assert everything[0]["00100010"]["Value"] == [{"Alphabetic": "Doe^John"}]  # all series: they come along
+    assert everything[0]["00080020"]["Value"] == ["20200115"]
     assert [s["0020000E"]["Value"][0] for s in everything] == [f"{A}.1", f"{C}.1"]
     assert run(a.search_series("acme", {"SeriesNumber": "3"}))[0]["0020000D"]["Value"] == [C]
     assert run(a.search_series("acme", {"PatientName": "roe*"}))[0]["0020000D"]["Value"] == [C]
@@ -112,6 +115,9 @@ def test_instance_search(archive: tuple[Archive, Run]) -> None:
     assert found[0]["00280010"] == {"vr": "US", "Value": [8]}
     assert found[0]["00080016"]["Value"] == ["1.2.840.10008.5.1.4.1.1.2"]
     assert {"0020000D", "0020000E", "00080018"} <= set(found[0])
+    assert "00080060" not in found[0] and "00100010" not in found[0]  # within a series
+    [anywhere] = run(a.search_instances("acme", {"SOPInstanceUID": f"{B}.1.1"}))
+    assert anywhere["00080060"]["Value"] == ["MR"] and anywhere["00080050"]["Value"] == ["ACC2"]
     assert len(run(a.search_instances("acme", {"InstanceNumber": "2"}))) == 2
     assert len(run(a.search_instances("acme", {"SOPInstanceUID": f"{A}.1.1,{C}.1.3"}))) == 2
     assert len(run(a.search_instances("acme", {"limit": "2", "offset": "6"}))) == 1

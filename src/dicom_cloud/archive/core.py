@@ -46,7 +46,6 @@ from ..store import CHECKSUM_METADATA_KEY, PutOptions, Store
 from . import access, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
-from .imaging import element_bytes, extract_frames, render_frame
 from .parsing import ParsedInstance, parse_instance, sanitise_preamble
 from .records import (
     AcceptedFile,
@@ -568,6 +567,8 @@ class Archive:
             raise UsageError("a bulk data tag is 8 hex digits")
         record = await self._one(tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
         data = await self.read_instance(record)
+        from .imaging import element_bytes  # numpy and pydicom's pixel code load on first use
+
         value = await asyncio.to_thread(element_bytes, data, int(tag, 16))
         if value is None:
             raise NotFoundError("the instance has no such bulk data element")
@@ -618,6 +619,8 @@ class Archive:
         UsageError; an instance without pixel data is NotFoundError."""
         record = await self._one(tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
         data = await self.read_instance(record)
+        from .imaging import extract_frames
+
         syntax, frames, encapsulated = await asyncio.to_thread(extract_frames, data, list(numbers))
         return Frames(syntax, frames, encapsulated)
 
@@ -664,6 +667,8 @@ class Archive:
                 width, height = image.size
             return Rendered(media_type, cached, width, height, cached=True)  # type: ignore[arg-type]
         data = await self.read_instance(record)
+        from .imaging import render_frame
+
         picture, width, height = await asyncio.to_thread(
             render_frame, data, frame, media_type, max_size=size, quality=quality
         )
