@@ -193,14 +193,20 @@ class Archive:
         return await asyncio.to_thread(self._crypto.decrypt, self.store.url(full), fmt, info.metadata, blob)
 
     async def _delete_objects(self, keys: Sequence[str], prefixes: Sequence[str] = ()) -> None:
-        """Remove objects after their rows are gone; a failure leaves invisible objects, logged."""
+        """Remove objects (and everything under ``prefixes``) after their rows are gone. A failure
+        leaves unreferenced objects behind: it is logged, without keys, and not raised."""
+        limit = asyncio.Semaphore(16)
+
+        async def under(prefix: str) -> list[str]:
+            async with limit:
+                return [info.key async for info in self.store.list(self.store_key(prefix))]
+
         try:
-            if keys:
-                await self.store.delete([self.store_key(k) for k in keys])
-            for prefix in prefixes:
-                found = [info.key async for info in self.store.list(self.store_key(prefix))]
-                if found:
-                    await self.store.delete(found)
+            found = [self.store_key(k) for k in keys]
+            for listed in await asyncio.gather(*(under(p) for p in prefixes)):
+                found += listed
+            for start in range(0, len(found), 1000):
+                await self.store.delete(found[start : start + 1000])
         except Exception as exc:
             log.warning("objects left behind after a delete: %s (%d keys)", type(exc).__name__, len(keys))
 
