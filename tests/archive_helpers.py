@@ -89,3 +89,95 @@ def opened(settings: ArchiveSettings) -> Iterator[tuple[Archive, Run]]:
     finally:
         run(archive.close())
         run.runner.close()
+
+
+# --- the QIDO corpus, searched on SQLite (unit) and PostgreSQL (integration) ---------
+
+A, B, C, X = "1.2.840.1", "1.2.840.2", "1.2.840.3", "1.2.840.9"
+
+
+def _instances() -> list[tuple[str, bytes]]:
+    def inst(tenant: str, study: str, series: str, n: int, **attrs: Any) -> tuple[str, bytes]:
+        return tenant, make_instance(
+            study, f"{study}.{series}", f"{study}.{series}.{n}", InstanceNumber=n, **attrs
+        )
+
+    a = dict(
+        PatientName="Doe^John", PatientID="P1", PatientBirthDate="19700101", PatientSex="M",
+        StudyDate="20200115", StudyTime="093000", AccessionNumber="ACC1", StudyDescription="CT Chest",
+        ReferringPhysicianName="Smith^Ann", StudyID="S1",
+    )  # fmt: skip
+    b = dict(
+        PatientName="DOE^JANE", PatientID="P2", StudyDate="20201231", StudyTime="1430",
+        AccessionNumber="ACC2", StudyDescription="MR Brain", InstitutionName="General Hospital",
+    )  # fmt: skip
+    c = dict(PatientName="Roe^Richard", PatientID="P3", StudyDate="20210601", StudyDescription="CT 50%_off")
+    return [
+        inst("acme", A, "1", 1, Modality="CT", SeriesNumber=1, SeriesDescription="axial", **a),
+        inst("acme", A, "1", 2, Modality="CT", SeriesNumber=1, SeriesDescription="axial", **a),
+        inst("acme", A, "2", 1, Modality="SR", SeriesNumber=2, pixels=False, **a),
+        inst("acme", B, "1", 1, Modality="MR", SeriesNumber=1, **b),
+        inst("acme", C, "1", 1, Modality="CT", SeriesNumber=3, **c),
+        inst("acme", C, "1", 2, Modality="CT", SeriesNumber=3, **c),
+        inst("acme", C, "1", 3, Modality="CT", SeriesNumber=3, **c),
+        inst("other", X, "1", 1, Modality="CT", SeriesNumber=1, **a),
+    ]
+
+
+QIDO_EXTRA_TAGS = ["InstitutionName"]
+
+
+def load_qido_corpus(a: Archive, run: Run) -> None:
+    """Three studies of tenant acme (A, B, C) and one of tenant other (X), with labels."""
+    for tenant, data in _instances():
+        run(a.store_instance(tenant, data))
+    run(a.set_labels("acme", A, tags=["teaching", "lung"], description="Nice nodule case"))
+    run(a.set_labels("acme", C, tags=["teaching"]))
+
+
+#: (query parameters, the acme studies they find, in order): every matching type.
+STUDY_MATCHING_CASES: list[tuple[dict[str, Any], list[str]]] = [
+    ({}, [A, B, C]),
+    ({"PatientID": "P1"}, [A]),
+    ({"00100020": "P2"}, [B]),  # tag form
+    ({"PatientID": ""}, [A, B, C]),  # universal matching
+    ({"PatientName": "doe^john"}, [A]),  # PN: case-insensitive
+    ({"PatientName": "Doe*"}, [A, B]),
+    ({"PatientName": "*o?^*"}, [A, B, C]),
+    ({"PatientName": "R*"}, [C]),
+    ({"StudyDescription": "CT*"}, [A, C]),
+    ({"StudyDescription": "ct*"}, []),  # other text: case-sensitive
+    ({"StudyDescription": "CT 50%_off"}, [C]),
+    ({"StudyDescription": "CT 5%"}, []),  # % and _ are literal
+    ({"StudyDescription": "*%*"}, [C]),
+    ({"StudyDescription": "CT?Chest"}, [A]),
+    ({"AccessionNumber": "ACC2"}, [B]),
+    ({"StudyInstanceUID": f"{A},{C}"}, [A, C]),
+    ({"StudyInstanceUID": f"{B}\\{C}"}, [B, C]),
+    ({"StudyInstanceUID": X}, []),  # another tenant's study
+    ({"StudyDate": "20200115"}, [A]),
+    ({"StudyDate": "20200101-20201231"}, [A, B]),
+    ({"StudyDate": "20201231-"}, [B, C]),
+    ({"StudyDate": "-20200115"}, [A]),
+    ({"StudyTime": "0900-1000"}, [A]),
+    ({"StudyTime": "1430"}, [B]),
+    ({"StudyTime": "14-"}, [B]),
+    ({"ModalitiesInStudy": "SR"}, [A]),
+    ({"ModalitiesInStudy": "MR,SR"}, [A, B]),
+    ({"ModalitiesInStudy": "CT"}, [A, C]),
+    ({"Modality": "MR"}, [B]),
+    ({"ReferringPhysicianName": "smith*"}, [A]),
+    ({"PatientBirthDate": "19700101"}, [A]),
+    ({"PatientSex": "M"}, [A]),
+    ({"StudyID": "S1"}, [A]),
+    ({"InstitutionName": "General*"}, [B]),  # configured extra query tag
+    ({"00080080": "General Hospital"}, [B]),
+    ({"label": "teaching"}, [A, C]),
+    ({"label": "lung,other"}, [A]),
+    ({"label": ["teaching", "lung"]}, [A]),  # repeated: all groups
+    ({"labeldescription": "*nodule*"}, [A]),
+    ({"PatientName": "Doe*", "StudyDate": "20200201-"}, [B]),
+    ({"PatientName": "Doe*", "ModalitiesInStudy": "MR"}, [B]),
+    ({"PatientID": "' OR '1'='1"}, []),  # bound parameters: no injection
+    ({"fuzzymatching": "true", "PatientID": "P1"}, [A]),
+]

@@ -12,6 +12,7 @@ import asyncio
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 
 import httpx
@@ -19,7 +20,16 @@ import psycopg
 import pytest
 from PIL import Image
 
-from archive_helpers import Run, all_test_files, make_instance, opened, read_test_file
+from archive_helpers import (
+    QIDO_EXTRA_TAGS,
+    STUDY_MATCHING_CASES,
+    Run,
+    all_test_files,
+    load_qido_corpus,
+    make_instance,
+    opened,
+    read_test_file,
+)
 from dicom_cloud.archive import Archive, ArchiveSettings, DeclaredFile
 from dicom_cloud.archive.db import Database
 from dicom_cloud.backends import StoreConfig
@@ -33,9 +43,9 @@ ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 STUDY = "1.2.826.0.1.3680043.9.1"
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test."""
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped on exit."""
     name = f"dc_test_{uuid.uuid4().hex[:12]}"
     try:
         admin = psycopg.connect(ADMIN_URL, autocommit=True)
@@ -47,6 +57,31 @@ def pg_url() -> Iterator[str]:
             yield f"postgresql://postgres@127.0.0.1:5432/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def qido_archive() -> Iterator[tuple[Archive, Run]]:
+    """The QIDO corpus of the unit tests, indexed in PostgreSQL (objects in memory)."""
+    with fresh_database() as url:
+        settings = ArchiveSettings("memory://qido-postgres", url, extra_query_tags=QIDO_EXTRA_TAGS)
+        with opened(settings) as (a, run):
+            load_qido_corpus(a, run)
+            yield a, run
+
+
+@pytest.mark.parametrize(("params", "expected"), STUDY_MATCHING_CASES)
+def test_study_matching_on_postgresql(
+    qido_archive: tuple[Archive, Run], params: dict[str, object], expected: list[str]
+) -> None:
+    a, run = qido_archive
+    found = run(a.search_studies("acme", params))  # type: ignore[arg-type]
+    assert [r["0020000D"]["Value"][0] for r in found] == expected
 
 
 @pytest.fixture

@@ -8,49 +8,27 @@ from typing import Any
 
 import pytest
 
-from archive_helpers import Run, make_instance, opened
+from archive_helpers import (
+    QIDO_EXTRA_TAGS,
+    STUDY_MATCHING_CASES,
+    A,
+    B,
+    C,
+    Run,
+    X,
+    load_qido_corpus,
+    make_instance,
+    opened,
+)
 from dicom_cloud.archive import Archive, ArchiveSettings
 from dicom_cloud.errors import NotFoundError, UsageError
-
-A, B, C, X = "1.2.840.1", "1.2.840.2", "1.2.840.3", "1.2.840.9"
-
-
-def _instances() -> list[tuple[str, bytes]]:
-    def inst(tenant: str, study: str, series: str, n: int, **attrs: Any) -> tuple[str, bytes]:
-        return tenant, make_instance(
-            study, f"{study}.{series}", f"{study}.{series}.{n}", InstanceNumber=n, **attrs
-        )
-
-    a = dict(
-        PatientName="Doe^John", PatientID="P1", PatientBirthDate="19700101", PatientSex="M",
-        StudyDate="20200115", StudyTime="093000", AccessionNumber="ACC1", StudyDescription="CT Chest",
-        ReferringPhysicianName="Smith^Ann", StudyID="S1",
-    )  # fmt: skip
-    b = dict(
-        PatientName="DOE^JANE", PatientID="P2", StudyDate="20201231", StudyTime="1430",
-        AccessionNumber="ACC2", StudyDescription="MR Brain", InstitutionName="General Hospital",
-    )  # fmt: skip
-    c = dict(PatientName="Roe^Richard", PatientID="P3", StudyDate="20210601", StudyDescription="CT 50%_off")
-    return [
-        inst("acme", A, "1", 1, Modality="CT", SeriesNumber=1, SeriesDescription="axial", **a),
-        inst("acme", A, "1", 2, Modality="CT", SeriesNumber=1, SeriesDescription="axial", **a),
-        inst("acme", A, "2", 1, Modality="SR", SeriesNumber=2, pixels=False, **a),
-        inst("acme", B, "1", 1, Modality="MR", SeriesNumber=1, **b),
-        inst("acme", C, "1", 1, Modality="CT", SeriesNumber=3, **c),
-        inst("acme", C, "1", 2, Modality="CT", SeriesNumber=3, **c),
-        inst("acme", C, "1", 3, Modality="CT", SeriesNumber=3, **c),
-        inst("other", X, "1", 1, Modality="CT", SeriesNumber=1, **a),
-    ]
 
 
 @pytest.fixture(scope="module")
 def archive() -> Iterator[tuple[Archive, Run]]:
-    settings = ArchiveSettings("memory://qido-tests", "sqlite://", extra_query_tags=["InstitutionName"])
+    settings = ArchiveSettings("memory://qido-tests", "sqlite://", extra_query_tags=QIDO_EXTRA_TAGS)
     with opened(settings) as (a, run):
-        for tenant, data in _instances():
-            run(a.store_instance(tenant, data))
-        run(a.set_labels("acme", A, tags=["teaching", "lung"], description="Nice nodule case"))
-        run(a.set_labels("acme", C, tags=["teaching"]))
+        load_qido_corpus(a, run)
         yield a, run
 
 
@@ -59,54 +37,7 @@ def studies(archive: tuple[Archive, Run], tenant: str = "acme", **params: Any) -
     return [r["0020000D"]["Value"][0] for r in run(a.search_studies(tenant, params))]
 
 
-@pytest.mark.parametrize(
-    ("params", "expected"),
-    [
-        ({}, [A, B, C]),
-        ({"PatientID": "P1"}, [A]),
-        ({"00100020": "P2"}, [B]),  # tag form
-        ({"PatientID": ""}, [A, B, C]),  # universal matching
-        ({"PatientName": "doe^john"}, [A]),  # PN: case-insensitive
-        ({"PatientName": "Doe*"}, [A, B]),
-        ({"PatientName": "*o?^*"}, [A, B, C]),
-        ({"PatientName": "R*"}, [C]),
-        ({"StudyDescription": "CT*"}, [A, C]),
-        ({"StudyDescription": "ct*"}, []),  # other text: case-sensitive
-        ({"StudyDescription": "CT 50%_off"}, [C]),
-        ({"StudyDescription": "CT 5%"}, []),  # % and _ are literal
-        ({"StudyDescription": "*%*"}, [C]),
-        ({"StudyDescription": "CT?Chest"}, [A]),
-        ({"AccessionNumber": "ACC2"}, [B]),
-        ({"StudyInstanceUID": f"{A},{C}"}, [A, C]),
-        ({"StudyInstanceUID": f"{B}\\{C}"}, [B, C]),
-        ({"StudyInstanceUID": X}, []),  # another tenant's study
-        ({"StudyDate": "20200115"}, [A]),
-        ({"StudyDate": "20200101-20201231"}, [A, B]),
-        ({"StudyDate": "20201231-"}, [B, C]),
-        ({"StudyDate": "-20200115"}, [A]),
-        ({"StudyTime": "0900-1000"}, [A]),
-        ({"StudyTime": "1430"}, [B]),
-        ({"StudyTime": "14-"}, [B]),
-        ({"ModalitiesInStudy": "SR"}, [A]),
-        ({"ModalitiesInStudy": "MR,SR"}, [A, B]),
-        ({"ModalitiesInStudy": "CT"}, [A, C]),
-        ({"Modality": "MR"}, [B]),
-        ({"ReferringPhysicianName": "smith*"}, [A]),
-        ({"PatientBirthDate": "19700101"}, [A]),
-        ({"PatientSex": "M"}, [A]),
-        ({"StudyID": "S1"}, [A]),
-        ({"InstitutionName": "General*"}, [B]),  # configured extra query tag
-        ({"00080080": "General Hospital"}, [B]),
-        ({"label": "teaching"}, [A, C]),
-        ({"label": "lung,other"}, [A]),
-        ({"label": ["teaching", "lung"]}, [A]),  # repeated: all groups
-        ({"labeldescription": "*nodule*"}, [A]),
-        ({"PatientName": "Doe*", "StudyDate": "20200201-"}, [B]),
-        ({"PatientName": "Doe*", "ModalitiesInStudy": "MR"}, [B]),
-        ({"PatientID": "' OR '1'='1"}, []),  # bound parameters: no injection
-        ({"fuzzymatching": "true", "PatientID": "P1"}, [A]),
-    ],
-)
+@pytest.mark.parametrize(("params", "expected"), STUDY_MATCHING_CASES)
 def test_study_matching(archive: tuple[Archive, Run], params: dict[str, Any], expected: list[str]) -> None:
     assert studies(archive, **params) == expected
 
@@ -167,7 +98,10 @@ def test_series_search(archive: tuple[Archive, Run]) -> None:
     assert found[0]["00201209"] == {"vr": "IS", "Value": [2]}  # NumberOfSeriesRelatedInstances
     assert found[0]["0008103E"] == {"vr": "LO", "Value": ["axial"]}
     assert found[0]["0020000D"]["Value"] == [A]
+    assert "00100010" not in found[0]  # within a study: no study attributes
     everything = run(a.search_series("acme", {"Modality": "CT"}))
+    assert everything[0]["00100010"]["Value"] == [{"Alphabetic": "Doe^John"}]  # all series: they come along
+    assert everything[0]["00080020"]["Value"] == ["20200115"]
     assert [s["0020000E"]["Value"][0] for s in everything] == [f"{A}.1", f"{C}.1"]
     assert run(a.search_series("acme", {"SeriesNumber": "3"}))[0]["0020000D"]["Value"] == [C]
     assert run(a.search_series("acme", {"PatientName": "roe*"}))[0]["0020000D"]["Value"] == [C]
@@ -181,6 +115,9 @@ def test_instance_search(archive: tuple[Archive, Run]) -> None:
     assert found[0]["00280010"] == {"vr": "US", "Value": [8]}
     assert found[0]["00080016"]["Value"] == ["1.2.840.10008.5.1.4.1.1.2"]
     assert {"0020000D", "0020000E", "00080018"} <= set(found[0])
+    assert "00080060" not in found[0] and "00100010" not in found[0]  # within a series
+    [anywhere] = run(a.search_instances("acme", {"SOPInstanceUID": f"{B}.1.1"}))
+    assert anywhere["00080060"]["Value"] == ["MR"] and anywhere["00080050"]["Value"] == ["ACC2"]
     assert len(run(a.search_instances("acme", {"InstanceNumber": "2"}))) == 2
     assert len(run(a.search_instances("acme", {"SOPInstanceUID": f"{A}.1.1,{C}.1.3"}))) == 2
     assert len(run(a.search_instances("acme", {"limit": "2", "offset": "6"}))) == 1

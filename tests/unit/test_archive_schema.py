@@ -56,3 +56,13 @@ def test_engine_urls(url: str, expected: str) -> None:
 def test_unsupported_database_urls(url: str) -> None:
     with pytest.raises(UsageError):
         engine_url(url)
+
+
+def test_unreachable_database_is_a_network_error() -> None:
+    import asyncio
+
+    from dicom_cloud.errors import NetworkError
+
+    with pytest.raises(NetworkError) as exc:
+        asyncio.run(Database.open("postgresql://nobody:secret@127.0.0.1:1/none?connect_timeout=2"))
+    assert "secret" not in str(exc.value) and exc.value.retryable

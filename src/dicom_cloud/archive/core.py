@@ -46,7 +46,6 @@ from ..store import CHECKSUM_METADATA_KEY, PutOptions, Store
 from . import access, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
-from .imaging import element_bytes, extract_frames, render_frame
 from .parsing import ParsedInstance, parse_instance, sanitise_preamble
 from .records import (
     AcceptedFile,
@@ -194,14 +193,20 @@ class Archive:
         return await asyncio.to_thread(self._crypto.decrypt, self.store.url(full), fmt, info.metadata, blob)
 
     async def _delete_objects(self, keys: Sequence[str], prefixes: Sequence[str] = ()) -> None:
-        """Remove objects after their rows are gone; a failure leaves invisible objects, logged."""
+        """Remove objects (and everything under ``prefixes``) after their rows are gone. A failure
+        leaves unreferenced objects behind: it is logged, without keys, and not raised."""
+        limit = asyncio.Semaphore(16)
+
+        async def under(prefix: str) -> list[str]:
+            async with limit:
+                return [info.key async for info in self.store.list(self.store_key(prefix))]
+
         try:
-            if keys:
-                await self.store.delete([self.store_key(k) for k in keys])
-            for prefix in prefixes:
-                found = [info.key async for info in self.store.list(self.store_key(prefix))]
-                if found:
-                    await self.store.delete(found)
+            found = [self.store_key(k) for k in keys]
+            for listed in await asyncio.gather(*(under(p) for p in prefixes)):
+                found += listed
+            for start in range(0, len(found), 1000):
+                await self.store.delete(found[start : start + 1000])
         except Exception as exc:
             log.warning("objects left behind after a delete: %s (%d keys)", type(exc).__name__, len(keys))
 
@@ -568,6 +573,8 @@ class Archive:
             raise UsageError("a bulk data tag is 8 hex digits")
         record = await self._one(tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
         data = await self.read_instance(record)
+        from .imaging import element_bytes  # numpy and pydicom's pixel code load on first use
+
         value = await asyncio.to_thread(element_bytes, data, int(tag, 16))
         if value is None:
             raise NotFoundError("the instance has no such bulk data element")
@@ -618,6 +625,8 @@ class Archive:
         UsageError; an instance without pixel data is NotFoundError."""
         record = await self._one(tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
         data = await self.read_instance(record)
+        from .imaging import extract_frames
+
         syntax, frames, encapsulated = await asyncio.to_thread(extract_frames, data, list(numbers))
         return Frames(syntax, frames, encapsulated)
 
@@ -664,6 +673,8 @@ class Archive:
                 width, height = image.size
             return Rendered(media_type, cached, width, height, cached=True)  # type: ignore[arg-type]
         data = await self.read_instance(record)
+        from .imaging import render_frame
+
         picture, width, height = await asyncio.to_thread(
             render_frame, data, frame, media_type, max_size=size, quality=quality
         )

@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from ..errors import UsageError
+from ..errors import NetworkError, UsageError
 
 T = TypeVar("T")
 
@@ -91,6 +91,17 @@ def upgrade_schema(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+def _translated(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except (OperationalError, InterfaceError) as exc:
+        # The driver's message may hold the host, user or password of the URL: not repeated.
+        raise NetworkError(
+            "the index database is unreachable or failed",
+            hint="check the database URL, that the server runs, and its logs",
+        ) from exc
+
+
 class Database:
     """The index: an engine, a session factory, and a way to run work off the event loop."""
 
@@ -102,15 +113,21 @@ class Database:
     async def open(cls, url: str) -> Database:
         db = cls(url)
         try:
-            await asyncio.to_thread(upgrade_schema, db.engine)
-        except Exception:
+            await asyncio.to_thread(_translated, upgrade_schema, db.engine)
+        except BaseException:
             db.engine.dispose()
             raise
         return db
 
     def run_sync(self, work: Callable[[Session], T]) -> T:
-        with self.sessions.begin() as session:
-            return work(session)
+        """Run ``work(session)`` in one transaction. Connection failures become NetworkError
+        (retryable); constraint violations stay sqlalchemy IntegrityError for the caller to judge."""
+
+        def unit() -> T:
+            with self.sessions.begin() as session:
+                return work(session)
+
+        return _translated(unit)
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)`` in a worker thread, in one transaction."""

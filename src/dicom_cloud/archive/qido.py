@@ -319,8 +319,18 @@ def _plan(
     returned = [_ATTRIBUTES[k] for k in _DEFAULT_RETURN[level]]
     if level in ("series", "instance"):
         returned.append(_ATTRIBUTES["StudyInstanceUID"])
+        if "StudyInstanceUID" not in scope:
+            # Searching all series or all instances: the study's attributes come along
+            # (PS3.18 §10.6.3.3), those stored in the index (not the computed counts).
+            returned += [
+                _ATTRIBUTES[k] for k in _DEFAULT_RETURN["study"] if _ATTRIBUTES[k].column is not None
+            ]
     if level == "instance":
         returned.append(_ATTRIBUTES["SeriesInstanceUID"])
+        if "SeriesInstanceUID" not in scope:
+            returned += [
+                _ATTRIBUTES[k] for k in _DEFAULT_RETURN["series"] if _ATTRIBUTES[k].column is not None
+            ]
     returned_extra: list[ExtraTag] = []
     for name in includes:
         if name.lower() == "all":
