@@ -385,10 +385,14 @@ def _upload(http: httpx.Client, files: list[tuple[str, bytes]]) -> dict[str, Any
     return session
 
 
-def test_direct_upload_through_the_service_signed_route(service: LiveService) -> None:
+def test_direct_upload_through_the_service_signed_route(service: LiveService, tmp_path: Path) -> None:
+    other = make_token(tmp_path / "data", "tenant-b", "write")
     with httpx.Client(base_url=service.url, headers=auth(service.admin_token), timeout=60) as http:
         session = _upload(http, [("ct.dcm", CT.read_bytes()), ("notes.txt", b"not dicom at all" * 10)])
         assert session["files"][0]["url"].startswith(service.url + "/uploads/")
+        # Another tenant can neither see nor complete the session.
+        assert http.get(f"/uploads/{session['id']}", headers=auth(other)).status_code == 404
+        assert http.post(f"/uploads/{session['id']}/complete", headers=auth(other)).status_code == 404
         done = http.post(f"/uploads/{session['id']}/complete")
         assert done.status_code == 200, done.text
         result = done.json()
@@ -519,5 +523,7 @@ def test_serve_command_starts_with_no_setup(tmp_path: Path) -> None:
     finally:
         process.terminate()
         _, err = process.communicate(timeout=30)
-    token_lines = [line.strip() for line in io.StringIO(err) if line.strip().startswith("dct_")]
-    assert len(token_lines) == 1 or "admin API token" in err
+    token_lines = [line.strip() for line in io.StringIO(err) if line.strip().startswith("dcat_")]
+    assert len(token_lines) == 1, err
+    # The token is printed, never logged: no JSON log line holds it.
+    assert all(token_lines[0] not in line for line in err.splitlines() if line.startswith("{"))

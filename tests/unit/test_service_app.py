@@ -112,3 +112,13 @@ def test_oidc_jwts_through_the_routes(tmp_path: Path) -> None:
             assert answer.status_code == 401 and "expired" in answer.json()["message"]
     finally:
         issuer.server.shutdown()
+
+
+def test_access_log_names_the_principal(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="dicom_cloud.service.access"):
+        client.get("/studies", params={"PatientName": "DOE^JOHN"})
+    record = [r for r in caplog.records if r.name == "dicom_cloud.service.access"][-1]
+    assert record.__dict__["tenant"] == "default" and record.__dict__["subject"].startswith("token:")
+    assert "DOE" not in record.getMessage() and "DOE" not in str(record.__dict__)
