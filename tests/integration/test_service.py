@@ -5,6 +5,7 @@ presigned), and two instances sharing one PostgreSQL database and one bucket.
 
 from __future__ import annotations
 
+import base64
 import io
 import subprocess
 import sys
@@ -527,3 +528,24 @@ def test_serve_command_starts_with_no_setup(tmp_path: Path) -> None:
     assert len(token_lines) == 1, err
     # The token is printed, never logged: no JSON log line holds it.
     assert all(token_lines[0] not in line for line in err.splitlines() if line.startswith("{"))
+
+
+def test_encrypted_archive(tmp_path: Path) -> None:
+    """With ``encrypt``, nothing the archive writes holds the instance in clear; reads decrypt."""
+    key = tmp_path / "master.key"
+    key.write_text(base64.b64encode(bytes(range(32))).decode())
+    live = start_service(settings_for(tmp_path, encrypt=True, master_key=f"7:{key}"))
+    try:
+        ct = pydicom.dcmread(CT)
+        client = client_for(live)
+        client.store_instances([ct])
+        assert client.retrieve_instance(
+            ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID
+        ).PixelData == (ct.PixelData)
+        stored = [p for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file()]
+        assert stored
+        for path in stored:
+            data = path.read_bytes()
+            assert ct.PixelData[:64] not in data and str(ct.PatientName).encode() not in data, path.name
+    finally:
+        live.stop()

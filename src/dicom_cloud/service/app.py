@@ -20,6 +20,9 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..archive import Archive, ArchiveSettings
+from ..crypto.envelope import ClientEncryption
+from ..crypto.keysource import load_keys
+from ..errors import UsageError
 from .auth import Authenticator, OidcVerifier
 from .deps import secret_resolver
 from .handlers import install_error_handlers
@@ -41,8 +44,25 @@ def archive_settings(settings: ServiceSettings) -> ArchiveSettings:
     return ArchiveSettings(
         storage_url=settings.storage_url,
         database_url=settings.database_url,
+        encryption=encryption(settings),
         extra_query_tags=settings.query_tags,
         max_instance_size=settings.upload_max_bytes,
+    )
+
+
+def encryption(settings: ServiceSettings) -> ClientEncryption | None:
+    """Master keys (settings, then DICOM_CLOUD_MASTER_KEY, then the CLI's config file) and whether
+    to encrypt what is written. Keys without ``encrypt`` still decrypt objects written encrypted."""
+    keys = load_keys(settings.master_key, settings.previous_keys)
+    if settings.encrypt and keys.ring is None:
+        raise UsageError(
+            "encrypt needs a master key",
+            hint="set master_key = 'ID:PATH' or DICOM_CLOUD_MASTER_KEY (make one: openssl rand -base64 32)",
+        )
+    if keys.ring is None:
+        return None
+    return ClientEncryption(
+        ring=keys.ring, encrypt_as=settings.encryption_format if settings.encrypt else None
     )
 
 

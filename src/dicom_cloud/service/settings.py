@@ -53,6 +53,14 @@ class ServiceSettings(BaseModel):
     #: Extra DICOM attributes (keywords or ggggeeee) the index makes searchable.
     query_tags: tuple[str, ...] = ()
 
+    #: Client-side encryption of everything the archive writes (instances, sidecars, previews).
+    encrypt: bool = False
+    encryption_format: Literal["A1", "DC2"] = "A1"
+    #: ``ID:PATH`` of the master key file; default: DICOM_CLOUD_MASTER_KEY, then the CLI's config file.
+    master_key: str | None = None
+    #: ``ID:PATH`` of older keys, to read objects written under them.
+    previous_keys: tuple[str, ...] = ()
+
     #: HMAC secret of the service's own signed URLs (local-storage uploads); shared by all instances.
     signing_secret: str | None = Field(None, repr=False)
 
@@ -84,7 +92,7 @@ class ServiceSettings(BaseModel):
     bootstrap_tenant: str = Field("default", min_length=1, max_length=200)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("query_tags", "cors_origins", "oidc_algorithms", mode="before")
+    @field_validator("query_tags", "cors_origins", "oidc_algorithms", "previous_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
