@@ -457,6 +457,65 @@ def test_direct_upload_presigned_to_seaweedfs(s3_env: S3Server, s3_bucket: str, 
         live.stop()
 
 
+def _large_instance() -> bytes:
+    """A valid CT instance of about 6.3 MiB (two 5 MiB parts)."""
+    ds = pydicom.dcmread(CT)
+    ds.Rows, ds.Columns = 1792, 1792
+    ds.PixelData = bytes(range(256)) * (1792 * 1792 * 2 // 256)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_direct_upload_in_parts_to_seaweedfs(s3_env: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+    live = start_service(
+        settings_for(tmp_path, storage=f"s3://{s3_bucket}/archive", upload_part_size=5 * 1024 * 1024)
+    )
+    data = _large_instance()
+    try:
+        with httpx.Client(base_url=live.url, headers=auth(live.admin_token), timeout=60) as http:
+            declared = {
+                "files": [
+                    {"name": "big.dcm", "size": len(data)},
+                    {"name": "ct.dcm", "size": CT.stat().st_size},
+                ]
+            }
+            session = http.post("/uploads", json=declared).json()
+            big, small = session["files"]
+            assert big["url"] is None and small["url"] and small["multipart"] is None
+            parts = big["multipart"]["parts"]
+            assert [p["size"] for p in parts] == [5 * 1024 * 1024, len(data) - 5 * 1024 * 1024]
+            etags = []
+            for part in parts:
+                start = (part["number"] - 1) * big["multipart"]["part_size"]
+                chunk = data[start : start + part["size"]]
+                assert httpx.put(part["url"], content=chunk[:-1] + b"\0\0").status_code == 403  # exact length
+                answer = httpx.put(part["url"], content=chunk, headers=part["headers"])
+                assert answer.status_code == 200
+                etags.append(answer.headers["etag"])
+            assert (
+                httpx.put(small["url"], content=CT.read_bytes(), headers=small["headers"]).status_code == 200
+            )
+            # Wrong ETags: the bucket refuses the join; the session stays open.
+            wrong = {
+                "parts": [{"index": 0, "upload_id": big["multipart"]["upload_id"], "etags": ['"x"', '"y"']}]
+            }
+            assert http.post(f"/uploads/{session['id']}/complete", json=wrong).status_code == 400
+            right = {"parts": [{"index": 0, "upload_id": big["multipart"]["upload_id"], "etags": etags}]}
+            done = http.post(f"/uploads/{session['id']}/complete", json=right)
+            assert done.status_code == 200, done.text
+            assert sorted(a["name"] for a in done.json()["accepted"]) == ["big.dcm", "ct.dcm"]
+            big_back = client_for(live).retrieve_instance(
+                pydicom.dcmread(CT).StudyInstanceUID,
+                pydicom.dcmread(CT).SeriesInstanceUID,
+                "1.2.826.0.1.3680043.8.498.1",
+            )
+            assert big_back.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData
+    finally:
+        live.stop()
+
+
 # -- several instances, one database, one bucket -----------------------------------------------------
 
 

@@ -78,10 +78,10 @@ class ServiceSettings(BaseModel):
 
     cors_origins: tuple[str, ...] = ()
 
-    upload_max_bytes: int = Field(5 * 1024**3, gt=0)
+    upload_max_bytes: int = Field(512 * 1024**2, gt=0)
     upload_max_files: int = Field(1000, gt=0)
     upload_url_ttl_seconds: int = Field(900, gt=0, le=7 * 24 * 3600)
-    #: Files larger than this get multipart part URLs instead of one PUT (S3 only).
+    #: Files larger than this are uploaded in parts of this size (S3 with static keys only).
     upload_part_size: int = Field(64 * 1024**2, ge=5 * 1024**2)
     stow_max_bytes: int = Field(512 * 1024**2, gt=0)
     share_max_ttl_seconds: int = Field(30 * 24 * 3600, gt=0)

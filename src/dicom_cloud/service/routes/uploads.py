@@ -29,11 +29,12 @@ from ..auth import Principal
 from ..deps import ArchiveDep, MetricsDep, SettingsDep, Writer
 from ..dicomjson import service_root
 from ..http_errors import (
+    MalformedRequestError,
     PayloadTooLargeError,
     UnauthenticatedError,
 )
 from ..multipart import MediaType, read_body
-from ..presign import S3PutSigner
+from ..presign import MAX_PARTS, S3PutSigner
 
 router = APIRouter(tags=["uploads"])
 
@@ -52,13 +53,39 @@ class UploadIn(BaseModel):
     files: list[FileIn] = Field(..., min_length=1)
 
 
+class PartUrl(BaseModel):
+    number: int
+    size: int
+    url: str
+    headers: dict[str, str]
+
+
+class MultipartUrls(BaseModel):
+    upload_id: str = Field(..., description="send it back at completion with the parts' ETags")
+    part_size: int
+    parts: list[PartUrl]
+
+
 class FileUrl(BaseModel):
     index: int
     name: str
     size: int
     method: Literal["PUT"] = "PUT"
-    url: str
+    url: str | None = Field(..., description="one PUT of the whole file; None when sent in parts")
     headers: dict[str, str] = Field(..., description="headers the PUT must carry")
+    multipart: MultipartUrls | None = Field(None, description="for large files: one PUT per part")
+
+
+class CompletedParts(BaseModel):
+    index: int = Field(..., ge=0)
+    upload_id: str = Field(..., min_length=1, max_length=1024)
+    etags: list[str] = Field(..., min_length=1, max_length=10_000)
+
+
+class CompleteIn(BaseModel):
+    """For files sent in parts: the ETag answered to each part's PUT, in part order."""
+
+    parts: list[CompletedParts] = Field(default_factory=list)
 
 
 class UploadOut(BaseModel):
@@ -128,20 +155,46 @@ async def create_upload(
     urls = []
     for index, (file, key) in enumerate(zip(body.files, session.staging_keys, strict=True)):
         headers: dict[str, str] = {"Content-Type": file.content_type}
-        if signer is not None:  # S3 with static keys: content type and exact size are signed
+        multipart = None
+        url: str | None
+        if signer is not None and file.size > settings.upload_part_size:
+            url, multipart = None, await _multipart(signer, archive.store_key(key), file, settings, ttl)
+        elif signer is not None:  # S3 with static keys: content type and exact size are signed
             scoped = signer.put(archive.store_key(key), file.content_type, file.size, ttl)
             url, headers = scoped.url, scoped.headers
         elif presigned is not None:
             url = presigned[index]
         else:
             url = _service_put_url(request, settings, principal, session, index, file, url_expires)
-        urls.append(FileUrl(index=index, name=file.name, size=file.size, url=url, headers=headers))
+        urls.append(
+            FileUrl(
+                index=index, name=file.name, size=file.size, url=url, headers=headers, multipart=multipart
+            )
+        )
     return UploadOut(
         id=session.id,
         state=session.state,
         expires=session.expires,
         url_expires=datetime.fromtimestamp(url_expires).astimezone(),
         files=urls,
+    )
+
+
+async def _multipart(
+    signer: S3PutSigner, key: str, file: FileIn, settings: SettingsDep, ttl: timedelta
+) -> MultipartUrls:
+    part_size = max(settings.upload_part_size, -(-file.size // MAX_PARTS))
+    upload_id = await signer.create_multipart(key, file.content_type)
+    parts = signer.part_urls(key, upload_id, file.size, part_size, ttl)
+    return MultipartUrls(
+        upload_id=upload_id,
+        part_size=part_size,
+        parts=[
+            PartUrl(
+                number=number, size=int(part.headers["Content-Length"]), url=part.url, headers=part.headers
+            )
+            for number, part in enumerate(parts, start=1)
+        ],
     )
 
 
@@ -227,10 +280,26 @@ async def get_upload(session_id: SessionId, principal: Writer, archive: ArchiveD
 
 @router.post("/uploads/{session_id}/complete", summary="Ingest the uploaded files")
 async def complete_upload(
-    session_id: SessionId, principal: Writer, archive: ArchiveDep, metrics: MetricsDep
+    request: Request,
+    session_id: SessionId,
+    principal: Writer,
+    archive: ArchiveDep,
+    metrics: MetricsDep,
+    body: CompleteIn | None = None,
 ) -> UploadResult:
     """Each declared file is checked (size, CRC32C when declared, DICOM Part 10) and ingested;
-    refused files are listed with their reason. Completing again answers the same outcome."""
+    refused files are listed with their reason. Completing again answers the same outcome.
+    Files sent in parts are joined first (body: their upload ids and the parts' ETags)."""
+    if body is not None and body.parts:
+        signer: S3PutSigner | None = request.app.state.put_signer
+        session = await archive.get_upload(principal.tenant, session_id)
+        if signer is None or session.state != "pending":
+            raise MalformedRequestError("this upload has no parts to join")
+        for completed in body.parts:
+            if completed.index >= len(session.staging_keys):
+                raise MalformedRequestError(f"the upload has no file {completed.index}")
+            key = archive.store_key(session.staging_keys[completed.index])
+            await signer.complete_multipart(key, completed.upload_id, completed.etags)
     outcome: UploadOutcome = await archive.complete_upload(principal.tenant, session_id)
     metrics.instances_stored.labels("stored").inc(len(outcome.accepted))
     metrics.instances_stored.labels("refused").inc(len(outcome.rejected))
