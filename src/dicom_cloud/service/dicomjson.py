@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
-from .http_errors import NotAcceptableError
+from .http_errors import MalformedRequestError, NotAcceptableError
 from .multipart import MediaType
 from .settings import ServiceSettings
 
@@ -114,13 +114,9 @@ def _covers(media_range: str, media_type: str) -> bool:
 def parse_frame_list(text: str) -> list[int]:
     """``1,3,5`` -> [1, 3, 5]; anything else is 400."""
     if not re.fullmatch(r"[0-9]{1,9}(,[0-9]{1,9}){0,1023}", text):
-        from .http_errors import MalformedRequestError
-
         raise MalformedRequestError("frames must be a comma-separated list of frame numbers (1-based)")
     numbers = [int(n) for n in text.split(",")]
     if min(numbers) < 1:
-        from .http_errors import MalformedRequestError
-
         raise MalformedRequestError("frame numbers start at 1")
     return numbers
 

@@ -5,7 +5,7 @@ principal reaches its own study only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -620,6 +620,3 @@ async def delete_instance(
     study: Uid, series: Uid, instance: Uid, principal: Writer, archive: ArchiveDep
 ) -> JSONResponse:
     return _deleted(await archive.delete(principal.tenant, study, series, instance))
-
-
-__all__: Sequence[str] = ["router"]

@@ -7,11 +7,10 @@ from pydantic import BaseModel, Field
 
 from ...archive import StudyLabels
 from ..deps import ArchiveDep, Reader, Writer
+from ..http_errors import MalformedRequestError
 from .dicomweb import Uid
 
 router = APIRouter(tags=["labels"])
-
-Tag = str
 
 
 class LabelsIn(BaseModel):
@@ -43,8 +42,6 @@ async def get_labels(study: Uid, principal: Reader, archive: ArchiveDep) -> Labe
 async def put_labels(study: Uid, labels: LabelsIn, principal: Writer, archive: ArchiveDep) -> LabelsOut:
     for tag in labels.tags or ():
         if not tag or len(tag) > 64:
-            from ..http_errors import MalformedRequestError
-
             raise MalformedRequestError("each tag must be 1 to 64 characters")
     return _out(
         await archive.set_labels(principal.tenant, study, tags=labels.tags, description=labels.description)
