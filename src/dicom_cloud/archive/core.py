@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from io import BytesIO
 from typing import Any, TypeVar
 
@@ -46,7 +47,7 @@ from ..store import CHECKSUM_METADATA_KEY, PutOptions, Store
 from . import access, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
-from .parsing import ParsedInstance, parse_instance, sanitise_preamble
+from .parsing import ParsedInstance, json_value_text, parse_instance, sanitise_preamble
 from .records import (
     AcceptedFile,
     ApiToken,
@@ -357,6 +358,39 @@ class Archive:
         await self.store.delete([src])
         log.info("upload refused and quarantined: %s", reason)
         return RejectedObjectError(reason, quarantine_key=quarantine_key)
+
+    async def reindex_extra_tags(self, batch: int = 500) -> int:
+        """Fill the configured extra query tags of every stored instance (all tenants) from the
+        sidecars: what to run after adding a tag to ``extra_query_tags``. Returns the number of
+        instances visited. Safe to repeat, and to run while instances are being stored."""
+        tags = [e.tag for e in self._extra]
+        if not tags:
+            return 0
+        visited, after = 0, 0
+        limit = asyncio.Semaphore(16)
+
+        async def values(pk: int, sidecar_key: str) -> tuple[int, list[tuple[str, str, str]]]:
+            async with limit:
+                try:
+                    sidecar = json.loads(await self._get(sidecar_key))
+                except NotFoundError:
+                    return pk, []  # deleted meanwhile
+            found = []
+            for extra in self._extra:
+                element = sidecar.get(extra.tag)
+                text = json_value_text(element) if isinstance(element, dict) else None
+                if text is not None:
+                    found.append((extra.tag, str(element.get("vr", extra.vr)), text))
+            return pk, found
+
+        while True:
+            page = await self._run(partial(index.instance_page, after=after, size=batch))
+            if not page:
+                return visited
+            found = await asyncio.gather(*(values(pk, key) for pk, key in page))
+            await self._run(partial(index.replace_extra_attributes, values=found, tags=tags))
+            visited += len(page)
+            after = page[-1][0]
 
     # -- presigned upload sessions ---------------------------------------------------------
 
