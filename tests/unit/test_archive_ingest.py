@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import warnings
 from collections.abc import Iterator
@@ -262,3 +263,15 @@ def test_too_large_instance_is_refused(mem_bucket: str) -> None:
     settings = ArchiveSettings(f"memory://{mem_bucket}", "sqlite://", max_instance_size=1000)
     with opened(settings) as (a, run), pytest.raises(UsageError, match="larger than"):
         run(a.store_instance("acme", make_instance(STUDY, SERIES, SOP, frames=20)))
+
+
+def test_ingests_beyond_the_memory_budget_wait_their_turn(mem_bucket: str) -> None:
+    settings = ArchiveSettings(f"memory://{mem_bucket}", "sqlite://", ingest_memory=1000)
+    with opened(settings) as (a, run):
+        datas = [make_instance(STUDY, SERIES, f"{SERIES}.{n}") for n in range(6)]
+
+        async def all_at_once() -> list[bool]:
+            return [s.created for s in await asyncio.gather(*(a.store_instance("acme", d) for d in datas))]
+
+        assert run(all_at_once()) == [True] * 6
+        assert a._budget.used == 0

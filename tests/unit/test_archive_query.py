@@ -198,3 +198,25 @@ def test_labels(archive: tuple[Archive, Run]) -> None:
     run(a.set_labels("acme", B, tags=[], description=""))
     assert run(a.get_labels("acme", B)) == type(labels)(B, (), None)
     assert studies(archive, label="x") == []
+
+
+def test_extra_tags_added_later_are_reindexed_from_sidecars(mem_bucket: str) -> None:
+    first = ArchiveSettings(f"memory://{mem_bucket}", "sqlite://")
+    data = make_instance("5.5", "5.5.1", "5.5.1.1", InstitutionName="Clinic", BodyPartExamined="CHEST")
+    with opened(first) as (a, run):
+        run(a.store_instance("acme", data))
+        with pytest.raises(UsageError):
+            run(a.search_studies("acme", {"BodyPartExamined": "CHEST"}))  # not configured
+        # The same store and index, now with two extra tags configured.
+        later = ArchiveSettings(
+            f"memory://{mem_bucket}", "sqlite://", extra_query_tags=["InstitutionName", "00180015"]
+        )
+        b = Archive(later, a._opener, a._opener.open(f"memory://{mem_bucket}"), a._db)
+        assert run(b.search_studies("acme", {"BodyPartExamined": "CHEST"})) == []  # configured, not filled
+        assert run(b.reindex_extra_tags(batch=1)) == 1
+        [study] = run(
+            b.search_studies("acme", {"BodyPartExamined": "CH*", "includefield": "InstitutionName"})
+        )
+        assert study["00080080"]["Value"] == ["Clinic"]
+        assert run(b.reindex_extra_tags()) == 1  # repeatable
+        assert len(run(b.search_instances("acme", {"00180015": "CHEST"}))) == 1

@@ -66,3 +66,41 @@ def test_unreachable_database_is_a_network_error() -> None:
     with pytest.raises(NetworkError) as exc:
         asyncio.run(Database.open("postgresql://nobody:secret@127.0.0.1:1/none?connect_timeout=2"))
     assert "secret" not in str(exc.value) and exc.value.retryable
+
+
+_WRITER = """
+import asyncio, sys
+from archive_helpers import make_instance
+from dicom_cloud.archive import Archive, ArchiveSettings
+
+async def main(storage, database, first):
+    archive = await Archive.open(ArchiveSettings(storage, database))
+    try:
+        for n in range(first, first + 15):
+            await archive.store_instance("acme", make_instance("4.4", "4.4.1", f"4.4.1.{n}"))
+    finally:
+        await archive.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_processes_sharing_one_sqlite_file(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from archive_helpers import opened
+    from dicom_cloud.archive import Archive, ArchiveSettings
+
+    storage, database = str(tmp_path / "data"), f"sqlite:///{tmp_path}/index.db"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, storage, database, str(first)], env=env)
+        for first in (0, 100, 200)
+    ]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0, 0]
+    with opened(ArchiveSettings(storage, database)) as (a, run):
+        assert isinstance(a, Archive)
+        assert len(run(a.search_instances("acme", {"limit": "100"}))) == 45
+        assert len(run(a.search_series("acme", {}))) == 1

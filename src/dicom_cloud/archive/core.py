@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from io import BytesIO
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
 from sqlalchemy.orm import Session
 
 from ..backends import StoreConfig
+from ..budget import ByteBudget
 from ..checksum import crc32c_hex
 from ..crypto.envelope import ClientEncryption
 from ..dicom.header import read_identity_from_store
@@ -46,7 +48,7 @@ from ..store import CHECKSUM_METADATA_KEY, PutOptions, Store
 from . import access, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
-from .parsing import ParsedInstance, parse_instance, sanitise_preamble
+from .parsing import ParsedInstance, json_value_text, parse_instance, sanitise_preamble
 from .records import (
     AcceptedFile,
     ApiToken,
@@ -75,6 +77,8 @@ REASON_SIZE_MISMATCH = "size differs from the declared size"
 REASON_CHECKSUM_MISMATCH = "CRC32C differs from the declared checksum"
 REASON_TOO_LARGE = "larger than the largest instance accepted"
 REASON_CONFLICT = "another instance with this SOP Instance UID is stored"
+#: Copies of an instance an ingest holds at its peak (see ArchiveSettings.ingest_memory).
+_INGEST_COPIES = 3
 #: Instances ingested at once by ``complete_upload``.
 _UPLOAD_CONCURRENCY = 4
 _MEDIA_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
@@ -106,6 +110,9 @@ class ArchiveSettings:
     name_key: bytes | None = None
     #: Largest instance accepted by ``store_instance`` and ``ingest_object`` (held in memory).
     max_instance_size: int = 512 * 1024 * 1024
+    #: Bytes that concurrent ingests may hold in memory at once (about three times each instance's
+    #: size: the original, the sanitised copy, the encrypted copy); ingests beyond it wait.
+    ingest_memory: int = 1024 * 1024 * 1024
     #: Default and largest ``limit`` of a QIDO query.
     default_query_limit: int = 100
     max_query_limit: int = 1000
@@ -132,6 +139,7 @@ class Archive:
         self._extra = qido.resolve_extra_tags(settings.extra_query_tags)
         self._extra_ints = [int(e.tag, 16) for e in self._extra]
         self._limits = qido.QueryLimits(settings.default_query_limit, settings.max_query_limit)
+        self._budget = ByteBudget(settings.ingest_memory)
 
     @classmethod
     async def open(cls, settings: ArchiveSettings) -> Archive:
@@ -139,6 +147,8 @@ class Archive:
         qido.resolve_extra_tags(settings.extra_query_tags)  # bad configuration fails before any connection
         if settings.default_query_limit < 1 or settings.max_query_limit < settings.default_query_limit:
             raise UsageError("query limits: 1 <= default_query_limit <= max_query_limit")
+        if settings.ingest_memory < 1 or settings.max_instance_size < 1:
+            raise UsageError("ingest_memory and max_instance_size must be positive")
         opener = LocationOpener(settings.store_config)
         try:
             location = opener.open(settings.storage_url)
@@ -223,9 +233,10 @@ class Archive:
         check_tenant(tenant)
         if len(data) > self.settings.max_instance_size:
             raise UsageError(f"the instance is larger than {self.settings.max_instance_size} bytes")
-        sanitised, changed = sanitise_preamble(data)
-        parsed = await asyncio.to_thread(parse_instance, sanitised, self._extra_ints)
-        return await self._store_parsed(tenant, sanitised, parsed, changed)
+        async with self._budget.reserve(_INGEST_COPIES * len(data)):
+            sanitised, changed = sanitise_preamble(data)
+            parsed = await asyncio.to_thread(parse_instance, sanitised, self._extra_ints)
+            return await self._store_parsed(tenant, sanitised, parsed, changed)
 
     def _same(self, existing: InstanceRecord, size: int, crc: str, changed: bool) -> StoredInstance:
         if existing.size == size and existing.crc32c == crc:
@@ -326,19 +337,21 @@ class Archive:
             await read_identity_from_store(self.store, full, policy="strict", size=info.size)
         except DicomFormatError as exc:
             raise await self._reject(tenant, staging_key, exc.reason) from None
-        data = bytes(await self.store.get(full))
-        if len(data) != info.size:
-            raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
-        if expected_crc32c is not None and crc32c_hex(data) != expected_crc32c.lower():
-            raise await self._reject(tenant, staging_key, REASON_CHECKSUM_MISMATCH)
-        try:
-            sanitised, changed = sanitise_preamble(data)
-            parsed = await asyncio.to_thread(parse_instance, sanitised, self._extra_ints)
-            stored = await self._store_parsed(tenant, sanitised, parsed, changed)
-        except DicomFormatError as exc:
-            raise await self._reject(tenant, staging_key, exc.reason) from None
-        except ConflictError:
-            raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
+        async with self._budget.reserve(_INGEST_COPIES * info.size):
+            data = bytes(await self.store.get(full))
+            if len(data) != info.size:
+                raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
+            if expected_crc32c is not None and crc32c_hex(data) != expected_crc32c.lower():
+                raise await self._reject(tenant, staging_key, REASON_CHECKSUM_MISMATCH)
+            try:
+                sanitised, changed = sanitise_preamble(data)
+                del data
+                parsed = await asyncio.to_thread(parse_instance, sanitised, self._extra_ints)
+                stored = await self._store_parsed(tenant, sanitised, parsed, changed)
+            except DicomFormatError as exc:
+                raise await self._reject(tenant, staging_key, exc.reason) from None
+            except ConflictError:
+                raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
         await self.store.delete([full])
         return stored
 
@@ -357,6 +370,39 @@ class Archive:
         await self.store.delete([src])
         log.info("upload refused and quarantined: %s", reason)
         return RejectedObjectError(reason, quarantine_key=quarantine_key)
+
+    async def reindex_extra_tags(self, batch: int = 500) -> int:
+        """Fill the configured extra query tags of every stored instance (all tenants) from the
+        sidecars: what to run after adding a tag to ``extra_query_tags``. Returns the number of
+        instances visited. Safe to repeat, and to run while instances are being stored."""
+        tags = [e.tag for e in self._extra]
+        if not tags:
+            return 0
+        visited, after = 0, 0
+        limit = asyncio.Semaphore(16)
+
+        async def values(pk: int, sidecar_key: str) -> tuple[int, list[tuple[str, str, str]]]:
+            async with limit:
+                try:
+                    sidecar = json.loads(await self._get(sidecar_key))
+                except NotFoundError:
+                    return pk, []  # deleted meanwhile
+            found = []
+            for extra in self._extra:
+                element = sidecar.get(extra.tag)
+                text = json_value_text(element) if isinstance(element, dict) else None
+                if text is not None:
+                    found.append((extra.tag, str(element.get("vr", extra.vr)), text))
+            return pk, found
+
+        while True:
+            page = await self._run(partial(index.instance_page, after=after, size=batch))
+            if not page:
+                return visited
+            found = await asyncio.gather(*(values(pk, key) for pk, key in page))
+            await self._run(partial(index.replace_extra_attributes, values=found, tags=tags))
+            visited += len(page)
+            after = page[-1][0]
 
     # -- presigned upload sessions ---------------------------------------------------------
 

@@ -13,7 +13,9 @@ never waits on the database.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,11 +54,21 @@ def engine_url(url: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling is off: SQLAlchemy's "begin" event emits BEGIN
+    # IMMEDIATE instead (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (memory: ignored)
     cursor.execute("PRAGMA foreign_keys=ON")  # cascades from studies to labels etc.
     cursor.execute("PRAGMA busy_timeout=30000")  # writers from other threads wait, not fail
     cursor.execute("PRAGMA case_sensitive_like=ON")  # LIKE as in PostgreSQL: QIDO text matching is exact
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    """Take the write lock when a transaction starts, waiting up to the busy timeout: a deferred
+    transaction that turns into a write while another process commits fails at once instead."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_index_engine(url: str) -> Engine:
@@ -70,9 +82,7 @@ def create_index_engine(url: str) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(full, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        if database not in ("", ":memory:"):
-            with engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(full, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
@@ -108,6 +118,11 @@ class Database:
     def __init__(self, url: str) -> None:
         self.engine = create_index_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time (across processes: BEGIN IMMEDIATE waits for it), and
+        # an in-memory database is one shared connection: units of work on SQLite take turns.
+        self._turns: AbstractContextManager[object] = (
+            threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        )
 
     @classmethod
     async def open(cls, url: str) -> Database:
@@ -124,7 +139,7 @@ class Database:
         (retryable); constraint violations stay sqlalchemy IntegrityError for the caller to judge."""
 
         def unit() -> T:
-            with self.sessions.begin() as session:
+            with self._turns, self.sessions.begin() as session:
                 return work(session)
 
         return _translated(unit)

@@ -138,6 +138,28 @@ def insert_instance(
     return record_of(instance, series, study)
 
 
+def instance_page(session: Session, after: int, size: int) -> list[tuple[int, str]]:
+    """(row id, sidecar key) of up to ``size`` instances with ids above ``after``, every tenant."""
+    query = (
+        select(Instance.id, Instance.sidecar_key).where(Instance.id > after).order_by(Instance.id).limit(size)
+    )
+    return [(pk, key) for pk, key in session.execute(query)]
+
+
+def replace_extra_attributes(
+    session: Session, values: Sequence[tuple[int, Sequence[tuple[str, str, str]]]], tags: Sequence[str]
+) -> None:
+    """Set the configured extra attributes (``tags``) of instances to ``values`` (id, [(tag, vr, value)])."""
+    pks = [pk for pk, _ in values]
+    session.execute(
+        delete(ExtraAttribute).where(ExtraAttribute.instance_pk.in_(pks), ExtraAttribute.tag.in_(tags))
+    )
+    for pk, attributes in values:
+        for tag, vr, value in attributes:
+            session.add(ExtraAttribute(instance_pk=pk, tag=tag, vr=vr, value=value))
+    session.flush()
+
+
 def list_instances(
     session: Session,
     tenant: str,

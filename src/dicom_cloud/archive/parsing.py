@@ -10,7 +10,7 @@ and free of patient data.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Final
@@ -259,3 +259,20 @@ def vr_of(tag: int) -> str:
         return str(dictionary_VR(tag))
     except KeyError:
         return "UN"
+
+
+def json_value_text(element: Mapping[str, Any]) -> str | None:
+    """The text the index keeps for a DICOM JSON element (as :func:`index_attributes` does for a
+    dataset element): values joined by ``\\``, person names by their alphabetic group."""
+    values = element.get("Value")
+    if not isinstance(values, list) or not values:
+        return None
+    parts = []
+    for value in values:
+        if isinstance(value, dict):
+            if "Alphabetic" not in value:
+                return None  # a sequence item: not a single-valued attribute
+            value = value["Alphabetic"]
+        parts.append("" if value is None else str(value))
+    text = "\\".join(parts).strip("\x00 ")
+    return text[:1024] or None
