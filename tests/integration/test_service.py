@@ -162,6 +162,14 @@ def test_dicomweb_client_store_search_retrieve_delete(service: LiveService) -> N
     assert png.startswith(b"\x89PNG")
     jpeg = client.retrieve_instance_rendered(ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID)
     assert jpeg.startswith(b"\xff\xd8")
+    with httpx.Client(headers=auth(service.admin_token), timeout=60) as http:
+        series_rendered = http.get(
+            f"{service.url}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/rendered",
+            headers={"Accept": "multipart/related; type=image/png"},
+        )
+        assert series_rendered.status_code == 200
+        assert series_rendered.headers["content-type"].startswith('multipart/related; type="image/png"')
+        assert b"\x89PNG" in series_rendered.content
 
     client.delete_study(ct.StudyInstanceUID)
     assert {uid(s, STUDY_UID) for s in client.search_for_studies()} == {

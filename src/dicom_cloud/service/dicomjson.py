@@ -74,14 +74,16 @@ def accepted_types(request: Request) -> list[MediaType]:
 
 
 def choose_rendered_type(request: Request) -> str:
-    """image/jpeg (default) or image/png, by Accept; 406 when neither is acceptable."""
+    """image/jpeg (default) or image/png, by Accept; 406 when neither is acceptable. A
+    ``multipart/related`` range counts by its ``type`` (study and series rendered answers)."""
     ranges = accepted_types(request)
     if not ranges:
         return "image/jpeg"
     for media in ranges:
-        if media.value in ("image/jpeg", "image/png"):
-            return media.value
-        if media.value in ("*/*", "image/*"):
+        value = media.params.get("type", "*/*").lower() if media.value == "multipart/related" else media.value
+        if value in ("image/jpeg", "image/png"):
+            return value
+        if value in ("*/*", "image/*"):
             return "image/jpeg"
     raise NotAcceptableError("rendered resources are available as image/jpeg or image/png")
 

@@ -597,6 +597,63 @@ async def study_thumbnail(
     return await _picture(request, principal, archive, study, None, None, thumbnail=True, quality=quality)
 
 
+async def _rendered_many(
+    request: Request, principal: Principal, archive: ArchiveDep, study: str, series: str | None, quality: int
+) -> StreamingResponse:
+    """Every instance's first frame rendered, one part each (PS3.18 study/series rendered)."""
+    principal.require_study(study)
+    media_type = choose_rendered_type(request)
+    records = await archive.instances(principal.tenant, study, series)
+
+    async def render(record: InstanceRecord) -> bytes:
+        try:
+            picture = await archive.rendered(
+                principal.tenant,
+                record.study_instance_uid,
+                record.series_instance_uid,
+                record.sop_instance_uid,
+                media_type=media_type,
+                quality=quality,
+            )
+        except NotSupportedError as exc:
+            raise NotAcceptableError(exc.message, hint=exc.hint) from None
+        return picture.data
+
+    first = await render(records[0])  # errors before the answer starts are clean statuses
+
+    async def parts() -> AsyncIterator[tuple[str, bytes]]:
+        yield media_type, first
+        for record in records[1:]:
+            yield media_type, await render(record)
+
+    boundary = new_boundary()
+    return StreamingResponse(
+        write_related(parts(), boundary), media_type=related_content_type(boundary, media_type)
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/rendered",
+    responses={200: _MULTIPART},
+    summary="WADO-RS: rendered series (each instance's first frame)",
+)
+async def rendered_series(
+    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+) -> StreamingResponse:
+    return await _rendered_many(request, principal, archive, study, series, quality)
+
+
+@router.get(
+    "/studies/{study}/rendered",
+    responses={200: _MULTIPART},
+    summary="WADO-RS: rendered study (each instance's first frame)",
+)
+async def rendered_study(
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+) -> StreamingResponse:
+    return await _rendered_many(request, principal, archive, study, None, quality)
+
+
 # -- DELETE ---------------------------------------------------------------------------------------
 
 
