@@ -61,5 +61,5 @@ def test_no_server_errors(live: LiveService) -> None:
     assert len(statuses) >= 3 * len(operations)
     assert {200, 404} <= set(statuses), sorted(set(statuses))
     print(
-        f"schemathesis: {len(statuses)} requests, {len(operations)} operations, statuses {sorted(set(statuses))}"
+        f"schemathesis: {len(statuses)} requests, {len(operations)} operations, {sorted(set(statuses))}"
     )
