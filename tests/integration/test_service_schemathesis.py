@@ -60,6 +60,4 @@ def test_no_server_errors(live: LiveService) -> None:
     # The run reached the routes' logic, not only validation: successes and not-founds among the answers.
     assert len(statuses) >= 3 * len(operations)
     assert {200, 404} <= set(statuses), sorted(set(statuses))
-    print(
-        f"schemathesis: {len(statuses)} requests, {len(operations)} operations, {sorted(set(statuses))}"
-    )
+    print(f"schemathesis: {len(statuses)} requests, {len(operations)} operations, {sorted(set(statuses))}")
