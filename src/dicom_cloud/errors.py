@@ -19,6 +19,7 @@ in one place.
     ├── UnsafeNameError             exit 9   an object name that would escape its directory
     ├── NotSupportedError           exit 10  the store cannot do this (e.g. sign on file://)
     ├── DicomFormatError            exit 12  not DICOM, or a header malformed beyond the policy
+    │   └── RejectedObjectError     exit 12  an uploaded object refused at ingest (and quarantined)
     ├── TransferFailedError         exit 1   a batch finished with some items failed
     ├── DifferencesFoundError       exit 1   verify found the two trees differ
     ├── JobLockedError              exit 13  the same job is already running
@@ -159,6 +160,21 @@ class DicomFormatError(DicomCloudError):
         super().__init__(message, hint=hint)
         #: A stable reason (``dicom.header.REASON_*``): safe to log, free of patient data.
         self.reason = reason
+
+
+class RejectedObjectError(DicomFormatError):
+    """An object uploaded for ingest was refused: not DICOM, wrong size or checksum, missing.
+
+    ``reason`` is stable and free of patient data; ``quarantine_key`` tells where the refused
+    object was moved for inspection (None when there was nothing to move).
+    """
+
+    exit_code = 12
+    http_status = 422
+
+    def __init__(self, reason: str, *, quarantine_key: str | None = None, hint: str | None = None) -> None:
+        super().__init__(reason, hint=hint)
+        self.quarantine_key = quarantine_key
 
 
 class TransferFailedError(DicomCloudError):

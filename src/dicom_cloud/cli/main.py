@@ -29,6 +29,7 @@ from ..transfer import (
     DEFAULT_PART_SIZE,
     TransferSummary,
 )
+from . import serve as serve_commands
 from .jobs import add_job_commands, add_journal_option, job_request
 from .options import (
     client_encryption,
@@ -678,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(sub)
     _output_options(sub)
 
+    serve_commands.register(add)  # dicom-cloud serve, dicom-cloud token (the service's commands)
     add("version", "Print the version.", "  dicom-cloud version", _version)
 
     from .orthanc import add_parser as add_orthanc_parser  # the Orthanc plugin's configuration

@@ -1,0 +1,50 @@
+"""The DICOM archive core: ingest, index, query, retrieve, render and delete instances, plus the
+service's own records (API tokens, share links, upload sessions). No HTTP here: the service
+parses requests, calls :class:`Archive`, and renders what it returns.
+"""
+
+from __future__ import annotations
+
+from .core import Archive, ArchiveSettings, QueryParams
+from .records import (
+    SCOPES,
+    AcceptedFile,
+    ApiToken,
+    DeclaredFile,
+    DeleteResult,
+    DicomJson,
+    Frames,
+    InstanceRecord,
+    RejectedFile,
+    Rendered,
+    Scope,
+    ShareLink,
+    StoredInstance,
+    StudyLabels,
+    UploadOutcome,
+    UploadSession,
+    UploadState,
+)
+
+__all__ = [
+    "SCOPES",
+    "AcceptedFile",
+    "ApiToken",
+    "Archive",
+    "ArchiveSettings",
+    "DeclaredFile",
+    "DeleteResult",
+    "DicomJson",
+    "Frames",
+    "InstanceRecord",
+    "QueryParams",
+    "RejectedFile",
+    "Rendered",
+    "Scope",
+    "ShareLink",
+    "StoredInstance",
+    "StudyLabels",
+    "UploadOutcome",
+    "UploadSession",
+    "UploadState",
+]

@@ -1,0 +1,152 @@
+"""The index database: one SQLAlchemy engine per archive, the schema brought up by Alembic at open.
+
+URLs: ``sqlite:///relative/or/absolute/path.db`` (the embedded default), ``sqlite://`` (in
+memory, tests), ``postgresql://user:password@host:port/db`` (``postgres://`` too; psycopg 3 is
+always the driver). Several service instances may open the same PostgreSQL database at once:
+migrations run under an advisory lock, so exactly one of them upgrades the schema.
+
+The ORM is synchronous; :meth:`Database.run` runs one unit of work (a function of a session,
+committed when it returns, rolled back when it raises) in a worker thread, so the event loop
+never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from ..errors import NetworkError, UsageError
+
+T = TypeVar("T")
+
+#: Arbitrary, fixed: the advisory lock id taken while migrating a PostgreSQL index.
+_MIGRATION_LOCK_ID = 0x0D1C0C10
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def engine_url(url: str) -> str:
+    """``url`` with the driver this project uses (psycopg 3 for PostgreSQL). UsageError when
+    the URL is not SQLite or PostgreSQL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(
+            "the database URL is not valid", hint="use sqlite:///path/index.db or postgresql://user@host/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite").render_as_string(hide_password=False)
+    raise UsageError(
+        f"unsupported database '{backend}'", hint="use sqlite:///path/index.db or postgresql://user@host/db"
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling is off: SQLAlchemy's "begin" event emits BEGIN
+    # IMMEDIATE instead (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (memory: ignored)
+    cursor.execute("PRAGMA foreign_keys=ON")  # cascades from studies to labels etc.
+    cursor.execute("PRAGMA busy_timeout=30000")  # writers from other threads wait, not fail
+    cursor.execute("PRAGMA case_sensitive_like=ON")  # LIKE as in PostgreSQL: QIDO text matching is exact
+    cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    """Take the write lock when a transaction starts, waiting up to the busy timeout: a deferred
+    transaction that turns into a write while another process commits fails at once instead."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_index_engine(url: str) -> Engine:
+    full = engine_url(url)
+    parsed = make_url(full)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            engine = create_engine(full, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+        else:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(full, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(full, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the schema to the newest migration (Alembic, no alembic.ini needed)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def _translated(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except (OperationalError, InterfaceError) as exc:
+        # The driver's message may hold the host, user or password of the URL: not repeated.
+        raise NetworkError(
+            "the index database is unreachable or failed",
+            hint="check the database URL, that the server runs, and its logs",
+        ) from exc
+
+
+class Database:
+    """The index: an engine, a session factory, and a way to run work off the event loop."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_index_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time (across processes: BEGIN IMMEDIATE waits for it), and
+        # an in-memory database is one shared connection: units of work on SQLite take turns.
+        self._turns: AbstractContextManager[object] = (
+            threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        )
+
+    @classmethod
+    async def open(cls, url: str) -> Database:
+        db = cls(url)
+        try:
+            await asyncio.to_thread(_translated, upgrade_schema, db.engine)
+        except BaseException:
+            db.engine.dispose()
+            raise
+        return db
+
+    def run_sync(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)`` in one transaction. Connection failures become NetworkError
+        (retryable); constraint violations stay sqlalchemy IntegrityError for the caller to judge."""
+
+        def unit() -> T:
+            with self._turns, self.sessions.begin() as session:
+                return work(session)
+
+        return _translated(unit)
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)`` in a worker thread, in one transaction."""
+        return await asyncio.to_thread(self.run_sync, work)
+
+    def close(self) -> None:
+        self.engine.dispose()

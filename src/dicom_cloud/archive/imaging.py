@@ -1,0 +1,155 @@
+"""Pixel data out of an instance: raw frames (WADO-RS ``/frames``) and consumer pictures
+(``/rendered``, ``/thumbnail``: JPEG or PNG).
+
+Decoding goes through pydicom's pixel handlers with the pylibjpeg plugins (JPEG baseline,
+extended and lossless, JPEG-LS, JPEG 2000, RLE). Rendering applies, in order: the modality LUT
+(rescale slope/intercept), the first VOI window of the instance (or the frame's full range when
+it has none), a min/max stretch to 8 bits, and inversion of MONOCHROME1; colour images are
+converted to RGB (palette colour through its LUT). These are CPU-bound: callers run them in a
+worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import suppress
+from io import BytesIO
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import UID
+
+from ..errors import DicomFormatError, NotFoundError, NotSupportedError, UsageError
+
+MediaType = Literal["image/jpeg", "image/png"]
+MEDIA_TYPES: Final[tuple[MediaType, ...]] = ("image/jpeg", "image/png")
+_EXPLICIT_LE: Final = "1.2.840.10008.1.2.1"
+
+
+def _dataset(data: bytes) -> Dataset:
+    try:
+        return dcmread(BytesIO(data))
+    except Exception as exc:
+        raise DicomFormatError("unreadable instance", detail=type(exc).__name__) from None
+
+
+def frame_count(ds: Dataset) -> int:
+    try:
+        return max(int(ds.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _check_numbers(numbers: Sequence[int], count: int) -> None:
+    if not numbers:
+        raise UsageError("no frame number given")
+    for n in numbers:
+        if not 1 <= n <= count:
+            raise UsageError(f"frame {n} does not exist: the instance has {count} frame(s)")
+
+
+def extract_frames(data: bytes, numbers: Sequence[int]) -> tuple[str, list[bytes], bool]:
+    """(transfer syntax, frames, encapsulated) for the 1-based frame ``numbers`` of an instance."""
+    ds = _dataset(data)
+    if "PixelData" not in ds:
+        raise NotFoundError("the instance has no pixel data")
+    count = frame_count(ds)
+    _check_numbers(numbers, count)
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", _EXPLICIT_LE)))
+    pixel_data: bytes = ds.PixelData
+    if syntax.is_encapsulated:
+        frames = list(generate_frames(pixel_data, number_of_frames=count))
+        return str(syntax), [frames[n - 1] for n in numbers], True
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.BitsAllocated)
+    if (rows * columns * samples * bits) % 8:
+        raise NotSupportedError("frames of bit-packed pixel data that are not byte aligned")
+    length = rows * columns * samples * bits // 8
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        length = length * 2 // 3  # two chroma samples shared by each pair of pixels
+    frames = [pixel_data[(n - 1) * length : n * length] for n in numbers]
+    if any(len(f) != length for f in frames):
+        raise DicomFormatError("truncated in the pixel data")
+    # Native data of a little-endian (or deflated) syntax reads as Explicit VR Little Endian.
+    out_syntax = str(syntax) if syntax == "1.2.840.10008.1.2.2" else _EXPLICIT_LE
+    return out_syntax, frames, False
+
+
+def element_bytes(data: bytes, tag: int) -> bytes | None:
+    """The raw value of a top-level element of an instance (bulk data retrieval); None if absent."""
+    ds = _dataset(data)
+    if tag not in ds:
+        return None
+    value = ds[tag].value
+    if isinstance(value, bytes):
+        return value
+    raise UsageError("the element is not bulk data (its value is in the metadata)")
+
+
+def _to_uint8(arr: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    arr = arr.astype(np.float64)
+    low, high = float(arr.min()), float(arr.max())
+    if high <= low:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return ((arr - low) * (255.0 / (high - low))).round().clip(0, 255).astype(np.uint8)
+
+
+def _frame_pixels(ds: Dataset, index: int) -> npt.NDArray[np.uint8]:
+    from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.utils import pixel_array
+
+    try:
+        arr = pixel_array(ds, index=index)
+    except NotImplementedError as exc:
+        raise NotSupportedError(
+            f"cannot decode pixel data in transfer syntax {ds.file_meta.get('TransferSyntaxUID')}"
+        ) from exc
+    except Exception as exc:
+        raise DicomFormatError("undecodable pixel data", detail=type(exc).__name__) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "PALETTE COLOR":
+        return _to_uint8(apply_color_lut(arr, ds))
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour, already RGB (pydicom converts YBR)
+        return arr[..., :3].astype(np.uint8) if arr.dtype == np.uint8 else _to_uint8(arr[..., :3])
+    if arr.ndim != 2:
+        raise NotSupportedError(f"cannot render pixel data of shape {arr.shape}")
+    values = apply_modality_lut(arr, ds)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        with suppress(Exception):  # a malformed window: fall back to the full range
+            values = apply_voi_lut(values, ds, index=0)
+    out = _to_uint8(values)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def render_frame(
+    data: bytes, frame: int, media_type: str, *, max_size: int | None = None, quality: int = 90
+) -> tuple[bytes, int, int]:
+    """(picture bytes, width, height) of frame ``frame`` (1-based); ``max_size`` bounds the
+    longer side (thumbnails)."""
+    from PIL import Image
+
+    if media_type not in MEDIA_TYPES:
+        raise NotSupportedError(f"cannot render as '{media_type}'", hint="ask for image/jpeg or image/png")
+    if not 1 <= quality <= 100:
+        raise UsageError("quality must be between 1 and 100")
+    ds = _dataset(data)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise NotFoundError("the instance has no pixel data")
+    _check_numbers([frame], frame_count(ds))
+    pixels = _frame_pixels(ds, frame - 1)
+    image = Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L")
+    if max_size is not None:
+        image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+    out = BytesIO()
+    if media_type == "image/jpeg":
+        image.save(out, format="JPEG", quality=quality)
+    else:
+        image.save(out, format="PNG", optimize=False)
+    return out.getvalue(), image.width, image.height

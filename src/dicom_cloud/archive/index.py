@@ -1,0 +1,304 @@
+"""Index rows of instances: insert one (creating its patient, study and series rows), look them
+up, delete them, and the user labels of studies. Functions of a session, run by ``Database.run``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, exists, func, select
+from sqlalchemy.orm import Session
+
+from ..errors import ConflictError, NotFoundError, UsageError
+from .models import ExtraAttribute, Instance, Patient, Series, Study, StudyLabel
+from .parsing import IndexedAttributes
+from .records import InstanceRecord, StudyLabels
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (SQLite hands back naive ones)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def record_of(instance: Instance, series: Series, study: Study) -> InstanceRecord:
+    return InstanceRecord(
+        tenant=instance.tenant,
+        study_instance_uid=study.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        sop_instance_uid=instance.sop_instance_uid,
+        sop_class_uid=instance.sop_class_uid,
+        transfer_syntax_uid=instance.transfer_syntax_uid,
+        number_of_frames=instance.number_of_frames,
+        rows=instance.rows,
+        columns=instance.columns,
+        object_key=instance.object_key,
+        sidecar_key=instance.sidecar_key,
+        size=instance.size,
+        crc32c=instance.crc32c,
+        encrypted=instance.encrypted,
+        created=utc(instance.created),
+    )
+
+
+def find_instance(session: Session, tenant: str, sop_instance_uid: str) -> InstanceRecord | None:
+    row = session.execute(
+        select(Instance, Series, Study)
+        .join(Series, Series.id == Instance.series_pk)
+        .join(Study, Study.id == Series.study_pk)
+        .where(Instance.tenant == tenant, Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+    return record_of(*row) if row else None
+
+
+def insert_instance(
+    session: Session,
+    tenant: str,
+    attrs: IndexedAttributes,
+    *,
+    object_key: str,
+    sidecar_key: str,
+    size: int,
+    crc32c: str,
+    encrypted: bool,
+) -> InstanceRecord:
+    """Insert the instance row and any missing patient, study and series rows above it.
+
+    A series already filed under another study is ConflictError (its UIDs are inconsistent).
+    Races with another writer surface as sqlalchemy's IntegrityError: the caller retries.
+    """
+    now = datetime.now(UTC)
+    patient = session.scalar(
+        select(Patient).where(Patient.tenant == tenant, Patient.patient_id == attrs.patient_id)
+    )
+    if patient is None:
+        patient = Patient(tenant=tenant, patient_id=attrs.patient_id)
+        session.add(patient)
+    for name in ("patient_name", "patient_birth_date", "patient_sex"):
+        if getattr(attrs, name) is not None:
+            setattr(patient, name, getattr(attrs, name))
+    session.flush()
+
+    study = session.scalar(
+        select(Study).where(Study.tenant == tenant, Study.study_instance_uid == attrs.study_instance_uid)
+    )
+    if study is None:
+        study = Study(
+            tenant=tenant, patient_pk=patient.id, study_instance_uid=attrs.study_instance_uid, created=now
+        )
+        session.add(study)
+    for name in (
+        "study_date",
+        "study_time",
+        "accession_number",
+        "study_description",
+        "referring_physician_name",
+        "study_id",
+    ):
+        if getattr(study, name) is None and getattr(attrs, name) is not None:
+            setattr(study, name, getattr(attrs, name))
+    session.flush()
+
+    series = session.scalar(
+        select(Series).where(Series.tenant == tenant, Series.series_instance_uid == attrs.series_instance_uid)
+    )
+    if series is None:
+        series = Series(tenant=tenant, study_pk=study.id, series_instance_uid=attrs.series_instance_uid)
+        session.add(series)
+    elif series.study_pk != study.id:
+        raise ConflictError("the series of this instance is already filed under another study")
+    for name in ("modality", "series_number", "series_description"):
+        if getattr(series, name) is None and getattr(attrs, name) is not None:
+            setattr(series, name, getattr(attrs, name))
+    session.flush()
+
+    instance = Instance(
+        tenant=tenant,
+        series_pk=series.id,
+        sop_instance_uid=attrs.sop_instance_uid,
+        sop_class_uid=attrs.sop_class_uid,
+        instance_number=attrs.instance_number,
+        transfer_syntax_uid=attrs.transfer_syntax_uid,
+        number_of_frames=attrs.number_of_frames,
+        rows=attrs.rows,
+        columns=attrs.columns,
+        bits_allocated=attrs.bits_allocated,
+        object_key=object_key,
+        sidecar_key=sidecar_key,
+        size=size,
+        crc32c=crc32c,
+        encrypted=encrypted,
+        created=now,
+    )
+    session.add(instance)
+    session.flush()
+    for tag, vr, value in attrs.extra:
+        session.add(ExtraAttribute(instance_pk=instance.id, tag=tag, vr=vr, value=value))
+    session.flush()
+    return record_of(instance, series, study)
+
+
+def instance_page(session: Session, after: int, size: int) -> list[tuple[int, str]]:
+    """(row id, sidecar key) of up to ``size`` instances with ids above ``after``, every tenant."""
+    query = (
+        select(Instance.id, Instance.sidecar_key).where(Instance.id > after).order_by(Instance.id).limit(size)
+    )
+    return [(pk, key) for pk, key in session.execute(query)]
+
+
+def replace_extra_attributes(
+    session: Session, values: Sequence[tuple[int, Sequence[tuple[str, str, str]]]], tags: Sequence[str]
+) -> None:
+    """Set the configured extra attributes (``tags``) of instances to ``values`` (id, [(tag, vr, value)])."""
+    pks = [pk for pk, _ in values]
+    session.execute(
+        delete(ExtraAttribute).where(ExtraAttribute.instance_pk.in_(pks), ExtraAttribute.tag.in_(tags))
+    )
+    for pk, attributes in values:
+        for tag, vr, value in attributes:
+            session.add(ExtraAttribute(instance_pk=pk, tag=tag, vr=vr, value=value))
+    session.flush()
+
+
+def list_instances(
+    session: Session,
+    tenant: str,
+    study_instance_uid: str,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> list[InstanceRecord]:
+    query = (
+        select(Instance, Series, Study)
+        .join(Series, Series.id == Instance.series_pk)
+        .join(Study, Study.id == Series.study_pk)
+        .where(Instance.tenant == tenant, Study.study_instance_uid == study_instance_uid)
+    )
+    if series_instance_uid is not None:
+        query = query.where(Series.series_instance_uid == series_instance_uid)
+    if sop_instance_uid is not None:
+        query = query.where(Instance.sop_instance_uid == sop_instance_uid)
+    query = query.order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+    return [record_of(*row) for row in session.execute(query)]
+
+
+def _what(series_instance_uid: str | None, sop_instance_uid: str | None) -> str:
+    return "instance" if sop_instance_uid else "series" if series_instance_uid else "study"
+
+
+def require_instances(
+    session: Session,
+    tenant: str,
+    study_instance_uid: str,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> list[InstanceRecord]:
+    """As :func:`list_instances`; NotFoundError when there are none."""
+    found = list_instances(session, tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
+    if not found:
+        raise NotFoundError(f"no such {_what(series_instance_uid, sop_instance_uid)}")
+    return found
+
+
+def delete_instances(
+    session: Session,
+    tenant: str,
+    study_instance_uid: str,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> tuple[list[InstanceRecord], int, int]:
+    """Delete the rows of a study, series or instance, and the series, study and patient rows
+    left empty. Returns the deleted instances and the counts of deleted series and studies."""
+    records = require_instances(session, tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
+    uids = [r.sop_instance_uid for r in records]
+    instance_pks = list(
+        session.scalars(
+            select(Instance.id).where(Instance.tenant == tenant, Instance.sop_instance_uid.in_(uids))
+        )
+    )
+    series_pks = set(session.scalars(select(Instance.series_pk).where(Instance.id.in_(instance_pks))))
+    session.execute(delete(ExtraAttribute).where(ExtraAttribute.instance_pk.in_(instance_pks)))
+    session.execute(delete(Instance).where(Instance.id.in_(instance_pks)))
+    empty_series = list(
+        session.scalars(
+            select(Series.id).where(
+                Series.id.in_(series_pks), ~exists().where(Instance.series_pk == Series.id)
+            )
+        )
+    )
+    study_pks = set(session.scalars(select(Series.study_pk).where(Series.id.in_(series_pks))))
+    session.execute(delete(Series).where(Series.id.in_(empty_series)))
+    empty_studies = list(
+        session.scalars(
+            select(Study.id).where(Study.id.in_(study_pks), ~exists().where(Series.study_pk == Study.id))
+        )
+    )
+    patient_pks = set(session.scalars(select(Study.patient_pk).where(Study.id.in_(empty_studies))))
+    session.execute(delete(StudyLabel).where(StudyLabel.study_pk.in_(empty_studies)))
+    session.execute(delete(Study).where(Study.id.in_(empty_studies)))
+    session.execute(
+        delete(Patient).where(Patient.id.in_(patient_pks), ~exists().where(Study.patient_pk == Patient.id))
+    )
+    return records, len(empty_series), len(empty_studies)
+
+
+def _study(session: Session, tenant: str, study_instance_uid: str) -> Study:
+    study = session.scalar(
+        select(Study).where(Study.tenant == tenant, Study.study_instance_uid == study_instance_uid)
+    )
+    if study is None:
+        raise NotFoundError("no such study")
+    return study
+
+
+def study_exists(session: Session, tenant: str, study_instance_uid: str) -> bool:
+    return (
+        session.scalar(
+            select(func.count(Study.id)).where(
+                Study.tenant == tenant, Study.study_instance_uid == study_instance_uid
+            )
+        )
+        != 0
+    )
+
+
+def get_labels(session: Session, tenant: str, study_instance_uid: str) -> StudyLabels:
+    study = _study(session, tenant, study_instance_uid)
+    tags = session.scalars(
+        select(StudyLabel.label).where(StudyLabel.study_pk == study.id).order_by(StudyLabel.label)
+    )
+    return StudyLabels(study_instance_uid, tuple(tags), study.label_description)
+
+
+_MAX_LABELS = 100
+_MAX_LABEL = 64
+_MAX_DESCRIPTION = 10_000
+
+
+def set_labels(
+    session: Session,
+    tenant: str,
+    study_instance_uid: str,
+    tags: Sequence[str] | None,
+    description: str | None,
+) -> StudyLabels:
+    study = _study(session, tenant, study_instance_uid)
+    if tags is not None:
+        if isinstance(tags, str):
+            raise UsageError("labels are a list of strings")
+        cleaned = sorted({t.strip() for t in tags if t.strip()})
+        if len(cleaned) > _MAX_LABELS:
+            raise UsageError(f"a study has at most {_MAX_LABELS} labels")
+        for tag in cleaned:
+            if len(tag) > _MAX_LABEL or "," in tag or any(ord(c) < 32 for c in tag):
+                raise UsageError(
+                    f"a label has at most {_MAX_LABEL} characters, no comma, no control character"
+                )
+        session.execute(delete(StudyLabel).where(StudyLabel.study_pk == study.id))
+        for tag in cleaned:
+            session.add(StudyLabel(study_pk=study.id, label=tag))
+    if description is not None:
+        if len(description) > _MAX_DESCRIPTION:
+            raise UsageError(f"a description has at most {_MAX_DESCRIPTION} characters")
+        study.label_description = description or None
+    session.flush()
+    return get_labels(session, tenant, study_instance_uid)

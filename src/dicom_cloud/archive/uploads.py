@@ -1,0 +1,160 @@
+"""Presigned upload sessions: the files a client declared, the staging key each one goes to, and
+the state of the session (pending → completing → completed; or expired)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ..errors import NotFoundError, UsageError
+from .bucket import BucketLayout
+from .index import utc
+from .models import UploadSessionRow
+from .records import DeclaredFile, UploadSession, UploadState
+
+MAX_FILES: Final = 1000
+MAX_LIFETIME: Final = timedelta(days=7)
+_STATES: Final = ("pending", "completing", "completed", "expired")
+_CRC: Final = re.compile(r"[0-9a-f]{8}")
+
+
+def _session(row: UploadSessionRow) -> UploadSession:
+    files = tuple(
+        DeclaredFile(str(f["name"]), int(str(f["size"])), str(f["crc32c"]) if f.get("crc32c") else None)
+        for f in row.files
+    )
+    return UploadSession(
+        id=row.id,
+        tenant=row.tenant,
+        files=files,
+        staging_keys=tuple(row.staging_keys),
+        state=row.state,  # type: ignore[arg-type]
+        created=utc(row.created),
+        expires=utc(row.expires),
+        result=row.result,
+    )
+
+
+def check_files(files: Sequence[DeclaredFile], max_size: int) -> list[DeclaredFile]:
+    if not files:
+        raise UsageError("an upload declares at least one file")
+    if len(files) > MAX_FILES:
+        raise UsageError(
+            f"an upload declares at most {MAX_FILES} files", hint="split it into several uploads"
+        )
+    out = []
+    for i, f in enumerate(files):
+        if not isinstance(f.size, int) or not 0 < f.size <= max_size:
+            raise UsageError(f"file {i}: size must be between 1 and {max_size} bytes")
+        if not f.name or len(f.name) > 1024:
+            raise UsageError(f"file {i}: name must have 1 to 1024 characters")
+        crc = f.crc32c.lower() if f.crc32c else None
+        if crc is not None and not _CRC.fullmatch(crc):
+            raise UsageError(f"file {i}: crc32c must be 8 hex digits")
+        out.append(DeclaredFile(f.name, f.size, crc))
+    return out
+
+
+def create(
+    session: Session,
+    tenant: str,
+    files: Sequence[DeclaredFile],
+    expires_in: timedelta,
+    max_size: int,
+) -> UploadSession:
+    if not timedelta(0) < expires_in <= MAX_LIFETIME:
+        raise UsageError("an upload session lasts more than 0 seconds and at most 7 days")
+    checked = check_files(files, max_size)
+    session_id = secrets.token_hex(16)
+    now = datetime.now(UTC)
+    row = UploadSessionRow(
+        id=session_id,
+        tenant=tenant,
+        files=[{"name": f.name, "size": f.size, "crc32c": f.crc32c} for f in checked],
+        staging_keys=[BucketLayout.staging_key(tenant, session_id, i) for i in range(len(checked))],
+        state="pending",
+        created=now,
+        expires=now + expires_in,
+        result=None,
+    )
+    session.add(row)
+    session.flush()
+    return _session(row)
+
+
+def _row(session: Session, tenant: str, session_id: str) -> UploadSessionRow:
+    row = session.scalar(
+        select(UploadSessionRow).where(UploadSessionRow.tenant == tenant, UploadSessionRow.id == session_id)
+    )
+    if row is None:
+        raise NotFoundError("no such upload session")
+    return row
+
+
+def get(session: Session, tenant: str, session_id: str) -> UploadSession:
+    return _session(_row(session, tenant, session_id))
+
+
+def set_state(
+    session: Session,
+    tenant: str,
+    session_id: str,
+    state: UploadState,
+    result: Mapping[str, Any] | None = None,
+) -> UploadSession:
+    if state not in _STATES:
+        raise UsageError(f"unknown upload state '{state}'")
+    row = _row(session, tenant, session_id)
+    row.state = state
+    if result is not None:
+        row.result = dict(result)
+    session.flush()
+    return _session(row)
+
+
+def claim(session: Session, tenant: str, session_id: str, now: datetime) -> tuple[UploadSession, bool]:
+    """Move a pending, unexpired session to ``completing``, atomically (one conditional UPDATE, so
+    two service instances completing the same session at once cannot both win).
+
+    Returns the session and whether this caller claimed it. An expired pending session is marked
+    ``expired`` and returned unclaimed, as is a session already completing or completed.
+    """
+    owned = (UploadSessionRow.tenant == tenant, UploadSessionRow.id == session_id)
+    claimed = session.execute(
+        update(UploadSessionRow)
+        .where(*owned, UploadSessionRow.state == "pending", UploadSessionRow.expires > now)
+        .values(state="completing")
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount == 1:  # type: ignore[attr-defined]
+        return get(session, tenant, session_id), True
+    session.execute(
+        update(UploadSessionRow)
+        .where(*owned, UploadSessionRow.state == "pending", UploadSessionRow.expires <= now)
+        .values(state="expired")
+        .execution_options(synchronize_session=False)
+    )
+    session.expire_all()
+    return get(session, tenant, session_id), False
+
+
+def expire_due(session: Session, now: datetime, limit: int = 100) -> list[UploadSession]:
+    """Mark pending sessions past their deadline ``expired`` (any tenant); returns them."""
+    rows = list(
+        session.scalars(
+            select(UploadSessionRow)
+            .where(UploadSessionRow.state == "pending", UploadSessionRow.expires <= now)
+            .order_by(UploadSessionRow.expires)
+            .limit(limit)
+        )
+    )
+    for row in rows:
+        row.state = "expired"
+    session.flush()
+    return [_session(r) for r in rows]

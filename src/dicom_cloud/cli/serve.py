@@ -1,0 +1,143 @@
+"""``dicom-cloud serve`` (the DICOMweb service under uvicorn) and ``dicom-cloud token create``.
+
+Both read the service settings the same way: flags > ``DICOM_CLOUD_SERVICE_*`` environment >
+config file (``--config``) > defaults. With no settings at all, ``serve`` keeps objects and a SQLite
+index under the data directory, and on first start prints an admin API token once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UsageError
+
+#: Flags shared by both commands: (flag, settings field, help).
+_SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--config", "", "TOML config file (keys as in docs/service.md; default $DICOM_CLOUD_SERVICE_CONFIG)"),
+    ("--data-dir", "data_dir", "directory of the embedded default storage and index"),
+    (
+        "--storage",
+        "storage",
+        "object storage of the archive: s3://bucket/prefix, gs://..., azure://..., path",
+    ),
+    ("--database", "database", "index database URL: postgresql://user@host/db or sqlite:///path"),
+    ("--query-tags", "query_tags", "extra DICOM attributes to index for searches, comma-separated"),
+)
+
+
+def _add_setting_flags(sub: argparse.ArgumentParser) -> None:
+    for flag, _, text in _SETTING_FLAGS:
+        sub.add_argument(flag, help=text)
+
+
+def _flags(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    values = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in _SETTING_FLAGS if field}
+    values.update(extra)
+    return values
+
+
+def register(add: Callable[..., Any]) -> None:
+    """Add the commands to the CLI (``add`` is ``build_parser``'s helper)."""
+    sub = add(
+        "serve",
+        "Run the DICOMweb service (STOW/QIDO/WADO, uploads, share links). With no settings it\n"
+        "keeps objects and a SQLite index under the data directory and prints an admin token on\n"
+        "first start. OpenAPI docs at /docs.",
+        "  dicom-cloud serve\n"
+        "  dicom-cloud serve --port 8080 --public-url https://pacs.example.org\n"
+        "  dicom-cloud serve --storage s3://archive/dicom --database postgresql://svc@db/dicom\n"
+        "  DICOM_CLOUD_SERVICE_OIDC_ISSUER=https://login.example.org dicom-cloud serve --config service.toml",
+        _serve,
+    )
+    _add_setting_flags(sub)
+    sub.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    sub.add_argument("--port", type=int, help="port to listen on (default 8042)")
+    sub.add_argument("--public-url", help="URL clients reach the service at (goes into links)")
+    sub.add_argument(
+        "--environment", choices=["development", "production"], help="production refuses unsafe settings"
+    )
+    sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    sub = add(
+        "token",
+        "Create an API token directly in the index (for a new tenant, or when no admin token is left).\n"
+        "The token is printed once; only its hash is kept.",
+        "  dicom-cloud token create --tenant hospital-a --scopes admin --name 'ops'\n"
+        "  dicom-cloud token create --tenant hospital-a --scopes read --database postgresql://svc@db/dicom",
+        _token,
+    )
+    sub.add_argument("action", choices=["create"])
+    sub.add_argument("--tenant", required=True)
+    sub.add_argument("--scopes", default="read", help="comma-separated: read, write, admin (default read)")
+    sub.add_argument("--name", default="cli", help="what the token is for")
+    sub.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_setting_flags(sub)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..service.app import create_app
+    from ..service.observability import setup_json_logging
+    from ..service.settings import load_settings
+
+    settings = load_settings(
+        _flags(
+            args,
+            {
+                "host": args.host,
+                "port": args.port,
+                "public_url": args.public_url,
+                "environment": args.environment,
+                "log_level": args.log_level,
+            },
+        ),
+        config_file=args.config,
+    )
+    if settings.storage is None or settings.database is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    setup_json_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+    )
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from ..archive import SCOPES, Archive
+    from ..service.app import archive_settings
+    from ..service.settings import load_settings
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise UsageError(
+            f"unknown scope(s): {', '.join(unknown) or 'none given'}", hint="use read, write, admin"
+        )
+    settings = load_settings(_flags(args, {}), config_file=args.config)
+    if settings.storage is None or settings.database is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def create() -> tuple[str, Any]:
+        async with await Archive.open(archive_settings(settings)) as archive:
+            return await archive.create_token(args.tenant, args.name, scopes)
+
+    secret, record = asyncio.run(create())
+    if args.json:
+        print(
+            json.dumps(
+                {"id": record.id, "tenant": record.tenant, "scopes": list(record.scopes), "token": secret}
+            )
+        )
+    else:
+        print(secret)
+    return 0

@@ -1,0 +1,167 @@
+"""The app factory: settings + archive -> a FastAPI application.
+
+``create_app(settings)`` opens the archive named by the settings when the app starts and closes it
+when it stops; tests pass an archive they opened themselves. Everything else is wiring: routers,
+error handlers, CORS, the access log and metrics middleware, the bearer authenticator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from .. import __version__
+from ..archive import Archive, ArchiveSettings
+from ..crypto.envelope import ClientEncryption
+from ..crypto.keysource import load_keys
+from ..errors import UsageError
+from .auth import Authenticator, OidcVerifier
+from .deps import secret_resolver
+from .handlers import install_error_handlers
+from .observability import AccessLogMiddleware, Metrics
+from .presign import S3PutSigner
+from .routes import dicomweb, health, labels, shares, tokens, uploads
+from .settings import ServiceSettings
+
+log = logging.getLogger("dicom_cloud.service")
+
+DESCRIPTION = """\
+DICOMweb (STOW-RS, QIDO-RS, WADO-RS, DELETE) over object storage, with direct presigned uploads,
+study labels, share links and API tokens. Every route except `/healthz` needs
+`Authorization: Bearer <API token | share-link token | OIDC JWT>`.
+"""
+
+
+def archive_settings(settings: ServiceSettings) -> ArchiveSettings:
+    return ArchiveSettings(
+        storage_url=settings.storage_url,
+        database_url=settings.database_url,
+        encryption=encryption(settings),
+        extra_query_tags=settings.query_tags,
+        max_instance_size=settings.upload_max_bytes,
+    )
+
+
+def encryption(settings: ServiceSettings) -> ClientEncryption | None:
+    """Master keys (settings, then DICOM_CLOUD_MASTER_KEY, then the CLI's config file) and whether
+    to encrypt what is written. Keys without ``encrypt`` still decrypt objects written encrypted."""
+    keys = load_keys(settings.master_key, settings.previous_keys)
+    if settings.encrypt and keys.ring is None:
+        raise UsageError(
+            "encrypt needs a master key",
+            hint="set master_key = 'ID:PATH' or DICOM_CLOUD_MASTER_KEY (make one: openssl rand -base64 32)",
+        )
+    if keys.ring is None:
+        return None
+    return ClientEncryption(
+        ring=keys.ring, encrypt_as=settings.encryption_format if settings.encrypt else None
+    )
+
+
+async def bootstrap_admin(
+    archive: Archive, settings: ServiceSettings, announce: Callable[[str], None] | None = None
+) -> str | None:
+    """On first start (no token ever made for the bootstrap tenant) make an admin token and show
+    it once. Returns the token, or None when tokens exist already."""
+    if not settings.bootstrap_admin or await archive.list_tokens(settings.bootstrap_tenant):
+        return None
+    secret, record = await archive.create_token(settings.bootstrap_tenant, "bootstrap admin", ["admin"])
+    log.info("bootstrap.token_created", extra={"tenant": record.tenant, "token_id": record.id})
+    (announce or _print_once)(secret)
+    return secret
+
+
+def _print_once(secret: str) -> None:
+    # Printed, not logged: logs are shipped and kept; this line is for the operator's terminal.
+    print(
+        "\n  First start: an admin API token was created. It is shown only this once:\n\n"
+        f"    {secret}\n\n  Send it as 'Authorization: Bearer <token>'; POST /tokens makes more.\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+#: Seconds between two sweeps of expired upload sessions (any instance may sweep; it is idempotent).
+UPLOAD_SWEEP_INTERVAL = 600.0
+
+
+async def _sweep_uploads(archive: Archive) -> None:
+    """Expire pending upload sessions past their deadline and remove their staged objects."""
+    while True:
+        try:
+            expired = await archive.expire_uploads()
+            if expired:
+                log.info("uploads.expired", extra={"sessions": expired})
+        except Exception as exc:  # a failed sweep is retried at the next interval
+            log.warning("uploads.sweep_failed", extra={"error": type(exc).__name__})
+        await asyncio.sleep(UPLOAD_SWEEP_INTERVAL)
+
+
+def create_app(
+    settings: ServiceSettings,
+    archive: Archive | None = None,
+    *,
+    announce_token: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The service. With ``archive`` None, the archive is opened from ``settings`` at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        opened = archive is None
+        current = archive if archive is not None else await Archive.open(archive_settings(settings))
+        app.state.archive = current
+        app.state.authenticator = Authenticator(
+            secret_resolver(current),  # type: ignore[arg-type]
+            OidcVerifier.from_settings(settings),
+            api_tokens=settings.api_tokens,
+        )
+        sweeper = asyncio.create_task(_sweep_uploads(current))
+        try:
+            await bootstrap_admin(current, settings, announce_token)
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            if opened:
+                await current.close()
+
+    app = FastAPI(
+        title="dicom-cloud",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    metrics = Metrics()
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.put_signer = S3PutSigner.for_storage(settings.storage_url)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["Content-Type", "Content-Length"],
+            max_age=600,
+        )
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    for module in (health, dicomweb, uploads, labels, shares, tokens):
+        app.include_router(module.router)
+    return app
+
+
+def openapi_document(settings: ServiceSettings) -> dict[str, Any]:
+    """The OpenAPI document, without starting anything (for docs and tests)."""
+    return create_app(settings).openapi()

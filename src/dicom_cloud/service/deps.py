@@ -1,0 +1,87 @@
+"""Named FastAPI dependencies: the archive, the settings, the metrics and the current principal.
+
+Every route that touches data declares one of ``Reader``, ``Writer`` or ``Admin``: the
+dependency authenticates the bearer credential, checks the scope, and records the principal
+on the request (the access log names its tenant and id, never the credential).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..archive import ApiToken, Archive, ShareLink
+from .auth import Authenticator, Principal, Scope, expand_scopes
+from .http_errors import UnauthenticatedError
+from .observability import Metrics
+from .settings import ServiceSettings
+
+#: Declares the bearer scheme in the OpenAPI document (the "Authorize" button of /docs).
+bearer_scheme = HTTPBearer(auto_error=False, description="API token, share-link token or OIDC JWT")
+
+
+def get_archive(request: Request) -> Archive:
+    archive: Archive = request.app.state.archive
+    return archive
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    settings: ServiceSettings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def principal_of_token(token: ApiToken) -> Principal:
+    return Principal(token.tenant, expand_scopes(list(token.scopes)), f"token:{token.id}", "token")
+
+
+def principal_of_share(link: ShareLink) -> Principal:
+    return Principal(link.tenant, frozenset({"read"}), f"share:{link.id}", "share", link.study_instance_uid)
+
+
+def secret_resolver(archive: Archive) -> object:
+    """Resolves opaque secrets: API tokens first, then share-link tokens."""
+
+    async def resolve(secret: str) -> Principal | None:
+        token = await archive.authenticate(secret)
+        if token is not None:
+            return principal_of_token(token)
+        link = await archive.resolve_share(secret)
+        return principal_of_share(link) if link is not None else None
+
+    return resolve
+
+
+async def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    if credentials is None and request.headers.get("authorization"):
+        raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
+    authenticator: Authenticator = request.app.state.authenticator
+    principal = await authenticator.authenticate(credentials.credentials if credentials else None)
+    request.state.principal = principal
+    return principal
+
+
+def _scoped(scope: Scope) -> object:
+    async def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        principal.require(scope)
+        return principal
+
+    check.__name__ = f"require_{scope}"
+    return check
+
+
+Reader = Annotated[Principal, Depends(_scoped("read"))]
+Writer = Annotated[Principal, Depends(_scoped("write"))]
+Admin = Annotated[Principal, Depends(_scoped("admin"))]
+ArchiveDep = Annotated[Archive, Depends(get_archive)]
+SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -1,0 +1,171 @@
+"""DICOMweb vocabulary the routes share: media types, the STOW-RS response (PS3.18 §10.5.3),
+transfer syntaxes of frames, Accept negotiation, and the service root that fills RetrieveURL.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from .http_errors import MalformedRequestError, NotAcceptableError
+from .multipart import MediaType
+from .settings import ServiceSettings
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+OCTET_STREAM = "application/octet-stream"
+
+#: A DICOM UID (PS3.5 §9.1): digits and dots, at most 64 characters. Used on every path parameter.
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+UID_MAX = 64
+
+# PS3.18 Table I.2-1 / PS3.4 Annex GG failure reasons used in FailedSOPSequence.
+FAILURE_PROCESSING = 0x0110
+FAILURE_DUPLICATE = 0x0111
+FAILURE_NOT_AUTHORIZED = 0x0124
+FAILURE_OUT_OF_RESOURCES = 0xA700
+FAILURE_STUDY_MISMATCH = 0xA900
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+
+#: Compressed transfer syntaxes and the media type of their frames (PS3.18 Table 8.7.3-2).
+_FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+
+
+def frame_media_type(transfer_syntax_uid: str, encapsulated: bool) -> str:
+    if not encapsulated:
+        return OCTET_STREAM
+    return _FRAME_MEDIA_TYPES.get(transfer_syntax_uid, OCTET_STREAM)
+
+
+def service_root(request: Request, settings: ServiceSettings) -> str:
+    """The DICOMweb root clients reach us at: ``public_url``, else the request's own base URL."""
+    return settings.public_url or str(request.base_url).rstrip("/")
+
+
+def accepted_types(request: Request) -> list[MediaType]:
+    """The Accept header's media ranges, best first (q-values honoured; q=0 dropped)."""
+    header = request.headers.get("accept", "")
+    ranges: list[tuple[float, int, MediaType]] = []
+    for position, item in enumerate(part for part in header.split(",") if part.strip()):
+        media = MediaType.parse(item)
+        try:
+            quality = float(media.params.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        if quality > 0:
+            ranges.append((-quality, position, media))
+    return [media for _, _, media in sorted(ranges, key=lambda entry: (entry[0], entry[1]))]
+
+
+def choose_rendered_type(request: Request) -> str:
+    """image/jpeg (default) or image/png, by Accept; 406 when neither is acceptable. A
+    ``multipart/related`` range counts by its ``type`` (study and series rendered answers)."""
+    ranges = accepted_types(request)
+    if not ranges:
+        return "image/jpeg"
+    for media in ranges:
+        value = media.params.get("type", "*/*").lower() if media.value == "multipart/related" else media.value
+        if value in ("image/jpeg", "image/png"):
+            return value
+        if value in ("*/*", "image/*"):
+            return "image/jpeg"
+    raise NotAcceptableError("rendered resources are available as image/jpeg or image/png")
+
+
+def check_accepts(request: Request, *, media_type: str, related_type: str | None = None) -> None:
+    """406 unless Accept (absent means anything) allows ``media_type`` — for multipart answers,
+    ``multipart/related`` whose ``type`` (absent means any) is ``related_type``."""
+    ranges = accepted_types(request)
+    if not ranges:
+        return
+    for media in ranges:
+        type_matches = media.value in ("*/*", media_type, media_type.split("/")[0] + "/*")
+        root = media.params.get("type", "*/*").lower()
+        if type_matches and (related_type is None or _covers(root, related_type)):
+            return
+        if related_type is not None and media.value == related_type:
+            return  # single-part request of the root type: answered as multipart with one part
+    raise NotAcceptableError(
+        f"this resource is available as {media_type}"
+        + (f'; type="{related_type}"' if related_type else "")
+        + f", not {request.headers.get('accept')}"
+    )
+
+
+def _covers(media_range: str, media_type: str) -> bool:
+    """Whether a media range (``*/*``, ``image/*``, ``image/jpeg``) includes ``media_type``."""
+    return media_range in ("*/*", media_type, media_type.split("/")[0] + "/*")
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """``1,3,5`` -> [1, 3, 5]; anything else is 400."""
+    if not re.fullmatch(r"[0-9]{1,9}(,[0-9]{1,9}){0,1023}", text):
+        raise MalformedRequestError("frames must be a comma-separated list of frame numbers (1-based)")
+    numbers = [int(n) for n in text.split(",")]
+    if min(numbers) < 1:
+        raise MalformedRequestError("frame numbers start at 1")
+    return numbers
+
+
+def _ui(value: str | None) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
+
+
+@dataclass
+class StowResponse:
+    """The body of a STOW-RS answer, built part by part."""
+
+    retrieve_url: str | None = None
+    referenced: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    def stored(self, sop_class_uid: str | None, sop_instance_uid: str, retrieve_url: str) -> None:
+        self.referenced.append(
+            {
+                "00081150": _ui(sop_class_uid),
+                "00081155": _ui(sop_instance_uid),
+                "00081190": {"vr": "UR", "Value": [retrieve_url]},
+            }
+        )
+
+    def failure(self, sop_class_uid: str | None, sop_instance_uid: str | None, reason: int) -> None:
+        self.failed.append(
+            {
+                "00081150": _ui(sop_class_uid),
+                "00081155": _ui(sop_instance_uid),
+                "00081197": {"vr": "US", "Value": [reason]},
+            }
+        )
+
+    @property
+    def status(self) -> int:
+        """200 all stored, 409 none stored, 202 some stored (PS3.18 Table 10.5.3-1)."""
+        if not self.failed:
+            return 200
+        return 202 if self.referenced else 409
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.retrieve_url:
+            body["00081190"] = {"vr": "UR", "Value": [self.retrieve_url]}
+        if self.failed:
+            body["00081198"] = {"vr": "SQ", "Value": self.failed}
+        if self.referenced:
+            body["00081199"] = {"vr": "SQ", "Value": self.referenced}
+        return body

@@ -1,0 +1,45 @@
+"""Errors only the HTTP face raises: each a :mod:`dicom_cloud.errors` class with its HTTP status.
+
+They join the core tree, so the one exception handler (``service/handlers.py``) maps them like any
+other error: status from ``http_status``, body ``{"error", "message", "hint"}``.
+"""
+
+from __future__ import annotations
+
+from ..errors import AuthenticationError, PermissionDeniedError, UsageError
+
+
+class MalformedRequestError(UsageError):
+    """The request body or its framing is broken (multipart without boundary, truncated parts)."""
+
+    http_status = 400
+
+
+class PayloadTooLargeError(UsageError):
+    """The body or a declared upload is larger than the configured maximum."""
+
+    http_status = 413
+
+
+class UnsupportedMediaTypeError(UsageError):
+    """The body's media type is not one this route accepts."""
+
+    http_status = 415
+
+
+class NotAcceptableError(UsageError):
+    """None of the media types in Accept can be produced by this route."""
+
+    http_status = 406
+
+
+class UnauthenticatedError(AuthenticationError):
+    """No credentials, or credentials the service does not accept (missing, unknown, expired)."""
+
+    http_status = 401
+
+
+class ForbiddenError(PermissionDeniedError):
+    """The credentials are valid but lack the scope or the study this route needs."""
+
+    http_status = 403

@@ -1,0 +1,679 @@
+"""DICOMweb studies/series/instances: STOW-RS, QIDO-RS, WADO-RS (instances, metadata, frames,
+rendered, thumbnail) and DELETE. Every call is scoped to the caller's tenant; a share link's
+principal reaches its own study only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ...archive import InstanceRecord, QueryParams
+from ...dicom.header import DicomIdentity, read_identity
+from ...errors import AlreadyExistsError, DicomCloudError, DicomFormatError, NotSupportedError
+from ..auth import Principal
+from ..deps import ArchiveDep, MetricsDep, Reader, SettingsDep, Writer
+from ..dicomjson import (
+    DICOM,
+    DICOM_JSON,
+    FAILURE_CANNOT_UNDERSTAND,
+    FAILURE_DUPLICATE,
+    FAILURE_OUT_OF_RESOURCES,
+    FAILURE_PROCESSING,
+    FAILURE_STUDY_MISMATCH,
+    OCTET_STREAM,
+    UID_MAX,
+    UID_PATTERN,
+    StowResponse,
+    check_accepts,
+    choose_rendered_type,
+    frame_media_type,
+    parse_frame_list,
+    service_root,
+)
+from ..http_errors import NotAcceptableError, PayloadTooLargeError
+from ..multipart import (
+    new_boundary,
+    parse_related,
+    read_body,
+    related_boundary,
+    related_content_type,
+    write_related,
+)
+
+router = APIRouter(tags=["DICOMweb"])
+
+#: Instances read ahead while a multipart answer streams (memory: this many + 1 instances).
+RETRIEVE_PREFETCH = 4
+
+Uid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX, description="a DICOM UID")]
+FrameList = Annotated[str, Path(pattern=r"^[0-9]+(,[0-9]+)*$", max_length=2000, description="e.g. 1,2,3")]
+Quality = Annotated[int, Query(ge=1, le=100, description="JPEG quality")]
+
+_JSON_LIST = {"content": {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}}}
+_MULTIPART = {"content": {"multipart/related": {"schema": {"type": "string", "format": "binary"}}}}
+_IMAGE: dict[str, Any] = {"content": {"image/jpeg": {}, "image/png": {}}}
+_STOW_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}
+        },
+    }
+}
+
+
+def dicom_json(body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+# -- STOW-RS ------------------------------------------------------------------------------
+
+
+async def _stow(
+    request: Request,
+    principal: Principal,
+    archive: ArchiveDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    study: str | None,
+) -> JSONResponse:
+    accept = request.headers.get("accept")
+    if accept and not any(t in accept for t in (DICOM_JSON, "application/json", "*/*")):
+        raise NotAcceptableError("STOW-RS answers are application/dicom+json")
+    boundary, root = related_boundary(request.headers.get("content-type"), expected_types=(DICOM,))
+    body = await read_body(request, settings.stow_max_bytes)
+    parts = parse_related(body, boundary, root)
+    base = service_root(request, settings)
+    response = StowResponse(retrieve_url=f"{base}/studies/{study}" if study else None)
+    for part in parts:
+        identity = _identity(part.content)
+        if part.content_type != DICOM:
+            response.failure(None, None, FAILURE_CANNOT_UNDERSTAND)
+            metrics.instances_stored.labels("refused").inc()
+            continue
+        if study is not None and identity is not None and identity.study_instance_uid != study:
+            response.failure(identity.sop_class_uid, identity.sop_instance_uid, FAILURE_STUDY_MISMATCH)
+            metrics.instances_stored.labels("refused").inc()
+            continue
+        try:
+            stored = await archive.store_instance(principal.tenant, part.content)
+        except DicomFormatError:
+            reason = FAILURE_CANNOT_UNDERSTAND
+        except AlreadyExistsError:
+            reason = FAILURE_DUPLICATE
+        except PayloadTooLargeError:
+            reason = FAILURE_OUT_OF_RESOURCES
+        except DicomCloudError as exc:
+            if exc.http_status >= 500 and exc.retryable:
+                raise  # the store is down: the whole request fails, nothing is half-answered
+            reason = FAILURE_PROCESSING
+        else:
+            record = stored.record
+            response.stored(
+                record.sop_class_uid,
+                record.sop_instance_uid,
+                f"{base}/studies/{record.study_instance_uid}/series/{record.series_instance_uid}"
+                f"/instances/{record.sop_instance_uid}",
+            )
+            if response.retrieve_url is None and len(parts) == 1:
+                response.retrieve_url = f"{base}/studies/{record.study_instance_uid}"
+            metrics.instances_stored.labels("stored" if stored.created else "duplicate").inc()
+            continue
+        response.failure(
+            identity.sop_class_uid if identity else None,
+            identity.sop_instance_uid if identity else None,
+            reason,
+        )
+        metrics.instances_stored.labels("refused").inc()
+    return dicom_json(response.as_json(), response.status)
+
+
+def _identity(content: memoryview) -> DicomIdentity | None:
+    """UIDs for the answer and the study check; the archive alone decides what it accepts."""
+    try:
+        return read_identity(content)
+    except DicomCloudError:
+        return None
+
+
+_STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "every instance stored", "content": {DICOM_JSON: {}}},
+    202: {"description": "some instances stored, others failed (FailedSOPSequence)"},
+    409: {"description": "no instance stored"},
+}
+
+
+@router.post("/studies", responses=_STOW_RESPONSES, openapi_extra=_STOW_BODY, summary="STOW-RS")
+async def store_instances(
+    request: Request, principal: Writer, archive: ArchiveDep, settings: SettingsDep, metrics: MetricsDep
+) -> JSONResponse:
+    """Store the instances of a multipart/related body (``type="application/dicom"``)."""
+    return await _stow(request, principal, archive, settings, metrics, None)
+
+
+@router.post("/studies/{study}", responses=_STOW_RESPONSES, openapi_extra=_STOW_BODY, summary="STOW-RS")
+async def store_study_instances(
+    request: Request,
+    study: Uid,
+    principal: Writer,
+    archive: ArchiveDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> JSONResponse:
+    """Store instances into one study; instances of another study fail with reason 0xA900."""
+    return await _stow(request, principal, archive, settings, metrics, study)
+
+
+# -- QIDO-RS ------------------------------------------------------------------------------
+
+
+def _query(request: Request) -> QueryParams:
+    params: dict[str, str | list[str]] = {}
+    for key, value in request.query_params.multi_items():
+        if key in params:
+            previous = params[key]
+            params[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            params[key] = value
+    return params
+
+
+def _shared_query(principal: Principal, params: QueryParams) -> QueryParams:
+    """A share link's principal searches its own study only, whatever it asks for."""
+    if principal.study is None:
+        return params
+    restricted = dict(params)
+    restricted["StudyInstanceUID"] = principal.study
+    restricted.pop("0020000D", None)
+    return restricted
+
+
+_QIDO_DOC = (
+    "Query parameters are attribute keywords or tags (``PatientID=X``, ``00100020=X``, wildcards ``*``/``?``,"
+    " date ranges), ``limit``, ``offset``, ``includefield``, ``fuzzymatching``, and the study labels"
+    " ``label`` and ``labeldescription``."
+)
+
+
+@router.get("/studies", responses={200: _JSON_LIST}, summary="QIDO-RS: search studies", description=_QIDO_DOC)
+async def search_studies(
+    request: Request, principal: Reader, archive: ArchiveDep, settings: SettingsDep
+) -> JSONResponse:
+    params = _shared_query(principal, _query(request))
+    found = await archive.search_studies(principal.tenant, params, base_url=service_root(request, settings))
+    return dicom_json(found)
+
+
+@router.get("/series", responses={200: _JSON_LIST}, summary="QIDO-RS: search series", description=_QIDO_DOC)
+async def search_all_series(
+    request: Request, principal: Reader, archive: ArchiveDep, settings: SettingsDep
+) -> JSONResponse:
+    found = await archive.search_series(
+        principal.tenant,
+        _query(request),
+        study_instance_uid=principal.study,
+        base_url=service_root(request, settings),
+    )
+    return dicom_json(found)
+
+
+@router.get(
+    "/studies/{study}/series",
+    responses={200: _JSON_LIST},
+    summary="QIDO-RS: search the series of a study",
+    description=_QIDO_DOC,
+)
+async def search_study_series(
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, settings: SettingsDep
+) -> JSONResponse:
+    principal.require_study(study)
+    found = await archive.search_series(
+        principal.tenant, _query(request), study_instance_uid=study, base_url=service_root(request, settings)
+    )
+    return dicom_json(found)
+
+
+@router.get(
+    "/instances", responses={200: _JSON_LIST}, summary="QIDO-RS: search instances", description=_QIDO_DOC
+)
+async def search_all_instances(
+    request: Request, principal: Reader, archive: ArchiveDep, settings: SettingsDep
+) -> JSONResponse:
+    found = await archive.search_instances(
+        principal.tenant,
+        _query(request),
+        study_instance_uid=principal.study,
+        base_url=service_root(request, settings),
+    )
+    return dicom_json(found)
+
+
+@router.get(
+    "/studies/{study}/instances",
+    responses={200: _JSON_LIST},
+    summary="QIDO-RS: search the instances of a study",
+    description=_QIDO_DOC,
+)
+async def search_study_instances(
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, settings: SettingsDep
+) -> JSONResponse:
+    principal.require_study(study)
+    found = await archive.search_instances(
+        principal.tenant, _query(request), study_instance_uid=study, base_url=service_root(request, settings)
+    )
+    return dicom_json(found)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    responses={200: _JSON_LIST},
+    summary="QIDO-RS: search the instances of a series",
+    description=_QIDO_DOC,
+)
+async def search_series_instances(
+    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, settings: SettingsDep
+) -> JSONResponse:
+    principal.require_study(study)
+    found = await archive.search_instances(
+        principal.tenant,
+        _query(request),
+        study_instance_uid=study,
+        series_instance_uid=series,
+        base_url=service_root(request, settings),
+    )
+    return dicom_json(found)
+
+
+# -- WADO-RS: instances ---------------------------------------------------------------------
+
+
+async def _retrieve(
+    request: Request,
+    principal: Principal,
+    archive: ArchiveDep,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
+) -> StreamingResponse:
+    principal.require_study(study)
+    check_accepts(request, media_type="multipart/related", related_type=DICOM)
+    records = await archive.instances(principal.tenant, study, series, instance)
+    reads = archive.read_instances(records, prefetch=RETRIEVE_PREFETCH)
+    # The first instance is read before the answer starts: a store fault becomes a clean error
+    # status instead of a truncated 200.
+    first = await anext(reads)
+
+    async def parts() -> AsyncIterator[tuple[str, bytes]]:
+        try:
+            yield _part_type(first[0]), first[1]
+            async for record, data in reads:
+                yield _part_type(record), data
+        finally:
+            if isinstance(reads, AsyncGenerator):  # stops the reads ahead of a client that left
+                await reads.aclose()
+
+    boundary = new_boundary()
+    return StreamingResponse(
+        write_related(parts(), boundary), media_type=related_content_type(boundary, DICOM)
+    )
+
+
+def _part_type(record: InstanceRecord) -> str:
+    return f"{DICOM}; transfer-syntax={record.transfer_syntax_uid}"
+
+
+@router.get("/studies/{study}", responses={200: _MULTIPART}, summary="WADO-RS: retrieve a study")
+async def retrieve_study(
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep
+) -> StreamingResponse:
+    """Every instance of the study, as multipart/related; type="application/dicom"."""
+    return await _retrieve(request, principal, archive, study)
+
+
+@router.get(
+    "/studies/{study}/series/{series}", responses={200: _MULTIPART}, summary="WADO-RS: retrieve a series"
+)
+async def retrieve_series(
+    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep
+) -> StreamingResponse:
+    return await _retrieve(request, principal, archive, study, series)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}",
+    responses={200: _MULTIPART},
+    summary="WADO-RS: retrieve an instance",
+)
+async def retrieve_instance(
+    request: Request, study: Uid, series: Uid, instance: Uid, principal: Reader, archive: ArchiveDep
+) -> StreamingResponse:
+    return await _retrieve(request, principal, archive, study, series, instance)
+
+
+# -- WADO-RS: metadata ----------------------------------------------------------------------
+
+
+async def _metadata(
+    request: Request,
+    principal: Principal,
+    archive: ArchiveDep,
+    settings: SettingsDep,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
+) -> JSONResponse:
+    principal.require_study(study)
+    check_accepts(request, media_type=DICOM_JSON)
+    found = await archive.metadata(
+        principal.tenant, study, series, instance, base_url=service_root(request, settings)
+    )
+    return dicom_json(found)
+
+
+@router.get("/studies/{study}/metadata", responses={200: _JSON_LIST}, summary="WADO-RS: study metadata")
+async def study_metadata(
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, settings: SettingsDep
+) -> JSONResponse:
+    return await _metadata(request, principal, archive, settings, study)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/metadata",
+    responses={200: _JSON_LIST},
+    summary="WADO-RS: series metadata",
+)
+async def series_metadata(
+    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, settings: SettingsDep
+) -> JSONResponse:
+    return await _metadata(request, principal, archive, settings, study, series)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/metadata",
+    responses={200: _JSON_LIST},
+    summary="WADO-RS: instance metadata",
+)
+async def instance_metadata(
+    request: Request,
+    study: Uid,
+    series: Uid,
+    instance: Uid,
+    principal: Reader,
+    archive: ArchiveDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    return await _metadata(request, principal, archive, settings, study, series, instance)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+    responses={200: _MULTIPART},
+    summary="WADO-RS: a bulk data value named by a BulkDataURI of the metadata",
+)
+async def retrieve_bulkdata(
+    request: Request,
+    study: Uid,
+    series: Uid,
+    instance: Uid,
+    tag: Annotated[str, Path(pattern=r"^[0-9A-Fa-f]{8}$", description="ggggeeee")],
+    principal: Reader,
+    archive: ArchiveDep,
+) -> StreamingResponse:
+    """The value as stored (encapsulated pixel data stays encapsulated), as one
+    ``application/octet-stream`` part."""
+    principal.require_study(study)
+    check_accepts(request, media_type="multipart/related", related_type=OCTET_STREAM)
+    value = await archive.bulkdata(principal.tenant, study, series, instance, tag.upper())
+
+    async def parts() -> AsyncIterator[tuple[str, bytes]]:
+        yield OCTET_STREAM, value
+
+    boundary = new_boundary()
+    return StreamingResponse(
+        write_related(parts(), boundary), media_type=related_content_type(boundary, OCTET_STREAM)
+    )
+
+
+# -- WADO-RS: frames, rendered, thumbnail -------------------------------------------------------
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+    responses={200: _MULTIPART},
+    summary="WADO-RS: retrieve frames",
+)
+async def retrieve_frames(
+    request: Request,
+    study: Uid,
+    series: Uid,
+    instance: Uid,
+    frames: FrameList,
+    principal: Reader,
+    archive: ArchiveDep,
+) -> StreamingResponse:
+    """Frames as multipart/related: ``application/octet-stream`` for native pixel data, the
+    compressed media type (image/jpeg, image/jp2, image/jls, image/dicom-rle) for encapsulated."""
+    principal.require_study(study)
+    numbers = parse_frame_list(frames)
+    found = await archive.frames(principal.tenant, study, series, instance, numbers)
+    media_type = frame_media_type(found.transfer_syntax_uid, found.encapsulated)
+    check_accepts(request, media_type="multipart/related", related_type=media_type)
+    part_type = f"{media_type}; transfer-syntax={found.transfer_syntax_uid}"
+
+    async def parts() -> AsyncIterator[tuple[str, bytes]]:
+        for frame in found.frames:
+            yield part_type, frame
+
+    boundary = new_boundary()
+    return StreamingResponse(
+        write_related(parts(), boundary),
+        media_type=related_content_type(boundary, media_type),
+    )
+
+
+async def _picture(
+    request: Request,
+    principal: Principal,
+    archive: ArchiveDep,
+    study: str,
+    series: str | None,
+    instance: str | None,
+    *,
+    frame: int = 1,
+    thumbnail: bool,
+    quality: int,
+) -> Response:
+    principal.require_study(study)
+    media_type = choose_rendered_type(request)
+    if series is None or instance is None:
+        # Study and series thumbnails show their first instance (series, then instance order).
+        first = (await archive.instances(principal.tenant, study, series))[0]
+        series, instance = first.series_instance_uid, first.sop_instance_uid
+    try:
+        picture = await archive.rendered(
+            principal.tenant,
+            study,
+            series,
+            instance,
+            frame=frame,
+            media_type=media_type,
+            thumbnail=thumbnail,
+            quality=quality,
+        )
+    except NotSupportedError as exc:
+        raise NotAcceptableError(exc.message, hint=exc.hint) from None
+    return Response(
+        picture.data, media_type=picture.media_type, headers={"Cache-Control": "private, max-age=300"}
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/rendered",
+    responses={200: _IMAGE},
+    response_class=Response,
+    summary="WADO-RS: rendered instance (first frame)",
+)
+async def rendered_instance(
+    request: Request,
+    study: Uid,
+    series: Uid,
+    instance: Uid,
+    principal: Reader,
+    archive: ArchiveDep,
+    quality: Quality = 90,
+) -> Response:
+    """A JPEG (default) or PNG by Accept, windowed to 8 bits."""
+    return await _picture(
+        request, principal, archive, study, series, instance, thumbnail=False, quality=quality
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
+    responses={200: _IMAGE},
+    response_class=Response,
+    summary="WADO-RS: rendered frame",
+)
+async def rendered_frame(
+    request: Request,
+    study: Uid,
+    series: Uid,
+    instance: Uid,
+    frame: Annotated[int, Path(ge=1, le=1_000_000)],
+    principal: Reader,
+    archive: ArchiveDep,
+    quality: Quality = 90,
+) -> Response:
+    return await _picture(
+        request, principal, archive, study, series, instance, frame=frame, thumbnail=False, quality=quality
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+    responses={200: _IMAGE},
+    response_class=Response,
+    summary="WADO-RS: instance thumbnail",
+)
+async def instance_thumbnail(
+    request: Request,
+    study: Uid,
+    series: Uid,
+    instance: Uid,
+    principal: Reader,
+    archive: ArchiveDep,
+    quality: Quality = 90,
+) -> Response:
+    return await _picture(
+        request, principal, archive, study, series, instance, thumbnail=True, quality=quality
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/thumbnail",
+    responses={200: _IMAGE},
+    response_class=Response,
+    summary="WADO-RS: series thumbnail (its first instance)",
+)
+async def series_thumbnail(
+    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+) -> Response:
+    return await _picture(request, principal, archive, study, series, None, thumbnail=True, quality=quality)
+
+
+@router.get(
+    "/studies/{study}/thumbnail",
+    responses={200: _IMAGE},
+    response_class=Response,
+    summary="WADO-RS: study thumbnail (its first instance)",
+)
+async def study_thumbnail(
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+) -> Response:
+    return await _picture(request, principal, archive, study, None, None, thumbnail=True, quality=quality)
+
+
+async def _rendered_many(
+    request: Request, principal: Principal, archive: ArchiveDep, study: str, series: str | None, quality: int
+) -> StreamingResponse:
+    """Every instance's first frame rendered, one part each (PS3.18 study/series rendered)."""
+    principal.require_study(study)
+    media_type = choose_rendered_type(request)
+    records = await archive.instances(principal.tenant, study, series)
+
+    async def render(record: InstanceRecord) -> bytes:
+        try:
+            picture = await archive.rendered(
+                principal.tenant,
+                record.study_instance_uid,
+                record.series_instance_uid,
+                record.sop_instance_uid,
+                media_type=media_type,
+                quality=quality,
+            )
+        except NotSupportedError as exc:
+            raise NotAcceptableError(exc.message, hint=exc.hint) from None
+        return picture.data
+
+    first = await render(records[0])  # errors before the answer starts are clean statuses
+
+    async def parts() -> AsyncIterator[tuple[str, bytes]]:
+        yield media_type, first
+        for record in records[1:]:
+            yield media_type, await render(record)
+
+    boundary = new_boundary()
+    return StreamingResponse(
+        write_related(parts(), boundary), media_type=related_content_type(boundary, media_type)
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/rendered",
+    responses={200: _MULTIPART},
+    summary="WADO-RS: rendered series (each instance's first frame)",
+)
+async def rendered_series(
+    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+) -> StreamingResponse:
+    return await _rendered_many(request, principal, archive, study, series, quality)
+
+
+@router.get(
+    "/studies/{study}/rendered",
+    responses={200: _MULTIPART},
+    summary="WADO-RS: rendered study (each instance's first frame)",
+)
+async def rendered_study(
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+) -> StreamingResponse:
+    return await _rendered_many(request, principal, archive, study, None, quality)
+
+
+# -- DELETE ---------------------------------------------------------------------------------------
+
+
+def _deleted(result: Any) -> JSONResponse:
+    return JSONResponse({"studies": result.studies, "series": result.series, "instances": result.instances})
+
+
+@router.delete("/studies/{study}", summary="Delete a study")
+async def delete_study(study: Uid, principal: Writer, archive: ArchiveDep) -> JSONResponse:
+    """Index rows first, then objects. Answers the counts removed; 404 if the study is unknown."""
+    return _deleted(await archive.delete(principal.tenant, study))
+
+
+@router.delete("/studies/{study}/series/{series}", summary="Delete a series")
+async def delete_series(study: Uid, series: Uid, principal: Writer, archive: ArchiveDep) -> JSONResponse:
+    return _deleted(await archive.delete(principal.tenant, study, series))
+
+
+@router.delete("/studies/{study}/series/{series}/instances/{instance}", summary="Delete an instance")
+async def delete_instance(
+    study: Uid, series: Uid, instance: Uid, principal: Writer, archive: ArchiveDep
+) -> JSONResponse:
+    return _deleted(await archive.delete(principal.tenant, study, series, instance))

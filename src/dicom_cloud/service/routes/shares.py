@@ -1,0 +1,104 @@
+"""Share links: time-limited, revocable, read-only access to one study.
+
+``POST /studies/{study}/shares`` answers a token (shown once) and a URL. The URL
+(``/shared/{token}``) answers, without other credentials, the study's attributes and series and
+says how to read it; the token itself is a bearer credential with ``read`` on that study only
+(QIDO, WADO, metadata, frames, rendered, thumbnails), so a DICOMweb viewer can use it as is.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, Field
+
+from ...archive import ShareLink
+from ..deps import ArchiveDep, SettingsDep, Writer, principal_of_share
+from ..dicomjson import service_root
+from ..http_errors import MalformedRequestError, UnauthenticatedError
+from .dicomweb import Uid
+
+router = APIRouter(tags=["shares"])
+
+
+class ShareIn(BaseModel):
+    expires_in_seconds: int = Field(86400, ge=1, description="lifetime (at most share_max_ttl_seconds)")
+
+
+class ShareOut(BaseModel):
+    id: int
+    study_instance_uid: str
+    created: datetime
+    expires: datetime
+    revoked: datetime | None
+
+
+class NewShare(ShareOut):
+    token: str = Field(..., description="bearer credential: shown once")
+    url: str = Field(..., description="the link to hand out")
+
+
+def _out(link: ShareLink) -> ShareOut:
+    return ShareOut(
+        id=link.id,
+        study_instance_uid=link.study_instance_uid,
+        created=link.created,
+        expires=link.expires,
+        revoked=link.revoked,
+    )
+
+
+@router.post("/studies/{study}/shares", status_code=201, summary="Create a share link for a study")
+async def create_share(
+    request: Request, study: Uid, body: ShareIn, principal: Writer, archive: ArchiveDep, settings: SettingsDep
+) -> NewShare:
+    if body.expires_in_seconds > settings.share_max_ttl_seconds:
+        raise MalformedRequestError(f"a share link may last at most {settings.share_max_ttl_seconds} seconds")
+    # The study must exist for this tenant (NotFoundError otherwise): no links to nothing.
+    await archive.instances(principal.tenant, study)
+    token, link = await archive.create_share(
+        principal.tenant, study, timedelta(seconds=body.expires_in_seconds)
+    )
+    url = f"{service_root(request, settings)}/shared/{token}"
+    return NewShare(token=token, url=url, **_out(link).model_dump())
+
+
+@router.get("/studies/{study}/shares", summary="List a study's share links")
+async def list_shares(study: Uid, principal: Writer, archive: ArchiveDep) -> list[ShareOut]:
+    return [_out(link) for link in await archive.list_shares(principal.tenant, study)]
+
+
+@router.delete("/shares/{share_id}", summary="Revoke a share link")
+async def revoke_share(
+    share_id: Annotated[int, Path(ge=1, le=2**62)], principal: Writer, archive: ArchiveDep
+) -> ShareOut:
+    return _out(await archive.revoke_share(principal.tenant, share_id))
+
+
+@router.get("/shared/{token}", summary="Open a share link (the token in the path is the credential)")
+async def open_share(
+    request: Request,
+    token: Annotated[str, Path(min_length=1, max_length=200)],
+    archive: ArchiveDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    link = await archive.resolve_share(token)
+    if link is None:
+        raise UnauthenticatedError("this share link is unknown, expired or revoked")
+    principal = principal_of_share(link)
+    request.state.principal = principal
+    root = service_root(request, settings)
+    study = link.study_instance_uid
+    studies = await archive.search_studies(link.tenant, {"StudyInstanceUID": study}, base_url=root)
+    series = await archive.search_series(link.tenant, {}, study_instance_uid=study, base_url=root)
+    return {
+        "study_instance_uid": study,
+        "expires": link.expires.isoformat(),
+        "dicomweb_root": root,
+        "study_url": f"{root}/studies/{study}",
+        "authorization": "send the token of this link as 'Authorization: Bearer <token>'",
+        "study": studies[0] if studies else None,
+        "series": series,
+    }

@@ -1,0 +1,320 @@
+"""Direct uploads: the client declares files, PUTs each to its own short-lived URL, then completes.
+
+The bytes go straight to the bucket (presigned PUT URLs into the archive's staging prefix) when
+the store can presign. Stores that cannot (local disk, memory) get URLs of this service's own
+signed route ``PUT /uploads/{id}/files/{index}``: the signature (HMAC with ``signing_secret``)
+binds tenant, session, file, content type, size and expiry, so that URL works like a presigned
+one and needs no other credential.
+
+Declared sizes over ``upload_max_bytes`` are refused before any URL is made; the actual size
+(and CRC32C when declared) is checked by the archive when the session is completed, and a file
+that differs is rejected and quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from ...archive import DeclaredFile, UploadOutcome, UploadSession
+from ...errors import NotSupportedError
+from ..auth import Principal
+from ..deps import ArchiveDep, MetricsDep, SettingsDep, Writer
+from ..dicomjson import service_root
+from ..http_errors import (
+    MalformedRequestError,
+    PayloadTooLargeError,
+    UnauthenticatedError,
+)
+from ..multipart import MediaType, read_body
+from ..presign import MAX_PARTS, S3PutSigner
+
+router = APIRouter(tags=["uploads"])
+
+UploadContentType = Literal["application/dicom", "application/octet-stream"]
+SessionId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class FileIn(BaseModel):
+    name: str = Field(..., min_length=1, max_length=500, description="the client's name for the file")
+    size: int = Field(..., ge=1, description="bytes the client will PUT")
+    content_type: UploadContentType = "application/dicom"
+    crc32c: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8}$", description="CRC32C as 8 hex digits")
+
+
+class UploadIn(BaseModel):
+    files: list[FileIn] = Field(..., min_length=1)
+
+
+class PartUrl(BaseModel):
+    number: int
+    size: int
+    url: str
+    headers: dict[str, str]
+
+
+class MultipartUrls(BaseModel):
+    upload_id: str = Field(..., description="send it back at completion with the parts' ETags")
+    part_size: int
+    parts: list[PartUrl]
+
+
+class FileUrl(BaseModel):
+    index: int
+    name: str
+    size: int
+    method: Literal["PUT"] = "PUT"
+    url: str | None = Field(..., description="one PUT of the whole file; None when sent in parts")
+    headers: dict[str, str] = Field(..., description="headers the PUT must carry")
+    multipart: MultipartUrls | None = Field(None, description="for large files: one PUT per part")
+
+
+class CompletedParts(BaseModel):
+    index: int = Field(..., ge=0)
+    upload_id: str = Field(..., min_length=1, max_length=1024)
+    etags: list[str] = Field(..., min_length=1, max_length=10_000)
+
+
+class CompleteIn(BaseModel):
+    """For files sent in parts: the ETag answered to each part's PUT, in part order."""
+
+    parts: list[CompletedParts] = Field(default_factory=list)
+
+
+class UploadOut(BaseModel):
+    id: str
+    state: str
+    expires: datetime
+    url_expires: datetime
+    files: list[FileUrl]
+
+
+class UploadState(BaseModel):
+    id: str
+    state: str
+    expires: datetime
+    files: int
+    result: dict[str, Any] | None
+
+
+class FileOutcome(BaseModel):
+    index: int
+    name: str
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    created: bool | None = None
+    reason: str | None = None
+
+
+class UploadResult(BaseModel):
+    id: str
+    accepted: list[FileOutcome]
+    rejected: list[FileOutcome]
+
+
+def upload_signature(
+    secret: bytes, *, tenant: str, session: str, index: int, content_type: str, size: int, expires: int
+) -> str:
+    message = "\n".join(
+        ["dicom-cloud-upload-v1", tenant, session, str(index), content_type, str(size), str(expires)]
+    )
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+@router.post("/uploads", status_code=201, summary="Start a direct upload: one PUT URL per declared file")
+async def create_upload(
+    request: Request, body: UploadIn, principal: Writer, archive: ArchiveDep, settings: SettingsDep
+) -> UploadOut:
+    if len(body.files) > settings.upload_max_files:
+        raise PayloadTooLargeError(f"at most {settings.upload_max_files} files per upload")
+    for number, file in enumerate(body.files):
+        if file.size > settings.upload_max_bytes:
+            raise PayloadTooLargeError(
+                f"file {number} declares {file.size} bytes; the maximum is {settings.upload_max_bytes}"
+            )
+    ttl = timedelta(seconds=settings.upload_url_ttl_seconds)
+    declared = [DeclaredFile(f.name, f.size, f.crc32c.lower() if f.crc32c else None) for f in body.files]
+    # The session outlives its URLs by an hour: time to finish the last PUT and complete.
+    session = await archive.create_upload(principal.tenant, declared, expires_in=ttl + timedelta(hours=1))
+    url_expires = int(time.time() + ttl.total_seconds())
+    signer: S3PutSigner | None = request.app.state.put_signer
+    presigned: list[str] | None = None
+    if signer is None:
+        try:
+            presigned = await archive.upload_urls(session, expires_in=ttl)
+        except NotSupportedError:
+            presigned = None  # local disk, memory: this service takes the bytes itself
+    urls = []
+    for index, (file, key) in enumerate(zip(body.files, session.staging_keys, strict=True)):
+        headers: dict[str, str] = {"Content-Type": file.content_type}
+        multipart = None
+        url: str | None
+        if signer is not None and file.size > settings.upload_part_size:
+            url, multipart = None, await _multipart(signer, archive.store_key(key), file, settings, ttl)
+        elif signer is not None:  # S3 with static keys: content type and exact size are signed
+            scoped = signer.put(archive.store_key(key), file.content_type, file.size, ttl)
+            url, headers = scoped.url, scoped.headers
+        elif presigned is not None:
+            url = presigned[index]
+        else:
+            url = _service_put_url(request, settings, principal, session, index, file, url_expires)
+        urls.append(
+            FileUrl(
+                index=index, name=file.name, size=file.size, url=url, headers=headers, multipart=multipart
+            )
+        )
+    return UploadOut(
+        id=session.id,
+        state=session.state,
+        expires=session.expires,
+        url_expires=datetime.fromtimestamp(url_expires).astimezone(),
+        files=urls,
+    )
+
+
+async def _multipart(
+    signer: S3PutSigner, key: str, file: FileIn, settings: SettingsDep, ttl: timedelta
+) -> MultipartUrls:
+    part_size = max(settings.upload_part_size, -(-file.size // MAX_PARTS))
+    upload_id = await signer.create_multipart(key, file.content_type)
+    parts = signer.part_urls(key, upload_id, file.size, part_size, ttl)
+    return MultipartUrls(
+        upload_id=upload_id,
+        part_size=part_size,
+        parts=[
+            PartUrl(
+                number=number, size=int(part.headers["Content-Length"]), url=part.url, headers=part.headers
+            )
+            for number, part in enumerate(parts, start=1)
+        ],
+    )
+
+
+def _service_put_url(
+    request: Request,
+    settings: SettingsDep,
+    principal: Principal,
+    session: UploadSession,
+    index: int,
+    file: FileIn,
+    expires: int,
+) -> str:
+    signature = upload_signature(
+        settings.secret_bytes(),
+        tenant=principal.tenant,
+        session=session.id,
+        index=index,
+        content_type=file.content_type,
+        size=file.size,
+        expires=expires,
+    )
+    query = urlencode(
+        {"tenant": principal.tenant, "size": file.size, "expires": expires, "signature": signature}
+    )
+    return f"{service_root(request, settings)}/uploads/{session.id}/files/{index}?{query}"
+
+
+@router.put(
+    "/uploads/{session_id}/files/{index}",
+    status_code=204,
+    response_class=Response,
+    summary="Receive one declared file (stores that cannot presign; the signature is the credential)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def put_file(
+    request: Request,
+    session_id: SessionId,
+    index: Annotated[int, Path(ge=0, le=1_000_000)],
+    tenant: Annotated[str, Query(min_length=1, max_length=200)],
+    size: Annotated[int, Query(ge=1)],
+    expires: Annotated[int, Query(ge=0)],
+    signature: Annotated[str, Query(min_length=64, max_length=64)],
+    archive: ArchiveDep,
+    settings: SettingsDep,
+) -> Response:
+    content_type = MediaType.parse(request.headers.get("content-type", "")).value
+    expected = upload_signature(
+        settings.secret_bytes(),
+        tenant=tenant,
+        session=session_id,
+        index=index,
+        content_type=content_type,
+        size=size,
+        expires=expires,
+    )
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
+        raise UnauthenticatedError(
+            "the upload URL's signature does not match (altered, or another content type)"
+        )
+    if expires < time.time():
+        raise UnauthenticatedError("the upload URL has expired", hint="start a new upload")
+    data = await read_body(request, size)
+    await archive.write_staging(tenant, session_id, index, data)
+    return Response(status_code=204)
+
+
+@router.get("/uploads/{session_id}", summary="The state of an upload")
+async def get_upload(session_id: SessionId, principal: Writer, archive: ArchiveDep) -> UploadState:
+    session = await archive.get_upload(principal.tenant, session_id)
+    return UploadState(
+        id=session.id,
+        state=session.state,
+        expires=session.expires,
+        files=len(session.files),
+        result=dict(session.result) if session.result is not None else None,
+    )
+
+
+@router.post("/uploads/{session_id}/complete", summary="Ingest the uploaded files")
+async def complete_upload(
+    request: Request,
+    session_id: SessionId,
+    principal: Writer,
+    archive: ArchiveDep,
+    metrics: MetricsDep,
+    body: CompleteIn | None = None,
+) -> UploadResult:
+    """Each declared file is checked (size, CRC32C when declared, DICOM Part 10) and ingested;
+    refused files are listed with their reason. Completing again answers the same outcome.
+    Files sent in parts are joined first (body: their upload ids and the parts' ETags)."""
+    if body is not None and body.parts:
+        signer: S3PutSigner | None = request.app.state.put_signer
+        session = await archive.get_upload(principal.tenant, session_id)
+        if signer is None or session.state != "pending":
+            raise MalformedRequestError("this upload has no parts to join")
+        for completed in body.parts:
+            if completed.index >= len(session.staging_keys):
+                raise MalformedRequestError(f"the upload has no file {completed.index}")
+            key = archive.store_key(session.staging_keys[completed.index])
+            await signer.complete_multipart(key, completed.upload_id, completed.etags)
+    outcome: UploadOutcome = await archive.complete_upload(principal.tenant, session_id)
+    metrics.instances_stored.labels("stored").inc(len(outcome.accepted))
+    metrics.instances_stored.labels("refused").inc(len(outcome.rejected))
+    return UploadResult(
+        id=outcome.session_id,
+        accepted=[
+            FileOutcome(
+                index=a.index,
+                name=a.name,
+                sop_instance_uid=a.sop_instance_uid,
+                study_instance_uid=a.study_instance_uid,
+                series_instance_uid=a.series_instance_uid,
+                created=a.created,
+            )
+            for a in outcome.accepted
+        ],
+        rejected=[FileOutcome(index=r.index, name=r.name, reason=r.reason) for r in outcome.rejected],
+    )

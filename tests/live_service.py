@@ -1,0 +1,90 @@
+"""The DICOMweb service under a real uvicorn on a free loopback port, in a thread (tests, bench).
+
+    service = start_service(settings)      # opens the archive named by the settings
+    service.url, service.admin_token       # the token exists when the index had none
+    service.stop()
+
+Also: a fresh PostgreSQL database per run on the project's test server (127.0.0.1:5432, trust auth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from dicom_cloud.service.app import create_app
+from dicom_cloud.service.settings import ServiceSettings
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class LiveService:
+    url: str
+    admin_token: str | None
+    _server: uvicorn.Server = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_service(settings: ServiceSettings) -> LiveService:
+    """Start on a free port; ``public_url`` is set to it unless given (dicomweb-client sends a Host
+    header without the port, so links built from the request would lack it)."""
+    port = free_port()
+    if settings.public_url is None:
+        settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
+    tokens: list[str] = []
+    app = create_app(settings, announce_token=tokens.append)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the service stopped while starting (see the log above)")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the service did not start in time")
+        time.sleep(0.02)
+    return LiveService(f"http://127.0.0.1:{port}", tokens[0] if tokens else None, server, thread)
+
+
+@contextlib.contextmanager
+def fresh_postgres_database():  # type: ignore[no-untyped-def]
+    """Yields the URL of a new, empty database; drops it afterwards."""
+    import psycopg
+
+    name = f"dicom_cloud_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

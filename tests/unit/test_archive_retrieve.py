@@ -1,0 +1,247 @@
+"""Retrieve: instances, frames, rendered previews and thumbnails (cached), and delete ordering."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.encaps import generate_frames
+
+from archive_helpers import Run, make_instance, opened, read_test_file
+from dicom_cloud.archive import Archive, ArchiveSettings, InstanceRecord
+from dicom_cloud.errors import NotFoundError, NotSupportedError, UsageError
+
+STUDY, SERIES = "1.2.3", "1.2.3.1"
+
+
+@pytest.fixture
+def archive(mem_bucket: str) -> Iterator[tuple[Archive, Run]]:
+    with opened(ArchiveSettings(f"memory://{mem_bucket}", "sqlite://", thumbnail_size=32)) as pair:
+        yield pair
+
+
+def _store(archive: tuple[Archive, Run], data: bytes, tenant: str = "acme") -> InstanceRecord:
+    a, run = archive
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run(a.store_instance(tenant, data)).record
+
+
+def _uids(r: InstanceRecord) -> tuple[str, str, str]:
+    return r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid
+
+
+async def _keys(a: Archive) -> list[str]:
+    return [o.key async for o in a.store.list("")]
+
+
+def test_instances_and_read(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    datas = [make_instance(STUDY, SERIES, f"{SERIES}.{n}", InstanceNumber=n) for n in (3, 1, 2)]
+    for d in datas:
+        _store(archive, d)
+    found = run(a.instances("acme", STUDY))
+    assert [r.sop_instance_uid for r in found] == [f"{SERIES}.{n}" for n in (1, 2, 3)]
+    assert run(a.read_instance(found[2])) == datas[0]
+    assert len(run(a.instances("acme", STUDY, SERIES, f"{SERIES}.2"))) == 1
+    for missing in ((STUDY, "9.9"), ("9.9",), (STUDY, SERIES, "9.9")):
+        with pytest.raises(NotFoundError):
+            run(a.instances("acme", *missing))
+
+
+def test_native_frames(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    r = _store(archive, make_instance(STUDY, SERIES, f"{SERIES}.1", frames=3))
+    frames = run(a.frames("acme", *_uids(r), [3, 1]))
+    assert not frames.encapsulated and frames.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    assert frames.frames == [bytes([2, 0]) * 64, bytes([0, 0]) * 64]
+    for bad in ([0], [4], []):
+        with pytest.raises(UsageError):
+            run(a.frames("acme", *_uids(r), bad))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_RLE.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "SC_rgb_rle_32bit_2frame.dcm",
+    ],
+)
+def test_encapsulated_frames_are_the_codestreams(archive: tuple[Archive, Run], name: str) -> None:
+    a, run = archive
+    data = read_test_file(name)
+    r = _store(archive, data)
+    ds = dcmread(BytesIO(data))
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = list(generate_frames(ds.PixelData, number_of_frames=count))
+    frames = run(a.frames("acme", *_uids(r), list(range(1, count + 1))))
+    assert frames.encapsulated and frames.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+    assert list(frames.frames) == expected
+
+
+def test_frames_of_an_instance_without_pixels(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    r = _store(archive, make_instance(STUDY, SERIES, f"{SERIES}.1", pixels=False))
+    with pytest.raises(NotFoundError):
+        run(a.frames("acme", *_uids(r), [1]))
+    with pytest.raises(NotFoundError):
+        run(a.rendered("acme", *_uids(r)))
+
+
+RENDERABLE = [
+    "CT_small.dcm",  # native 16-bit, rescaled
+    "MR_small_bigendian.dcm",  # explicit big endian
+    "MR_small_RLE.dcm",  # RLE
+    "JPEG2000.dcm",  # JPEG 2000 (openjpeg)
+    "MR_small_jp2klossless.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS (libjpeg)
+    "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline, colour
+    "JPGExtended.dcm",  # JPEG extended 12-bit
+    "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless
+    "examples_palette.dcm",  # palette colour
+    "examples_ybr_color.dcm",
+    "rtdose_rle.dcm",
+    "image_dfl.dcm",  # deflated
+]
+
+
+@pytest.mark.parametrize("name", RENDERABLE)
+@pytest.mark.parametrize("media_type", ["image/jpeg", "image/png"])
+def test_rendered_pictures_decode(archive: tuple[Archive, Run], name: str, media_type: str) -> None:
+    a, run = archive
+    data = read_test_file(name)
+    r = _store(archive, data)
+    ds = dcmread(BytesIO(data))
+    picture = run(a.rendered("acme", *_uids(r), media_type=media_type))
+    assert picture.media_type == media_type and not picture.cached
+    with Image.open(BytesIO(picture.data)) as image:
+        assert image.format == {"image/jpeg": "JPEG", "image/png": "PNG"}[media_type]
+        assert image.size == (int(ds.Columns), int(ds.Rows)) == (picture.width, picture.height)
+        image.load()
+        assert image.getextrema() != (0, 0)
+
+
+def test_rendering_is_cached_as_a_derived_object(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    r = _store(archive, read_test_file("CT_small.dcm"))
+    first = run(a.rendered("acme", *_uids(r)))
+    again = run(a.rendered("acme", *_uids(r)))
+    assert again.cached and again.data == first.data and (again.width, again.height) == (128, 128)
+    thumb = run(a.rendered("acme", *_uids(r), thumbnail=True, media_type="image/png"))
+    assert (thumb.width, thumb.height) == (32, 32)
+    with Image.open(BytesIO(thumb.data)) as image:
+        assert image.size == (32, 32)
+    derived = sorted(k for k in run(_keys(a)) if "/derived/" in k)
+    assert [k.rsplit("/", 1)[1] for k in derived] == ["frame-1-q90.jpg", "thumbnail-1-32.png"]
+
+
+def test_rendering_options_are_checked(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    r = _store(archive, make_instance(STUDY, SERIES, f"{SERIES}.1", frames=2))
+    with pytest.raises(NotSupportedError):
+        run(a.rendered("acme", *_uids(r), media_type="image/gif"))
+    with pytest.raises(UsageError):
+        run(a.rendered("acme", *_uids(r), quality=0))
+    with pytest.raises(UsageError):
+        run(a.rendered("acme", *_uids(r), frame=3))
+    assert run(a.rendered("acme", *_uids(r), frame=2)).width == 8
+
+
+def test_delete_levels_and_objects(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    for series in ("1", "2"):
+        for n in (1, 2):
+            _store(archive, make_instance(STUDY, f"{STUDY}.{series}", f"{STUDY}.{series}.{n}"))
+    other = _store(archive, make_instance("7.7", "7.7.1", "7.7.1.1"))
+    run(a.rendered("acme", STUDY, f"{STUDY}.1", f"{STUDY}.1.1"))
+    assert len(run(_keys(a))) == 11
+
+    result = run(a.delete("acme", STUDY, f"{STUDY}.1", f"{STUDY}.1.1"))
+    assert (result.studies, result.series, result.instances) == (0, 0, 1)
+    assert len(run(_keys(a))) == 8  # instance, sidecar and the derived picture are gone
+    result = run(a.delete("acme", STUDY, f"{STUDY}.1"))
+    assert (result.studies, result.series, result.instances) == (0, 1, 1)
+    result = run(a.delete("acme", STUDY))
+    assert (result.studies, result.series, result.instances) == (1, 1, 2)
+    assert len(run(_keys(a))) == 2
+    assert run(a.search_studies("acme", {})) == [
+        run(a.search_studies("acme", {"StudyInstanceUID": "7.7"}))[0]
+    ]
+    assert run(a.read_instance(other))
+    with pytest.raises(NotFoundError):
+        run(a.delete("acme", STUDY))
+
+
+def test_delete_removes_rows_before_objects(
+    archive: tuple[Archive, Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, run = archive
+    _store(archive, make_instance(STUDY, SERIES, f"{SERIES}.1"))
+
+    async def failing_delete(keys):  # type: ignore[no-untyped-def]
+        raise OSError("store unreachable")
+
+    monkeypatch.setattr(a.store, "delete", failing_delete)
+    run(a.delete("acme", STUDY))  # the rows are gone: the objects left are invisible
+    assert run(a.search_studies("acme", {})) == []
+    assert len(run(_keys(a))) == 2
+    monkeypatch.undo()
+    # Storing it again works: the leftover objects are simply overwritten.
+    _store(archive, make_instance(STUDY, SERIES, f"{SERIES}.1"))
+    assert len(run(_keys(a))) == 2
+
+
+def test_read_instances_streams_in_order(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    datas = [make_instance(STUDY, SERIES, f"{SERIES}.{n}", InstanceNumber=n) for n in range(1, 8)]
+    for d in datas:
+        _store(archive, d)
+    records = run(a.instances("acme", STUDY))
+
+    async def collect(prefetch: int) -> list[bytes]:
+        return [data async for _, data in a.read_instances(records, prefetch=prefetch)]
+
+    assert run(collect(1)) == datas
+    assert run(collect(3)) == datas
+    assert run(collect(50)) == datas
+
+    async def first_only() -> bytes:
+        async for _, data in a.read_instances(records):
+            return data  # leaving early cancels the reads ahead
+        raise AssertionError
+
+    assert run(first_only()) == datas[0]
+
+
+def test_bulk_data(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    data = read_test_file("MR_small_RLE.dcm")
+    r = _store(archive, data)
+    pixels = run(a.bulkdata("acme", *_uids(r), "7FE00010"))
+    assert pixels == dcmread(BytesIO(data)).PixelData
+    with pytest.raises(NotFoundError):
+        run(a.bulkdata("acme", *_uids(r), "60003000"))
+    with pytest.raises(UsageError):
+        run(a.bulkdata("acme", *_uids(r), "../x"))
+    with pytest.raises(UsageError):
+        run(a.bulkdata("acme", *_uids(r), "00100010"))
+
+
+def test_local_directory_storage_and_sqlite_file(tmp_path: Path) -> None:
+    settings = ArchiveSettings(str(tmp_path / "data"), f"sqlite:///{tmp_path}/index/index.db")
+    data = make_instance(STUDY, SERIES, f"{SERIES}.1")
+    with opened(settings) as (a, run):
+        record = run(a.store_instance("acme", data)).record
+    assert (tmp_path / "data" / record.object_key).read_bytes() == data
+    with opened(settings) as (a, run):  # reopened: the index persisted
+        [again] = run(a.instances("acme", STUDY))
+        assert again == record
+        assert run(a.read_instance(again)) == data

@@ -1,0 +1,124 @@
+"""The service in-process (TestClient) over a real archive on a local directory and SQLite: STOW
+answers, error bodies, CORS, OIDC JWTs through the routes, tenants from claims."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
+from test_service_oidc import Issuer
+
+from dicom_cloud.service.app import create_app
+from dicom_cloud.service.settings import load_settings
+
+CT = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # type: ignore[arg-type]
+MR = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # type: ignore[arg-type]
+
+
+def stow_body(*parts: bytes) -> tuple[bytes, dict[str, str]]:
+    body = (
+        b"".join(b"--B\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
+        + b"--B--\r\n"
+    )
+    return body, {"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'}
+
+
+def make_client(tmp_path: Path, **values: Any) -> tuple[TestClient, list[str]]:
+    tokens: list[str] = []
+    settings = load_settings({"data_dir": tmp_path, **values}, environ={})
+    return TestClient(create_app(settings, announce_token=tokens.append)), tokens
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    c, tokens = make_client(tmp_path, cors_origins="https://viewer.example")
+    with c:
+        c.headers["Authorization"] = f"Bearer {tokens[0]}"
+        yield c
+
+
+def test_stow_answer_is_ps3_18(client: TestClient) -> None:
+    body, headers = stow_body(CT)
+    answer = client.post("/studies", content=body, headers=headers)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "application/dicom+json"
+    sop = answer.json()["00081199"]["Value"][0]
+    assert sop["00081150"]["Value"] == ["1.2.840.10008.5.1.4.1.1.2"]
+    assert sop["00081190"]["Value"][0].startswith("http://testserver/studies/")
+    # The same instance again: an idempotent success.
+    assert client.post("/studies", content=body, headers=headers).status_code == 200
+    # The same SOP Instance UID with other bytes: refused with 0x0111, nothing changes.
+    changed = bytearray(CT)
+    changed[-1] ^= 0xFF
+    body, headers = stow_body(bytes(changed))
+    answer = client.post("/studies", content=body, headers=headers)
+    assert answer.status_code == 409
+    assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0111]
+
+
+def test_error_bodies_name_the_problem(client: TestClient) -> None:
+    answer = client.get("/studies/1.2.3")
+    assert answer.status_code == 404 and answer.json()["error"] == "NotFoundError"
+    answer = client.get("/studies/abc")
+    assert answer.status_code == 400 and "study" in answer.json()["message"]
+    answer = client.post("/tokens", json={"name": "x"})
+    assert answer.status_code == 400 and "scopes" in answer.json()["message"]
+    answer = client.post("/studies", content=b"--B\r\n", headers=stow_body()[1])
+    assert answer.status_code == 400 and answer.json()["error"] == "MalformedRequestError"
+
+
+def test_cors_preflight_for_configured_origins_only(client: TestClient) -> None:
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    answer = client.options("/uploads", headers={"Origin": "https://viewer.example", **preflight})
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == "https://viewer.example"
+    answer = client.options("/uploads", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in answer.headers
+
+
+def test_bootstrap_token_only_on_first_start(tmp_path: Path) -> None:
+    first, tokens = make_client(tmp_path)
+    with first:
+        pass
+    again, more = make_client(tmp_path)
+    with again:
+        pass
+    assert len(tokens) == 1 and more == []
+
+
+def test_oidc_jwts_through_the_routes(tmp_path: Path) -> None:
+    issuer = Issuer()
+    issuer.add_key("k1")
+    try:
+        c, _ = make_client(
+            tmp_path, oidc_issuer=issuer.url, oidc_audience="dicom-cloud", oidc_algorithms="RS256"
+        )
+        with c:
+            writer_a = {"Authorization": "Bearer " + issuer.token(tenant="a", scope="write")}
+            reader_a = {"Authorization": "Bearer " + issuer.token(tenant="a", scope="read")}
+            reader_b = {"Authorization": "Bearer " + issuer.token(tenant="b", scope="read admin")}
+            body, headers = stow_body(CT)
+            assert c.post("/studies", content=body, headers={**headers, **writer_a}).status_code == 200
+            assert c.post("/studies", content=body, headers={**headers, **reader_a}).status_code == 403
+            assert len(c.get("/studies", headers=reader_a).json()) == 1
+            assert c.get("/studies", headers=reader_b).json() == []
+            assert c.get("/tokens", headers=reader_b).status_code == 200
+            expired = issuer.token(tenant="a", scope="read", exp=1)
+            answer = c.get("/studies", headers={"Authorization": f"Bearer {expired}"})
+            assert answer.status_code == 401 and "expired" in answer.json()["message"]
+    finally:
+        issuer.server.shutdown()
+
+
+def test_access_log_names_the_principal(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="dicom_cloud.service.access"):
+        client.get("/studies", params={"PatientName": "DOE^JOHN"})
+    record = [r for r in caplog.records if r.name == "dicom_cloud.service.access"][-1]
+    assert record.__dict__["tenant"] == "default" and record.__dict__["subject"].startswith("token:")
+    assert "DOE" not in record.getMessage() and "DOE" not in str(record.__dict__)

@@ -1,0 +1,101 @@
+"""multipart/related parsing (STOW-RS bodies) and writing (WADO-RS answers)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dicom_cloud.service.http_errors import MalformedRequestError, UnsupportedMediaTypeError
+from dicom_cloud.service.multipart import (
+    MediaType,
+    parse_related,
+    related_boundary,
+    related_content_type,
+    write_related,
+)
+
+CT = 'multipart/related; type="application/dicom"; boundary=XyZ'
+
+
+def body(*parts: bytes, boundary: bytes = b"XyZ", typed: bool = True) -> bytes:
+    out = b""
+    for part in parts:
+        out += b"--" + boundary + b"\r\n"
+        if typed:
+            out += b"Content-Type: application/dicom\r\n"
+        out += b"\r\n" + part + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+def test_parses_parts_in_order() -> None:
+    boundary, root = related_boundary(CT, expected_types=("application/dicom",))
+    parts = parse_related(body(b"one", b"two\r\n--Xy", b""), boundary, root)
+    assert [bytes(p.content) for p in parts] == [b"one", b"two\r\n--Xy", b""]
+    assert {p.content_type for p in parts} == {"application/dicom"}
+
+
+def test_parts_without_content_type_take_the_root_type() -> None:
+    parts = parse_related(body(b"a", typed=False), "XyZ", "application/dicom")
+    assert parts[0].content_type == "application/dicom"
+
+
+def test_preamble_before_the_first_boundary_is_ignored() -> None:
+    parts = parse_related(b"preamble text\r\n" + body(b"a"), "XyZ", "application/dicom")
+    assert bytes(parts[0].content) == b"a"
+
+
+def test_quoted_boundary_and_parameters() -> None:
+    media = MediaType.parse('Multipart/Related; boundary="a b:c"; type=application/dicom')
+    assert media.value == "multipart/related"
+    assert media.params == {"boundary": "a b:c", "type": "application/dicom"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"no boundary at all",
+        b"--XyZ\r\nContent-Type: application/dicom\r\n\r\ntruncated",
+        b"--XyZ\r\nContent-Type: application/dicom",
+        b"--XyZ--\r\n",
+        b"--XyZ junk\r\n\r\na\r\n--XyZ--",
+        b"--XyZ\r\nbroken header\r\n\r\na\r\n--XyZ--",
+        b"--XyZ\r\nContent-Type: \xff\r\n\r\na\r\n--XyZ--",
+    ],
+)
+def test_malformed_bodies_are_400(raw: bytes) -> None:
+    with pytest.raises(MalformedRequestError) as caught:
+        parse_related(raw, "XyZ", "application/dicom")
+    assert caught.value.http_status == 400
+
+
+@pytest.mark.parametrize(
+    ("content_type", "error"),
+    [
+        (None, UnsupportedMediaTypeError),
+        ("application/dicom", UnsupportedMediaTypeError),
+        ('multipart/related; type="image/jpeg"; boundary=a', UnsupportedMediaTypeError),
+        ('multipart/related; type="application/dicom"', MalformedRequestError),
+        ('multipart/related; type="application/dicom"; boundary=' + "x" * 71, MalformedRequestError),
+    ],
+)
+def test_bad_content_types(content_type: str | None, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        related_boundary(content_type, expected_types=("application/dicom",))
+
+
+def test_written_body_parses_back() -> None:
+    async def parts() -> AsyncIterator[tuple[str, bytes]]:
+        for content in (b"first", b"", b"x" * 1000):
+            yield "application/dicom", content
+
+    async def collect() -> bytes:
+        return b"".join([chunk async for chunk in write_related(parts(), "bnd")])
+
+    raw = asyncio.run(collect())
+    media = MediaType.parse(related_content_type("bnd", "application/dicom"))
+    assert media.params["boundary"] == "bnd"
+    parsed = parse_related(raw, "bnd", "x")
+    assert [bytes(p.content) for p in parsed] == [b"first", b"", b"x" * 1000]
