@@ -29,8 +29,9 @@ import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from .budget import ByteBudget
 from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_update
@@ -42,10 +43,6 @@ from .crypto.envelope import (
     Format,
     recorded_key_id,
 )
-from .dicom.deidentify import DeidentifyOptions, deidentify, new_uid
-from .dicom.header import DicomIdentity
-from .dicom.manifest import ManifestRow, ManifestWriter
-from .dicom.upload import DicomPolicy
 from .errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -71,6 +68,14 @@ from .resumable import fit_part_size, upload_file_resumable
 from .retry import DEFAULT_ATTEMPTS, RetryPolicy, retry_after_of
 from .store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 from .throttle import AdaptiveLimiter
+
+if TYPE_CHECKING:
+    # The DICOM modules load pydicom (and numpy with it): a tenth of a second that a plain transfer,
+    # run thousands of times by scripts, should not pay. They are imported where they are used.
+    from .dicom.deidentify import DeidentifyOptions
+    from .dicom.header import DicomIdentity
+    from .dicom.manifest import ManifestWriter
+    from .dicom.upload import DicomPolicy
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +229,16 @@ class _Skip(Exception):
 
 
 _NO_ENCRYPTION = ClientEncryption()
-#: Header reading for DICOM filters when no DICOM policy was asked for.
-_HEADER_ONLY = DicomPolicy()
+
+
+@cache
+def _header_only() -> DicomPolicy:
+    """Header reading for DICOM filters when no DICOM policy was asked for."""
+    from .dicom.upload import DicomPolicy
+
+    return DicomPolicy()
+
+
 #: Room for an envelope's header and tags beside a whole object in memory.
 _ENVELOPE_ROOM = 64 * 1024
 
@@ -495,7 +508,7 @@ class Transfer:
         put = self.options.put
         policy = self.options.dicom
         if policy is None and self.options.filter is not None and self.options.filter.needs_header:
-            policy = _HEADER_ONLY
+            policy = _header_only()
         if policy is not None:
             item, dicom_metadata = await self._apply_dicom_policy(policy, item)
             put = replace(put, metadata={**dicom_metadata, **put.metadata})
@@ -636,7 +649,7 @@ class Transfer:
                 self.src.store, item.src_key, local=self.src.is_local, size=item.size
             )
         except DicomFormatError as exc:
-            if policy is _HEADER_ONLY and selecting:
+            if policy is _header_only() and selecting:
                 raise _Skip("not DICOM: does not match the DICOM filters") from None
             if policy.skip_invalid:
                 raise _Skip(f"not uploaded: {exc.reason}") from exc
@@ -678,6 +691,8 @@ class Transfer:
             data = crypt.decrypt(src_url, fmt, info.metadata, data)
             checksum = crc32c_hex(data)
         if self.options.deidentify is not None:
+            from .dicom.deidentify import deidentify
+
             data, uid_map = deidentify(bytes(data), self.options.deidentify)
             checksum = crc32c_hex(data)
             if self.options.on_uid_map is not None:
@@ -713,6 +728,8 @@ class Transfer:
         identity, crc, named = self._written.pop(item.src_key, (None, None, None))
         if self.manifest is None:
             return
+        from .dicom.manifest import ManifestRow
+
         row = ManifestRow.from_identity(
             identity,
             source=src_url,
@@ -908,6 +925,7 @@ class Transfer:
 
 def _deidentified_identity(identity: DicomIdentity, options: DeidentifyOptions) -> DicomIdentity:
     """The identity the de-identified instance will have: UIDs remapped, patient data gone."""
+    from .dicom.deidentify import new_uid
 
     def remap(uid: str | None) -> str | None:
         return new_uid(options.secret, uid) if uid else uid

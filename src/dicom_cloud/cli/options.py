@@ -9,20 +9,21 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends import StoreConfig
 from ..crypto.envelope import ClientEncryption
 from ..crypto.keysource import load_keys
-from ..dicom.deidentify import DeidentifyOptions
-from ..dicom.layout import Layout
 from ..dicom.phi import check_tags_allowed
-from ..dicom.upload import DicomPolicy
 from ..errors import UsageError
 from ..filters import Filter
 from ..retry import DEFAULT_ATTEMPTS
 from ..store import PutOptions
 from ..transfer import TransferOptions
+
+if TYPE_CHECKING:  # pydicom (and numpy) load only when a DICOM option is used
+    from ..dicom.deidentify import DeidentifyOptions
+    from ..dicom.upload import DicomPolicy
 
 
 def store_config(
@@ -191,6 +192,8 @@ def deidentify_options(enabled: bool, secret_file: str | None, dates: str) -> De
             hint="the secret keeps new UIDs consistent across runs: head -c 32 /dev/urandom > deid.key",
         )
     secret = _read_secret(secret_file, "--deid-secret-file")
+    from ..dicom.deidentify import DeidentifyOptions
+
     return DeidentifyOptions(secret=secret, keep_dates=dates)  # type: ignore[arg-type]
 
 
@@ -217,6 +220,9 @@ def dicom_policy(
         if layout_key_file:
             raise UsageError("--layout-key-file goes with --layout hashed")
         return None
+    from ..dicom.layout import Layout
+    from ..dicom.upload import DicomPolicy
+
     key = _read_secret(layout_key_file, "--layout-key-file") if layout_key_file else None
     tags = tuple(t.strip() for t in (dicom_tags or "").split(",") if t.strip())
     if layout in ("orthanc-flat", "orthanc-legacy"):

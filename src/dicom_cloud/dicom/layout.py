@@ -81,8 +81,6 @@ from enum import IntEnum
 from types import MappingProxyType
 from typing import Final, Literal
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-
 from dicom_cloud.dicom import phi
 from dicom_cloud.errors import UnsafeNameError, UsageError
 from dicom_cloud.localio import check_local_name
@@ -360,6 +358,9 @@ def _field(match: re.Match[str], template: str) -> _Field:
 
 
 def _check_keywords(names: list[str]) -> None:
+    # pydicom (and numpy with it) loads only when a template is checked, not for every import.
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
     unknown = [name for name in names if name not in _SPECIAL and tag_for_keyword(name) is None]
     if unknown:
         known = [*_SPECIAL, *phi.PHI_KEYWORDS, *phi.UID_KEYWORDS, *_COMMON_KEYWORDS]
