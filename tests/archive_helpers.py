@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import string
+import warnings
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -181,3 +184,48 @@ STUDY_MATCHING_CASES: list[tuple[dict[str, Any], list[str]]] = [
     ({"PatientID": "' OR '1'='1"}, []),  # bound parameters: no injection
     ({"fuzzymatching": "true", "PatientID": "P1"}, [A]),
 ]
+
+
+# --- malformed input, reproducibly random ------------------------------------------------
+
+
+def mutated_instances(seed: int, count: int) -> list[bytes]:
+    """Valid instances with a few random bytes changed in their first 2 KB (headers, meta)."""
+    rnd = random.Random(seed)
+    names = ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm")
+    bases = [read_test_file(n) for n in names]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the over-long values are the point
+        long_values = dict(
+            PatientName="A\x00B^C" + "x" * 400, StudyDescription="y" * 1000, PatientSex="MALE" * 8
+        )
+        bases.append(make_instance("1.2.3", "1.2.3.1", "1.2.3.1.1", **long_values))
+    out = []
+    for _ in range(count):
+        data = bytearray(rnd.choice(bases))
+        for _ in range(rnd.randint(1, 8)):
+            data[rnd.randrange(128, min(len(data), 2000))] = rnd.randrange(256)
+        out.append(bytes(data))
+    return out
+
+
+_QUERY_KEYS = (
+    "PatientName", "PatientID", "StudyDate", "StudyTime", "StudyInstanceUID", "ModalitiesInStudy", "Modality",
+    "SeriesNumber", "InstanceNumber", "SOPInstanceUID", "00100010", "0020000D", "InstitutionName", "limit",
+    "offset", "includefield", "label", "labeldescription", "fuzzymatching", "Rows", "AccessionNumber",
+    "SeriesInstanceUID", "StudyDescription", "bogus", "00000000", "FFFFFFFF", "7FE00010", "00020010",
+)  # fmt: skip
+_QUERY_CHARS = string.printable + "\x00éü漢%_*?\\,-.^="
+_QUERY_VALUES = ("", ",", "\\", "-", "*", "?", "20200101-", "-2020", "9" * 20, "1e5", "٣", "²")
+
+
+def random_queries(seed: int, count: int) -> list[dict[str, str]]:
+    rnd = random.Random(seed)
+    queries = []
+    for _ in range(count):
+        params = {}
+        for _ in range(rnd.randint(0, 3)):
+            value = "".join(rnd.choice(_QUERY_CHARS) for _ in range(rnd.randint(0, 12)))
+            params[rnd.choice(_QUERY_KEYS)] = rnd.choice(_QUERY_VALUES) if rnd.random() < 0.3 else value
+        queries.append(params)
+    return queries

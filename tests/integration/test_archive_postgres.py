@@ -9,6 +9,7 @@ URLs, ranged header reads and server-side copies into quarantine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -27,7 +28,9 @@ from archive_helpers import (
     all_test_files,
     load_qido_corpus,
     make_instance,
+    mutated_instances,
     opened,
+    random_queries,
     read_test_file,
 )
 from dicom_cloud.archive import Archive, ArchiveSettings, DeclaredFile
@@ -36,7 +39,7 @@ from dicom_cloud.backends import StoreConfig
 from dicom_cloud.checksum import crc32c_hex
 from dicom_cloud.crypto.envelope import ClientEncryption
 from dicom_cloud.crypto.keys import KeyRing, MasterKey
-from dicom_cloud.errors import ConflictError, DicomFormatError, NotFoundError
+from dicom_cloud.errors import ConflictError, DicomFormatError, NotFoundError, UsageError
 from servers import S3Server
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -105,6 +108,33 @@ def archive(pg_url: str, s3_bucket: str, s3_settings: StoreConfig) -> Iterator[t
 
 async def _keys(a: Archive) -> list[str]:
     return [o.key async for o in a.store.list("")]
+
+
+def test_random_queries_on_postgresql(qido_archive: tuple[Archive, Run]) -> None:
+    """PostgreSQL refuses what SQLite takes (NUL in text, out-of-range integers): never a 500."""
+    a, run = qido_archive
+    for i, params in enumerate(random_queries(seed=2, count=300)):
+        search = (a.search_studies, a.search_series, a.search_instances)[i % 3]
+        with contextlib.suppress(UsageError):
+            run(search("acme", params))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_mutated_instances_on_postgresql(pg_url: str) -> None:
+    with opened(
+        ArchiveSettings("memory://mutated-postgres", pg_url, extra_query_tags=["BodyPartExamined"])
+    ) as (
+        a,
+        run,
+    ):
+        stored = 0
+        for i, data in enumerate(mutated_instances(seed=11, count=120)):
+            try:
+                run(a.store_instance(f"m{i}", data))
+                stored += 1
+            except DicomFormatError:
+                pass
+        assert stored > 10
 
 
 def test_migrations_match_the_models_on_postgresql(pg_url: str) -> None:

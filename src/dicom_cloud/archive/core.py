@@ -34,9 +34,10 @@ from ..backends import StoreConfig
 from ..budget import ByteBudget
 from ..checksum import crc32c_hex
 from ..crypto.envelope import ClientEncryption
-from ..dicom.header import read_identity_from_store
+from ..dicom.header import REASON_UNREADABLE, read_identity_from_store
 from ..errors import (
     ConflictError,
+    DicomCloudError,
     DicomFormatError,
     IntegrityError,
     NotFoundError,
@@ -69,6 +70,17 @@ from .records import (
 )
 
 T = TypeVar("T")
+_UID = re.compile(r"[0-9.]{1,64}")
+
+
+def _check_uids(*uids: str | None) -> None:
+    """UIDs named by a caller: digits and dots, at most 64 (every stored UID passed the strict
+    policy, so anything else names nothing; refused before it reaches the database)."""
+    for uid in uids:
+        if uid is not None and (not isinstance(uid, str) or not _UID.fullmatch(uid)):
+            raise UsageError("not a DICOM UID", hint="UIDs are digits and dots, at most 64 characters")
+
+
 log = logging.getLogger("dicom_cloud.archive")
 
 #: Reasons of refusals that are not about the DICOM format (stable strings, no patient data).
@@ -337,6 +349,10 @@ class Archive:
             await read_identity_from_store(self.store, full, policy="strict", size=info.size)
         except DicomFormatError as exc:
             raise await self._reject(tenant, staging_key, exc.reason) from None
+        except DicomCloudError:
+            raise  # the store failed: nothing is known about the object
+        except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
+            raise await self._reject(tenant, staging_key, REASON_UNREADABLE) from None
         async with self._budget.reserve(_INGEST_COPIES * info.size):
             data = bytes(await self.store.get(full))
             if len(data) != info.size:
@@ -510,6 +526,7 @@ class Archive:
         self, tenant: str, level: qido.Level, params: QueryParams, **scope: Any
     ) -> list[DicomJson]:
         check_tenant(tenant)
+        _check_uids(scope.get("study_instance_uid"), scope.get("series_instance_uid"))
         return await self._run(
             lambda s: qido.search(
                 s, tenant, level, params, extra_tags=self._extra, limits=self._limits, **scope
@@ -567,6 +584,7 @@ class Archive:
         """The instances of a study, a series or one instance, ordered by series then instance
         number. NotFoundError when there are none (for this tenant)."""
         check_tenant(tenant)
+        _check_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         return await self._run(
             lambda s: index.require_instances(
                 s, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
@@ -739,6 +757,7 @@ class Archive:
         """Delete a study, a series or one instance: index rows first, then objects, sidecars
         and derived objects. NotFoundError when nothing matches (for this tenant)."""
         check_tenant(tenant)
+        _check_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         records, series, studies = await self._run(
             lambda s: index.delete_instances(
                 s, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
@@ -753,6 +772,7 @@ class Archive:
 
     async def get_labels(self, tenant: str, study_instance_uid: str) -> StudyLabels:
         check_tenant(tenant)
+        _check_uids(study_instance_uid)
         return await self._run(lambda s: index.get_labels(s, tenant, study_instance_uid))
 
     async def set_labels(
@@ -765,6 +785,7 @@ class Archive:
     ) -> StudyLabels:
         """Replace the study's tags (when given) and description (when given; "" clears it)."""
         check_tenant(tenant)
+        _check_uids(study_instance_uid)
         return await self._run(lambda s: index.set_labels(s, tenant, study_instance_uid, tags, description))
 
     # -- API tokens ------------------------------------------------------------------------
@@ -793,6 +814,7 @@ class Archive:
     ) -> tuple[str, ShareLink]:
         """A new share token for read-only access to one study (returned once) and its record."""
         check_tenant(tenant)
+        _check_uids(study_instance_uid)
         return await self._run(lambda s: access.create_share(s, tenant, study_instance_uid, expires_in))
 
     async def resolve_share(self, token: str) -> ShareLink | None:
@@ -801,6 +823,7 @@ class Archive:
 
     async def list_shares(self, tenant: str, study_instance_uid: str | None = None) -> list[ShareLink]:
         check_tenant(tenant)
+        _check_uids(study_instance_uid)
         return await self._run(lambda s: access.list_shares(s, tenant, study_instance_uid))
 
     async def revoke_share(self, tenant: str, share_id: int) -> ShareLink:

@@ -299,6 +299,8 @@ def set_labels(
     if description is not None:
         if len(description) > _MAX_DESCRIPTION:
             raise UsageError(f"a description has at most {_MAX_DESCRIPTION} characters")
+        if any((ord(c) < 32 and c not in "\t\n\r") or c == "\x7f" for c in description):
+            raise UsageError("a description cannot hold control characters other than tab and newline")
         study.label_description = description or None
     session.flush()
     return get_labels(session, tenant, study_instance_uid)

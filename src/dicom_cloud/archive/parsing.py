@@ -23,7 +23,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from ..dicom.header import REASON_NO_DICM, REASON_UNREADABLE, DicomIdentity, read_identity
-from ..errors import DicomFormatError
+from ..errors import DicomCloudError, DicomFormatError
 
 PREAMBLE_LENGTH: Final = 128
 REASON_PIXELS_TRUNCATED: Final = "truncated in the pixel data"
@@ -55,7 +55,8 @@ def _text(value: Any) -> str | None:
         return None
     else:
         text = str(value)
-    text = text.strip("\x00 ")
+    # NUL cannot be stored in PostgreSQL text; inside a value it is padding gone wrong.
+    text = text.replace("\x00", "").strip()
     return text or None
 
 
@@ -194,8 +195,9 @@ def sidecar_json(ds: Dataset, pixel_tag: int | None) -> dict[str, Any]:
 
 
 def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[int]) -> IndexedAttributes:
-    def text(keyword: str) -> str | None:
-        return _text(_value(ds, keyword))
+    def text(keyword: str, limit: int = 256) -> str | None:
+        value = _text(_value(ds, keyword))
+        return value[:limit] if value is not None else None  # the column's length (malformed data)
 
     def number(keyword: str) -> int | None:
         return _int(_value(ds, keyword))
@@ -216,10 +218,10 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
             extra.append((f"{tag:08X}", str(element.VR), value[:1024]))
     assert identity.study_instance_uid is not None and identity.series_instance_uid is not None
     return IndexedAttributes(
-        patient_id=text("PatientID") or "",
+        patient_id=text("PatientID") or "",  # LO: 64 characters, malformed data cut to 256
         patient_name=text("PatientName"),
         patient_birth_date=normalise_date(text("PatientBirthDate")),
-        patient_sex=text("PatientSex"),
+        patient_sex=text("PatientSex", 16),
         study_instance_uid=identity.study_instance_uid,
         study_date=normalise_date(text("StudyDate")),
         study_time=normalise_time(text("StudyTime")),
@@ -228,7 +230,7 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
         referring_physician_name=text("ReferringPhysicianName"),
         study_id=text("StudyID"),
         series_instance_uid=identity.series_instance_uid,
-        modality=text("Modality"),
+        modality=text("Modality", 16),
         series_number=number("SeriesNumber"),
         series_description=text("SeriesDescription"),
         sop_instance_uid=identity.sop_instance_uid,
@@ -245,13 +247,18 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
 
 def parse_instance(data: bytes, extra_tags: Sequence[int] = ()) -> ParsedInstance:
     """Validate a whole Part 10 instance (``strict`` policy) and read what the archive keeps of it."""
-    identity = read_identity(data, policy="strict")
-    ds, pixel_tag = read_header(data)
-    return ParsedInstance(
-        identity=identity,
-        attributes=index_attributes(ds, identity, extra_tags),
-        sidecar=sidecar_json(ds, pixel_tag),
-    )
+    try:
+        identity = read_identity(data, policy="strict")
+        ds, pixel_tag = read_header(data)
+        return ParsedInstance(
+            identity=identity,
+            attributes=index_attributes(ds, identity, extra_tags),
+            sidecar=sidecar_json(ds, pixel_tag),
+        )
+    except DicomCloudError:
+        raise
+    except Exception as exc:  # pydicom converting a malformed value late (e.g. an unknown VR)
+        raise DicomFormatError(REASON_UNREADABLE, detail=type(exc).__name__) from None
 
 
 def vr_of(tag: int) -> str:
