@@ -121,12 +121,8 @@ def test_random_queries_on_postgresql(qido_archive: tuple[Archive, Run]) -> None
 
 @pytest.mark.filterwarnings("ignore")
 def test_mutated_instances_on_postgresql(pg_url: str) -> None:
-    with opened(
-        ArchiveSettings("memory://mutated-postgres", pg_url, extra_query_tags=["BodyPartExamined"])
-    ) as (
-        a,
-        run,
-    ):
+    settings = ArchiveSettings("memory://mutated-postgres", pg_url, extra_query_tags=["BodyPartExamined"])
+    with opened(settings) as (a, run):
         stored = 0
         for i, data in enumerate(mutated_instances(seed=11, count=120)):
             try:
