@@ -56,6 +56,7 @@ def test_study_results_carry_the_required_attributes(archive: tuple[Archive, Run
     assert study["00080050"] == {"vr": "SH", "Value": ["ACC1"]}
     assert study["00081190"] == {"vr": "UR", "Value": [f"https://h/dicomweb/studies/{A}"]}
     assert study["00080005"] == {"vr": "CS", "Value": ["ISO_IR 192"]}
+    assert study["00080056"] == {"vr": "CS", "Value": ["ONLINE"]}
     assert "00081030" not in study  # StudyDescription only with includefield
     [b] = run(a.search_studies("acme", {"PatientID": "P2"}))
     assert b["00100030"] == {"vr": "DA"}  # absent birth date: present, empty

@@ -509,6 +509,8 @@ def search(
         for extra in plan.returned_extra:
             objects[extra.tag] = _element(extra.vr, computed.get((key, extra.tag)))
         objects["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}  # values are Unicode: UTF-8 JSON
+        if level in ("study", "instance"):
+            objects["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}  # InstanceAvailability
         if base_url is not None:
             url = f"{base_url.rstrip('/')}/studies/{study.study_instance_uid}"
             if series is not None:
