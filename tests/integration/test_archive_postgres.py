@@ -279,6 +279,8 @@ def test_presigned_upload_with_quarantine(archive: tuple[Archive, Run]) -> None:
     [record] = run(a.instances("acme", STUDY))
     assert run(a.read_instance(record))[:128] == bytes(128)
     assert run(a.complete_upload("acme", upload.id)) == outcome
+    sweep = run(a.collect_orphans("acme", older_than=timedelta(0)))  # keys under the archive/ root
+    assert (sweep.scanned, sweep.orphans) == (2, 0)
 
 
 def test_retrieve_render_delete_with_encryption(

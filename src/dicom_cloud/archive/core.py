@@ -58,6 +58,7 @@ from .records import (
     DicomJson,
     Frames,
     InstanceRecord,
+    OrphanSweep,
     RejectedFile,
     Rendered,
     Scope,
@@ -419,6 +420,46 @@ class Archive:
             await self._run(partial(index.replace_extra_attributes, values=found, tags=tags))
             visited += len(page)
             after = page[-1][0]
+
+    async def collect_orphans(
+        self, tenant: str, *, older_than: timedelta = timedelta(hours=1), dry_run: bool = False
+    ) -> OrphanSweep:
+        """Find (and unless ``dry_run`` delete) a tenant's instance, sidecar and derived objects
+        that no index row points at: what a crash between writing objects and committing their
+        row, or a failed object delete, leaves behind. Objects younger than ``older_than`` are
+        left alone (an ingest may be about to commit their row), as are objects whose date the
+        store does not report. Memory stays flat: the listing is checked 1000 keys at a time."""
+        check_tenant(tenant)
+        cutoff = datetime.now(UTC) - older_than
+        scanned = orphans = removed = 0
+
+        async def settle(batch: list[tuple[str, str]]) -> tuple[int, int]:
+            """(orphans, removed) among ``batch``: (store key, instance key it belongs to)."""
+            wanted = list({owner for _, owner in batch})
+            known = await self._run(lambda s: index.referenced_object_keys(s, tenant, wanted))
+            lost = [key for key, owner in batch if owner not in known]
+            if lost and not dry_run:
+                await self.store.delete(lost)
+            return len(lost), 0 if dry_run else len(lost)
+
+        for kind in ("instances", "metadata", "derived"):
+            prefix = self.store_key(f"{tenant}/{kind}/")
+            batch: list[tuple[str, str]] = []
+            async for info in self.store.list(prefix):
+                scanned += 1
+                owner = BucketLayout.instance_key_of(tenant, info.key[len(self._root) :])
+                if owner is None or info.last_modified is None or info.last_modified > cutoff:
+                    continue
+                batch.append((info.key, owner))
+                if len(batch) == 1000:
+                    found, gone = await settle(batch)
+                    orphans, removed, batch = orphans + found, removed + gone, []
+            if batch:
+                found, gone = await settle(batch)
+                orphans, removed = orphans + found, removed + gone
+        if orphans:
+            log.info("orphaned objects: %d found, %d removed", orphans, removed)
+        return OrphanSweep(scanned=scanned, orphans=orphans, removed=removed)
 
     # -- presigned upload sessions ---------------------------------------------------------
 

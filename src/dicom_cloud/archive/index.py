@@ -160,6 +160,12 @@ def replace_extra_attributes(
     session.flush()
 
 
+def referenced_object_keys(session: Session, tenant: str, keys: Sequence[str]) -> set[str]:
+    """Which of ``keys`` are the object key of an instance row of ``tenant``."""
+    query = select(Instance.object_key).where(Instance.tenant == tenant, Instance.object_key.in_(list(keys)))
+    return set(session.scalars(query))
+
+
 def list_instances(
     session: Session,
     tenant: str,
