@@ -14,6 +14,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from io import BytesIO
 
 import httpx
@@ -305,9 +306,7 @@ def test_retrieve_render_delete_with_encryption(
         assert run(a.rendered("acme", *uids, media_type="image/png")).cached
         token, _ = run(a.create_token("acme", "viewer", ["read"]))
         assert run(a.authenticate(token)) is not None
-        share, link = run(
-            a.create_share("acme", record.study_instance_uid, __import__("datetime").timedelta(hours=1))
-        )
+        share, link = run(a.create_share("acme", record.study_instance_uid, timedelta(hours=1)))
         assert run(a.resolve_share(share)) == link
         result = run(a.delete("acme", record.study_instance_uid))
         assert (result.studies, result.instances) == (1, 1)
