@@ -225,6 +225,7 @@ def test_failed_object_write_leaves_no_index_row(
         run(a.store_instance("acme", make_instance(STUDY, SERIES, SOP)))
     assert "/instances/" in calls[0] and "/metadata/" in calls[1]  # data first, then sidecar
     assert run(a.search_instances("acme", {})) == []
+    assert run(_listing(a)) == []  # the instance object written first is removed again
 
 
 def test_client_side_encryption_of_every_object(mem_bucket: str) -> None:

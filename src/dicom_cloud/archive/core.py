@@ -20,7 +20,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -266,17 +266,28 @@ class Archive:
     async def _store_parsed(
         self, tenant: str, data: bytes, parsed: ParsedInstance, changed: bool
     ) -> StoredInstance:
+        async def write(key: str) -> None:
+            await self._put(key, data, "application/dicom")
+
+        return await self._store(tenant, parsed, len(data), crc32c_hex(data), changed, write)
+
+    async def _store(
+        self,
+        tenant: str,
+        parsed: ParsedInstance,
+        size: int,
+        crc: str,
+        changed: bool,
+        write_object: Callable[[str], Awaitable[None]],
+    ) -> StoredInstance:
+        """Store an instance of ``size`` bytes and CRC32C ``crc`` whose bytes ``write_object(key)``
+        writes: data, then sidecar, then the rows that point at both."""
         uid = parsed.identity.sop_instance_uid
-        crc, size = crc32c_hex(data), len(data)
         existing = await self._run(lambda s: index.find_instance(s, tenant, uid))
         if existing is not None:
             return self._same(existing, size, crc, changed)
         object_key = self._layout.instance_key(tenant, uid, crc)
         sidecar_key = self._layout.sidecar_key(tenant, uid, crc)
-        # Data, then sidecar, then the row that points at both.
-        await self._put(object_key, data, "application/dicom")
-        sidecar = json.dumps(parsed.sidecar, separators=(",", ":")).encode()
-        await self._put(sidecar_key, sidecar, "application/dicom+json")
 
         def insert(session: Session) -> InstanceRecord:
             return index.insert_instance(
@@ -291,6 +302,9 @@ class Archive:
             )
 
         try:
+            await write_object(object_key)
+            sidecar = json.dumps(parsed.sidecar, separators=(",", ":")).encode()
+            await self._put(sidecar_key, sidecar, "application/dicom+json")
             for _attempt in range(5):
                 try:
                     record = await self._run(insert)

@@ -16,7 +16,6 @@ from io import BytesIO
 from typing import Any, Final
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -138,8 +137,11 @@ def _value(ds: Dataset, keyword: str) -> Any:
         return None
 
 
-def read_header(data: bytes) -> tuple[Dataset, int | None]:
-    """The dataset before the pixel data, and the tag of the pixel data element (None if absent)."""
+def read_header(data: bytes, total_size: int | None = None) -> tuple[Dataset, int | None]:
+    """The dataset before the pixel data, and the tag of the pixel data element (None if absent).
+
+    ``data`` is the whole instance, or its head when ``total_size`` (the whole size) is given.
+    """
     fp = BytesIO(data)
     try:
         ds = dcmread(fp, stop_before_pixels=True)
@@ -153,11 +155,11 @@ def read_header(data: bytes) -> tuple[Dataset, int | None]:
         tag = (group << 16) | element
         if tag in _PIXEL_TAGS:
             pixel_tag = tag
-            _check_pixel_length(data, end, ds, fmt[0])
+            _check_pixel_length(data, end, ds, fmt[0], len(data) if total_size is None else total_size)
     return ds, pixel_tag
 
 
-def _check_pixel_length(data: bytes, start: int, ds: Dataset, order: str) -> None:
+def _check_pixel_length(data: bytes, start: int, ds: Dataset, order: str, total_size: int) -> None:
     """Refuse an instance whose pixel data element runs past the end of the data."""
     vr = data[start + 4 : start + 6]
     if ds.is_implicit_VR or not (vr.isalpha() and vr.isupper()):  # some writers mix encodings here
@@ -167,7 +169,7 @@ def _check_pixel_length(data: bytes, start: int, ds: Dataset, order: str) -> Non
     if len(raw) < 4:
         raise DicomFormatError(REASON_PIXELS_TRUNCATED)
     (length,) = struct.unpack(order + "L", raw)
-    if length != 0xFFFFFFFF and start + header + length > len(data):
+    if length != 0xFFFFFFFF and start + header + length > total_size:
         raise DicomFormatError(REASON_PIXELS_TRUNCATED)
 
 
@@ -261,11 +263,30 @@ def parse_instance(data: bytes, extra_tags: Sequence[int] = ()) -> ParsedInstanc
         raise DicomFormatError(REASON_UNREADABLE, detail=type(exc).__name__) from None
 
 
-def vr_of(tag: int) -> str:
+def parse_head(
+    head: bytes, total_size: int, identity: DicomIdentity, extra_tags: Sequence[int] = ()
+) -> ParsedInstance | None:
+    """As :func:`parse_instance` for an instance too large to hold, from its first bytes ``head``
+    (the preamble already zeroed) and its ``identity`` read by a ranged read. None when ``head``
+    ends before the pixel data: read more. Deflated instances cannot be parsed from a head."""
     try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return "UN"
+        ds, pixel_tag = read_header(head, total_size)
+    except DicomFormatError:
+        if len(head) < total_size:
+            return None  # cut inside an element: read more
+        raise
+    if pixel_tag is None and len(head) < total_size:
+        return None
+    try:
+        return ParsedInstance(
+            identity=identity,
+            attributes=index_attributes(ds, identity, extra_tags),
+            sidecar=sidecar_json(ds, pixel_tag),
+        )
+    except Exception as exc:
+        raise DicomFormatError(REASON_UNREADABLE, detail=type(exc).__name__) from None
+
+
 
 
 def json_value_text(element: Mapping[str, Any]) -> str | None:
