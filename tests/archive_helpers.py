@@ -39,9 +39,11 @@ def make_instance(
     preamble: bytes = bytes(128),
     pixels: bool = True,
     frames: int = 1,
+    side: int = 8,
     **attributes: Any,
 ) -> bytes:
-    """A small valid Part 10 CT instance (8x8, 16-bit) with the given attribute values."""
+    """A valid Part 10 CT instance (``side`` x ``side``, 16-bit, 8 by default) with the given
+    attribute values; frame ``f`` has every pixel set to ``f % 256``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_SOP_CLASS
     meta.MediaStorageSOPInstanceUID = sop
@@ -58,7 +60,7 @@ def make_instance(
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
     if pixels:
-        ds.Rows = ds.Columns = 8
+        ds.Rows = ds.Columns = side
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated = ds.BitsStored = 16
@@ -66,7 +68,7 @@ def make_instance(
         ds.PixelRepresentation = 0
         if frames > 1:
             ds.NumberOfFrames = frames
-        ds.PixelData = b"".join(bytes([f, 0]) * 64 for f in range(frames))
+        ds.PixelData = b"".join(bytes([f % 256, 0]) * side * side for f in range(frames))
     out = BytesIO()
     ds.save_as(out, enforce_file_format=True)
     data = out.getvalue()

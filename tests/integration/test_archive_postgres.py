@@ -37,7 +37,7 @@ from archive_helpers import (
 from dicom_cloud.archive import Archive, ArchiveSettings, DeclaredFile
 from dicom_cloud.archive.db import Database
 from dicom_cloud.backends import StoreConfig
-from dicom_cloud.checksum import crc32c_hex
+from dicom_cloud.checksum import Crc32c, crc32c_hex
 from dicom_cloud.crypto.envelope import ClientEncryption
 from dicom_cloud.crypto.keys import KeyRing, MasterKey
 from dicom_cloud.errors import ConflictError, DicomFormatError, NotFoundError, UsageError
@@ -311,3 +311,43 @@ def test_retrieve_render_delete_with_encryption(
         result = run(a.delete("acme", record.study_instance_uid))
         assert (result.studies, result.instances) == (1, 1)
         assert run(_keys(a)) == []
+
+
+def test_large_presigned_upload_is_streamed_in_parts(
+    pg_url: str, s3_bucket: str, s3_settings: StoreConfig
+) -> None:
+    """A 21 MB instance above the stream threshold: copied into place as a multipart upload
+    (8 MiB parts), DC2-encrypted on the way, and read back as a stream."""
+    ring = KeyRing(MasterKey(4, bytes(range(64, 96))))
+    settings = ArchiveSettings(
+        f"s3://{s3_bucket}/big",
+        pg_url,
+        store_config=s3_settings,
+        encryption=ClientEncryption(ring, "DC2"),
+        stream_threshold=1024 * 1024,
+    )
+    data = make_instance(
+        STUDY, f"{STUDY}.1", f"{STUDY}.1.1", frames=40, side=512, preamble=b"\x7fELF" + bytes(124)
+    )
+    with opened(settings) as (a, run):
+        upload = run(a.create_upload("acme", [DeclaredFile("big.dcm", len(data), crc32c_hex(data))]))
+        [url] = run(a.upload_urls(upload))
+        assert httpx.put(url, content=data, timeout=120).status_code in (200, 201)
+        outcome = run(a.complete_upload("acme", upload.id))
+        assert [f.name for f in outcome.accepted] == ["big.dcm"], outcome
+        [record] = run(a.instances("acme", STUDY))
+        expected = bytes(128) + data[128:]
+        assert (record.size, record.crc32c) == (len(expected), crc32c_hex(expected))
+        info = run(a.store.stat(a.store_key(record.object_key)))
+        assert info.metadata["dicom_cloud_encryption"] == "DC2" and info.size > len(data)
+
+        async def streamed() -> tuple[int, str]:
+            crc, size = Crc32c(), 0
+            async for chunk in a.stream_instance(record):
+                crc.update(chunk)
+                size += len(chunk)
+            return size, crc.hexdigest()
+
+        assert run(streamed()) == (record.size, record.crc32c)
+        assert run(a.metadata("acme", STUDY))[0]["00280008"]["Value"] == [40]
+        assert not [k for k in run(_keys(a)) if "/staging/" in k]

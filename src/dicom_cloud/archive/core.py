@@ -32,9 +32,9 @@ from sqlalchemy.orm import Session
 
 from ..backends import StoreConfig
 from ..budget import ByteBudget
-from ..checksum import crc32c_hex
+from ..checksum import Crc32c, crc32c_hex
 from ..crypto.envelope import ClientEncryption
-from ..dicom.header import REASON_UNREADABLE, read_identity_from_store
+from ..dicom.header import REASON_TOO_LONG, REASON_UNREADABLE, DicomIdentity, read_identity_from_store
 from ..errors import (
     ConflictError,
     DicomCloudError,
@@ -45,11 +45,18 @@ from ..errors import (
     UsageError,
 )
 from ..location import Location, LocationOpener
-from ..store import CHECKSUM_METADATA_KEY, PutOptions, Store
+from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, PutOptions, Store
 from . import access, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
-from .parsing import ParsedInstance, json_value_text, parse_instance, sanitise_preamble
+from .parsing import (
+    PREAMBLE_LENGTH,
+    ParsedInstance,
+    json_value_text,
+    parse_head,
+    parse_instance,
+    sanitise_preamble,
+)
 from .records import (
     AcceptedFile,
     ApiToken,
@@ -92,6 +99,11 @@ REASON_TOO_LARGE = "larger than the largest instance accepted"
 REASON_CONFLICT = "another instance with this SOP Instance UID is stored"
 #: Copies of an instance an ingest holds at its peak (see ArchiveSettings.ingest_memory).
 _INGEST_COPIES = 3
+#: Head read for a streamed ingest, doubled while the header runs past it, up to the last.
+_FIRST_HEAD = 64 * 1024
+_MAX_HEAD = 8 * 1024 * 1024
+#: Parts of streamed writes: 8 MiB, 4 in flight.
+_STREAM_PLAN = MultipartPlan(part_size=8 * 1024 * 1024, concurrency=4)
 #: Instances ingested at once by ``complete_upload``.
 _UPLOAD_CONCURRENCY = 4
 _MEDIA_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
@@ -121,8 +133,14 @@ class ArchiveSettings:
     store_config: StoreConfig = field(default_factory=StoreConfig)
     #: HMAC key for the hashed object names (``dicom.layout.uid_hash``); None: plain SHA-256.
     name_key: bytes | None = None
-    #: Largest instance accepted by ``store_instance`` and ``ingest_object`` (held in memory).
+    #: Largest instance held in memory: ``store_instance`` bodies, presigned uploads up to
+    #: ``stream_threshold``, and what ``read_instance``, frames and renderings read.
     max_instance_size: int = 512 * 1024 * 1024
+    #: Presigned uploads larger than this are ingested as streams (two passes over the staged
+    #: object: checksums, then the copy), never held whole in memory.
+    stream_threshold: int = 64 * 1024 * 1024
+    #: Largest presigned upload accepted.
+    max_upload_size: int = 64 * 1024 * 1024 * 1024
     #: Bytes that concurrent ingests may hold in memory at once (about three times each instance's
     #: size: the original, the sanitised copy, the encrypted copy); ingests beyond it wait.
     ingest_memory: int = 1024 * 1024 * 1024
@@ -160,8 +178,10 @@ class Archive:
         qido.resolve_extra_tags(settings.extra_query_tags)  # bad configuration fails before any connection
         if settings.default_query_limit < 1 or settings.max_query_limit < settings.default_query_limit:
             raise UsageError("query limits: 1 <= default_query_limit <= max_query_limit")
-        if settings.ingest_memory < 1 or settings.max_instance_size < 1:
-            raise UsageError("ingest_memory and max_instance_size must be positive")
+        if min(settings.ingest_memory, settings.max_instance_size, settings.max_upload_size) < 1:
+            raise UsageError("ingest_memory, max_instance_size and max_upload_size must be positive")
+        if not 0 < settings.stream_threshold <= settings.max_instance_size:
+            raise UsageError("stream_threshold must be positive and at most max_instance_size")
         opener = LocationOpener(settings.store_config)
         try:
             location = opener.open(settings.storage_url)
@@ -357,17 +377,21 @@ class Archive:
             raise RejectedObjectError(REASON_NOT_UPLOADED) from None
         if expected_size is not None and info.size != expected_size:
             raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
-        if info.size > self.settings.max_instance_size:
+        if info.size > self.settings.max_upload_size:
             raise await self._reject(tenant, staging_key, REASON_TOO_LARGE)
         try:
             # The header first, by a ranged read: junk is refused without reading it whole.
-            await read_identity_from_store(self.store, full, policy="strict", size=info.size)
+            identity = await read_identity_from_store(self.store, full, policy="strict", size=info.size)
         except DicomFormatError as exc:
             raise await self._reject(tenant, staging_key, exc.reason) from None
         except DicomCloudError:
             raise  # the store failed: nothing is known about the object
         except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
             raise await self._reject(tenant, staging_key, REASON_UNREADABLE) from None
+        if info.size > self.settings.stream_threshold:
+            stored = await self._ingest_streamed(tenant, staging_key, info.size, identity, expected_crc32c)
+            await self.store.delete([full])
+            return stored
         async with self._budget.reserve(_INGEST_COPIES * info.size):
             data = bytes(await self.store.get(full))
             if len(data) != info.size:
@@ -385,6 +409,79 @@ class Archive:
                 raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
         await self.store.delete([full])
         return stored
+
+    async def _ingest_streamed(
+        self,
+        tenant: str,
+        staging_key: str,
+        size: int,
+        identity: DicomIdentity,
+        expected_crc32c: str | None,
+    ) -> StoredInstance:
+        """Ingest a staged object too large to hold: its head for the sidecar and the index, one
+        pass for the checksums (the object's name needs its CRC32C), one pass to copy it, with the
+        preamble zeroed and encrypted when configured, into its canonical key."""
+        full = self.store_key(staging_key)
+        head_size, parsed = _FIRST_HEAD, None
+        while parsed is None:
+            head = bytes(await self.store.get_range(full, 0, min(head_size, size)))
+            try:
+                parsed = await asyncio.to_thread(
+                    parse_head, _zero_preamble(head, 0), size, identity, self._extra_ints
+                )
+            except DicomFormatError as exc:
+                raise await self._reject(tenant, staging_key, exc.reason) from None
+            if parsed is None:
+                if head_size >= _MAX_HEAD:
+                    raise await self._reject(tenant, staging_key, REASON_TOO_LONG)
+                head_size *= 2
+        changed = any(head[:PREAMBLE_LENGTH])
+
+        uploaded, sanitised, offset = Crc32c(), Crc32c(), 0
+        async for chunk in self.store.stream(full):
+            uploaded.update(chunk)
+            sanitised.update(_zero_preamble(chunk, offset))
+            offset += len(chunk)
+        if offset != size:
+            raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
+        if expected_crc32c is not None and uploaded.hexdigest() != expected_crc32c.lower():
+            raise await self._reject(tenant, staging_key, REASON_CHECKSUM_MISMATCH)
+        crc = sanitised.hexdigest()
+
+        async def copy_of_staged() -> AsyncIterator[bytes]:
+            check, at = Crc32c(), 0
+            async for chunk in self.store.stream(full):
+                out = _zero_preamble(chunk, at)
+                at += len(chunk)
+                check.update(out)
+                yield out
+            if at != size or check.hexdigest() != crc:
+                # Raised before the stream ends: the multipart upload is never completed.
+                raise IntegrityError("the staged object changed while it was ingested")
+
+        async def write(key: str) -> None:
+            await self._put_stream(key, copy_of_staged(), "application/dicom", crc)
+
+        try:
+            return await self._store(tenant, parsed, size, crc, changed, write)
+        except ConflictError:
+            raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
+
+    async def _put_stream(
+        self, key: str, chunks: AsyncIterator[bytes], content_type: str, plaintext_crc: str
+    ) -> None:
+        """Write a large object from a stream, encrypted when configured. Plaintext objects carry
+        their CRC32C (known beforehand); encrypted ones are authenticated by their GCM tags."""
+        metadata: dict[str, str] = {}
+        body: AsyncIterator[bytes] = chunks
+        if self._crypto.writes_encrypted:
+            metadata.update(self._crypto.marker())
+            body = _encrypted(self._crypto, chunks)
+        else:
+            metadata[CHECKSUM_METADATA_KEY] = plaintext_crc
+        await self.store.put_stream(
+            self.store_key(key), body, PutOptions(content_type=content_type, metadata=metadata), _STREAM_PLAN
+        )
 
     async def _reject(self, tenant: str, staging_key: str, reason: str) -> RejectedObjectError:
         """Move a staging object to quarantine, with its reason beside it; the error to raise."""
@@ -482,7 +579,7 @@ class Archive:
     ) -> UploadSession:
         """Record an upload session and assign one staging key per declared file."""
         check_tenant(tenant)
-        max_size = self.settings.max_instance_size
+        max_size = self.settings.max_upload_size
         return await self._run(lambda s: uploads.create(s, tenant, files, expires_in, max_size))
 
     async def upload_urls(self, upload: UploadSession, expires_in: timedelta | None = None) -> list[str]:
@@ -652,6 +749,36 @@ class Archive:
         if len(data) != record.size or crc32c_hex(data) != record.crc32c:
             raise IntegrityError("a stored instance does not match the size and CRC32C in the index")
         return data
+
+    async def stream_instance(
+        self, record: InstanceRecord, chunk_size: int = 1024 * 1024
+    ) -> AsyncIterator[bytes]:
+        """The instance's bytes as chunks, decrypted, holding about one chunk in memory: for
+        instances too large for :meth:`read_instance`. Size and CRC32C are checked at the end: a
+        mismatch (or a failed GCM tag) raises IntegrityError after the last chunk, so a response
+        being streamed must then be aborted, not completed."""
+        full = self.store_key(record.object_key)
+        info = await self.store.stat(full)
+        fmt = self._crypto.detect(full, info.metadata)
+        decryptor = None
+        if fmt is not None:
+            head = bytes(await self.store.get_range(full, 0, min(16, info.size))) if info.size else b""
+            decryptor = self._crypto.decryptor(self.store.url(full), fmt, info.metadata, head)
+        crc, size = Crc32c(), 0
+        async for chunk in self.store.stream(full, chunk_size=chunk_size):
+            out = decryptor.update(chunk) if decryptor is not None else bytes(chunk)
+            if out:
+                crc.update(out)
+                size += len(out)
+                yield out
+        if decryptor is not None:
+            tail = decryptor.finalize()
+            if tail:
+                crc.update(tail)
+                size += len(tail)
+                yield tail
+        if size != record.size or crc.hexdigest() != record.crc32c:
+            raise IntegrityError("a stored instance does not match the size and CRC32C in the index")
 
     async def read_instances(
         self, records: Sequence[InstanceRecord], *, prefetch: int = 4
@@ -884,6 +1011,24 @@ class Archive:
     async def revoke_share(self, tenant: str, share_id: int) -> ShareLink:
         check_tenant(tenant)
         return await self._run(lambda s: access.revoke_share(s, tenant, share_id))
+
+
+def _zero_preamble(chunk: bytes | memoryview, offset: int) -> bytes:
+    """``chunk`` (found at ``offset`` in an instance) with any preamble bytes in it set to zero."""
+    if offset >= PREAMBLE_LENGTH:
+        return bytes(chunk)
+    cut = min(PREAMBLE_LENGTH - offset, len(chunk))
+    return bytes(cut) + bytes(chunk[cut:])
+
+
+async def _encrypted(crypto: ClientEncryption, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    encryptor = crypto.encryptor()
+    yield encryptor.header
+    async for chunk in chunks:
+        out = encryptor.update(chunk)
+        if out:
+            yield out
+    yield encryptor.finalize()
 
 
 def _absolute_bulk_uris(node: Any, prefix: str) -> None:

@@ -287,8 +287,6 @@ def parse_head(
         raise DicomFormatError(REASON_UNREADABLE, detail=type(exc).__name__) from None
 
 
-
-
 def json_value_text(element: Mapping[str, Any]) -> str | None:
     """The text the index keeps for a DICOM JSON element (as :func:`index_attributes` does for a
     dataset element): values joined by ``\\``, person names by their alphabetic group."""
