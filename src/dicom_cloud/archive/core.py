@@ -136,8 +136,8 @@ class ArchiveSettings:
     #: Largest instance held in memory: ``store_instance`` bodies, presigned uploads up to
     #: ``stream_threshold``, and what ``read_instance``, frames and renderings read.
     max_instance_size: int = 512 * 1024 * 1024
-    #: Presigned uploads larger than this are ingested as streams (two passes over the staged
-    #: object: checksums, then the copy), never held whole in memory.
+    #: Presigned uploads larger than this (or than ``max_instance_size``) are ingested as streams
+    #: (two passes over the staged object: checksums, then the copy), never held whole in memory.
     stream_threshold: int = 64 * 1024 * 1024
     #: Largest presigned upload accepted.
     max_upload_size: int = 64 * 1024 * 1024 * 1024
@@ -180,8 +180,8 @@ class Archive:
             raise UsageError("query limits: 1 <= default_query_limit <= max_query_limit")
         if min(settings.ingest_memory, settings.max_instance_size, settings.max_upload_size) < 1:
             raise UsageError("ingest_memory, max_instance_size and max_upload_size must be positive")
-        if not 0 < settings.stream_threshold <= settings.max_instance_size:
-            raise UsageError("stream_threshold must be positive and at most max_instance_size")
+        if settings.stream_threshold < 1:
+            raise UsageError("stream_threshold must be positive")
         opener = LocationOpener(settings.store_config)
         try:
             location = opener.open(settings.storage_url)
@@ -388,7 +388,7 @@ class Archive:
             raise  # the store failed: nothing is known about the object
         except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
             raise await self._reject(tenant, staging_key, REASON_UNREADABLE) from None
-        if info.size > self.settings.stream_threshold:
+        if info.size > min(self.settings.stream_threshold, self.settings.max_instance_size):
             stored = await self._ingest_streamed(tenant, staging_key, info.size, identity, expected_crc32c)
             await self.store.delete([full])
             return stored
