@@ -5,7 +5,7 @@ parses requests, calls :class:`Archive`, and renders what it returns.
 
 from __future__ import annotations
 
-from .core import Archive, ArchiveSettings, QueryParams
+from .core import Archive, QueryParams
 from .records import (
     SCOPES,
     AcceptedFile,
@@ -26,6 +26,7 @@ from .records import (
     UploadSession,
     UploadState,
 )
+from .settings import ArchiveSettings
 
 __all__ = [
     "SCOPES",
