@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import string
+import warnings
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -36,9 +39,11 @@ def make_instance(
     preamble: bytes = bytes(128),
     pixels: bool = True,
     frames: int = 1,
+    side: int = 8,
     **attributes: Any,
 ) -> bytes:
-    """A small valid Part 10 CT instance (8x8, 16-bit) with the given attribute values."""
+    """A valid Part 10 CT instance (``side`` x ``side``, 16-bit, 8 by default) with the given
+    attribute values; frame ``f`` has every pixel set to ``f % 256``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_SOP_CLASS
     meta.MediaStorageSOPInstanceUID = sop
@@ -55,7 +60,7 @@ def make_instance(
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
     if pixels:
-        ds.Rows = ds.Columns = 8
+        ds.Rows = ds.Columns = side
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated = ds.BitsStored = 16
@@ -63,7 +68,7 @@ def make_instance(
         ds.PixelRepresentation = 0
         if frames > 1:
             ds.NumberOfFrames = frames
-        ds.PixelData = b"".join(bytes([f, 0]) * 64 for f in range(frames))
+        ds.PixelData = b"".join(bytes([f % 256, 0]) * side * side for f in range(frames))
     out = BytesIO()
     ds.save_as(out, enforce_file_format=True)
     data = out.getvalue()
@@ -181,3 +186,48 @@ STUDY_MATCHING_CASES: list[tuple[dict[str, Any], list[str]]] = [
     ({"PatientID": "' OR '1'='1"}, []),  # bound parameters: no injection
     ({"fuzzymatching": "true", "PatientID": "P1"}, [A]),
 ]
+
+
+# --- malformed input, reproducibly random ------------------------------------------------
+
+
+def mutated_instances(seed: int, count: int) -> list[bytes]:
+    """Valid instances with a few random bytes changed in their first 2 KB (headers, meta)."""
+    rnd = random.Random(seed)
+    names = ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm")
+    bases = [read_test_file(n) for n in names]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the over-long values are the point
+        long_values = dict(
+            PatientName="A\x00B^C" + "x" * 400, StudyDescription="y" * 1000, PatientSex="MALE" * 8
+        )
+        bases.append(make_instance("1.2.3", "1.2.3.1", "1.2.3.1.1", **long_values))
+    out = []
+    for _ in range(count):
+        data = bytearray(rnd.choice(bases))
+        for _ in range(rnd.randint(1, 8)):
+            data[rnd.randrange(128, min(len(data), 2000))] = rnd.randrange(256)
+        out.append(bytes(data))
+    return out
+
+
+_QUERY_KEYS = (
+    "PatientName", "PatientID", "StudyDate", "StudyTime", "StudyInstanceUID", "ModalitiesInStudy", "Modality",
+    "SeriesNumber", "InstanceNumber", "SOPInstanceUID", "00100010", "0020000D", "InstitutionName", "limit",
+    "offset", "includefield", "label", "labeldescription", "fuzzymatching", "Rows", "AccessionNumber",
+    "SeriesInstanceUID", "StudyDescription", "bogus", "00000000", "FFFFFFFF", "7FE00010", "00020010",
+)  # fmt: skip
+_QUERY_CHARS = string.printable + "\x00éü漢%_*?\\,-.^="
+_QUERY_VALUES = ("", ",", "\\", "-", "*", "?", "20200101-", "-2020", "9" * 20, "1e5", "٣", "²")
+
+
+def random_queries(seed: int, count: int) -> list[dict[str, str]]:
+    rnd = random.Random(seed)
+    queries = []
+    for _ in range(count):
+        params = {}
+        for _ in range(rnd.randint(0, 3)):
+            value = "".join(rnd.choice(_QUERY_CHARS) for _ in range(rnd.randint(0, 12)))
+            params[rnd.choice(_QUERY_KEYS)] = rnd.choice(_QUERY_VALUES) if rnd.random() < 0.3 else value
+        queries.append(params)
+    return queries

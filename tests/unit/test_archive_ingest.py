@@ -12,12 +12,19 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from archive_helpers import Run, all_test_files, make_instance, opened, read_test_file
+from archive_helpers import Run, all_test_files, make_instance, mutated_instances, opened, read_test_file
 from dicom_cloud.archive import Archive, ArchiveSettings
 from dicom_cloud.archive.parsing import BULK_DATA_THRESHOLD
 from dicom_cloud.crypto.envelope import ClientEncryption
 from dicom_cloud.crypto.keys import KeyRing, MasterKey
-from dicom_cloud.errors import ConflictError, DicomFormatError, IntegrityError, UsageError
+from dicom_cloud.errors import (
+    ConflictError,
+    DicomCloudError,
+    DicomFormatError,
+    IntegrityError,
+    NotSupportedError,
+    UsageError,
+)
 
 STUDY, SERIES, SOP = "1.2.3.4", "1.2.3.4.1", "1.2.3.4.1.1"
 
@@ -218,6 +225,7 @@ def test_failed_object_write_leaves_no_index_row(
         run(a.store_instance("acme", make_instance(STUDY, SERIES, SOP)))
     assert "/instances/" in calls[0] and "/metadata/" in calls[1]  # data first, then sidecar
     assert run(a.search_instances("acme", {})) == []
+    assert run(_listing(a)) == []  # the instance object written first is removed again
 
 
 def test_client_side_encryption_of_every_object(mem_bucket: str) -> None:
@@ -275,3 +283,31 @@ def test_ingests_beyond_the_memory_budget_wait_their_turn(mem_bucket: str) -> No
 
         assert run(all_at_once()) == [True] * 6
         assert a._budget.used == 0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_mutated_instances_are_stored_or_refused_with_typed_errors(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    outcomes = {"stored": 0, "refused": 0}
+    for i, data in enumerate(mutated_instances(seed=7, count=150)):
+        tenant = f"m{i}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                record = run(a.store_instance(tenant, data)).record
+        except DicomFormatError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["stored"] += 1
+        uids = (record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid)
+        for call in (
+            a.frames(tenant, *uids, [1]),
+            a.rendered(tenant, *uids, media_type="image/png"),
+            a.metadata(tenant, *uids),
+            a.bulkdata(tenant, *uids, "7FE00010"),
+        ):
+            try:
+                run(call)
+            except DicomCloudError as exc:
+                assert exc.http_status < 500 or isinstance(exc, NotSupportedError), exc
+    assert outcomes["stored"] > 20 and outcomes["refused"] > 20, outcomes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from archive_helpers import (
     load_qido_corpus,
     make_instance,
     opened,
+    random_queries,
 )
 from dicom_cloud.archive import Archive, ArchiveSettings
 from dicom_cloud.errors import NotFoundError, UsageError
@@ -54,6 +56,7 @@ def test_study_results_carry_the_required_attributes(archive: tuple[Archive, Run
     assert study["00080050"] == {"vr": "SH", "Value": ["ACC1"]}
     assert study["00081190"] == {"vr": "UR", "Value": [f"https://h/dicomweb/studies/{A}"]}
     assert study["00080005"] == {"vr": "CS", "Value": ["ISO_IR 192"]}
+    assert study["00080056"] == {"vr": "CS", "Value": ["ONLINE"]}
     assert "00081030" not in study  # StudyDescription only with includefield
     [b] = run(a.search_studies("acme", {"PatientID": "P2"}))
     assert b["00100030"] == {"vr": "DA"}  # absent birth date: present, empty
@@ -220,3 +223,33 @@ def test_extra_tags_added_later_are_reindexed_from_sidecars(mem_bucket: str) -> 
         assert study["00080080"]["Value"] == ["Clinic"]
         assert run(b.reindex_extra_tags()) == 1  # repeatable
         assert len(run(b.search_instances("acme", {"00180015": "CHEST"}))) == 1
+
+
+def test_random_queries_get_results_or_usage_errors(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    for i, params in enumerate(random_queries(seed=1, count=400)):
+        search = (a.search_studies, a.search_series, a.search_instances)[i % 3]
+        with contextlib.suppress(UsageError):
+            run(search("acme", params))
+
+
+def test_control_characters_and_non_uids_are_usage_errors(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    for params in (
+        {"PatientID": "a\x00b"},
+        {"Patient\x00ID": "x"},
+        {"label": "x\ny"},
+        {"PatientName": "x" * 70000},
+    ):
+        with pytest.raises(UsageError):
+            run(a.search_studies("acme", params))
+    for uid in ("1.2\x00", "abc", "1" * 65, "", "1.2.3/../4"):
+        with pytest.raises(UsageError):
+            run(a.instances("acme", uid))
+        with pytest.raises(UsageError):
+            run(a.search_series("acme", {}, study_instance_uid=uid))
+    with pytest.raises(UsageError):
+        run(a.set_labels("acme", A, description="bad\x00text"))
+    with pytest.raises(UsageError):
+        run(a.create_token("acme", "name\x00", ["read"]))
+    assert run(a.authenticate("dcat_\x00")) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 
@@ -245,3 +246,33 @@ def test_local_directory_storage_and_sqlite_file(tmp_path: Path) -> None:
         [again] = run(a.instances("acme", STUDY))
         assert again == record
         assert run(a.read_instance(again)) == data
+
+
+def test_orphaned_objects_are_collected(
+    archive: tuple[Archive, Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, run = archive
+    kept = _store(archive, make_instance(STUDY, SERIES, f"{SERIES}.1"))
+    lost = _store(archive, make_instance("8.8", "8.8.1", "8.8.1.1"))
+    run(a.rendered("acme", *_uids(kept)))
+    run(a.rendered("acme", *_uids(lost)))
+    _store(archive, make_instance("8.8", "8.8.1", "8.8.1.1"), tenant="beta")
+
+    async def failing_delete(keys):  # type: ignore[no-untyped-def]
+        raise OSError("store unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(a.store, "delete", failing_delete)
+        run(a.delete("acme", "8.8"))  # rows gone, objects left: orphans
+    assert len(run(_keys(a))) == 8
+
+    young = run(a.collect_orphans("acme"))  # default: only objects older than an hour
+    assert (young.scanned, young.orphans, young.removed) == (6, 0, 0)
+    dry = run(a.collect_orphans("acme", older_than=timedelta(0), dry_run=True))
+    assert (dry.orphans, dry.removed) == (3, 0)
+    swept = run(a.collect_orphans("acme", older_than=timedelta(0)))
+    assert (swept.orphans, swept.removed) == (3, 3)
+    assert len(run(_keys(a))) == 5  # the kept instance (3 objects) and beta's (2)
+    assert run(a.read_instance(kept))
+    assert run(a.rendered("acme", *_uids(kept))).cached
+    assert run(a.collect_orphans("beta", older_than=timedelta(0))).orphans == 0

@@ -5,7 +5,7 @@ parses requests, calls :class:`Archive`, and renders what it returns.
 
 from __future__ import annotations
 
-from .core import Archive, ArchiveSettings, QueryParams
+from .core import Archive, QueryParams
 from .records import (
     SCOPES,
     AcceptedFile,
@@ -15,6 +15,7 @@ from .records import (
     DicomJson,
     Frames,
     InstanceRecord,
+    OrphanSweep,
     RejectedFile,
     Rendered,
     Scope,
@@ -25,6 +26,7 @@ from .records import (
     UploadSession,
     UploadState,
 )
+from .settings import ArchiveSettings
 
 __all__ = [
     "SCOPES",
@@ -37,6 +39,7 @@ __all__ = [
     "DicomJson",
     "Frames",
     "InstanceRecord",
+    "OrphanSweep",
     "QueryParams",
     "RejectedFile",
     "Rendered",

@@ -60,8 +60,8 @@ def create_token(session: Session, tenant: str, name: str, scopes: Sequence[Scop
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:
         raise UsageError("a token needs one or more scopes among read, write and admin")
-    if not name.strip() or len(name) > 256:
-        raise UsageError("a token's name has 1 to 256 characters")
+    if not name.strip() or len(name) > 256 or any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise UsageError("a token's name has 1 to 256 characters, none of them control characters")
     token = _new_secret(TOKEN_PREFIX)
     row = ApiTokenRow(
         tenant=tenant,
@@ -75,8 +75,12 @@ def create_token(session: Session, tenant: str, name: str, scopes: Sequence[Scop
     return token, _token(row)
 
 
+def _plausible(token: str, prefix: str) -> bool:
+    return isinstance(token, str) and token.startswith(prefix) and len(token) <= 128 and token.isascii()
+
+
 def authenticate(session: Session, token: str) -> ApiToken | None:
-    if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+    if not _plausible(token, TOKEN_PREFIX):
         return None
     digest = token_hash(token)
     row = session.scalar(select(ApiTokenRow).where(ApiTokenRow.token_hash == digest))
@@ -123,7 +127,7 @@ def create_share(
 
 
 def resolve_share(session: Session, token: str, now: datetime | None = None) -> ShareLink | None:
-    if not token.startswith(SHARE_PREFIX) or len(token) > 128:
+    if not _plausible(token, SHARE_PREFIX):
         return None
     row = session.scalar(select(ShareLinkRow).where(ShareLinkRow.token_hash == token_hash(token)))
     if row is None or row.revoked is not None:

@@ -56,6 +56,21 @@ class BucketLayout:
         return f"{tenant}/derived/{self._stem(sop_instance_uid, crc32c)}/"
 
     @staticmethod
+    def instance_key_of(tenant: str, key: str) -> str | None:
+        """The instance key an instance, sidecar or derived key belongs to; None for other keys."""
+        for kind, suffix in (("instances", ".dcm"), ("metadata", ".json"), ("derived", None)):
+            prefix = f"{tenant}/{kind}/"
+            if not key.startswith(prefix):
+                continue
+            parts = key[len(prefix) :].split("/")
+            if suffix is None:  # derived: {h[0:2]}/{h[2:4]}/{stem}/{name}
+                return f"{tenant}/instances/{'/'.join(parts[:3])}.dcm" if len(parts) == 4 else None
+            if len(parts) == 3 and parts[2].endswith(suffix):
+                return f"{tenant}/instances/{parts[0]}/{parts[1]}/{parts[2][: -len(suffix)]}.dcm"
+            return None
+        return None
+
+    @staticmethod
     def staging_key(tenant: str, session_id: str, index: int) -> str:
         return f"{tenant}/staging/{session_id}/{index}"
 

@@ -21,34 +21,28 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from io import BytesIO
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
 from sqlalchemy.orm import Session
 
-from ..backends import StoreConfig
-from ..budget import ByteBudget
-from ..checksum import crc32c_hex
+from ..checksum import Crc32c, crc32c_hex
 from ..crypto.envelope import ClientEncryption
-from ..dicom.header import read_identity_from_store
 from ..errors import (
     ConflictError,
-    DicomFormatError,
     IntegrityError,
     NotFoundError,
     RejectedObjectError,
     UsageError,
 )
 from ..location import Location, LocationOpener
-from ..store import CHECKSUM_METADATA_KEY, PutOptions, Store
-from . import access, index, qido, uploads
+from ..store import Store
+from . import access, housekeeping, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
-from .parsing import ParsedInstance, json_value_text, parse_instance, sanitise_preamble
+from .ingest import Ingestor
+from .objects import ArchiveObjects
 from .records import (
     AcceptedFile,
     ApiToken,
@@ -57,6 +51,7 @@ from .records import (
     DicomJson,
     Frames,
     InstanceRecord,
+    OrphanSweep,
     RejectedFile,
     Rendered,
     Scope,
@@ -67,18 +62,22 @@ from .records import (
     UploadSession,
     UploadState,
 )
+from .settings import ArchiveSettings
 
 T = TypeVar("T")
+_UID = re.compile(r"[0-9.]{1,64}")
+
+
+def _check_uids(*uids: str | None) -> None:
+    """UIDs named by a caller: digits and dots, at most 64 (every stored UID passed the strict
+    policy, so anything else names nothing; refused before it reaches the database)."""
+    for uid in uids:
+        if uid is not None and (not isinstance(uid, str) or not _UID.fullmatch(uid)):
+            raise UsageError("not a DICOM UID", hint="UIDs are digits and dots, at most 64 characters")
+
+
 log = logging.getLogger("dicom_cloud.archive")
 
-#: Reasons of refusals that are not about the DICOM format (stable strings, no patient data).
-REASON_NOT_UPLOADED = "not uploaded"
-REASON_SIZE_MISMATCH = "size differs from the declared size"
-REASON_CHECKSUM_MISMATCH = "CRC32C differs from the declared checksum"
-REASON_TOO_LARGE = "larger than the largest instance accepted"
-REASON_CONFLICT = "another instance with this SOP Instance UID is stored"
-#: Copies of an instance an ingest holds at its peak (see ArchiveSettings.ingest_memory).
-_INGEST_COPIES = 3
 #: Instances ingested at once by ``complete_upload``.
 _UPLOAD_CONCURRENCY = 4
 _MEDIA_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
@@ -87,37 +86,6 @@ _MEDIA_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
 #: ``offset``, ``includefield``, ``fuzzymatching``, ``label``, ``labeldescription``, each with
 #: one value or several (a key repeated in the query string).
 QueryParams = Mapping[str, str | Sequence[str]]
-
-
-@dataclass(frozen=True)
-class ArchiveSettings:
-    """How to open an archive."""
-
-    #: Where objects live: ``s3://bucket/prefix``, ``gs://...``, ``azure://...``, a local
-    #: directory, or ``memory://name`` (tests). Every key the archive writes is under it.
-    storage_url: str
-    #: The index: ``sqlite:///path/index.db`` (default in the embedded mode) or
-    #: ``postgresql://user@host/db`` (psycopg 3 is used whatever driver the URL names).
-    database_url: str = "sqlite:///dicom-cloud-index.db"
-    #: Client-side encryption of everything written (instances, sidecars, previews); also the
-    #: keys to read objects written encrypted before.
-    encryption: ClientEncryption | None = None
-    #: Extra attributes indexed for QIDO matching (keywords or tags), beyond the built-in ones.
-    extra_query_tags: Sequence[str] = ()
-    #: Store connection settings (endpoint, region, server-side encryption...).
-    store_config: StoreConfig = field(default_factory=StoreConfig)
-    #: HMAC key for the hashed object names (``dicom.layout.uid_hash``); None: plain SHA-256.
-    name_key: bytes | None = None
-    #: Largest instance accepted by ``store_instance`` and ``ingest_object`` (held in memory).
-    max_instance_size: int = 512 * 1024 * 1024
-    #: Bytes that concurrent ingests may hold in memory at once (about three times each instance's
-    #: size: the original, the sanitised copy, the encrypted copy); ingests beyond it wait.
-    ingest_memory: int = 1024 * 1024 * 1024
-    #: Default and largest ``limit`` of a QIDO query.
-    default_query_limit: int = 100
-    max_query_limit: int = 1000
-    #: Longest side in pixels of a thumbnail.
-    thumbnail_size: int = 128
 
 
 class Archive:
@@ -132,23 +100,24 @@ class Archive:
         self.settings = settings
         self.store = location.store
         self._opener = opener
-        self._root = location.prefix
         self._db = db
-        self._crypto = settings.encryption or ClientEncryption()
+        self._objects = ArchiveObjects(
+            location.store, location.prefix, settings.encryption or ClientEncryption()
+        )
         self._layout = BucketLayout(settings.name_key)
         self._extra = qido.resolve_extra_tags(settings.extra_query_tags)
-        self._extra_ints = [int(e.tag, 16) for e in self._extra]
         self._limits = qido.QueryLimits(settings.default_query_limit, settings.max_query_limit)
-        self._budget = ByteBudget(settings.ingest_memory)
+        self._ingest = Ingestor(
+            settings, self._objects, db, self._layout, [int(e.tag, 16) for e in self._extra]
+        )
+        #: Shared by concurrent ingests (ArchiveSettings.ingest_memory).
+        self._budget = self._ingest.budget
 
     @classmethod
     async def open(cls, settings: ArchiveSettings) -> Archive:
         """Open the store and the index, bringing the schema up to date (Alembic) first."""
-        qido.resolve_extra_tags(settings.extra_query_tags)  # bad configuration fails before any connection
-        if settings.default_query_limit < 1 or settings.max_query_limit < settings.default_query_limit:
-            raise UsageError("query limits: 1 <= default_query_limit <= max_query_limit")
-        if settings.ingest_memory < 1 or settings.max_instance_size < 1:
-            raise UsageError("ingest_memory and max_instance_size must be positive")
+        settings.check()  # bad configuration fails before any connection
+        qido.resolve_extra_tags(settings.extra_query_tags)
         opener = LocationOpener(settings.store_config)
         try:
             location = opener.open(settings.storage_url)
@@ -174,51 +143,10 @@ class Archive:
     def store_key(self, key: str) -> str:
         """The key in :attr:`store` of an archive key (records hold keys relative to the archive
         root); use it to presign staging uploads: ``store.sign(store_key(k), ttl, "PUT")``."""
-        return self._root + key
+        return self._objects.key(key)
 
     async def _run(self, work: Callable[[Session], T]) -> T:
         return await self._db.run(work)
-
-    async def _put(self, key: str, data: bytes, content_type: str) -> None:
-        """Write an object, encrypted when configured, with the CRC32C of the stored bytes."""
-        metadata: dict[str, str] = {}
-        if self._crypto.writes_encrypted:
-            data = await asyncio.to_thread(self._crypto.encrypt, data)
-            metadata.update(self._crypto.marker())
-        metadata[CHECKSUM_METADATA_KEY] = crc32c_hex(data)
-        await self.store.put(
-            self.store_key(key), data, PutOptions(content_type=content_type, metadata=metadata)
-        )
-
-    async def _get(self, key: str) -> bytes:
-        """Read an object written by :meth:`_put`, decrypting it when it is encrypted."""
-        full = self.store_key(key)
-        info, blob = await self.store.read(full)
-        recorded = info.metadata.get(CHECKSUM_METADATA_KEY)
-        if recorded is not None and crc32c_hex(blob) != recorded:
-            raise IntegrityError(f"{self.store.url(full)} does not match its recorded CRC32C")
-        fmt = self._crypto.detect(full, info.metadata)
-        if fmt is None:
-            return bytes(blob)
-        return await asyncio.to_thread(self._crypto.decrypt, self.store.url(full), fmt, info.metadata, blob)
-
-    async def _delete_objects(self, keys: Sequence[str], prefixes: Sequence[str] = ()) -> None:
-        """Remove objects (and everything under ``prefixes``) after their rows are gone. A failure
-        leaves unreferenced objects behind: it is logged, without keys, and not raised."""
-        limit = asyncio.Semaphore(16)
-
-        async def under(prefix: str) -> list[str]:
-            async with limit:
-                return [info.key async for info in self.store.list(self.store_key(prefix))]
-
-        try:
-            found = [self.store_key(k) for k in keys]
-            for listed in await asyncio.gather(*(under(p) for p in prefixes)):
-                found += listed
-            for start in range(0, len(found), 1000):
-                await self.store.delete(found[start : start + 1000])
-        except Exception as exc:
-            log.warning("objects left behind after a delete: %s (%d keys)", type(exc).__name__, len(keys))
 
     # -- ingest --------------------------------------------------------------------------
 
@@ -230,81 +158,7 @@ class Archive:
         index row. The same SOP Instance UID with identical bytes is an idempotent success
         (``created=False``); with different bytes it is ConflictError (409) and nothing changes.
         """
-        check_tenant(tenant)
-        if len(data) > self.settings.max_instance_size:
-            raise UsageError(f"the instance is larger than {self.settings.max_instance_size} bytes")
-        async with self._budget.reserve(_INGEST_COPIES * len(data)):
-            sanitised, changed = sanitise_preamble(data)
-            parsed = await asyncio.to_thread(parse_instance, sanitised, self._extra_ints)
-            return await self._store_parsed(tenant, sanitised, parsed, changed)
-
-    def _same(self, existing: InstanceRecord, size: int, crc: str, changed: bool) -> StoredInstance:
-        if existing.size == size and existing.crc32c == crc:
-            return StoredInstance(existing, created=False, preamble_sanitised=changed)
-        raise self._conflict()
-
-    @staticmethod
-    def _conflict() -> ConflictError:
-        return ConflictError(
-            "an instance with this SOP Instance UID and other content is already stored",
-            hint="delete the stored instance first to replace it",
-        )
-
-    async def _store_parsed(
-        self, tenant: str, data: bytes, parsed: ParsedInstance, changed: bool
-    ) -> StoredInstance:
-        uid = parsed.identity.sop_instance_uid
-        crc, size = crc32c_hex(data), len(data)
-        existing = await self._run(lambda s: index.find_instance(s, tenant, uid))
-        if existing is not None:
-            return self._same(existing, size, crc, changed)
-        object_key = self._layout.instance_key(tenant, uid, crc)
-        sidecar_key = self._layout.sidecar_key(tenant, uid, crc)
-        # Data, then sidecar, then the row that points at both.
-        await self._put(object_key, data, "application/dicom")
-        sidecar = json.dumps(parsed.sidecar, separators=(",", ":")).encode()
-        await self._put(sidecar_key, sidecar, "application/dicom+json")
-
-        def insert(session: Session) -> InstanceRecord:
-            return index.insert_instance(
-                session,
-                tenant,
-                parsed.attributes,
-                object_key=object_key,
-                sidecar_key=sidecar_key,
-                size=size,
-                crc32c=crc,
-                encrypted=self._crypto.writes_encrypted,
-            )
-
-        try:
-            for _attempt in range(5):
-                try:
-                    record = await self._run(insert)
-                    return StoredInstance(record, created=True, preamble_sanitised=changed)
-                except DatabaseIntegrityError:
-                    # Another writer created a row first: this instance (then decide), or its
-                    # patient/study/series (then try again: they exist now).
-                    existing = await self._run(lambda s: index.find_instance(s, tenant, uid))
-                    if existing is not None:
-                        if existing.object_key == object_key:
-                            return self._same(existing, size, crc, changed)  # same bytes, same objects
-                        raise self._conflict() from None
-            raise ConflictError("the index kept refusing the instance's rows; try again")
-        except BaseException:
-            await self._remove_unindexed(tenant, uid, object_key, sidecar_key)
-            raise
-
-    async def _remove_unindexed(self, tenant: str, uid: str, object_key: str, sidecar_key: str) -> None:
-        """Remove the objects of a failed ingest, unless a row points at them after all (a commit
-        whose acknowledgement was lost) or the index cannot tell (then they stay, unreferenced)."""
-        try:
-            existing = await self._run(lambda s: index.find_instance(s, tenant, uid))
-        except Exception:
-            log.warning("objects of a failed ingest left in place: the index is unreachable")
-            return
-        if existing is None or existing.object_key != object_key:
-            await self._delete_objects([object_key, sidecar_key])
+        return await self._ingest.store_instance(tenant, data)
 
     async def ingest_object(
         self,
@@ -317,92 +171,32 @@ class Archive:
 
         Checks that it exists, has ``expected_size`` bytes and ``expected_crc32c``; reads its
         header by a ranged read and validates it; then stores it as :meth:`store_instance` does
-        and removes the staging object. A refused object is moved to the quarantine prefix and
-        RejectedObjectError (``reason``, ``quarantine_key``) is raised.
+        (as a stream above ``stream_threshold``) and removes the staging object. A refused object
+        is moved to the quarantine prefix and RejectedObjectError (``reason``, ``quarantine_key``)
+        is raised.
         """
-        check_tenant(tenant)
-        if not staging_key.startswith(BucketLayout.staging_prefix(tenant)) or ".." in staging_key:
-            raise UsageError("the object is not in this tenant's staging area")
-        full = self.store_key(staging_key)
-        try:
-            info = await self.store.stat(full)
-        except NotFoundError:
-            raise RejectedObjectError(REASON_NOT_UPLOADED) from None
-        if expected_size is not None and info.size != expected_size:
-            raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
-        if info.size > self.settings.max_instance_size:
-            raise await self._reject(tenant, staging_key, REASON_TOO_LARGE)
-        try:
-            # The header first, by a ranged read: junk is refused without reading it whole.
-            await read_identity_from_store(self.store, full, policy="strict", size=info.size)
-        except DicomFormatError as exc:
-            raise await self._reject(tenant, staging_key, exc.reason) from None
-        async with self._budget.reserve(_INGEST_COPIES * info.size):
-            data = bytes(await self.store.get(full))
-            if len(data) != info.size:
-                raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
-            if expected_crc32c is not None and crc32c_hex(data) != expected_crc32c.lower():
-                raise await self._reject(tenant, staging_key, REASON_CHECKSUM_MISMATCH)
-            try:
-                sanitised, changed = sanitise_preamble(data)
-                del data
-                parsed = await asyncio.to_thread(parse_instance, sanitised, self._extra_ints)
-                stored = await self._store_parsed(tenant, sanitised, parsed, changed)
-            except DicomFormatError as exc:
-                raise await self._reject(tenant, staging_key, exc.reason) from None
-            except ConflictError:
-                raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
-        await self.store.delete([full])
-        return stored
+        return await self._ingest.ingest_object(tenant, staging_key, expected_size, expected_crc32c)
 
-    async def _reject(self, tenant: str, staging_key: str, reason: str) -> RejectedObjectError:
-        """Move a staging object to quarantine, with its reason beside it; the error to raise."""
-        quarantine_key = BucketLayout.quarantine_key(tenant, staging_key)
-        src, dst = self.store_key(staging_key), self.store_key(quarantine_key)
-        if self.store.features.server_side_copy:
-            await self.store.copy(src, dst)
-        else:
-            await self.store.put(dst, bytes(await self.store.get(src)))
-        note = {"reason": reason, "quarantined": datetime.now(UTC).isoformat(), "staging_key": staging_key}
-        await self.store.put(
-            dst + ".reason.json", json.dumps(note).encode(), PutOptions(content_type="application/json")
-        )
-        await self.store.delete([src])
-        log.info("upload refused and quarantined: %s", reason)
-        return RejectedObjectError(reason, quarantine_key=quarantine_key)
+    # -- housekeeping ----------------------------------------------------------------------
 
     async def reindex_extra_tags(self, batch: int = 500) -> int:
         """Fill the configured extra query tags of every stored instance (all tenants) from the
         sidecars: what to run after adding a tag to ``extra_query_tags``. Returns the number of
         instances visited. Safe to repeat, and to run while instances are being stored."""
-        tags = [e.tag for e in self._extra]
-        if not tags:
-            return 0
-        visited, after = 0, 0
-        limit = asyncio.Semaphore(16)
+        return await housekeeping.reindex_extra_tags(self._objects, self._db, self._extra, batch)
 
-        async def values(pk: int, sidecar_key: str) -> tuple[int, list[tuple[str, str, str]]]:
-            async with limit:
-                try:
-                    sidecar = json.loads(await self._get(sidecar_key))
-                except NotFoundError:
-                    return pk, []  # deleted meanwhile
-            found = []
-            for extra in self._extra:
-                element = sidecar.get(extra.tag)
-                text = json_value_text(element) if isinstance(element, dict) else None
-                if text is not None:
-                    found.append((extra.tag, str(element.get("vr", extra.vr)), text))
-            return pk, found
-
-        while True:
-            page = await self._run(partial(index.instance_page, after=after, size=batch))
-            if not page:
-                return visited
-            found = await asyncio.gather(*(values(pk, key) for pk, key in page))
-            await self._run(partial(index.replace_extra_attributes, values=found, tags=tags))
-            visited += len(page)
-            after = page[-1][0]
+    async def collect_orphans(
+        self, tenant: str, *, older_than: timedelta = timedelta(hours=1), dry_run: bool = False
+    ) -> OrphanSweep:
+        """Find (and unless ``dry_run`` delete) a tenant's instance, sidecar and derived objects
+        that no index row points at: what a crash between writing objects and committing their
+        row, or a failed object delete, leaves behind. Objects younger than ``older_than`` are
+        left alone (an ingest may be about to commit their row), as are objects whose date the
+        store does not report. Memory stays flat: the listing is checked 1000 keys at a time."""
+        check_tenant(tenant)
+        return await housekeeping.collect_orphans(
+            self._objects, self._db, tenant, older_than=older_than, dry_run=dry_run
+        )
 
     # -- presigned upload sessions ---------------------------------------------------------
 
@@ -411,7 +205,7 @@ class Archive:
     ) -> UploadSession:
         """Record an upload session and assign one staging key per declared file."""
         check_tenant(tenant)
-        max_size = self.settings.max_instance_size
+        max_size = self.settings.max_upload_size
         return await self._run(lambda s: uploads.create(s, tenant, files, expires_in, max_size))
 
     async def upload_urls(self, upload: UploadSession, expires_in: timedelta | None = None) -> list[str]:
@@ -456,7 +250,7 @@ class Archive:
             if upload.state == "completed" and upload.result is not None:
                 return UploadOutcome.from_json(upload.result)
             if upload.state == "expired":
-                await self._delete_objects(upload.staging_keys)
+                await self._objects.delete(upload.staging_keys)
                 raise UsageError("the upload session has expired", hint="start a new upload")
             raise ConflictError("the upload session is being completed by another request")
         try:
@@ -474,7 +268,7 @@ class Archive:
         when = now or datetime.now(UTC)
         expired = await self._run(lambda s: uploads.expire_due(s, when))
         for upload in expired:
-            await self._delete_objects(upload.staging_keys)
+            await self._objects.delete(upload.staging_keys)
         return len(expired)
 
     async def _ingest_session(self, upload: UploadSession) -> UploadOutcome:
@@ -510,6 +304,7 @@ class Archive:
         self, tenant: str, level: qido.Level, params: QueryParams, **scope: Any
     ) -> list[DicomJson]:
         check_tenant(tenant)
+        _check_uids(scope.get("study_instance_uid"), scope.get("series_instance_uid"))
         return await self._run(
             lambda s: qido.search(
                 s, tenant, level, params, extra_tags=self._extra, limits=self._limits, **scope
@@ -567,6 +362,7 @@ class Archive:
         """The instances of a study, a series or one instance, ordered by series then instance
         number. NotFoundError when there are none (for this tenant)."""
         check_tenant(tenant)
+        _check_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         return await self._run(
             lambda s: index.require_instances(
                 s, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
@@ -575,10 +371,25 @@ class Archive:
 
     async def read_instance(self, record: InstanceRecord) -> bytes:
         """The instance's Part 10 bytes: decrypted, size and CRC32C checked (IntegrityError)."""
-        data = await self._get(record.object_key)
+        data = await self._objects.get(record.object_key)
         if len(data) != record.size or crc32c_hex(data) != record.crc32c:
             raise IntegrityError("a stored instance does not match the size and CRC32C in the index")
         return data
+
+    async def stream_instance(
+        self, record: InstanceRecord, chunk_size: int = 1024 * 1024
+    ) -> AsyncIterator[bytes]:
+        """The instance's bytes as chunks, decrypted, holding about one chunk in memory: for
+        instances too large for :meth:`read_instance`. Size and CRC32C are checked at the end: a
+        mismatch (or a failed GCM tag) raises IntegrityError after the last chunk, so a response
+        being streamed must then be aborted, not completed."""
+        crc, size = Crc32c(), 0
+        async for chunk in self._objects.stream(record.object_key, chunk_size):
+            crc.update(chunk)
+            size += len(chunk)
+            yield chunk
+        if size != record.size or crc.hexdigest() != record.crc32c:
+            raise IntegrityError("a stored instance does not match the size and CRC32C in the index")
 
     async def read_instances(
         self, records: Sequence[InstanceRecord], *, prefetch: int = 4
@@ -643,7 +454,7 @@ class Archive:
 
         async def one(record: InstanceRecord) -> DicomJson:
             async with limit:
-                sidecar: DicomJson = json.loads(await self._get(record.sidecar_key))
+                sidecar: DicomJson = json.loads(await self._objects.get(record.sidecar_key))
             if base_url is not None:
                 prefix = (
                     f"{base_url.rstrip('/')}/studies/{record.study_instance_uid}/series/"
@@ -711,7 +522,7 @@ class Archive:
             + f"{name}.{extension}"
         )
         try:
-            cached = await self._get(key)
+            cached = await self._objects.get(key)
         except NotFoundError:
             pass
         else:
@@ -724,7 +535,7 @@ class Archive:
         picture, width, height = await asyncio.to_thread(
             render_frame, data, frame, media_type, max_size=size, quality=quality
         )
-        await self._put(key, picture, media_type)
+        await self._objects.put(key, picture, media_type)
         return Rendered(media_type, picture, width, height, cached=False)  # type: ignore[arg-type]
 
     # -- delete ----------------------------------------------------------------------------
@@ -739,6 +550,7 @@ class Archive:
         """Delete a study, a series or one instance: index rows first, then objects, sidecars
         and derived objects. NotFoundError when nothing matches (for this tenant)."""
         check_tenant(tenant)
+        _check_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         records, series, studies = await self._run(
             lambda s: index.delete_instances(
                 s, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
@@ -746,13 +558,14 @@ class Archive:
         )
         keys = [k for r in records for k in (r.object_key, r.sidecar_key)]
         prefixes = [self._layout.derived_prefix(tenant, r.sop_instance_uid, r.crc32c) for r in records]
-        await self._delete_objects(keys, prefixes)
+        await self._objects.delete(keys, prefixes)
         return DeleteResult(studies=studies, series=series, instances=len(records))
 
     # -- labels ----------------------------------------------------------------------------
 
     async def get_labels(self, tenant: str, study_instance_uid: str) -> StudyLabels:
         check_tenant(tenant)
+        _check_uids(study_instance_uid)
         return await self._run(lambda s: index.get_labels(s, tenant, study_instance_uid))
 
     async def set_labels(
@@ -765,6 +578,7 @@ class Archive:
     ) -> StudyLabels:
         """Replace the study's tags (when given) and description (when given; "" clears it)."""
         check_tenant(tenant)
+        _check_uids(study_instance_uid)
         return await self._run(lambda s: index.set_labels(s, tenant, study_instance_uid, tags, description))
 
     # -- API tokens ------------------------------------------------------------------------
@@ -793,6 +607,7 @@ class Archive:
     ) -> tuple[str, ShareLink]:
         """A new share token for read-only access to one study (returned once) and its record."""
         check_tenant(tenant)
+        _check_uids(study_instance_uid)
         return await self._run(lambda s: access.create_share(s, tenant, study_instance_uid, expires_in))
 
     async def resolve_share(self, token: str) -> ShareLink | None:
@@ -801,6 +616,7 @@ class Archive:
 
     async def list_shares(self, tenant: str, study_instance_uid: str | None = None) -> list[ShareLink]:
         check_tenant(tenant)
+        _check_uids(study_instance_uid)
         return await self._run(lambda s: access.list_shares(s, tenant, study_instance_uid))
 
     async def revoke_share(self, tenant: str, share_id: int) -> ShareLink:

@@ -11,10 +11,11 @@ worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
+from functools import wraps
 from io import BytesIO
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,11 +24,31 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
-from ..errors import DicomFormatError, NotFoundError, NotSupportedError, UsageError
+from ..errors import DicomCloudError, DicomFormatError, NotFoundError, NotSupportedError, UsageError
 
 MediaType = Literal["image/jpeg", "image/png"]
 MEDIA_TYPES: Final[tuple[MediaType, ...]] = ("image/jpeg", "image/png")
 _EXPLICIT_LE: Final = "1.2.840.10008.1.2.1"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _typed_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Whatever pydicom, numpy or Pillow raise on a malformed instance becomes DicomFormatError
+    (the type name only: messages may quote values)."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except DicomCloudError:
+            raise
+        except Exception as exc:
+            raise DicomFormatError("unreadable pixel data", detail=type(exc).__name__) from None
+
+    return wrapper
 
 
 def _dataset(data: bytes) -> Dataset:
@@ -52,6 +73,7 @@ def _check_numbers(numbers: Sequence[int], count: int) -> None:
             raise UsageError(f"frame {n} does not exist: the instance has {count} frame(s)")
 
 
+@_typed_errors
 def extract_frames(data: bytes, numbers: Sequence[int]) -> tuple[str, list[bytes], bool]:
     """(transfer syntax, frames, encapsulated) for the 1-based frame ``numbers`` of an instance."""
     ds = _dataset(data)
@@ -80,6 +102,7 @@ def extract_frames(data: bytes, numbers: Sequence[int]) -> tuple[str, list[bytes
     return out_syntax, frames, False
 
 
+@_typed_errors
 def element_bytes(data: bytes, tag: int) -> bytes | None:
     """The raw value of a top-level element of an instance (bulk data retrieval); None if absent."""
     ds = _dataset(data)
@@ -128,6 +151,7 @@ def _frame_pixels(ds: Dataset, index: int) -> npt.NDArray[np.uint8]:
     return out
 
 
+@_typed_errors
 def render_frame(
     data: bytes, frame: int, media_type: str, *, max_size: int | None = None, quality: int = 90
 ) -> tuple[bytes, int, int]:

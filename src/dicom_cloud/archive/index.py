@@ -160,6 +160,12 @@ def replace_extra_attributes(
     session.flush()
 
 
+def referenced_object_keys(session: Session, tenant: str, keys: Sequence[str]) -> set[str]:
+    """Which of ``keys`` are the object key of an instance row of ``tenant``."""
+    query = select(Instance.object_key).where(Instance.tenant == tenant, Instance.object_key.in_(list(keys)))
+    return set(session.scalars(query))
+
+
 def list_instances(
     session: Session,
     tenant: str,
@@ -299,6 +305,8 @@ def set_labels(
     if description is not None:
         if len(description) > _MAX_DESCRIPTION:
             raise UsageError(f"a description has at most {_MAX_DESCRIPTION} characters")
+        if any((ord(c) < 32 and c not in "\t\n\r") or c == "\x7f" for c in description):
+            raise UsageError("a description cannot hold control characters other than tab and newline")
         study.label_description = description or None
     session.flush()
     return get_labels(session, tenant, study_instance_uid)

@@ -16,14 +16,13 @@ from io import BytesIO
 from typing import Any, Final
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from ..dicom.header import REASON_NO_DICM, REASON_UNREADABLE, DicomIdentity, read_identity
-from ..errors import DicomFormatError
+from ..errors import DicomCloudError, DicomFormatError
 
 PREAMBLE_LENGTH: Final = 128
 REASON_PIXELS_TRUNCATED: Final = "truncated in the pixel data"
@@ -55,7 +54,8 @@ def _text(value: Any) -> str | None:
         return None
     else:
         text = str(value)
-    text = text.strip("\x00 ")
+    # NUL cannot be stored in PostgreSQL text; inside a value it is padding gone wrong.
+    text = text.replace("\x00", "").strip()
     return text or None
 
 
@@ -137,8 +137,11 @@ def _value(ds: Dataset, keyword: str) -> Any:
         return None
 
 
-def read_header(data: bytes) -> tuple[Dataset, int | None]:
-    """The dataset before the pixel data, and the tag of the pixel data element (None if absent)."""
+def read_header(data: bytes, total_size: int | None = None) -> tuple[Dataset, int | None]:
+    """The dataset before the pixel data, and the tag of the pixel data element (None if absent).
+
+    ``data`` is the whole instance, or its head when ``total_size`` (the whole size) is given.
+    """
     fp = BytesIO(data)
     try:
         ds = dcmread(fp, stop_before_pixels=True)
@@ -152,11 +155,11 @@ def read_header(data: bytes) -> tuple[Dataset, int | None]:
         tag = (group << 16) | element
         if tag in _PIXEL_TAGS:
             pixel_tag = tag
-            _check_pixel_length(data, end, ds, fmt[0])
+            _check_pixel_length(data, end, ds, fmt[0], len(data) if total_size is None else total_size)
     return ds, pixel_tag
 
 
-def _check_pixel_length(data: bytes, start: int, ds: Dataset, order: str) -> None:
+def _check_pixel_length(data: bytes, start: int, ds: Dataset, order: str, total_size: int) -> None:
     """Refuse an instance whose pixel data element runs past the end of the data."""
     vr = data[start + 4 : start + 6]
     if ds.is_implicit_VR or not (vr.isalpha() and vr.isupper()):  # some writers mix encodings here
@@ -166,7 +169,7 @@ def _check_pixel_length(data: bytes, start: int, ds: Dataset, order: str) -> Non
     if len(raw) < 4:
         raise DicomFormatError(REASON_PIXELS_TRUNCATED)
     (length,) = struct.unpack(order + "L", raw)
-    if length != 0xFFFFFFFF and start + header + length > len(data):
+    if length != 0xFFFFFFFF and start + header + length > total_size:
         raise DicomFormatError(REASON_PIXELS_TRUNCATED)
 
 
@@ -194,8 +197,9 @@ def sidecar_json(ds: Dataset, pixel_tag: int | None) -> dict[str, Any]:
 
 
 def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[int]) -> IndexedAttributes:
-    def text(keyword: str) -> str | None:
-        return _text(_value(ds, keyword))
+    def text(keyword: str, limit: int = 256) -> str | None:
+        value = _text(_value(ds, keyword))
+        return value[:limit] if value is not None else None  # the column's length (malformed data)
 
     def number(keyword: str) -> int | None:
         return _int(_value(ds, keyword))
@@ -216,10 +220,10 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
             extra.append((f"{tag:08X}", str(element.VR), value[:1024]))
     assert identity.study_instance_uid is not None and identity.series_instance_uid is not None
     return IndexedAttributes(
-        patient_id=text("PatientID") or "",
+        patient_id=text("PatientID") or "",  # LO: 64 characters, malformed data cut to 256
         patient_name=text("PatientName"),
         patient_birth_date=normalise_date(text("PatientBirthDate")),
-        patient_sex=text("PatientSex"),
+        patient_sex=text("PatientSex", 16),
         study_instance_uid=identity.study_instance_uid,
         study_date=normalise_date(text("StudyDate")),
         study_time=normalise_time(text("StudyTime")),
@@ -228,7 +232,7 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
         referring_physician_name=text("ReferringPhysicianName"),
         study_id=text("StudyID"),
         series_instance_uid=identity.series_instance_uid,
-        modality=text("Modality"),
+        modality=text("Modality", 16),
         series_number=number("SeriesNumber"),
         series_description=text("SeriesDescription"),
         sop_instance_uid=identity.sop_instance_uid,
@@ -245,20 +249,42 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
 
 def parse_instance(data: bytes, extra_tags: Sequence[int] = ()) -> ParsedInstance:
     """Validate a whole Part 10 instance (``strict`` policy) and read what the archive keeps of it."""
-    identity = read_identity(data, policy="strict")
-    ds, pixel_tag = read_header(data)
-    return ParsedInstance(
-        identity=identity,
-        attributes=index_attributes(ds, identity, extra_tags),
-        sidecar=sidecar_json(ds, pixel_tag),
-    )
-
-
-def vr_of(tag: int) -> str:
     try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return "UN"
+        identity = read_identity(data, policy="strict")
+        ds, pixel_tag = read_header(data)
+        return ParsedInstance(
+            identity=identity,
+            attributes=index_attributes(ds, identity, extra_tags),
+            sidecar=sidecar_json(ds, pixel_tag),
+        )
+    except DicomCloudError:
+        raise
+    except Exception as exc:  # pydicom converting a malformed value late (e.g. an unknown VR)
+        raise DicomFormatError(REASON_UNREADABLE, detail=type(exc).__name__) from None
+
+
+def parse_head(
+    head: bytes, total_size: int, identity: DicomIdentity, extra_tags: Sequence[int] = ()
+) -> ParsedInstance | None:
+    """As :func:`parse_instance` for an instance too large to hold, from its first bytes ``head``
+    (the preamble already zeroed) and its ``identity`` read by a ranged read. None when ``head``
+    ends before the pixel data: read more. Deflated instances cannot be parsed from a head."""
+    try:
+        ds, pixel_tag = read_header(head, total_size)
+    except DicomFormatError:
+        if len(head) < total_size:
+            return None  # cut inside an element: read more
+        raise
+    if pixel_tag is None and len(head) < total_size:
+        return None
+    try:
+        return ParsedInstance(
+            identity=identity,
+            attributes=index_attributes(ds, identity, extra_tags),
+            sidecar=sidecar_json(ds, pixel_tag),
+        )
+    except Exception as exc:
+        raise DicomFormatError(REASON_UNREADABLE, detail=type(exc).__name__) from None
 
 
 def json_value_text(element: Mapping[str, Any]) -> str | None:

@@ -109,6 +109,8 @@ _TAG_FORM: Final = re.compile(r"[0-9A-Fa-f]{8}")
 _DATE: Final = re.compile(r"\d{8}")
 _TIME: Final = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
 _MAX_LIST: Final = 1000
+_MAX_VALUE: Final = 64 * 1024
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,12 @@ def _tag_of(key: str) -> int | None:
 def _values(params: Mapping[str, str | Sequence[str]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for key, value in params.items():
-        out[key] = [value] if isinstance(value, str) else [str(v) for v in value]
+        values = [value] if isinstance(value, str) else [str(v) for v in value]
+        if any(_CONTROL.search(v) for v in [key, *values]):
+            raise UsageError("query keys and values cannot hold control characters")
+        if any(len(v) > _MAX_VALUE for v in values):
+            raise UsageError(f"'{key}' is longer than {_MAX_VALUE} characters")
+        out[key] = values
     return out
 
 
@@ -170,8 +177,10 @@ def _integer(key: str, values: list[str], default: int) -> int:
     if len(values) > 1:
         raise UsageError(f"'{key}' is given more than once")
     text = values[-1].strip()
-    if not text.isdigit():
+    if not text.isascii() or not text.isdigit():
         raise UsageError(f"'{key}' must be a non-negative integer")
+    if len(text) > 9:
+        raise UsageError(f"'{key}' must be below 1000000000")
     return int(text)
 
 
@@ -209,6 +218,8 @@ def _condition(key: str, attr: Attribute | ExtraTag, column: Any, value: str) ->
     vr = attr.vr
     if vr in ("UI", "CS"):
         items = _split_list(value)
+        if not items:
+            raise UsageError(f"'{key}' is an empty list")
         if vr == "UI" and any("*" in v or "?" in v for v in items):
             raise UsageError(
                 f"'{key}' is a UID: wildcards do not apply", hint="give UIDs separated by commas"
@@ -498,6 +509,8 @@ def search(
         for extra in plan.returned_extra:
             objects[extra.tag] = _element(extra.vr, computed.get((key, extra.tag)))
         objects["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}  # values are Unicode: UTF-8 JSON
+        if level in ("study", "instance"):
+            objects["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}  # InstanceAvailability
         if base_url is not None:
             url = f"{base_url.rstrip('/')}/studies/{study.study_instance_uid}"
             if series is not None:

@@ -194,3 +194,13 @@ class DeleteResult:
     studies: int
     series: int
     instances: int
+
+
+@dataclass(frozen=True)
+class OrphanSweep:
+    """What :meth:`Archive.collect_orphans` found: objects no index row points at."""
+
+    scanned: int
+    orphans: int
+    #: Orphans deleted (0 on a dry run).
+    removed: int

@@ -52,8 +52,8 @@ def check_files(files: Sequence[DeclaredFile], max_size: int) -> list[DeclaredFi
     for i, f in enumerate(files):
         if not isinstance(f.size, int) or not 0 < f.size <= max_size:
             raise UsageError(f"file {i}: size must be between 1 and {max_size} bytes")
-        if not f.name or len(f.name) > 1024:
-            raise UsageError(f"file {i}: name must have 1 to 1024 characters")
+        if not f.name or len(f.name) > 1024 or any(ord(c) < 32 or c == "\x7f" for c in f.name):
+            raise UsageError(f"file {i}: name must have 1 to 1024 characters, no control characters")
         crc = f.crc32c.lower() if f.crc32c else None
         if crc is not None and not _CRC.fullmatch(crc):
             raise UsageError(f"file {i}: crc32c must be 8 hex digits")

@@ -1,0 +1,313 @@
+"""Ingest: one DICOM instance into the archive, from a request body (STOW-RS) or from an object a
+client uploaded into staging (presigned uploads), refused ones moved to quarantine.
+
+The order of writes is the archive's rule: instance object, then sidecar, then the index rows
+that point at both (one transaction). Objects are named by UID hash and content CRC32C, so a
+writer racing with other bytes under the same UID never overwrites what a row points at; the
+loser of any race removes its own objects. Spec: ``docs/archive.md`` (Ingest; Write and delete
+ordering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
+from sqlalchemy.orm import Session
+
+from ..budget import ByteBudget
+from ..checksum import Crc32c, crc32c_hex
+from ..dicom.header import REASON_TOO_LONG, REASON_UNREADABLE, DicomIdentity, read_identity_from_store
+from ..errors import (
+    ConflictError,
+    DicomCloudError,
+    DicomFormatError,
+    IntegrityError,
+    NotFoundError,
+    RejectedObjectError,
+    UsageError,
+)
+from ..store import PutOptions
+from . import index
+from .bucket import BucketLayout, check_tenant
+from .db import Database
+from .objects import ArchiveObjects
+from .parsing import PREAMBLE_LENGTH, ParsedInstance, parse_head, parse_instance, sanitise_preamble
+from .records import InstanceRecord, StoredInstance
+from .settings import ArchiveSettings
+
+log = logging.getLogger("dicom_cloud.archive")
+
+#: Reasons of refusals that are not about the DICOM format (stable strings, no patient data).
+REASON_NOT_UPLOADED = "not uploaded"
+REASON_SIZE_MISMATCH = "size differs from the declared size"
+REASON_CHECKSUM_MISMATCH = "CRC32C differs from the declared checksum"
+REASON_TOO_LARGE = "larger than the largest instance accepted"
+REASON_CONFLICT = "another instance with this SOP Instance UID is stored"
+#: Copies of an instance an ingest holds at its peak (see ArchiveSettings.ingest_memory).
+_INGEST_COPIES = 3
+#: Head read for a streamed ingest, doubled while the header runs past it, up to the last.
+_FIRST_HEAD = 64 * 1024
+_MAX_HEAD = 8 * 1024 * 1024
+
+
+class Ingestor:
+    """Stores instances into one archive's objects and index."""
+
+    def __init__(
+        self,
+        settings: ArchiveSettings,
+        objects: ArchiveObjects,
+        db: Database,
+        layout: BucketLayout,
+        extra_tags: Sequence[int],
+    ) -> None:
+        self.settings = settings
+        self.objects = objects
+        self.db = db
+        self.layout = layout
+        self.extra_tags = list(extra_tags)
+        #: Bounds the memory of concurrent in-memory ingests (ArchiveSettings.ingest_memory).
+        self.budget = ByteBudget(settings.ingest_memory)
+
+    async def store_instance(self, tenant: str, data: bytes | memoryview) -> StoredInstance:
+        """Store one DICOM Part 10 instance (the STOW-RS path).
+
+        Refuses what is not Part 10 (DicomFormatError, ``reason`` stable and PHI-free); zeroes
+        the preamble; writes the object (encrypted if configured), then the sidecar, then the
+        index row. The same SOP Instance UID with identical bytes is an idempotent success
+        (``created=False``); with different bytes it is ConflictError (409) and nothing changes.
+        """
+        check_tenant(tenant)
+        if len(data) > self.settings.max_instance_size:
+            raise UsageError(f"the instance is larger than {self.settings.max_instance_size} bytes")
+        async with self.budget.reserve(_INGEST_COPIES * len(data)):
+            sanitised, changed = sanitise_preamble(data)
+            parsed = await asyncio.to_thread(parse_instance, sanitised, self.extra_tags)
+            return await self._store_parsed(tenant, sanitised, parsed, changed)
+
+    def _same(self, existing: InstanceRecord, size: int, crc: str, changed: bool) -> StoredInstance:
+        if existing.size == size and existing.crc32c == crc:
+            return StoredInstance(existing, created=False, preamble_sanitised=changed)
+        raise self._conflict()
+
+    @staticmethod
+    def _conflict() -> ConflictError:
+        return ConflictError(
+            "an instance with this SOP Instance UID and other content is already stored",
+            hint="delete the stored instance first to replace it",
+        )
+
+    async def _store_parsed(
+        self, tenant: str, data: bytes, parsed: ParsedInstance, changed: bool
+    ) -> StoredInstance:
+        async def write(key: str) -> None:
+            await self.objects.put(key, data, "application/dicom")
+
+        return await self._store(tenant, parsed, len(data), crc32c_hex(data), changed, write)
+
+    async def _store(
+        self,
+        tenant: str,
+        parsed: ParsedInstance,
+        size: int,
+        crc: str,
+        changed: bool,
+        write_object: Callable[[str], Awaitable[None]],
+    ) -> StoredInstance:
+        """Store an instance of ``size`` bytes and CRC32C ``crc`` whose bytes ``write_object(key)``
+        writes: data, then sidecar, then the rows that point at both."""
+        uid = parsed.identity.sop_instance_uid
+        existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+        if existing is not None:
+            return self._same(existing, size, crc, changed)
+        object_key = self.layout.instance_key(tenant, uid, crc)
+        sidecar_key = self.layout.sidecar_key(tenant, uid, crc)
+
+        def insert(session: Session) -> InstanceRecord:
+            return index.insert_instance(
+                session,
+                tenant,
+                parsed.attributes,
+                object_key=object_key,
+                sidecar_key=sidecar_key,
+                size=size,
+                crc32c=crc,
+                encrypted=self.objects.writes_encrypted,
+            )
+
+        try:
+            await write_object(object_key)
+            sidecar = json.dumps(parsed.sidecar, separators=(",", ":")).encode()
+            await self.objects.put(sidecar_key, sidecar, "application/dicom+json")
+            for _attempt in range(5):
+                try:
+                    record = await self.db.run(insert)
+                    return StoredInstance(record, created=True, preamble_sanitised=changed)
+                except DatabaseIntegrityError:
+                    # Another writer created a row first: this instance (then decide), or its
+                    # patient/study/series (then try again: they exist now).
+                    existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+                    if existing is not None:
+                        if existing.object_key == object_key:
+                            return self._same(existing, size, crc, changed)  # same bytes, same objects
+                        raise self._conflict() from None
+            raise ConflictError("the index kept refusing the instance's rows; try again")
+        except BaseException:
+            await self._remove_unindexed(tenant, uid, object_key, sidecar_key)
+            raise
+
+    async def _remove_unindexed(self, tenant: str, uid: str, object_key: str, sidecar_key: str) -> None:
+        """Remove the objects of a failed ingest, unless a row points at them after all (a commit
+        whose acknowledgement was lost) or the index cannot tell (then they stay, unreferenced)."""
+        try:
+            existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+        except Exception:
+            log.warning("objects of a failed ingest left in place: the index is unreachable")
+            return
+        if existing is None or existing.object_key != object_key:
+            await self.objects.delete([object_key, sidecar_key])
+
+    async def ingest_object(
+        self,
+        tenant: str,
+        staging_key: str,
+        expected_size: int | None = None,
+        expected_crc32c: str | None = None,
+    ) -> StoredInstance:
+        """Ingest an object a client PUT under the staging prefix (the presigned-upload path).
+
+        Checks that it exists, has ``expected_size`` bytes and ``expected_crc32c``; reads its
+        header by a ranged read and validates it; then stores it as :meth:`store_instance` does
+        and removes the staging object. A refused object is moved to the quarantine prefix and
+        RejectedObjectError (``reason``, ``quarantine_key``) is raised.
+        """
+        check_tenant(tenant)
+        if not staging_key.startswith(BucketLayout.staging_prefix(tenant)) or ".." in staging_key:
+            raise UsageError("the object is not in this tenant's staging area")
+        full = self.objects.key(staging_key)
+        try:
+            info = await self.objects.store.stat(full)
+        except NotFoundError:
+            raise RejectedObjectError(REASON_NOT_UPLOADED) from None
+        if expected_size is not None and info.size != expected_size:
+            raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
+        if info.size > self.settings.max_upload_size:
+            raise await self._reject(tenant, staging_key, REASON_TOO_LARGE)
+        try:
+            # The header first, by a ranged read: junk is refused without reading it whole.
+            identity = await read_identity_from_store(
+                self.objects.store, full, policy="strict", size=info.size
+            )
+        except DicomFormatError as exc:
+            raise await self._reject(tenant, staging_key, exc.reason) from None
+        except DicomCloudError:
+            raise  # the store failed: nothing is known about the object
+        except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
+            raise await self._reject(tenant, staging_key, REASON_UNREADABLE) from None
+        if info.size > min(self.settings.stream_threshold, self.settings.max_instance_size):
+            stored = await self._ingest_streamed(tenant, staging_key, info.size, identity, expected_crc32c)
+            await self.objects.store.delete([full])
+            return stored
+        async with self.budget.reserve(_INGEST_COPIES * info.size):
+            data = bytes(await self.objects.store.get(full))
+            if len(data) != info.size:
+                raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
+            if expected_crc32c is not None and crc32c_hex(data) != expected_crc32c.lower():
+                raise await self._reject(tenant, staging_key, REASON_CHECKSUM_MISMATCH)
+            try:
+                sanitised, changed = sanitise_preamble(data)
+                del data
+                parsed = await asyncio.to_thread(parse_instance, sanitised, self.extra_tags)
+                stored = await self._store_parsed(tenant, sanitised, parsed, changed)
+            except DicomFormatError as exc:
+                raise await self._reject(tenant, staging_key, exc.reason) from None
+            except ConflictError:
+                raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
+        await self.objects.store.delete([full])
+        return stored
+
+    async def _ingest_streamed(
+        self,
+        tenant: str,
+        staging_key: str,
+        size: int,
+        identity: DicomIdentity,
+        expected_crc32c: str | None,
+    ) -> StoredInstance:
+        """Ingest a staged object too large to hold: its head for the sidecar and the index, one
+        pass for the checksums (the object's name needs its CRC32C), one pass to copy it, with the
+        preamble zeroed and encrypted when configured, into its canonical key."""
+        full = self.objects.key(staging_key)
+        head_size, parsed = _FIRST_HEAD, None
+        while parsed is None:
+            head = bytes(await self.objects.store.get_range(full, 0, min(head_size, size)))
+            try:
+                parsed = await asyncio.to_thread(
+                    parse_head, _zero_preamble(head, 0), size, identity, self.extra_tags
+                )
+            except DicomFormatError as exc:
+                raise await self._reject(tenant, staging_key, exc.reason) from None
+            if parsed is None:
+                if head_size >= _MAX_HEAD:
+                    raise await self._reject(tenant, staging_key, REASON_TOO_LONG)
+                head_size *= 2
+        changed = any(head[:PREAMBLE_LENGTH])
+
+        uploaded, sanitised, offset = Crc32c(), Crc32c(), 0
+        async for chunk in self.objects.store.stream(full):
+            uploaded.update(chunk)
+            sanitised.update(_zero_preamble(chunk, offset))
+            offset += len(chunk)
+        if offset != size:
+            raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
+        if expected_crc32c is not None and uploaded.hexdigest() != expected_crc32c.lower():
+            raise await self._reject(tenant, staging_key, REASON_CHECKSUM_MISMATCH)
+        crc = sanitised.hexdigest()
+
+        async def copy_of_staged() -> AsyncIterator[bytes]:
+            check, at = Crc32c(), 0
+            async for chunk in self.objects.store.stream(full):
+                out = _zero_preamble(chunk, at)
+                at += len(chunk)
+                check.update(out)
+                yield out
+            if at != size or check.hexdigest() != crc:
+                # Raised before the stream ends: the multipart upload is never completed.
+                raise IntegrityError("the staged object changed while it was ingested")
+
+        async def write(key: str) -> None:
+            await self.objects.put_stream(key, copy_of_staged(), "application/dicom", crc)
+
+        try:
+            return await self._store(tenant, parsed, size, crc, changed, write)
+        except ConflictError:
+            raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
+
+    async def _reject(self, tenant: str, staging_key: str, reason: str) -> RejectedObjectError:
+        """Move a staging object to quarantine, with its reason beside it; the error to raise."""
+        quarantine_key = BucketLayout.quarantine_key(tenant, staging_key)
+        src, dst = self.objects.key(staging_key), self.objects.key(quarantine_key)
+        if self.objects.store.features.server_side_copy:
+            await self.objects.store.copy(src, dst)
+        else:
+            await self.objects.store.put(dst, bytes(await self.objects.store.get(src)))
+        note = {"reason": reason, "quarantined": datetime.now(UTC).isoformat(), "staging_key": staging_key}
+        await self.objects.store.put(
+            dst + ".reason.json", json.dumps(note).encode(), PutOptions(content_type="application/json")
+        )
+        await self.objects.store.delete([src])
+        log.info("upload refused and quarantined: %s", reason)
+        return RejectedObjectError(reason, quarantine_key=quarantine_key)
+
+
+def _zero_preamble(chunk: bytes | memoryview, offset: int) -> bytes:
+    """``chunk`` (found at ``offset`` in an instance) with any preamble bytes in it set to zero."""
+    if offset >= PREAMBLE_LENGTH:
+        return bytes(chunk)
+    cut = min(PREAMBLE_LENGTH - offset, len(chunk))
+    return bytes(cut) + bytes(chunk[cut:])
