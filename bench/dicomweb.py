@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -249,23 +250,26 @@ def measure_study(
     args: argparse.Namespace,
 ) -> None:
     batches = [multipart(bodies[i : i + args.batch]) for i in range(0, len(bodies), args.batch)]
-    order_uids = list(expected)
-    paths = [f"/studies/{study_uid}/series/{expected[u].series_uid}/instances/{u}" for u in order_uids]
+    paths = [
+        f"/studies/{study_uid}/series/{item.series_uid}/instances/{uid}" for uid, item in expected.items()
+    ]
     with ThreadPoolExecutor(args.clients) as pool:
+
+        def each(call: Callable[[Server, Any], Any], server: Server, items: list[Any]) -> list[Any]:
+            return list(pool.map(partial(call, server), items))
+
         for repetition in range(args.repeat):
             for server in alternate(servers, repetition):
                 if repetition:
                     server.delete_study(study_uid)
-                timing, _ = timed(server, lambda s=server: list(pool.map(lambda b: stow(s, b), batches)))
+                timing, _ = timed(server, partial(each, stow, server, batches))
                 measures[server.name].stow.append(timing)
                 note(f"{server.name} #{repetition + 1}: STOW-RS {timing.seconds:.2f} s")
             for server in alternate(servers, repetition + 1):
-                timing, parts = timed(server, lambda s=server: wado(s, f"/studies/{study_uid}"))
+                timing, parts = timed(server, partial(wado, server, f"/studies/{study_uid}"))
                 verify(server, parts, expected)
                 measures[server.name].wado_study.append(timing)
-                timing, answers = timed(
-                    server, lambda s=server: list(pool.map(lambda p: wado(s, p), paths))
-                )
+                timing, answers = timed(server, partial(each, wado, server, paths))
                 if any(len(a) != 1 for a in answers):
                     raise BenchError(f"{server.name}: an instance's WADO-RS answer is not one part")
                 verify(server, [a[0] for a in answers], expected)
@@ -289,11 +293,14 @@ def fill(
             stow(server, bodies[index])
 
     with ThreadPoolExecutor(args.clients) as pool:
+
+        def send_all(server: Server, indices: range) -> None:
+            list(pool.map(partial(send, server), indices))
+
         for turn, first in enumerate(range(0, len(batches), args.clients)):
             indices = range(first, min(first + args.clients, len(batches)))
             for server in alternate(servers, turn):
-                work = lambda s=server: list(pool.map(lambda i: send(s, i), indices))  # noqa: E731
-                timing, _ = timed(server, work, sync=False)
+                timing, _ = timed(server, partial(send_all, server, indices), sync=False)
                 measures[server.name].fill_s += timing.seconds
                 measures[server.name].fill_cpu_s += timing.cpu_s
             if turn % 50 == 49:
@@ -335,7 +342,9 @@ def measure_qido(
             for server in alternate(servers, turn):
                 start = time.perf_counter()
                 qido(server, path, params)
-                measures[server.name].qido_ms.setdefault(name, []).append((time.perf_counter() - start) * 1000)
+                measures[server.name].qido_ms.setdefault(name, []).append(
+                    (time.perf_counter() - start) * 1000
+                )
     return counts
 
 
@@ -428,7 +437,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {title} | {unit} | {a or 0:.1f} | {b or 0:.1f} | {ratio} |")
     lines += [
         "",
-        "| QIDO-RS search | results | dicom-cloud median / p95 ms | Orthanc median / p95 ms | ratio (medians) |",
+        "| QIDO-RS search | results | dicom-cloud median / p95 ms | Orthanc median / p95 ms "
+        "| ratio (medians) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, count in report["qido_counts"].items():
@@ -466,7 +476,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--instances", type=int, default=400, help="CT instances of the study (~512 KB each)")
     p.add_argument("--batch", type=int, default=10, help="instances per STOW-RS request of the study")
-    p.add_argument("--clients", type=int, default=4, help="concurrent requests (STOW, per-instance WADO, fill)")
+    p.add_argument(
+        "--clients", type=int, default=4, help="concurrent requests (STOW, per-instance WADO, fill)"
+    )
     p.add_argument("--repeat", type=int, default=3, help="repetitions of the study's STOW and WADO")
     p.add_argument("--qido-instances", type=int, default=100_000, help="small instances indexed for QIDO")
     p.add_argument("--fill-batch", type=int, default=100, help="instances per request of the index fill")
@@ -532,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     try:
+        for server in servers:  # connections and first-request work outside the measurements
+            qido(server, "/studies", {"PatientID": "none"})
         measure_study(servers, measures, bodies, expected, study_uid, args)
         note(f"filling both indexes with {len(small)} instances")
         fill(servers, measures, small, args)
@@ -552,7 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "dicomweb.md").write_text(text)
     payload = {**report, "samples": {name: _samples(m) for name, m in measures.items()}}
-    (args.results / "dicomweb.json").write_text(anonymize(json.dumps(payload, indent=1) + "\n", args.data_dir))
+    (args.results / "dicomweb.json").write_text(
+        anonymize(json.dumps(payload, indent=1) + "\n", args.data_dir)
+    )
     return 0
 
 

@@ -122,9 +122,21 @@ def start_service_process(workdir: Path, *, extra_args: tuple[str, ...] = ()) ->
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
     cli = str(Path(sys.executable).with_name("dicom-cloud"))
+    data = ["--data-dir", str(data_dir)]
     created = subprocess.run(
-        [cli, "token", "create", "--tenant", "default", "--scopes", "admin", "--name", "bench"]
-        + ["--data-dir", str(data_dir), "--json"],
+        [
+            cli,
+            "token",
+            "create",
+            "--tenant",
+            "default",
+            "--scopes",
+            "admin",
+            "--name",
+            "bench",
+            "--json",
+            *data,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -132,7 +144,7 @@ def start_service_process(workdir: Path, *, extra_args: tuple[str, ...] = ()) ->
     token = str(json.loads(created.stdout)["token"])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [cli, "serve", "--data-dir", str(data_dir), "--port", str(port), "--public-url", url]
+    argv = [cli, "serve", *data, "--port", str(port), "--public-url", url]
     proc = _Proc("dicom-cloud-serve", [*argv, "--log-level", "warning", *extra_args], workdir)
     _wait_until(proc, lambda: _request("GET", url + "/healthz", timeout=2)[0] == 200, what="did not start")
     return ServiceProcess(url, token, proc.popen.pid, proc)
