@@ -526,24 +526,25 @@ def main(argv: list[str] | None = None) -> int:
         raise
     servers = [ours, theirs]
     measures = {OURS: Measures(), ORTHANC: Measures()}
-    report: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(orthanc),
-        "parameters": {
-            "instances": len(bodies),
-            "study_mb": manifest.study_bytes / 1e6,
-            "batch": args.batch,
-            "clients": args.clients,
-            "repeat": args.repeat,
-            "qido_instances": args.qido_instances,
-            "fill_batch": args.fill_batch,
-            "orthanc_fill": "STOW-RS" if args.orthanc_fill == "stow" else "POST /instances",
-            "queries": args.queries,
-            "orthanc_sync_storage": args.orthanc_sync_storage,
-        },
-    }
+    failed = True
     try:
+        report: dict[str, Any] = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "versions": versions(orthanc),
+            "parameters": {
+                "instances": len(bodies),
+                "study_mb": manifest.study_bytes / 1e6,
+                "batch": args.batch,
+                "clients": args.clients,
+                "repeat": args.repeat,
+                "qido_instances": args.qido_instances,
+                "fill_batch": args.fill_batch,
+                "orthanc_fill": "STOW-RS" if args.orthanc_fill == "stow" else "POST /instances",
+                "queries": args.queries,
+                "orthanc_sync_storage": args.orthanc_sync_storage,
+            },
+        }
         for server in servers:  # connections and first-request work outside the measurements
             qido(server, "/studies", {"PatientID": "none"})
         measure_study(servers, measures, bodies, expected, study_uid, args)
@@ -551,13 +552,15 @@ def main(argv: list[str] | None = None) -> int:
         fill(servers, measures, small, args)
         report["qido_counts"] = measure_qido(servers, measures, searches, args.queries)
         report["qido_levels"] = {name: level for name, (level, _, _) in searches.items()}
-    except BenchError as error:
-        note(f"FAILED: {error}")
+        failed = False
+    except (BenchError, httpx.HTTPError) as error:
+        note(f"FAILED: {error}; the servers' data and logs are kept in {work}")
         return 1
     finally:
         for server in servers:
             server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if not failed:
+            shutil.rmtree(work, ignore_errors=True)
     report["results"] = {
         name: summary(m, len(bodies), manifest.study_bytes, len(small)) for name, m in measures.items()
     }
@@ -580,6 +583,7 @@ def _samples(measures: Measures) -> dict[str, Any]:
         "stow": pairs(measures.stow),
         "wado_study": pairs(measures.wado_study),
         "wado_instances": pairs(measures.wado_instances),
+        "qido_ms": measures.qido_ms,
     }
 
 
