@@ -15,7 +15,7 @@ _saved_path = list(sys.path)
 sys.path.insert(0, str(BENCH))
 try:
     import dicomweb
-    from service import multipart
+    from service import STOW_HEADERS, multipart
 finally:
     sys.path[:] = _saved_path  # bench/ holds top-level modules (orthanc.py, sync.py) that must not shadow
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 def test_split_multipart_reads_what_multipart_writes() -> None:
     parts = [b"first\r\n--not-a-boundary", b"", b"\x00" * 300]
     body = multipart(parts)
-    content_type = dicomweb.STOW_HEADERS["Content-Type"]
+    content_type = STOW_HEADERS["Content-Type"]
     assert dicomweb.split_multipart(content_type, body) == parts
 
 
