@@ -11,6 +11,9 @@ What it measures, against a real uvicorn on loopback (the same code as ``dicom-c
 - QIDO-RS: latency (median, p95) of study, series and instance searches once ``--qido-instances``
   small instances (distinct patients, studies, series) are indexed besides the study.
 
+The same measurements beside Orthanc's DICOMweb plugin, in one run on the same data, are
+``bench/dicomweb.py`` (which reuses this module's request helpers and small instances).
+
 Storage is a local directory and the index SQLite by default; ``--storage s3`` uses a SeaweedFS
 started by ``tests/servers.py``. Run it on a quiet machine: both cores are used by the client and
 the server together.

@@ -4,17 +4,24 @@
     service.url, service.admin_token       # the token exists when the index had none
     service.stop()
 
+Or as its own process, as deployed: ``start_service_process(workdir)`` (``dicom-cloud serve``).
+
 Also: a fresh PostgreSQL database per run on the project's test server (127.0.0.1:5432, trust auth).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -88,3 +95,56 @@ def fresh_postgres_database():  # type: ignore[no-untyped-def]
     finally:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class ServiceProcess:
+    """``dicom-cloud serve`` as its own process (its own interpreter and GIL, as deployed)."""
+
+    url: str
+    token: str
+    pid: int
+    _proc: Any = field(repr=False)
+
+    def log_tail(self, lines: int = 40) -> str:
+        text: str = self._proc.log_tail(lines)
+        return text
+
+    def stop(self) -> None:
+        self._proc.stop(graceful=True, timeout=10)
+
+
+def start_service_process(workdir: Path, *, extra_args: tuple[str, ...] = ()) -> ServiceProcess:
+    """Start ``dicom-cloud serve --data-dir WORKDIR/data`` on a free port, with an admin token made
+    beforehand by ``dicom-cloud token create`` (so nothing is read from the server's output)."""
+    from servers import _Proc, _request, _wait_until
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_dir = workdir / "data"
+    cli = str(Path(sys.executable).with_name("dicom-cloud"))
+    data = ["--data-dir", str(data_dir)]
+    created = subprocess.run(
+        [
+            cli,
+            "token",
+            "create",
+            "--tenant",
+            "default",
+            "--scopes",
+            "admin",
+            "--name",
+            "bench",
+            "--json",
+            *data,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    token = str(json.loads(created.stdout)["token"])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [cli, "serve", *data, "--port", str(port), "--public-url", url]
+    proc = _Proc("dicom-cloud-serve", [*argv, "--log-level", "warning", *extra_args], workdir)
+    _wait_until(proc, lambda: _request("GET", url + "/healthz", timeout=2)[0] == 200, what="did not start")
+    return ServiceProcess(url, token, proc.popen.pid, proc)

@@ -71,6 +71,11 @@ class OrthancServer:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.alive()
 
+    @property
+    def pid(self) -> int | None:
+        """The Orthanc process (for its CPU time, read from /proc by the benchmarks)."""
+        return self._proc.popen.pid if self._proc is not None else None
+
     def stop(self) -> None:
         if self._proc is not None:
             self._proc.stop(graceful=True, timeout=10)

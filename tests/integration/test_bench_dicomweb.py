@@ -1,0 +1,55 @@
+"""bench/dicomweb.py end to end at a tiny scale: ``dicom-cloud serve`` and a real Orthanc with its DICOMweb
+plugin, the same data into both, retrievals verified, QIDO counts compared, the report written.
+Figures at this scale mean nothing; the test keeps the benchmark runnable."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+_saved_path = list(sys.path)
+sys.path.insert(0, str(BENCH))
+try:
+    import dicomweb
+    from service import STOW_HEADERS, multipart
+finally:
+    sys.path[:] = _saved_path  # bench/ holds top-level modules (orthanc.py, sync.py) that must not shadow
+
+pytestmark = pytest.mark.integration
+
+
+def test_split_multipart_reads_what_multipart_writes() -> None:
+    parts = [b"first\r\n--not-a-boundary", b"", b"\x00" * 300]
+    body = multipart(parts)
+    content_type = STOW_HEADERS["Content-Type"]
+    assert dicomweb.split_multipart(content_type, body) == parts
+
+
+def test_query_values_keep_dicom_wildcards_and_escape_the_rest() -> None:
+    text = dicomweb.query_string({"PatientName": "Bench^0*", "StudyDate": "20200301-20200310", "X": "a b&c"})
+    assert text == "?PatientName=Bench^0*&StudyDate=20200301-20200310&X=a%20b%26c"
+    assert dicomweb.query_string({}) == ""
+
+
+def test_one_small_run_measures_both_servers_and_writes_the_report(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    scale = ["--instances", "4", "--batch", "2", "--clients", "2", "--repeat", "2", "--qido-instances", "500"]
+    code = dicomweb.main(
+        [*scale, "--queries", "2", "--data-dir", str(tmp_path / "data"), "--results", str(results)]
+    )
+    assert code == 0
+    report = json.loads((results / "dicomweb.json").read_text())
+    assert set(report["results"]) == {"dicom-cloud", "orthanc"}
+    assert report["qido_counts"]["instances_by_patient_id"] == 50
+    assert report["qido_counts"]["studies_by_name_wildcard"] == 10
+    for figures in report["results"].values():
+        assert figures["stow_instances_per_s"] > 0 and figures["wado_instances_per_s"] > 0
+        assert set(figures["qido_ms"]) == set(report["qido_counts"])
+    text = (results / "dicomweb.md").read_text()
+    assert "| STOW-RS study | instances/s |" in text and "Orthanc 1.10" in text
+    assert str(tmp_path) not in text
+    assert not (tmp_path / "data" / "dicomweb-run").exists()
