@@ -103,9 +103,7 @@ def _assert_exact_copy(faulty: Faulty, prefix: str, files: dict[str, bytes], tmp
     assert len(keys) == len(set(keys)), "a key is listed twice"
     assert sorted(keys) == sorted(files), "keys missing or extra (multipart leftovers?)"
     check = tmp_path / f"direct-{prefix.strip('/')}"
-    run_cli(
-        "download", f"{faulty.root}/{prefix}", f"{check}/", "-r", *MULTIPART, env=faulty.direct_env
-    ).ok()
+    run_cli("download", f"{faulty.root}/{prefix}", f"{check}/", "-r", *MULTIPART, env=faulty.direct_env).ok()
     assert_same_tree(check, files)
 
 
