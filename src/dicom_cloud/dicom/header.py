@@ -185,6 +185,19 @@ def _parse(buf: bytes, *, complete: bool, tags: Sequence[tuple[str, int]], polic
 
     Raises _NeedMore when ``buf`` is only a head and ended before the header did.
     """
+    try:
+        return _parse_header(buf, complete=complete, tags=tags, policy=policy)
+    except (DicomFormatError, _NeedMore):
+        raise
+    except Exception as exc:
+        # pydicom converts raw elements lazily: garbage can still fail after the read, in any way
+        # (NotImplementedError on a corrupt file meta, for one). The message may hold values: dropped.
+        raise DicomFormatError(REASON_UNREADABLE, detail=type(exc).__name__) from None
+
+
+def _parse_header(
+    buf: bytes, *, complete: bool, tags: Sequence[tuple[str, int]], policy: Policy
+) -> DicomIdentity:
     strict = policy == "strict"
     if not buf:
         raise DicomFormatError(REASON_EMPTY)
