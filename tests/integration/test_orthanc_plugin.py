@@ -163,7 +163,7 @@ def _start_backend(
         ]
         location = f"s3://{name}"
     elif backend == "azure":
-        azurite.create_container(name)
+        # No container yet: the plugin creates it at start-up (CreateContainerIfNotExists, default true).
         env = cli_env(azurite.env())
         args = ["--azure", name, "--access-tier", "Cool"]
         location = f"azure://{name}"

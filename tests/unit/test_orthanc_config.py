@@ -120,7 +120,7 @@ def test_azure_gcs_local(tmp_path: Path) -> None:
     )
     assert azure is not None and azure.provider == "azure" and azure.storage_class == "Cool"
     assert azure.environment == {"AZURE_STORAGE_CONNECTION_STRING": "AccountName=a;AccountKey=AAAA"}
-    assert any("CreateContainerIfNotExists" in s for s in azure.not_applied)
+    assert azure.create_container and not azure.not_applied  # Orthanc's default: create if missing
     account = tmp_path / "sa.json"
     account.write_text("{}")
     gcs = parse_configuration({"GoogleCloudStorage": {"ServiceAccountFile": str(account), "BucketName": "g"}})

@@ -13,6 +13,7 @@ never waits on the database.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -112,6 +113,10 @@ def _translated(fn: Callable[..., T], *args: Any) -> T:
         ) from exc
 
 
+#: Units of work between two refreshes of SQLite's planner statistics.
+_STATISTICS_EVERY = 2000
+
+
 class Database:
     """The index: an engine, a session factory, and a way to run work off the event loop."""
 
@@ -123,12 +128,14 @@ class Database:
         self._turns: AbstractContextManager[object] = (
             threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
         )
+        self._units = itertools.count(1)
 
     @classmethod
     async def open(cls, url: str) -> Database:
         db = cls(url)
         try:
             await asyncio.to_thread(_translated, upgrade_schema, db.engine)
+            await asyncio.to_thread(db.refresh_statistics)
         except BaseException:
             db.engine.dispose()
             raise
@@ -142,7 +149,22 @@ class Database:
             with self._turns, self.sessions.begin() as session:
                 return work(session)
 
-        return _translated(unit)
+        result = _translated(unit)
+        if next(self._units) % _STATISTICS_EVERY == 0:
+            self.refresh_statistics()
+        return result
+
+    def refresh_statistics(self) -> None:
+        """SQLite: refresh the planner's statistics (sampled ANALYZE, milliseconds). Without them it
+        takes every ``tenant = ?`` for a selective filter and walks a tenant's whole table of instances
+        instead of reaching a patient, study or series by its index (100 ms against 1 ms at 100,000
+        instances). PostgreSQL keeps its own statistics (autovacuum)."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self._turns, self.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA analysis_limit = 1000")
+            connection.exec_driver_sql("ANALYZE")
+            connection.commit()
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)`` in a worker thread, in one transaction."""

@@ -426,21 +426,30 @@ def _element(vr: str, value: Any) -> dict[str, Any]:
 def _base_query(level: Level, tenant: str) -> Any:  # a Select of 2 to 4 entities
     if level == "study":
         return (
-            select(Study, Patient).join(Patient, Patient.id == Study.patient_pk).where(Study.tenant == tenant)
+            select(Study, Patient)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(Study.tenant == tenant, Patient.tenant == tenant)
         )
     if level == "series":
         return (
             select(Series, Study, Patient)
             .join(Study, Study.id == Series.study_pk)
             .join(Patient, Patient.id == Study.patient_pk)
-            .where(Series.tenant == tenant)
+            # The tenant on every level (the same by construction): it lets the planner reach a series
+            # or study by its (tenant, UID) unique index instead of walking the tenant's whole table.
+            .where(Series.tenant == tenant, Study.tenant == tenant, Patient.tenant == tenant)
         )
     return (
         select(Instance, Series, Study, Patient)
         .join(Series, Series.id == Instance.series_pk)
         .join(Study, Study.id == Series.study_pk)
         .join(Patient, Patient.id == Study.patient_pk)
-        .where(Instance.tenant == tenant)
+        .where(
+            Instance.tenant == tenant,
+            Series.tenant == tenant,
+            Study.tenant == tenant,
+            Patient.tenant == tenant,
+        )
     )
 
 

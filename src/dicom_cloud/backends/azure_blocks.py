@@ -41,7 +41,7 @@ from ..errors import (
 )
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
-from .azure_sas import blob_sas_url, service_sas
+from .azure_sas import account_sas, blob_sas_url, service_sas
 from .rest import Request, RestClient, info_from_headers
 
 #: A service version that knows every header used here.
@@ -151,6 +151,29 @@ class AzureResumableUploads:
 
     def _url(self, key: str) -> str:
         return f"azure://{self.container}/{key}"
+
+    # -- the container ------------------------------------------------------------------------
+
+    async def create_container(self) -> bool:
+        """Create the container unless it exists (Orthanc's ``CreateContainerIfNotExists``); True when
+        this call created it. Needs an account SAS: a service SAS cannot create containers."""
+        query = account_sas(
+            account=self._account,
+            account_key=self._key,
+            permissions="c",
+            resource_types="c",
+            expiry=datetime.now(UTC) + _SAS_LIFETIME,
+            plain_http=self._endpoint.startswith("http://"),
+        )
+        url = f"{self._endpoint}/{quote(self.container)}?restype=container&{query}"
+        headers = {"x-ms-version": _VERSION}
+        response = await self._http.send(lambda: Request("PUT", url, headers))
+        code = response.headers.get("x-ms-error-code")
+        if response.status_code == 409 and code == "ContainerAlreadyExists":
+            return False
+        if response.status_code >= 300:
+            raise self._error(response, f"azure://{self.container}")
+        return True
 
     # -- whole blobs, checked by the server -----------------------------------------------------
 

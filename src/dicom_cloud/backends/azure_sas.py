@@ -1,4 +1,5 @@
-"""Service SAS URLs for single Azure blobs, signed with the account key.
+"""SAS tokens signed with the account key: service SAS for blobs and containers, and an account SAS
+for the one operation a service SAS cannot grant (creating a container).
 
 obstore's own Azure signing puts the percent-encoded blob name in the signed resource,
 which Azure (and Azurite) refuse for names with spaces or non-ASCII characters; the
@@ -88,3 +89,28 @@ def blob_sas_url(
         now=now,
     )
     return f"{endpoint.rstrip('/')}/{quote(container)}/{quote(blob, safe='/')}?{query}"
+
+
+def account_sas(
+    *,
+    account: str,
+    account_key: str,
+    permissions: str,
+    resource_types: str,
+    expiry: datetime,
+    plain_http: bool,
+    now: datetime | None = None,
+) -> str:
+    """The query string of an account SAS for the blob service (``resource_types``: ``s`` service,
+    ``c`` container, ``o`` object), signed with the account key."""
+    now = now or datetime.now(UTC)
+    start = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    end = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+    protocol = "https,http" if plain_http else "https"
+    string_to_sign = "\n".join(
+        [account, permissions, "b", resource_types, start, end, "", protocol, SAS_VERSION, "", ""]
+    )
+    digest = hmac.new(base64.b64decode(account_key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
+    fields = {"sv": SAS_VERSION, "ss": "b", "srt": resource_types, "sp": permissions, "st": start, "se": end}
+    fields |= {"spr": protocol, "sig": base64.b64encode(digest).decode()}
+    return urlencode(fields)

@@ -69,7 +69,7 @@ def orthanc_configuration(args: argparse.Namespace) -> dict[str, Any]:
         section = {
             "ConnectionString": connection_string,
             "ContainerName": args.azure,
-            "CreateContainerIfNotExists": False,
+            "CreateContainerIfNotExists": True,
         }
         if args.access_tier:
             section["AccessTier"] = args.access_tier

@@ -101,6 +101,8 @@ class PluginConfig:
     tags: Mapping[str, str] = field(default_factory=dict)
     #: Settings accepted for compatibility that our backends cannot apply (logged at start-up).
     not_applied: tuple[str, ...] = ()
+    #: Azure ``CreateContainerIfNotExists``: create the container at start-up when it is missing.
+    create_container: bool = False
     #: Durable record of objects whose removal failed (JSON lines), retried every
     #: ``removal_retry_interval`` seconds.
     pending_removals_file: Path = Path("OrthancStorage/dicom-cloud-pending-removals.jsonl")
@@ -201,6 +203,7 @@ def parse_configuration(configuration: Mapping[str, Any]) -> PluginConfig | None
 
     environment: dict[str, str] = {}
     not_applied: list[str] = []
+    create_container = False
     storage_class: str | None = None
     tags: dict[str, str] = {}
     if provider == "s3":
@@ -247,8 +250,7 @@ def parse_configuration(configuration: Mapping[str, Any]) -> PluginConfig | None
             raise UsageError(f"{name}.ConnectionString is malformed (expected Key=Value;Key=Value)") from None
         bucket = section.string("ContainerName", required=True)
         environment = {"AZURE_STORAGE_CONNECTION_STRING": connection_string}
-        if section.boolean("CreateContainerIfNotExists", True):
-            not_applied.append("CreateContainerIfNotExists (create the container beforehand)")
+        create_container = section.boolean("CreateContainerIfNotExists", True)
         storage_class = section.string("AccessTier")
         if storage_class is not None and storage_class not in AZURE_ACCESS_TIERS:
             raise UsageError(
@@ -303,6 +305,7 @@ def parse_configuration(configuration: Mapping[str, Any]) -> PluginConfig | None
         storage_class=storage_class,
         tags=tags,
         not_applied=tuple(not_applied),
+        create_container=create_container,
         pending_removals_file=(
             Path(pending) if pending else storage_directory / "dicom-cloud-pending-removals.jsonl"
         ),

@@ -24,6 +24,7 @@ from typing import Any
 import orthanc
 
 from ..errors import DicomCloudError, NotFoundError
+from ..store import Store
 from .config import PluginConfig, parse_configuration
 from .move import JOBS_ROUTE, MoveJob, MoveWorker, parse_move_request, run_move
 from .removals import PendingRemovals
@@ -108,10 +109,28 @@ def open_storage_area(config: PluginConfig) -> StorageArea:
         store = local_store(Path(config.bucket))
     else:
         store = open_store(f"{config.provider}://{config.bucket}", config.store_config)
+        if config.create_container:
+            _create_container(loop, store, config.bucket)
     file_system = local_store(config.storage_directory) if config.hybrid_mode.value != "Disabled" else None
     return StorageArea(
         config, store, PendingRemovals(config.pending_removals_file), file_system=file_system, loop=loop
     )
+
+
+def _create_container(loop: LoopThread, store: Store, container: str) -> None:
+    """CreateContainerIfNotExists: the container is created with the account key, when there is one."""
+    from ..backends.azure_blocks import AzureResumableUploads
+
+    uploads = store.resumable_uploads()
+    if not isinstance(uploads, AzureResumableUploads):
+        log.warning(
+            "CreateContainerIfNotExists: cannot create azure://%s without the account key in the "
+            "connection string (a SAS token cannot create containers); it must exist",
+            container,
+        )
+        return
+    if loop.run(uploads.create_container()):
+        log.warning("created the Azure container %s (CreateContainerIfNotExists)", container)
 
 
 def _start_removal_timer(area: StorageArea, interval: float) -> None:
