@@ -31,7 +31,7 @@ _NOT_IDENTITY = frozenset(
     {
         "handler", "command", "argv", "source", "destination", "recursive", "parallel", "part_size",
         "part_concurrency", "multipart_threshold", "quiet", "json_output", "verbose", "retries",
-        "timeout", "no_journal", "dry_run", "manifest", "deid_map",
+        "timeout", "attempts", "no_journal", "dry_run", "manifest", "deid_map",
     }
 )  # fmt: skip
 
