@@ -1,4 +1,5 @@
-"""CRC32C (Castagnoli), the checksum dicom-cloud keeps with every object, and how to combine part checksums.
+"""CRC32C (Castagnoli), the checksum dicom-cloud keeps with every object, and how to combine part checksums;
+and the MD5 that S3 reports as a single-part object's ETag.
 
 Parts of a large object are downloaded concurrently and out of order; each part's CRC is
 computed as its bytes stream by, and the whole object's CRC is then combined from the
@@ -7,10 +8,14 @@ parts' CRCs and lengths (as zlib's ``crc32_combine`` does), so no byte is read t
 
 from __future__ import annotations
 
+import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import crc32c
+
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
 #: The reflected Castagnoli polynomial.
 _POLY = 0x82F63B78
@@ -46,6 +51,22 @@ def crc32c_file(path: Path, chunk_size: int = 8 * 1024 * 1024) -> str:
         while chunk := f.read(chunk_size):
             crc.update(chunk)
     return crc.hexdigest()
+
+
+def md5_etag(etag: str | None) -> str | None:
+    """The ETag, lower-cased, when it has the form of an MD5 (a plain single-part S3 upload's ETag
+    is the MD5 of the bytes; multipart and some encrypted objects have other ETags); else None."""
+    value = (etag or "").lower()
+    return value if _MD5_ETAG.match(value) else None
+
+
+def md5_file(path: Path, chunk_size: int = 8 * 1024 * 1024) -> str:
+    """The hex MD5 of a file, read in chunks (to compare with an MD5 ETag)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def crc32c_combine(crc1: int, crc2: int, length2: int) -> int:

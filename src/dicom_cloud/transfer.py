@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import re
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from .budget import ByteBudget
-from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_update
+from .checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_update, md5_etag
 from .crypto.a1 import header_key_id
 from .crypto.envelope import (
     FORMAT_METADATA_KEY,
@@ -952,9 +951,6 @@ class EtagMismatch(IntegrityError):
     ETag is not an MD5 at all (SSE-KMS and SSE-C objects written by other tools): a second read tells."""
 
 
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
-
-
 def verify(data: bytes | memoryview, info: ObjectInfo, where: str, *, etag_is_md5: bool = False) -> str:
     """Check whole-object bytes against what the store said of them; return their CRC32C."""
     if len(data) != info.size:
@@ -964,10 +960,9 @@ def verify(data: bytes | memoryview, info: ObjectInfo, where: str, *, etag_is_md
         _check_checksum(checksum, info, where)
     elif (
         etag_is_md5
-        and info.etag
-        and _MD5_ETAG.match(info.etag.lower())
         # Objects written by other tools: a plain single-part S3 ETag is the MD5 of the bytes.
-        and hashlib.md5(data, usedforsecurity=False).hexdigest() != info.etag.lower()
+        and (etag := md5_etag(info.etag)) is not None
+        and hashlib.md5(data, usedforsecurity=False).hexdigest() != etag
     ):
         raise EtagMismatch(f"{where}: MD5 does not match the ETag")
     return checksum

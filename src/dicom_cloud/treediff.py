@@ -19,8 +19,6 @@ Checksums, cheapest first (``same_content``):
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 import sqlite3
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -28,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .checksum import Crc32c, crc32c_file
+from .checksum import Crc32c, crc32c_file, md5_etag, md5_file
 from .errors import NotFoundError
 from .filters import Filter
 from .location import Location
@@ -36,7 +34,6 @@ from .store import CHECKSUM_METADATA_KEY, ObjectInfo
 from .transfer import object_version
 
 _BATCH = 1000
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -125,14 +122,13 @@ async def fingerprint(location: Location, key: str, *, want_md5: bool = False) -
     if location.is_local:
         path = Path("/" + key)
         crc = await asyncio.to_thread(crc32c_file, path)
-        md5 = await asyncio.to_thread(_md5_file, path) if want_md5 else None
+        md5 = await asyncio.to_thread(md5_file, path) if want_md5 else None
         return Fingerprint(crc, md5)
     info = await location.store.stat(key)
     stored = info.metadata.get(CHECKSUM_METADATA_KEY)
-    etag = (info.etag or "").lower()
     return Fingerprint(
         stored.lower() if stored else None,
-        etag if location.store.features.etag_is_md5 and _MD5_ETAG.match(etag) else None,
+        md5_etag(info.etag) if location.store.features.etag_is_md5 else None,
     )
 
 
@@ -144,14 +140,6 @@ async def content_crc32c(location: Location, key: str) -> str:
     async for chunk in location.store.stream(key):
         crc.update(chunk)
     return crc.hexdigest()
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

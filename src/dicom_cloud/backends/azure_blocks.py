@@ -35,14 +35,11 @@ from ..errors import (
     BucketNotFoundError,
     DicomCloudError,
     IntegrityError,
-    NotFoundError,
-    PermissionDeniedError,
-    UsageError,
 )
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
 from .azure_sas import account_sas, blob_sas_url, service_sas
-from .rest import Request, RestClient, info_from_headers
+from .rest import Request, RestClient, info_from_headers, status_error
 
 #: A service version that knows every header used here.
 _VERSION = "2021-08-06"
@@ -141,13 +138,7 @@ class AzureResumableUploads:
         md5_refused = code == "InvalidOperation" and "md5" in response.text.lower()
         if code in ("Md5Mismatch", "InvalidBlockList", "InvalidMd5") or md5_refused:
             return IntegrityError(f"{what}{detail}: the server's MD5 of the bytes differs from ours")
-        if response.status_code == 403:
-            return PermissionDeniedError(f"permission denied on {what}{detail}")
-        if response.status_code == 404:
-            return NotFoundError(f"{what} not found")
-        if response.status_code == 400:
-            return UsageError(f"Azure rejected the request for {what}{detail}")
-        return DicomCloudError(f"Azure answered HTTP {response.status_code} for {what}{detail}")
+        return status_error("Azure", response.status_code, what, detail)
 
     def _url(self, key: str) -> str:
         return f"azure://{self.container}/{key}"

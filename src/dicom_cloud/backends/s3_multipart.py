@@ -27,12 +27,10 @@ from ..errors import (
     DicomCloudError,
     IntegrityError,
     NotFoundError,
-    PermissionDeniedError,
-    UsageError,
 )
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
-from .rest import Request, RestClient, info_from_headers
+from .rest import Request, RestClient, info_from_headers, status_error
 from .sigv4 import UNSIGNED_PAYLOAD, Signer, SigningCredentials, bucket_url, object_url, sha256_hex
 
 _AUTH_CODES = frozenset(
@@ -114,13 +112,7 @@ class S3ResumableUploads:
             return NotFoundError(f"{what}: the multipart upload no longer exists")
         if code in ("InvalidPart", "InvalidDigest", "BadDigest", "InvalidPartOrder"):
             return IntegrityError(f"{what}{detail}")
-        if response.status_code == 403:
-            return PermissionDeniedError(f"permission denied on {what}{detail}")
-        if response.status_code == 404:
-            return NotFoundError(f"{what} not found")
-        if response.status_code == 400:
-            return UsageError(f"S3 rejected the request for {what}{detail}")
-        return DicomCloudError(f"S3 answered HTTP {response.status_code} for {what}{detail}")
+        return status_error("S3", response.status_code, what, detail)
 
     def _url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
