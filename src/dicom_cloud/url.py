@@ -65,6 +65,15 @@ def parse_url(text: str) -> StorageURL:
         raise UsageError("location contains a NUL character")
     head, sep, rest = text.partition("://")
     if not sep:
+        no_colon = re.match(r"^([A-Za-z0-9]+)//", text)
+        if no_colon and no_colon.group(1).lower() in _SCHEME_ALIASES:
+            # "s3//bucket/x/" would otherwise quietly become the local directory ./s3/bucket/x/.
+            scheme_text = no_colon.group(1)
+            raise UsageError(
+                f"'{text}' looks like a URL with the colon missing: "
+                f"did you mean {scheme_text}:{text[len(scheme_text) :]}?",
+                hint=f"use ./{text} for a local path",
+            )
         typo = re.match(r"^([A-Za-z0-9]+):/?(?!/)", text)
         if typo and typo.group(1).lower() in _SCHEME_ALIASES:
             # "s3:/bucket" or "gs:bucket" would otherwise quietly become a local directory.

@@ -121,3 +121,36 @@ def test_empty_and_nul_are_usage_errors(text: str) -> None:
 
 def test_os_sep_trailing_is_directory() -> None:
     assert parse_url("/abs/dir" + os.sep).names_directory
+
+
+@pytest.mark.parametrize(
+    ("text", "meant"),
+    [
+        ("s3//bucket/x/", "s3://bucket/x/"),
+        ("S3//bucket/x/f.dcm", "S3://bucket/x/f.dcm"),
+        ("gs//bucket/x", "gs://bucket/x"),
+        ("gcs//bucket", "gcs://bucket"),
+        ("az//container/x", "az://container/x"),
+        ("azure//container/", "azure://container/"),
+        ("file///tmp/x", "file:///tmp/x"),
+        ("memory//name/x", "memory://name/x"),
+        ("s3a//bucket/x", "s3a://bucket/x"),
+    ],
+)
+def test_scheme_with_the_colon_missing_is_refused(text: str, meant: str) -> None:
+    """'s3//bucket/x/' would otherwise become the local directory ./s3/bucket/x/."""
+    with pytest.raises(UsageError) as refused:
+        parse_url(text)
+    assert f"did you mean {meant}?" in str(refused.value)
+    assert refused.value.hint is not None and f"./{text}" in refused.value.hint
+
+
+@pytest.mark.parametrize("text", ["s3:/bucket/x", "gs:bucket"])
+def test_scheme_with_a_slash_missing_is_refused(text: str) -> None:
+    with pytest.raises(UsageError, match="slash missing"):
+        parse_url(text)
+
+
+@pytest.mark.parametrize("text", ["./s3//bucket/x/", "s3/bucket/x", "s3x//bucket", "data//s3", "/s3//bucket"])
+def test_local_paths_that_only_resemble_a_scheme_are_kept(text: str) -> None:
+    assert parse_url(text).is_local

@@ -1,8 +1,9 @@
 """S3 (and S3-compatible), Azure Blob and in-memory stores, through obstore's Rust clients.
 
 This module is the bottom edge for those three: obstore's exceptions are translated here
-into :mod:`dicom_cloud.errors`, reading the provider's error code from the message where
-the HTTP status alone is ambiguous (a 403 is a bad signature or a missing permission).
+into :mod:`dicom_cloud.errors` by their class, the HTTP status, and the provider's error code
+where the status alone is ambiguous (a 403 is a bad signature or a missing permission), all read
+from the fixed-format part of the error, never from text that repeats the object's name.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
@@ -48,36 +50,28 @@ T = TypeVar("T")
 #: In-process stores by name, so that ``memory://name`` means the same store within a process.
 _MEMORY_STORES: dict[str, MemoryStore] = {}
 
-# Provider error codes, read from response bodies, that decide the class of an error.
-_AUTH_CODES = (
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "AuthorizationHeaderMalformed",
-    "AuthenticationFailed",  # Azure
-    "InvalidAuthenticationInfo",  # Azure
-    "NoAuthenticationInformation",  # Azure
-    "Server failed to authenticate the request",  # Azure and Azurite (code AuthorizationFailure)
+# Provider error codes, read from the XML bodies of error answers, that decide the class of an error.
+_AUTH_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AuthorizationHeaderMalformed",
+        "AuthenticationFailed",  # Azure
+        "InvalidAuthenticationInfo",  # Azure
+        "NoAuthenticationInformation",  # Azure
+    }
 )
-_BUCKET_CODES = ("NoSuchBucket", "ContainerNotFound", "ContainerBeingDeleted")
+#: Azure and Azurite answer a bad signature with code AuthorizationFailure (also used for missing
+#: permissions) and this message.
+_AZURE_AUTH_MESSAGE = "Server failed to authenticate the request"
+_BUCKET_CODES = frozenset({"NoSuchBucket", "ContainerNotFound", "ContainerBeingDeleted"})
 #: A multipart upload whose parts the server no longer has (S3 NoSuchUpload, Azure InvalidBlockList).
-_LOST_UPLOAD_CODES = ("NoSuchUpload", "InvalidBlockList")
+_LOST_UPLOAD_CODES = frozenset({"NoSuchUpload", "InvalidBlockList"})
+#: Code prefixes of throttling answers (Throttling, ThrottlingException...).
 _THROTTLE_CODES = ("SlowDown", "ServerBusy", "TooManyRequests", "RequestLimitExceeded", "Throttl")
-_STATUS = re.compile(r"status code: (\d{3})")
-#: How reqwest/hyper describe a connection that broke mid-body (obstore retries none of these).
-_TRANSPORT_PHRASES = (
-    "request or response body error",
-    "error decoding response body",
-    "connection closed before message completed",
-    "IncompleteMessage",
-    "connection reset",
-    "Connection reset",
-    "broken pipe",
-    "Broken pipe",
-    "unexpected end of file",
-)
 
 
 def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
@@ -433,7 +427,7 @@ class ObjectStoreBackend(Store):
             except StopAsyncIteration:
                 return
             except (obx.BaseError, FileNotFoundError) as exc:
-                if "invalid path" in str(exc):
+                if isinstance(exc, obx.InvalidPathError) or "InvalidPath" in _failure(exc).variants:
                     # obstore refuses to list past a name with "." or ".." segments.
                     raise UnsafeNameError(
                         f"{self.url(prefix)}: an object below has a name with '.' or '..' segments, "
@@ -650,78 +644,143 @@ class ObjectStoreBackend(Store):
 
 
 def translate_error(exc: BaseException, where: str, endpoint: str = "") -> DicomCloudError:
-    """The dicom-cloud error for an obstore exception about ``where`` (a URL)."""
-    text = str(exc)
-    status_match = _STATUS.search(text)
-    status = int(status_match.group(1)) if status_match else None
-    if any(code in text for code in _BUCKET_CODES):
+    """The dicom-cloud error for an obstore exception about ``where`` (a URL).
+
+    Decided by the exception's class and by what :func:`_failure` reads from the structured part
+    of its text (HTTP status, provider code, transport fault), never by searching the whole text:
+    the message repeats the object's name, which may hold any word.
+    """
+    failure = _failure(exc)
+    status, code = failure.status, failure.code
+    if code in _BUCKET_CODES:
         bucket = where.split("/")[2] if "://" in where else where
         return BucketNotFoundError(
             f"bucket or container '{bucket}' does not exist", hint="check the name, or create it first"
         )
-    if any(code in text for code in _AUTH_CODES) or status == 401:
-        return AuthenticationError(
-            f"{where}: the server refused the credentials ({_code(text) or status or 'unauthenticated'})",
-            hint="check the access key and secret (environment, profile or connection string)",
-        )
-    if any(code in text for code in _LOST_UPLOAD_CODES):
-        # A multipart commit repeated after its first try succeeded with the answer lost (or an
-        # upload the server dropped): the blocks are gone. Writing the whole object again is safe.
-        return NetworkError(f"{where}: the multipart upload was lost part-way ({_code(text) or 'gone'})")
-    if isinstance(exc, obx.AlreadyExistsError | obx.PreconditionError):
-        return AlreadyExistsError(f"{where} already exists")
-    if isinstance(exc, obx.NotFoundError | FileNotFoundError):
-        return NotFoundError(f"{where}: no such object")
-    if (
-        isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError)
-        or status == 403
-        or "AccessDenied" in text  # bulk deletes answer 200 with per-key AccessDenied errors
-    ):
-        return PermissionDeniedError(
-            f"{where}: access denied ({_code(text) or 'forbidden'})",
-            hint="the credentials are valid but lack the permission for this operation",
-        )
-    if isinstance(exc, obx.NotSupportedError):
-        return NotSupportedError(f"{where}: {_first_line(exc)}")
-    if status in (429, 503) or any(code in text for code in _THROTTLE_CODES):
-        return ThrottledError(f"{where}: the server is throttling requests ({_code(text) or status})")
-    if status is not None and status >= 500:
-        return NetworkError(f"{where}: server error {status} ({_code(text) or 'no detail'})")
-    if status == 404:
-        return NotFoundError(f"{where}: not found")
-    if any(phrase in text for phrase in _TRANSPORT_PHRASES):
-        # A connection dropped part-way through a request or response body.
-        return NetworkError(f"{where}: connection dropped ({_network_reason(text)})")
-    if "error sending request" in text or "connect" in text.lower() or "timed out" in text:
-        return NetworkError(
-            f"cannot reach {endpoint or 'the storage server'} ({_network_reason(text)})",
-            hint="check the endpoint URL and that the server is running",
-        )
-    if "credential" in text.lower():
+    if failure.credential_lookup:
         return AuthenticationError(
             f"no usable credentials for {where}",
             hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the Azure/GCS equivalents",
         )
+    if (
+        code in _AUTH_CODES
+        or status == 401
+        or isinstance(exc, obx.UnauthenticatedError)
+        or failure.message.startswith(_AZURE_AUTH_MESSAGE)
+    ):
+        return AuthenticationError(
+            f"{where}: the server refused the credentials ({code or status or 'unauthenticated'})",
+            hint="check the access key and secret (environment, profile or connection string)",
+        )
+    if code in _LOST_UPLOAD_CODES:
+        # A multipart commit repeated after its first try succeeded with the answer lost (or an
+        # upload the server dropped): the blocks are gone. Writing the whole object again is safe.
+        return NetworkError(f"{where}: the multipart upload was lost part-way ({code})")
+    if isinstance(exc, obx.AlreadyExistsError | obx.PreconditionError):
+        return AlreadyExistsError(f"{where} already exists")
+    if isinstance(exc, obx.NotFoundError | FileNotFoundError):
+        return NotFoundError(f"{where}: no such object")
+    # Bulk deletes answer 200 with a per-key AccessDenied: its code, no status.
+    if isinstance(exc, obx.PermissionDeniedError) or status == 403 or code == "AccessDenied":
+        return PermissionDeniedError(
+            f"{where}: access denied ({code or 'forbidden'})",
+            hint="the credentials are valid but lack the permission for this operation",
+        )
+    if isinstance(exc, obx.NotSupportedError):
+        return NotSupportedError(f"{where}: {_first_line(exc)}")
+    if status in (429, 503) or (code is not None and code.startswith(_THROTTLE_CODES)):
+        return ThrottledError(f"{where}: the server is throttling requests ({code or status})")
+    if status is not None and status >= 500:
+        return NetworkError(f"{where}: server error {status} ({code or 'no detail'})")
+    if status == 404:
+        return NotFoundError(f"{where}: not found")
     if status is not None and 400 <= status < 500:
-        return UsageError(f"{where}: request refused with status {status} ({_code(text) or 'no detail'})")
+        return UsageError(f"{where}: request refused with status {status} ({code or 'no detail'})")
+    if failure.transport in ("Interrupted", "Decode"):
+        # The connection dropped part-way through a request or a response body.
+        return NetworkError(f"{where}: connection dropped ({failure.reason})")
+    if failure.transport is not None:
+        return NetworkError(
+            f"cannot reach {endpoint or 'the storage server'} ({failure.reason})",
+            hint="check the endpoint URL and that the server is running",
+        )
     return DicomCloudError(f"{where}: {_first_line(exc)}")
 
 
-def _code(text: str) -> str | None:
-    match = re.search(r"<Code>([^<]+)</Code>", text)
-    return match.group(1) if match else None
+@dataclass(frozen=True)
+class _Failure:
+    """What an obstore error says in its fixed-format part."""
+
+    #: The HTTP status the server answered, if it answered.
+    status: int | None = None
+    #: The provider's error code (``<Code>`` of the XML body, or a bulk delete's per-key code).
+    code: str | None = None
+    #: The provider's message (``<Message>`` of the XML body), escaped as Rust prints strings.
+    message: str = ""
+    #: How the request failed without an answer (object_store's HttpErrorKind: Connect, Request,
+    #: Timeout, Interrupted, Decode, Unknown).
+    transport: str | None = None
+    #: The I/O error kind under a transport fault (ConnectionRefused, ConnectionReset, ...).
+    io_kind: str | None = None
+    #: Variant names of the Rust error chain (InvalidPath, BadSegment, ...).
+    variants: frozenset[str] = frozenset()
+    #: The request went to a cloud metadata service to fetch credentials.
+    credential_lookup: bool = False
+
+    @property
+    def reason(self) -> str:
+        if self.transport == "Timeout":
+            return "timed out"
+        if self.transport in ("Interrupted", "Decode"):
+            return "connection reset or closed mid-transfer"
+        if self.transport == "Connect" or self.io_kind in ("ConnectionRefused", "ConnectionReset"):
+            return "connection refused or reset"
+        return "connection failed"
 
 
-def _network_reason(text: str) -> str:
-    # Only the summary line: the debug dump below it always mentions "retry_timeout".
-    lowered = text.split("Debug source", 1)[0].lower()
-    if "timed out" in lowered or "operation timed" in lowered:
-        return "timed out"
-    if "refused" in lowered or "error sending request" in lowered:
-        return "connection refused or reset"
-    if "body" in lowered or "reset" in lowered or "closed" in lowered or "broken pipe" in lowered:
-        return "connection reset or closed mid-transfer"
-    return "connection failed"
+# obstore's message is "<summary naming the path>: <request URL> ... <body>\n\nDebug source:\n<the
+# Rust error chain, pretty-printed>". The summary, the URL and the XML body all repeat the object's
+# name (raw, percent-encoded, XML-escaped). In the pretty-printed chain every string is one quoted,
+# escaped line, so a line that *starts* with a field name is structure the name cannot forge; and
+# the chain is the last "Debug source" block, because nothing after it holds a raw line break.
+_DEBUG_MARK = "\n\nDebug source:\n"
+_DEBUG_STATUS = re.compile(r"^\s*status: (\d{3}),$", re.M)
+_DEBUG_BODY = re.compile(r"^\s*body: Some\(\n\s*\"(.*)\",$", re.M)
+_DEBUG_DELETE_CODE = re.compile(r"^\s*code: \"(\w+)\",$", re.M)
+_DEBUG_TRANSPORT = re.compile(r"^\s*(?:source: )?HttpError \{\n\s*kind: (\w+),$", re.M)
+_DEBUG_IO_KIND = re.compile(r"^\s*kind: (\w+),$", re.M)
+_DEBUG_VARIANT = re.compile(r"^\s*(?:\w+: )?(\w+) ?[{(]$", re.M)
+_DEBUG_URI = re.compile(r"^\s*uri: Some\(\n\s*(https?://[^/\s,]+)", re.M)
+# In the XML body the object's name is escaped: these tags are the server's own.
+_BODY_CODE = re.compile(r"<Code>(\w+)</Code>")
+_BODY_MESSAGE = re.compile(r"<Message>(.*?)</Message>")
+#: Where AWS clients fetch credentials from (EC2 instance metadata, ECS task credentials).
+_CREDENTIAL_HOSTS = ("http://169.254.169.254", "http://169.254.170.2", "http://[fd00:ec2::254]")
+
+
+def _failure(exc: BaseException) -> _Failure:
+    text = str(exc)
+    mark = text.rfind(_DEBUG_MARK)
+    if mark < 0:
+        return _Failure()
+    chain = text[mark + len(_DEBUG_MARK) :]
+    status_match = _DEBUG_STATUS.search(chain)
+    body_match = _DEBUG_BODY.search(chain)
+    body = body_match.group(1) if body_match else ""
+    code_match = _BODY_CODE.search(body) or _DEBUG_DELETE_CODE.search(chain)
+    message_match = _BODY_MESSAGE.search(body)
+    transport_match = _DEBUG_TRANSPORT.search(chain)
+    io_kinds = [kind for kind in _DEBUG_IO_KIND.findall(chain) if kind.startswith("Connection")]
+    uri_match = _DEBUG_URI.search(chain)
+    return _Failure(
+        status=int(status_match.group(1)) if status_match else None,
+        code=code_match.group(1) if code_match else None,
+        message=message_match.group(1) if message_match else "",
+        transport=transport_match.group(1) if transport_match else None,
+        io_kind=io_kinds[0] if io_kinds else None,
+        variants=frozenset(_DEBUG_VARIANT.findall(chain)),
+        credential_lookup=bool(uri_match and uri_match.group(1).startswith(_CREDENTIAL_HOSTS)),
+    )
 
 
 def _first_line(exc: BaseException) -> str:
