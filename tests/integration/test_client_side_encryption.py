@@ -307,6 +307,47 @@ def test_upload_encrypts_download_decrypts(
     assert str(pydicom.dcmread(dest / BIG).PatientName) == SECRET_PATIENT
 
 
+@pytest.mark.parametrize("name", ["s3", "local"])
+def test_download_with_the_upload_flags_decrypts(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, enc: Enc, tmp_path: Path, name: str
+) -> None:
+    """The flags of the upload, given to the download, give back the plaintext (they used to leave
+    ciphertext on disk, exit 0); encrypted local copies only with --keep-encrypted."""
+    backend = backend_of(request, name)
+    env = env_for(enc, backend.env)
+    upload_encrypted(enc, backend, "enc/")
+    flags = ["--encrypt", "client-side", "--master-key", enc.keys.spec(7)]
+
+    dest = tmp_path / "plain"
+    run_cli("download", backend.url("enc/"), f"{dest}/", "-r", *flags, *MULTIPART, env=env).ok()
+    assert_tree(dest, enc.files)
+    one = tmp_path / "one"
+    one.mkdir()
+    for rel, local in ((CT, "ct.dcm"), (BIG, "big.dcm")):
+        run_cli("download", backend.url("enc/" + rel), one / local, *flags, *MULTIPART, env=env).ok()
+        assert (one / local).read_bytes() == enc.files[rel], rel
+
+    # Asked for: local copies encrypted under the current master key.
+    kept = tmp_path / "kept"
+    run_cli("download", backend.url("enc/"), f"{kept}/", "-r", *flags, "--keep-encrypted", *MULTIPART,
+            env=env).ok()  # fmt: skip
+    got = local_files(kept)
+    assert sorted(got) == sorted(enc.files)
+    for rel, plain in enc.files.items():
+        blob = got[rel].read_bytes()
+        assert header_key_id(blob, "A1") == 7, rel
+        assert len(blob) == len(plain) + 86, rel
+
+    # Encrypted copies need a key to encrypt with; --encrypt client-side without a key is refused.
+    for extra in (["--keep-encrypted"], ["--encrypt", "client-side"]):
+        nokey = tmp_path / "nokey"
+        run_cli("download", backend.url("enc/"), f"{nokey}/", "-r", *extra, env=env).fails(2)
+        assert_nothing_written(nokey)
+    # --keep-encrypted is a download option only.
+    result = run_cli("upload", enc.root, backend.url("x/"), "-r", *flags, "--keep-encrypted", env=env)
+    assert result.code == 2, str(result)
+
+
 @NEEDS_DC2
 def test_dc2_upload_and_small_downloads(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, enc: Enc, tmp_path: Path

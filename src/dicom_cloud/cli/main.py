@@ -152,7 +152,8 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encrypt",
         choices=["server-side", "client-side"],
-        help="client-side: encrypt before upload with --master-key (Orthanc's A1 envelope, or DC2); "
+        help="client-side: encrypt before upload with --master-key (Orthanc's A1 envelope, or DC2; "
+        "a download decrypts, see --keep-encrypted); "
         "server-side: SSE-S3 (AES256) on S3, Azure and GCS always encrypt at rest",
     )
     _key_arguments(parser)
@@ -578,6 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = add(name, summary, examples, _transfer(verb, call))
         _transfer_arguments(sub)
+        if name == "download":
+            sub.add_argument(
+                "--keep-encrypted",
+                action="store_true",
+                help="write the local copies client-side encrypted under the current master key "
+                "(by default a download decrypts, --encrypt client-side included)",
+            )
         add_journal_option(sub)
         _connection_options(sub)
         _output_options(sub)

@@ -244,14 +244,23 @@ def dicom_policy(
 
 
 def client_encryption(
-    encrypt: str | None, fmt: str | None, master_key: str | None, previous_keys: Sequence[str]
+    encrypt: str | None,
+    fmt: str | None,
+    master_key: str | None,
+    previous_keys: Sequence[str],
+    *,
+    writes: bool | None = None,
 ) -> ClientEncryption | None:
-    """Keys (flags, environment or configuration file) and whether to encrypt what is written."""
+    """Keys (flags, environment or configuration file) and whether to encrypt what is written
+    (``writes``; by default, whenever ``encrypt`` is client-side). Client-side encryption asked
+    for without any master key is refused, even where it only decrypts."""
     settings = load_keys(master_key, previous_keys)
-    writes = encrypt == "client-side"
-    if writes and settings.ring is None:
+    if writes is None:
+        writes = encrypt == "client-side"
+    if (writes or encrypt == "client-side") and settings.ring is None:
+        option = "--encrypt client-side" if encrypt == "client-side" else "--keep-encrypted"
         raise UsageError(
-            "--encrypt client-side needs a master key",
+            f"{option} needs a master key",
             hint="pass --master-key ID:PATH (make one with: openssl rand -base64 32 > master.key)",
         )
     if settings.ring is None:
@@ -276,8 +285,21 @@ def setup_logging(verbose: bool) -> None:
         )
 
 
+def writes_encrypted(args: Any) -> bool:
+    """Whether what the command writes is client-side encrypted.
+
+    A download decrypts: ``--encrypt client-side`` there only says that the objects are encrypted
+    (the flags of the upload give the plaintext back); local copies stay encrypted, under the
+    current master key, only when ``--keep-encrypted`` asks for it.
+    """
+    if getattr(args, "command", None) == "download":
+        return bool(getattr(args, "keep_encrypted", False))
+    return bool(args.encrypt == "client-side")
+
+
 def options_from_args(args: Any) -> TransferOptions:
     """The TransferOptions of a transfer command's parsed arguments (upload, download, copy, sync)."""
+    encrypted = writes_encrypted(args)
     return transfer_options(
         args.parallel,
         args.part_size,
@@ -288,7 +310,11 @@ def options_from_args(args: Any) -> TransferOptions:
         no_overwrite=args.no_overwrite,
         dry_run=args.dry_run,
         encryption=client_encryption(
-            args.encrypt, args.encryption_format, args.master_key, args.previous_key
+            args.encrypt,
+            args.encryption_format,
+            args.master_key,
+            args.previous_key,
+            writes=encrypted,
         ),
         dicom=dicom_policy(
             args.layout,
@@ -297,7 +323,7 @@ def options_from_args(args: Any) -> TransferOptions:
             validate=args.validate,
             strict=args.strict,
             allow_phi=args.allow_phi,
-            encrypted=args.encrypt == "client-side",
+            encrypted=encrypted,
         ),
         allow_phi=args.allow_phi,
         selection=selection(args),

@@ -8,6 +8,9 @@ The rules, as the transfer engine applies them:
   (Orthanc's plugins name their encrypted objects so). It is decrypted when the bytes go to local
   disk (download) or are re-encrypted (copy or rekey with ``encrypt_as``); otherwise ciphertext is
   copied as it is, so that a copy never turns protected data into plaintext by accident.
+- Local copies are written encrypted only when ``encrypt_as`` is set for them: the command line
+  sets it on a download only with ``--keep-encrypted`` (``--encrypt client-side`` given to a
+  download names the data as encrypted, so the download decrypts, as it does with a key alone).
 - An encrypted object that must be decrypted under a key id the ring lacks (or with no ring at
   all) is refused with :class:`~dicom_cloud.errors.KeyMissingError` naming the id.
 """
