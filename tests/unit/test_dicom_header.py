@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
@@ -408,17 +407,3 @@ def test_file_variant(tmp_path: Path) -> None:
         h.read_identity_from_file(tmp_path / "missing.dcm")
     with pytest.raises(UsageError):
         h.read_identity_from_file(path, first_read=10)
-
-
-# --- speed ----------------------------------------------------------------------------------
-
-
-def test_parse_rate(capsys: pytest.CaptureFixture[str]) -> None:
-    n = 2000
-    start = time.perf_counter()
-    for _ in range(n):
-        read_identity(CT)
-    rate = n / (time.perf_counter() - start)
-    with capsys.disabled():
-        print(f"\nread_identity on CT_small.dcm in memory: {rate:,.0f} identities/s")
-    assert rate > 200

@@ -180,8 +180,6 @@ def test_engine_stops_when_nothing_gets_through(mem_bucket: str) -> None:
         recursive=True,
         options=TransferOptions(parallel=4, attempts=2),
     )
-    started = time.monotonic()
     with pytest.raises(NetworkError):
         asyncio.run(transfer.run())
-    assert time.monotonic() - started < 5
     assert sum(source.reads.values()) < 40  # far from 500 objects x 2 attempts
