@@ -1,5 +1,5 @@
-"""Names that cannot be written faithfully: keys past the providers' length limit, and Unicode
-spellings that two file systems, or the NFC rule of uploads, would fold into one name.
+"""Names that cannot be written faithfully: keys past the providers' length limit or holding control
+characters, and Unicode spellings that two file systems, or the NFC rule of uploads, would fold into one name.
 
 Uploads name objects by the NFC form of local names (macOS writes NFD, Linux keeps what it is
 given), so the same study uploaded from either lands on the same keys. Two local files whose names
@@ -20,12 +20,36 @@ from .errors import UnsafeNameError
 MAX_KEY_BYTES = 1024
 
 
+#: Control characters (C0 and DEL) by their usual escapes; the others are shown as \\xNN.
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(name: str) -> str:
+    """``name`` with its control characters escaped (``\\n``, ``\\x1b``): one line, nothing a
+    terminal would act on."""
+    if name.isprintable():
+        return name
+    return "".join(
+        _ESCAPES.get(char, f"\\x{ord(char):02x}") if char < " " or char == "\x7f" else char for char in name
+    )
+
+
 def check_object_key(key: str, where: str) -> None:
-    """Refuse a key that no object store would accept, before any request is made."""
+    """Refuse a key that no object store would accept faithfully, before any request is made."""
+    controls = sorted({char for char in key if char < " " or char == "\x7f"})
+    if controls:
+        # GCS refuses CR and LF, S3's XML listings and the S3/Azure client cannot carry them, and
+        # in a listing, a log or a terminal they would forge lines.
+        shown = ", ".join(printable(char) for char in controls)
+        raise UnsafeNameError(
+            f"{printable(where)}: object name contains a control character ({shown})",
+            hint="rename the file: object names cannot hold line breaks or other control characters",
+        )
     size = len(key.encode("utf-8", "surrogateescape"))
     if size > MAX_KEY_BYTES:
         raise UnsafeNameError(
-            f"{where}: object name is {size} bytes long; object stores accept at most {MAX_KEY_BYTES}",
+            f"{printable(where)}: object name is {size} bytes long; "
+            f"object stores accept at most {MAX_KEY_BYTES}",
             hint="shorten the directory names of the source, or upload from deeper in the tree",
         )
 

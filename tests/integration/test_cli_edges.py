@@ -29,3 +29,26 @@ def test_scheme_with_the_colon_missing_writes_nothing(
     # The local path is still reachable, spelled as one.
     run_cli("upload", source, f"./s3//{s3_bucket}/x/", env=env, cwd=work).ok()
     assert (work / "s3" / s3_bucket / "x" / "f.dcm").read_bytes() == source.read_bytes()
+
+
+def test_name_with_a_newline_is_an_unsafe_name(seaweedfs: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+    """Used to fail with "unexpected error: ValueError"; object stores cannot hold such names faithfully."""
+    env = cli_env(seaweedfs.env())
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "line\nfeed.dcm").write_bytes(b"one")
+    (tree / "fine.dcm").write_bytes(b"two")
+    single = run_cli("upload", tree / "line\nfeed.dcm", f"s3://{s3_bucket}/one/", env=env).fails(9)
+    assert "unexpected" not in single.stderr and "ValueError" not in single.stderr, str(single)
+    assert "control character" in single.stderr and "line\\nfeed.dcm" in single.stderr, str(single)
+    # In a recursive run it fails alone; the rest is uploaded, exit 1.
+    result = run_cli("upload", tree, f"s3://{s3_bucket}/tree/", "-r", "--no-journal", env=env)
+    assert result.code == 1, str(result)
+    assert "unexpected" not in result.stderr and "ValueError" not in result.stderr, str(result)
+    assert "control character" in result.stderr, str(result)
+    assert not [line for line in result.stderr.splitlines() if line.startswith("feed.dcm")], str(result)
+    listing = run_cli("list", f"s3://{s3_bucket}/tree/", "--json", env=env).ok().json_lines()
+    assert [row["key"] for row in listing] == ["tree/fine.dcm"]
+    # A local destination keeps such names (the file system allows them).
+    run_cli("upload", tree, tmp_path / "copy", "-r", "--no-journal", env=env).ok()
+    assert (tmp_path / "copy" / "line\nfeed.dcm").read_bytes() == b"one"

@@ -130,3 +130,16 @@ def test_hostile_download_names_fail_alone_and_stay_inside(tmp_path: Path, hosti
     assert summary.files == 1 and len(summary.failed) == 1
     assert isinstance(summary.failed[0][1], UnsafeNameError)
     assert [p.name for p in (tmp_path / "jail").rglob("*") if p.is_file()] == ["ok.dcm"]
+
+
+@pytest.mark.parametrize("key", ["a\nb.dcm", "dir/a\rb", "tab\there", "esc\x1b[31m", "del\x7f"])
+def test_control_characters_are_refused_in_object_names(key: str) -> None:
+    with pytest.raises(UnsafeNameError, match="control character") as refused:
+        names.check_object_key(key, f"s3://b/{key}")
+    message = str(refused.value)
+    assert "\n" not in message and "\r" not in message and "\x1b" not in message
+
+
+def test_printable_escapes_controls_only() -> None:
+    assert names.printable("a\nb\tc\x1b\x7f é 漢") == "a\\nb\\tc\\x1b\\x7f é 漢"
+    assert names.printable("plain/name.dcm") == "plain/name.dcm"

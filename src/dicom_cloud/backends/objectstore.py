@@ -34,6 +34,7 @@ from ..errors import (
     UnsafeNameError,
     UsageError,
 )
+from ..names import printable
 from ..retry import resumable_listing
 from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import StoreConfig, refuse_key_in_clear
@@ -609,7 +610,11 @@ class ObjectStoreBackend(Store):
                 break
             self._bucket_checked = True
         try:
-            return await self._call(key, start())
+            try:
+                awaitable = start()
+            except ValueError as exc:  # obstore parses the name before any request
+                raise self._invalid_name(key, exc) from exc
+            return await self._call(key, awaitable)
         except (NetworkError, UsageError, PermissionDeniedError) as exc:
             # A server without the encryption asked for (or a key it cannot use) answers with a
             # bare 400, 403 or 500: say what the write asked for.
@@ -628,9 +633,11 @@ class ObjectStoreBackend(Store):
         except OSError as exc:
             raise NetworkError(f"{self.url(key)}: {exc.strerror or exc}") from exc
         except ValueError as exc:  # object_store refuses empty, "." and ".." path segments
-            raise UnsafeNameError(
-                f"'{key}' is not a valid object name ({_first_line(exc).rsplit(': ', 1)[-1]})"
-            ) from exc
+            raise self._invalid_name(key, exc) from exc
+
+    def _invalid_name(self, key: str, exc: ValueError) -> UnsafeNameError:
+        reason = printable(_first_line(exc).rsplit(": ", 1)[-1])
+        return UnsafeNameError(f"'{printable(key)}' is not a valid object name ({reason})")
 
     def _raise(self, exc: BaseException, key: str) -> NoReturn:
         error = translate_error(exc, self.url(key), self._endpoint)

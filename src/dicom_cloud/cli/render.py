@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Literal, TextIO
 
 from ..errors import DicomCloudError
+from ..names import printable
 from ..store import ObjectInfo
 from ..transfer import TransferEvent, TransferSummary
 
@@ -118,7 +119,8 @@ class TransferProgress:
         if self.mode in ("json", "quiet") or not self.report_failures:
             return
         message = str(event.error) if event.error else "failed"
-        text = f"{label}: {event.src}: {message}" if event.src not in message else f"{label}: {message}"
+        src = printable(event.src)  # a name with a line break must not forge a second line
+        text = f"{label}: {src}: {message}" if src not in message else f"{label}: {message}"
         if self._rich is not None:
             self._rich.console.print(text, markup=False, highlight=False)
         else:
