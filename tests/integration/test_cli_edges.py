@@ -52,3 +52,22 @@ def test_name_with_a_newline_is_an_unsafe_name(seaweedfs: S3Server, s3_bucket: s
     # A local destination keeps such names (the file system allows them).
     run_cli("upload", tree, tmp_path / "copy", "-r", "--no-journal", env=env).ok()
     assert (tmp_path / "copy" / "line\nfeed.dcm").read_bytes() == b"one"
+
+
+def test_pydicom_warnings_only_at_verbose(tmp_path: Path) -> None:
+    """pydicom's raw UserWarning lines used to print even with -q."""
+    from pydicom.data import get_testdata_file
+
+    source = Path(str(get_testdata_file("SC_rgb_jpeg.dcm")))  # pydicom warns about its VR
+    env = cli_env()
+    for flag in ("-q", None):
+        args = ["upload", source, tmp_path / f"out{flag}/", "--layout", "uid", "--no-journal"]
+        result = run_cli(*args, *([flag] if flag else []), env=env).ok()
+        assert "Warning" not in result.stderr and "pydicom" not in result.stderr, str(result)
+        if flag == "-q":
+            assert result.stderr == "", str(result)
+    verbose = run_cli(
+        "upload", source, tmp_path / "outv/", "--layout", "uid", "--no-journal", "-v", env=env
+    ).ok()
+    assert f"{source}: pydicom: Expected explicit VR" in verbose.stderr, str(verbose)
+    assert "UserWarning" not in verbose.stderr, str(verbose)

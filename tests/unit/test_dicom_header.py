@@ -407,3 +407,41 @@ def test_file_variant(tmp_path: Path) -> None:
         h.read_identity_from_file(tmp_path / "missing.dcm")
     with pytest.raises(UsageError):
         h.read_identity_from_file(path, first_read=10)
+
+
+# --- pydicom's warnings -----------------------------------------------------------------------
+
+
+def test_pydicom_warnings_become_debug_messages_naming_the_file() -> None:
+    """pydicom's UserWarning lines used to reach stderr whatever the logging level."""
+    import subprocess
+    import sys
+
+    path = get_testdata_file("SC_rgb_jpeg.dcm")  # implicit VR where explicit is declared: warns
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=int(sys.argv[1]), format='%(name)s: %(message)s')\n"
+        "from dicom_cloud.dicom.header import read_identity_from_file\n"
+        "read_identity_from_file(sys.argv[2])\n"
+    )
+    quiet = subprocess.run(
+        [sys.executable, "-c", script, "30", str(path)], capture_output=True, text=True, check=True
+    )
+    assert quiet.stderr == ""
+    verbose = subprocess.run(
+        [sys.executable, "-c", script, "10", str(path)], capture_output=True, text=True, check=True
+    )
+    assert f"dicom_cloud.dicom.header: {path}: pydicom: Expected explicit VR" in verbose.stderr
+    assert "UserWarning" not in verbose.stderr
+
+
+def test_pydicom_reports_never_carry_values(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="dicom_cloud.dicom.header")
+    with h._reporting_as("s3://b/x\n.dcm"):
+        pydicom.config.logger.warning("Invalid value for VR PN: 'DOE^JOHN' (\"1970\")")
+    messages = [r.getMessage() for r in caplog.records if r.name == "dicom_cloud.dicom.header"]
+    assert messages == ["s3://b/x\\n.dcm: pydicom: Invalid value for VR PN: '...' ('...')"]
+    # Outside a header read, pydicom's records are left alone.
+    caplog.clear()
+    pydicom.config.logger.warning("elsewhere")
+    assert [r.name for r in caplog.records] == ["pydicom"]

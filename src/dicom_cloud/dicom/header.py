@@ -16,6 +16,10 @@ switch instead of scattered try/excepts):
 Failures raise :class:`DicomFormatError`, whose ``reason`` is one of the ``REASON_*`` strings
 below. Messages never contain element values: identities carry patient data (PHI).
 
+pydicom's own warnings about a header (a VR it had to guess, a value it finds invalid) are not
+printed as raw ``UserWarning`` lines: each becomes a debug message of this module naming the file
+or object, its quoted values masked (they may be patient data); ``-v`` shows them.
+
 Only the head of an object is read. Elements are stored in ascending tag order, so reading
 stops at the first top-level element after the last wanted tag, or at the pixel data;
 :func:`read_identity_from_store` and :func:`read_identity_from_file` read ``first_read`` bytes
@@ -24,10 +28,14 @@ and double that only while the parser runs out of data before such a stopping po
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
+import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from io import BytesIO
 from pathlib import Path
@@ -43,6 +51,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from ..errors import DicomFormatError, NotFoundError, UsageError
+from ..names import printable
 from ..store import Store
 
 __all__ = [
@@ -180,13 +189,52 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _parse(buf: bytes, *, complete: bool, tags: Sequence[tuple[str, int]], policy: Policy) -> DicomIdentity:
-    """The identity in ``buf``; ``complete`` tells whether ``buf`` is the whole object.
+_log = logging.getLogger(__name__)
+#: The file or object whose header is being read in this thread or task, for pydicom's reports.
+_reading: ContextVar[str | None] = ContextVar("dicom_header_reading", default=None)
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+class _PydicomReports(logging.Filter):
+    """pydicom reports each warning twice: a record of its "pydicom" logger and a ``UserWarning``
+    (pydicom.misc.warn_and_log). While a header is read here, the record becomes a debug message
+    of ours naming the file, and goes no further; the ``UserWarning`` copies are ignored."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        source = _reading.get()
+        if source is None:
+            return True  # pydicom used elsewhere in the process: left as it is
+        if record.levelno >= logging.WARNING:
+            # Quoted parts are element values (names, dates...): never logged.
+            _log.debug("%s: pydicom: %s", printable(source), _QUOTED.sub("'...'", record.getMessage()))
+        return False
+
+
+logging.getLogger("pydicom").addFilter(_PydicomReports())
+# The UserWarning copy of each report (the record above carries the same message): not printed.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?")
+
+
+@contextmanager
+def _reporting_as(source: str) -> Iterator[None]:
+    token = _reading.set(source)
+    try:
+        yield
+    finally:
+        _reading.reset(token)
+
+
+def _parse(
+    buf: bytes, *, complete: bool, tags: Sequence[tuple[str, int]], policy: Policy, source: str
+) -> DicomIdentity:
+    """The identity in ``buf``; ``complete`` tells whether ``buf`` is the whole object; ``source``
+    names it in pydicom's reports.
 
     Raises _NeedMore when ``buf`` is only a head and ended before the header did.
     """
     try:
-        return _parse_header(buf, complete=complete, tags=tags, policy=policy)
+        with _reporting_as(source):
+            return _parse_header(buf, complete=complete, tags=tags, policy=policy)
     except (DicomFormatError, _NeedMore):
         raise
     except Exception as exc:
@@ -388,14 +436,16 @@ def read_identity(
     *,
     extra_tags: Sequence[str] = (),
     policy: Policy = "lenient",
+    source: str = "a DICOM instance in memory",
 ) -> DicomIdentity:
     """The identity of the DICOM object whose bytes (or whose whole header) are ``data``.
 
     ``data`` is taken as the complete object: a header cut short is ``REASON_TRUNCATED``.
     Raises DicomFormatError per ``policy`` (see the module docs), UsageError for bad arguments.
+    ``source`` names the object in debug messages.
     """
     _check_policy(policy)
-    return _parse(bytes(data), complete=True, tags=_tags(extra_tags), policy=policy)
+    return _parse(bytes(data), complete=True, tags=_tags(extra_tags), policy=policy, source=source)
 
 
 def _grow(size: int, first_read: int, max_read: int) -> list[int]:
@@ -432,7 +482,7 @@ async def read_identity_from_store(
     for n in _grow(size, first_read, max_read):
         buf = bytes(await store.get_range(key, 0, n)) if n else b""
         try:
-            return _parse(buf, complete=n >= size, tags=tags, policy=policy)
+            return _parse(buf, complete=n >= size, tags=tags, policy=policy, source=store.url(key))
         except _NeedMore:
             continue
     raise DicomFormatError(
@@ -460,7 +510,7 @@ def read_identity_from_file(
                 f.seek(0)
                 buf = f.read(n)
                 try:
-                    return _parse(buf, complete=len(buf) >= size, tags=tags, policy=policy)
+                    return _parse(buf, complete=len(buf) >= size, tags=tags, policy=policy, source=str(path))
                 except _NeedMore:
                     continue
     except FileNotFoundError as exc:
