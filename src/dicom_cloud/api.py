@@ -23,20 +23,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from .backends import StoreConfig
+from .backends import StoreConfig, open_store
 from .checksum import crc32c_hex
 from .crypto.envelope import ClientEncryption
 from .crypto.keys import KeyRing
 from .dicom.manifest import ManifestWriter
-from .errors import NotFoundError, UsageError
+from .errors import NotFoundError, NotSupportedError, UsageError
 from .filters import Filter
 from .journal import JobSpec, Journal
 from .localio import resolves_within
 from .location import Location, LocationOpener
-from .store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
+from .store import CHECKSUM_METADATA_KEY, BucketInfo, ObjectInfo, PutOptions
 from .sync import PlanCallback, Sync, SyncOptions, SyncSummary
 from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary, verify
 from .treediff import DifferenceCallback, VerifyResult, verify_trees
+from .url import StorageURL, account_scheme
 
 T = TypeVar("T")
 
@@ -332,6 +333,26 @@ async def list_async(
                 task.cancel()
     finally:
         await opener.close()
+
+
+async def list_buckets_async(url: str, *, config: StoreConfig | None = None) -> list[BucketInfo]:
+    """The buckets (S3, GCS) or containers (Azure) the credentials reach, for ``s3://``, ``gs://``
+    or ``azure://`` without a bucket, sorted by name. NotSupportedError for other locations."""
+    scheme = account_scheme(url)
+    if scheme is None:
+        raise UsageError(f"'{url}' does not name an account", hint="give s3://, gs:// or azure:// alone")
+    store = open_store(StorageURL(scheme=scheme, bucket="", key=""), config or StoreConfig())
+    try:
+        if not store.features.list_buckets:
+            raise NotSupportedError(f"{scheme}:// cannot list its buckets")
+        return sorted(await store.list_buckets(), key=lambda bucket: bucket.name)
+    finally:
+        await store.close()
+
+
+def list_buckets(url: str, *, config: StoreConfig | None = None) -> list[BucketInfo]:
+    """Synchronous :func:`list_buckets_async`."""
+    return _run(list_buckets_async(url, config=config))
 
 
 def list_objects(url: str, *, recursive: bool = False, config: StoreConfig | None = None) -> list[ObjectInfo]:

@@ -52,6 +52,15 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class BucketInfo:
+    """One bucket or container of an account."""
+
+    name: str
+    #: When it was created, where the provider's listing says (S3, GCS; not Azure).
+    created: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Features:
     """Optional abilities of a store. The core checks these instead of the store's kind."""
 
@@ -65,6 +74,9 @@ class Features:
     etag_is_md5: bool = False
     #: ``open_writer`` gives a file that concurrent ranged downloads fill at offsets.
     random_access_write: bool = False
+    #: ``list_buckets`` names the buckets or containers the credentials reach (the store may then
+    #: be opened without a bucket of its own, for that call only).
+    list_buckets: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,10 @@ class Store(abc.ABC):
     def url(self, key: str = "") -> str:
         """The user-facing URL of a key in this store."""
         return f"{self.scheme}://{self.bucket}/{key}"
+
+    async def list_buckets(self) -> list[BucketInfo]:
+        """The account's buckets or containers, by name (only where ``features.list_buckets``)."""
+        raise NotSupportedError(f"{self.scheme}:// locations cannot list buckets")
 
     @abc.abstractmethod
     async def stat(self, key: str) -> ObjectInfo:

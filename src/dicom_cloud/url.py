@@ -51,6 +51,20 @@ class StorageURL:
         return f"{self.scheme}://{self.bucket}/{self.key}"
 
 
+def account_scheme(text: str) -> Scheme | None:
+    """The scheme of a URL naming a whole account (``s3://``, ``gs://``, ``az://``: no bucket), or
+    None. Only ``list`` takes such URLs; every other use needs a bucket (:func:`parse_url`).
+
+    >>> account_scheme("az://"), account_scheme("s3://bucket/")
+    ('azure', None)
+    """
+    head, sep, rest = text.partition("://")
+    scheme = _SCHEME_ALIASES.get(head.lower())
+    if not sep or rest.strip("/") or scheme is None or scheme in ("file", "memory"):
+        return None
+    return scheme
+
+
 def parse_url(text: str) -> StorageURL:
     """Parse a location given on the command line or through the API.
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import uuid
 from pathlib import Path
 
+import pytest
 from test_cli import cli_env, run_cli
 
-from servers import S3Server
+from servers import AzureServer, GCSServer, S3Server
 
 
 def test_scheme_with_the_colon_missing_writes_nothing(
@@ -71,3 +74,52 @@ def test_pydicom_warnings_only_at_verbose(tmp_path: Path) -> None:
     ).ok()
     assert f"{source}: pydicom: Expected explicit VR" in verbose.stderr, str(verbose)
     assert "UserWarning" not in verbose.stderr, str(verbose)
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs", "azure"])
+def test_list_without_a_bucket_lists_buckets(request: pytest.FixtureRequest, scheme: str) -> None:
+    """`list s3://` lists the account's buckets, as `aws s3 ls` and `s5cmd ls` do."""
+    server: S3Server | AzureServer | GCSServer
+    if scheme == "s3":
+        server = request.getfixturevalue("seaweedfs")
+        create = server.create_bucket
+    elif scheme == "gs":
+        server = request.getfixturevalue("fake_gcs")
+        create = server.create_bucket
+    else:
+        server = request.getfixturevalue("azurite")
+        create = server.create_container
+    names = sorted(f"lb-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    for name in names:
+        create(name)
+    env = cli_env(server.env())
+    alias = {"gs": "gcs", "azure": "az"}.get(scheme, scheme)
+    for url in (f"{scheme}://", f"{alias}://"):
+        plain = run_cli("list", url, env=env).ok().stdout.splitlines()
+        assert set(names) <= set(plain), plain
+        assert plain == sorted(plain)
+        records = run_cli("list", url, "--json", env=env).ok().json_lines()
+        by_name = {record["bucket"]: record for record in records}
+        assert set(names) <= set(by_name)
+        if scheme != "azure":  # Azure's listing gives no creation time
+            assert all(by_name[name]["created"] for name in names), records
+        detailed = run_cli("list", url, "-l", env=env).ok().stdout.splitlines()
+        assert any(line.endswith(f"  {names[0]}") for line in detailed), detailed
+    # Inside-a-bucket options do not apply; other commands still need a bucket.
+    run_cli("list", f"{scheme}://", "-r", env=env).fails(2).one_line()
+    run_cli("download", f"{scheme}://", "out/", env=env).fails(2)
+
+
+def test_list_buckets_with_wrong_credentials(seaweedfs: S3Server, azurite: AzureServer) -> None:
+    env = cli_env(seaweedfs.env(), AWS_SECRET_ACCESS_KEY="wrong-" + uuid.uuid4().hex)
+    run_cli("list", "s3://", env=env).fails(4).one_line()
+    connection = azurite.env()["AZURE_STORAGE_CONNECTION_STRING"]
+    wrong_key = "AccountKey=" + base64.b64encode(b"w" * 64).decode()
+    wrong = ";".join(wrong_key if p.startswith("AccountKey=") else p for p in connection.split(";"))
+    run_cli("list", "azure://", env=cli_env(AZURE_STORAGE_CONNECTION_STRING=wrong)).fails(4).one_line()
+
+
+def test_list_buckets_is_not_for_local_or_memory_locations() -> None:
+    env = cli_env()
+    for url in ("memory://", "file://"):
+        run_cli("list", url, env=env).fails(2).one_line()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dicom_cloud.errors import UsageError
-from dicom_cloud.url import StorageURL, parse_url
+from dicom_cloud.url import StorageURL, account_scheme, parse_url
 
 
 @pytest.mark.parametrize(
@@ -154,3 +154,25 @@ def test_scheme_with_a_slash_missing_is_refused(text: str) -> None:
 @pytest.mark.parametrize("text", ["./s3//bucket/x/", "s3/bucket/x", "s3x//bucket", "data//s3", "/s3//bucket"])
 def test_local_paths_that_only_resemble_a_scheme_are_kept(text: str) -> None:
     assert parse_url(text).is_local
+
+
+@pytest.mark.parametrize(
+    ("text", "scheme"),
+    [
+        ("s3://", "s3"),
+        ("S3://", "s3"),
+        ("gs://", "gs"),
+        ("gcs:///", "gs"),
+        ("az://", "azure"),
+        ("azure://", "azure"),
+    ],
+)
+def test_account_urls_name_a_scheme_alone(text: str, scheme: str) -> None:
+    assert account_scheme(text) == scheme
+
+
+@pytest.mark.parametrize(
+    "text", ["s3://bucket", "s3://bucket/", "file://", "memory://", "s3:/", "bucket", "ftp://"]
+)
+def test_other_urls_are_not_account_urls(text: str) -> None:
+    assert account_scheme(text) is None

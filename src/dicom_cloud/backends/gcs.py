@@ -45,7 +45,7 @@ from ..errors import (
     ThrottledError,
     UsageError,
 )
-from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
+from ..store import BucketInfo, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import refuse_key_in_clear
 
 if TYPE_CHECKING:
@@ -99,7 +99,9 @@ class GCSStore(Store):
     """
 
     scheme = "gs"
-    features = Features(server_side_copy=True, presign=True, object_tags=False, etag_is_md5=False)
+    features = Features(
+        server_side_copy=True, presign=True, object_tags=False, etag_is_md5=False, list_buckets=True
+    )
 
     def __init__(self, bucket: str, config: StoreConfig) -> None:
         self.bucket = bucket
@@ -126,6 +128,15 @@ class GCSStore(Store):
         self._resumable: ResumableUploads | None = None
 
     # -- reading -----------------------------------------------------------------------------
+
+    async def list_buckets(self) -> list[BucketInfo]:
+        """The buckets of the credentials' project (the emulator's: GOOGLE_CLOUD_PROJECT or test)."""
+
+        def run(client: storage.Client) -> list[BucketInfo]:
+            listing = client.list_buckets(timeout=self._timeout, retry=self._retry())
+            return [BucketInfo(bucket.name, bucket.time_created) for bucket in listing]
+
+        return await self._run(run, "")
 
     async def stat(self, key: str) -> ObjectInfo:
         def run(client: storage.Client) -> ObjectInfo:

@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
@@ -36,8 +37,9 @@ from ..errors import (
 )
 from ..names import printable
 from ..retry import resumable_listing
-from ..store import Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
+from ..store import BucketInfo, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import StoreConfig, refuse_key_in_clear
+from .account_listing import list_azure_containers, list_s3_buckets
 from .azure_blocks import AzureResumableUploads
 from .azure_sas import blob_sas_url, service_sas
 
@@ -145,10 +147,12 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
             object_tags=True,
             # AWS gives SSE-C and SSE-KMS objects ETags that are not the MD5 of their bytes.
             etag_is_md5=encryption is None,
+            list_buckets=True,
         )
         backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
         backend.write_encryption = encryption
         backend.resumable_factory = _s3_resumable_factory(bucket, aws, config, path_style)
+        backend.bucket_lister = partial(list_s3_buckets, aws, config)
         if aws.access_key_id is None:
             backend.missing_credentials_hint = (
                 "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -216,6 +220,7 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
             presign=bool(az.account_key),
             object_tags=True,
             etag_is_md5=False,
+            list_buckets=True,
         )
         signer: Signer | None = None
         if az.account and az.account_key:
@@ -238,6 +243,7 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         )
         azure_backend.write_encryption = encryption
         azure_backend.resumable_factory = _azure_resumable_factory(bucket, az, config)
+        azure_backend.bucket_lister = partial(list_azure_containers, az, config)
         return azure_backend
     raise UsageError(f"obstore backend cannot open {scheme}://")
 
@@ -365,6 +371,8 @@ class ObjectStoreBackend(Store):
         self.write_encryption: str | None = None
         #: Builds the resumable-upload client (set by open_objectstore when credentials allow).
         self.resumable_factory: Callable[[], ResumableUploads] | None = None
+        #: Lists the account's buckets or containers (set by open_objectstore for S3 and Azure).
+        self.bucket_lister: Callable[[], Awaitable[list[BucketInfo]]] | None = None
         self._resumable: ResumableUploads | None = None
 
     def _verified_azure_writer(self, options: PutOptions) -> AzureResumableUploads | None:
@@ -378,6 +386,11 @@ class ObjectStoreBackend(Store):
         if not all(value.isascii() and name.isascii() for name, value in options.metadata.items()):
             return None
         return uploads
+
+    async def list_buckets(self) -> list[BucketInfo]:
+        if self.bucket_lister is None:
+            return await super().list_buckets()
+        return await self.bucket_lister()
 
     def resumable_uploads(self) -> ResumableUploads | None:
         if self._resumable is None and self.resumable_factory is not None:

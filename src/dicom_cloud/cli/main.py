@@ -29,6 +29,7 @@ from ..transfer import (
     DEFAULT_PART_SIZE,
     TransferSummary,
 )
+from ..url import account_scheme
 from . import serve as serve_commands
 from .jobs import add_job_commands, add_journal_option, job_request
 from .options import (
@@ -39,7 +40,16 @@ from .options import (
     setup_logging,
     transfer_options,
 )
-from .render import TransferProgress, choose_mode, human_bytes, listing_line, object_record, print_error
+from .render import (
+    TransferProgress,
+    bucket_line,
+    bucket_record,
+    choose_mode,
+    human_bytes,
+    listing_line,
+    object_record,
+    print_error,
+)
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -363,6 +373,8 @@ def _display(config: Any, url: str) -> Callable[[str], str]:
 
 def _list(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if account_scheme(args.url) is not None:
+        return _list_buckets(args, config)
     if args.studies:
         return _list_studies(args, config)
     location = LocationOpener(config).open(args.url)
@@ -396,6 +408,21 @@ def _list(args: argparse.Namespace) -> int:
     count, total = asyncio.run(run())
     if args.details and not args.json_output:
         print(f"{count} entries, {human_bytes(total)}", file=sys.stderr)
+    return 0
+
+
+def _list_buckets(args: argparse.Namespace, config: Any) -> int:
+    """``list s3://`` (gs://, azure://): the buckets or containers, as ``aws s3 ls`` does."""
+    if args.recursive or args.studies or args.metadata:
+        raise UsageError(
+            f"{args.url} lists buckets: --recursive, --studies and --metadata apply inside a bucket",
+            hint=f"give a bucket: {args.url}BUCKET/",
+        )
+    for bucket in asyncio.run(api.list_buckets_async(args.url, config=config)):
+        if args.json_output:
+            print(json.dumps(bucket_record(bucket), ensure_ascii=False))
+        else:
+            print(bucket_line(bucket, details=args.details))
     return 0
 
 
@@ -592,13 +619,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add(
         "list",
-        "List objects under a prefix (one level, or everything with --recursive).",
+        "List objects under a prefix (one level, or everything with --recursive); with a scheme\n"
+        "alone (s3://, gs://, azure://), the buckets or containers the credentials reach.",
+        "  dicom-cloud list s3://\n"
         "  dicom-cloud list s3://archive/studies/\n"
         "  dicom-cloud list s3://archive/studies/ --recursive --details\n"
         "  dicom-cloud list gs://archive/ --json",
         _list,
     )
-    sub.add_argument("url", help="bucket, prefix or local directory")
+    sub.add_argument("url", help="bucket, prefix or local directory; s3:// gs:// azure:// alone: the buckets")
     sub.add_argument("-r", "--recursive", action="store_true", help="every object below, not one level")
     sub.add_argument("-l", "--details", action="store_true", help="show last-modified time and size")
     sub.add_argument(

@@ -11,7 +11,7 @@ from typing import Any, Literal, TextIO
 
 from ..errors import DicomCloudError
 from ..names import printable
-from ..store import ObjectInfo
+from ..store import BucketInfo, ObjectInfo
 from ..transfer import TransferEvent, TransferSummary
 
 OutputMode = Literal["rich", "plain", "json", "quiet"]
@@ -221,6 +221,15 @@ def listing_line(info: ObjectInfo, *, details: bool, name: str) -> str:
         return name
     modified = _format_time(info.last_modified)
     return f"{modified:>19}  {info.size:>12}  {name}"
+
+
+def bucket_line(bucket: BucketInfo, *, details: bool) -> str:
+    """One bucket of ``list s3://``: its name, after its creation time with ``--details``."""
+    return f"{_format_time(bucket.created):>19}  {bucket.name}" if details else bucket.name
+
+
+def bucket_record(bucket: BucketInfo) -> dict[str, Any]:
+    return {"bucket": bucket.name, "created": bucket.created.isoformat() if bucket.created else None}
 
 
 def _format_time(moment: datetime | None) -> str:
