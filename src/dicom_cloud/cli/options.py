@@ -285,7 +285,7 @@ def setup_logging(verbose: bool) -> None:
         )
 
 
-def writes_encrypted(args: Any) -> bool:
+def _writes_encrypted(args: Any) -> bool:
     """Whether what the command writes is client-side encrypted.
 
     A download decrypts: ``--encrypt client-side`` there only says that the objects are encrypted
@@ -299,7 +299,7 @@ def writes_encrypted(args: Any) -> bool:
 
 def options_from_args(args: Any) -> TransferOptions:
     """The TransferOptions of a transfer command's parsed arguments (upload, download, copy, sync)."""
-    encrypted = writes_encrypted(args)
+    encrypted = _writes_encrypted(args)
     return transfer_options(
         args.parallel,
         args.part_size,
