@@ -135,6 +135,14 @@ def interrupt(running: Running, sig: signal.Signals, label: str) -> str:
     assert "Traceback" not in output, output[-3000:]
     stopped = "interrupted" if sig == signal.SIGINT else "terminated"
     assert f"dicom-cloud: {stopped}" in output, output[-3000:]
+    events = running.events()
+    if events:  # --json: the last record says how the command ended
+        assert events[-1] == {
+            "event": "error",
+            "error": stopped,
+            "error_type": "Stopped",
+            "exit_code": EXIT[sig],
+        }, events[-1]
     return output
 
 

@@ -48,7 +48,7 @@ from .render import (
     object_record,
     print_error,
 )
-from .runner import Stopped, stop_on_sigterm
+from .runner import Stopped
 from .runner import run as run_command
 
 EXIT_CODES_HELP = """\
@@ -716,8 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(args, "verbose", False))
     json_output = bool(getattr(args, "json_output", False))
     try:
-        with stop_on_sigterm():
-            code: int = args.handler(args)
+        code: int = args.handler(args)
         return code
     except DicomCloudError as exc:
         print_error(exc, exc.hint)

@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
-from types import FrameType
 from typing import Any, TypeVar
 
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED
@@ -122,21 +121,3 @@ def leave_now(code: int) -> None:
             sys.stderr.write("\x1b[?25h")  # a progress bar may have hidden the cursor
             sys.stderr.flush()
     os._exit(code)
-
-
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into ``Stopped`` outside the event loop, as Python turns SIGINT into
-    KeyboardInterrupt (a command waiting for a confirmation, or between two runs of the loop)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_stopped(signum: int, frame: FrameType | None) -> None:
-        raise Stopped(signum)
-
-    previous = signal.signal(signal.SIGTERM, raise_stopped)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
