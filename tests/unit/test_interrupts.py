@@ -156,5 +156,7 @@ def test_a_command_that_does_not_stop_is_ended_within_the_grace_period(signals: 
         pytest.fail("still running 30 s after SIGINT")
     seconds = time.monotonic() - started
     print(f"ended {seconds:.2f} s after the first SIGINT")
-    assert code == EXIT_INTERRUPTED, proc.stderr.read() if proc.stderr else ""
+    errors = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == EXIT_INTERRUPTED, errors
     assert seconds < BOUND
+    assert "dicom-cloud: interrupted" in errors, errors  # it says so, even leaving at once

@@ -112,12 +112,19 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def leave_now(code: int) -> None:
-    """End the process at once with ``code``, after flushing what was printed."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(Exception):
-        if sys.stderr.isatty():
-            sys.stderr.write("\x1b[?25h")  # a progress bar may have hidden the cursor
-            sys.stderr.flush()
+    """End the process at once with ``code``, after flushing what was printed (for a moment at most:
+    the main thread may hold a stream's lock, blocked on a pipe nobody reads)."""
+
+    def flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+    flusher = threading.Thread(target=flush, daemon=True)
+    flusher.start()
+    flusher.join(_LEFTOVER_WAIT)
+    verb = "interrupted" if code == EXIT_INTERRUPTED else "terminated"
+    with contextlib.suppress(OSError):
+        restore_cursor = "\x1b[?25h" if os.isatty(2) else ""  # a progress bar may have hidden it
+        os.write(2, f"{restore_cursor}\ndicom-cloud: {verb}, without waiting for work in flight\n".encode())
     os._exit(code)
