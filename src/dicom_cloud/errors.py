@@ -213,5 +213,7 @@ class DeleteLimitError(DicomCloudError):
     http_status = 409
 
 
-#: The exit code of an interrupted run (128 + SIGINT), documented beside the others.
+#: The exit code of a run interrupted by SIGINT (Ctrl-C): 128 + 2, as shells report it.
 EXIT_INTERRUPTED = 130
+#: The exit code of a run stopped by SIGTERM (128 + 15): stopped as cleanly as by Ctrl-C.
+EXIT_TERMINATED = 143

@@ -25,7 +25,7 @@ import posixpath
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -262,10 +262,10 @@ class Sync:
 
     async def _one_way_items(self, plan: _Plan) -> AsyncIterator[TransferItem]:
         queue: asyncio.Queue[TransferItem | None] = asyncio.Queue(maxsize=self.transfer.parallel * 2)
+        pending: set[asyncio.Task[None]] = set()
 
         async def produce() -> None:
             compares = asyncio.Semaphore(self.transfer.parallel)
-            pending: set[asyncio.Task[None]] = set()
 
             async def decide(row: sqlite3.Row) -> None:
                 try:
@@ -291,8 +291,15 @@ class Sync:
                     await self._enqueue(queue, row, action, self.a, self.b, "a")
             await asyncio.gather(*list(pending))
 
-        async for item in _drain(queue, produce()):
-            yield item
+        try:
+            async with contextlib.aclosing(_drain(queue, produce())) as items:
+                async for item in items:
+                    yield item
+        finally:
+            # Stopped early: no comparison outlives the run (nor writes to its closed journal).
+            for task in list(pending):
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _enqueue(
         self,
@@ -415,8 +422,10 @@ class Sync:
                     present = row["b_key" if side == "a" else "a_key"] is not None
                     await self._enqueue(queue, row, "update" if present else "create", src, dst, side)
 
-        async for item in _drain(queue, produce()):
-            yield item
+        # Closed with this generator (not when collected): its producer task ends with it.
+        async with contextlib.aclosing(_drain(queue, produce())) as items:
+            async for item in items:
+                yield item
 
     # -- shared steps -----------------------------------------------------------------
 
@@ -460,14 +469,18 @@ class Sync:
 
 async def _drain(
     queue: asyncio.Queue[TransferItem | None], producer: Coroutine[Any, Any, None]
-) -> AsyncIterator[TransferItem]:
+) -> AsyncGenerator[TransferItem, None]:
     """Yield what ``producer`` (a coroutine filling ``queue``) puts in it; its errors propagate."""
 
     async def run() -> None:
         try:
             await producer
         finally:
-            await queue.put(None)
+            # Cancelled (the consumer has gone, or the run was interrupted): nobody waits for the end
+            # mark, and waiting for room in a full queue would never end.
+            this = asyncio.current_task()
+            if this is None or not this.cancelling():
+                await queue.put(None)
 
     task = asyncio.create_task(run())
     try:

@@ -299,8 +299,9 @@ class Transfer:
         await self._preflight()
         queue: asyncio.Queue[TransferItem | None] = asyncio.Queue(maxsize=self.options.parallel * 4)
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.options.parallel)]
+        items = self.plan()
         try:
-            async for item in self.plan():
+            async for item in items:
                 if self._abort:
                     break
                 await queue.put(item)
@@ -314,6 +315,9 @@ class Transfer:
             await asyncio.gather(*workers, return_exceptions=True)
             raise
         finally:
+            # Closed here, not when collected: the tasks a producer of items runs end before the
+            # caller closes the journal (and releases the job's lock).
+            await _close(items)
             self.summary.seconds = time.monotonic() - started
             self.summary.throttled = self._limiter.throttled
             self.summary.lowest_concurrency = self._limiter.lowest
@@ -338,8 +342,11 @@ class Transfer:
     async def plan(self) -> AsyncIterator[TransferItem]:
         """The items to transfer, streamed from a stat or a listing of the source."""
         if self._items is not None:
-            async for item in self._items:
-                yield item
+            try:
+                async for item in self._items:
+                    yield item
+            finally:
+                await _close(self._items)
             return
         if self.recursive and not self._source_is_file():
             found = False
@@ -995,6 +1002,13 @@ def _with_checksum(
         metadata[CHECKSUM_METADATA_KEY] = checksum
     content_type = put.content_type or (source.content_type if source else None) or "application/dicom"
     return replace(put, metadata=metadata, content_type=content_type)
+
+
+async def _close(items: AsyncIterator[TransferItem]) -> None:
+    """Close an async generator now (its ``finally`` runs in this task), not when it is collected."""
+    close = getattr(items, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _check_confined(dst: Location, key: str) -> None:

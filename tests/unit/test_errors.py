@@ -51,7 +51,7 @@ def test_exit_codes_are_distinct_per_family() -> None:
 
 
 def test_cli_help_documents_the_same_codes() -> None:
-    for code in {*_documented().values(), errors.EXIT_INTERRUPTED}:
+    for code in {*_documented().values(), errors.EXIT_INTERRUPTED, errors.EXIT_TERMINATED}:
         assert re.search(rf"(^|\s){code}\s", EXIT_CODES_HELP), code
 
 

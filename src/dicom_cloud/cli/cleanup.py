@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any
@@ -12,6 +11,7 @@ from ..cleanup import Orphan, cleanup_async
 from ..errors import UsageError
 from .options import parse_duration
 from .render import human_bytes
+from .runner import run as run_command
 
 SUMMARY = (
     "Remove leftovers of interrupted transfers older than --older-than: unfinished S3 multipart\n"
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, config: Any) -> int:
             size = f", {human_bytes(orphan.size)}" if orphan.size is not None else ""
             print(f"{verb} {_KIND_NAMES[orphan.kind]} {orphan.url}{since}{size}")
 
-    summary = asyncio.run(
+    summary = run_command(
         cleanup_async(args.url, older_than=older_than, dry_run=args.dry_run, config=config, on_orphan=report)
     )
     if not args.quiet and not args.json_output:

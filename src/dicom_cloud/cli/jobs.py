@@ -4,7 +4,6 @@ option shared by the transfer commands. Parsing and rendering only: the work is 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
@@ -21,6 +20,7 @@ from ..sync import DEFAULT_MAX_DELETE, SyncOptions, SyncSummary, parse_max_delet
 from ..treediff import Difference
 from .options import config_from_args, options_from_args, selection
 from .render import TransferProgress, choose_mode, human_bytes
+from .runner import run as run_command
 
 AddCommand = Callable[[str, str, str, Callable[[argparse.Namespace], int]], Any]
 AddArguments = Callable[..., None]
@@ -84,7 +84,7 @@ def _sync(args: argparse.Namespace) -> int:
         name_filter=name_filter,
     )
     with TransferProgress(mode, "Synced") as progress:
-        summary = asyncio.run(
+        summary = run_command(
             api.sync_async(
                 args.source,
                 args.destination,
@@ -143,7 +143,7 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"{difference.kind:<8} {difference.rel}  ({difference.detail})")
 
     started = time.monotonic()
-    result = asyncio.run(
+    result = run_command(
         api.verify_async(
             args.source,
             args.destination,

@@ -9,16 +9,16 @@ by scripts.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .. import __version__, api
-from ..errors import EXIT_INTERRUPTED, DicomCloudError, TransferFailedError, UsageError
+from ..errors import DicomCloudError, TransferFailedError, UsageError
 from ..location import LocationOpener
 from ..retry import DEFAULT_ATTEMPTS
 from ..store import ObjectInfo
@@ -45,11 +45,14 @@ from .render import (
     bucket_line,
     bucket_record,
     choose_mode,
+    error_record,
     human_bytes,
     listing_line,
     object_record,
     print_error,
 )
+from .runner import Stopped
+from .runner import run as run_command
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -62,6 +65,7 @@ exit codes:
   4   credentials refused              13  the same job is already running
   5   permission denied                14  sync would delete more than --max-delete
   6   network failure or throttling    130 interrupted (Ctrl-C); run again to resume
+                                       143 stopped by SIGTERM; run again to resume
 """
 
 DESCRIPTION = """\
@@ -338,7 +342,7 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
         config = config_from_args(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
         with TransferProgress(mode, verb, report_failures=args.recursive) as progress:
-            summary = asyncio.run(
+            summary = run_command(
                 call(
                     args.source,
                     args.destination,
@@ -405,7 +409,7 @@ def _list(args: argparse.Namespace) -> int:
                 print(line)
         return count, total
 
-    count, total = asyncio.run(run())
+    count, total = run_command(run())
     if args.details and not args.json_output:
         print(f"{count} entries, {human_bytes(total)}", file=sys.stderr)
     return 0
@@ -418,7 +422,7 @@ def _list_buckets(args: argparse.Namespace, config: Any) -> int:
             f"{args.url} lists buckets: --recursive, --studies and --metadata apply inside a bucket",
             hint=f"give a bucket: {args.url}BUCKET/",
         )
-    for bucket in asyncio.run(api.list_buckets_async(args.url, config=config)):
+    for bucket in run_command(api.list_buckets_async(args.url, config=config)):
         if args.json_output:
             print(json.dumps(bucket_record(bucket), ensure_ascii=False))
         else:
@@ -427,7 +431,7 @@ def _list_buckets(args: argparse.Namespace, config: Any) -> int:
 
 
 def _list_studies(args: argparse.Namespace, config: Any) -> int:
-    studies, unreadable = asyncio.run(api.studies_async(args.url, config=config))
+    studies, unreadable = run_command(api.studies_async(args.url, config=config))
     for study in studies:
         modalities = ",".join(sorted(study.modalities)) or "-"
         if args.json_output:
@@ -457,7 +461,7 @@ def _delete(args: argparse.Namespace) -> int:
     if not args.force and not args.dry_run:
         question = f"Delete {args.url}?"
         if args.recursive:
-            objects, total = asyncio.run(api.count_async(args.url, config=config))
+            objects, total = run_command(api.count_async(args.url, config=config))
             plural = "s" if objects != 1 else ""
             question = (
                 f"Delete {objects} object{plural} ({human_bytes(total)}) under {args.url}?" if objects else ""
@@ -488,7 +492,7 @@ def _delete(args: argparse.Namespace) -> int:
         elif args.dry_run or not args.quiet:
             print(f"{verb} {display(info.key)}")
 
-    summary = asyncio.run(
+    summary = run_command(
         api.delete_async(
             args.url, recursive=args.recursive, dry_run=args.dry_run, config=config, on_deleted=report
         )
@@ -518,7 +522,7 @@ def _share(args: argparse.Namespace) -> int:
         async for target, link in api.share_many_async(args.url, expires=lifetime, config=config):
             emit(target, link)
 
-    asyncio.run(run())
+    run_command(run())
     return 0
 
 
@@ -530,7 +534,7 @@ def _rekey(args: argparse.Namespace) -> int:
     )  # fmt: skip
     mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
     with TransferProgress(mode, "Re-encrypted", report_failures=args.recursive) as progress:
-        summary = asyncio.run(
+        summary = run_command(
             api.copy_async(
                 args.url,
                 args.url,
@@ -740,21 +744,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     setup_logging(getattr(args, "verbose", False))
+    json_output = bool(getattr(args, "json_output", False))
     try:
         code: int = args.handler(args)
         return code
     except DicomCloudError as exc:
         print_error(exc, exc.hint)
+        if json_output:
+            error_record(type(exc).__name__, str(exc), exc.exit_code, exc.hint)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("\ndicom-cloud: interrupted; finished objects are complete", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (runner.Stopped)
+        stopped = exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT)
+        print(f"\ndicom-cloud: {stopped.verb}; finished objects are complete", file=sys.stderr)
+        if json_output:
+            error_record(type(stopped).__name__, stopped.verb, stopped.exit_code)
+        return stopped.exit_code
     except BrokenPipeError:
         return 0
     except Exception as exc:
         if os.environ.get("DICOM_CLOUD_DEBUG"):
             raise
         print_error(f"internal error: {exc!r}", "this is a bug; DICOM_CLOUD_DEBUG=1 shows details")
+        if json_output:
+            error_record("InternalError", f"internal error: {exc!r}", 1)
         return 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -241,3 +242,18 @@ def print_error(error: DicomCloudError | str, hint: str | None = None) -> None:
     print(f"dicom-cloud: error: {message}", file=sys.stderr)
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
+
+
+def error_record(error_type: str, message: str, exit_code: int, hint: str | None = None) -> None:
+    """The JSON line (``--json``) of an error that ended the command, beside the line on stderr;
+    its fields are those of a failed object's event (``error``, ``error_type``, ``exit_code``)."""
+    record: dict[str, Any] = {
+        "event": "error",
+        "error": message,
+        "error_type": error_type,
+        "exit_code": exit_code,
+    }
+    if hint:
+        record["hint"] = hint
+    with contextlib.suppress(BrokenPipeError):  # nobody reads stdout any more; stderr has it
+        _json_line(record)
