@@ -71,15 +71,6 @@ def md5_etag(etag: str | None) -> str | None:
     return value if _MD5_ETAG.match(value) else None
 
 
-def md5_file(path: Path, chunk_size: int = 8 * 1024 * 1024) -> str:
-    """The hex MD5 of a file, read in chunks (to compare with an MD5 ETag)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def multipart_etag_parts(etag: str | None) -> int | None:
     """The number of parts of an S3 multipart ETag (``<md5 of the part MD5s>-<parts>``); else None."""
     match = _MULTIPART_ETAG.match((etag or "").lower())

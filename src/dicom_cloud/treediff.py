@@ -163,8 +163,6 @@ class Comparison:
     same: bool | None  # None: no checksum could tell (thorough=False)
     #: The content's CRC32C when it was learnt (to cache it).
     crc32c: str | None = None
-    #: What decided: "crc32c", "md5", "multipart-etag" or "read" (both sides' CRC32C, one read).
-    evidence: str = ""
 
 
 async def same_content(
@@ -183,24 +181,24 @@ async def same_content(
         if a.is_local and b.is_local:
             crc_a = await asyncio.to_thread(crc32c_file, Path("/" + a_key))
             crc_b = await asyncio.to_thread(crc32c_file, Path("/" + b_key))
-            return Comparison(crc_a == crc_b, crc_a, "crc32c")
+            return Comparison(crc_a == crc_b, crc_a)
         if a.is_local or b.is_local:
             local_key, remote, remote_key = (a_key, b, b_key) if a.is_local else (b_key, a, a_key)
             return await _local_and_remote(Path("/" + local_key), remote, remote_key, thorough=thorough)
         fa, fb = await asyncio.gather(fingerprint(a, a_key), fingerprint(b, b_key))
         if fa.crc32c and fb.crc32c:
-            return Comparison(fa.crc32c == fb.crc32c, fa.crc32c, "crc32c")
+            return Comparison(fa.crc32c == fb.crc32c, fa.crc32c)
         if fa.md5 and fb.md5:
-            return Comparison(fa.md5 == fb.md5, fa.crc32c or fb.crc32c, "md5")
+            return Comparison(fa.md5 == fb.md5, fa.crc32c or fb.crc32c)
         if fa.multipart_etag and fa.multipart_etag == fb.multipart_etag:
             # Same part MD5s in the same order: the same bytes. (Different multipart ETags prove
             # nothing: the part sizes may differ.)
-            return Comparison(True, fa.crc32c or fb.crc32c, "multipart-etag")
+            return Comparison(True, fa.crc32c or fb.crc32c)
         if not thorough:
             return Comparison(None)
         crc_a = fa.crc32c or await content_crc32c(a, a_key)
         crc_b = fb.crc32c or await content_crc32c(b, b_key)
-        return Comparison(crc_a == crc_b, crc_a, "read")
+        return Comparison(crc_a == crc_b, crc_a)
     except NotFoundError:
         return Comparison(False)  # gone meanwhile: treat as different, the copy will tell
 
@@ -219,16 +217,16 @@ async def _local_and_remote(path: Path, remote: Location, key: str, *, thorough:
         file_digests, path, md5=stored.md5 is not None and not stored.crc32c, part_sizes=guesses
     )
     if stored.crc32c:
-        return Comparison(stored.crc32c == local.crc32c, local.crc32c, "crc32c")
+        return Comparison(stored.crc32c == local.crc32c, local.crc32c)
     if stored.md5:
-        return Comparison(stored.md5 == local.md5, local.crc32c, "md5")
+        return Comparison(stored.md5 == local.md5, local.crc32c)
     if stored.multipart_etag in local.multipart_etags.values():
-        return Comparison(True, local.crc32c, "multipart-etag")
+        return Comparison(True, local.crc32c)
     # No multipart ETag matched: other bytes, or a part size not guessed. Only reading tells.
     if not thorough:
         return Comparison(None)
     remote_crc = await content_crc32c(remote, key)
-    return Comparison(remote_crc == local.crc32c, local.crc32c, "read")
+    return Comparison(remote_crc == local.crc32c, local.crc32c)
 
 
 # -- verify ----------------------------------------------------------------------------------

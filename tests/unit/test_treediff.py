@@ -82,3 +82,32 @@ def test_sync_checksum_finds_a_destination_changed_with_the_same_size_and_mtime(
     found.clear()
     asyncio.run(api.verify_async(str(a), str(b), on_difference=found.append))
     assert found == []
+
+
+def test_bidirectional_checksum_turns_an_unseen_change_into_a_conflict(tmp_path: Path) -> None:
+    a, b, state = tmp_path / "a", tmp_path / "b", tmp_path / "state"
+    a.mkdir()
+    b.mkdir()
+    state.mkdir()
+    (a / "scan.dcm").write_bytes(b"first")
+    (a / "kept.dcm").write_bytes(b"kept")
+    job = api.JobRequest(options={}, directory=str(state))
+    both = SyncOptions(bidirectional=True)
+    asyncio.run(api.sync_async(str(a), str(b), sync=both, job=job))
+    changed = b / "scan.dcm"
+    before = changed.stat()
+    # A new file put in its place (as editors save), with the old modification time.
+    (b / "scan.new").write_bytes(b"FIRST")
+    os.replace(b / "scan.new", changed)
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    trusted = asyncio.run(api.sync_async(str(a), str(b), sync=both, job=job))
+    assert (trusted.conflicts, trusted.unchanged) == (0, 2)
+    checked = asyncio.run(
+        api.sync_async(str(a), str(b), sync=SyncOptions(bidirectional=True, checksum=True), job=job)
+    )
+    assert (checked.conflicts, checked.unchanged) == (1, 1)
+    # keep-both: one version keeps the name on both sides, the other is kept beside it; nothing lost.
+    assert (a / "scan.dcm").read_bytes() == (b / "scan.dcm").read_bytes()
+    kept = {p.read_bytes() for p in (*a.iterdir(), *b.iterdir()) if p.name.startswith("scan.conflict-")}
+    assert kept | {(a / "scan.dcm").read_bytes()} == {b"first", b"FIRST"}
