@@ -245,7 +245,8 @@ def _resume(args: argparse.Namespace) -> int:
         if len(waiting) > 1:
             ids = ", ".join(job.id for job in waiting)
             raise UsageError(
-                f"{len(waiting)} unfinished jobs ({ids})", hint="name one: dicom-cloud resume ID"
+                f"{len(waiting)} unfinished jobs ({ids})",
+                hint="name one: dicom-cloud resume ID ('dicom-cloud jobs --prune' removes stale ones)",
             )
         job = waiting[0]
     if not job.argv:
