@@ -17,8 +17,8 @@ when a transfer ends without failures; a sync's file stays (its ``entries`` make
 cheap) with its status set to ``complete``.
 
 A run is recorded as a run of its job (the ``job`` row written, status ``running``) only once it
-has planned or moved something: its first planned object (``is_done``), finished object, upload
-session or sync entry. A run refused before that (a missing source, bad credentials, a sync over
+has planned or moved something (``begin``): a sync's checked plan with work in it, a transfer's
+first planned object (``is_done``), a finished object, an upload session, a sync entry. A run refused before that (a missing source, bad credentials, a sync over
 its ``--max-delete``) leaves an earlier record as it was and a new job no file at all, so ``jobs``
 lists only runs that can be resumed. ``prune_jobs`` removes the records that have gone stale.
 
@@ -146,13 +146,14 @@ class Journal:
         self.previously_done = self._db.execute("SELECT count(*) FROM done").fetchone()[0]
         #: Whether this run is recorded as a run of the job (not for a dry run: it reads state only).
         self.record = record
-        #: Whether this run has planned or moved something, and so is recorded (``_begin``).
+        #: Whether this run has planned or moved something, and so is recorded (``begin``).
         self.started = False
         self._pending = 0
         self._last_commit = time.monotonic()
 
-    def _begin(self) -> None:
-        """Record this run as the job's latest, running: called on its first plan or write."""
+    def begin(self) -> None:
+        """Record this run as the job's latest, running: called once it has a plan with work in it
+        (a sync), and on its first planned object or write. Idempotent."""
         if self.started or not self.record:
             return
         self.started = True
@@ -204,12 +205,12 @@ class Journal:
     def is_done(self, src_key: str, version: str) -> bool:
         """Whether an earlier run finished this object, as it is now (same version). Asked once
         per planned object: the first question records the run."""
-        self._begin()
+        self.begin()
         row = self._db.execute("SELECT version FROM done WHERE src_key = ?", (src_key,)).fetchone()
         return row is not None and row[0] == version
 
     def record_done(self, src_key: str, version: str, dst_key: str, size: int, crc32c: str | None) -> None:
-        self._begin()
+        self.begin()
         self._db.execute(
             "INSERT OR REPLACE INTO done (src_key, version, dst_key, size, crc32c) VALUES (?, ?, ?, ?, ?)",
             (src_key, version, dst_key, size, crc32c),
@@ -223,7 +224,7 @@ class Journal:
         return json.loads(row[0]) if row else None
 
     def save(self, key: str, state: Mapping[str, Any]) -> None:
-        self._begin()
+        self.begin()
         self._db.execute(
             "INSERT OR REPLACE INTO sessions (dst_key, state) VALUES (?, ?)", (key, json.dumps(dict(state)))
         )
@@ -241,7 +242,7 @@ class Journal:
         return self._db
 
     def set_entry(self, rel: str, src_sig: str | None, dst_sig: str | None, crc32c: str | None) -> None:
-        self._begin()
+        self.begin()
         self._db.execute(
             "INSERT OR REPLACE INTO entries (rel, src_sig, dst_sig, crc32c) VALUES (?, ?, ?, ?)",
             (rel, src_sig, dst_sig, crc32c),
@@ -249,7 +250,7 @@ class Journal:
         self._tick()
 
     def drop_entry(self, rel: str) -> None:
-        self._begin()
+        self.begin()
         self._db.execute("DELETE FROM entries WHERE rel = ?", (rel,))
         self._tick()
 

@@ -255,6 +255,7 @@ class Sync:
             db.execute("UPDATE plan SET action = 'keep' WHERE action = 'delete'")
         deletions = plan.count("delete")
         check_delete_limit(deletions, total_b, self.options.max_delete, self.b.display(self.b.prefix))
+        self._begin_if_work(plan)
         self.summary.unchanged += plan.count("same")
         summary = await self._copy(self.a, self.b, self._one_way_items(plan), "a")
         if self.options.delete and not summary.failed and not self.transfer.dry_run:
@@ -367,6 +368,7 @@ class Sync:
         check_delete_limit(
             plan.count("delete-b"), total_b, self.options.max_delete, self.b.display(self.b.prefix)
         )
+        self._begin_if_work(plan)
         self.summary.unchanged += plan.count("same")
         # Decide the unknowns (both present, both changed or never seen): same bytes, or a conflict.
         async for batch in plan.chunks(("compare",)):
@@ -471,6 +473,12 @@ class Sync:
                 if self.on_event is not None:
                     size = row["a_size" if key_column == "a_key" else "b_size"]
                     self.on_event(TransferEvent("deleted", side.display(row[key_column]), "", size))
+
+    def _begin_if_work(self, plan: _Plan) -> None:
+        """A plan that passed its checks and holds work: from here on the run is a job to resume."""
+        idle = ("same", "keep", "gone")
+        if plan.db.execute("SELECT 1 FROM plan WHERE action NOT IN (?, ?, ?) LIMIT 1", idle).fetchone():
+            self.journal.begin()
 
     def _planned(self, action: str, rel: str, size: int | None) -> None:
         if self.on_plan is not None and self.transfer.dry_run:

@@ -270,3 +270,15 @@ def test_prune_removes_stale_jobs_and_keeps_the_rest(tmp_path: Path) -> None:
         assert {j.id for j in list_jobs(jobs)} == {resumable, running.spec.id}
     finally:
         running.close()
+
+
+def test_a_sync_whose_copies_all_fail_is_a_failed_job(tmp_path: Path) -> None:
+    a, b, state = tmp_path / "a", tmp_path / "b", tmp_path / "state"
+    _tree(a, {"x.dcm": b"data"})
+    (b / "x.dcm").mkdir(parents=True)  # a directory where the file must go: its copy fails
+    state.mkdir()
+    job = api.JobRequest(options={}, directory=str(state))
+    summary = asyncio.run(api.sync_async(str(a), str(b), job=job))
+    assert len(summary.failed) == 1
+    [listed] = list_jobs(state)
+    assert (listed.verb, listed.status, listed.failed) == ("sync", "failed", 1)
