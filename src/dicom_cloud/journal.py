@@ -18,9 +18,10 @@ cheap) with its status set to ``complete``.
 
 A run is recorded as a run of its job (the ``job`` row written, status ``running``) only once it
 has planned or moved something (``begin``): a sync's checked plan with work in it, a transfer's
-first planned object (``is_done``), a finished object, an upload session, a sync entry. A run refused before that (a missing source, bad credentials, a sync over
-its ``--max-delete``) leaves an earlier record as it was and a new job no file at all, so ``jobs``
-lists only runs that can be resumed. ``prune_jobs`` removes the records that have gone stale.
+first planned object (``is_done``), a finished object, an upload session, a sync entry. A run
+refused before that (a missing source, bad credentials, a sync over its ``--max-delete``) leaves
+an earlier record as it was and a new job no file at all, so ``jobs`` lists only runs that can be
+resumed. ``prune_jobs`` removes the records that have gone stale.
 
 A job is locked while it runs (``flock`` on ``<job id>.lock``), so two runs of the same command
 never interleave; the kernel drops the lock when the process dies, even by ``kill -9``.
