@@ -371,6 +371,8 @@ class Sync:
         self._begin_if_work(plan)
         self.summary.unchanged += plan.count("same")
         # Decide the unknowns (both present, both changed or never seen): same bytes, or a conflict.
+        # Sizes first, as everywhere: other sizes differ without a request (unless client-side
+        # encryption makes stored sizes say nothing of the content).
         async for batch in plan.chunks(("compare",)):
             results = await asyncio.gather(
                 *(
@@ -509,6 +511,7 @@ async def _drain(
 
 
 async def _different() -> Comparison:
+    """The comparison of two objects of other sizes, awaitable beside real ones."""
     return Comparison(False)
 
 
