@@ -362,8 +362,9 @@ def prune_jobs(
 ) -> list[PrunedJob]:
     """Remove the job files that have gone stale (running jobs are never touched):
 
-    - never started: a file with no job row (a run killed before it planned anything), or a job
-      that recorded nothing to continue from (no finished object, upload session or sync entry);
+    - never started: a file with no job row (a run killed before it planned anything);
+    - nothing to continue from: an unfinished job that recorded no finished object, upload session
+      or sync entry (re-running it is running it afresh);
     - gone: a job whose local source or destination no longer exists (nothing to resume from, or
       finished objects that are no longer where the journal says);
     - old: with ``older_than`` (seconds), a job, completed syncs included, not updated for that long.
@@ -373,16 +374,24 @@ def prune_jobs(
     pruned: list[PrunedJob] = []
     for path in sorted(directory.glob("*.sqlite")):
         job_id = path.stem
-        if _is_running(directory, job_id):
-            continue
-        info = _read_job(path, directory)
-        reason = _stale_reason(path, info, now, older_than)
-        if reason is None:
-            continue
-        command = f"{info.verb} {info.source} -> {info.destination}" if info is not None else ""
-        pruned.append(PrunedJob(info.id if info is not None else job_id, command, reason))
-        if not dry_run:
-            _remove_job_files(path)
+        # Held while deciding and removing: a run of this job that starts meanwhile waits for
+        # nothing, it is refused as already running (and retried by the user), never half-removed.
+        lock_fd = os.open(directory / f"{job_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # running
+            info = _read_job(path, directory, locked=True)
+            reason = _stale_reason(path, info, now, older_than)
+            if reason is None:
+                continue
+            command = f"{info.verb} {info.source} -> {info.destination}" if info is not None else ""
+            pruned.append(PrunedJob(info.id if info is not None else job_id, command, reason))
+            if not dry_run:
+                _remove_job_files(path)
+        finally:
+            os.close(lock_fd)
     return pruned
 
 
@@ -390,7 +399,7 @@ def _stale_reason(path: Path, info: JobInfo | None, now: float, older_than: floa
     if info is None:  # no job row, and no run holds its lock
         return "never started"
     if info.status != "complete" and not _holds_progress(path):
-        return "never started"
+        return "nothing to continue from"
     for side in (info.source, info.destination):
         # Local locations are absolute paths; object store URLs are not checked (no request here).
         if side.startswith("/") and not os.path.lexists(side):
@@ -416,7 +425,7 @@ def _holds_progress(path: Path) -> bool:
     return bool(found)
 
 
-def _read_job(path: Path, directory: Path) -> JobInfo | None:
+def _read_job(path: Path, directory: Path, *, locked: bool = False) -> JobInfo | None:
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -431,7 +440,7 @@ def _read_job(path: Path, directory: Path) -> JobInfo | None:
     if row is None:
         return None
     job_id, verb, source, destination, argv, cwd, started, updated, status, failed = row
-    running = _is_running(directory, job_id)
+    running = not locked and _is_running(directory, job_id)
     return JobInfo(
         id=job_id,
         verb=verb,

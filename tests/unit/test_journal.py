@@ -260,7 +260,7 @@ def test_prune_removes_stale_jobs_and_keeps_the_rest(tmp_path: Path) -> None:
 
         planned = prune_jobs(jobs, dry_run=True)
         assert {p.id: p.reason for p in planned} == {
-            never_started: "never started",
+            never_started: "nothing to continue from",
             source_gone: f"{tmp_path / 'gone'} no longer exists",
             "0123456789abcdef": "never started",
         }

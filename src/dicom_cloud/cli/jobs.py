@@ -355,7 +355,7 @@ def add_job_commands(
     sub.add_argument(
         "--prune",
         action="store_true",
-        help="remove stale jobs: never started (nothing done to continue from), or whose local source"
+        help="remove stale jobs: never started or with nothing done to continue from, or whose local source"
         " or destination is gone; with --older-than, also any job not updated for that long",
     )
     sub.add_argument(
