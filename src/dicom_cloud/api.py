@@ -36,7 +36,7 @@ from .location import Location, LocationOpener
 from .store import CHECKSUM_METADATA_KEY, BucketInfo, ObjectInfo, PutOptions
 from .sync import PlanCallback, Sync, SyncOptions, SyncSummary
 from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary, verify
-from .treediff import DifferenceCallback, VerifyResult, verify_trees
+from .treediff import DifferenceCallback, VerifyResult, verify_object, verify_trees
 from .url import StorageURL, account_scheme
 
 T = TypeVar("T")
@@ -232,11 +232,22 @@ async def verify_async(
     parallel: int = 16,
     name_filter: Filter | None = None,
 ) -> VerifyResult:
-    """Compare two trees by name, size and content checksum; report each difference."""
+    """Compare two trees by name, size and content checksum; report each difference. When
+    ``source`` names one object (a file, or an object key), compare it with the one object
+    ``destination`` names (the same name inside it when it is a directory or ends with ``/``)."""
     opener = LocationOpener(config)
     try:
         a = opener.open(source)
         b = opener.open(destination)
+        if await _names_one_object(a):
+            if name_filter is not None:
+                raise UsageError(
+                    "--include, --exclude and --files-from select names in trees;"
+                    f" {a.display()} is one object"
+                )
+            into = b.names_directory or (b.is_local and os.path.isdir("/" + b.key))
+            b_key = b.join(a.basename()) if into else b.key
+            return await verify_object(a, a.key, b, b_key, on_difference=on_difference, name=b.display(b_key))
         for side in (a, b):
             _require_local_directory(side)
         return await verify_trees(
@@ -537,6 +548,19 @@ async def share_many_async(
 def share(url: str, **kwargs: Any) -> str:
     """Synchronous :func:`share_async`."""
     return _run(share_async(url, **kwargs))
+
+
+async def _names_one_object(location: Location) -> bool:
+    """Whether a location names one object (a local file, an existing object key), not a tree."""
+    if location.names_directory or not location.key.strip("/"):
+        return False
+    if location.is_local:
+        return os.path.isfile("/" + location.key)
+    try:
+        await location.store.stat(location.key)
+    except NotFoundError:
+        return False
+    return True
 
 
 def _require_local_directory(location: Location, *, create: bool = False) -> None:

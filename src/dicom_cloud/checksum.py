@@ -1,5 +1,6 @@
 """CRC32C (Castagnoli), the checksum dicom-cloud keeps with every object, and how to combine part checksums;
-and the MD5 that S3 reports as a single-part object's ETag.
+the MD5 that S3 reports as a single-part object's ETag, and the MD5-of-part-MD5s it reports for a
+multipart object (``<hex>-<parts>``), recomputed from a local file once its part size is inferred.
 
 Parts of a large object are downloaded concurrently and out of order; each part's CRC is
 computed as its bytes stream by, and the whole object's CRC is then combined from the
@@ -10,12 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import crc32c
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-([1-9][0-9]{0,4})$")
+_MIB = 1024 * 1024
+#: Part sizes other tools upload with, most common first: aws-cli (8 MiB), rclone and S3's minimum
+#: (5 MiB), dicom-cloud (16 MiB), s5cmd (50 MiB), and round sizes users pick.
+_COMMON_PART_SIZES = tuple(n * _MIB for n in (8, 5, 16, 50, 10, 15, 32, 64, 100, 128, 256, 512, 1024))
+#: At most this many part sizes are tried for one object (each costs an MD5 pass over the file,
+#: all of them in one read).
+MAX_PART_SIZE_GUESSES = 6
 
 #: The reflected Castagnoli polynomial.
 _POLY = 0x82F63B78
@@ -60,13 +71,98 @@ def md5_etag(etag: str | None) -> str | None:
     return value if _MD5_ETAG.match(value) else None
 
 
-def md5_file(path: Path, chunk_size: int = 8 * 1024 * 1024) -> str:
-    """The hex MD5 of a file, read in chunks (to compare with an MD5 ETag)."""
-    digest = hashlib.md5(usedforsecurity=False)
+def multipart_etag_parts(etag: str | None) -> int | None:
+    """The number of parts of an S3 multipart ETag (``<md5 of the part MD5s>-<parts>``); else None."""
+    match = _MULTIPART_ETAG.match((etag or "").lower())
+    return int(match.group(1)) if match else None
+
+
+def part_size_guesses(size: int, parts: int) -> list[int]:
+    """Part sizes that cut ``size`` bytes into exactly ``parts`` parts, likeliest first: the common
+    sizes of upload tools, their doublings (aws-cli doubles its part size until a file fits in 10,000
+    parts), then the size split evenly and rounded up to a MiB or to a MB."""
+    if parts < 1 or size < parts:
+        return []
+    if parts == 1:
+        return [max(size, 1)]  # one part: any part size at least the object's size gives the same ETag
+
+    def fits(part: int) -> bool:
+        return part > 0 and -(-size // part) == parts
+
+    guesses: list[int] = []
+    doubled = [base << shift for shift in range(1, 8) for base in (8 * _MIB, 5 * _MIB, 16 * _MIB)]
+    even = -(-size // parts)
+    for part in (
+        *_COMMON_PART_SIZES,
+        *doubled,
+        -(-even // _MIB) * _MIB,
+        -(-even // 1_000_000) * 1_000_000,
+        even,
+    ):
+        if fits(part) and part not in guesses:
+            guesses.append(part)
+        if len(guesses) >= MAX_PART_SIZE_GUESSES:
+            break
+    return guesses
+
+
+@dataclass
+class FileDigests:
+    """Checksums of one local file, all computed in one read."""
+
+    crc32c: str
+    md5: str | None = None
+    #: The file's multipart ETag (``<hex>-<parts>``) for each part size asked for.
+    multipart_etags: dict[int, str] = field(default_factory=dict)
+
+
+def file_digests(
+    path: Path, *, md5: bool = False, part_sizes: Sequence[int] = (), chunk_size: int = 8 * 1024 * 1024
+) -> FileDigests:
+    """CRC32C of a file and, on request, its MD5 and its multipart ETag for each of ``part_sizes``,
+    reading the file once."""
+    crc = Crc32c()
+    whole = hashlib.md5(usedforsecurity=False) if md5 else None
+    # Per part size: the MD5s of the finished parts, the running one, and the bytes it has seen.
+    cutters = {size: _PartHasher(size) for size in part_sizes}
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+            crc.update(chunk)
+            if whole is not None:
+                whole.update(chunk)
+            for cutter in cutters.values():
+                cutter.update(memoryview(chunk))
+    return FileDigests(
+        crc.hexdigest(),
+        whole.hexdigest() if whole is not None else None,
+        {size: cutter.etag() for size, cutter in cutters.items()},
+    )
+
+
+class _PartHasher:
+    """The S3 multipart ETag of a stream cut into parts of ``part_size`` bytes."""
+
+    def __init__(self, part_size: int) -> None:
+        self.part_size = part_size
+        self.digests: list[bytes] = []
+        self.current = hashlib.md5(usedforsecurity=False)
+        self.filled = 0
+
+    def update(self, data: memoryview) -> None:
+        while data:
+            take = min(len(data), self.part_size - self.filled)
+            self.current.update(data[:take])
+            self.filled += take
+            data = data[take:]
+            if self.filled == self.part_size:
+                self.digests.append(self.current.digest())
+                self.current = hashlib.md5(usedforsecurity=False)
+                self.filled = 0
+
+    def etag(self) -> str:
+        digests = [*self.digests, self.current.digest()] if self.filled or not self.digests else self.digests
+        combined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+        return f"{combined}-{len(digests)}"
 
 
 def crc32c_combine(crc1: int, crc2: int, length2: int) -> int:

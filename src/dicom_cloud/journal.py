@@ -16,6 +16,13 @@ bookkeeping, and what it loses is transferred again, never skipped wrongly. The 
 when a transfer ends without failures; a sync's file stays (its ``entries`` make the next sync
 cheap) with its status set to ``complete``.
 
+A run is recorded as a run of its job (the ``job`` row written, status ``running``) only once it
+has planned or moved something (``begin``): a sync's checked plan with work in it, a transfer's
+first planned object (``is_done``), a finished object, an upload session, a sync entry. A run
+refused before that (a missing source, bad credentials, a sync over its ``--max-delete``) leaves
+an earlier record as it was and a new job no file at all, so ``jobs`` lists only runs that can be
+resumed. ``prune_jobs`` removes the records that have gone stale.
+
 A job is locked while it runs (``flock`` on ``<job id>.lock``), so two runs of the same command
 never interleave; the kernel drops the lock when the process dies, even by ``kill -9``.
 """
@@ -136,15 +143,23 @@ class Journal:
                 f"job file {path.name} has schema {row[0]}, this version reads {SCHEMA_VERSION}",
                 hint="remove it with 'dicom-cloud jobs --forget ID' and run the command again",
             )
-        now = time.time()
         #: Finished objects recorded by earlier runs of this job.
         self.previously_done = self._db.execute("SELECT count(*) FROM done").fetchone()[0]
         #: Whether this run is recorded as a run of the job (not for a dry run: it reads state only).
         self.record = record
+        #: Whether this run has planned or moved something, and so is recorded (``begin``).
+        self.started = False
         self._pending = 0
         self._last_commit = time.monotonic()
-        if not record:
+
+    def begin(self) -> None:
+        """Record this run as the job's latest, running: called once it has a plan with work in it
+        (a sync), and on its first planned object or write. Idempotent."""
+        if self.started or not self.record:
             return
+        self.started = True
+        spec = self.spec
+        now = time.time()
         self._db.execute(
             "INSERT INTO job (id, verb, source, destination, argv, cwd, schema, started, updated, status)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')"
@@ -189,11 +204,14 @@ class Journal:
     # -- finished objects ----------------------------------------------------------------
 
     def is_done(self, src_key: str, version: str) -> bool:
-        """Whether an earlier run finished this object, as it is now (same version)."""
+        """Whether an earlier run finished this object, as it is now (same version). Asked once
+        per planned object: the first question records the run."""
+        self.begin()
         row = self._db.execute("SELECT version FROM done WHERE src_key = ?", (src_key,)).fetchone()
         return row is not None and row[0] == version
 
     def record_done(self, src_key: str, version: str, dst_key: str, size: int, crc32c: str | None) -> None:
+        self.begin()
         self._db.execute(
             "INSERT OR REPLACE INTO done (src_key, version, dst_key, size, crc32c) VALUES (?, ?, ?, ?, ?)",
             (src_key, version, dst_key, size, crc32c),
@@ -207,6 +225,7 @@ class Journal:
         return json.loads(row[0]) if row else None
 
     def save(self, key: str, state: Mapping[str, Any]) -> None:
+        self.begin()
         self._db.execute(
             "INSERT OR REPLACE INTO sessions (dst_key, state) VALUES (?, ?)", (key, json.dumps(dict(state)))
         )
@@ -224,6 +243,7 @@ class Journal:
         return self._db
 
     def set_entry(self, rel: str, src_sig: str | None, dst_sig: str | None, crc32c: str | None) -> None:
+        self.begin()
         self._db.execute(
             "INSERT OR REPLACE INTO entries (rel, src_sig, dst_sig, crc32c) VALUES (?, ?, ?, ?)",
             (rel, src_sig, dst_sig, crc32c),
@@ -231,6 +251,7 @@ class Journal:
         self._tick()
 
     def drop_entry(self, rel: str) -> None:
+        self.begin()
         self._db.execute("DELETE FROM entries WHERE rel = ?", (rel,))
         self._tick()
 
@@ -269,7 +290,7 @@ class Journal:
             self._db.commit()
         unrecorded = self._db.execute("SELECT count(*) FROM job").fetchone()[0] == 0
         self._db.close()
-        if unrecorded:  # a dry run of a job never run: leave nothing behind
+        if unrecorded:  # a job never started (or only dry-run): leave nothing behind
             _remove_job_files(self.path)
         os.close(self._lock_fd)
         self._lock_fd = -1
@@ -326,7 +347,85 @@ def forget_job(job_id: str, directory: Path | None = None) -> JobInfo:
     return job
 
 
-def _read_job(path: Path, directory: Path) -> JobInfo | None:
+@dataclass(frozen=True)
+class PrunedJob:
+    """A stale job removed (or, on a dry run, that would be): its id, what it was, and why."""
+
+    id: str
+    #: The job's command, or "" for a file that never recorded one.
+    command: str
+    reason: str
+
+
+def prune_jobs(
+    directory: Path | None = None, *, older_than: float | None = None, dry_run: bool = False
+) -> list[PrunedJob]:
+    """Remove the job files that have gone stale (running jobs are never touched):
+
+    - never started: a file with no job row (a run killed before it planned anything);
+    - nothing to continue from: an unfinished job that recorded no finished object, upload session
+      or sync entry (re-running it is running it afresh);
+    - gone: a job whose local source or destination no longer exists (nothing to resume from, or
+      finished objects that are no longer where the journal says);
+    - old: with ``older_than`` (seconds), a job, completed syncs included, not updated for that long.
+    """
+    directory = directory or jobs_dir()
+    now = time.time()
+    pruned: list[PrunedJob] = []
+    for path in sorted(directory.glob("*.sqlite")):
+        job_id = path.stem
+        # Held while deciding and removing: a run of this job that starts meanwhile waits for
+        # nothing, it is refused as already running (and retried by the user), never half-removed.
+        lock_fd = os.open(directory / f"{job_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # running
+            info = _read_job(path, directory, locked=True)
+            reason = _stale_reason(path, info, now, older_than)
+            if reason is None:
+                continue
+            command = f"{info.verb} {info.source} -> {info.destination}" if info is not None else ""
+            pruned.append(PrunedJob(info.id if info is not None else job_id, command, reason))
+            if not dry_run:
+                _remove_job_files(path)
+        finally:
+            os.close(lock_fd)
+    return pruned
+
+
+def _stale_reason(path: Path, info: JobInfo | None, now: float, older_than: float | None) -> str | None:
+    if info is None:  # no job row, and no run holds its lock
+        return "never started"
+    if info.status != "complete" and not _holds_progress(path):
+        return "nothing to continue from"
+    for side in (info.source, info.destination):
+        # Local locations are absolute paths; object store URLs are not checked (no request here).
+        if side.startswith("/") and not os.path.lexists(side):
+            return f"{side} no longer exists"
+    if older_than is not None and now - info.updated > older_than:
+        return "last updated " + time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated))
+    return None
+
+
+def _holds_progress(path: Path) -> bool:
+    """Whether a job recorded anything a re-run continues from."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            found = db.execute(
+                "SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM sessions)"
+                " + (SELECT count(*) FROM entries)"
+            ).fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return True  # cannot tell: keep it
+    return bool(found)
+
+
+def _read_job(path: Path, directory: Path, *, locked: bool = False) -> JobInfo | None:
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -341,7 +440,7 @@ def _read_job(path: Path, directory: Path) -> JobInfo | None:
     if row is None:
         return None
     job_id, verb, source, destination, argv, cwd, started, updated, status, failed = row
-    running = _is_running(directory, job_id)
+    running = not locked and _is_running(directory, job_id)
     return JobInfo(
         id=job_id,
         verb=verb,

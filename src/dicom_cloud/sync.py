@@ -44,7 +44,7 @@ from .transfer import (
     TransferSummary,
     object_version,
 )
-from .treediff import create_tables, same_content, spill
+from .treediff import Comparison, create_tables, same_content, spill
 
 ConflictPolicy = Literal["keep-both", "newer", "source", "destination"]
 #: Called with each planned action ("create", "update", "delete", "conflict") and its name, size.
@@ -64,6 +64,9 @@ class SyncOptions:
     conflict: ConflictPolicy = "keep-both"
     #: Which names take part (include/exclude globs): others are neither copied nor deleted.
     name_filter: Filter | None = None
+    #: Compare the content of every pair of equal size, as ``verify`` does (reading what no checksum
+    #: can tell), instead of trusting the journal's record of versions last seen equal.
+    checksum: bool = False
 
 
 @dataclass
@@ -185,6 +188,11 @@ class Sync:
         # With client-side encryption the stored bytes are not the source's: only the journal's record
         # of earlier copies can tell an object is up to date, never its size or checksum.
         self.compare_content = not (transfer.encryption and transfer.encryption.writes_encrypted)
+        if options.checksum and not self.compare_content:
+            raise UsageError(
+                "--checksum cannot compare client-side encrypted copies with their sources",
+                hint="their stored bytes differ by design; run sync without --checksum",
+            )
         self._stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
     # -- the run ----------------------------------------------------------------------
@@ -238,15 +246,16 @@ class Sync:
             "UPDATE plan SET action = CASE"
             " WHEN a_key IS NULL THEN 'delete'"
             " WHEN b_key IS NULL THEN 'create'"
-            " WHEN has_entry AND e_a_sig = a_sig AND e_b_sig = b_sig THEN 'same'"
+            " WHEN NOT ? AND has_entry AND e_a_sig = a_sig AND e_b_sig = b_sig THEN 'same'"
             " WHEN ? AND a_size != b_size THEN 'update'"
             " ELSE 'compare' END",
-            (int(self.compare_content),),
+            (int(self.options.checksum), int(self.compare_content)),
         )
         if not self.options.delete:
             db.execute("UPDATE plan SET action = 'keep' WHERE action = 'delete'")
         deletions = plan.count("delete")
         check_delete_limit(deletions, total_b, self.options.max_delete, self.b.display(self.b.prefix))
+        self._begin_if_work(plan)
         self.summary.unchanged += plan.count("same")
         summary = await self._copy(self.a, self.b, self._one_way_items(plan), "a")
         if self.options.delete and not summary.failed and not self.transfer.dry_run:
@@ -269,7 +278,9 @@ class Sync:
 
             async def decide(row: sqlite3.Row) -> None:
                 try:
-                    result = await same_content(self.a, row["a_key"], self.b, row["b_key"])
+                    result = await same_content(
+                        self.a, row["a_key"], self.b, row["b_key"], thorough=self.options.checksum
+                    )
                     if result.same:
                         self.summary.unchanged += 1
                         if not self.transfer.dry_run:
@@ -337,11 +348,14 @@ class Sync:
                 raise NotSupportedError(
                     f"{store.url()} cannot copy inside itself, needed for conflict copies"
                 )
-        # Per name: changed since the journal's record, gone since it, or unknown (no record).
+        # Per name: changed since the journal's record, gone since it, or unknown (no record). With
+        # --checksum, versions unchanged on both sides are compared too: bytes that differ there
+        # changed unseen on one side or the other, which only a conflict can settle.
         db.execute(
             "UPDATE plan SET action = CASE"
             " WHEN a_key IS NOT NULL AND b_key IS NOT NULL THEN CASE"
-            "   WHEN has_entry AND e_a_sig = a_sig AND e_b_sig = b_sig THEN 'same'"
+            "   WHEN has_entry AND e_a_sig = a_sig AND e_b_sig = b_sig THEN"
+            "     CASE WHEN ? THEN 'compare' ELSE 'same' END"
             "   WHEN has_entry AND (e_a_sig IS NULL OR e_b_sig IS NULL) THEN 'compare'"
             "   WHEN has_entry AND e_a_sig IS a_sig THEN 'b2a'"
             "   WHEN has_entry AND e_b_sig IS b_sig THEN 'a2b'"
@@ -352,7 +366,8 @@ class Sync:
             " WHEN b_key IS NOT NULL THEN CASE"
             "   WHEN has_entry AND e_a_sig IS NOT NULL AND e_b_sig IS b_sig THEN 'delete-b'"
             "   ELSE 'b2a' END"
-            " ELSE 'gone' END"
+            " ELSE 'gone' END",
+            (int(self.options.checksum),),
         )
         check_delete_limit(
             plan.count("delete-a"), total_a, self.options.max_delete, self.a.display(self.a.prefix)
@@ -360,11 +375,19 @@ class Sync:
         check_delete_limit(
             plan.count("delete-b"), total_b, self.options.max_delete, self.b.display(self.b.prefix)
         )
+        self._begin_if_work(plan)
         self.summary.unchanged += plan.count("same")
         # Decide the unknowns (both present, both changed or never seen): same bytes, or a conflict.
+        # Sizes first, as everywhere: other sizes differ without a request (unless client-side
+        # encryption makes stored sizes say nothing of the content).
         async for batch in plan.chunks(("compare",)):
             results = await asyncio.gather(
-                *(same_content(self.a, row["a_key"], self.b, row["b_key"]) for row in batch)
+                *(
+                    same_content(self.a, row["a_key"], self.b, row["b_key"], thorough=self.options.checksum)
+                    if row["a_size"] == row["b_size"] or not self.compare_content
+                    else _different()
+                    for row in batch
+                )
             )
             for row, result in zip(batch, results, strict=True):
                 if result.same:
@@ -462,6 +485,12 @@ class Sync:
                     size = row["a_size" if key_column == "a_key" else "b_size"]
                     self.on_event(TransferEvent("deleted", side.display(row[key_column]), "", size))
 
+    def _begin_if_work(self, plan: _Plan) -> None:
+        """A plan that passed its checks and holds work: from here on the run is a job to resume."""
+        idle = ("same", "keep", "gone")
+        if plan.db.execute("SELECT 1 FROM plan WHERE action NOT IN (?, ?, ?) LIMIT 1", idle).fetchone():
+            self.journal.begin()
+
     def _planned(self, action: str, rel: str, size: int | None) -> None:
         if self.on_plan is not None and self.transfer.dry_run:
             self.on_plan(action, rel, size or 0)
@@ -492,6 +521,11 @@ async def _drain(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def _different() -> Comparison:
+    """The comparison of two objects of other sizes, awaitable beside real ones."""
+    return Comparison(False)
 
 
 def _written_version(dst: Location, item: TransferItem, etag: str | None) -> str | None:

@@ -6,14 +6,19 @@ with a small page cache), and the pairing is a sorted merge that SQLite runs ove
 Sorting on our side also means the order in which a server lists does not matter (some
 S3-compatible servers list depth-first rather than in byte order).
 
-Checksums, cheapest first (``same_content``):
+Sizes first: objects of other sizes differ. Then checksums, cheapest first (``same_content``, the
+one comparison ``sync`` and ``verify`` share):
 
-1. a cache entry from an earlier run (journal ``entries``) whose recorded versions of both sides
-   are the versions listed now: equal without any request (mtime and ETag as the fast path);
-2. the CRC32C in each object's metadata (written by every dicom-cloud upload) and, for a local
+1. the CRC32C in each object's metadata (written by every dicom-cloud upload) and, for a local
    file, its CRC32C computed here;
-3. the provider's own checksum where it is reliable: an S3 single-part ETag is the MD5 of the bytes;
-4. ``thorough``: read the object and compute its CRC32C (``verify`` does, ``sync`` re-copies instead).
+2. the provider's own checksum where it is reliable: an S3 single-part ETag is the MD5 of the bytes;
+   an S3 multipart ETag is the MD5 of the parts' MD5s, recomputed from a local file for the part
+   sizes that yield its part count;
+3. ``thorough``: read the object and compute its CRC32C (``verify`` and ``sync --checksum`` do;
+   a plain ``sync`` copies again instead).
+
+``sync`` also has a faster path before all of these: a journal entry whose recorded versions of
+both sides are the versions listed now (sync.py).
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .checksum import Crc32c, crc32c_file, md5_etag, md5_file
+from .checksum import (
+    Crc32c,
+    crc32c_file,
+    file_digests,
+    md5_etag,
+    multipart_etag_parts,
+    part_size_guesses,
+)
 from .errors import NotFoundError
 from .filters import Filter
 from .location import Location
@@ -111,29 +123,33 @@ def rows(db: sqlite3.Connection, query: str, params: tuple[object, ...] = ()) ->
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What is known of one object's content."""
+    """What an object's listing entry and metadata say of its content (one HEAD, no read)."""
 
     crc32c: str | None = None
+    #: A single-part S3 ETag: the MD5 of the bytes.
     md5: str | None = None
+    #: A multipart S3 ETag (``<hex>-<parts>``), comparable with a local file once its part size is
+    #: inferred.
+    multipart_etag: str | None = None
+    size: int = 0
 
 
-async def fingerprint(location: Location, key: str, *, want_md5: bool = False) -> Fingerprint:
-    """CRC32C (and MD5 on request) of a local file; stored checksums of an object (one HEAD)."""
-    if location.is_local:
-        path = Path("/" + key)
-        crc = await asyncio.to_thread(crc32c_file, path)
-        md5 = await asyncio.to_thread(md5_file, path) if want_md5 else None
-        return Fingerprint(crc, md5)
+async def fingerprint(location: Location, key: str) -> Fingerprint:
+    """The checksums an object carries: our CRC32C in its metadata, its ETag when it is an MD5 or a
+    multipart ETag of S3's kind."""
     info = await location.store.stat(key)
     stored = info.metadata.get(CHECKSUM_METADATA_KEY)
+    etag = (info.etag or "").strip('"').lower() if location.store.features.etag_is_md5 else ""
     return Fingerprint(
         stored.lower() if stored else None,
-        md5_etag(info.etag) if location.store.features.etag_is_md5 else None,
+        md5_etag(etag),
+        etag if multipart_etag_parts(etag) is not None else None,
+        info.size,
     )
 
 
 async def content_crc32c(location: Location, key: str) -> str:
-    """Read the whole object and compute its CRC32C (the thorough way)."""
+    """Read the whole object and compute its CRC32C (the last resort)."""
     if location.is_local:
         return await asyncio.to_thread(crc32c_file, Path("/" + key))
     crc = Crc32c()
@@ -152,27 +168,65 @@ class Comparison:
 async def same_content(
     a: Location, a_key: str, b: Location, b_key: str, *, thorough: bool = False
 ) -> Comparison:
-    """Whether two objects of equal size hold the same bytes, by the cheapest reliable checksum."""
+    """Whether two objects of equal size hold the same bytes, by the cheapest sufficient evidence.
+
+    The one definition of "equal" that ``sync`` and ``verify`` share. In order: the CRC32C kept in
+    each object's metadata (a local file's is computed); an S3 single-part ETag against the other
+    side's MD5; an S3 multipart ETag against the same ETag recomputed from a local file, with the
+    part size inferred from the size and part count; two identical multipart ETags. Only then, with
+    ``thorough``, are the objects read and their CRC32Cs compared; without it the answer is None
+    (unknown). Callers compare sizes first: objects of other sizes differ.
+    """
     try:
-        fa = await fingerprint(a, a_key) if not a.is_local else None
-        fb = await fingerprint(b, b_key) if not b.is_local else None
-        if fa is None and fb is not None:
-            fa = await fingerprint(a, a_key, want_md5=fb.crc32c is None and fb.md5 is not None)
-        if fb is None and fa is not None:
-            fb = await fingerprint(b, b_key, want_md5=fa.crc32c is None and fa.md5 is not None)
-        if fa is None or fb is None:  # both local
-            fa, fb = await fingerprint(a, a_key), await fingerprint(b, b_key)
+        if a.is_local and b.is_local:
+            crc_a = await asyncio.to_thread(crc32c_file, Path("/" + a_key))
+            crc_b = await asyncio.to_thread(crc32c_file, Path("/" + b_key))
+            return Comparison(crc_a == crc_b, crc_a)
+        if a.is_local or b.is_local:
+            local_key, remote, remote_key = (a_key, b, b_key) if a.is_local else (b_key, a, a_key)
+            return await _local_and_remote(Path("/" + local_key), remote, remote_key, thorough=thorough)
+        fa, fb = await asyncio.gather(fingerprint(a, a_key), fingerprint(b, b_key))
+        if fa.crc32c and fb.crc32c:
+            return Comparison(fa.crc32c == fb.crc32c, fa.crc32c)
+        if fa.md5 and fb.md5:
+            return Comparison(fa.md5 == fb.md5, fa.crc32c or fb.crc32c)
+        if fa.multipart_etag and fa.multipart_etag == fb.multipart_etag:
+            # Same part MD5s in the same order: the same bytes. (Different multipart ETags prove
+            # nothing: the part sizes may differ.)
+            return Comparison(True, fa.crc32c or fb.crc32c)
+        if not thorough:
+            return Comparison(None)
+        crc_a = fa.crc32c or await content_crc32c(a, a_key)
+        crc_b = fb.crc32c or await content_crc32c(b, b_key)
+        return Comparison(crc_a == crc_b, crc_a)
     except NotFoundError:
         return Comparison(False)  # gone meanwhile: treat as different, the copy will tell
-    if fa.crc32c and fb.crc32c:
-        return Comparison(fa.crc32c == fb.crc32c, fa.crc32c)
-    if fa.md5 and fb.md5:
-        return Comparison(fa.md5 == fb.md5, fa.crc32c or fb.crc32c)
+
+
+async def _local_and_remote(path: Path, remote: Location, key: str, *, thorough: bool) -> Comparison:
+    stored = await fingerprint(remote, key)
+    parts = multipart_etag_parts(stored.multipart_etag)
+    guesses = (
+        part_size_guesses(stored.size, parts)
+        if parts is not None and not stored.crc32c and not stored.md5
+        else []
+    )
+    # One read of the local file gives its CRC32C, and the MD5 or multipart ETags the remote side
+    # can be compared with.
+    local = await asyncio.to_thread(
+        file_digests, path, md5=stored.md5 is not None and not stored.crc32c, part_sizes=guesses
+    )
+    if stored.crc32c:
+        return Comparison(stored.crc32c == local.crc32c, local.crc32c)
+    if stored.md5:
+        return Comparison(stored.md5 == local.md5, local.crc32c)
+    if stored.multipart_etag in local.multipart_etags.values():
+        return Comparison(True, local.crc32c)
+    # No multipart ETag matched: other bytes, or a part size not guessed. Only reading tells.
     if not thorough:
         return Comparison(None)
-    crc_a = fa.crc32c or await content_crc32c(a, a_key)
-    crc_b = fb.crc32c or await content_crc32c(b, b_key)
-    return Comparison(crc_a == crc_b, crc_a)
+    remote_crc = await content_crc32c(remote, key)
+    return Comparison(remote_crc == local.crc32c, local.crc32c)
 
 
 # -- verify ----------------------------------------------------------------------------------
@@ -196,6 +250,34 @@ class VerifyResult:
     compared: int = 0
     differences: int = 0
     bytes: int = 0
+    #: One object was compared with one object (``verify_object``), not two trees.
+    single: bool = False
+
+
+async def verify_object(
+    a: Location, a_key: str, b: Location, b_key: str, *, on_difference: DifferenceCallback, name: str
+) -> VerifyResult:
+    """Compare one object with another as ``verify_trees`` compares a pair (size, then
+    ``same_content``, reading when no checksum tells), reporting a difference under ``name``.
+    A missing first object is an error (NotFoundError); a missing second one is a difference."""
+    result = VerifyResult(single=True)
+    info_a = await a.store.stat(a_key)
+    try:
+        info_b = await b.store.stat(b_key)
+    except NotFoundError:
+        result.differences = 1
+        on_difference(Difference("missing", name, f"{info_a.size} bytes"))
+        return result
+    result.compared = 1
+    if info_a.size != info_b.size:
+        result.differences = 1
+        on_difference(Difference("size", name, f"{info_a.size} vs {info_b.size} bytes"))
+        return result
+    result.bytes = info_a.size
+    if not (await same_content(a, a_key, b, b_key, thorough=True)).same:
+        result.differences = 1
+        on_difference(Difference("content", name, "same size, different checksum"))
+    return result
 
 
 async def verify_trees(

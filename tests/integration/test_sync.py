@@ -389,3 +389,210 @@ def test_kill_9_mid_multipart_upload_continues_from_the_parts_on_the_server(
     run_cli("download", remote.url("mp/big.dcm"), back, "-q", env=env).ok()
     assert back.read_bytes() == big.read_bytes()
     assert run_cli("jobs", "--json", env=env).ok().json_lines() == []
+
+
+def _same_size_same_mtime_rewrite(path: Path, data: bytes) -> None:
+    """Other bytes of the same length, with the modification time put back: what an in-place edit
+    that restores timestamps (or a clock that did not tick) leaves."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_sync_checksum_sees_what_the_fast_path_trusts(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    remote = make_backend(request, "s3")
+    env = cli_env(remote.env, DICOM_CLOUD_STATE_DIR=str(tmp_path / "state"))
+    src = tmp_path / "src"
+    files = _tree(src, {"a.dcm": b"A" * 300, "b.dcm": b"B" * 300})
+    assert _summary(_sync(str(src), remote.url("ck/"), env).ok())["created"] == 2
+    _same_size_same_mtime_rewrite(src / "a.dcm", b"a" * 300)
+
+    # The fast path: same versions as the last sync recorded equal, so no request, no comparison.
+    assert _summary(_sync(str(src), remote.url("ck/"), env).ok())["unchanged"] == 2
+    found = run_cli("verify", src, remote.url("ck/"), "--json", env=env)
+    assert found.code == 1, str(found)
+    assert [r["name"] for r in found.json_lines() if r.get("event") == "difference"] == ["a.dcm"]
+
+    # --checksum compares every pair as verify does: it finds the change and copies it.
+    plan = _sync(str(src), remote.url("ck/"), env, "--checksum", "--dry-run").ok()
+    assert [r["name"] for r in plan.json_lines() if r.get("event") == "plan"] == ["a.dcm"]
+    checked = _summary(_sync(str(src), remote.url("ck/"), env, "--checksum").ok())
+    assert (checked["updated"], checked["unchanged"]) == (1, 1)
+    run_cli("verify", src, remote.url("ck/"), env=env).ok()
+    assert files
+
+
+def _multipart_put(backend: Backend, key: str, data: bytes, part_size: int) -> str:
+    """An object uploaded as S3 multipart the way s5cmd or aws-cli do it: no dicom-cloud metadata,
+    an ETag that is the MD5 of the part MD5s. Returns that ETag."""
+    import asyncio
+
+    from dicom_cloud.backends.s3_multipart import S3ResumableUploads
+    from dicom_cloud.backends.sigv4 import SigningCredentials
+    from dicom_cloud.store import PutOptions
+
+    server = backend.server
+    uploads = S3ResumableUploads(
+        bucket=backend.bucket,
+        endpoint=server.endpoint,
+        region=server.region,
+        credentials=SigningCredentials(server.access_key, server.secret_key),
+        path_style=True,
+    )
+
+    async def put() -> str:
+        state = await uploads.begin(key, len(data), part_size, PutOptions())
+        parts = [
+            await uploads.upload_part(state, number, data[start : start + part_size])
+            for number, start in enumerate(range(0, len(data), part_size), start=1)
+        ]
+        info = await uploads.complete(state, parts)
+        await uploads.close()
+        return (info.etag or "").strip('"')
+
+    return asyncio.run(put())
+
+
+def test_sync_and_verify_agree_on_multipart_objects_of_other_tools(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    remote = make_backend(request, "s3")
+    env = cli_env(remote.env, DICOM_CLOUD_STATE_DIR=str(tmp_path / "state"))
+    mib = 1024 * 1024
+    rng = random.Random(11)
+    src = tmp_path / "src"
+    files = _tree(
+        src,
+        {
+            "aws-cli.dcm": rng.randbytes(17 * mib + 5),  # 8 MiB parts
+            "rclone.dcm": rng.randbytes(11 * mib),  # 5 MiB parts
+            "odd-parts.dcm": rng.randbytes(13 * mib),  # 6 MiB parts: no size that tools use
+            "changed.dcm": rng.randbytes(9 * mib),  # same size, other bytes on the server
+        },
+    )
+    part_sizes = {
+        "aws-cli.dcm": 8 * mib,
+        "rclone.dcm": 5 * mib,
+        "odd-parts.dcm": 6 * mib,
+        "changed.dcm": 5 * mib,
+    }
+    for name, part in part_sizes.items():
+        data = files[name] if name != "changed.dcm" else bytes(reversed(files[name]))
+        etag = _multipart_put(remote, f"mp/{name}", data, part)
+        assert etag.endswith(f"-{-(-len(data) // part)}"), etag  # a multipart ETag, as AWS gives
+
+    # verify: equal where the bytes are equal (an ETag recomputed, or the object read), not elsewhere.
+    found = run_cli("verify", src, remote.url("mp/"), "--json", env=env)
+    assert found.code == 1, str(found)
+    differences = {r["name"]: r["kind"] for r in found.json_lines() if r.get("event") == "difference"}
+    assert differences == {"changed.dcm": "content"}
+
+    # sync plans to copy only what verify says differs, or what no checksum could tell without
+    # reading (--checksum reads it, and then agrees with verify exactly).
+    plan = _sync(str(src), remote.url("mp/"), env, "--dry-run").ok()
+    planned = {r["name"] for r in plan.json_lines() if r.get("event") == "plan"}
+    assert planned == {"changed.dcm", "odd-parts.dcm"}
+    plan = _sync(str(src), remote.url("mp/"), env, "--dry-run", "--checksum").ok()
+    assert {r["name"] for r in plan.json_lines() if r.get("event") == "plan"} == {"changed.dcm"}
+    # The other direction: the local tree is the destination.
+    back = tmp_path / "back"
+    _tree(back, files)
+    plan = _sync(remote.url("mp/"), str(back), env, "--dry-run", "--checksum").ok()
+    assert {r["name"] for r in plan.json_lines() if r.get("event") == "plan"} == {"changed.dcm"}
+
+    done = _summary(_sync(str(src), remote.url("mp/"), env, "--checksum").ok())
+    assert (done["created"], done["updated"], done["unchanged"]) == (0, 1, 3)
+    run_cli("verify", src, remote.url("mp/"), env=env).ok()
+    assert _summary(_sync(str(src), remote.url("mp/"), env).ok())["unchanged"] == 4
+
+
+def test_runs_refused_before_transferring_leave_no_job(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    remote = make_backend(request, "s3")
+    env = cli_env(remote.env, DICOM_CLOUD_STATE_DIR=str(tmp_path / "state"))
+    bad = cli_env(remote.env, DICOM_CLOUD_STATE_DIR=str(tmp_path / "state"), AWS_SECRET_ACCESS_KEY="0" * 32)
+    src = tmp_path / "src"
+    _tree(src, {f"{i}.dcm": os.urandom(100) for i in range(4)})
+    _sync(str(src), remote.url("kept/"), env).ok()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for attempt in range(5):  # about fifteen refused runs, each once a job of its own
+        run_cli("upload", tmp_path / f"missing-{attempt}", remote.url("up/"), "-r", env=env).fails(3)
+        run_cli("upload", src, remote.url(f"up-{attempt}/"), "-r", env=bad).fails(4)
+        run_cli("sync", empty, remote.url("kept/"), "--delete", env=env).fails(14)
+    assert run_cli("jobs", "--json", env=env).ok().json_lines() == []
+    resumed = run_cli("resume", env=env).ok()
+    assert "no unfinished jobs" in resumed.stderr
+    # The completed sync's state survived the refused runs: the next sync is quiet.
+    assert _summary(_sync(str(src), remote.url("kept/"), env).ok())["unchanged"] == 4
+
+
+def test_jobs_prune_removes_records_that_cannot_be_resumed(tmp_path: Path) -> None:
+    from dicom_cloud.journal import JobSpec, Journal
+
+    state = tmp_path / "state"
+    env = cli_env(DICOM_CLOUD_STATE_DIR=str(state))
+    jobs = state / "jobs"
+    jobs.mkdir(parents=True)
+    src = tmp_path / "src"
+    src.mkdir()
+
+    def record(source: Path, destination: str, *, done: bool) -> str:
+        spec = JobSpec(
+            "upload", str(source), destination, {}, argv=("upload", str(source), destination, "-r")
+        )
+        journal = Journal.open(spec, jobs)
+        journal.is_done("k", "v")
+        if done:
+            journal.record_done("k", "v", "d", 1, None)
+        journal.close()
+        return spec.id
+
+    keep = record(src, "s3://b/keep/", done=True)
+    stale = {record(src, "s3://b/never/", done=False), record(tmp_path / "gone", "s3://b/gone/", done=True)}
+    listed_before = {job["id"] for job in run_cli("jobs", "--json", env=env).ok().json_lines()}
+    assert listed_before == {keep, *stale}
+    dry = run_cli("jobs", "--prune", "--dry-run", "--json", env=env).ok().json_lines()
+    assert {r["id"] for r in dry} == stale and all(r["dry_run"] for r in dry)
+    pruned = run_cli("jobs", "--prune", env=env).ok()
+    assert "Pruned 2 stale jobs" in pruned.stderr
+    assert [job["id"] for job in run_cli("jobs", "--json", env=env).ok().json_lines()] == [keep]
+    assert "Pruned 0 stale jobs" in run_cli("jobs", "--prune", env=env).ok().stderr
+    assert "Pruned 1 stale job\n" in run_cli("jobs", "--prune", "--older-than", "0s", env=env).ok().stderr
+    run_cli("jobs", "--older-than", "7d", env=env).fails(2)
+    run_cli("jobs", "--prune", "--older-than", "soon", env=env).fails(2)
+
+
+def test_verify_compares_one_file_with_one_object(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    remote = make_backend(request, "s3")
+    env = cli_env(remote.env)
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(os.urandom(3000))
+    run_cli("upload", scan, remote.url("one/scan.dcm"), "-q", env=env).ok()
+
+    same = run_cli("verify", scan, remote.url("one/scan.dcm"), env=env).ok()
+    assert "Compared 1 object (" in same.stderr and ": 0 differences" in same.stderr, str(same)
+    # Into a prefix: the same name inside it.
+    run_cli("verify", scan, remote.url("one/"), env=env).ok()
+    run_cli("verify", remote.url("one/scan.dcm"), tmp_path, env=env).ok()
+
+    other = tmp_path / "other.dcm"
+    other.write_bytes(bytes(b ^ 1 for b in scan.read_bytes()))
+    differs = run_cli("verify", other, remote.url("one/scan.dcm"), "--json", env=env)
+    assert differs.code == 1, str(differs)
+    [difference] = [r for r in differs.json_lines() if r.get("event") == "difference"]
+    assert (difference["kind"], difference["name"]) == ("content", remote.url("one/scan.dcm"))
+    plain = run_cli("verify", other, remote.url("one/scan.dcm"), env=env).fails(1)
+    assert "Compared 1 object (" in plain.stderr and ": 1 difference\n" in plain.stderr, str(plain)
+    assert "the objects differ (1 difference)" in plain.stderr
+    missing = run_cli("verify", scan, remote.url("one/absent.dcm"), "--json", env=env)
+    assert [r["kind"] for r in missing.json_lines() if r.get("event") == "difference"] == ["missing"]
+    run_cli("verify", tmp_path / "absent.dcm", remote.url("one/"), env=env).fails(3)
+
+    # An object of another tool's multipart upload: equal by the same comparison as sync's.
+    big = tmp_path / "big.dcm"
+    big.write_bytes(random.Random(2).randbytes(11 * 1024 * 1024))
+    _multipart_put(remote, "one/big.dcm", big.read_bytes(), 5 * 1024 * 1024)
+    run_cli("verify", big, remote.url("one/big.dcm"), env=env).ok()

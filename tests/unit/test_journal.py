@@ -53,6 +53,7 @@ def test_journal_file_is_private_and_locked(tmp_path: Path) -> None:
         assert stat.S_IMODE(journal.path.stat().st_mode) == 0o600
         with pytest.raises(JobLockedError):
             Journal.open(_spec(), tmp_path)
+        assert not journal.is_done("src/a.dcm", "etag:1")  # the first object planned
         [job] = list_jobs(tmp_path)
         assert job.running and job.status == "running"
         with pytest.raises(JobLockedError):
@@ -95,6 +96,7 @@ def test_upload_sessions_are_kept_at_once(tmp_path: Path) -> None:
 
 def test_other_schema_versions_are_refused(tmp_path: Path) -> None:
     journal = Journal.open(_spec(), tmp_path)
+    journal.record_done("src/a.dcm", "v", "p/a.dcm", 1, None)
     journal.db.execute("UPDATE job SET schema = 99")
     journal.close()
     with pytest.raises(UsageError, match="schema 99"):
@@ -188,3 +190,95 @@ def test_sync_of_a_missing_source_directory_is_not_found(tmp_path: Path) -> None
     job = api.JobRequest(options={}, directory=str(tmp_path))
     with pytest.raises(NotFoundError):
         asyncio.run(api.sync_async(str(tmp_path / "nope"), str(tmp_path / "b"), job=job))
+
+
+def test_a_run_refused_before_planning_anything_is_not_a_job(tmp_path: Path) -> None:
+    # A new job whose run stopped before its first object (a missing source, bad credentials...).
+    Journal.open(_spec(), tmp_path).close()
+    assert list(list_jobs(tmp_path, include_complete=True)) == []
+    assert not list(tmp_path.iterdir())
+    # An earlier interrupted run stays as it was, not "running again" nor renewed.
+    journal = Journal.open(_spec(), tmp_path)
+    journal.record_done("src/a.dcm", "v", "p/a.dcm", 1, None)
+    journal.close()
+    [before] = list_jobs(tmp_path)
+    Journal.open(_spec(), tmp_path).close()
+    [after] = list_jobs(tmp_path)
+    assert after == before and after.status == "interrupted"
+    # A completed sync's state is not turned into an interrupted job by a refused run.
+    sync = Journal.open(_spec(verb="sync", options={}), tmp_path)
+    sync.set_entry("a.dcm", "s1", "s2", None)
+    sync.finish(failed=0, keep=True)
+    Journal.open(_spec(verb="sync", options={}), tmp_path).close()
+    assert {job.verb: job.status for job in list_jobs(tmp_path, include_complete=True)} == {
+        "upload": "interrupted",
+        "sync": "complete",
+    }
+
+
+def test_syncs_refused_by_max_delete_or_a_missing_source_leave_no_job(tmp_path: Path) -> None:
+    a, b, state = tmp_path / "a", tmp_path / "b", tmp_path / "state"
+    _tree(b, {f"{i}.dcm": b"x" for i in range(4)})
+    a.mkdir()
+    state.mkdir()
+    job = api.JobRequest(options={}, directory=str(state))
+    for _ in range(3):
+        with pytest.raises(DeleteLimitError):
+            asyncio.run(api.sync_async(str(a), str(b), sync=SyncOptions(delete=True), job=job))
+        with pytest.raises(NotFoundError):
+            asyncio.run(api.sync_async(str(tmp_path / "nope"), str(b), job=job))
+    assert list(list_jobs(state, include_complete=True)) == []
+    assert sorted(b.iterdir()) == sorted(b / f"{i}.dcm" for i in range(4))
+
+
+def test_prune_removes_stale_jobs_and_keeps_the_rest(tmp_path: Path) -> None:
+    jobs, src = tmp_path / "jobs", tmp_path / "src"
+    jobs.mkdir()
+    src.mkdir()
+
+    def job(source: str, *, done: bool = True, **changes: object) -> str:
+        journal = Journal.open(_spec(source=source, **changes), jobs)
+        journal.is_done("k", "v")
+        if done:
+            journal.record_done("k", "v", "d", 1, None)
+        journal.close()
+        return journal.spec.id
+
+    resumable = job(str(src))
+    never_started = job(str(src), done=False, destination="s3://b/other/")
+    source_gone = job(str(tmp_path / "gone"))
+    old = job(str(src), destination="s3://b/old/")
+    (jobs / "0123456789abcdef.sqlite").write_bytes(b"")  # a run killed before it recorded anything
+    db = sqlite3.connect(jobs / f"{old}.sqlite")
+    db.execute("UPDATE job SET updated = updated - 40 * 86400")
+    db.commit()
+    db.close()
+    running = Journal.open(_spec(source=str(tmp_path / "also-gone"), destination="s3://b/r/"), jobs)
+    running.is_done("k", "v")
+    try:
+        from dicom_cloud.journal import prune_jobs
+
+        planned = prune_jobs(jobs, dry_run=True)
+        assert {p.id: p.reason for p in planned} == {
+            never_started: "nothing to continue from",
+            source_gone: f"{tmp_path / 'gone'} no longer exists",
+            "0123456789abcdef": "never started",
+        }
+        assert len(list(list_jobs(jobs))) == 5, "a dry run removed something"
+        pruned = prune_jobs(jobs, older_than=30 * 86400)
+        assert {p.id for p in pruned} == {never_started, source_gone, "0123456789abcdef", old}
+        assert {j.id for j in list_jobs(jobs)} == {resumable, running.spec.id}
+    finally:
+        running.close()
+
+
+def test_a_sync_whose_copies_all_fail_is_a_failed_job(tmp_path: Path) -> None:
+    a, b, state = tmp_path / "a", tmp_path / "b", tmp_path / "state"
+    _tree(a, {"x.dcm": b"data"})
+    (b / "x.dcm").mkdir(parents=True)  # a directory where the file must go: its copy fails
+    state.mkdir()
+    job = api.JobRequest(options={}, directory=str(state))
+    summary = asyncio.run(api.sync_async(str(a), str(b), job=job))
+    assert len(summary.failed) == 1
+    [listed] = list_jobs(state)
+    assert (listed.verb, listed.status, listed.failed) == ("sync", "failed", 1)

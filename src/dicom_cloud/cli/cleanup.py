@@ -10,7 +10,7 @@ from typing import Any
 from ..cleanup import Orphan, cleanup_async
 from ..errors import UsageError
 from .options import parse_duration
-from .render import human_bytes
+from .render import human_bytes, plural
 from .runner import run as run_command
 
 SUMMARY = (
@@ -79,5 +79,5 @@ def run(args: argparse.Namespace, config: Any) -> int:
         head = "Would remove" if args.dry_run else "Removed"
         count = summary.found if args.dry_run else summary.removed
         recent = f"; {summary.too_recent} more too recent to touch" if summary.too_recent else ""
-        print(f"{head} {count} leftover{'s' if count != 1 else ''}{recent}", file=sys.stderr)
+        print(f"{head} {plural(count, 'leftover')}{recent}", file=sys.stderr)
     return 0

@@ -15,11 +15,11 @@ from typing import Any
 
 from .. import api
 from ..errors import DifferencesFoundError, TransferFailedError, UsageError
-from ..journal import find_job, forget_job, list_jobs
+from ..journal import find_job, forget_job, list_jobs, prune_jobs
 from ..sync import DEFAULT_MAX_DELETE, SyncOptions, SyncSummary, parse_max_delete
 from ..treediff import Difference
-from .options import config_from_args, options_from_args, selection
-from .render import TransferProgress, choose_mode, human_bytes
+from .options import config_from_args, options_from_args, parse_duration, selection
+from .render import TransferProgress, choose_mode, human_bytes, plural
 from .runner import run as run_command
 
 AddCommand = Callable[[str, str, str, Callable[[argparse.Namespace], int]], Any]
@@ -82,6 +82,7 @@ def _sync(args: argparse.Namespace) -> int:
         bidirectional=args.bidirectional,
         conflict=args.conflict,
         name_filter=name_filter,
+        checksum=args.checksum,
     )
     with TransferProgress(mode, "Synced") as progress:
         summary = run_command(
@@ -99,7 +100,7 @@ def _sync(args: argparse.Namespace) -> int:
     _sync_summary(mode, summary)
     if summary.failed:
         raise TransferFailedError(
-            f"{len(summary.failed)} objects failed to sync; nothing was deleted",
+            f"{plural(len(summary.failed), 'object')} failed to sync; nothing was deleted",
             failed=len(summary.failed),
             hint="run the same sync again: what is done is skipped",
         )
@@ -115,6 +116,7 @@ def _sync_summary(mode: str, summary: SyncSummary) -> None:
         "conflicts": summary.conflicts,
         "failed": len(summary.failed),
     }
+    nouns = {"conflicts": "conflict"}
     if mode == "json":
         record = {"event": "summary", **counts, "bytes": summary.bytes, "seconds": round(summary.seconds, 3)}
         print(json.dumps({**record, "dry_run": summary.dry_run}), flush=True)
@@ -122,7 +124,9 @@ def _sync_summary(mode: str, summary: SyncSummary) -> None:
     if mode == "quiet":
         return
     head = "Would sync" if summary.dry_run else "Synced"
-    text = ", ".join(f"{value} {name}" for name, value in counts.items())
+    text = ", ".join(
+        plural(value, nouns[name]) if name in nouns else f"{value} {name}" for name, value in counts.items()
+    )
     print(f"{head}: {text}; {human_bytes(summary.bytes)} in {summary.seconds:.1f} s", file=sys.stderr)
 
 
@@ -159,13 +163,14 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps({**record, "bytes": result.bytes, "seconds": round(seconds, 3)}), flush=True)
     elif mode != "quiet":
         print(
-            f"Compared {result.compared} objects ({human_bytes(result.bytes)}) in {seconds:.1f} s: "
-            f"{result.differences} difference{'s' if result.differences != 1 else ''}",
+            f"Compared {plural(result.compared, 'object')} ({human_bytes(result.bytes)}) in {seconds:.1f} s: "
+            f"{plural(result.differences, 'difference')}",
             file=sys.stderr,
         )
     if result.differences:
+        what = "the objects" if result.single else "the trees"
         raise DifferencesFoundError(
-            f"the trees differ ({result.differences} differences)", differences=result.differences
+            f"{what} differ ({plural(result.differences, 'difference')})", differences=result.differences
         )
     return 0
 
@@ -174,6 +179,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
+    if args.older_than is not None and not args.prune:
+        raise UsageError("--older-than goes with --prune", hint="dicom-cloud jobs --prune --older-than 30d")
+    if args.dry_run and not args.prune:
+        raise UsageError("--dry-run goes with --prune", hint="dicom-cloud jobs --prune --dry-run")
+    if args.prune:
+        return _prune(args)
     if args.forget:
         job = forget_job(args.forget)
         print(f"forgot job {job.id} ({job.verb} {job.source} -> {job.destination})", file=sys.stderr)
@@ -198,6 +209,31 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    older_than = None
+    if args.older_than is not None:
+        try:
+            older_than = parse_duration(args.older_than).total_seconds()
+        except UsageError:
+            raise UsageError(
+                f"--older-than: cannot read duration '{args.older_than}'", hint="write e.g. 12h, 30d or 8w"
+            ) from None
+    pruned = prune_jobs(older_than=older_than, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for job in pruned:
+        if args.json_output:
+            record = {"event": "pruned", "id": job.id, "command": job.command, "reason": job.reason}
+            print(json.dumps({**record, "dry_run": args.dry_run}))
+        else:
+            print(
+                f"{verb} job {job.id} ({job.command or 'no command recorded'}): {job.reason}", file=sys.stderr
+            )
+    if not args.json_output:
+        head = "Would prune" if args.dry_run else "Pruned"
+        print(f"{head} {plural(len(pruned), 'stale job')}", file=sys.stderr)
+    return 0
+
+
 def _resume(args: argparse.Namespace) -> int:
     if args.job:
         job = find_job(args.job)
@@ -209,7 +245,8 @@ def _resume(args: argparse.Namespace) -> int:
         if len(waiting) > 1:
             ids = ", ".join(job.id for job in waiting)
             raise UsageError(
-                f"{len(waiting)} unfinished jobs ({ids})", hint="name one: dicom-cloud resume ID"
+                f"{len(waiting)} unfinished jobs ({ids})",
+                hint="name one: dicom-cloud resume ID ('dicom-cloud jobs --prune' removes stale ones)",
             )
         job = waiting[0]
     if not job.argv:
@@ -259,6 +296,12 @@ def add_job_commands(
         " (default: %(default)s)",
     )
     group.add_argument(
+        "--checksum",
+        action="store_true",
+        help="compare the content of every pair of equal size, as verify does, instead of trusting"
+        " the last sync's record of unchanged versions (reads what no stored checksum can tell)",
+    )
+    group.add_argument(
         "--bidirectional",
         action="store_true",
         help="merge both ways: changes and deletions on either side reach the other (docs/sync.md)",
@@ -277,13 +320,16 @@ def add_job_commands(
     sub = add(
         "verify",
         "Compare two trees by name, size and content checksum, and list every difference: missing\n"
-        "(only in SOURCE), extra (only in DESTINATION), size, content. Exit 1 when they differ.",
+        "(only in SOURCE), extra (only in DESTINATION), size, content. Exit 1 when they differ.\n"
+        "When SOURCE is one file or object, compare it with the one DESTINATION names (the same\n"
+        "name inside DESTINATION when that is a directory or ends with /).",
         "  dicom-cloud verify archive/ s3://pacs-backup/archive/\n"
+        "  dicom-cloud verify scan.dcm s3://pacs-backup/archive/scan.dcm\n"
         "  dicom-cloud verify s3://a/studies/ gs://b/studies/ --json",
         _verify,
     )
-    sub.add_argument("source", help="the reference tree (URL or local directory)")
-    sub.add_argument("destination", help="the tree to check against it")
+    sub.add_argument("source", help="the reference tree (URL or local directory), or one file or object")
+    sub.add_argument("destination", help="the tree (or object) to check against it")
     sub.add_argument("-j", "--parallel", type=int, default=16, help="objects compared at once (default: 16)")
     sub.add_argument("--include", metavar="GLOB", action="append", default=[], help="only names matching")
     sub.add_argument(
@@ -300,11 +346,22 @@ def add_job_commands(
         "List unfinished jobs: recursive transfers and syncs that were interrupted or had failures.\n"
         "Their journals live in the state directory ($DICOM_CLOUD_STATE_DIR, else\n"
         "$XDG_STATE_HOME/dicom-cloud, else ~/.local/state/dicom-cloud).",
-        "  dicom-cloud jobs\n  dicom-cloud jobs --all --json\n  dicom-cloud jobs --forget 3f2a9c",
+        "  dicom-cloud jobs\n  dicom-cloud jobs --all --json\n  dicom-cloud jobs --forget 3f2a9c\n"
+        "  dicom-cloud jobs --prune --older-than 30d",
         _jobs,
     )
     sub.add_argument("--all", action="store_true", help="also syncs that completed (their state is kept)")
     sub.add_argument("--forget", metavar="ID", help="delete a job's journal (the next run starts afresh)")
+    sub.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove stale jobs: never started or with nothing done to continue from, or whose local source"
+        " or destination is gone; with --older-than, also any job not updated for that long",
+    )
+    sub.add_argument(
+        "--older-than", metavar="AGE", help="with --prune: also jobs not updated for AGE (e.g. 30d, 12h)"
+    )
+    sub.add_argument("--dry-run", action="store_true", help="with --prune: list, remove nothing")
     sub.add_argument("--json", dest="json_output", action="store_true", help="one JSON object per line")
 
     sub = add(

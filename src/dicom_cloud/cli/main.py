@@ -49,6 +49,7 @@ from .render import (
     human_bytes,
     listing_line,
     object_record,
+    plural,
     print_error,
 )
 from .runner import Stopped
@@ -361,7 +362,7 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
         if summary.failed:
             attempted = len(summary.failed) + summary.files + summary.skipped
             raise TransferFailedError(
-                f"{len(summary.failed)} of {attempted} transfers failed",
+                f"{len(summary.failed)} of {plural(attempted, 'transfer')} failed",
                 failed=len(summary.failed),
                 hint="re-run the same command to retry the failed ones",
             )
@@ -411,7 +412,7 @@ def _list(args: argparse.Namespace) -> int:
 
     count, total = run_command(run())
     if args.details and not args.json_output:
-        print(f"{count} entries, {human_bytes(total)}", file=sys.stderr)
+        print(f"{plural(count, 'entry', 'entries')}, {human_bytes(total)}", file=sys.stderr)
     return 0
 
 
@@ -450,9 +451,11 @@ def _list_studies(args: argparse.Namespace, config: Any) -> int:
             )
     if not args.json_output:
         note = (
-            f", {unreadable} objects not readable as DICOM (encrypted or other files)" if unreadable else ""
+            f", {plural(unreadable, 'object')} not readable as DICOM (encrypted or other files)"
+            if unreadable
+            else ""
         )
-        print(f"{len(studies)} studies{note}", file=sys.stderr)
+        print(f"{plural(len(studies), 'study', 'studies')}{note}", file=sys.stderr)
     return 0
 
 
@@ -462,9 +465,10 @@ def _delete(args: argparse.Namespace) -> int:
         question = f"Delete {args.url}?"
         if args.recursive:
             objects, total = run_command(api.count_async(args.url, config=config))
-            plural = "s" if objects != 1 else ""
             question = (
-                f"Delete {objects} object{plural} ({human_bytes(total)}) under {args.url}?" if objects else ""
+                f"Delete {plural(objects, 'object')} ({human_bytes(total)}) under {args.url}?"
+                if objects
+                else ""
             )
         if question:
             if not sys.stdin.isatty():
@@ -498,9 +502,8 @@ def _delete(args: argparse.Namespace) -> int:
         )
     )
     if not args.quiet and not args.json_output:
-        plural = "s" if summary.objects != 1 else ""
         head = "Would delete" if args.dry_run else "Deleted"
-        print(f"{head} {summary.objects} object{plural} ({human_bytes(summary.bytes)})", file=sys.stderr)
+        print(f"{head} {plural(summary.objects, 'object')} ({human_bytes(summary.bytes)})", file=sys.stderr)
     return 0
 
 
@@ -549,7 +552,7 @@ def _rekey(args: argparse.Namespace) -> int:
         if not args.recursive:
             raise summary.failed[0][1]
         raise TransferFailedError(
-            f"{len(summary.failed)} objects could not be re-encrypted",
+            f"{plural(len(summary.failed), 'object')} could not be re-encrypted",
             failed=len(summary.failed),
             hint="run the same command again: objects already under the new key are skipped",
         )

@@ -26,6 +26,12 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """A count and its noun, agreeing: ``1 object``, ``0 objects``, ``2 studies`` (``plural_form``
+    for nouns that do not just take an s)."""
+    return f"{count} {noun if count == 1 else (plural_form or noun + 's')}"
+
+
 def choose_mode(*, quiet: bool, json_output: bool, stream: TextIO = sys.stderr) -> OutputMode:
     if json_output:
         return "json"
