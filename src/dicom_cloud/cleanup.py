@@ -21,7 +21,7 @@ from typing import Literal
 
 from .backends import StoreConfig
 from .errors import NotSupportedError, UsageError
-from .localio import PARTIAL_SUFFIX
+from .localio import is_partial_name
 from .location import Location, LocationOpener
 from .resumable import IncompleteUpload, ResumableUploads
 
@@ -149,7 +149,7 @@ def _walk_partials(root: Path) -> list[tuple[Path, int, float]]:
     for directory, dirs, files in os.walk(root, followlinks=False):
         dirs.sort()
         for name in sorted(files):
-            if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+            if not is_partial_name(name):
                 continue
             path = Path(directory) / name
             st = path.lstat()
