@@ -210,6 +210,8 @@ class TransferSummary:
     dry_run: bool = False
     #: Objects skipped because an earlier, interrupted run of the same job finished them.
     resumed: int = 0
+    #: Objects whose header the DICOM filters (modality, UIDs) left out: counted in ``skipped`` too.
+    filtered_out: int = 0
     #: Throttling answers that reached the engine, and the lowest concurrency it backed off to.
     throttled: int = 0
     lowest_concurrency: int = 0
@@ -218,6 +220,11 @@ class TransferSummary:
     def ok(self) -> bool:
         return not self.failed
 
+    @property
+    def selected(self) -> int:
+        """Objects the filters let through, whatever became of them (written, skipped, failed)."""
+        return self.files + self.skipped + len(self.failed) - self.filtered_out
+
 
 def _ignore(_: TransferEvent) -> None:
     return None
@@ -225,6 +232,10 @@ def _ignore(_: TransferEvent) -> None:
 
 class _Skip(Exception):
     """This object needs no work (reported as skipped, with the reason in the log)."""
+
+
+class _FilteredOut(_Skip):
+    """The DICOM filters leave this object out (its header does not match)."""
 
 
 _NO_ENCRYPTION = ClientEncryption()
@@ -448,6 +459,7 @@ class Transfer:
                 log.debug("skipped %s: %s", src_url, reason)
                 self._take_back_progress(src_url, dst_url, item.size)
                 self.summary.skipped += 1
+                self.summary.filtered_out += isinstance(reason, _FilteredOut)
                 rejected = reason.__cause__ if isinstance(reason.__cause__, DicomFormatError) else None
                 if rejected is not None:
                     self.summary.rejected.append((src_url, rejected))
@@ -649,7 +661,7 @@ class Transfer:
             )
         except DicomFormatError as exc:
             if policy is _header_only() and selecting:
-                raise _Skip("not DICOM: does not match the DICOM filters") from None
+                raise _FilteredOut("not DICOM: does not match the DICOM filters") from None
             if policy.skip_invalid:
                 raise _Skip(f"not uploaded: {exc.reason}") from exc
             raise
@@ -661,7 +673,7 @@ class Transfer:
             and self.options.filter is not None
             and not self.options.filter.accepts_identity(identity)
         ):
-            raise _Skip("does not match the DICOM filters")
+            raise _FilteredOut("does not match the DICOM filters")
         name = policy.object_name(identity, posixpath.basename(item.src_key))
         if name is not None:
             item = replace(item, dst_key=self.dst.join(name), relative=name)
