@@ -86,7 +86,10 @@ class PartialFile:
             # Another process may have taken the lock between the create and this call, finding the
             # file unlocked: it then removes it. Waiting for the lock and checking the file is still
             # linked tells; a fresh name is taken if it was removed.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # a file system without flock: written unlocked, never taken as stale
+                log.debug("%s: no lock on partial files here (%s)", path, exc.strerror)
             if os.fstat(fd).st_nlink:
                 break
             os.close(fd)
@@ -104,27 +107,25 @@ class PartialFile:
 def remove_if_stale(path: Path) -> bool:
     """Remove a partial file if no running process holds it (see :class:`PartialFile`).
 
-    Symbolic links are neither followed nor removed. True if it was removed.
+    Symbolic links are neither followed nor removed; on a file system without locks nothing is
+    removed (a partial file there cannot be told from one being written). True if it was removed.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False  # gone already, a symbolic link, or not ours to open
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # being written by a transfer that is still running
-        try:
-            # Still the file we locked (not replaced under the same name meanwhile)?
-            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
-                return False
-            path.unlink()
-        except FileNotFoundError:
+        # Fails with BlockingIOError while a running transfer holds it.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Still the file we locked (not replaced under the same name meanwhile)?
+        if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
             return False
-        return True
+        path.unlink()
+    except OSError:
+        return False
     finally:
         os.close(fd)
+    return True
 
 
 class StalePartials:
@@ -146,6 +147,8 @@ class StalePartials:
         directory = final.parent
         with self._lock:
             found = self._found.get(directory)
+            if found is not None:
+                self._found.move_to_end(directory)
         if found is None:
             found = _partials_by_final(directory)
             with self._lock:
