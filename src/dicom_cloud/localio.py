@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import fcntl
 import logging
 import os
@@ -18,6 +19,10 @@ from pathlib import Path
 from .errors import UnsafeNameError
 
 log = logging.getLogger(__name__)
+
+#: True in a listing made only to count what another listing of the same tree transfers: what
+#: that one says of unreadable entries and symbolic link loops is not said twice.
+counting_listing: contextvars.ContextVar[bool] = contextvars.ContextVar("counting_listing", default=False)
 
 #: Suffix of files being written; renamed to their final name only when complete and verified.
 PARTIAL_SUFFIX = ".dicom-cloud-partial"

@@ -63,7 +63,7 @@ from .errors import (
 )
 from .filters import Filter
 from .journal import Journal
-from .localio import check_local_name, resolves_within
+from .localio import check_local_name, counting_listing, resolves_within
 from .location import Location
 from .names import check_object_key, nfc_twin, other_spelling_on_disk
 from .resumable import fit_part_size, upload_file_resumable
@@ -466,6 +466,7 @@ class Transfer:
         Memory stays flat in the number of objects: nothing but the totals is kept. A failure of
         this listing only ends the counting: the planner's own listing reports listing errors.
         """
+        counting_listing.set(True)  # this task's own context: the planner's listing gives the warnings
         journal = self.journal if self.journal is not None and self.journal.previously_done else None
         src_url, dst_url = self.src.display(prefix), self.dst.display(self.dst.prefix)
         files = size = done = done_bytes = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from dicom_cloud.journal import JobSpec, Journal
 from dicom_cloud.location import Location
 from dicom_cloud.store import MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from dicom_cloud.transfer import ListingTotals, Transfer, TransferEvent, TransferOptions
-from dicom_cloud.url import StorageURL
+from dicom_cloud.url import StorageURL, parse_url
 
 
 def _memory_tree(count: int, size: int = 10) -> Location:
@@ -216,3 +217,26 @@ def test_durations_read_as_people_write_them() -> None:
         "1h00m",
         "2h03m",
     ]
+
+
+def test_the_counting_listing_does_not_repeat_the_warnings_of_the_tree(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.dcm").write_bytes(b"a")
+    (src / "broken").symlink_to(tmp_path / "nowhere")
+    out = tmp_path / "out"
+    caplog.set_level(logging.WARNING)
+    checked = Checked()
+    transfer = Transfer(
+        Location(url=parse_url(str(src) + "/"), store=open_store("file:///"), key=str(src).lstrip("/") + "/"),
+        Location(url=parse_url(str(out) + "/"), store=open_store("file:///"), key=str(out).lstrip("/") + "/"),
+        recursive=True,
+        on_event=checked,
+    )
+    assert asyncio.run(transfer.run()).files == 1
+    assert [r.getMessage() for r in caplog.records].count(
+        f"skipping {src / 'broken'}: broken symbolic link or unreadable"
+    ) == 1
+    assert [e.totals for e in checked.events if e.kind == "counted"] == [ListingTotals(1, 1, complete=True)]

@@ -22,7 +22,7 @@ from ..errors import (
     PermissionDeniedError,
     UnsafeNameError,
 )
-from ..localio import PARTIAL_SUFFIX, PartialFile, StalePartials, read_chunks
+from ..localio import PARTIAL_SUFFIX, PartialFile, StalePartials, counting_listing, read_chunks
 from ..store import CHECKSUM_METADATA_KEY, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,8 @@ def _walk_dir(
         try:
             st = entry.stat()  # follows symlinks
         except OSError:
-            log.warning("skipping %s: broken symbolic link or unreadable", entry.path)
+            if not counting_listing.get():
+                log.warning("skipping %s: broken symbolic link or unreadable", entry.path)
             continue
         is_dir = stat_module.S_ISDIR(st.st_mode)
         if not is_dir and not stat_module.S_ISREG(st.st_mode):
@@ -440,7 +441,8 @@ def _walk_dir(
                 continue
             identity = (st.st_dev, st.st_ino)
             if identity in ancestors:
-                log.warning("skipping %s: symbolic link loop", entry.path)
+                if not counting_listing.get():
+                    log.warning("skipping %s: symbolic link loop", entry.path)
                 continue
             yield from _walk_dir(Path(entry.path), key + "/", recursive, ancestors | {identity})
         else:
