@@ -109,6 +109,23 @@ class PartialFile:
             self._lock_fd = -1
 
 
+def held_by_a_writer(path: Path) -> bool:
+    """Whether a running process holds this partial file (see :class:`PartialFile`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # no locks on this file system: nothing tells
+    finally:
+        os.close(fd)  # also drops the shared lock, if taken
+    return False
+
+
 def remove_if_stale(path: Path) -> bool:
     """Remove a partial file if no running process holds it (see :class:`PartialFile`).
 
