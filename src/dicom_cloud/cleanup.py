@@ -21,7 +21,7 @@ from typing import Literal
 
 from .backends import StoreConfig
 from .errors import NotSupportedError, UsageError
-from .localio import PARTIAL_SUFFIX
+from .localio import held_by_a_writer, is_partial_name
 from .location import Location, LocationOpener
 from .resumable import IncompleteUpload, ResumableUploads
 
@@ -144,16 +144,17 @@ async def _partial_files(location: Location) -> AsyncIterator[tuple[Orphan, Remo
 
 
 def _walk_partials(root: Path) -> list[tuple[Path, int, float]]:
-    """Partial files under ``root``, by name; symbolic links are neither followed nor taken."""
+    """Partial files under ``root``, by name; symbolic links are neither followed nor taken, nor
+    are partial files that a running transfer holds (they are being written, whatever their age)."""
     found: list[tuple[Path, int, float]] = []
     for directory, dirs, files in os.walk(root, followlinks=False):
         dirs.sort()
         for name in sorted(files):
-            if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+            if not is_partial_name(name):
                 continue
             path = Path(directory) / name
             st = path.lstat()
-            if path.is_symlink():
+            if path.is_symlink() or held_by_a_writer(path):
                 continue
             found.append((path, st.st_size, st.st_mtime))
     return found

@@ -13,7 +13,10 @@ How a transfer flows (see docs/ARCHITECTURE.md for the picture):
 3. Every object written gets a CRC32C of its content in its metadata; every read that
    finds one (or an MD5 ETag) checks the bytes against it before they are written
    anywhere, and local files appear under their final name only once complete.
-4. Each step reports :class:`TransferEvent` to a callback; faces render them.
+4. Each step reports :class:`TransferEvent` to a callback; faces render them. Beside the planner,
+   a counting pass lists the source once more, ahead of it, keeping only counts: ``counted``
+   events tell the totals (and what an earlier run of the job finished) long before the
+   transfers reach the end, so progress has a true total and an ETA.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from .errors import (
 )
 from .filters import Filter
 from .journal import Journal
-from .localio import check_local_name, resolves_within
+from .localio import check_local_name, counting_listing, resolves_within
 from .location import Location
 from .names import check_object_key, nfc_twin, other_spelling_on_disk
 from .resumable import fit_part_size, upload_file_resumable
@@ -175,7 +178,20 @@ class DoneCallback(Protocol):
     def __call__(self, item: TransferItem, crc32c: str | None, etag: str | None) -> None: ...
 
 
-EventKind = Literal["planned", "started", "progress", "completed", "skipped", "failed", "deleted"]
+EventKind = Literal["planned", "started", "progress", "completed", "skipped", "failed", "deleted", "counted"]
+
+
+@dataclass(frozen=True)
+class ListingTotals:
+    """What the counting pass has found so far: the objects the run will look at and their bytes,
+    and among them those that an earlier, interrupted run of the same job finished (skipped now).
+    ``complete`` once the whole source is counted; until then the totals only grow."""
+
+    files: int = 0
+    bytes: int = 0
+    already_done: int = 0
+    already_done_bytes: int = 0
+    complete: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,6 +201,9 @@ class TransferEvent:
     ``bytes`` counts bytes moved that no earlier event counted: the increment for
     ``progress``, and for ``completed`` the rest of the object (all of it for small objects,
     which report no progress of their own).
+
+    ``counted`` events are of the whole run, not of one object: ``src`` and ``dst`` are the two
+    trees, ``size`` the bytes counted so far, and ``totals`` says the rest.
     """
 
     kind: EventKind
@@ -193,6 +212,10 @@ class TransferEvent:
     size: int
     bytes: int = 0
     error: DicomCloudError | None = None
+    #: A ``skipped`` object that an earlier, interrupted run of the same job finished.
+    already_done: bool = False
+    #: The counting pass's findings (``counted`` events only).
+    totals: ListingTotals | None = None
 
 
 EventCallback = Callable[[TransferEvent], None]
@@ -210,6 +233,8 @@ class TransferSummary:
     dry_run: bool = False
     #: Objects skipped because an earlier, interrupted run of the same job finished them.
     resumed: int = 0
+    #: Objects whose header the DICOM filters (modality, UIDs) left out: counted in ``skipped`` too.
+    filtered_out: int = 0
     #: Throttling answers that reached the engine, and the lowest concurrency it backed off to.
     throttled: int = 0
     lowest_concurrency: int = 0
@@ -218,6 +243,11 @@ class TransferSummary:
     def ok(self) -> bool:
         return not self.failed
 
+    @property
+    def selected(self) -> int:
+        """Objects the filters let through, whatever became of them (written, skipped, failed)."""
+        return self.files + self.skipped + len(self.failed) - self.filtered_out
+
 
 def _ignore(_: TransferEvent) -> None:
     return None
@@ -225,6 +255,10 @@ def _ignore(_: TransferEvent) -> None:
 
 class _Skip(Exception):
     """This object needs no work (reported as skipped, with the reason in the log)."""
+
+
+class _FilteredOut(_Skip):
+    """The DICOM filters leave this object out (its header does not match)."""
 
 
 _NO_ENCRYPTION = ClientEncryption()
@@ -240,6 +274,39 @@ def _header_only() -> DicomPolicy:
 
 #: Room for an envelope's header and tags beside a whole object in memory.
 _ENVELOPE_ROOM = 64 * 1024
+#: The counting pass reports its totals every so many objects, or this often, whichever comes first.
+_COUNTED_EVERY = 1000
+_COUNTED_INTERVAL = 0.5
+
+
+class _CountAhead:
+    """How far the counting pass has got, in listed items; the planner never overtakes it.
+
+    So each item is counted (and looked up in the job's journal) before the planner hands it to a
+    worker: "finished by an earlier run" is then never confused with "finished by this one", and
+    the totals always run ahead of what is done. The counting pass only lists, so it is the
+    faster of the two; the planner waits for it only at the start (for the first report of the
+    totals) and on the rare listing page that comes late.
+    """
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.finished = False
+        self._moved = asyncio.Event()
+
+    def advance(self, position: int) -> None:
+        self.position = position
+        self._moved.set()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._moved.set()
+
+    async def reach(self, index: int) -> None:
+        """Wait until the item at ``index`` (0-based) of the listing has been counted."""
+        while index >= self.position and not self.finished:
+            self._moved.clear()
+            await self._moved.wait()
 
 
 class Transfer:
@@ -284,6 +351,8 @@ class Transfer:
         #: Per-object retries (retry.py) and the concurrency that backs off under throttling (throttle.py).
         self._retry = RetryPolicy(attempts=self.options.attempts)
         self._limiter = AdaptiveLimiter(self.options.parallel)
+        #: The counting pass of a listing (see ``_count_ahead``), while it runs.
+        self._counting: asyncio.Task[None] | None = None
 
     def emit(self, event: TransferEvent) -> None:
         if self._callback_error is not None:
@@ -318,6 +387,9 @@ class Transfer:
             # Closed here, not when collected: the tasks a producer of items runs end before the
             # caller closes the journal (and releases the job's lock).
             await _close(items)
+            if self._counting is not None:
+                self._counting.cancel()
+                await asyncio.gather(self._counting, return_exceptions=True)
             self.summary.seconds = time.monotonic() - started
             self.summary.throttled = self._limiter.throttled
             self.summary.lowest_concurrency = self._limiter.lowest
@@ -361,24 +433,74 @@ class Transfer:
                     f"{self.dst.display(self.dst.prefix)} is inside {self.src.display(prefix)}",
                     hint="copy to a destination outside the source tree",
                 )
+            lookahead: _CountAhead | None = None
+            if not self.options.dry_run:
+                lookahead = _CountAhead()
+                self._counting = asyncio.create_task(self._count_ahead(prefix, lookahead))
+            index = 0
             async for info in self.src.store.list(prefix):
                 found = True
-                if info.key.endswith("/"):
-                    continue  # a "folder" marker object (S3 consoles make them): not a file
-                relative = info.key[len(prefix) :]
-                if self.options.filter is not None and not self.options.filter.accepts_name(relative):
+                listed = self._listed_item(info, prefix)
+                if listed is None:
                     continue
-                if self.src.is_local and not self.dst.is_local:
-                    # macOS writes NFD names; one spelling in the bucket avoids duplicates.
-                    relative = unicodedata.normalize("NFC", relative)
-                yield TransferItem(
-                    info.key, self.dst.join(relative), info.size, relative, object_version(info)
-                )
+                if lookahead is not None:
+                    # The first item waits for a first count (a listing page), so that a total is
+                    # known before anything completes; the others only for their own count.
+                    await lookahead.reach(index or _COUNTED_EVERY - 1)
+                index += 1
+                yield listed
             if not found:
                 await self._explain_empty_source()
             return
         info = await self._stat_single_source()
         yield TransferItem(info.key, self._single_destination_key(), info.size, version=object_version(info))
+
+    def _listed_item(self, info: ObjectInfo, prefix: str) -> TransferItem | None:
+        """The item of one listed object, or None for what the run does not take."""
+        if info.key.endswith("/"):
+            return None  # a "folder" marker object (S3 consoles make them): not a file
+        relative = info.key[len(prefix) :]
+        if self.options.filter is not None and not self.options.filter.accepts_name(relative):
+            return None
+        if self.src.is_local and not self.dst.is_local:
+            # macOS writes NFD names; one spelling in the bucket avoids duplicates.
+            relative = unicodedata.normalize("NFC", relative)
+        return TransferItem(info.key, self.dst.join(relative), info.size, relative, object_version(info))
+
+    async def _count_ahead(self, prefix: str, lookahead: _CountAhead) -> None:
+        """List the source once more, keeping only counts, and report them as ``counted`` events.
+
+        Memory stays flat in the number of objects: nothing but the totals is kept. A failure of
+        this listing only ends the counting: the planner's own listing reports listing errors.
+        """
+        counting_listing.set(True)  # this task's own context: the planner's listing gives the warnings
+        journal = self.journal if self.journal is not None and self.journal.previously_done else None
+        src_url, dst_url = self.src.display(prefix), self.dst.display(self.dst.prefix)
+        files = size = done = done_bytes = 0
+        last_report = time.monotonic()
+        try:
+            async for info in self.src.store.list(prefix):
+                item = self._listed_item(info, prefix)
+                if item is None:
+                    continue
+                files += 1
+                size += item.size
+                if journal is not None and journal.is_done(item.src_key, item.version):
+                    done += 1
+                    done_bytes += item.size
+                lookahead.advance(files)
+                now = time.monotonic()
+                if files % _COUNTED_EVERY == 0 or now - last_report >= _COUNTED_INTERVAL:
+                    last_report = now
+                    totals = ListingTotals(files, size, done, done_bytes)
+                    self.emit(TransferEvent("counted", src_url, dst_url, size, totals=totals))
+        except Exception as exc:
+            log.debug("counting %s stopped: %s", src_url, exc)
+            return
+        finally:
+            lookahead.finish()
+        totals = ListingTotals(files, size, done, done_bytes, complete=True)
+        self.emit(TransferEvent("counted", src_url, dst_url, size, totals=totals))
 
     def _source_is_file(self) -> bool:
         return self.src.is_local and os.path.isfile("/" + self.src.key)
@@ -428,7 +550,7 @@ class Transfer:
         if self.journal is not None and self.journal.is_done(item.src_key, item.version):
             self.summary.skipped += 1
             self.summary.resumed += 1
-            self.emit(TransferEvent("skipped", src_url, dst_url, item.size))
+            self.emit(TransferEvent("skipped", src_url, dst_url, item.size, already_done=True))
             return
         self.emit(TransferEvent("started", src_url, dst_url, item.size))
         first_failure: float | None = None
@@ -455,6 +577,7 @@ class Transfer:
                 log.debug("skipped %s: %s", src_url, reason)
                 self._take_back_progress(src_url, dst_url, item.size)
                 self.summary.skipped += 1
+                self.summary.filtered_out += isinstance(reason, _FilteredOut)
                 rejected = reason.__cause__ if isinstance(reason.__cause__, DicomFormatError) else None
                 if rejected is not None:
                     self.summary.rejected.append((src_url, rejected))
@@ -656,7 +779,7 @@ class Transfer:
             )
         except DicomFormatError as exc:
             if policy is _header_only() and selecting:
-                raise _Skip("not DICOM: does not match the DICOM filters") from None
+                raise _FilteredOut("not DICOM: does not match the DICOM filters") from None
             if policy.skip_invalid:
                 raise _Skip(f"not uploaded: {exc.reason}") from exc
             raise
@@ -668,7 +791,7 @@ class Transfer:
             and self.options.filter is not None
             and not self.options.filter.accepts_identity(identity)
         ):
-            raise _Skip("does not match the DICOM filters")
+            raise _FilteredOut("does not match the DICOM filters")
         name = policy.object_name(identity, posixpath.basename(item.src_key))
         if name is not None:
             item = replace(item, dst_key=self.dst.join(name), relative=name)

@@ -519,11 +519,19 @@ class CountingSource(FakeSource):
     def __init__(self, count: int) -> None:
         super().__init__({})
         self.count = count
-        self.listed = 0
+        #: Objects listed so far, per listing (the planner's, and the counting pass's ahead of it).
+        self.listings: list[int] = []
+
+    @property
+    def listed(self) -> int:
+        """How far the planner's listing has got: the one behind."""
+        return min(self.listings, default=0)
 
     async def list(self, prefix: str = "", *, recursive: bool = True) -> AsyncIterator[ObjectInfo]:
+        self.listings.append(0)
+        listing = len(self.listings) - 1
         for i in range(self.count):
-            self.listed += 1
+            self.listings[listing] += 1
             yield ObjectInfo(key=f"{prefix}{i:06d}", size=1)
 
     async def read(self, key: str) -> tuple[ObjectInfo, bytes]:

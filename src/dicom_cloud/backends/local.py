@@ -22,7 +22,7 @@ from ..errors import (
     PermissionDeniedError,
     UnsafeNameError,
 )
-from ..localio import PARTIAL_SUFFIX, partial_path, read_chunks
+from ..localio import PARTIAL_SUFFIX, PartialFile, StalePartials, counting_listing, read_chunks
 from ..store import CHECKSUM_METADATA_KEY, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ class LocalStore(Store):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.bucket = str(root)
+        #: Partial files of writes whose process died: a new write of their file removes them.
+        self._stale = StalePartials()
 
     def url(self, key: str = "") -> str:
         # For messages only: no validation here, so that an unsafe name can still be reported.
@@ -156,8 +158,11 @@ class LocalStore(Store):
         plan: MultipartPlan = MultipartPlan(),
     ) -> PutResult:
         path = self.path(key)
-        await asyncio.to_thread(_make_parent, path)
-        tmp = partial_path(path)
+        try:
+            partial = await asyncio.to_thread(self._new_partial, path)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+        tmp = partial.path
         try:
             with open(tmp, "wb") as f:
                 async for chunk in chunks:
@@ -169,6 +174,7 @@ class LocalStore(Store):
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            partial.release()
         return PutResult(etag=None)
 
     async def put_file(
@@ -183,11 +189,20 @@ class LocalStore(Store):
         await asyncio.to_thread(self._write_then_commit, dest, write, options.if_absent)
         return PutResult(etag=None)
 
+    def _new_partial(self, path: Path) -> PartialFile:
+        """The partial file of a write of ``path``, once the stale ones of ``path`` are removed."""
+        _make_parent(path)
+        self._stale.remove_for(path)
+        return PartialFile(path)
+
     def _write_then_commit(self, path: Path, write: object, if_absent: bool) -> None:
         assert callable(write)
-        tmp = partial_path(path)
         try:
-            _make_parent(path)
+            partial = self._new_partial(path)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+        tmp = partial.path
+        try:
             write(tmp)
             _commit(tmp, path, if_absent)
         except OSError as exc:
@@ -195,6 +210,7 @@ class LocalStore(Store):
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            partial.release()
 
     async def delete(self, keys: Sequence[str]) -> None:
         def remove() -> None:
@@ -217,7 +233,7 @@ class LocalStore(Store):
 
     def open_writer(self, key: str, size: int) -> RandomAccessWriter:
         """A file of ``size`` bytes to fill at any offsets, renamed into place by ``commit``."""
-        return RandomAccessWriter(self.path(key), size)
+        return RandomAccessWriter(self.path(key), size, self._stale)
 
 
 class RandomAccessWriter:
@@ -228,15 +244,21 @@ class RandomAccessWriter:
     descriptor.
     """
 
-    def __init__(self, final: Path, size: int) -> None:
+    def __init__(self, final: Path, size: int, stale: StalePartials | None = None) -> None:
         self.final = final
-        self.tmp = partial_path(final)
         self._writing = 0
         self._idle = threading.Condition()
         self._fd = -1
         try:
             _make_parent(final)
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if stale is not None:
+                stale.remove_for(final)
+            self._partial = PartialFile(final)
+        except OSError as exc:
+            raise _translate(exc, final) from exc
+        self.tmp = self._partial.path
+        try:
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
             os.ftruncate(self._fd, size)
         except OSError as exc:
             self.abort()
@@ -274,11 +296,14 @@ class RandomAccessWriter:
             _commit(self.tmp, self.final, if_absent)
         except OSError as exc:
             raise _translate(exc, self.final) from exc
+        finally:
+            self._partial.release()
 
     def abort(self) -> None:
         self._close()
         with contextlib.suppress(OSError):
             self.tmp.unlink()
+        self._partial.release()
 
 
 def check_key(key: str) -> None:
@@ -398,7 +423,8 @@ def _walk_dir(
         try:
             st = entry.stat()  # follows symlinks
         except OSError:
-            log.warning("skipping %s: broken symbolic link or unreadable", entry.path)
+            if not counting_listing.get():
+                log.warning("skipping %s: broken symbolic link or unreadable", entry.path)
             continue
         is_dir = stat_module.S_ISDIR(st.st_mode)
         if not is_dir and not stat_module.S_ISREG(st.st_mode):
@@ -415,7 +441,8 @@ def _walk_dir(
                 continue
             identity = (st.st_dev, st.st_ino)
             if identity in ancestors:
-                log.warning("skipping %s: symbolic link loop", entry.path)
+                if not counting_listing.get():
+                    log.warning("skipping %s: symbolic link loop", entry.path)
                 continue
             yield from _walk_dir(Path(entry.path), key + "/", recursive, ancestors | {identity})
         else:

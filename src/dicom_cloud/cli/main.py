@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .. import __version__, api
-from ..errors import DicomCloudError, TransferFailedError, UsageError
+from ..errors import DicomCloudError, NotFoundError, TransferFailedError, UsageError
 from ..location import LocationOpener
 from ..retry import DEFAULT_ATTEMPTS
 from ..store import ObjectInfo
@@ -35,6 +35,7 @@ from .jobs import add_job_commands, add_journal_option, job_request
 from .options import (
     client_encryption,
     config_from_args,
+    dicom_selection_flags,
     options_from_args,
     parse_duration,
     setup_logging,
@@ -359,6 +360,14 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
         progress.summary(summary)
         if summary.failed and not args.recursive:
             raise summary.failed[0][1]  # one object: exit with its own error's code
+        dicom_selection = dicom_selection_flags(args)
+        if dicom_selection and not options.dry_run and not summary.selected:
+            looked_at = summary.filtered_out
+            raise NotFoundError(
+                f"no object matched {dicom_selection} "
+                f"({looked_at} object{'s' if looked_at != 1 else ''} looked at)",
+                hint="'dicom-cloud list URL -r --studies' shows the studies there",
+            )
         if summary.failed:
             attempted = len(summary.failed) + summary.files + summary.skipped
             raise TransferFailedError(

@@ -181,6 +181,17 @@ def selection(args: Any) -> Filter | None:
     )
 
 
+def dicom_selection_flags(args: Any) -> str:
+    """The DICOM selection options given (``--modality CT --study 1.2.3``), as typed; empty if none."""
+    given = (
+        ("--modality", args.modality),
+        ("--study", args.study_uid),
+        ("--series", args.series_uid),
+        ("--sop-class", args.sop_class),
+    )
+    return " ".join(f"{flag} {value}" for flag, values in given for value in values)
+
+
 def deidentify_options(enabled: bool, secret_file: str | None, dates: str) -> DeidentifyOptions | None:
     if not enabled:
         if secret_file:

@@ -13,7 +13,7 @@ from typing import Any, Literal, TextIO
 from ..errors import DicomCloudError
 from ..names import printable
 from ..store import BucketInfo, ObjectInfo
-from ..transfer import TransferEvent, TransferSummary
+from ..transfer import ListingTotals, TransferEvent, TransferSummary
 
 OutputMode = Literal["rich", "plain", "json", "quiet"]
 
@@ -40,8 +40,22 @@ def choose_mode(*, quiet: bool, json_output: bool, stream: TextIO = sys.stderr) 
     return "rich" if stream.isatty() else "plain"
 
 
+def human_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class TransferProgress:
-    """Receives engine events and renders them in the chosen mode; thread-safe enough for one loop."""
+    """Receives engine events and renders them in the chosen mode; thread-safe enough for one loop.
+
+    Totals come from the engine's counting pass (``counted`` events) as soon as it has them, else
+    from the objects seen so far. Objects an earlier, interrupted run of the job finished are kept
+    apart: they are neither in the totals nor in what is done, so done never exceeds the total.
+    """
 
     def __init__(
         self, mode: OutputMode, verb: str, *, interval: float = 5.0, report_failures: bool = True
@@ -51,15 +65,62 @@ class TransferProgress:
         self.report_failures = report_failures
         self.verb = verb  # "Uploaded", "Downloaded", "Copied"
         self.interval = interval
-        self.files_total = 0
-        self.bytes_total = 0
+        #: The counting pass's latest totals (None: no counting pass, as for a single object).
+        self.counted: ListingTotals | None = None
+        #: Objects to work on seen so far (started or planned) and their bytes.
+        self.files_seen = 0
+        self.bytes_seen = 0
+        #: Objects finished (written or skipped) and bytes dealt with (moved, or skipped).
         self.files_done = 0
         self.bytes_done = 0
+        #: Bytes actually moved: the rate and the ETA are computed from these.
+        self.bytes_moved = 0
         self.failed = 0
+        #: Skipped because an earlier, interrupted run of the job finished them.
+        self.already_done_seen = 0
         self.started = time.monotonic()
         self._last_line = self.started
         self._rich: Any = None
         self._task: Any = None
+
+    @property
+    def totals_known(self) -> bool:
+        """Whether the totals are final (the whole source counted), not a lower bound."""
+        return self.counted is None or self.counted.complete
+
+    @property
+    def files_total(self) -> int:
+        """Objects this run works on: counted (or seen), less those an earlier run finished."""
+        if self.counted is None:
+            return self.files_seen
+        return max(self.counted.files - self.counted.already_done, self.files_seen)
+
+    @property
+    def bytes_total(self) -> int:
+        if self.counted is None:
+            return self.bytes_seen
+        return max(self.counted.bytes - self.counted.already_done_bytes, self.bytes_seen)
+
+    @property
+    def already_done(self) -> int:
+        counted = self.counted.already_done if self.counted is not None else 0
+        return max(counted, self.already_done_seen)
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far; None while the total or the rate is unknown."""
+        elapsed = time.monotonic() - self.started
+        if not self.totals_known or self.bytes_moved <= 0 or elapsed <= 0:
+            return None
+        return max(self.bytes_total - self.bytes_done, 0) / (self.bytes_moved / elapsed)
+
+    def files_text(self) -> str:
+        """``12/787 files`` (``787+`` while counting), then what is kept apart."""
+        text = f"{self.files_done}/{self.files_total}{'' if self.totals_known else '+'} files"
+        if self.already_done:
+            text += f", {self.already_done} already done"
+        if self.failed:
+            text += f", {self.failed} failed"
+        return text
 
     def __enter__(self) -> TransferProgress:
         if self.mode == "rich":
@@ -68,7 +129,6 @@ class TransferProgress:
                 DownloadColumn,
                 Progress,
                 TextColumn,
-                TimeRemainingColumn,
                 TransferSpeedColumn,
             )
 
@@ -78,12 +138,12 @@ class TransferProgress:
                 TextColumn("{task.fields[files]}"),
                 DownloadColumn(),
                 TransferSpeedColumn(),
-                TimeRemainingColumn(),
+                TextColumn("{task.fields[eta]}"),
                 transient=True,
                 console=_stderr_console(),
             )
             self._rich.start()
-            self._task = self._rich.add_task("Transferring", total=None, files="0/0 files")
+            self._task = self._rich.add_task("Transferring", total=None, files="0/0 files", eta="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -93,13 +153,19 @@ class TransferProgress:
     def __call__(self, event: TransferEvent) -> None:
         kind = event.kind
         if kind in ("started", "planned"):
-            self.files_total += 1
-            self.bytes_total += event.size
-        if kind == "progress":
+            self.files_seen += 1
+            self.bytes_seen += event.size
+        if kind == "counted":
+            self.counted = event.totals
+        elif kind == "progress":
             self.bytes_done += event.bytes
+            self.bytes_moved += event.bytes
         elif kind == "completed":
             self.files_done += 1
             self.bytes_done += event.bytes
+            self.bytes_moved += event.bytes
+        elif kind == "skipped" and event.already_done:
+            self.already_done_seen += 1  # apart: neither in the totals nor in what is done
         elif kind == "skipped":
             self.files_done += 1
             self.bytes_done += event.size
@@ -115,11 +181,13 @@ class TransferProgress:
         elif self.mode == "plain":
             self._maybe_plain_line()
         elif self.mode == "rich" and self._rich is not None:
+            eta = self.eta()
             self._rich.update(
                 self._task,
                 total=self.bytes_total or None,
                 completed=self.bytes_done,
-                files=f"{self.files_done}/{self.files_total} files",
+                files=self.files_text(),
+                eta="" if eta is None else f"ETA {human_duration(eta)}",
             )
 
     def _error_line(self, event: TransferEvent, label: str = "error") -> None:
@@ -138,14 +206,26 @@ class TransferProgress:
         if now - self._last_line < self.interval:
             return
         self._last_line = now
-        elapsed = now - self.started
-        rate = self.bytes_done / elapsed if elapsed > 0 else 0
-        print(
-            f"[{elapsed:6.1f}s] {self.files_done}/{self.files_total} files, "
-            f"{human_bytes(self.bytes_done)}, {human_bytes(rate)}/s",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(self.plain_line(now), file=sys.stderr, flush=True)
+
+    def plain_line(self, now: float | None = None) -> str:
+        """``[  5.0s] 12/787 files, 1.2 MB of 40.0 MB, 240.0 KB/s, ETA 2m42s, 582 already done``."""
+        elapsed = (now or time.monotonic()) - self.started
+        rate = self.bytes_moved / elapsed if elapsed > 0 else 0
+        parts = [
+            f"[{elapsed:6.1f}s] {self.files_done}/{self.files_total}{'' if self.totals_known else '+'} files",
+            f"{human_bytes(self.bytes_done)} of {human_bytes(self.bytes_total)}"
+            f"{'' if self.totals_known else '+'}",
+            f"{human_bytes(rate)}/s",
+        ]
+        eta = self.eta()
+        if eta is not None:
+            parts.append(f"ETA {human_duration(eta)}")
+        if self.already_done:
+            parts.append(f"{self.already_done} already done")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        return ", ".join(parts)
 
     def summary(self, summary: TransferSummary) -> None:
         if self.mode == "json":
@@ -197,6 +277,17 @@ def _event_record(event: TransferEvent) -> dict[str, Any]:
     record: dict[str, Any] = {"event": event.kind, "src": event.src, "dst": event.dst, "size": event.size}
     if event.kind == "progress":
         record["bytes"] = event.bytes
+    if event.already_done:
+        record["already_done"] = True
+    if event.totals is not None:
+        totals = event.totals
+        record.update(
+            files=totals.files,
+            bytes=totals.bytes,
+            already_done=totals.already_done,
+            already_done_bytes=totals.already_done_bytes,
+            complete=totals.complete,
+        )
     if event.error is not None:
         record["error"] = str(event.error)
         record["error_type"] = type(event.error).__name__
