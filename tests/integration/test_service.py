@@ -258,6 +258,58 @@ def test_bad_input_gets_clear_4xx(service: LiveService) -> None:
         assert http.get(path, headers={"Accept": "application/pdf"}).status_code == 406
 
 
+def test_stow_warnings_and_failure_reasons_reach_the_client(service: LiveService) -> None:
+    """Instances whose file meta names another SOP Instance UID (pydicom's rtplan.dcm and
+    rtdose.dcm, stored by Orthanc) are stored under the dataset's UID with a warning; refusals
+    carry a readable ErrorComment beside the code: with dicomweb-client and with raw HTTP."""
+    client = client_for(service)
+    datasets = [pydicom.dcmread(get_testdata_file(name)) for name in ("rtplan.dcm", "rtdose.dcm")]  # type: ignore[arg-type]
+    assert all(d.file_meta.MediaStorageSOPInstanceUID != d.SOPInstanceUID for d in datasets)
+    answer = client.store_instances(datasets)
+    assert "FailedSOPSequence" not in answer
+    assert [str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence] == [
+        str(d.SOPInstanceUID) for d in datasets
+    ]
+    for item in answer.ReferencedSOPSequence:
+        assert item.WarningReason == 0xB007
+        assert item.ErrorComment == "file meta and dataset disagree on the SOP Instance UID"
+    for d in datasets:
+        [found] = client.search_for_instances(search_filters={"SOPInstanceUID": d.SOPInstanceUID})
+        assert uid(found, SOP_UID) == d.SOPInstanceUID
+        assert (
+            client.search_for_instances(
+                search_filters={"SOPInstanceUID": d.file_meta.MediaStorageSOPInstanceUID}
+            )
+            == []
+        )
+        retrieved = client.retrieve_instance(d.StudyInstanceUID, d.SeriesInstanceUID, d.SOPInstanceUID)
+        assert retrieved.SOPInstanceUID == d.SOPInstanceUID
+
+    # A refusal: the client sees why (the same UID with other content), not only 0x0111.
+    other = pydicom.dcmread(get_testdata_file("rtplan.dcm"))  # type: ignore[arg-type]
+    other.RTPlanLabel = "changed"
+    with pytest.raises(HTTPError) as refused:
+        client.store_instances([other])
+    assert refused.value.response.status_code == 409
+    [failed] = refused.value.response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0x0111]
+    assert "SOP Instance UID" in failed["00000902"]["Value"][0]
+
+    # Raw HTTP: the file as it is on disk; 202 with the warning, and the Warning header.
+    with httpx.Client(base_url=service.url, headers=auth(service.admin_token), timeout=60) as http:
+        body, content_type = related(RTDOSE.read_bytes(), b"junk" * 100)
+        answer = http.post("/studies", content=body, headers={"Content-Type": content_type})
+        assert answer.status_code == 202
+        [stored] = answer.json()["00081199"]["Value"]
+        assert stored["00081196"]["Value"] == [0xB007]
+        [failed] = answer.json()["00081198"]["Value"]
+        assert (failed["00081197"]["Value"], failed["00000902"]["Value"]) == (
+            [0xC000],
+            ["not DICOM (no DICM marker)"],
+        )
+        assert "disagree on the SOP Instance UID" in answer.headers["warning"]
+
+
 # -- tenants, scopes, tokens -------------------------------------------------------------------------
 
 

@@ -60,6 +60,66 @@ def test_stow_answer_is_ps3_18(client: TestClient) -> None:
     assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0111]
 
 
+RTPLAN = Path(get_testdata_file("rtplan.dcm")).read_bytes()  # type: ignore[arg-type]
+
+
+def test_stow_failures_carry_a_readable_error_comment(client: TestClient) -> None:
+    """Each FailedSOPSequence item has its FailureReason and, beside it, an ErrorComment (LO) that
+    tells why, free of patient data."""
+    changed = bytearray(CT)
+    changed[-1] ^= 0xFF
+    assert client.post("/studies", content=stow_body(CT)[0], headers=stow_body(CT)[1]).status_code == 200
+    body = (
+        b"--B\r\nContent-Type: application/dicom\r\n\r\n" + b"not DICOM at all" + b"\r\n"
+        b"--B\r\nContent-Type: application/dicom\r\n\r\n" + bytes(changed) + b"\r\n"
+        b"--B\r\nContent-Type: text/plain\r\n\r\n" + b"hello" + b"\r\n"
+        b"--B\r\nContent-Type: application/dicom\r\n\r\n" + CT[:2000] + b"\r\n"
+        b"--B--\r\n"
+    )
+    answer = client.post("/studies", content=body, headers=stow_body()[1])
+    assert answer.status_code == 409
+    failed = answer.json()["00081198"]["Value"]
+    got = [(f["00081197"]["Value"][0], f["00000902"]) for f in failed]
+    assert [code for code, _ in got] == [0xC000, 0x0111, 0xC000, 0xC000]
+    comments = [c["Value"][0] for _, c in got]
+    assert all(c["vr"] == "LO" for _, c in got)
+    assert all(0 < len(c) <= 64 and "\\" not in c for c in comments)
+    assert comments[0] == "not DICOM (no DICM marker)"
+    assert "SOP Instance UID" in comments[1] and "other content" in comments[1]
+    assert comments[2] == "the part is text/plain, not application/dicom"
+    assert comments[3].startswith("truncated")
+    assert not any("CompressedSamples" in c or "1CT1" in c for c in comments)  # no patient data
+    # A study named by the path: instances of another study say so.
+    answer = client.post("/studies/1.2.3", content=stow_body(MR)[0], headers=stow_body(MR)[1])
+    [item] = answer.json()["00081198"]["Value"]
+    assert item["00081197"]["Value"] == [0xA900]
+    assert item["00000902"]["Value"] == ["the instance is of another study"]
+
+
+def test_stow_of_an_instance_whose_file_meta_names_another_uid_is_stored_with_a_warning(
+    client: TestClient,
+) -> None:
+    """pydicom's rtplan.dcm (file meta: another SOP Instance UID) is stored under its dataset's
+    UID; the answer is 202 with WarningReason B007 and the reason in ErrorComment."""
+    body, headers = stow_body(RTPLAN, CT)
+    answer = client.post("/studies", content=body, headers=headers)
+    assert answer.status_code == 202
+    assert "00081198" not in answer.json()
+    plan, ct = answer.json()["00081199"]["Value"]
+    assert plan["00081155"]["Value"] == ["1.2.777.777.77.7.7777.7777.20030903150023"]
+    assert plan["00081196"] == {"vr": "US", "Value": [0xB007]}
+    assert plan["00000902"]["Value"] == ["file meta and dataset disagree on the SOP Instance UID"]
+    assert "00081196" not in ct and "00000902" not in ct
+    assert (
+        answer.headers["warning"]
+        == '299 dicom-cloud "file meta and dataset disagree on the SOP Instance UID"'
+    )
+    found = client.get("/instances", params={"SOPInstanceUID": "1.2.777.777.77.7.7777.7777.20030903150023"})
+    assert found.status_code == 200 and len(found.json()) == 1
+    retrieved = client.get(plan["00081190"]["Value"][0].removeprefix("http://testserver"))
+    assert retrieved.status_code == 200 and RTPLAN in retrieved.content
+
+
 def test_error_bodies_name_the_problem(client: TestClient) -> None:
     answer = client.get("/studies/1.2.3")
     assert answer.status_code == 404 and answer.json()["error"] == "NotFoundError"

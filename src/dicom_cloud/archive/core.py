@@ -289,6 +289,7 @@ class Archive:
                 r.study_instance_uid,
                 r.series_instance_uid,
                 stored.created,
+                stored.warnings,
             )
 
         results = await asyncio.gather(*(one(i) for i in range(len(upload.files))))

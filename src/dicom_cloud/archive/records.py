@@ -56,6 +56,9 @@ class StoredInstance:
     created: bool
     #: True when the 128-byte preamble held something else than zeros and was cleared.
     preamble_sanitised: bool
+    #: Why the instance was stored with a caveat (stable texts, no patient data), e.g. its file
+    #: meta naming another SOP Instance UID (``dicom.header.REASON_META_MISMATCH``).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ class AcceptedFile:
     study_instance_uid: str
     series_instance_uid: str
     created: bool
+    #: As ``StoredInstance.warnings``.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,10 @@ class UploadOutcome:
     def from_json(cls, data: Mapping[str, Any]) -> UploadOutcome:
         return cls(
             str(data["session_id"]),
-            accepted=tuple(AcceptedFile(**a) for a in data.get("accepted", [])),
+            accepted=tuple(
+                AcceptedFile(**{**a, "warnings": tuple(a.get("warnings", ()))})
+                for a in data.get("accepted", [])
+            ),
             rejected=tuple(RejectedFile(**r) for r in data.get("rejected", [])),
         )
 
