@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +340,27 @@ def test_tenant_isolation(service: LiveService, tmp_path: Path) -> None:
         assert all(t["tenant"] == "tenant-b" for t in http.get("/tokens").json())
     # The owner still has everything.
     assert client_for(service).retrieve_study(ct.StudyInstanceUID)[0].SOPInstanceUID == ct.SOPInstanceUID
+
+
+def test_token_create_with_expires(service: LiveService, tmp_path: Path) -> None:
+    """``dicom-cloud token create --expires 30d``: the token works now, is listed with its expiry
+    30 days on; bad durations are one-line usage errors (exit 2)."""
+    data = ["--data-dir", str(tmp_path / "data")]
+    argv = [str(CLI), "token", "create", "--tenant", "default", "--scopes", "read", "--name", "ci"]
+    made = subprocess.run([*argv, "--expires", "30d", "--json", *data], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    expires = datetime.fromisoformat(created["expires"])
+    assert timedelta(days=29, hours=23) < expires - datetime.now(UTC) <= timedelta(days=30)
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        assert http.get("/studies", headers=auth(created["token"])).status_code == 200
+        listed = {t["id"]: t for t in http.get("/tokens", headers=auth(service.admin_token)).json()}
+        assert datetime.fromisoformat(listed[created["id"]]["expires"]) == expires
+        assert listed[created["id"]]["expired"] is False
+    for bad in ("0", "soon", "99999999999w"):
+        refused = subprocess.run([*argv, "--expires", bad, *data], capture_output=True, text=True)
+        assert refused.returncode == 2, (bad, refused.stderr)
+        assert "Traceback" not in refused.stderr and "expir" in refused.stderr
 
 
 def test_scopes_and_token_admin(service: LiveService) -> None:

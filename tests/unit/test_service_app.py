@@ -4,14 +4,17 @@ answers, error bodies, CORS, OIDC JWTs through the routes, tenants from claims."
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
+from sqlalchemy import update
 from test_service_oidc import Issuer
 
+from dicom_cloud.archive.models import ApiTokenRow
 from dicom_cloud.service.app import create_app
 from dicom_cloud.service.settings import load_settings
 
@@ -118,6 +121,32 @@ def test_stow_of_an_instance_whose_file_meta_names_another_uid_is_stored_with_a_
     assert found.status_code == 200 and len(found.json()) == 1
     retrieved = client.get(plan["00081190"]["Value"][0].removeprefix("http://testserver"))
     assert retrieved.status_code == 200 and RTPLAN in retrieved.content
+
+
+def test_expiring_tokens_answer_401_once_expired_and_are_listed_as_expired(client: TestClient) -> None:
+    answer = client.post("/tokens", json={"name": "ci", "scopes": ["read"], "expires_in_seconds": 3600})
+    assert answer.status_code == 201
+    made = answer.json()
+    assert made["expires"] is not None and made["expired"] is False
+    assert (
+        client.post("/tokens", json={"name": "x", "scopes": ["read"], "expires_in_seconds": 0}).status_code
+        == 400
+    )
+    own = {"Authorization": f"Bearer {made['token']}"}
+    assert client.get("/studies", headers=own).status_code == 200
+    # Its expiry moved into the past, as time would: refused, and listed as expired.
+    archive = client.app.state.archive  # type: ignore[attr-defined]
+    past = datetime.now(UTC) - timedelta(seconds=1)
+
+    def expire(session: Any) -> None:
+        session.execute(update(ApiTokenRow).where(ApiTokenRow.id == made["id"]).values(expires=past))
+
+    archive._db.run_sync(expire)
+    answer = client.get("/studies", headers=own)
+    assert answer.status_code == 401 and "expired" in answer.json()["message"]
+    listed = {t["name"]: t for t in client.get("/tokens").json()}
+    assert listed["ci"]["expired"] is True and listed["ci"]["revoked"] is None
+    assert listed["bootstrap admin"]["expires"] is None and listed["bootstrap admin"]["expired"] is False
 
 
 def test_error_bodies_name_the_problem(client: TestClient) -> None:

@@ -584,14 +584,18 @@ class Archive:
 
     # -- API tokens ------------------------------------------------------------------------
 
-    async def create_token(self, tenant: str, name: str, scopes: Sequence[Scope]) -> tuple[str, ApiToken]:
-        """A new random token (returned once, never stored: only its SHA-256 is) and its record."""
+    async def create_token(
+        self, tenant: str, name: str, scopes: Sequence[Scope], expires_in: timedelta | None = None
+    ) -> tuple[str, ApiToken]:
+        """A new random token (returned once, never stored: only its SHA-256 is) and its record.
+        With ``expires_in`` (at most 3650 days) it is refused once that time has passed."""
         check_tenant(tenant)
-        return await self._run(lambda s: access.create_token(s, tenant, name, scopes))
+        return await self._run(lambda s: access.create_token(s, tenant, name, scopes, expires_in))
 
-    async def authenticate(self, token: str) -> ApiToken | None:
-        """The record of a valid, unrevoked token; None otherwise."""
-        return await self._run(lambda s: access.authenticate(s, token))
+    async def authenticate(self, token: str, now: datetime | None = None) -> ApiToken | None:
+        """The record of a valid token, neither revoked nor expired (at ``now``, default the
+        current time); None otherwise."""
+        return await self._run(lambda s: access.authenticate(s, token, now))
 
     async def list_tokens(self, tenant: str) -> list[ApiToken]:
         check_tenant(tenant)

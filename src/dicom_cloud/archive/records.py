@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 Scope = Literal["read", "write", "admin"]
@@ -104,6 +104,12 @@ class ApiToken:
     scopes: tuple[Scope, ...]
     created: datetime
     revoked: datetime | None
+    #: When the token stops being accepted; None: valid until revoked.
+    expires: datetime | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """Whether the token's lifetime is over at ``now`` (default: the current time)."""
+        return self.expires is not None and (now or datetime.now(UTC)) >= self.expires
 
     def allows(self, scope: Scope) -> bool:
         """Whether the token grants ``scope`` (admin implies write implies read)."""
