@@ -17,6 +17,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from .. import __version__
 from ..archive import Archive, ArchiveSettings
@@ -24,7 +26,7 @@ from ..crypto.envelope import ClientEncryption
 from ..crypto.keysource import load_keys
 from ..errors import UsageError
 from .auth import Authenticator, OidcVerifier
-from .deps import secret_resolver
+from .deps import Reader, secret_resolver
 from .handlers import install_error_handlers
 from .observability import AccessLogMiddleware, Metrics
 from .presign import S3PutSigner
@@ -35,7 +37,8 @@ log = logging.getLogger("dicom_cloud.service")
 
 DESCRIPTION = """\
 DICOMweb (STOW-RS, QIDO-RS, WADO-RS, DELETE) over object storage, with direct presigned uploads,
-study labels, share links and API tokens. Every route except `/healthz` needs
+study labels, share links and API tokens. Every route except `/healthz` (and, when the
+`public_docs` setting is on, `/docs` and `/openapi.json`) needs
 `Authorization: Bearer <API token | share-link token | OIDC JWT>`.
 """
 
@@ -134,14 +137,18 @@ def create_app(
             if opened:
                 await current.close()
 
+    public_docs = settings.docs_are_public
     app = FastAPI(
         title="dicom-cloud",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url="/docs" if public_docs else None,
+        openapi_url="/openapi.json" if public_docs else None,
         redoc_url=None,
     )
+    if not public_docs:
+        _add_private_docs(app)
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
@@ -160,6 +167,19 @@ def create_app(
     for module in (health, dicomweb, uploads, labels, shares, tokens):
         app.include_router(module.router)
     return app
+
+
+def _add_private_docs(app: FastAPI) -> None:
+    """/openapi.json and /docs for callers with a credential (any scope), as every other route.
+    The page's own fetch of the document sends none: load /openapi.json into a viewer instead."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(principal: Reader) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(principal: Reader) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
 
 
 def openapi_document(settings: ServiceSettings) -> dict[str, Any]:
