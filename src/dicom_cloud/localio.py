@@ -56,3 +56,29 @@ def check_local_name(relative: str) -> None:
     for segment in relative.split("/"):
         if segment in ("", ".", ".."):
             raise UnsafeNameError(f"object name would leave the destination directory: {relative!r}")
+
+
+#: Modes of what holds patient data (the archive's objects and index): owner only.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def make_dirs(path: Path, *, private: bool) -> None:
+    """Create ``path`` and its missing parents; with ``private`` each one created gets
+    :data:`PRIVATE_DIR_MODE` (``Path.mkdir(parents=True)`` would give the parents the default
+    mode). Directories that exist keep their mode."""
+    if not private:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise

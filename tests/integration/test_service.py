@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,7 +25,13 @@ from pydicom.data import get_testdata_file
 from requests.exceptions import HTTPError
 
 from dicom_cloud.service.settings import ServiceSettings, load_settings
-from live_service import LiveService, free_port, fresh_postgres_database, start_service
+from live_service import (
+    LiveService,
+    free_port,
+    fresh_postgres_database,
+    start_service,
+    start_service_process,
+)
 from servers import S3Server
 
 CT = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
@@ -467,6 +474,53 @@ def _upload(http: httpx.Client, files: list[tuple[str, bytes]]) -> dict[str, Any
         put = httpx.put(url["url"], content=data, headers=url["headers"], timeout=60)
         assert put.status_code in (200, 204), (put.text, url["url"])
     return session
+
+
+def _modes(root: Path) -> dict[str, int]:
+    """Permission bits of ``root`` and of everything under it, by path relative to ``root``'s parent."""
+    found = {root.name: root.stat().st_mode & 0o777}
+    for path in root.rglob("*"):
+        found[str(path.relative_to(root.parent))] = path.lstat().st_mode & 0o777
+    return found
+
+
+def test_embedded_data_is_created_owner_only(tmp_path: Path) -> None:
+    """The data directory, the SQLite index (with its -wal and -shm), instances, sidecars, derived
+    previews and staged uploads of ``dicom-cloud serve``'s embedded default are 0700/0600, under
+    the common umask 022."""
+    previous = os.umask(0o022)
+    try:
+        service = start_service_process(tmp_path / "work")
+    finally:
+        os.umask(previous)
+    try:
+        ct = pydicom.dcmread(CT)
+        with httpx.Client(base_url=service.url, headers=auth(service.token), timeout=60) as http:
+            body, content_type = related(CT.read_bytes())
+            assert (
+                http.post("/studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+            )
+            path = (
+                f"/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
+            )
+            assert http.get(path + "/rendered").status_code == 200  # cached under derived/
+            session = _upload(http, [("mr.dcm", MR.read_bytes())])
+            data = tmp_path / "work" / "data"
+            staged = _modes(data)
+            assert any("/staging/" in p for p in staged), sorted(staged)
+            assert http.post(f"/uploads/{session['id']}/complete").status_code == 200
+        modes = {**staged, **_modes(data)}
+        kinds = {kind: any(f"/{kind}/" in p for p in modes) for kind in ("instances", "metadata", "derived")}
+        assert all(kinds.values()), kinds
+        assert {"data/index.sqlite", "data/index.sqlite-wal", "data/index.sqlite-shm"} <= set(modes)
+        loose = {
+            p: oct(m)
+            for p, m in modes.items()
+            if m != (0o700 if (tmp_path / "work" / p).is_dir() or p == "data" else 0o600)
+        }
+        assert not loose, loose
+    finally:
+        service.stop()
 
 
 def test_direct_upload_through_the_service_signed_route(service: LiveService, tmp_path: Path) -> None:

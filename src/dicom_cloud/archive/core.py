@@ -21,6 +21,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from typing import Any, TypeVar
@@ -118,10 +119,10 @@ class Archive:
         """Open the store and the index, bringing the schema up to date (Alembic) first."""
         settings.check()  # bad configuration fails before any connection
         qido.resolve_extra_tags(settings.extra_query_tags)
-        opener = LocationOpener(settings.store_config)
+        opener = LocationOpener(replace(settings.store_config, local_private=settings.private_files))
         try:
             location = opener.open(settings.storage_url)
-            db = await Database.open(settings.database_url)
+            db = await Database.open(settings.database_url, private=settings.private_files)
         except BaseException:
             await opener.close()
             raise

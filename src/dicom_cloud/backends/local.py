@@ -1,4 +1,8 @@
-"""Local disk as a store: keys are paths under a root directory, writes are atomic renames."""
+"""Local disk as a store: keys are paths under a root directory, writes are atomic renames.
+
+A private store (``LocalStore(root, private=True)``, what the archive opens: its files are patient
+data) creates its files ``0600`` and its directories ``0700``; otherwise modes follow the umask.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import (
     AlreadyExistsError,
@@ -22,7 +27,7 @@ from ..errors import (
     PermissionDeniedError,
     UnsafeNameError,
 )
-from ..localio import PARTIAL_SUFFIX, partial_path, read_chunks
+from ..localio import PARTIAL_SUFFIX, PRIVATE_FILE_MODE, make_dirs, partial_path, read_chunks
 from ..store import CHECKSUM_METADATA_KEY, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 
 log = logging.getLogger(__name__)
@@ -34,9 +39,11 @@ class LocalStore(Store):
     scheme = "file"
     features = Features(server_side_copy=True, random_access_write=True)
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, private: bool = False) -> None:
         self.root = root
         self.bucket = str(root)
+        #: Files created 0600 and directories 0700 (whatever the umask allows beyond).
+        self.private = private
 
     def url(self, key: str = "") -> str:
         # For messages only: no validation here, so that an unsafe name can still be reported.
@@ -141,7 +148,7 @@ class LocalStore(Store):
         path = self.path(key)
 
         def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
+            with _create(tmp, self.private) as f:
                 f.write(data)
             _write_metadata(tmp, options)
 
@@ -156,10 +163,10 @@ class LocalStore(Store):
         plan: MultipartPlan = MultipartPlan(),
     ) -> PutResult:
         path = self.path(key)
-        await asyncio.to_thread(_make_parent, path)
+        await asyncio.to_thread(_make_parent, path, self.private)
         tmp = partial_path(path)
         try:
-            with open(tmp, "wb") as f:
+            with _create(tmp, self.private) as f:
                 async for chunk in chunks:
                     await asyncio.to_thread(f.write, chunk)
             await asyncio.to_thread(_write_metadata, tmp, options)
@@ -177,6 +184,7 @@ class LocalStore(Store):
         dest = self.path(key)
 
         def write(tmp: Path) -> None:
+            _create(tmp, self.private).close()  # copyfile keeps the mode of a file that exists
             shutil.copyfile(path, tmp)
             _write_metadata(tmp, options)
 
@@ -187,7 +195,7 @@ class LocalStore(Store):
         assert callable(write)
         tmp = partial_path(path)
         try:
-            _make_parent(path)
+            _make_parent(path, self.private)
             write(tmp)
             _commit(tmp, path, if_absent)
         except OSError as exc:
@@ -211,13 +219,17 @@ class LocalStore(Store):
 
     async def copy(self, src_key: str, dst_key: str) -> None:
         src = self.path(src_key)
-        await asyncio.to_thread(
-            self._write_then_commit, self.path(dst_key), lambda tmp: shutil.copy2(src, tmp), False
-        )
+
+        def write(tmp: Path) -> None:
+            shutil.copy2(src, tmp)
+            if self.private:
+                tmp.chmod(PRIVATE_FILE_MODE)  # copy2 copied the source's mode
+
+        await asyncio.to_thread(self._write_then_commit, self.path(dst_key), write, False)
 
     def open_writer(self, key: str, size: int) -> RandomAccessWriter:
         """A file of ``size`` bytes to fill at any offsets, renamed into place by ``commit``."""
-        return RandomAccessWriter(self.path(key), size)
+        return RandomAccessWriter(self.path(key), size, private=self.private)
 
 
 class RandomAccessWriter:
@@ -228,15 +240,16 @@ class RandomAccessWriter:
     descriptor.
     """
 
-    def __init__(self, final: Path, size: int) -> None:
+    def __init__(self, final: Path, size: int, *, private: bool = False) -> None:
         self.final = final
         self.tmp = partial_path(final)
         self._writing = 0
         self._idle = threading.Condition()
         self._fd = -1
         try:
-            _make_parent(final)
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            _make_parent(final, private)
+            mode = PRIVATE_FILE_MODE if private else 0o644
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
             os.ftruncate(self._fd, size)
         except OSError as exc:
             self.abort()
@@ -341,8 +354,15 @@ def _stamp(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _make_parent(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _make_parent(path: Path, private: bool = False) -> None:
+    make_dirs(path.parent, private=private)
+
+
+def _create(path: Path, private: bool) -> BinaryIO:
+    """``path`` opened for writing, truncated; created 0600 when ``private`` (else 0666 less the
+    umask, as ``open`` does)."""
+    mode = PRIVATE_FILE_MODE if private else 0o666
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb")
 
 
 def _commit(tmp: Path, final: Path, if_absent: bool) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import UsageError
+from ..localio import make_dirs
 
 #: Flags shared by both commands: (flag, settings field, help).
 _SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -101,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         config_file=args.config,
     )
     if settings.storage is None or settings.database is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(settings.data_dir, private=True)  # patient data: owner only
     setup_json_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
@@ -129,7 +130,7 @@ def _token(args: argparse.Namespace) -> int:
     lifetime = parse_duration(args.expires) if args.expires is not None else None
     settings = load_settings(_flags(args, {}), config_file=args.config)
     if settings.storage is None or settings.database is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(settings.data_dir, private=True)  # patient data: owner only
 
     async def create() -> tuple[str, Any]:
         async with await Archive.open(archive_settings(settings)) as archive:
