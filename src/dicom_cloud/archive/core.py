@@ -201,6 +201,12 @@ class Archive:
 
     # -- presigned upload sessions ---------------------------------------------------------
 
+    async def sweep_orphans(self, *, older_than: timedelta = timedelta(hours=1)) -> OrphanSweep:
+        """:meth:`collect_orphans` for every tenant with objects in the store, and removal of
+        empty staging folders (left on local directories by finished upload sessions), both
+        only past ``older_than``. What a service runs on a schedule."""
+        return await housekeeping.sweep_orphans(self._objects, self._db, older_than=older_than)
+
     async def create_upload(
         self, tenant: str, files: Sequence[DeclaredFile], expires_in: timedelta = timedelta(hours=1)
     ) -> UploadSession:

@@ -218,3 +218,7 @@ class OrphanSweep:
     orphans: int
     #: Orphans deleted (0 on a dry run).
     removed: int
+    #: Empty staging folders removed (local directories; object stores have none).
+    empty_folders: int = 0
+    #: Tenants swept (:meth:`Archive.sweep_orphans`; 1 for one tenant's collection).
+    tenants: int = 1

@@ -15,7 +15,7 @@ import shutil
 import stat as stat_module
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -227,6 +227,14 @@ class LocalStore(Store):
 
         await asyncio.to_thread(self._write_then_commit, self.path(dst_key), write, False)
 
+    async def remove_empty_directories(self, prefix: str, *, older_than: timedelta) -> int:
+        """Empty directories below ``prefix`` unchanged for ``older_than``, deepest first (a
+        parent emptied by the removal of its children goes too, whatever its date: its own
+        change is this removal). ``prefix`` itself stays."""
+        top = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        cutoff = (datetime.now(UTC) - older_than).timestamp()
+        return await asyncio.to_thread(_remove_empty_dirs, top, cutoff)
+
     def open_writer(self, key: str, size: int) -> RandomAccessWriter:
         """A file of ``size`` bytes to fill at any offsets, renamed into place by ``commit``."""
         return RandomAccessWriter(self.path(key), size, private=self.private)
@@ -379,6 +387,22 @@ def _commit(tmp: Path, final: Path, if_absent: bool) -> None:
 
 def _mtime(st: os.stat_result) -> datetime:
     return datetime.fromtimestamp(st.st_mtime, tz=UTC)
+
+
+def _remove_empty_dirs(top: Path, cutoff: float) -> int:
+    removed: set[Path] = set()
+    for name, subdirs, files in os.walk(top, topdown=False):
+        directory = Path(name)
+        if directory == top or files or any(directory / d not in removed for d in subdirs):
+            continue  # the prefix itself, or something stayed in it
+        try:
+            if not subdirs and directory.stat().st_mtime > cutoff:
+                continue  # emptied (or made) lately: a writer may be about to use it
+            directory.rmdir()  # fails on anything written meanwhile
+        except OSError:
+            continue
+        removed.add(directory)
+    return len(removed)
 
 
 def _take(iterator: Iterator[ObjectInfo], count: int) -> list[ObjectInfo]:

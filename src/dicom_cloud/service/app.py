@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
@@ -108,6 +110,31 @@ async def _sweep_uploads(archive: Archive) -> None:
         await asyncio.sleep(UPLOAD_SWEEP_INTERVAL)
 
 
+async def _sweep_orphans(archive: Archive, interval: float, grace: float) -> None:
+    """Every ``interval`` seconds, remove objects no index row points at and empty staging folders
+    older than ``grace`` (what a crash between the object writes and the row commit leaves). The
+    first sweep comes after a random part of the interval, so that instances and workers started
+    together do not list the store at the same moment; concurrent sweeps are harmless."""
+    await asyncio.sleep(random.uniform(0, interval))  # spreads the sweeps, no secret
+    while True:
+        try:
+            sweep = await archive.sweep_orphans(older_than=timedelta(seconds=grace))
+            if sweep.orphans or sweep.empty_folders:
+                log.info(
+                    "orphans.swept",
+                    extra={
+                        "tenants": sweep.tenants,
+                        "scanned": sweep.scanned,
+                        "orphans": sweep.orphans,
+                        "removed": sweep.removed,
+                        "empty_folders": sweep.empty_folders,
+                    },
+                )
+        except Exception as exc:  # a failed sweep is retried at the next interval
+            log.warning("orphans.sweep_failed", extra={"error": type(exc).__name__})
+        await asyncio.sleep(interval)
+
+
 def create_app(
     settings: ServiceSettings,
     archive: Archive | None = None,
@@ -126,14 +153,24 @@ def create_app(
             OidcVerifier.from_settings(settings),
             api_tokens=settings.api_tokens,
         )
-        sweeper = asyncio.create_task(_sweep_uploads(current))
+        sweepers = [asyncio.create_task(_sweep_uploads(current))]
+        if settings.orphan_sweep_interval_seconds > 0:
+            sweepers.append(
+                asyncio.create_task(
+                    _sweep_orphans(
+                        current, settings.orphan_sweep_interval_seconds, settings.orphan_grace_seconds
+                    )
+                )
+            )
         try:
             await bootstrap_admin(current, settings, announce_token)
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for sweeper in sweepers:
+                sweeper.cancel()
+            for sweeper in sweepers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             if opened:
                 await current.close()
 

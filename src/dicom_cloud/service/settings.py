@@ -90,6 +90,11 @@ class ServiceSettings(BaseModel):
     #: Serve /docs and /openapi.json without credentials; None: yes in development, no in
     #: production (the document lists every route and setting name of the deployment).
     public_docs: bool | None = None
+    #: Seconds between two sweeps of orphaned objects and empty staging folders (0: never).
+    orphan_sweep_interval_seconds: float = Field(3600.0, ge=0)
+    #: Objects and folders younger than this are left alone by the sweep (an ingest or an
+    #: upload may be about to use them).
+    orphan_grace_seconds: float = Field(3600.0, gt=0)
     #: Create an admin token for ``bootstrap_tenant`` on first start and print it once.
     bootstrap_admin: bool = True
     bootstrap_tenant: str = Field("default", min_length=1, max_length=200)
