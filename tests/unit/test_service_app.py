@@ -3,6 +3,7 @@ answers, error bodies, CORS, OIDC JWTs through the routes, tenants from claims."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -147,6 +148,28 @@ def test_expiring_tokens_answer_401_once_expired_and_are_listed_as_expired(clien
     listed = {t["name"]: t for t in client.get("/tokens").json()}
     assert listed["ci"]["expired"] is True and listed["ci"]["revoked"] is None
     assert listed["bootstrap admin"]["expires"] is None and listed["bootstrap admin"]["expired"] is False
+
+
+def test_orphan_sweep_is_scheduled_by_default_and_configurable(tmp_path: Path) -> None:
+    defaults = load_settings({"data_dir": tmp_path}, environ={})
+    assert (defaults.orphan_sweep_interval_seconds, defaults.orphan_grace_seconds) == (3600, 3600)
+    c, tokens = make_client(tmp_path, orphan_sweep_interval_seconds=0.05, orphan_grace_seconds=0.01)
+    with c:
+        c.headers["Authorization"] = f"Bearer {tokens[0]}"
+        body, headers = stow_body(CT)
+        assert c.post("/studies", content=body, headers=headers).status_code == 200
+        instances = tmp_path / "objects" / "default" / "instances"
+        [kept] = list(instances.rglob("*.dcm"))
+        orphan = kept.with_name("0" * 32 + ".00000000.dcm")
+        orphan.write_bytes(CT)  # an instance object no row points at
+        folder = tmp_path / "objects" / "default" / "staging" / "finished-session"
+        folder.mkdir(parents=True)
+        deadline = time.monotonic() + 30
+        while orphan.exists() or folder.exists():
+            assert time.monotonic() < deadline, "the scheduled sweep did not run"
+            time.sleep(0.05)
+        assert kept.exists()
+        assert c.get("/instances").json()
 
 
 def test_error_bodies_name_the_problem(client: TestClient) -> None:
