@@ -84,10 +84,13 @@ class PartialFile:
     lives on its own descriptor, held until :meth:`release`, after the rename or the unlink.
     """
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, *, private: bool = False) -> None:
+        # Created with its final mode: writers open it again, and an open of a file that exists
+        # keeps its mode.
+        mode = PRIVATE_FILE_MODE if private else 0o666
         for _ in range(_NAME_TRIES):
             path = partial_path(final)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             # Another process may have taken the lock between the create and this call, finding the
             # file unlocked: it then removes it. Waiting for the lock and checking the file is still
             # linked tells; a fresh name is taken if it was removed.
@@ -208,3 +211,29 @@ def check_local_name(relative: str) -> None:
     for segment in relative.split("/"):
         if segment in ("", ".", ".."):
             raise UnsafeNameError(f"object name would leave the destination directory: {relative!r}")
+
+
+#: Modes of what holds patient data (the archive's objects and index): owner only.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def make_dirs(path: Path, *, private: bool) -> None:
+    """Create ``path`` and its missing parents; with ``private`` each one created gets
+    :data:`PRIVATE_DIR_MODE` (``Path.mkdir(parents=True)`` would give the parents the default
+    mode). Directories that exist keep their mode."""
+    if not private:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise

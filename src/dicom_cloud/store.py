@@ -210,5 +210,11 @@ class Store(abc.ABC):
         this store (or the credentials it was opened with) cannot offer them."""
         return None
 
+    async def remove_empty_directories(self, prefix: str, *, older_than: timedelta) -> int:
+        """Remove the directories below ``prefix`` (a key ending in ``/``) that hold nothing and
+        have not changed for ``older_than``; returns how many. Object stores have no directories
+        (a "folder" is gone with its last object): nothing to do."""
+        return 0
+
     async def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections. The store is unusable afterwards."""

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,13 @@ from pydicom.data import get_testdata_file
 from requests.exceptions import HTTPError
 
 from dicom_cloud.service.settings import ServiceSettings, load_settings
-from live_service import LiveService, free_port, fresh_postgres_database, start_service
+from live_service import (
+    LiveService,
+    free_port,
+    fresh_postgres_database,
+    start_service,
+    start_service_process,
+)
 from servers import S3Server
 
 CT = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
@@ -259,6 +267,58 @@ def test_bad_input_gets_clear_4xx(service: LiveService) -> None:
         assert http.get(path, headers={"Accept": "application/pdf"}).status_code == 406
 
 
+def test_stow_warnings_and_failure_reasons_reach_the_client(service: LiveService) -> None:
+    """Instances whose file meta names another SOP Instance UID (pydicom's rtplan.dcm and
+    rtdose.dcm, stored by Orthanc) are stored under the dataset's UID with a warning; refusals
+    carry a readable ErrorComment beside the code: with dicomweb-client and with raw HTTP."""
+    client = client_for(service)
+    datasets = [pydicom.dcmread(get_testdata_file(name)) for name in ("rtplan.dcm", "rtdose.dcm")]  # type: ignore[arg-type]
+    assert all(d.file_meta.MediaStorageSOPInstanceUID != d.SOPInstanceUID for d in datasets)
+    answer = client.store_instances(datasets)
+    assert "FailedSOPSequence" not in answer
+    assert [str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence] == [
+        str(d.SOPInstanceUID) for d in datasets
+    ]
+    for item in answer.ReferencedSOPSequence:
+        assert item.WarningReason == 0xB007
+        assert item.ErrorComment == "file meta and dataset disagree on the SOP Instance UID"
+    for d in datasets:
+        [found] = client.search_for_instances(search_filters={"SOPInstanceUID": d.SOPInstanceUID})
+        assert uid(found, SOP_UID) == d.SOPInstanceUID
+        assert (
+            client.search_for_instances(
+                search_filters={"SOPInstanceUID": d.file_meta.MediaStorageSOPInstanceUID}
+            )
+            == []
+        )
+        retrieved = client.retrieve_instance(d.StudyInstanceUID, d.SeriesInstanceUID, d.SOPInstanceUID)
+        assert retrieved.SOPInstanceUID == d.SOPInstanceUID
+
+    # A refusal: the client sees why (the same UID with other content), not only 0x0111.
+    other = pydicom.dcmread(get_testdata_file("rtplan.dcm"))  # type: ignore[arg-type]
+    other.RTPlanLabel = "changed"
+    with pytest.raises(HTTPError) as refused:
+        client.store_instances([other])
+    assert refused.value.response.status_code == 409
+    [failed] = refused.value.response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0x0111]
+    assert "SOP Instance UID" in failed["00000902"]["Value"][0]
+
+    # Raw HTTP: the file as it is on disk; 202 with the warning, and the Warning header.
+    with httpx.Client(base_url=service.url, headers=auth(service.admin_token), timeout=60) as http:
+        body, content_type = related(RTDOSE.read_bytes(), b"junk" * 100)
+        answer = http.post("/studies", content=body, headers={"Content-Type": content_type})
+        assert answer.status_code == 202
+        [stored] = answer.json()["00081199"]["Value"]
+        assert stored["00081196"]["Value"] == [0xB007]
+        [failed] = answer.json()["00081198"]["Value"]
+        assert (failed["00081197"]["Value"], failed["00000902"]["Value"]) == (
+            [0xC000],
+            ["not DICOM (no DICM marker)"],
+        )
+        assert "disagree on the SOP Instance UID" in answer.headers["warning"]
+
+
 # -- tenants, scopes, tokens -------------------------------------------------------------------------
 
 
@@ -287,6 +347,27 @@ def test_tenant_isolation(service: LiveService, tmp_path: Path) -> None:
         assert all(t["tenant"] == "tenant-b" for t in http.get("/tokens").json())
     # The owner still has everything.
     assert client_for(service).retrieve_study(ct.StudyInstanceUID)[0].SOPInstanceUID == ct.SOPInstanceUID
+
+
+def test_token_create_with_expires(service: LiveService, tmp_path: Path) -> None:
+    """``dicom-cloud token create --expires 30d``: the token works now, is listed with its expiry
+    30 days on; bad durations are one-line usage errors (exit 2)."""
+    data = ["--data-dir", str(tmp_path / "data")]
+    argv = [str(CLI), "token", "create", "--tenant", "default", "--scopes", "read", "--name", "ci"]
+    made = subprocess.run([*argv, "--expires", "30d", "--json", *data], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    expires = datetime.fromisoformat(created["expires"])
+    assert timedelta(days=29, hours=23) < expires - datetime.now(UTC) <= timedelta(days=30)
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        assert http.get("/studies", headers=auth(created["token"])).status_code == 200
+        listed = {t["id"]: t for t in http.get("/tokens", headers=auth(service.admin_token)).json()}
+        assert datetime.fromisoformat(listed[created["id"]]["expires"]) == expires
+        assert listed[created["id"]]["expired"] is False
+    for bad in ("0", "soon", "99999999999w"):
+        refused = subprocess.run([*argv, "--expires", bad, *data], capture_output=True, text=True)
+        assert refused.returncode == 2, (bad, refused.stderr)
+        assert "Traceback" not in refused.stderr and "expir" in refused.stderr
 
 
 def test_scopes_and_token_admin(service: LiveService) -> None:
@@ -404,6 +485,53 @@ def _upload(http: httpx.Client, files: list[tuple[str, bytes]]) -> dict[str, Any
         put = httpx.put(url["url"], content=data, headers=url["headers"], timeout=60)
         assert put.status_code in (200, 204), (put.text, url["url"])
     return session
+
+
+def _modes(root: Path) -> dict[str, int]:
+    """Permission bits of ``root`` and of everything under it, by path relative to ``root``'s parent."""
+    found = {root.name: root.stat().st_mode & 0o777}
+    for path in root.rglob("*"):
+        found[str(path.relative_to(root.parent))] = path.lstat().st_mode & 0o777
+    return found
+
+
+def test_embedded_data_is_created_owner_only(tmp_path: Path) -> None:
+    """The data directory, the SQLite index (with its -wal and -shm), instances, sidecars, derived
+    previews and staged uploads of ``dicom-cloud serve``'s embedded default are 0700/0600, under
+    the common umask 022."""
+    previous = os.umask(0o022)
+    try:
+        service = start_service_process(tmp_path / "work")
+    finally:
+        os.umask(previous)
+    try:
+        ct = pydicom.dcmread(CT)
+        with httpx.Client(base_url=service.url, headers=auth(service.token), timeout=60) as http:
+            body, content_type = related(CT.read_bytes())
+            assert (
+                http.post("/studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+            )
+            path = (
+                f"/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
+            )
+            assert http.get(path + "/rendered").status_code == 200  # cached under derived/
+            session = _upload(http, [("mr.dcm", MR.read_bytes())])
+            data = tmp_path / "work" / "data"
+            staged = _modes(data)
+            assert any("/staging/" in p for p in staged), sorted(staged)
+            assert http.post(f"/uploads/{session['id']}/complete").status_code == 200
+        modes = {**staged, **_modes(data)}
+        kinds = {kind: any(f"/{kind}/" in p for p in modes) for kind in ("instances", "metadata", "derived")}
+        assert all(kinds.values()), kinds
+        assert {"data/index.sqlite", "data/index.sqlite-wal", "data/index.sqlite-shm"} <= set(modes)
+        loose = {
+            p: oct(m)
+            for p, m in modes.items()
+            if m != (0o700 if (tmp_path / "work" / p).is_dir() or p == "data" else 0o600)
+        }
+        assert not loose, loose
+    finally:
+        service.stop()
 
 
 def test_direct_upload_through_the_service_signed_route(service: LiveService, tmp_path: Path) -> None:

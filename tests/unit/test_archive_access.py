@@ -64,6 +64,29 @@ def test_tokens(archive: tuple[Archive, Run]) -> None:
         run(a.create_token("acme", " ", ["read"]))
 
 
+def test_tokens_may_expire(archive: tuple[Archive, Run]) -> None:
+    """A token made with a lifetime is accepted until then and refused after (clock injected),
+    and is listed with its expiry; one without a lifetime never expires."""
+    a, run = archive
+    token, record = run(a.create_token("acme", "ci", ["write"], timedelta(days=30)))
+    forever, _ = run(a.create_token("acme", "ops", ["admin"]))
+    assert record.expires is not None
+    assert timedelta(days=30) - timedelta(seconds=5) < record.expires - record.created <= timedelta(days=30)
+    assert run(a.authenticate(token)) == record
+    just_before = record.expires - timedelta(seconds=1)
+    assert run(a.authenticate(token, now=just_before)) == record
+    assert run(a.authenticate(token, now=record.expires)) is None
+    assert run(a.authenticate(token, now=record.expires + timedelta(days=1))) is None
+    assert run(a.authenticate(forever, now=record.expires + timedelta(days=10000))) is not None
+    listed = {t.name: t for t in run(a.list_tokens("acme"))}
+    assert listed["ci"].expires == record.expires and listed["ops"].expires is None
+    assert listed["ci"].expired(now=record.expires) and not listed["ci"].expired()
+    assert not listed["ops"].expired(now=record.expires)
+    for lifetime in (timedelta(0), timedelta(seconds=-1), timedelta(days=3651)):
+        with pytest.raises(UsageError):
+            run(a.create_token("acme", "x", ["read"], lifetime))
+
+
 def test_share_links(archive: tuple[Archive, Run]) -> None:
     a, run = archive
     run(a.store_instance("acme", make_instance(STUDY, f"{STUDY}.1", f"{STUDY}.1.1")))

@@ -17,6 +17,7 @@ from dicom_cloud.archive import Archive, ArchiveSettings
 from dicom_cloud.archive.parsing import BULK_DATA_THRESHOLD
 from dicom_cloud.crypto.envelope import ClientEncryption
 from dicom_cloud.crypto.keys import KeyRing, MasterKey
+from dicom_cloud.dicom.header import REASON_META_MISMATCH
 from dicom_cloud.errors import (
     ConflictError,
     DicomCloudError,
@@ -44,11 +45,10 @@ def _expected_ok(path: Path) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = dcmread(BytesIO(data))
-        if not all(
+        # A file meta naming another SOP Instance UID does not matter: stored with a warning.
+        return all(
             k in ds for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
-        ):
-            return False
-        return bool(ds.file_meta.get("MediaStorageSOPInstanceUID", ds.SOPInstanceUID) == ds.SOPInstanceUID)
+        )
     except Exception:
         return False
 
@@ -75,6 +75,8 @@ def test_every_pydicom_test_file_is_stored_or_refused_cleanly(archive: tuple[Arc
         "JPEG2000.dcm",
         "SC_rgb_jpeg_dcmtk.dcm",
         "waveform_ecg.dcm",
+        "rtplan.dcm",
+        "rtdose.dcm",
     ):
         assert name in stored, name
     well_formed = {p.name for p in all_test_files() if _expected_ok(p)}
@@ -311,3 +313,29 @@ def test_mutated_instances_are_stored_or_refused_with_typed_errors(archive: tupl
             except DicomCloudError as exc:
                 assert exc.http_status < 500 or isinstance(exc, NotSupportedError), exc
     assert outcomes["stored"] > 20 and outcomes["refused"] > 20, outcomes
+
+
+@pytest.mark.parametrize("name", ["rtplan.dcm", "rtdose.dcm"])
+def test_file_meta_naming_another_instance_is_stored_under_the_dataset_uid_with_a_warning(
+    archive: tuple[Archive, Run], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, run = archive
+    data = read_test_file(name)
+    ds = dcmread(BytesIO(data))
+    assert ds.file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
+    with caplog.at_level("WARNING", logger="dicom_cloud.archive"):
+        stored = run(a.store_instance("acme", data))
+    assert stored.created and stored.warnings == (REASON_META_MISMATCH,)
+    assert stored.record.sop_instance_uid == ds.SOPInstanceUID
+    found = run(a.search_instances("acme", {"SOPInstanceUID": ds.SOPInstanceUID}))
+    assert [f["00080018"]["Value"] for f in found] == [[ds.SOPInstanceUID]]
+    assert run(a.search_instances("acme", {"SOPInstanceUID": ds.file_meta.MediaStorageSOPInstanceUID})) == []
+    assert run(a.read_instance(stored.record)) == data  # the bytes are kept as sent
+    # Logged without UIDs or any other value of the instance.
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert REASON_META_MISMATCH in logged
+    assert ds.SOPInstanceUID not in logged and ds.file_meta.MediaStorageSOPInstanceUID not in logged
+    # Stored again: the same idempotent answer, with the same warning.
+    again = run(a.store_instance("acme", data))
+    assert not again.created and again.warnings == (REASON_META_MISMATCH,)
+    assert not run(a.store_instance("acme", read_test_file("CT_small.dcm"))).warnings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -276,3 +278,43 @@ def test_orphaned_objects_are_collected(
     assert run(a.read_instance(kept))
     assert run(a.rendered("acme", *_uids(kept))).cached
     assert run(a.collect_orphans("beta", older_than=timedelta(0))).orphans == 0
+
+
+def test_sweep_covers_every_tenant_and_removes_empty_staging_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sweep_orphans: the orphans of every tenant with objects (one whose only instance never got
+    its row included), indexed objects untouched, and on a local directory the staging folders
+    emptied before the grace period (a recent one stays)."""
+    root = tmp_path / "objects"
+    with opened(ArchiveSettings(str(root), f"sqlite:///{tmp_path}/index.sqlite")) as (a, run):
+        kept = _store((a, run), make_instance(STUDY, SERIES, f"{SERIES}.1"))
+        lost = _store((a, run), make_instance("8.8", "8.8.1", "8.8.1.1"), tenant="ghost")
+
+        async def failing_delete(keys):  # type: ignore[no-untyped-def]
+            raise OSError("store unreachable")
+
+        with monkeypatch.context() as m:
+            m.setattr(a.store, "delete", failing_delete)
+            run(a.delete("ghost", "8.8"))  # rows gone, objects left: ghost holds only orphans
+        old_folder = root / "acme" / "staging" / "old-session"
+        new_folder = root / "acme" / "staging" / "new-session"
+        (old_folder / "sub").mkdir(parents=True)
+        new_folder.mkdir(parents=True)
+        (root / "acme" / "staging" / "busy").mkdir()
+        (root / "acme" / "staging" / "busy" / "0").write_bytes(b"staged")
+        an_hour_ago = time.time() - 7200
+        for path in [*root.rglob("*"), root]:
+            if path != new_folder:
+                os.utime(path, (an_hour_ago, an_hour_ago))
+        assert lost.object_key.startswith("ghost/")
+
+        swept = run(a.sweep_orphans(older_than=timedelta(hours=1)))
+        assert (swept.tenants, swept.orphans, swept.removed) == (2, 2, 2)
+        assert swept.empty_folders == 2  # old-session and its sub folder
+        assert not old_folder.exists() and new_folder.is_dir()
+        assert (root / "acme" / "staging" / "busy" / "0").exists()
+        assert not list((root / "ghost").rglob("*.dcm")) and not list((root / "ghost").rglob("*.json"))
+        assert run(a.read_instance(kept))
+        again = run(a.sweep_orphans(older_than=timedelta(0)))
+        assert (again.orphans, again.empty_folders) == (0, 1)  # the new folder, now past the grace

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from dicom_cloud.archive.db import Database, engine_url, upgrade_schema
 from dicom_cloud.archive.models import Base
@@ -29,6 +31,46 @@ def test_migrations_match_the_models(tmp_path: Path) -> None:
         "patients", "studies", "series", "instances", "extra_attributes", "study_labels",
         "api_tokens", "share_links", "upload_sessions", "alembic_version",
     }  # fmt: skip
+    db.close()
+
+
+def test_tokens_of_a_0001_index_stay_valid_after_the_expiry_migration(tmp_path: Path) -> None:
+    """An index made at revision 0001 (no token expiry) upgrades to head: its tokens keep working,
+    without an expiry; new ones may have one."""
+    from alembic import command
+    from alembic.config import Config
+
+    from dicom_cloud.archive import Archive, ArchiveSettings
+    from dicom_cloud.archive.access import token_hash
+    from dicom_cloud.archive.db import _MIGRATIONS
+
+    url = f"sqlite:///{tmp_path}/index.db"
+    db = Database(url)
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with db.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        assert "expires" not in {c["name"] for c in inspect(connection).get_columns("api_tokens")}
+        connection.execute(
+            text(
+                "INSERT INTO api_tokens (tenant, name, token_hash, scopes, created)"
+                " VALUES ('acme', 'old', :hash, 'read', '2026-01-01 00:00:00')"
+            ),
+            {"hash": token_hash("dcat_" + "a" * 43)},
+        )
+    db.close()
+
+    async def check() -> None:
+        async with await Archive.open(ArchiveSettings(f"file://{tmp_path}/objects", url)) as archive:
+            old = await archive.authenticate("dcat_" + "a" * 43)
+            assert old is not None and old.name == "old" and old.expires is None
+            _, new = await archive.create_token("acme", "new", ["read"], timedelta(days=30))
+            assert new.expires is not None
+
+    asyncio.run(check())
+    db = Database(url)
+    assert schema_differences(db) == []
     db.close()
 
 

@@ -105,9 +105,11 @@ CASES: dict[str, tuple[str | None, tuple[str, str] | None, str, str]] = {
     "rtstruct.dcm": ("1.2.840.10008.1.2", None, "ok", h.REASON_NO_DICM),
     # A stray byte before the dataset and no meta: garbage either way.
     "no_meta.dcm": (None, None, h.REASON_NO_DICM, h.REASON_NO_DICM),
-    # Bad VRs are read; its file meta names another SOP Instance UID than its dataset.
-    "badVR.dcm": ("1.2.840.10008.1.2.1", None, "ok", h.REASON_META_MISMATCH),
-    "rtplan.dcm": ("1.2.840.10008.1.2", None, "ok", h.REASON_META_MISMATCH),
+    # Bad VRs are read; their file meta names another SOP Instance UID than their dataset: read
+    # under the dataset's UID, the mismatch reported (META_MISMATCH).
+    "badVR.dcm": ("1.2.840.10008.1.2.1", None, "ok", "ok"),
+    "rtplan.dcm": ("1.2.840.10008.1.2", ("RTPLAN", "1.2.777.777.77.7.7777.7777.20030903150023"), "ok", "ok"),
+    "rtdose.dcm": ("1.2.840.10008.1.2", None, "ok", "ok"),
     # Valid Part 10 without a Study Instance UID.
     "JPEGLSNearLossless_08.dcm": ("1.2.840.10008.1.2.4.81", None, "ok", h.REASON_NO_STUDY),
     # Fragments: no SOP Instance UID in dataset or meta.
@@ -243,7 +245,7 @@ def test_bad_instance_number() -> None:
 
 def test_error_maps_to_exit_code_and_status_and_hides_phi() -> None:
     with pytest.raises(DicomFormatError) as info:
-        read_identity(data("badVR.dcm"), policy="strict")
+        read_identity(data("badVR.dcm")[:400], policy="strict")  # cut inside its dataset
     err = info.value
     assert isinstance(err, DicomCloudError)
     assert (err.exit_code, err.http_status, err.retryable) == (12, 422, False)
@@ -445,3 +447,17 @@ def test_pydicom_reports_never_carry_values(caplog: pytest.LogCaptureFixture) ->
     caplog.clear()
     pydicom.config.logger.warning("elsewhere")
     assert [r.name for r in caplog.records] == ["pydicom"]
+
+
+@pytest.mark.parametrize("policy", ["lenient", "strict"])
+def test_file_meta_naming_another_instance_is_reported_not_refused(policy: h.Policy) -> None:
+    """rtplan.dcm's file meta names another SOP Instance UID than its dataset: the dataset's UID
+    is the identity, the mismatch is reported; agreeing files report none."""
+    for name in ("rtplan.dcm", "rtdose.dcm"):
+        raw = data(name)
+        full = pydicom.dcmread(BytesIO(raw))
+        assert full.file_meta.MediaStorageSOPInstanceUID != full.SOPInstanceUID
+        got = read_identity(raw, policy=policy)
+        assert got.sop_instance_uid == full.SOPInstanceUID
+        assert got.meta_mismatch
+    assert not read_identity(data("CT_small.dcm"), policy=policy).meta_mismatch

@@ -240,3 +240,43 @@ def test_metadata_round_trips_via_xattrs(tmp_path: Path) -> None:
         assert (tmp_path / "copy.dcm").read_bytes() == b"data"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_private_store_creates_owner_only_files_and_directories(tmp_path: Path, private: bool) -> None:
+    """A private store (the archive's) makes every file 0600 and every directory it creates 0700,
+    whatever the write path; otherwise modes follow the umask, as for any download."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"abc")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    root = shared / "root"
+    store = LocalStore(root, private=private)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"abc"
+
+    async def main() -> None:
+        await store.put("a/b/put.bin", b"abc", PutOptions(metadata={CHECKSUM_METADATA_KEY: "00000000"}))
+        await store.put_stream("c/d/stream.bin", chunks())
+        await store.put_file("e/file.bin", source)
+        await store.copy("a/b/put.bin", "f/copy.bin")
+        writer = store.open_writer("g/h/ranged.bin", 3)
+        writer.write_at(0, b"abc")
+        writer.commit()
+
+    previous = os.umask(0o022)
+    try:
+        asyncio.run(main())
+    finally:
+        os.umask(previous)
+    file_mode, dir_mode = (0o600, 0o700) if private else (0o644, 0o755)
+    made = list(root.rglob("*"))
+    assert len([p for p in made if p.is_file()]) == 5
+    assert {p.name: p.stat().st_mode & 0o777 for p in made if p.is_file()} == {
+        p.name: file_mode for p in made if p.is_file()
+    }
+    dirs = [root, *(p for p in made if p.is_dir())]
+    assert {str(p): p.stat().st_mode & 0o777 for p in dirs} == {str(p): dir_mode for p in dirs}
+    assert shared.stat().st_mode & 0o777 == 0o755  # a directory that existed keeps its mode

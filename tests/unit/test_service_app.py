@@ -3,15 +3,19 @@ answers, error bodies, CORS, OIDC JWTs through the routes, tenants from claims."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
+from sqlalchemy import update
 from test_service_oidc import Issuer
 
+from dicom_cloud.archive.models import ApiTokenRow
 from dicom_cloud.service.app import create_app
 from dicom_cloud.service.settings import load_settings
 
@@ -58,6 +62,114 @@ def test_stow_answer_is_ps3_18(client: TestClient) -> None:
     answer = client.post("/studies", content=body, headers=headers)
     assert answer.status_code == 409
     assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0111]
+
+
+RTPLAN = Path(get_testdata_file("rtplan.dcm")).read_bytes()  # type: ignore[arg-type]
+
+
+def test_stow_failures_carry_a_readable_error_comment(client: TestClient) -> None:
+    """Each FailedSOPSequence item has its FailureReason and, beside it, an ErrorComment (LO) that
+    tells why, free of patient data."""
+    changed = bytearray(CT)
+    changed[-1] ^= 0xFF
+    assert client.post("/studies", content=stow_body(CT)[0], headers=stow_body(CT)[1]).status_code == 200
+    body = (
+        b"--B\r\nContent-Type: application/dicom\r\n\r\n" + b"not DICOM at all" + b"\r\n"
+        b"--B\r\nContent-Type: application/dicom\r\n\r\n" + bytes(changed) + b"\r\n"
+        b"--B\r\nContent-Type: text/plain\r\n\r\n" + b"hello" + b"\r\n"
+        b"--B\r\nContent-Type: application/dicom\r\n\r\n" + CT[:2000] + b"\r\n"
+        b"--B--\r\n"
+    )
+    answer = client.post("/studies", content=body, headers=stow_body()[1])
+    assert answer.status_code == 409
+    failed = answer.json()["00081198"]["Value"]
+    got = [(f["00081197"]["Value"][0], f["00000902"]) for f in failed]
+    assert [code for code, _ in got] == [0xC000, 0x0111, 0xC000, 0xC000]
+    comments = [c["Value"][0] for _, c in got]
+    assert all(c["vr"] == "LO" for _, c in got)
+    assert all(0 < len(c) <= 64 and "\\" not in c for c in comments)
+    assert comments[0] == "not DICOM (no DICM marker)"
+    assert "SOP Instance UID" in comments[1] and "other content" in comments[1]
+    assert comments[2] == "the part is text/plain, not application/dicom"
+    assert comments[3].startswith("truncated")
+    assert not any("CompressedSamples" in c or "1CT1" in c for c in comments)  # no patient data
+    # A study named by the path: instances of another study say so.
+    answer = client.post("/studies/1.2.3", content=stow_body(MR)[0], headers=stow_body(MR)[1])
+    [item] = answer.json()["00081198"]["Value"]
+    assert item["00081197"]["Value"] == [0xA900]
+    assert item["00000902"]["Value"] == ["the instance is of another study"]
+
+
+def test_stow_of_an_instance_whose_file_meta_names_another_uid_is_stored_with_a_warning(
+    client: TestClient,
+) -> None:
+    """pydicom's rtplan.dcm (file meta: another SOP Instance UID) is stored under its dataset's
+    UID; the answer is 202 with WarningReason B007 and the reason in ErrorComment."""
+    body, headers = stow_body(RTPLAN, CT)
+    answer = client.post("/studies", content=body, headers=headers)
+    assert answer.status_code == 202
+    assert "00081198" not in answer.json()
+    plan, ct = answer.json()["00081199"]["Value"]
+    assert plan["00081155"]["Value"] == ["1.2.777.777.77.7.7777.7777.20030903150023"]
+    assert plan["00081196"] == {"vr": "US", "Value": [0xB007]}
+    assert plan["00000902"]["Value"] == ["file meta and dataset disagree on the SOP Instance UID"]
+    assert "00081196" not in ct and "00000902" not in ct
+    assert (
+        answer.headers["warning"]
+        == '299 dicom-cloud "file meta and dataset disagree on the SOP Instance UID"'
+    )
+    found = client.get("/instances", params={"SOPInstanceUID": "1.2.777.777.77.7.7777.7777.20030903150023"})
+    assert found.status_code == 200 and len(found.json()) == 1
+    retrieved = client.get(plan["00081190"]["Value"][0].removeprefix("http://testserver"))
+    assert retrieved.status_code == 200 and RTPLAN in retrieved.content
+
+
+def test_expiring_tokens_answer_401_once_expired_and_are_listed_as_expired(client: TestClient) -> None:
+    answer = client.post("/tokens", json={"name": "ci", "scopes": ["read"], "expires_in_seconds": 3600})
+    assert answer.status_code == 201
+    made = answer.json()
+    assert made["expires"] is not None and made["expired"] is False
+    assert (
+        client.post("/tokens", json={"name": "x", "scopes": ["read"], "expires_in_seconds": 0}).status_code
+        == 400
+    )
+    own = {"Authorization": f"Bearer {made['token']}"}
+    assert client.get("/studies", headers=own).status_code == 200
+    # Its expiry moved into the past, as time would: refused, and listed as expired.
+    archive = client.app.state.archive  # type: ignore[attr-defined]
+    past = datetime.now(UTC) - timedelta(seconds=1)
+
+    def expire(session: Any) -> None:
+        session.execute(update(ApiTokenRow).where(ApiTokenRow.id == made["id"]).values(expires=past))
+
+    archive._db.run_sync(expire)
+    answer = client.get("/studies", headers=own)
+    assert answer.status_code == 401 and "expired" in answer.json()["message"]
+    listed = {t["name"]: t for t in client.get("/tokens").json()}
+    assert listed["ci"]["expired"] is True and listed["ci"]["revoked"] is None
+    assert listed["bootstrap admin"]["expires"] is None and listed["bootstrap admin"]["expired"] is False
+
+
+def test_orphan_sweep_is_scheduled_by_default_and_configurable(tmp_path: Path) -> None:
+    defaults = load_settings({"data_dir": tmp_path}, environ={})
+    assert (defaults.orphan_sweep_interval_seconds, defaults.orphan_grace_seconds) == (3600, 3600)
+    c, tokens = make_client(tmp_path, orphan_sweep_interval_seconds=0.05, orphan_grace_seconds=0.01)
+    with c:
+        c.headers["Authorization"] = f"Bearer {tokens[0]}"
+        body, headers = stow_body(CT)
+        assert c.post("/studies", content=body, headers=headers).status_code == 200
+        instances = tmp_path / "objects" / "default" / "instances"
+        [kept] = list(instances.rglob("*.dcm"))
+        orphan = kept.with_name("0" * 32 + ".00000000.dcm")
+        orphan.write_bytes(CT)  # an instance object no row points at
+        folder = tmp_path / "objects" / "default" / "staging" / "finished-session"
+        folder.mkdir(parents=True)
+        deadline = time.monotonic() + 30
+        while orphan.exists() or folder.exists():
+            assert time.monotonic() < deadline, "the scheduled sweep did not run"
+            time.sleep(0.05)
+        assert kept.exists()
+        assert c.get("/instances").json()
 
 
 def test_error_bodies_name_the_problem(client: TestClient) -> None:

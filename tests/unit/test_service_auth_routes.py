@@ -95,6 +95,39 @@ def test_docs_and_openapi_are_served(client: TestClient) -> None:
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+@pytest.mark.parametrize(
+    ("values", "public"),
+    [
+        ({}, True),  # development: on by default
+        ({"public_docs": False}, False),
+        ({"environment": "production"}, False),  # production: off by default
+        ({"environment": "production", "public_docs": True}, True),
+    ],
+)
+def test_docs_are_public_only_where_the_settings_say(
+    tmp_path: Path, values: dict[str, Any], public: bool
+) -> None:
+    production = {"signing_secret": "s" * 32, "public_url": "https://pacs.example.org"}
+    tokens: list[str] = []
+    settings = load_settings(
+        {"data_dir": tmp_path, **(production if "environment" in values else {}), **values}, environ={}
+    )
+    assert settings.docs_are_public is public
+    with TestClient(create_app(settings, announce_token=tokens.append)) as c:
+        for path in ("/docs", "/openapi.json"):
+            answer = c.get(path)
+            assert answer.status_code == (200 if public else 401), (path, answer.text)
+            if not public:
+                assert answer.headers["www-authenticate"].startswith("Bearer")
+                assert c.get(path, headers={"Authorization": "Bearer dcat_" + "x" * 43}).status_code == 401
+            # With a credential they answer either way.
+            answer = c.get(path, headers={"Authorization": f"Bearer {tokens[0]}"})
+            assert answer.status_code == 200
+        spec = c.get("/openapi.json", headers={"Authorization": f"Bearer {tokens[0]}"}).json()
+        assert "/studies" in spec["paths"] and "/openapi.json" not in spec["paths"]
+        assert c.get("/healthz").status_code == 200
+
+
 def test_access_log_has_no_query_string_no_path_no_credential(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,8 +2,8 @@
 
 A token is ``dcat_`` + 43 URL-safe characters (32 random bytes); a share token ``dcsh_`` + the
 same. The prefix lets secret scanners and people recognise them; the hash is over the whole
-string. A token grants its scopes to its tenant until revoked; a share link grants read access
-to one study until it expires or is revoked.
+string. A token grants its scopes to its tenant until revoked or, when made with a lifetime,
+until it expires; a share link grants read access to one study until it expires or is revoked.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from .records import SCOPES, ApiToken, Scope, ShareLink
 TOKEN_PREFIX: Final = "dcat_"  # noqa: S105 - a prefix, not a secret
 SHARE_PREFIX: Final = "dcsh_"
 MAX_SHARE_LIFETIME: Final = timedelta(days=365)
+#: Longest lifetime of an expiring API token (ten years: beyond it, make one that never expires).
+MAX_TOKEN_LIFETIME: Final = timedelta(days=3650)
 
 
 def token_hash(token: str) -> str:
@@ -39,7 +41,13 @@ def _new_secret(prefix: str) -> str:
 def _token(row: ApiTokenRow) -> ApiToken:
     scopes = tuple(s for s in SCOPES if s in row.scopes.split())
     return ApiToken(
-        row.id, row.tenant, row.name, scopes, utc(row.created), utc(row.revoked) if row.revoked else None
+        row.id,
+        row.tenant,
+        row.name,
+        scopes,
+        utc(row.created),
+        utc(row.revoked) if row.revoked else None,
+        utc(row.expires) if row.expires else None,
     )
 
 
@@ -54,7 +62,13 @@ def _share(row: ShareLinkRow) -> ShareLink:
     )
 
 
-def create_token(session: Session, tenant: str, name: str, scopes: Sequence[Scope]) -> tuple[str, ApiToken]:
+def create_token(
+    session: Session,
+    tenant: str,
+    name: str,
+    scopes: Sequence[Scope],
+    expires_in: timedelta | None = None,
+) -> tuple[str, ApiToken]:
     if isinstance(scopes, str):
         raise UsageError("scopes are a list (read, write, admin)")
     unknown = [s for s in scopes if s not in SCOPES]
@@ -62,13 +76,17 @@ def create_token(session: Session, tenant: str, name: str, scopes: Sequence[Scop
         raise UsageError("a token needs one or more scopes among read, write and admin")
     if not name.strip() or len(name) > 256 or any(ord(c) < 32 or c == "\x7f" for c in name):
         raise UsageError("a token's name has 1 to 256 characters, none of them control characters")
+    if expires_in is not None and not timedelta(0) < expires_in <= MAX_TOKEN_LIFETIME:
+        raise UsageError("an expiring token lasts more than 0 seconds and at most 3650 days")
     token = _new_secret(TOKEN_PREFIX)
+    now = datetime.now(UTC)
     row = ApiTokenRow(
         tenant=tenant,
         name=name.strip(),
         token_hash=token_hash(token),
         scopes=" ".join(s for s in SCOPES if s in scopes),
-        created=datetime.now(UTC),
+        created=now,
+        expires=now + expires_in if expires_in is not None else None,
     )
     session.add(row)
     session.flush()
@@ -79,7 +97,8 @@ def _plausible(token: str, prefix: str) -> bool:
     return isinstance(token, str) and token.startswith(prefix) and len(token) <= 128 and token.isascii()
 
 
-def authenticate(session: Session, token: str) -> ApiToken | None:
+def authenticate(session: Session, token: str, now: datetime | None = None) -> ApiToken | None:
+    """The record of a known token, neither revoked nor expired at ``now``; None otherwise."""
     if not _plausible(token, TOKEN_PREFIX):
         return None
     digest = token_hash(token)
@@ -87,7 +106,8 @@ def authenticate(session: Session, token: str) -> ApiToken | None:
     # The lookup is by hash, so timing reveals nothing of the token; compare anyway.
     if row is None or not hmac.compare_digest(row.token_hash, digest) or row.revoked is not None:
         return None
-    return _token(row)
+    record = _token(row)
+    return None if record.expired(now) else record
 
 
 def list_tokens(session: Session, tenant: str) -> list[ApiToken]:

@@ -21,6 +21,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from typing import Any, TypeVar
@@ -118,10 +119,10 @@ class Archive:
         """Open the store and the index, bringing the schema up to date (Alembic) first."""
         settings.check()  # bad configuration fails before any connection
         qido.resolve_extra_tags(settings.extra_query_tags)
-        opener = LocationOpener(settings.store_config)
+        opener = LocationOpener(replace(settings.store_config, local_private=settings.private_files))
         try:
             location = opener.open(settings.storage_url)
-            db = await Database.open(settings.database_url)
+            db = await Database.open(settings.database_url, private=settings.private_files)
         except BaseException:
             await opener.close()
             raise
@@ -199,6 +200,12 @@ class Archive:
         )
 
     # -- presigned upload sessions ---------------------------------------------------------
+
+    async def sweep_orphans(self, *, older_than: timedelta = timedelta(hours=1)) -> OrphanSweep:
+        """:meth:`collect_orphans` for every tenant with objects in the store, and removal of
+        empty staging folders (left on local directories by finished upload sessions), both
+        only past ``older_than``. What a service runs on a schedule."""
+        return await housekeeping.sweep_orphans(self._objects, self._db, older_than=older_than)
 
     async def create_upload(
         self, tenant: str, files: Sequence[DeclaredFile], expires_in: timedelta = timedelta(hours=1)
@@ -289,6 +296,7 @@ class Archive:
                 r.study_instance_uid,
                 r.series_instance_uid,
                 stored.created,
+                stored.warnings,
             )
 
         results = await asyncio.gather(*(one(i) for i in range(len(upload.files))))
@@ -583,14 +591,18 @@ class Archive:
 
     # -- API tokens ------------------------------------------------------------------------
 
-    async def create_token(self, tenant: str, name: str, scopes: Sequence[Scope]) -> tuple[str, ApiToken]:
-        """A new random token (returned once, never stored: only its SHA-256 is) and its record."""
+    async def create_token(
+        self, tenant: str, name: str, scopes: Sequence[Scope], expires_in: timedelta | None = None
+    ) -> tuple[str, ApiToken]:
+        """A new random token (returned once, never stored: only its SHA-256 is) and its record.
+        With ``expires_in`` (at most 3650 days) it is refused once that time has passed."""
         check_tenant(tenant)
-        return await self._run(lambda s: access.create_token(s, tenant, name, scopes))
+        return await self._run(lambda s: access.create_token(s, tenant, name, scopes, expires_in))
 
-    async def authenticate(self, token: str) -> ApiToken | None:
-        """The record of a valid, unrevoked token; None otherwise."""
-        return await self._run(lambda s: access.authenticate(s, token))
+    async def authenticate(self, token: str, now: datetime | None = None) -> ApiToken | None:
+        """The record of a valid token, neither revoked nor expired (at ``now``, default the
+        current time); None otherwise."""
+        return await self._run(lambda s: access.authenticate(s, token, now))
 
     async def list_tokens(self, tenant: str) -> list[ApiToken]:
         check_tenant(tenant)

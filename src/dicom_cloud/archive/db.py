@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from ..errors import NetworkError, UsageError
+from ..localio import PRIVATE_FILE_MODE, make_dirs
 
 T = TypeVar("T")
 
@@ -72,7 +74,10 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def create_index_engine(url: str) -> Engine:
+def create_index_engine(url: str, *, private: bool = False) -> Engine:
+    """The engine of the index at ``url``. A SQLite file is created with its directory first;
+    ``private``: owner-only (0600, its directory 0700), which SQLite passes on to the -wal and
+    -shm files it makes beside it."""
     full = engine_url(url)
     parsed = make_url(full)
     if parsed.get_backend_name() == "sqlite":
@@ -80,7 +85,10 @@ def create_index_engine(url: str) -> Engine:
         if database in ("", ":memory:"):
             engine = create_engine(full, connect_args={"check_same_thread": False}, poolclass=StaticPool)
         else:
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(database)
+            make_dirs(path.parent, private=private)
+            if private:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))  # kept if it exists
             engine = create_engine(full, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
@@ -120,8 +128,8 @@ _STATISTICS_EVERY = 2000
 class Database:
     """The index: an engine, a session factory, and a way to run work off the event loop."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = create_index_engine(url)
+    def __init__(self, url: str, *, private: bool = False) -> None:
+        self.engine = create_index_engine(url, private=private)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time (across processes: BEGIN IMMEDIATE waits for it), and
         # an in-memory database is one shared connection: units of work on SQLite take turns.
@@ -131,8 +139,8 @@ class Database:
         self._units = itertools.count(1)
 
     @classmethod
-    async def open(cls, url: str) -> Database:
-        db = cls(url)
+    async def open(cls, url: str, *, private: bool = False) -> Database:
+        db = await asyncio.to_thread(lambda: cls(url, private=private))
         try:
             await asyncio.to_thread(_translated, upgrade_schema, db.engine)
             await asyncio.to_thread(db.refresh_statistics)

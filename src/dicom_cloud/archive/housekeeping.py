@@ -1,6 +1,6 @@
 """Housekeeping of an archive, run now and then by any service instance while traffic goes on:
-objects no index row points at, and extra query tags configured after instances were stored.
-(Expired upload sessions are swept by ``Archive.expire_uploads``.)"""
+objects no index row points at, empty staging folders, and extra query tags configured after
+instances were stored. (Expired upload sessions are swept by ``Archive.expire_uploads``.)"""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-from ..errors import NotFoundError
+from ..errors import NotFoundError, UsageError
 from . import index
-from .bucket import BucketLayout
+from .bucket import BucketLayout, check_tenant
 from .db import Database
 from .objects import ArchiveObjects
 from .parsing import json_value_text
@@ -61,6 +61,28 @@ async def collect_orphans(
     if orphans:
         log.info("orphaned objects: %d found, %d removed", orphans, removed)
     return OrphanSweep(scanned=scanned, orphans=orphans, removed=removed)
+
+
+async def sweep_orphans(objects: ArchiveObjects, db: Database, *, older_than: timedelta) -> OrphanSweep:
+    """:func:`collect_orphans` for every tenant that has objects (the store's first level, so a
+    tenant whose only instance never got its row is swept too), and removal of the empty staging
+    folders (of finished upload sessions) unchanged for ``older_than``."""
+    scanned = orphans = removed = folders = tenants = 0
+    async for info in objects.store.list(objects.key(""), recursive=False):
+        tenant = objects.archive_key(info.key).rstrip("/")
+        if not info.key.endswith("/"):
+            continue  # a file at the root: not the archive's
+        try:
+            check_tenant(tenant)
+        except UsageError:
+            continue  # not a tenant folder
+        sweep = await collect_orphans(objects, db, tenant, older_than=older_than, dry_run=False)
+        folders += await objects.store.remove_empty_directories(
+            objects.key(BucketLayout.staging_prefix(tenant)), older_than=older_than
+        )
+        scanned, orphans, removed = scanned + sweep.scanned, orphans + sweep.orphans, removed + sweep.removed
+        tenants += 1
+    return OrphanSweep(scanned, orphans, removed, empty_folders=folders, tenants=tenants)
 
 
 async def reindex_extra_tags(

@@ -21,7 +21,13 @@ from sqlalchemy.orm import Session
 
 from ..budget import ByteBudget
 from ..checksum import Crc32c, crc32c_hex
-from ..dicom.header import REASON_TOO_LONG, REASON_UNREADABLE, DicomIdentity, read_identity_from_store
+from ..dicom.header import (
+    REASON_META_MISMATCH,
+    REASON_TOO_LONG,
+    REASON_UNREADABLE,
+    DicomIdentity,
+    read_identity_from_store,
+)
 from ..errors import (
     ConflictError,
     DicomCloudError,
@@ -90,9 +96,11 @@ class Ingestor:
             parsed = await asyncio.to_thread(parse_instance, sanitised, self.extra_tags)
             return await self._store_parsed(tenant, sanitised, parsed, changed)
 
-    def _same(self, existing: InstanceRecord, size: int, crc: str, changed: bool) -> StoredInstance:
+    def _same(
+        self, existing: InstanceRecord, size: int, crc: str, changed: bool, warnings: tuple[str, ...]
+    ) -> StoredInstance:
         if existing.size == size and existing.crc32c == crc:
-            return StoredInstance(existing, created=False, preamble_sanitised=changed)
+            return StoredInstance(existing, created=False, preamble_sanitised=changed, warnings=warnings)
         raise self._conflict()
 
     @staticmethod
@@ -122,9 +130,10 @@ class Ingestor:
         """Store an instance of ``size`` bytes and CRC32C ``crc`` whose bytes ``write_object(key)``
         writes: data, then sidecar, then the rows that point at both."""
         uid = parsed.identity.sop_instance_uid
+        warnings = _warnings(tenant, parsed.identity)
         existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
         if existing is not None:
-            return self._same(existing, size, crc, changed)
+            return self._same(existing, size, crc, changed, warnings)
         object_key = self.layout.instance_key(tenant, uid, crc)
         sidecar_key = self.layout.sidecar_key(tenant, uid, crc)
 
@@ -147,14 +156,14 @@ class Ingestor:
             for _attempt in range(5):
                 try:
                     record = await self.db.run(insert)
-                    return StoredInstance(record, created=True, preamble_sanitised=changed)
+                    return StoredInstance(record, created=True, preamble_sanitised=changed, warnings=warnings)
                 except DatabaseIntegrityError:
                     # Another writer created a row first: this instance (then decide), or its
                     # patient/study/series (then try again: they exist now).
                     existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
                     if existing is not None:
                         if existing.object_key == object_key:
-                            return self._same(existing, size, crc, changed)  # same bytes, same objects
+                            return self._same(existing, size, crc, changed, warnings)  # same objects
                         raise self._conflict() from None
             raise ConflictError("the index kept refusing the instance's rows; try again")
         except BaseException:
@@ -303,6 +312,14 @@ class Ingestor:
         await self.objects.store.delete([src])
         log.info("upload refused and quarantined: %s", reason)
         return RejectedObjectError(reason, quarantine_key=quarantine_key)
+
+
+def _warnings(tenant: str, identity: DicomIdentity) -> tuple[str, ...]:
+    """The caveats an instance is stored with (logged without its UIDs: no patient data)."""
+    if not identity.meta_mismatch:
+        return ()
+    log.warning("instance stored with a warning: %s (tenant %s)", REASON_META_MISMATCH, tenant)
+    return (REASON_META_MISMATCH,)
 
 
 def _zero_preamble(chunk: bytes | memoryview, offset: int) -> bytes:

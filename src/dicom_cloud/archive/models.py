@@ -154,6 +154,8 @@ class ApiTokenRow(Base):
     scopes: Mapped[str] = mapped_column(String(64))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: When the token stops being accepted; None: valid until revoked.
+    expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ShareLinkRow(Base):

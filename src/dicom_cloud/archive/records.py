@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 Scope = Literal["read", "write", "admin"]
@@ -56,6 +56,9 @@ class StoredInstance:
     created: bool
     #: True when the 128-byte preamble held something else than zeros and was cleared.
     preamble_sanitised: bool
+    #: Why the instance was stored with a caveat (stable texts, no patient data), e.g. its file
+    #: meta naming another SOP Instance UID (``dicom.header.REASON_META_MISMATCH``).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,12 @@ class ApiToken:
     scopes: tuple[Scope, ...]
     created: datetime
     revoked: datetime | None
+    #: When the token stops being accepted; None: valid until revoked.
+    expires: datetime | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """Whether the token's lifetime is over at ``now`` (default: the current time)."""
+        return self.expires is not None and (now or datetime.now(UTC)) >= self.expires
 
     def allows(self, scope: Scope) -> bool:
         """Whether the token grants ``scope`` (admin implies write implies read)."""
@@ -153,6 +162,8 @@ class AcceptedFile:
     study_instance_uid: str
     series_instance_uid: str
     created: bool
+    #: As ``StoredInstance.warnings``.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,7 +193,10 @@ class UploadOutcome:
     def from_json(cls, data: Mapping[str, Any]) -> UploadOutcome:
         return cls(
             str(data["session_id"]),
-            accepted=tuple(AcceptedFile(**a) for a in data.get("accepted", [])),
+            accepted=tuple(
+                AcceptedFile(**{**a, "warnings": tuple(a.get("warnings", ()))})
+                for a in data.get("accepted", [])
+            ),
             rejected=tuple(RejectedFile(**r) for r in data.get("rejected", [])),
         )
 
@@ -204,3 +218,7 @@ class OrphanSweep:
     orphans: int
     #: Orphans deleted (0 on a dry run).
     removed: int
+    #: Empty staging folders removed (local directories; object stores have none).
+    empty_folders: int = 0
+    #: Tenants swept (:meth:`Archive.sweep_orphans`; 1 for one tenant's collection).
+    tenants: int = 1

@@ -45,6 +45,9 @@ class ArchiveSettings:
     max_query_limit: int = 1000
     #: Longest side in pixels of a thumbnail.
     thumbnail_size: int = 128
+    #: A local storage directory and a SQLite index are created owner-only (directories 0700,
+    #: files 0600, the SQLite -wal and -shm files included): they hold patient data.
+    private_files: bool = True
 
     def check(self) -> None:
         """UsageError for values no archive can work with."""

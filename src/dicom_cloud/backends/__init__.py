@@ -50,6 +50,9 @@ class StoreConfig:
     gcs_kms_key_name: str | None = None
     #: Extra settings for a named backend, for the rare key not modelled above.
     extra: dict[str, str] = field(default_factory=dict)
+    #: Local directories: create files 0600 and directories 0700 (the archive sets it: patient
+    #: data). Off, modes follow the umask, as for any program that writes files.
+    local_private: bool = False
 
     def __post_init__(self) -> None:
         sse = self.server_side_encryption
@@ -165,7 +168,7 @@ def open_store(url: StorageURL | str, config: StoreConfig | None = None) -> Stor
     if url.scheme == "file":
         from .local import LocalStore
 
-        return LocalStore(Path("/"))
+        return LocalStore(Path("/"), private=config.local_private)
     if url.scheme == "gs":
         from .gcs import open_gcs
 

@@ -1,4 +1,8 @@
-"""Local disk as a store: keys are paths under a root directory, writes are atomic renames."""
+"""Local disk as a store: keys are paths under a root directory, writes are atomic renames.
+
+A private store (``LocalStore(root, private=True)``, what the archive opens: its files are patient
+data) creates its files ``0600`` and its directories ``0700``; otherwise modes follow the umask.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ import shutil
 import stat as stat_module
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import (
     AlreadyExistsError,
@@ -22,7 +27,15 @@ from ..errors import (
     PermissionDeniedError,
     UnsafeNameError,
 )
-from ..localio import PARTIAL_SUFFIX, PartialFile, StalePartials, counting_listing, read_chunks
+from ..localio import (
+    PARTIAL_SUFFIX,
+    PRIVATE_FILE_MODE,
+    PartialFile,
+    StalePartials,
+    counting_listing,
+    make_dirs,
+    read_chunks,
+)
 from ..store import CHECKSUM_METADATA_KEY, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 
 log = logging.getLogger(__name__)
@@ -34,11 +47,13 @@ class LocalStore(Store):
     scheme = "file"
     features = Features(server_side_copy=True, random_access_write=True)
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, private: bool = False) -> None:
         self.root = root
         self.bucket = str(root)
         #: Partial files of writes whose process died: a new write of their file removes them.
         self._stale = StalePartials()
+        #: Files created 0600 and directories 0700 (whatever the umask allows beyond).
+        self.private = private
 
     def url(self, key: str = "") -> str:
         # For messages only: no validation here, so that an unsafe name can still be reported.
@@ -143,7 +158,7 @@ class LocalStore(Store):
         path = self.path(key)
 
         def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
+            with _create(tmp, self.private) as f:
                 f.write(data)
             _write_metadata(tmp, options)
 
@@ -164,7 +179,7 @@ class LocalStore(Store):
             raise _translate(exc, path) from exc
         tmp = partial.path
         try:
-            with open(tmp, "wb") as f:
+            with _create(tmp, self.private) as f:
                 async for chunk in chunks:
                     await asyncio.to_thread(f.write, chunk)
             await asyncio.to_thread(_write_metadata, tmp, options)
@@ -183,6 +198,7 @@ class LocalStore(Store):
         dest = self.path(key)
 
         def write(tmp: Path) -> None:
+            _create(tmp, self.private).close()  # copyfile keeps the mode of a file that exists
             shutil.copyfile(path, tmp)
             _write_metadata(tmp, options)
 
@@ -191,9 +207,9 @@ class LocalStore(Store):
 
     def _new_partial(self, path: Path) -> PartialFile:
         """The partial file of a write of ``path``, once the stale ones of ``path`` are removed."""
-        _make_parent(path)
+        _make_parent(path, self.private)
         self._stale.remove_for(path)
-        return PartialFile(path)
+        return PartialFile(path, private=self.private)
 
     def _write_then_commit(self, path: Path, write: object, if_absent: bool) -> None:
         assert callable(write)
@@ -227,13 +243,25 @@ class LocalStore(Store):
 
     async def copy(self, src_key: str, dst_key: str) -> None:
         src = self.path(src_key)
-        await asyncio.to_thread(
-            self._write_then_commit, self.path(dst_key), lambda tmp: shutil.copy2(src, tmp), False
-        )
+
+        def write(tmp: Path) -> None:
+            shutil.copy2(src, tmp)
+            if self.private:
+                tmp.chmod(PRIVATE_FILE_MODE)  # copy2 copied the source's mode
+
+        await asyncio.to_thread(self._write_then_commit, self.path(dst_key), write, False)
+
+    async def remove_empty_directories(self, prefix: str, *, older_than: timedelta) -> int:
+        """Empty directories below ``prefix`` unchanged for ``older_than``, deepest first (a
+        parent emptied by the removal of its children goes too, whatever its date: its own
+        change is this removal). ``prefix`` itself stays."""
+        top = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        cutoff = (datetime.now(UTC) - older_than).timestamp()
+        return await asyncio.to_thread(_remove_empty_dirs, top, cutoff)
 
     def open_writer(self, key: str, size: int) -> RandomAccessWriter:
         """A file of ``size`` bytes to fill at any offsets, renamed into place by ``commit``."""
-        return RandomAccessWriter(self.path(key), size, self._stale)
+        return RandomAccessWriter(self.path(key), size, self._stale, private=self.private)
 
 
 class RandomAccessWriter:
@@ -244,16 +272,18 @@ class RandomAccessWriter:
     descriptor.
     """
 
-    def __init__(self, final: Path, size: int, stale: StalePartials | None = None) -> None:
+    def __init__(
+        self, final: Path, size: int, stale: StalePartials | None = None, *, private: bool = False
+    ) -> None:
         self.final = final
         self._writing = 0
         self._idle = threading.Condition()
         self._fd = -1
         try:
-            _make_parent(final)
+            _make_parent(final, private)
             if stale is not None:
                 stale.remove_for(final)
-            self._partial = PartialFile(final)
+            self._partial = PartialFile(final, private=private)
         except OSError as exc:
             raise _translate(exc, final) from exc
         self.tmp = self._partial.path
@@ -366,8 +396,15 @@ def _stamp(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _make_parent(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _make_parent(path: Path, private: bool = False) -> None:
+    make_dirs(path.parent, private=private)
+
+
+def _create(path: Path, private: bool) -> BinaryIO:
+    """``path`` opened for writing, truncated; created 0600 when ``private`` (else 0666 less the
+    umask, as ``open`` does)."""
+    mode = PRIVATE_FILE_MODE if private else 0o666
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb")
 
 
 def _commit(tmp: Path, final: Path, if_absent: bool) -> None:
@@ -384,6 +421,22 @@ def _commit(tmp: Path, final: Path, if_absent: bool) -> None:
 
 def _mtime(st: os.stat_result) -> datetime:
     return datetime.fromtimestamp(st.st_mtime, tz=UTC)
+
+
+def _remove_empty_dirs(top: Path, cutoff: float) -> int:
+    removed: set[Path] = set()
+    for name, subdirs, files in os.walk(top, topdown=False):
+        directory = Path(name)
+        if directory == top or files or any(directory / d not in removed for d in subdirs):
+            continue  # the prefix itself, or something stayed in it
+        try:
+            if not subdirs and directory.stat().st_mtime > cutoff:
+                continue  # emptied (or made) lately: a writer may be about to use it
+            directory.rmdir()  # fails on anything written meanwhile
+        except OSError:
+            continue
+        removed.add(directory)
+    return len(removed)
 
 
 def _take(iterator: Iterator[ObjectInfo], count: int) -> list[ObjectInfo]:

@@ -97,7 +97,10 @@ def parse_duration(text: str) -> timedelta:
         raise UsageError(f"--expires: cannot read duration '{text}'", hint="write e.g. 3600, 30m, 12h or 7d")
     value, unit = int(match.group(1)), (match.group(2) or "s").lower()
     seconds = value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise UsageError(f"--expires: '{text}' is too long a duration") from None
 
 
 def parse_tags(text: str | None) -> dict[str, str]:

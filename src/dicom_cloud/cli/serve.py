@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import UsageError
+from ..localio import make_dirs
 
 #: Flags shared by both commands: (flag, settings field, help).
 _SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -67,6 +68,7 @@ def register(add: Callable[..., Any]) -> None:
         "Create an API token directly in the index (for a new tenant, or when no admin token is left).\n"
         "The token is printed once; only its hash is kept.",
         "  dicom-cloud token create --tenant hospital-a --scopes admin --name 'ops'\n"
+        "  dicom-cloud token create --tenant hospital-a --scopes write --name 'ci' --expires 30d\n"
         "  dicom-cloud token create --tenant hospital-a --scopes read --database postgresql://svc@db/dicom",
         _token,
     )
@@ -74,6 +76,7 @@ def register(add: Callable[..., Any]) -> None:
     sub.add_argument("--tenant", required=True)
     sub.add_argument("--scopes", default="read", help="comma-separated: read, write, admin (default read)")
     sub.add_argument("--name", default="cli", help="what the token is for")
+    sub.add_argument("--expires", help="lifetime: 3600, 30m, 12h, 30d, 4w (default: valid until revoked)")
     sub.add_argument("--json", action="store_true", help="print a JSON object")
     _add_setting_flags(sub)
 
@@ -99,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         config_file=args.config,
     )
     if settings.storage is None or settings.database is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(settings.data_dir, private=True)  # patient data: owner only
     setup_json_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
@@ -116,6 +119,7 @@ def _token(args: argparse.Namespace) -> int:
     from ..archive import SCOPES, Archive
     from ..service.app import archive_settings
     from ..service.settings import load_settings
+    from .options import parse_duration
 
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
     unknown = [s for s in scopes if s not in SCOPES]
@@ -123,19 +127,26 @@ def _token(args: argparse.Namespace) -> int:
         raise UsageError(
             f"unknown scope(s): {', '.join(unknown) or 'none given'}", hint="use read, write, admin"
         )
+    lifetime = parse_duration(args.expires) if args.expires is not None else None
     settings = load_settings(_flags(args, {}), config_file=args.config)
     if settings.storage is None or settings.database is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(settings.data_dir, private=True)  # patient data: owner only
 
     async def create() -> tuple[str, Any]:
         async with await Archive.open(archive_settings(settings)) as archive:
-            return await archive.create_token(args.tenant, args.name, scopes)
+            return await archive.create_token(args.tenant, args.name, scopes, lifetime)
 
     secret, record = asyncio.run(create())
     if args.json:
         print(
             json.dumps(
-                {"id": record.id, "tenant": record.tenant, "scopes": list(record.scopes), "token": secret}
+                {
+                    "id": record.id,
+                    "tenant": record.tenant,
+                    "scopes": list(record.scopes),
+                    "expires": record.expires.isoformat() if record.expires else None,
+                    "token": secret,
+                }
             )
         )
     else:

@@ -6,8 +6,10 @@ switch instead of scattered try/excepts):
 ``strict``
     The object must be Part 10: a 128-byte preamble followed by ``DICM`` and a file meta
     group; the four identity UIDs (SOP Class, SOP Instance, Study, Series) must be present
-    and valid UIDs; a requested element cut short by the end of the data is an error; the
-    file meta and the dataset must agree on the SOP Instance UID.
+    and valid UIDs; a requested element cut short by the end of the data is an error. A file
+    meta whose Media Storage SOP Instance UID differs from the dataset's is reported
+    (``DicomIdentity.meta_mismatch``), not refused: the dataset's UID is the instance's identity,
+    as in every DICOM archive (pydicom's own ``rtplan.dcm`` is such a file).
 ``lenient`` (default)
     Also accepts a bare dataset without preamble or file meta (read as pydicom's
     ``force=True``), as long as it still yields a SOP Instance UID. Missing Study/Series UIDs
@@ -76,6 +78,7 @@ REASON_NO_STUDY: Final = "missing Study Instance UID"
 REASON_NO_SERIES: Final = "missing Series Instance UID"
 REASON_BAD_UID: Final = "invalid UID"
 REASON_BAD_NUMBER: Final = "invalid integer string"
+#: Not a refusal: the text of the warning about ``DicomIdentity.meta_mismatch``.
 REASON_META_MISMATCH: Final = "file meta and dataset disagree on the SOP Instance UID"
 
 
@@ -103,6 +106,9 @@ class DicomIdentity:
     instance_number: int | None = None
     #: Values of the ``extra_tags`` asked for, keyed as asked; absent tags are left out.
     extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    #: The file meta names another SOP Instance UID (Media Storage SOP Instance UID) than the
+    #: dataset, whose UID is the one above.
+    meta_mismatch: bool = False
 
     def __repr__(self) -> str:
         shown = []
@@ -377,8 +383,6 @@ def _parse_header(
         ):
             if value is not None and not UID(value).is_valid:
                 raise DicomFormatError(REASON_BAD_UID, detail=name)
-        if meta_sop is not None and str(meta_sop).strip() != sop_instance:
-            raise DicomFormatError(REASON_META_MISMATCH)
 
     syntax = meta.get("TransferSyntaxUID")
     if syntax:
@@ -409,6 +413,7 @@ def _parse_header(
         series_number=number(_SERIES_NUMBER, "Series Number"),
         instance_number=number(_INSTANCE_NUMBER, "Instance Number"),
         extra=MappingProxyType(extra),
+        meta_mismatch=bool(meta_sop) and str(meta_sop).strip("\0 ") != sop_instance,
     )
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from .. import __version__
 from ..archive import Archive, ArchiveSettings
@@ -24,7 +28,7 @@ from ..crypto.envelope import ClientEncryption
 from ..crypto.keysource import load_keys
 from ..errors import UsageError
 from .auth import Authenticator, OidcVerifier
-from .deps import secret_resolver
+from .deps import Reader, secret_resolver
 from .handlers import install_error_handlers
 from .observability import AccessLogMiddleware, Metrics
 from .presign import S3PutSigner
@@ -35,7 +39,8 @@ log = logging.getLogger("dicom_cloud.service")
 
 DESCRIPTION = """\
 DICOMweb (STOW-RS, QIDO-RS, WADO-RS, DELETE) over object storage, with direct presigned uploads,
-study labels, share links and API tokens. Every route except `/healthz` needs
+study labels, share links and API tokens. Every route except `/healthz` (and, when the
+`public_docs` setting is on, `/docs` and `/openapi.json`) needs
 `Authorization: Bearer <API token | share-link token | OIDC JWT>`.
 """
 
@@ -105,6 +110,31 @@ async def _sweep_uploads(archive: Archive) -> None:
         await asyncio.sleep(UPLOAD_SWEEP_INTERVAL)
 
 
+async def _sweep_orphans(archive: Archive, interval: float, grace: float) -> None:
+    """Every ``interval`` seconds, remove objects no index row points at and empty staging folders
+    older than ``grace`` (what a crash between the object writes and the row commit leaves). The
+    first sweep comes after a random part of the interval, so that instances and workers started
+    together do not list the store at the same moment; concurrent sweeps are harmless."""
+    await asyncio.sleep(random.uniform(0, interval))  # spreads the sweeps, no secret
+    while True:
+        try:
+            sweep = await archive.sweep_orphans(older_than=timedelta(seconds=grace))
+            if sweep.orphans or sweep.empty_folders:
+                log.info(
+                    "orphans.swept",
+                    extra={
+                        "tenants": sweep.tenants,
+                        "scanned": sweep.scanned,
+                        "orphans": sweep.orphans,
+                        "removed": sweep.removed,
+                        "empty_folders": sweep.empty_folders,
+                    },
+                )
+        except Exception as exc:  # a failed sweep is retried at the next interval
+            log.warning("orphans.sweep_failed", extra={"error": type(exc).__name__})
+        await asyncio.sleep(interval)
+
+
 def create_app(
     settings: ServiceSettings,
     archive: Archive | None = None,
@@ -123,25 +153,39 @@ def create_app(
             OidcVerifier.from_settings(settings),
             api_tokens=settings.api_tokens,
         )
-        sweeper = asyncio.create_task(_sweep_uploads(current))
+        sweepers = [asyncio.create_task(_sweep_uploads(current))]
+        if settings.orphan_sweep_interval_seconds > 0:
+            sweepers.append(
+                asyncio.create_task(
+                    _sweep_orphans(
+                        current, settings.orphan_sweep_interval_seconds, settings.orphan_grace_seconds
+                    )
+                )
+            )
         try:
             await bootstrap_admin(current, settings, announce_token)
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for sweeper in sweepers:
+                sweeper.cancel()
+            for sweeper in sweepers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             if opened:
                 await current.close()
 
+    public_docs = settings.docs_are_public
     app = FastAPI(
         title="dicom-cloud",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url="/docs" if public_docs else None,
+        openapi_url="/openapi.json" if public_docs else None,
         redoc_url=None,
     )
+    if not public_docs:
+        _add_private_docs(app)
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
@@ -160,6 +204,19 @@ def create_app(
     for module in (health, dicomweb, uploads, labels, shares, tokens):
         app.include_router(module.router)
     return app
+
+
+def _add_private_docs(app: FastAPI) -> None:
+    """/openapi.json and /docs for callers with a credential (any scope), as every other route.
+    The page's own fetch of the document sends none: load /openapi.json into a viewer instead."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(principal: Reader) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(principal: Reader) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
 
 
 def openapi_document(settings: ServiceSettings) -> dict[str, Any]:

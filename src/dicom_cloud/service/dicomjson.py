@@ -5,6 +5,7 @@ transfer syntaxes of frames, Accept negotiation, and the service root that fills
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,12 @@ FAILURE_NOT_AUTHORIZED = 0x0124
 FAILURE_OUT_OF_RESOURCES = 0xA700
 FAILURE_STUDY_MISMATCH = 0xA900
 FAILURE_CANNOT_UNDERSTAND = 0xC000
+#: PS3.4 C.4.2.1.4 / PS3.18 Table I.2-2 warning reason in ReferencedSOPSequence, the closest
+#: standard code for an instance stored with a caveat about its content (its file meta naming
+#: another SOP Instance UID than its dataset): "Data Set does not match SOP Class".
+WARNING_DATA_SET_MISMATCH = 0xB007
+#: Longest ErrorComment (0000,0902): its VR is LO, 64 characters.
+_COMMENT_MAX = 64
 
 #: Compressed transfer syntaxes and the media type of their frames (PS3.18 Table 8.7.3-2).
 _FRAME_MEDIA_TYPES = {
@@ -127,6 +134,15 @@ def _ui(value: str | None) -> dict[str, Any]:
     return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
 
 
+def error_comment(text: str) -> dict[str, Any]:
+    """An ErrorComment (0000,0902) element: ``text`` as a valid LO (one line, no backslash, at
+    most 64 characters, cut at a word with ``...`` when longer)."""
+    line = " ".join(text.replace("\\", "/").split())
+    if len(line) > _COMMENT_MAX:
+        line = line[: _COMMENT_MAX - 3].rsplit(" ", 1)[0] + "..."
+    return {"vr": "LO", "Value": [line]}
+
+
 @dataclass
 class StowResponse:
     """The body of a STOW-RS answer, built part by part."""
@@ -135,30 +151,57 @@ class StowResponse:
     referenced: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
 
-    def stored(self, sop_class_uid: str | None, sop_instance_uid: str, retrieve_url: str) -> None:
-        self.referenced.append(
-            {
-                "00081150": _ui(sop_class_uid),
-                "00081155": _ui(sop_instance_uid),
-                "00081190": {"vr": "UR", "Value": [retrieve_url]},
-            }
-        )
+    #: Texts of the warnings given, in order, once each (for the Warning header).
+    warnings: list[str] = field(default_factory=list)
 
-    def failure(self, sop_class_uid: str | None, sop_instance_uid: str | None, reason: int) -> None:
+    def stored(
+        self,
+        sop_class_uid: str | None,
+        sop_instance_uid: str,
+        retrieve_url: str,
+        warnings: Sequence[str] = (),
+    ) -> None:
+        """An instance stored; with ``warnings`` (texts) it carries WarningReason 0xB007 and
+        the texts in ErrorComment."""
+        item: dict[str, Any] = {
+            "00081150": _ui(sop_class_uid),
+            "00081155": _ui(sop_instance_uid),
+            "00081190": {"vr": "UR", "Value": [retrieve_url]},
+        }
+        if warnings:
+            item["00081196"] = {"vr": "US", "Value": [WARNING_DATA_SET_MISMATCH]}
+            item["00000902"] = error_comment("; ".join(warnings))
+            self.warnings.extend(w for w in warnings if w not in self.warnings)
+        self.referenced.append(item)
+
+    def failure(
+        self, sop_class_uid: str | None, sop_instance_uid: str | None, reason: int, comment: str
+    ) -> None:
+        """An instance refused: FailureReason ``reason`` and ``comment``, a readable reason free
+        of patient data, in ErrorComment."""
         self.failed.append(
             {
                 "00081150": _ui(sop_class_uid),
                 "00081155": _ui(sop_instance_uid),
                 "00081197": {"vr": "US", "Value": [reason]},
+                "00000902": error_comment(comment),
             }
         )
 
     @property
     def status(self) -> int:
-        """200 all stored, 409 none stored, 202 some stored (PS3.18 Table 10.5.3-1)."""
+        """200 all stored without warnings, 409 none stored, 202 some stored or stored with
+        warnings (PS3.18 Table 10.5.3-1)."""
         if not self.failed:
-            return 200
+            return 202 if self.warnings else 200
         return 202 if self.referenced else 409
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Warning header of PS3.18 §8.10.3 (code 299) when instances were stored with warnings."""
+        if not self.warnings:
+            return {}
+        return {"Warning": ", ".join(f'299 dicom-cloud "{w}"' for w in self.warnings)}
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {}

@@ -87,6 +87,14 @@ class ServiceSettings(BaseModel):
     share_max_ttl_seconds: int = Field(30 * 24 * 3600, gt=0)
     #: Serve /metrics without credentials (only for scrapers on a private network).
     metrics_public: bool = False
+    #: Serve /docs and /openapi.json without credentials; None: yes in development, no in
+    #: production (the document lists every route and setting name of the deployment).
+    public_docs: bool | None = None
+    #: Seconds between two sweeps of orphaned objects and empty staging folders (0: never).
+    orphan_sweep_interval_seconds: float = Field(3600.0, ge=0)
+    #: Objects and folders younger than this are left alone by the sweep (an ingest or an
+    #: upload may be about to use them).
+    orphan_grace_seconds: float = Field(3600.0, gt=0)
     #: Create an admin token for ``bootstrap_tenant`` on first start and print it once.
     bootstrap_admin: bool = True
     bootstrap_tenant: str = Field("default", min_length=1, max_length=200)
@@ -134,6 +142,13 @@ class ServiceSettings(BaseModel):
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.data_dir / 'index.sqlite'}"
+
+    @property
+    def docs_are_public(self) -> bool:
+        """Whether /docs and /openapi.json answer without credentials (``public_docs``)."""
+        if self.public_docs is None:
+            return self.environment == "development"
+        return self.public_docs
 
     @property
     def base_url(self) -> str:

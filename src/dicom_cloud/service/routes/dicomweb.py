@@ -66,8 +66,8 @@ _STOW_BODY = {
 }
 
 
-def dicom_json(body: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+def dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
 # -- STOW-RS ------------------------------------------------------------------------------
@@ -92,25 +92,32 @@ async def _stow(
     for part in parts:
         identity = _identity(part.content)
         if part.content_type != DICOM:
-            response.failure(None, None, FAILURE_CANNOT_UNDERSTAND)
+            response.failure(
+                None, None, FAILURE_CANNOT_UNDERSTAND, f"the part is {part.content_type}, not {DICOM}"
+            )
             metrics.instances_stored.labels("refused").inc()
             continue
         if study is not None and identity is not None and identity.study_instance_uid != study:
-            response.failure(identity.sop_class_uid, identity.sop_instance_uid, FAILURE_STUDY_MISMATCH)
+            response.failure(
+                identity.sop_class_uid,
+                identity.sop_instance_uid,
+                FAILURE_STUDY_MISMATCH,
+                "the instance is of another study",
+            )
             metrics.instances_stored.labels("refused").inc()
             continue
         try:
             stored = await archive.store_instance(principal.tenant, part.content)
-        except DicomFormatError:
-            reason = FAILURE_CANNOT_UNDERSTAND
-        except AlreadyExistsError:
-            reason = FAILURE_DUPLICATE
-        except PayloadTooLargeError:
-            reason = FAILURE_OUT_OF_RESOURCES
+        except DicomFormatError as exc:
+            reason, comment = FAILURE_CANNOT_UNDERSTAND, exc.message
+        except AlreadyExistsError as exc:
+            reason, comment = FAILURE_DUPLICATE, exc.message
+        except PayloadTooLargeError as exc:
+            reason, comment = FAILURE_OUT_OF_RESOURCES, exc.message
         except DicomCloudError as exc:
             if exc.http_status >= 500 and exc.retryable:
                 raise  # the store is down: the whole request fails, nothing is half-answered
-            reason = FAILURE_PROCESSING
+            reason, comment = FAILURE_PROCESSING, exc.message
         else:
             record = stored.record
             response.stored(
@@ -118,6 +125,7 @@ async def _stow(
                 record.sop_instance_uid,
                 f"{base}/studies/{record.study_instance_uid}/series/{record.series_instance_uid}"
                 f"/instances/{record.sop_instance_uid}",
+                stored.warnings,
             )
             if response.retrieve_url is None and len(parts) == 1:
                 response.retrieve_url = f"{base}/studies/{record.study_instance_uid}"
@@ -127,9 +135,10 @@ async def _stow(
             identity.sop_class_uid if identity else None,
             identity.sop_instance_uid if identity else None,
             reason,
+            comment,
         )
         metrics.instances_stored.labels("refused").inc()
-    return dicom_json(response.as_json(), response.status)
+    return dicom_json(response.as_json(), response.status, response.headers)
 
 
 def _identity(content: memoryview) -> DicomIdentity | None:

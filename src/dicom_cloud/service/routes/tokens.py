@@ -1,11 +1,12 @@
 """API token administration (admin scope): create, list, revoke tokens of the caller's tenant.
 
-A token is shown once, in the answer that creates it; the archive keeps only its hash.
+A token is shown once, in the answer that creates it; the archive keeps only its hash. A token
+made with ``expires_in_seconds`` answers 401 once that time has passed, and is listed as expired.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -22,6 +23,9 @@ class TokenIn(BaseModel):
     scopes: list[Scope] = Field(
         ..., min_length=1, description="read, write, admin (each implies those before)"
     )
+    expires_in_seconds: int | None = Field(
+        None, ge=1, le=3650 * 86400, description="lifetime; absent: valid until revoked"
+    )
 
 
 class TokenOut(BaseModel):
@@ -31,6 +35,8 @@ class TokenOut(BaseModel):
     scopes: list[str]
     created: datetime
     revoked: datetime | None
+    expires: datetime | None
+    expired: bool
 
 
 class NewToken(TokenOut):
@@ -45,12 +51,15 @@ def _out(record: ApiToken) -> TokenOut:
         scopes=list(record.scopes),
         created=record.created,
         revoked=record.revoked,
+        expires=record.expires,
+        expired=record.expired(),
     )
 
 
 @router.post("/tokens", status_code=201, summary="Create an API token")
 async def create_token(body: TokenIn, principal: Admin, archive: ArchiveDep) -> NewToken:
-    secret, record = await archive.create_token(principal.tenant, body.name, body.scopes)
+    lifetime = timedelta(seconds=body.expires_in_seconds) if body.expires_in_seconds else None
+    secret, record = await archive.create_token(principal.tenant, body.name, body.scopes, lifetime)
     return NewToken(token=secret, **_out(record).model_dump())
 
 

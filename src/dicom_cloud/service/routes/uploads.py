@@ -112,6 +112,8 @@ class FileOutcome(BaseModel):
     series_instance_uid: str | None = None
     created: bool | None = None
     reason: str | None = None
+    #: Caveats of an accepted file (e.g. its file meta names another SOP Instance UID).
+    warnings: list[str] = []
 
 
 class UploadResult(BaseModel):
@@ -313,6 +315,7 @@ async def complete_upload(
                 study_instance_uid=a.study_instance_uid,
                 series_instance_uid=a.series_instance_uid,
                 created=a.created,
+                warnings=list(a.warnings),
             )
             for a in outcome.accepted
         ],
