@@ -17,13 +17,17 @@ Failures raise :class:`DicomFormatError`, whose ``reason`` is one of the ``REASO
 below. Messages never contain element values: identities carry patient data (PHI).
 
 Only the head of an object is read. Elements are stored in ascending tag order, so reading
-stops at the first top-level element after the last wanted tag, or at the pixel data;
-:func:`read_identity_from_store` and :func:`read_identity_from_file` read ``first_read`` bytes
-and double that only while the parser runs out of data before such a stopping point.
+stops at the first top-level element after the last wanted tag, or at the pixel data, or at an
+element out of order (the header has ended: what follows is not a header, e.g. a run of zero
+bytes, which would otherwise parse as one 8-byte element after another at about a second per
+megabyte). Every reader parses a prefix of ``first_read`` bytes and doubles it only while the
+parser runs out of data before such a stopping point, never past ``max_read``: the cost of a
+header read is bounded whatever the object's size.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import struct
 import zlib
@@ -172,6 +176,47 @@ def _first_group_plausible(buf: bytes) -> bool:
     return little in (0, 2, 4, 8) or big in (0, 2, 4, 8)
 
 
+#: Explicit VRs whose length field has 4 bytes (after 2 reserved ones), as in the file meta.
+_LONG_VRS: Final = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+def _dataset_start(buf: bytes, part10: bool) -> int:
+    """Where pydicom starts reading after the preamble and the file meta group (explicit VR LE)."""
+    position = 132 if part10 else 0
+    while position + 8 <= len(buf) and buf[position : position + 2] == b"\x02\x00":
+        if buf[position + 4 : position + 6] in _LONG_VRS:
+            if position + 12 > len(buf):
+                break
+            (length,) = struct.unpack("<L", buf[position + 8 : position + 12])
+            position += 12 + length
+        else:
+            (length,) = struct.unpack("<H", buf[position + 6 : position + 8])
+            position += 8 + length
+    return position
+
+
+def _check_command_group(buf: bytes, position: int, reason: str) -> None:
+    """Refuse a command group (0000,eeee) with elements out of order where the dataset begins.
+
+    pydicom reads such a group element by element before the dataset, out of reach of
+    ``stop_when``; a run of zero bytes is one, of 8-byte elements (0000,0000), and used to cost
+    about a second per megabyte. Command elements are implicit VR little endian, in order.
+    """
+    previous = -1
+    while position + 8 <= len(buf):
+        group, element, length = struct.unpack("<HHL", buf[position : position + 8])
+        if group != 0:
+            return
+        if element <= previous:
+            raise DicomFormatError(reason, detail="elements out of order")
+        if length == 0xFFFFFFFF:
+            return
+        previous = element
+        position += 8 + length
+
+
 def _text(value: Any) -> str:
     if isinstance(value, MultiValue):
         return "\\".join(str(v) for v in value)
@@ -213,12 +258,19 @@ def _parse_header(
     wanted = {t for _, t in tags} | set(_IDENTITY_TAGS)
     last_wanted = max(wanted)
 
-    last_seen = [0]  # the highest top-level tag met: tells "ended early" from "absent"
+    _check_command_group(buf, _dataset_start(buf, part10), REASON_UNREADABLE if part10 else REASON_NO_DICM)
+
+    last_seen = [-1]  # the highest top-level tag met: tells "ended early" from "absent"
+    repeats = [0]
 
     def stop_when(tag: BaseTag, vr: str | None, length: int) -> bool:
         t = int(tag)  # BaseTag compares in Python: plain ints keep this hot path cheap
-        if t > last_seen[0]:
-            last_seen[0] = t
+        if t <= last_seen[0]:
+            # pydicom asks twice about the first element when it checks the VR encoding; any
+            # other repeat, or a smaller tag, means the header has ended and junk follows.
+            repeats[0] += 1
+            return t < last_seen[0] or repeats[0] > 1
+        last_seen[0] = t
         return t > last_wanted or t in _PIXEL_TAGS
 
     fp = BytesIO(buf)
@@ -388,14 +440,29 @@ def read_identity(
     *,
     extra_tags: Sequence[str] = (),
     policy: Policy = "lenient",
+    first_read: int = 64 * 1024,
+    max_read: int = 8 * 1024 * 1024,
 ) -> DicomIdentity:
     """The identity of the DICOM object whose bytes (or whose whole header) are ``data``.
 
-    ``data`` is taken as the complete object: a header cut short is ``REASON_TRUNCATED``.
+    ``data`` is taken as the complete object: a header cut short is ``REASON_TRUNCATED``. Only a
+    prefix is parsed, as by :func:`read_identity_from_store`: a header longer than ``max_read``
+    is ``REASON_TOO_LONG``. CPU-bound (milliseconds for real headers, up to about a second per
+    megabyte of ``max_read`` for crafted ones): call it from a worker thread in async code.
     Raises DicomFormatError per ``policy`` (see the module docs), UsageError for bad arguments.
     """
     _check_policy(policy)
-    return _parse(bytes(data), complete=True, tags=_tags(extra_tags), policy=policy)
+    _check_sizes(first_read, max_read)
+    tags = _tags(extra_tags)
+    view = memoryview(data)
+    for n in _grow(len(view), first_read, max_read):
+        try:
+            return _parse(bytes(view[:n]), complete=n >= len(view), tags=tags, policy=policy)
+        except _NeedMore:
+            continue
+    raise DicomFormatError(
+        REASON_TOO_LONG, detail=f"{max_read} bytes", hint="raise max_read if such headers are expected"
+    )
 
 
 def _grow(size: int, first_read: int, max_read: int) -> list[int]:
@@ -432,7 +499,8 @@ async def read_identity_from_store(
     for n in _grow(size, first_read, max_read):
         buf = bytes(await store.get_range(key, 0, n)) if n else b""
         try:
-            return _parse(buf, complete=n >= size, tags=tags, policy=policy)
+            # Parsing is CPU work: in a worker thread, so the event loop keeps answering.
+            return await asyncio.to_thread(_parse, buf, complete=n >= size, tags=tags, policy=policy)
         except _NeedMore:
             continue
     raise DicomFormatError(
