@@ -442,22 +442,26 @@ def read_identity(
     policy: Policy = "lenient",
     first_read: int = 64 * 1024,
     max_read: int = 8 * 1024 * 1024,
+    size: int | None = None,
 ) -> DicomIdentity:
     """The identity of the DICOM object whose bytes (or whose whole header) are ``data``.
 
-    ``data`` is taken as the complete object: a header cut short is ``REASON_TRUNCATED``. Only a
-    prefix is parsed, as by :func:`read_identity_from_store`: a header longer than ``max_read``
-    is ``REASON_TOO_LONG``. CPU-bound (milliseconds for real headers, up to about a second per
-    megabyte of ``max_read`` for crafted ones): call it from a worker thread in async code.
+    ``data`` is taken as the complete object (a header cut short is ``REASON_TRUNCATED``), or as
+    the first bytes of an object of ``size`` bytes. Only a prefix is parsed, as by
+    :func:`read_identity_from_store`: a header longer than ``max_read`` (or than ``data``, when
+    only the head is given) is ``REASON_TOO_LONG``. CPU-bound (milliseconds for real headers, up
+    to about half a second per megabyte of ``max_read`` for crafted ones): call it from a worker
+    thread in async code.
     Raises DicomFormatError per ``policy`` (see the module docs), UsageError for bad arguments.
     """
     _check_policy(policy)
     _check_sizes(first_read, max_read)
     tags = _tags(extra_tags)
     view = memoryview(data)
+    whole = len(view) if size is None else max(size, len(view))
     for n in _grow(len(view), first_read, max_read):
         try:
-            return _parse(bytes(view[:n]), complete=n >= len(view), tags=tags, policy=policy)
+            return _parse(bytes(view[:n]), complete=n >= whole, tags=tags, policy=policy)
         except _NeedMore:
             continue
     raise DicomFormatError(
