@@ -71,6 +71,12 @@ def stow_body(*files: Path | bytes) -> Iterator[bytes]:
     yield f"--{BOUNDARY}--\r\n".encode()
 
 
+def ct_header() -> bytes:
+    """CT_small.dcm up to its pixel data: a valid Part 10 header."""
+    raw = CT.read_bytes()
+    return raw[: raw.index(b"\xe0\x7f\x10\x00")]
+
+
 def vm_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -91,8 +97,9 @@ def served(tmp_path: Path) -> Iterator[ServiceProcess]:
 
 
 def test_zero_byte_stows_never_block_health_or_qido(served: ServiceProcess, tmp_path: Path) -> None:
-    """Four concurrent STOW-RS requests of 10 MB of zero bytes each, with a write token, again
-    and again: meanwhile /healthz and a QIDO search answer within PROBE_BOUND, probe after probe.
+    """Four concurrent STOW-RS requests, each of two parts of 10 MB of zero bytes (bare, and
+    after a valid header), with a write token, again and again: meanwhile /healthz and a QIDO
+    search answer within PROBE_BOUND, probe after probe.
 
     The requests are sent by curl processes, so that the probes' timings are the service's alone.
     Each probe takes the best of three attempts in a row: a busy machine can delay one answer, a
@@ -102,7 +109,7 @@ def test_zero_byte_stows_never_block_health_or_qido(served: ServiceProcess, tmp_
     token = write_token(tmp_path / "data")
     body = tmp_path / "zeros.multipart"
     with body.open("wb") as f:
-        for chunk in stow_body(bytes(10 * 1000 * 1000)):
+        for chunk in stow_body(bytes(10 * 1000 * 1000), ct_header() + bytes(10 * 1000 * 1000)):
             f.write(chunk)
     curl = [
         "curl", "--silent", "--show-error", "--max-time", "300",
@@ -131,7 +138,7 @@ def test_zero_byte_stows_never_block_health_or_qido(served: ServiceProcess, tmp_
     outputs = [sender.communicate()[0] for sender in senders]
     answers = [line for out in outputs for line in out.splitlines() if line.strip()]
     assert answers.count("409") == 12, outputs
-    assert sum(out.count('"00081197":{"vr":"US","Value":[49152]}') for out in outputs) == 12, outputs
+    assert sum(out.count('"00081197":{"vr":"US","Value":[49152]}') for out in outputs) == 24, outputs
     for path, times in probes.items():
         assert len(times) >= 3, f"too few probes of {path} ran during the requests"
         assert max(times) <= PROBE_BOUND, (path, sorted(times)[-3:])
@@ -261,14 +268,19 @@ def test_parts_over_the_memory_threshold_are_streamed_and_stored(
     big = tmp_path / "big.dcm"
     study, series, sop = big_instance(big, 3 * 1024 * 1024)
     junk = bytes(128) + b"DICM" + bytes(3 * 1024 * 1024)  # Part 10 marker, then nothing readable
+    held_junk = ct_header() + bytes(512 * 1024)  # a valid header, then zeros: held, then refused
+    streamed_junk = ct_header() + bytes(3 * 1024 * 1024)  # the same, streamed
     headers = {"Authorization": f"Bearer {small_memory.admin_token}"}
     with httpx.Client(base_url=small_memory.url, headers=headers, timeout=120) as http:
         answer = http.post(
-            "/studies", content=stow_body(big, junk, CT.read_bytes()), headers={"Content-Type": STOW_TYPE}
+            "/studies",
+            content=stow_body(big, junk, held_junk, streamed_junk, CT.read_bytes()),
+            headers={"Content-Type": STOW_TYPE},
         )
         assert answer.status_code == 202, answer.text
         assert len(answer.json()["00081199"]["Value"]) == 2
-        assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+        failed = answer.json()["00081198"]["Value"]
+        assert [f["00081197"]["Value"] for f in failed] == [[0xC000]] * 3
         assert retrieved_sha256(http, f"/studies/{study}/series/{series}/instances/{sop}") == sha256_file(big)
         # Into another study: refused from the head, the rest never stored.
         answer = http.post("/studies/1.2.3.4", content=stow_body(big), headers={"Content-Type": STOW_TYPE})

@@ -464,3 +464,26 @@ def test_a_header_read_never_parses_more_than_max_read() -> None:
     elements = b"".join(struct.pack("<HHL", 0x0009, e, 0) for e in range(1, 40_000))
     raw = bytes(128) + b"DICM" + elements + b"\x08\x00\x18\x00" + struct.pack("<L", 4) + b"1.2 "
     assert outcome(raw, "lenient", max_read=128 * 1024) == h.REASON_TOO_LONG
+
+
+def test_junk_after_a_valid_header_is_refused_before_any_parser_walks_it() -> None:
+    ct = data("CT_small.dcm")
+    header = ct[: ct.index(b"\xe0\x7f\x10\x00")]
+    h.check_element_order(ct)  # a real instance passes
+    with pytest.raises(DicomFormatError) as caught:
+        h.check_element_order(header + ZEROS)
+    assert caught.value.reason == h.REASON_UNREADABLE
+    h.check_element_order(b"not DICOM at all" * 100)  # left to the parser
+
+
+def test_every_pydicom_test_file_the_archive_reads_passes_the_order_check() -> None:
+    from dicom_cloud.archive.parsing import parse_instance
+
+    folder = Path(get_testdata_file("CT_small.dcm") or "").parent
+    for path in sorted(folder.glob("*.dcm")):
+        raw = path.read_bytes()
+        try:
+            parse_instance(raw)
+        except DicomCloudError:
+            continue
+        h.check_element_order(raw)

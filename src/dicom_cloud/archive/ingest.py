@@ -22,7 +22,13 @@ from sqlalchemy.orm import Session
 
 from ..budget import ByteBudget
 from ..checksum import Crc32c, crc32c_hex
-from ..dicom.header import REASON_TOO_LONG, REASON_UNREADABLE, DicomIdentity, read_identity_from_store
+from ..dicom.header import (
+    REASON_TOO_LONG,
+    REASON_UNREADABLE,
+    DicomIdentity,
+    check_element_order,
+    read_identity_from_store,
+)
 from ..errors import (
     ConflictError,
     DicomCloudError,
@@ -336,6 +342,9 @@ class Ingestor:
                 identity = await read_identity_from_store(
                     self.objects.store, full, policy="strict", size=size
                 )
+                head = bytes(await self.objects.store.get_range(full, 0, min(size, _MAX_HEAD)))
+                await asyncio.to_thread(check_element_order, head, max_read=_MAX_HEAD)
+                del head
             except DicomCloudError:
                 raise
             except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
@@ -358,8 +367,10 @@ class Ingestor:
 def _sanitise_and_parse(
     data: bytes | memoryview, extra_tags: Sequence[int]
 ) -> tuple[bytes, bool, ParsedInstance]:
-    """The preamble zeroed and the instance parsed: CPU work, for a worker thread."""
+    """The preamble zeroed and the instance parsed: CPU work, for a worker thread. Junk after a
+    valid header is refused before the parser would walk it (``check_element_order``)."""
     sanitised, changed = sanitise_preamble(data)
+    check_element_order(sanitised)
     return sanitised, changed, parse_instance(sanitised, extra_tags)
 
 

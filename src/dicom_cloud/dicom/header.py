@@ -53,6 +53,7 @@ __all__ = [
     "DicomFormatError",
     "DicomIdentity",
     "Policy",
+    "check_element_order",
     "read_identity",
     "read_identity_from_file",
     "read_identity_from_store",
@@ -134,6 +135,7 @@ _HEX_TAG = re.compile(r"\(?\s*([0-9A-Fa-f]{4})\s*,?\s*([0-9A-Fa-f]{4})\s*\)?")
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 
 
 def _resolve_tag(name: str) -> int:
@@ -184,17 +186,30 @@ _LONG_VRS: Final = frozenset(
 
 def _dataset_start(buf: bytes, part10: bool) -> int:
     """Where pydicom starts reading after the preamble and the file meta group (explicit VR LE)."""
-    position = 132 if part10 else 0
+    return _file_meta(buf, 132 if part10 else 0)[0]
+
+
+def _file_meta(buf: bytes | memoryview, position: int) -> tuple[int, str | None]:
+    """The end of the file meta group (explicit VR little endian) starting at ``position``, and
+    the Transfer Syntax UID it names."""
+    syntax = None
     while position + 8 <= len(buf) and buf[position : position + 2] == b"\x02\x00":
-        if buf[position + 4 : position + 6] in _LONG_VRS:
+        if bytes(buf[position + 4 : position + 6]) in _LONG_VRS:
             if position + 12 > len(buf):
                 break
-            (length,) = struct.unpack("<L", buf[position + 8 : position + 12])
-            position += 12 + length
+            (length,) = struct.unpack_from("<L", buf, position + 8)
+            header = 12
         else:
-            (length,) = struct.unpack("<H", buf[position + 6 : position + 8])
-            position += 8 + length
-    return position
+            (length,) = struct.unpack_from("<H", buf, position + 6)
+            header = 8
+        if buf[position + 2 : position + 4] == b"\x10\x00":  # (0002,0010) Transfer Syntax UID
+            syntax = (
+                bytes(buf[position + header : position + header + length])
+                .strip(b"\x00 ")
+                .decode("ascii", "replace")
+            )
+        position += header + length
+    return position, syntax
 
 
 def _check_command_group(buf: bytes, position: int, reason: str) -> None:
@@ -215,6 +230,53 @@ def _check_command_group(buf: bytes, position: int, reason: str) -> None:
             return
         previous = element
         position += 8 + length
+
+
+def check_element_order(data: bytes | bytearray | memoryview, *, max_read: int = 8 * 1024 * 1024) -> None:
+    """Refuse a Part 10 object whose top-level elements are out of order before its pixel data.
+
+    Junk after a valid header (zero bytes, repeated elements) is read by pydicom element after
+    element, at more than a second per megabyte; DICOM stores elements in ascending tag order
+    (PS3.5 7.1), so such data is refused here first, at the cost of one step per top-level
+    element of the first ``max_read`` bytes, no value read. Elements of undefined length, an
+    unknown encoding and deflated datasets end the walk (nothing is refused then). Raises
+    DicomFormatError (``REASON_UNREADABLE``); objects that are not Part 10 are left to the parser.
+    """
+    view = memoryview(data)[:max_read]
+    if len(view) < 132 or bytes(view[128:132]) != b"DICM":
+        return
+    position, syntax = _file_meta(view, 132)
+    if syntax == _DEFLATED_LE:
+        return  # the dataset is compressed: nothing to walk
+    implicit = syntax == _IMPLICIT_LE
+    order = ">" if syntax == _EXPLICIT_BE else "<"
+    previous = -1
+    while position + 8 <= len(view):
+        group, element = struct.unpack_from(order + "HH", view, position)
+        tag = group << 16 | element
+        if tag in _PIXEL_TAGS:
+            return
+        if tag <= previous:
+            raise DicomFormatError(REASON_UNREADABLE, detail="elements out of order")
+        previous = tag
+        if implicit:
+            (length,) = struct.unpack_from(order + "L", view, position + 4)
+            header = 8
+        else:
+            vr = bytes(view[position + 4 : position + 6])
+            if not (vr.isalpha() and vr.isupper()):
+                return  # some writers switch encodings: leave it to the parser
+            if vr in _LONG_VRS:
+                if position + 12 > len(view):
+                    return
+                (length,) = struct.unpack_from(order + "L", view, position + 8)
+                header = 12
+            else:
+                (length,) = struct.unpack_from(order + "H", view, position + 6)
+                header = 8
+        if length == 0xFFFFFFFF:
+            return
+        position += header + length
 
 
 def _text(value: Any) -> str:
