@@ -342,8 +342,10 @@ class Ingestor:
                 identity = await read_identity_from_store(
                     self.objects.store, full, policy="strict", size=size
                 )
-                head = bytes(await self.objects.store.get_range(full, 0, min(size, _MAX_HEAD)))
-                await asyncio.to_thread(check_element_order, head, max_read=_MAX_HEAD)
+                for head_size in (_FIRST_HEAD, _MAX_HEAD):  # most headers end in the first
+                    head = bytes(await self.objects.store.get_range(full, 0, min(size, head_size)))
+                    if await asyncio.to_thread(check_element_order, head) or len(head) >= size:
+                        break
                 del head
             except DicomCloudError:
                 raise

@@ -232,7 +232,7 @@ def _check_command_group(buf: bytes, position: int, reason: str) -> None:
         position += 8 + length
 
 
-def check_element_order(data: bytes | bytearray | memoryview, *, max_read: int = 8 * 1024 * 1024) -> None:
+def check_element_order(data: bytes | bytearray | memoryview, *, max_read: int = 8 * 1024 * 1024) -> bool:
     """Refuse a Part 10 object whose top-level elements are out of order before its pixel data.
 
     Junk after a valid header (zero bytes, repeated elements) is read by pydicom element after
@@ -241,13 +241,14 @@ def check_element_order(data: bytes | bytearray | memoryview, *, max_read: int =
     element of the first ``max_read`` bytes, no value read. Elements of undefined length, an
     unknown encoding and deflated datasets end the walk (nothing is refused then). Raises
     DicomFormatError (``REASON_UNREADABLE``); objects that are not Part 10 are left to the parser.
+    Returns False when ``data`` ended before the walk did (given only a head: check more of it).
     """
     view = memoryview(data)[:max_read]
     if len(view) < 132 or bytes(view[128:132]) != b"DICM":
-        return
+        return len(view) >= 132
     position, syntax = _file_meta(view, 132)
     if syntax == _DEFLATED_LE:
-        return  # the dataset is compressed: nothing to walk
+        return True  # the dataset is compressed: nothing to walk
     implicit = syntax == _IMPLICIT_LE
     order = ">" if syntax == _EXPLICIT_BE else "<"
     previous = -1
@@ -255,7 +256,7 @@ def check_element_order(data: bytes | bytearray | memoryview, *, max_read: int =
         group, element = struct.unpack_from(order + "HH", view, position)
         tag = group << 16 | element
         if tag in _PIXEL_TAGS:
-            return
+            return True
         if tag <= previous:
             raise DicomFormatError(REASON_UNREADABLE, detail="elements out of order")
         previous = tag
@@ -265,18 +266,19 @@ def check_element_order(data: bytes | bytearray | memoryview, *, max_read: int =
         else:
             vr = bytes(view[position + 4 : position + 6])
             if not (vr.isalpha() and vr.isupper()):
-                return  # some writers switch encodings: leave it to the parser
+                return True  # some writers switch encodings: leave it to the parser
             if vr in _LONG_VRS:
                 if position + 12 > len(view):
-                    return
+                    return False
                 (length,) = struct.unpack_from(order + "L", view, position + 8)
                 header = 12
             else:
                 (length,) = struct.unpack_from(order + "H", view, position + 6)
                 header = 8
         if length == 0xFFFFFFFF:
-            return
+            return True
         position += header + length
+    return False
 
 
 def _text(value: Any) -> str:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 from ..archive import Archive, StoredInstance
-from ..dicom.header import DicomIdentity, read_identity
+from ..dicom.header import REASON_TOO_LONG, DicomIdentity, read_identity
 from ..errors import AlreadyExistsError, DicomCloudError, DicomFormatError
 from .dicomjson import (
     DICOM,
@@ -93,13 +93,13 @@ class StowReceiver:
             if (mismatch := self._other_study(identity)) is not None:
                 return mismatch
             return await _stored(identity, self.archive.store_instance(self.tenant, data))
-        # Too large to hold: the identity from the head held so far, the rest as a stream.
-        head, identity = await asyncio.to_thread(_join_and_identify, held, True)
-        del held
+        # Too large to hold: the identity from the first bytes held, then the held chunks and the
+        # rest of the part as a stream (the held chunks are let go as they are passed on).
+        identity = await asyncio.to_thread(_identify_head, held)
         if (mismatch := self._other_study(identity)) is not None:
             return mismatch
         return await _stored(
-            identity, self.archive.store_instance_stream(self.tenant, _rest_of_part(head, reader))
+            identity, self.archive.store_instance_stream(self.tenant, _rest_of_part(held, reader))
         )
 
     def _other_study(self, identity: DicomIdentity | None) -> PartOutcome | None:
@@ -130,12 +130,32 @@ def _join_and_identify(chunks: Sequence[bytes], more_follows: bool) -> tuple[byt
     return data, identity
 
 
-async def _rest_of_part(head: bytes, reader: RelatedReader) -> AsyncIterator[bytes]:
-    """The part from its held head to its end, in chunks of about STREAM_CHUNK bytes."""
-    yield head
+def _identify_head(chunks: Sequence[bytes]) -> DicomIdentity | None:
+    """The identity from the first bytes of a part too large to hold (for a worker thread):
+    1 MiB of them, or up to IDENTITY_MAX_READ when its header is longer (copies stay small)."""
+    for limit in (1024 * 1024, IDENTITY_MAX_READ):
+        head = bytearray()
+        for chunk in chunks:
+            head += chunk[: limit - len(head)]
+            if len(head) >= limit:
+                break
+        try:
+            return read_identity(head, first_read=64 * 1024, max_read=len(head), size=len(head) + 1)
+        except DicomCloudError as exc:
+            if getattr(exc, "reason", None) != REASON_TOO_LONG:
+                return None  # UIDs for the answer only; the archive says why it refuses the part
+    return None
+
+
+async def _rest_of_part(held: list[bytes], reader: RelatedReader) -> AsyncIterator[bytes]:
+    """The part from its held chunks to its end, in chunks of about STREAM_CHUNK bytes."""
     pending: list[bytes] = []
     pending_size = 0
-    while chunk := await reader.read():
+    held.reverse()  # popped from the end: the first chunk first
+    while True:
+        chunk = held.pop() if held else await reader.read()
+        if not chunk:
+            break
         pending.append(chunk)
         pending_size += len(chunk)
         if pending_size >= STREAM_CHUNK:
