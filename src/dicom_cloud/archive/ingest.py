@@ -219,6 +219,10 @@ class Ingestor:
         except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
             raise await self._reject(tenant, staging_key, REASON_UNREADABLE) from None
         if info.size > min(self.settings.stream_threshold, self.settings.max_instance_size):
+            try:
+                await self._check_element_order(full, info.size)
+            except DicomFormatError as exc:
+                raise await self._reject(tenant, staging_key, exc.reason) from None
             stored = await self._ingest_streamed(tenant, staging_key, info.size, identity, expected_crc32c)
             await self.objects.store.delete([full])
             return stored
@@ -317,6 +321,14 @@ class Ingestor:
         log.info("upload refused and quarantined: %s", reason)
         return RejectedObjectError(reason, quarantine_key=quarantine_key)
 
+    async def _check_element_order(self, full: str, size: int) -> None:
+        """``check_element_order`` on a stored object's head (64 KiB, 8 MiB if the header runs
+        on), before a parser reads up to 8 MiB of it."""
+        for head_size in (_FIRST_HEAD, _MAX_HEAD):
+            head = bytes(await self.objects.store.get_range(full, 0, min(size, head_size)))
+            if await asyncio.to_thread(check_element_order, head) or len(head) >= size:
+                return
+
     # -- STOW-RS instances too large to hold ------------------------------------------------
 
     async def store_instance_stream(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredInstance:
@@ -334,7 +346,22 @@ class Ingestor:
         full = self.objects.key(staging_key)
         try:
             options = PutOptions(content_type="application/dicom")
-            await self.objects.store.put_stream(full, chunks, options, _STAGING_PLAN)
+            failed: list[BaseException] = []
+
+            async def watched() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                except BaseException as exc:
+                    failed.append(exc)
+                    raise
+
+            try:
+                await self.objects.store.put_stream(full, watched(), options, _STAGING_PLAN)
+            except Exception:
+                if failed:  # the stream's own error, not the store client's wrapping of it
+                    raise failed[0] from None
+                raise
             size = (await self.objects.store.stat(full)).size
             if size > self.settings.max_upload_size:
                 raise DicomFormatError(REASON_TOO_LARGE)
@@ -342,11 +369,7 @@ class Ingestor:
                 identity = await read_identity_from_store(
                     self.objects.store, full, policy="strict", size=size
                 )
-                for head_size in (_FIRST_HEAD, _MAX_HEAD):  # most headers end in the first
-                    head = bytes(await self.objects.store.get_range(full, 0, min(size, head_size)))
-                    if await asyncio.to_thread(check_element_order, head) or len(head) >= size:
-                        break
-                del head
+                await self._check_element_order(full, size)
             except DicomCloudError:
                 raise
             except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
