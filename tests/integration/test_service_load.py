@@ -5,6 +5,7 @@ a body that turns out malformed leaves nothing stored.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_cloud.service.settings import load_settings
 from live_service import LiveService, ServiceProcess, start_service, start_service_process
+from servers import S3Server
 
 pytestmark = pytest.mark.integration
 
@@ -309,3 +311,54 @@ def test_a_body_that_turns_out_malformed_leaves_nothing_stored(
         assert http.get("/studies").json() == []
     objects = tmp_path / "data" / "objects"
     assert not [p for p in objects.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+@pytest.fixture
+def s3_env(seaweedfs: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    return seaweedfs
+
+
+def test_large_parts_are_streamed_through_s3_staging(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The same streamed path on SeaweedFS: a 12 MiB instance staged in parts (multipart upload)
+    and stored; a truncated body leaves no object in the bucket."""
+    settings = load_settings(
+        {
+            "data_dir": tmp_path / "data",
+            "storage": f"s3://{s3_bucket}/archive",
+            "stow_part_memory_bytes": 1024**2,
+        },
+        environ={},
+    )
+    live = start_service(settings)
+    big = tmp_path / "big.dcm"
+    study, series, sop = big_instance(big, 12 * 1024 * 1024)
+    try:
+        with httpx.Client(
+            base_url=live.url, headers={"Authorization": f"Bearer {live.admin_token}"}, timeout=120
+        ) as http:
+            cut = b"".join(stow_body(tmp_path / "big.dcm"))[: 9 * 1024 * 1024]
+            answer = http.post("/studies", content=cut, headers={"Content-Type": STOW_TYPE})
+            assert answer.status_code == 400
+            assert list_keys(s3_bucket) == []
+            answer = http.post("/studies", content=stow_body(big), headers={"Content-Type": STOW_TYPE})
+            assert answer.status_code == 200, answer.text
+            assert retrieved_sha256(http, f"/studies/{study}/series/{series}/instances/{sop}") == sha256_file(
+                big
+            )
+        assert not [k for k in list_keys(s3_bucket) if "/staging/" in k]
+    finally:
+        live.stop()
+
+
+def list_keys(bucket: str) -> list[str]:
+    from dicom_cloud.backends import open_store
+
+    async def keys() -> list[str]:
+        store = open_store(f"s3://{bucket}")
+        return [info.key async for info in store.list("")]
+
+    return asyncio.run(keys())
