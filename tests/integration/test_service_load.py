@@ -35,6 +35,7 @@ STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 #: What "answered at once" means for a probe; a probe over it is repeated once (a busy machine
 #: can delay one answer, a blocked event loop delays every one).
 PROBE_BOUND = 0.1
+PROBE_ATTEMPTS = 5
 
 
 def write_token(data_dir: Path) -> str:
@@ -104,9 +105,10 @@ def test_zero_byte_stows_never_block_health_or_qido(served: ServiceProcess, tmp_
     search answer within PROBE_BOUND, probe after probe.
 
     The requests are sent by curl processes, so that the probes' timings are the service's alone.
-    Each probe takes the best of three attempts in a row: a busy machine can delay one answer, a
-    blocked event loop delays every one. An answer later than ten times the bound is a blocked
-    loop whatever follows (seconds, before the fix).
+    Each probe takes the best of PROBE_ATTEMPTS attempts in a row: a busy machine (this test
+    runs on two shared cores) can delay a few answers, a blocked event loop delays every one. An
+    answer later than ten times the bound is a blocked loop whatever follows (seconds, before the
+    fix).
     """
     token = write_token(tmp_path / "data")
     body = tmp_path / "zeros.multipart"
@@ -128,8 +130,10 @@ def test_zero_byte_stows_never_block_health_or_qido(served: ServiceProcess, tmp_
         probe.get("/healthz")  # the connection is open before the load begins
         while any(sender.poll() is None for sender in senders):
             for path, times in probes.items():
-                attempts = []
-                for _ in range(3):
+                attempts: list[float] = []
+                for _ in range(PROBE_ATTEMPTS):
+                    if attempts:
+                        time.sleep(0.02)  # past a burst of the machine's other work
                     started = time.perf_counter()
                     assert probe.get(path).status_code == 200
                     attempts.append(time.perf_counter() - started)

@@ -88,7 +88,7 @@ class StowReceiver:
             held.append(chunk)
             size += len(chunk)
         if size <= self.part_memory:  # the whole part
-            data, identity = await asyncio.to_thread(_join_and_identify, held, False)
+            data, identity = await asyncio.to_thread(_join_and_identify, held)
             del held
             if (mismatch := self._other_study(identity)) is not None:
                 return mismatch
@@ -113,18 +113,13 @@ def _starts_part10(chunks: Sequence[bytes]) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _join_and_identify(chunks: Sequence[bytes], more_follows: bool) -> tuple[bytes, DicomIdentity | None]:
-    """The chunks joined, and the identity read from their bounded prefix (for a worker thread).
-    ``more_follows``: the chunks are only the head of the part."""
+def _join_and_identify(chunks: Sequence[bytes]) -> tuple[bytes, DicomIdentity | None]:
+    """A whole part's chunks joined, and the identity read from its bounded prefix (for a
+    worker thread)."""
     data = b"".join(chunks)
     try:
         max_read = min(IDENTITY_MAX_READ, max(len(data), 256))
-        identity = read_identity(
-            data,
-            first_read=min(64 * 1024, max_read),
-            max_read=max_read,
-            size=len(data) + 1 if more_follows else None,
-        )
+        identity = read_identity(data, first_read=min(64 * 1024, max_read), max_read=max_read)
     except DicomCloudError:
         identity = None  # UIDs for the answer only; the archive says why it refuses the part
     return data, identity
