@@ -565,6 +565,11 @@ def test_direct_upload_through_the_service_signed_route(service: LiveService, tm
             httpx.put(tampered, content=b"x" * 11, headers={"Content-Type": "application/dicom"}).status_code
             == 401
         )
+        # A body shorter than the signed size (streamed to staging as it arrives) stages nothing.
+        short = httpx.put(url, content=b"x" * 9, headers={"Content-Type": "application/dicom"})
+        assert short.status_code == 400 and "size" in short.json()["message"]
+        staged = (tmp_path / "data" / "objects").rglob(f"staging/{created['id']}/*")
+        assert not [p for p in staged if p.is_file()]
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -11,7 +11,7 @@ from dicom_cloud.archive import Archive, ArchiveSettings, InstanceRecord
 from dicom_cloud.checksum import crc32c_hex
 from dicom_cloud.crypto.envelope import ClientEncryption
 from dicom_cloud.crypto.keys import KeyRing, MasterKey
-from dicom_cloud.errors import IntegrityError, RejectedObjectError
+from dicom_cloud.errors import ConflictError, DicomFormatError, IntegrityError, RejectedObjectError
 from dicom_cloud.store import PutOptions
 
 STUDY, SERIES = "1.2.7", "1.2.7.1"
@@ -102,3 +102,55 @@ def test_stream_instance_detects_tampering(archive: tuple[Archive, Run]) -> None
     run(a.store.put(key, bytes(tampered), PutOptions(metadata=dict(info.metadata))))
     with pytest.raises(IntegrityError):
         run(_streamed(a, record))
+
+
+def _header_of(data: bytes) -> bytes:
+    return data[: data.index(b"\xe0\x7f\x10\x00")]
+
+
+def test_junk_after_a_valid_header_is_refused_before_parsing(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    junk = _header_of(make_instance(STUDY, SERIES, f"{SERIES}.1")) + bytes(200_000)
+    with pytest.raises(RejectedObjectError, match="unreadable header"):
+        run(a.ingest_object("acme", _stage(a, run, junk)))
+
+
+async def _chunks(data: bytes, size: int = 7000, fail_after: int | None = None) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        if fail_after is not None and start >= fail_after:
+            raise MalformedInput("the body was cut short")
+        yield data[start : start + size]
+
+
+class MalformedInput(Exception):
+    pass
+
+
+def test_store_instance_stream_stores_what_store_instance_stores(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    data = make_instance(STUDY, SERIES, f"{SERIES}.1", preamble=b"MZ" + bytes(126), frames=20, side=64)
+    streamed = run(a.store_instance_stream("acme", _chunks(data)))
+    held = run(a.store_instance("beta", data))
+    assert streamed.created and streamed.preamble_sanitised
+    assert (streamed.record.size, streamed.record.crc32c) == (held.record.size, held.record.crc32c)
+    assert run(a.read_instance(streamed.record)) == bytes(128) + data[128:]
+    assert not run(a.store_instance_stream("acme", _chunks(data))).created
+    # Refusals keep nothing: no quarantine copy, no staging object.
+    with pytest.raises(DicomFormatError, match="unreadable header"):
+        run(a.store_instance_stream("acme", _chunks(_header_of(data) + bytes(100_000))))
+    with pytest.raises(DicomFormatError, match="truncated in the pixel data"):
+        run(a.store_instance_stream("acme", _chunks(make_instance(STUDY, SERIES, "1.2.7.1.2")[:-100])))
+    with pytest.raises(ConflictError):
+        changed = make_instance(STUDY, SERIES, f"{SERIES}.1", frames=20, side=64, PatientName="Other^Name")
+        run(a.store_instance_stream("acme", _chunks(changed)))
+    # A stream that fails stores nothing.
+    with pytest.raises(MalformedInput):
+        run(
+            a.store_instance_stream(
+                "acme",
+                _chunks(make_instance(STUDY, SERIES, "1.2.7.1.3", frames=10, side=32), 500, fail_after=1000),
+            )
+        )
+    keys = [o.key for o in run(_listing(a))]
+    assert not [k for k in keys if "/staging/" in k or "/quarantine/" in k]
+    assert len(run(a.search_instances("acme", {}))) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import struct
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
@@ -461,3 +462,67 @@ def test_file_meta_naming_another_instance_is_reported_not_refused(policy: h.Pol
         assert got.sop_instance_uid == full.SOPInstanceUID
         assert got.meta_mismatch
     assert not read_identity(data("CT_small.dcm"), policy=policy).meta_mismatch
+
+
+# --- bounded cost on junk --------------------------------------------------------------------
+
+ZEROS = bytes(4 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("policy", ["lenient", "strict"])
+def test_zero_bytes_after_dicm_are_refused_at_the_first_elements(policy: h.Policy) -> None:
+    """A run of zeros parses as one 8-byte command element (0000,0000) after another: pydicom
+    would walk all of them. Out of order, they are refused where the dataset begins."""
+    calls: list[int] = []
+    original = h._parse_header
+
+    def counting(buf: bytes, **kw: Any) -> DicomIdentity:
+        calls.append(len(buf))
+        return original(buf, **kw)
+
+    h._parse_header = counting  # type: ignore[assignment]
+    try:
+        assert outcome(bytes(128) + b"DICM" + ZEROS, policy) == h.REASON_UNREADABLE
+        assert outcome(ZEROS, policy) == h.REASON_NO_DICM
+    finally:
+        h._parse_header = original  # type: ignore[assignment]
+    # One parse of the first prefix only: nothing asked for more of the data.
+    assert all(n <= 64 * 1024 for n in calls)
+
+
+@pytest.mark.parametrize("policy", ["lenient", "strict"])
+def test_repeated_dataset_elements_end_the_header(policy: h.Policy) -> None:
+    """Junk that looks like one dataset element repeated is not read element after element."""
+    junk = bytes(128) + b"DICM" + b"\x08\x00\x01\x00" + bytes(4) + b"\x08\x00\x01\x00" * (1 << 20)
+    assert outcome(junk, policy) == h.REASON_NO_SOP_INSTANCE
+
+
+def test_a_header_read_never_parses_more_than_max_read() -> None:
+    """A dataset of well-formed, ordered elements longer than ``max_read`` before the identity:
+    refused as too long, not parsed to its end."""
+    elements = b"".join(struct.pack("<HHL", 0x0009, e, 0) for e in range(1, 40_000))
+    raw = bytes(128) + b"DICM" + elements + b"\x08\x00\x18\x00" + struct.pack("<L", 4) + b"1.2 "
+    assert outcome(raw, "lenient", max_read=128 * 1024) == h.REASON_TOO_LONG
+
+
+def test_junk_after_a_valid_header_is_refused_before_any_parser_walks_it() -> None:
+    ct = data("CT_small.dcm")
+    header = ct[: ct.index(b"\xe0\x7f\x10\x00")]
+    h.check_element_order(ct)  # a real instance passes
+    with pytest.raises(DicomFormatError) as caught:
+        h.check_element_order(header + ZEROS)
+    assert caught.value.reason == h.REASON_UNREADABLE
+    h.check_element_order(b"not DICOM at all" * 100)  # left to the parser
+
+
+def test_every_pydicom_test_file_the_archive_reads_passes_the_order_check() -> None:
+    from dicom_cloud.archive.parsing import parse_instance
+
+    folder = Path(get_testdata_file("CT_small.dcm") or "").parent
+    for path in sorted(folder.glob("*.dcm")):
+        raw = path.read_bytes()
+        try:
+            parse_instance(raw)
+        except DicomCloudError:
+            continue
+        h.check_element_order(raw)

@@ -10,13 +10,37 @@ import pytest
 from dicom_cloud.service.http_errors import MalformedRequestError, UnsupportedMediaTypeError
 from dicom_cloud.service.multipart import (
     MediaType,
-    parse_related,
+    RelatedReader,
     related_boundary,
     related_content_type,
     write_related,
 )
 
 CT = 'multipart/related; type="application/dicom"; boundary=XyZ'
+#: Chunk sizes the body arrives in: delimiters and header blocks split at every place.
+CHUNK_SIZES = (1, 2, 3, 7, 64 * 1024)
+
+
+def parse_related(
+    raw: bytes, boundary: str, default_type: str, chunk_size: int = 64 * 1024
+) -> list[tuple[str, bytes]]:
+    """Every part (media type, content) of ``raw`` read as a stream of ``chunk_size`` chunks."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(raw), chunk_size):
+            yield raw[start : start + chunk_size]
+
+    async def read() -> list[tuple[str, bytes]]:
+        reader = RelatedReader(chunks(), boundary, default_type)
+        parts = []
+        while (content_type := await reader.next_part()) is not None:
+            content = b""
+            while chunk := await reader.read():
+                content += chunk
+            parts.append((content_type, content))
+        return parts
+
+    return asyncio.run(read())
 
 
 def body(*parts: bytes, boundary: bytes = b"XyZ", typed: bool = True) -> bytes:
@@ -29,21 +53,41 @@ def body(*parts: bytes, boundary: bytes = b"XyZ", typed: bool = True) -> bytes:
     return out + b"--" + boundary + b"--\r\n"
 
 
-def test_parses_parts_in_order() -> None:
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+def test_parses_parts_in_order(chunk_size: int) -> None:
     boundary, root = related_boundary(CT, expected_types=("application/dicom",))
-    parts = parse_related(body(b"one", b"two\r\n--Xy", b""), boundary, root)
-    assert [bytes(p.content) for p in parts] == [b"one", b"two\r\n--Xy", b""]
-    assert {p.content_type for p in parts} == {"application/dicom"}
+    parts = parse_related(body(b"one", b"two\r\n--Xy", b"", b"\r\n" * 5), boundary, root, chunk_size)
+    assert [content for _, content in parts] == [b"one", b"two\r\n--Xy", b"", b"\r\n" * 5]
+    assert {content_type for content_type, _ in parts} == {"application/dicom"}
+
+
+def test_a_part_left_unread_is_skipped() -> None:
+    async def read() -> list[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield body(b"x" * 100_000, b"second")
+
+        reader = RelatedReader(chunks(), "XyZ", "application/dicom")
+        assert await reader.next_part() == "application/dicom"
+        first = await reader.read()
+        assert await reader.next_part() == "application/dicom"
+        second = await reader.read()
+        assert await reader.read() == b""
+        assert await reader.next_part() is None
+        return [first, second]
+
+    first, second = asyncio.run(read())
+    assert first == b"x" * len(first) and second == b"second"
 
 
 def test_parts_without_content_type_take_the_root_type() -> None:
     parts = parse_related(body(b"a", typed=False), "XyZ", "application/dicom")
-    assert parts[0].content_type == "application/dicom"
+    assert parts[0][0] == "application/dicom"
 
 
-def test_preamble_before_the_first_boundary_is_ignored() -> None:
-    parts = parse_related(b"preamble text\r\n" + body(b"a"), "XyZ", "application/dicom")
-    assert bytes(parts[0].content) == b"a"
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+def test_preamble_before_the_first_boundary_is_ignored(chunk_size: int) -> None:
+    parts = parse_related(b"preamble text\r\n" + body(b"a"), "XyZ", "application/dicom", chunk_size)
+    assert parts == [("application/dicom", b"a")]
 
 
 def test_quoted_boundary_and_parameters() -> None:
@@ -63,11 +107,14 @@ def test_quoted_boundary_and_parameters() -> None:
         b"--XyZ junk\r\n\r\na\r\n--XyZ--",
         b"--XyZ\r\nbroken header\r\n\r\na\r\n--XyZ--",
         b"--XyZ\r\nContent-Type: \xff\r\n\r\na\r\n--XyZ--",
+        b"--XyZ\r\n\r\na\r\n--XyZ",
+        b"--XyZ\r\n" + b"X-Long: " + b"y" * 20_000 + b"\r\n\r\na\r\n--XyZ--",
     ],
 )
-def test_malformed_bodies_are_400(raw: bytes) -> None:
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+def test_malformed_bodies_are_400(raw: bytes, chunk_size: int) -> None:
     with pytest.raises(MalformedRequestError) as caught:
-        parse_related(raw, "XyZ", "application/dicom")
+        parse_related(raw, "XyZ", "application/dicom", chunk_size)
     assert caught.value.http_status == 400
 
 
@@ -98,4 +145,4 @@ def test_written_body_parses_back() -> None:
     media = MediaType.parse(related_content_type("bnd", "application/dicom"))
     assert media.params["boundary"] == "bnd"
     parsed = parse_related(raw, "bnd", "x")
-    assert [bytes(p.content) for p in parsed] == [b"first", b"", b"x" * 1000]
+    assert [content for _, content in parsed] == [b"first", b"", b"x" * 1000]

@@ -20,7 +20,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
@@ -38,7 +38,7 @@ from ..errors import (
     UsageError,
 )
 from ..location import Location, LocationOpener
-from ..store import Store
+from ..store import MultipartPlan, Store
 from . import access, housekeeping, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
@@ -66,6 +66,8 @@ from .records import (
 from .settings import ArchiveSettings
 
 T = TypeVar("T")
+#: Streamed writes into staging: 8 MiB parts (S3's smallest is 5 MiB), one in flight.
+STAGING_WRITE_PLAN = MultipartPlan(part_size=8 * 1024 * 1024, concurrency=1)
 _UID = re.compile(r"[0-9.]{1,64}")
 
 
@@ -161,6 +163,12 @@ class Archive:
         """
         return await self._ingest.store_instance(tenant, data)
 
+    async def store_instance_stream(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredInstance:
+        """Store one instance arriving as a stream, too large to hold (a STOW-RS part): staged
+        as it comes, then ingested as a stream; refusals as :meth:`store_instance`, and nothing
+        kept of them (no quarantine copy). ``chunks`` raising stores nothing."""
+        return await self._ingest.store_instance_stream(tenant, chunks)
+
     async def ingest_object(
         self,
         tenant: str,
@@ -222,16 +230,36 @@ class Archive:
         ttl = expires_in or max(upload.expires - datetime.now(UTC), timedelta(seconds=1))
         return [await self.store.sign(self.store_key(k), ttl, "PUT") for k in upload.staging_keys]
 
-    async def write_staging(self, tenant: str, session_id: str, index_: int, data: bytes) -> None:
-        """Put one declared file's bytes into staging (for stores that cannot presign)."""
+    async def write_staging(
+        self, tenant: str, session_id: str, index_: int, data: bytes | AsyncIterable[bytes]
+    ) -> None:
+        """Put one declared file's bytes into staging (for stores that cannot presign). ``data``
+        may be a stream: written as it arrives, and a stream of another size than declared
+        stores nothing (the write fails before it completes)."""
         upload = await self.get_upload(tenant, session_id)
         if upload.state != "pending" or datetime.now(UTC) >= upload.expires:
             raise UsageError("the upload session is no longer open")
         if not 0 <= index_ < len(upload.files):
             raise NotFoundError("no such file in the upload session")
-        if len(data) != upload.files[index_].size:
-            raise UsageError("the file's size differs from the declared size")
-        await self.store.put(self.store_key(upload.staging_keys[index_]), data)
+        declared = upload.files[index_].size
+        key = self.store_key(upload.staging_keys[index_])
+        if isinstance(data, bytes):
+            if len(data) != declared:
+                raise UsageError("the file's size differs from the declared size")
+            await self.store.put(key, data)
+            return
+
+        async def of_declared_size(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+            size = 0
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > declared:
+                    break
+                yield chunk
+            if size != declared:
+                raise UsageError("the file's size differs from the declared size")
+
+        await self.store.put_stream(key, of_declared_size(data), plan=STAGING_WRITE_PLAN)
 
     async def get_upload(self, tenant: str, session_id: str) -> UploadSession:
         """The session; NotFoundError if unknown to this tenant."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
@@ -26,6 +27,7 @@ from ..dicom.header import (
     REASON_TOO_LONG,
     REASON_UNREADABLE,
     DicomIdentity,
+    check_element_order,
     read_identity_from_store,
 )
 from ..errors import (
@@ -37,7 +39,7 @@ from ..errors import (
     RejectedObjectError,
     UsageError,
 )
-from ..store import PutOptions
+from ..store import MultipartPlan, PutOptions
 from . import index
 from .bucket import BucketLayout, check_tenant
 from .db import Database
@@ -59,6 +61,8 @@ _INGEST_COPIES = 3
 #: Head read for a streamed ingest, doubled while the header runs past it, up to the last.
 _FIRST_HEAD = 64 * 1024
 _MAX_HEAD = 8 * 1024 * 1024
+#: Parts of staging writes of streamed STOW-RS instances (S3's smallest is 5 MiB), one in flight.
+_STAGING_PLAN = MultipartPlan(part_size=8 * 1024 * 1024, concurrency=1)
 
 
 class Ingestor:
@@ -92,8 +96,7 @@ class Ingestor:
         if len(data) > self.settings.max_instance_size:
             raise UsageError(f"the instance is larger than {self.settings.max_instance_size} bytes")
         async with self.budget.reserve(_INGEST_COPIES * len(data)):
-            sanitised, changed = sanitise_preamble(data)
-            parsed = await asyncio.to_thread(parse_instance, sanitised, self.extra_tags)
+            sanitised, changed, parsed = await asyncio.to_thread(_sanitise_and_parse, data, self.extra_tags)
             return await self._store_parsed(tenant, sanitised, parsed, changed)
 
     def _same(
@@ -116,7 +119,8 @@ class Ingestor:
         async def write(key: str) -> None:
             await self.objects.put(key, data, "application/dicom")
 
-        return await self._store(tenant, parsed, len(data), crc32c_hex(data), changed, write)
+        crc = await asyncio.to_thread(crc32c_hex, data)  # hashing off the event loop
+        return await self._store(tenant, parsed, len(data), crc, changed, write)
 
     async def _store(
         self,
@@ -219,6 +223,10 @@ class Ingestor:
         except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
             raise await self._reject(tenant, staging_key, REASON_UNREADABLE) from None
         if info.size > min(self.settings.stream_threshold, self.settings.max_instance_size):
+            try:
+                await self._check_element_order(full, info.size)
+            except DicomFormatError as exc:
+                raise await self._reject(tenant, staging_key, exc.reason) from None
             stored = await self._ingest_streamed(tenant, staging_key, info.size, identity, expected_crc32c)
             await self.objects.store.delete([full])
             return stored
@@ -226,12 +234,16 @@ class Ingestor:
             data = bytes(await self.objects.store.get(full))
             if len(data) != info.size:
                 raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
-            if expected_crc32c is not None and crc32c_hex(data) != expected_crc32c.lower():
+            if (
+                expected_crc32c is not None
+                and await asyncio.to_thread(crc32c_hex, data) != expected_crc32c.lower()
+            ):
                 raise await self._reject(tenant, staging_key, REASON_CHECKSUM_MISMATCH)
             try:
-                sanitised, changed = sanitise_preamble(data)
+                sanitised, changed, parsed = await asyncio.to_thread(
+                    _sanitise_and_parse, data, self.extra_tags
+                )
                 del data
-                parsed = await asyncio.to_thread(parse_instance, sanitised, self.extra_tags)
                 stored = await self._store_parsed(tenant, sanitised, parsed, changed)
             except DicomFormatError as exc:
                 raise await self._reject(tenant, staging_key, exc.reason) from None
@@ -312,6 +324,83 @@ class Ingestor:
         await self.objects.store.delete([src])
         log.info("upload refused and quarantined: %s", reason)
         return RejectedObjectError(reason, quarantine_key=quarantine_key)
+
+    async def _check_element_order(self, full: str, size: int) -> None:
+        """``check_element_order`` on a stored object's head (64 KiB, 8 MiB if the header runs
+        on), before a parser reads up to 8 MiB of it."""
+        for head_size in (_FIRST_HEAD, _MAX_HEAD):
+            head = bytes(await self.objects.store.get_range(full, 0, min(size, head_size)))
+            if await asyncio.to_thread(check_element_order, head) or len(head) >= size:
+                return
+
+    # -- STOW-RS instances too large to hold ------------------------------------------------
+
+    async def store_instance_stream(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredInstance:
+        """Store one instance that arrives as a stream (a STOW-RS part too large to hold).
+
+        The chunks are written to a staging object as they come, then ingested as a staged
+        upload too large to hold is (:meth:`_ingest_streamed`, whatever its size): memory stays
+        at a few parts. Refusals raise DicomFormatError (``reason`` as for uploads) and
+        ConflictError as :meth:`store_instance` does, and keep nothing: the client reads the
+        reason in its answer, so no quarantine copy is left. The staging object is removed in
+        every case; ``chunks`` raising leaves no object.
+        """
+        check_tenant(tenant)
+        staging_key = BucketLayout.staging_key(tenant, "stow-" + secrets.token_hex(12), 0)
+        full = self.objects.key(staging_key)
+        try:
+            options = PutOptions(content_type="application/dicom")
+            failed: list[BaseException] = []
+
+            async def watched() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                except BaseException as exc:
+                    failed.append(exc)
+                    raise
+
+            try:
+                await self.objects.store.put_stream(full, watched(), options, _STAGING_PLAN)
+            except Exception:
+                if failed:  # the stream's own error, not the store client's wrapping of it
+                    raise failed[0] from None
+                raise
+            size = (await self.objects.store.stat(full)).size
+            if size > self.settings.max_upload_size:
+                raise DicomFormatError(REASON_TOO_LARGE)
+            try:
+                identity = await read_identity_from_store(
+                    self.objects.store, full, policy="strict", size=size
+                )
+                await self._check_element_order(full, size)
+            except DicomCloudError:
+                raise
+            except Exception:  # pydicom failing late on a malformed header (e.g. an unknown VR)
+                raise DicomFormatError(REASON_UNREADABLE) from None
+            return await self._ingest_streamed(tenant, staging_key, size, identity, None)
+        except RejectedObjectError as exc:
+            if exc.quarantine_key is not None:
+                quarantined = self.objects.key(exc.quarantine_key)
+                await self.objects.store.delete([quarantined, quarantined + ".reason.json"])
+            if exc.reason == REASON_CONFLICT:
+                raise self._conflict() from None
+            raise DicomFormatError(exc.reason) from None
+        finally:
+            try:
+                await self.objects.store.delete([full])
+            except DicomCloudError:
+                log.warning("a staged STOW-RS part was left behind: the store refused its removal")
+
+
+def _sanitise_and_parse(
+    data: bytes | memoryview, extra_tags: Sequence[int]
+) -> tuple[bytes, bool, ParsedInstance]:
+    """The preamble zeroed and the instance parsed: CPU work, for a worker thread. Junk after a
+    valid header is refused before the parser would walk it (``check_element_order``)."""
+    sanitised, changed = sanitise_preamble(data)
+    check_element_order(sanitised)
+    return sanitised, changed, parse_instance(sanitised, extra_tags)
 
 
 def _warnings(tenant: str, identity: DicomIdentity) -> tuple[str, ...]:

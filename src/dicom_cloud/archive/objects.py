@@ -50,7 +50,7 @@ class ArchiveObjects:
         if self.crypto.writes_encrypted:
             data = await asyncio.to_thread(self.crypto.encrypt, data)
             metadata.update(self.crypto.marker())
-        metadata[CHECKSUM_METADATA_KEY] = crc32c_hex(data)
+        metadata[CHECKSUM_METADATA_KEY] = await _crc32c_off_loop(data)
         await self.store.put(self.key(key), data, PutOptions(content_type=content_type, metadata=metadata))
 
     async def put_stream(
@@ -74,7 +74,7 @@ class ArchiveObjects:
         full = self.key(key)
         info, blob = await self.store.read(full)
         recorded = info.metadata.get(CHECKSUM_METADATA_KEY)
-        if recorded is not None and crc32c_hex(blob) != recorded:
+        if recorded is not None and await _crc32c_off_loop(blob) != recorded:
             raise IntegrityError(f"{self.store.url(full)} does not match its recorded CRC32C")
         fmt = self.crypto.detect(full, info.metadata)
         if fmt is None:
@@ -118,6 +118,17 @@ class ArchiveObjects:
                 await self.store.delete(found[start : start + 1000])
         except Exception as exc:
             log.warning("objects left behind after a delete: %s (%d keys)", type(exc).__name__, len(keys))
+
+
+#: Hashing this much takes microseconds, less than a hop to a worker thread.
+_HASH_ON_LOOP = 64 * 1024
+
+
+async def _crc32c_off_loop(data: bytes | memoryview) -> str:
+    """The CRC32C of ``data``, in a worker thread unless it is small: the event loop stays free."""
+    if len(data) <= _HASH_ON_LOOP:
+        return crc32c_hex(data)
+    return await asyncio.to_thread(crc32c_hex, data)
 
 
 async def _encrypted(crypto: ClientEncryption, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -23,13 +23,17 @@ printed as raw ``UserWarning`` lines: each becomes a debug message of this modul
 or object, its quoted values masked (they may be patient data); ``-v`` shows them.
 
 Only the head of an object is read. Elements are stored in ascending tag order, so reading
-stops at the first top-level element after the last wanted tag, or at the pixel data;
-:func:`read_identity_from_store` and :func:`read_identity_from_file` read ``first_read`` bytes
-and double that only while the parser runs out of data before such a stopping point.
+stops at the first top-level element after the last wanted tag, or at the pixel data, or at an
+element out of order (the header has ended: what follows is not a header, e.g. a run of zero
+bytes, which would otherwise parse as one 8-byte element after another at about a second per
+megabyte). Every reader parses a prefix of ``first_read`` bytes and doubles it only while the
+parser runs out of data before such a stopping point, never past ``max_read``: the cost of a
+header read is bounded whatever the object's size.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import struct
@@ -60,6 +64,7 @@ __all__ = [
     "DicomFormatError",
     "DicomIdentity",
     "Policy",
+    "check_element_order",
     "read_identity",
     "read_identity_from_file",
     "read_identity_from_store",
@@ -145,6 +150,7 @@ _HEX_TAG = re.compile(r"\(?\s*([0-9A-Fa-f]{4})\s*,?\s*([0-9A-Fa-f]{4})\s*\)?")
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 
 
 def _resolve_tag(name: str) -> int:
@@ -185,6 +191,109 @@ def _first_group_plausible(buf: bytes) -> bool:
         return False
     little, big = struct.unpack("<H", buf[:2])[0], struct.unpack(">H", buf[:2])[0]
     return little in (0, 2, 4, 8) or big in (0, 2, 4, 8)
+
+
+#: Explicit VRs whose length field has 4 bytes (after 2 reserved ones), as in the file meta.
+_LONG_VRS: Final = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+def _dataset_start(buf: bytes, part10: bool) -> int:
+    """Where pydicom starts reading after the preamble and the file meta group (explicit VR LE)."""
+    return _file_meta(buf, 132 if part10 else 0)[0]
+
+
+def _file_meta(buf: bytes | memoryview, position: int) -> tuple[int, str | None]:
+    """The end of the file meta group (explicit VR little endian) starting at ``position``, and
+    the Transfer Syntax UID it names."""
+    syntax = None
+    while position + 8 <= len(buf) and buf[position : position + 2] == b"\x02\x00":
+        if bytes(buf[position + 4 : position + 6]) in _LONG_VRS:
+            if position + 12 > len(buf):
+                break
+            (length,) = struct.unpack_from("<L", buf, position + 8)
+            header = 12
+        else:
+            (length,) = struct.unpack_from("<H", buf, position + 6)
+            header = 8
+        if buf[position + 2 : position + 4] == b"\x10\x00":  # (0002,0010) Transfer Syntax UID
+            syntax = (
+                bytes(buf[position + header : position + header + length])
+                .strip(b"\x00 ")
+                .decode("ascii", "replace")
+            )
+        position += header + length
+    return position, syntax
+
+
+def _check_command_group(buf: bytes, position: int, reason: str) -> None:
+    """Refuse a command group (0000,eeee) with elements out of order where the dataset begins.
+
+    pydicom reads such a group element by element before the dataset, out of reach of
+    ``stop_when``; a run of zero bytes is one, of 8-byte elements (0000,0000), and used to cost
+    about a second per megabyte. Command elements are implicit VR little endian, in order.
+    """
+    previous = -1
+    while position + 8 <= len(buf):
+        group, element, length = struct.unpack("<HHL", buf[position : position + 8])
+        if group != 0:
+            return
+        if element <= previous:
+            raise DicomFormatError(reason, detail="elements out of order")
+        if length == 0xFFFFFFFF:
+            return
+        previous = element
+        position += 8 + length
+
+
+def check_element_order(data: bytes | bytearray | memoryview, *, max_read: int = 8 * 1024 * 1024) -> bool:
+    """Refuse a Part 10 object whose top-level elements are out of order before its pixel data.
+
+    Junk after a valid header (zero bytes, repeated elements) is read by pydicom element after
+    element, at more than a second per megabyte; DICOM stores elements in ascending tag order
+    (PS3.5 7.1), so such data is refused here first, at the cost of one step per top-level
+    element of the first ``max_read`` bytes, no value read. Elements of undefined length, an
+    unknown encoding and deflated datasets end the walk (nothing is refused then). Raises
+    DicomFormatError (``REASON_UNREADABLE``); objects that are not Part 10 are left to the parser.
+    Returns False when ``data`` ended before the walk did (given only a head: check more of it).
+    """
+    view = memoryview(data)[:max_read]
+    if len(view) < 132 or bytes(view[128:132]) != b"DICM":
+        return len(view) >= 132
+    position, syntax = _file_meta(view, 132)
+    if syntax == _DEFLATED_LE:
+        return True  # the dataset is compressed: nothing to walk
+    implicit = syntax == _IMPLICIT_LE
+    order = ">" if syntax == _EXPLICIT_BE else "<"
+    previous = -1
+    while position + 8 <= len(view):
+        group, element = struct.unpack_from(order + "HH", view, position)
+        tag = group << 16 | element
+        if tag in _PIXEL_TAGS:
+            return True
+        if tag <= previous:
+            raise DicomFormatError(REASON_UNREADABLE, detail="elements out of order")
+        previous = tag
+        if implicit:
+            (length,) = struct.unpack_from(order + "L", view, position + 4)
+            header = 8
+        else:
+            vr = bytes(view[position + 4 : position + 6])
+            if not (vr.isalpha() and vr.isupper()):
+                return True  # some writers switch encodings: leave it to the parser
+            if vr in _LONG_VRS:
+                if position + 12 > len(view):
+                    return False
+                (length,) = struct.unpack_from(order + "L", view, position + 8)
+                header = 12
+            else:
+                (length,) = struct.unpack_from(order + "H", view, position + 6)
+                header = 8
+        if length == 0xFFFFFFFF:
+            return True
+        position += header + length
+    return False
 
 
 def _text(value: Any) -> str:
@@ -267,12 +376,19 @@ def _parse_header(
     wanted = {t for _, t in tags} | set(_IDENTITY_TAGS)
     last_wanted = max(wanted)
 
-    last_seen = [0]  # the highest top-level tag met: tells "ended early" from "absent"
+    _check_command_group(buf, _dataset_start(buf, part10), REASON_UNREADABLE if part10 else REASON_NO_DICM)
+
+    last_seen = [-1]  # the highest top-level tag met: tells "ended early" from "absent"
+    repeats = [0]
 
     def stop_when(tag: BaseTag, vr: str | None, length: int) -> bool:
         t = int(tag)  # BaseTag compares in Python: plain ints keep this hot path cheap
-        if t > last_seen[0]:
-            last_seen[0] = t
+        if t <= last_seen[0]:
+            # pydicom asks twice about the first element when it checks the VR encoding; any
+            # other repeat, or a smaller tag, means the header has ended and junk follows.
+            repeats[0] += 1
+            return t < last_seen[0] or repeats[0] > 1
+        last_seen[0] = t
         return t > last_wanted or t in _PIXEL_TAGS
 
     fp = BytesIO(buf)
@@ -442,15 +558,34 @@ def read_identity(
     extra_tags: Sequence[str] = (),
     policy: Policy = "lenient",
     source: str = "a DICOM instance in memory",
+    first_read: int = 64 * 1024,
+    max_read: int = 8 * 1024 * 1024,
+    size: int | None = None,
 ) -> DicomIdentity:
     """The identity of the DICOM object whose bytes (or whose whole header) are ``data``.
 
-    ``data`` is taken as the complete object: a header cut short is ``REASON_TRUNCATED``.
+    ``data`` is taken as the complete object (a header cut short is ``REASON_TRUNCATED``), or as
+    the first bytes of an object of ``size`` bytes. Only a prefix is parsed, as by
+    :func:`read_identity_from_store`: a header longer than ``max_read`` (or than ``data``, when
+    only the head is given) is ``REASON_TOO_LONG``. CPU-bound (milliseconds for real headers, up
+    to about half a second per megabyte of ``max_read`` for crafted ones): call it from a worker
+    thread in async code.
     Raises DicomFormatError per ``policy`` (see the module docs), UsageError for bad arguments.
     ``source`` names the object in debug messages.
     """
     _check_policy(policy)
-    return _parse(bytes(data), complete=True, tags=_tags(extra_tags), policy=policy, source=source)
+    _check_sizes(first_read, max_read)
+    tags = _tags(extra_tags)
+    view = memoryview(data)
+    whole = len(view) if size is None else max(size, len(view))
+    for n in _grow(len(view), first_read, max_read):
+        try:
+            return _parse(bytes(view[:n]), complete=n >= whole, tags=tags, policy=policy, source=source)
+        except _NeedMore:
+            continue
+    raise DicomFormatError(
+        REASON_TOO_LONG, detail=f"{max_read} bytes", hint="raise max_read if such headers are expected"
+    )
 
 
 def _grow(size: int, first_read: int, max_read: int) -> list[int]:
@@ -487,7 +622,10 @@ async def read_identity_from_store(
     for n in _grow(size, first_read, max_read):
         buf = bytes(await store.get_range(key, 0, n)) if n else b""
         try:
-            return _parse(buf, complete=n >= size, tags=tags, policy=policy, source=store.url(key))
+            # Parsing is CPU work: in a worker thread, so the event loop keeps answering.
+            return await asyncio.to_thread(
+                _parse, buf, complete=n >= size, tags=tags, policy=policy, source=store.url(key)
+            )
         except _NeedMore:
             continue
     raise DicomFormatError(

@@ -30,6 +30,7 @@ from ..errors import UsageError
 from .auth import Authenticator, OidcVerifier
 from .deps import Reader, secret_resolver
 from .handlers import install_error_handlers
+from .memory import RequestMemory
 from .observability import AccessLogMiddleware, Metrics
 from .presign import S3PutSigner
 from .routes import dicomweb, health, labels, shares, tokens, uploads
@@ -188,6 +189,9 @@ def create_app(
         _add_private_docs(app)
     metrics = Metrics()
     app.state.settings = settings
+    app.state.request_memory = RequestMemory(
+        settings.request_memory_bytes, settings.request_memory_wait_seconds
+    )
     app.state.metrics = metrics
     app.state.put_signer = S3PutSigner.for_storage(settings.storage_url)
     install_error_handlers(app)

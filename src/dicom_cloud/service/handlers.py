@@ -9,6 +9,7 @@ generic message, logged with the exception type only (never its text, which may 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,7 +34,10 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     status = exc.http_status
     if status >= 500:
         log.warning("request.failed", extra={"error": type(exc).__name__, "status": status})
-    headers = {"WWW-Authenticate": 'Bearer realm="dicom-cloud"'} if status == 401 else None
+    headers = {"WWW-Authenticate": 'Bearer realm="dicom-cloud"'} if status == 401 else {}
+    retry_after = getattr(exc, "retry_after", None)
+    if status in (429, 503) and retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return JSONResponse(error_body(type(exc).__name__, exc.message, exc.hint), status, headers=headers)
 
 

@@ -6,7 +6,7 @@ other error: status from ``http_status``, body ``{"error", "message", "hint"}``.
 
 from __future__ import annotations
 
-from ..errors import AuthenticationError, PermissionDeniedError, UsageError
+from ..errors import AuthenticationError, DicomCloudError, PermissionDeniedError, UsageError
 
 
 class MalformedRequestError(UsageError):
@@ -43,3 +43,15 @@ class ForbiddenError(PermissionDeniedError):
     """The credentials are valid but lack the scope or the study this route needs."""
 
     http_status = 403
+
+
+class ServiceBusyError(DicomCloudError):
+    """The service cannot take the request now (its memory budget is taken); try again later."""
+
+    http_status = 503
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        #: Seconds the client should wait (sent as Retry-After).
+        self.retry_after = retry_after

@@ -1,9 +1,10 @@
-"""multipart/related (RFC 2387) as DICOMweb uses it: parsing STOW-RS bodies, streaming WADO-RS answers.
+"""multipart/related (RFC 2387) as DICOMweb uses it: reading STOW-RS bodies, streaming WADO-RS answers.
 
-Parsing takes the whole body (already read under a size cap by :func:`read_body`) and returns the
-parts' media types and contents as views into it, without copies. Every framing fault is a
-:class:`MalformedRequestError` (400) saying what is wrong; nothing here ever raises anything else
-on malformed input.
+Reading is a stream: :class:`RelatedReader` takes the body's chunks as they arrive and hands out
+one part after the other, each part's content as chunks, never the whole body; request bodies
+are counted against their size cap as they arrive (:func:`body_chunks`). Every framing fault is
+a :class:`MalformedRequestError` (400) saying what is wrong; nothing here ever raises anything
+else on malformed input.
 
 Writing is a generator of chunks: the boundary, the part headers, then the part's own chunks as
 they come, so a study is streamed one instance at a time.
@@ -22,7 +23,6 @@ from .http_errors import MalformedRequestError, PayloadTooLargeError, Unsupporte
 
 #: RFC 2046: 1 to 70 characters from this set, not ending with a space.
 _BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
-_HEADER_END = b"\r\n\r\n"
 #: ``; name=value`` or ``; name="quoted value"`` (RFC 9110 parameters).
 _PARAMETER = re.compile(r';?\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
@@ -46,27 +46,21 @@ class MediaType:
         return cls(value.strip().lower(), params)
 
 
-@dataclass(frozen=True)
-class Part:
-    content_type: str
-    content: memoryview
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (whatever it declared)."""
+async def body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, refused with 413 as soon as it passes ``limit`` bytes
+    (whatever it declared)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(
             f"the request body is {declared} bytes; this service takes at most {limit}"
         )
-    chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"the request body is larger than the maximum of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if chunk:
+            yield chunk
 
 
 def related_boundary(content_type: str | None, *, expected_types: tuple[str, ...]) -> tuple[str, str]:
@@ -97,50 +91,127 @@ def related_boundary(content_type: str | None, *, expected_types: tuple[str, ...
     return boundary, root
 
 
-def parse_related(body: bytes, boundary: str, default_type: str) -> list[Part]:
-    """Split a multipart body into its parts. Parts without Content-Type take ``default_type``."""
-    view = memoryview(body)
-    delimiter = b"--" + boundary.encode("ascii")
-    # The first delimiter may be at the very start or after a preamble line.
-    if body.startswith(delimiter):
-        position = 0
-    else:
-        position = body.find(b"\r\n" + delimiter)
-        if position < 0:
-            raise MalformedRequestError("the body holds no part: its boundary never appears")
-        position += 2
-    parts: list[Part] = []
-    separator = b"\r\n" + delimiter
-    while True:
-        position += len(delimiter)
-        tail = body[position : position + 2]
-        if tail == b"--":
-            break  # the close delimiter
-        line_end = body.find(b"\r\n", position)
-        if line_end < 0:
-            raise MalformedRequestError("the body ends inside a boundary line (truncated?)")
-        if body[position:line_end].strip(b" \t"):
+class RelatedReader:
+    """The parts of a multipart/related body, read from its chunks as they arrive.
+
+    ``await next_part()`` reads up to the next part's headers and returns its media type (parts
+    without Content-Type take ``default_type``), or None after the close delimiter; whatever
+    was left of the previous part is skipped. ``await read()`` returns the next chunk of the
+    current part's content, ``b""`` at its end. At most one chunk and a delimiter's length are
+    buffered, however large the parts.
+    """
+
+    #: Longest boundary line tail and part header block accepted (a body that never ends them is 400).
+    MAX_LINE = 1024
+    MAX_HEADERS = 16 * 1024
+
+    def __init__(self, chunks: AsyncIterator[bytes], boundary: str, default_type: str) -> None:
+        self._chunks = chunks
+        self._delimiter = b"--" + boundary.encode("ascii")
+        self._separator = b"\r\n" + self._delimiter
+        self._default_type = default_type
+        self._buffer = bytearray()
+        self._ended = False  # no more chunks
+        self._state = "start"  # start | between (just after a delimiter) | content | done
+        self.parts = 0  # parts begun so far
+
+    async def _fill(self) -> bool:
+        """One more chunk into the buffer; False when the body has ended."""
+        if self._ended:
+            return False
+        chunk = await anext(self._chunks, None)
+        if chunk is None:
+            self._ended = True
+            return False
+        self._buffer += chunk
+        return True
+
+    async def next_part(self) -> str | None:
+        if self._state == "content":
+            while await self.read():
+                pass  # the rest of the previous part
+        if self._state == "done":
+            return None
+        if self._state == "start":
+            await self._skip_preamble()
+        while len(self._buffer) < 2:
+            if not await self._fill():
+                raise MalformedRequestError("the body ends inside a boundary line (truncated?)")
+        if self._buffer.startswith(b"--"):
+            self._state = "done"  # the close delimiter; what follows (an epilogue) is ignored
+            if not self.parts:
+                raise MalformedRequestError("the multipart body holds no part")
+            return None
+        line_end = await self._find(
+            b"\r\n", self.MAX_LINE, "the body ends inside a boundary line (truncated?)"
+        )
+        if bytes(self._buffer[:line_end]).strip(b" \t"):
             raise MalformedRequestError("a boundary line is followed by unexpected characters")
-        header_start = line_end + 2
-        if body.startswith(b"\r\n", header_start):
-            headers_raw, content_start = b"", header_start + 2
+        del self._buffer[: line_end + 2]
+        self.parts += 1
+        await self._have(2)  # the blank line of a part without headers
+        if self._buffer.startswith(b"\r\n"):
+            headers_raw = b""
+            del self._buffer[:2]
         else:
-            header_end = body.find(_HEADER_END, header_start)
-            if header_end < 0:
-                raise MalformedRequestError(f"part {len(parts) + 1} has no blank line after its headers")
-            headers_raw, content_start = body[header_start:header_end], header_end + 4
-        next_delimiter = body.find(separator, content_start)
-        if next_delimiter < 0:
-            raise MalformedRequestError(
-                f"part {len(parts) + 1} is not closed by a boundary (truncated body?)",
-                hint="the body must end with --BOUNDARY--",
+            header_end = await self._find(
+                b"\r\n\r\n", self.MAX_HEADERS, f"part {self.parts} has no blank line after its headers"
             )
-        content_type = _part_content_type(headers_raw, len(parts) + 1) or default_type
-        parts.append(Part(content_type, view[content_start:next_delimiter]))
-        position = next_delimiter + 2
-    if not parts:
-        raise MalformedRequestError("the multipart body holds no part")
-    return parts
+            headers_raw = bytes(self._buffer[:header_end])
+            del self._buffer[: header_end + 4]
+        self._state = "content"
+        return _part_content_type(headers_raw, self.parts) or self._default_type
+
+    async def read(self) -> bytes:
+        if self._state != "content":
+            return b""
+        keep = len(self._separator) - 1  # a separator may begin in the last bytes
+        while True:
+            at = self._buffer.find(self._separator)
+            if at >= 0:
+                out = bytes(self._buffer[:at])
+                del self._buffer[: at + len(self._separator)]
+                self._state = "between"
+                return out
+            if len(self._buffer) > keep:
+                out = bytes(self._buffer[:-keep])
+                del self._buffer[:-keep]
+                return out
+            if not await self._fill():
+                raise MalformedRequestError(
+                    f"part {self.parts} is not closed by a boundary (truncated body?)",
+                    hint="the body must end with --BOUNDARY--",
+                )
+
+    async def _have(self, size: int) -> bool:
+        while len(self._buffer) < size:
+            if not await self._fill():
+                return False
+        return True
+
+    async def _find(self, needle: bytes, limit: int, message: str) -> int:
+        """Where ``needle`` begins in the buffer, reading on as needed (400 past ``limit`` bytes)."""
+        while True:
+            at = self._buffer.find(needle, 0, limit + len(needle))
+            if at >= 0:
+                return at
+            if len(self._buffer) > limit or not await self._fill():
+                raise MalformedRequestError(message)
+
+    async def _skip_preamble(self) -> None:
+        """Up to just after the first delimiter: at the very start, or after a preamble line."""
+        await self._have(len(self._delimiter))
+        if self._buffer.startswith(self._delimiter):
+            del self._buffer[: len(self._delimiter)]
+        else:
+            keep = len(self._separator) - 1
+            while (at := self._buffer.find(self._separator)) < 0:
+                if len(self._buffer) > keep:
+                    del self._buffer[:-keep]
+                if not await self._fill():
+                    raise MalformedRequestError("the body holds no part: its boundary never appears")
+            del self._buffer[: at + len(self._separator)]
+        self._state = "between"
 
 
 def _part_content_type(headers_raw: bytes, number: int) -> str | None:

@@ -84,6 +84,14 @@ class ServiceSettings(BaseModel):
     #: Files larger than this are uploaded in parts of this size (S3 with static keys only).
     upload_part_size: int = Field(64 * 1024**2, ge=5 * 1024**2)
     stow_max_bytes: int = Field(512 * 1024**2, gt=0)
+    #: STOW-RS parts up to this size are held in memory and stored whole; larger ones are staged
+    #: in the archive's storage as they arrive and stored as streams.
+    stow_part_memory_bytes: int = Field(16 * 1024**2, ge=1024**2)
+    #: One budget over the memory all request bodies hold at once (STOW-RS parts with their
+    #: ingest, service-signed upload PUTs); a request waits for its share.
+    request_memory_bytes: int = Field(256 * 1024**2, ge=16 * 1024**2)
+    #: How long a request waits for its share of ``request_memory_bytes``; then 503 + Retry-After.
+    request_memory_wait_seconds: float = Field(30.0, ge=0)
     share_max_ttl_seconds: int = Field(30 * 24 * 3600, gt=0)
     #: Serve /metrics without credentials (only for scrapers on a private network).
     metrics_public: bool = False

@@ -5,6 +5,7 @@ principal reaches its own study only.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
@@ -12,18 +13,13 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...archive import InstanceRecord, QueryParams
-from ...dicom.header import DicomIdentity, read_identity
-from ...errors import AlreadyExistsError, DicomCloudError, DicomFormatError, NotSupportedError
+from ...errors import NotSupportedError
 from ..auth import Principal
 from ..deps import ArchiveDep, MetricsDep, Reader, SettingsDep, Writer
 from ..dicomjson import (
     DICOM,
     DICOM_JSON,
-    FAILURE_CANNOT_UNDERSTAND,
-    FAILURE_DUPLICATE,
-    FAILURE_OUT_OF_RESOURCES,
     FAILURE_PROCESSING,
-    FAILURE_STUDY_MISMATCH,
     OCTET_STREAM,
     UID_MAX,
     UID_PATTERN,
@@ -34,17 +30,20 @@ from ..dicomjson import (
     parse_frame_list,
     service_root,
 )
-from ..http_errors import NotAcceptableError, PayloadTooLargeError
+from ..http_errors import NotAcceptableError
+from ..memory import RequestMemory
 from ..multipart import (
+    RelatedReader,
+    body_chunks,
     new_boundary,
-    parse_related,
-    read_body,
     related_boundary,
     related_content_type,
     write_related,
 )
+from ..stow import StowReceiver, memory_share
 
 router = APIRouter(tags=["DICOMweb"])
+log = logging.getLogger("dicom_cloud.service")
 
 #: Instances read ahead while a multipart answer streams (memory: this many + 1 instances).
 RETRIEVE_PREFETCH = 4
@@ -81,72 +80,68 @@ async def _stow(
     metrics: MetricsDep,
     study: str | None,
 ) -> JSONResponse:
+    """Parts are stored as they arrive (``service/stow.py``). A body whose framing fails after
+    some parts were stored answers 400 and the instances this request created are removed
+    again: a malformed request leaves nothing stored."""
     accept = request.headers.get("accept")
     if accept and not any(t in accept for t in (DICOM_JSON, "application/json", "*/*")):
         raise NotAcceptableError("STOW-RS answers are application/dicom+json")
     boundary, root = related_boundary(request.headers.get("content-type"), expected_types=(DICOM,))
-    body = await read_body(request, settings.stow_max_bytes)
-    parts = parse_related(body, boundary, root)
+    memory: RequestMemory = request.app.state.request_memory
+    share = memory_share(settings.stow_part_memory_bytes, request.headers.get("content-length"))
     base = service_root(request, settings)
     response = StowResponse(retrieve_url=f"{base}/studies/{study}" if study else None)
-    for part in parts:
-        identity = _identity(part.content)
-        if part.content_type != DICOM:
-            response.failure(
-                None, None, FAILURE_CANNOT_UNDERSTAND, f"the part is {part.content_type}, not {DICOM}"
-            )
-            metrics.instances_stored.labels("refused").inc()
-            continue
-        if study is not None and identity is not None and identity.study_instance_uid != study:
-            response.failure(
-                identity.sop_class_uid,
-                identity.sop_instance_uid,
-                FAILURE_STUDY_MISMATCH,
-                "the instance is of another study",
-            )
-            metrics.instances_stored.labels("refused").inc()
-            continue
+    counts = {"stored": 0, "duplicate": 0, "refused": 0}
+    created: list[InstanceRecord] = []
+    stored_study: str | None = None
+    async with memory.reserve(share):
+        reader = RelatedReader(body_chunks(request, settings.stow_max_bytes), boundary, root)
+        receiver = StowReceiver(archive, principal.tenant, study, settings.stow_part_memory_bytes)
         try:
-            stored = await archive.store_instance(principal.tenant, part.content)
-        except DicomFormatError as exc:
-            reason, comment = FAILURE_CANNOT_UNDERSTAND, exc.message
-        except AlreadyExistsError as exc:
-            reason, comment = FAILURE_DUPLICATE, exc.message
-        except PayloadTooLargeError as exc:
-            reason, comment = FAILURE_OUT_OF_RESOURCES, exc.message
-        except DicomCloudError as exc:
-            if exc.http_status >= 500 and exc.retryable:
-                raise  # the store is down: the whole request fails, nothing is half-answered
-            reason, comment = FAILURE_PROCESSING, exc.message
-        else:
-            record = stored.record
-            response.stored(
-                record.sop_class_uid,
-                record.sop_instance_uid,
-                f"{base}/studies/{record.study_instance_uid}/series/{record.series_instance_uid}"
-                f"/instances/{record.sop_instance_uid}",
-                stored.warnings,
-            )
-            if response.retrieve_url is None and len(parts) == 1:
-                response.retrieve_url = f"{base}/studies/{record.study_instance_uid}"
-            metrics.instances_stored.labels("stored" if stored.created else "duplicate").inc()
-            continue
-        response.failure(
-            identity.sop_class_uid if identity else None,
-            identity.sop_instance_uid if identity else None,
-            reason,
-            comment,
-        )
-        metrics.instances_stored.labels("refused").inc()
+            while (content_type := await reader.next_part()) is not None:
+                outcome = await receiver.store_next(reader, content_type)
+                if outcome.stored is None:
+                    identity = outcome.identity
+                    response.failure(
+                        identity.sop_class_uid if identity else None,
+                        identity.sop_instance_uid if identity else None,
+                        outcome.failure or FAILURE_PROCESSING,
+                        outcome.comment,
+                    )
+                    counts["refused"] += 1
+                    continue
+                record = outcome.stored.record
+                if outcome.stored.created:
+                    created.append(record)
+                response.stored(
+                    record.sop_class_uid,
+                    record.sop_instance_uid,
+                    f"{base}/studies/{record.study_instance_uid}/series/{record.series_instance_uid}"
+                    f"/instances/{record.sop_instance_uid}",
+                    outcome.stored.warnings,
+                )
+                counts["stored" if outcome.stored.created else "duplicate"] += 1
+                stored_study = record.study_instance_uid
+        except BaseException:
+            await _remove_created(archive, principal.tenant, created)
+            raise
+    if response.retrieve_url is None and reader.parts == 1 and stored_study is not None:
+        response.retrieve_url = f"{base}/studies/{stored_study}"
+    for outcome_name, count in counts.items():
+        if count:
+            metrics.instances_stored.labels(outcome_name).inc(count)
     return dicom_json(response.as_json(), response.status, response.headers)
 
 
-def _identity(content: memoryview) -> DicomIdentity | None:
-    """UIDs for the answer and the study check; the archive alone decides what it accepts."""
-    try:
-        return read_identity(content)
-    except DicomCloudError:
-        return None
+async def _remove_created(archive: ArchiveDep, tenant: str, created: list[InstanceRecord]) -> None:
+    """Undo the instances a failed STOW-RS request created (best effort: it is failing anyway)."""
+    for record in created:
+        try:
+            await archive.delete(
+                tenant, record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
+            )
+        except Exception:
+            log.warning("an instance of a failed STOW-RS request could not be removed")
 
 
 _STOW_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -33,10 +33,14 @@ from ..http_errors import (
     PayloadTooLargeError,
     UnauthenticatedError,
 )
-from ..multipart import MediaType, read_body
+from ..memory import RequestMemory
+from ..multipart import MediaType, body_chunks
 from ..presign import MAX_PARTS, S3PutSigner
 
 router = APIRouter(tags=["uploads"])
+
+#: Memory a service-signed PUT holds while its body is written to staging.
+STREAMED_PUT_MEMORY = 3 * 8 * 1024 * 1024
 
 UploadContentType = Literal["application/dicom", "application/octet-stream"]
 SessionId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -263,8 +267,11 @@ async def put_file(
         )
     if expires < time.time():
         raise UnauthenticatedError("the upload URL has expired", hint="start a new upload")
-    data = await read_body(request, size)
-    await archive.write_staging(tenant, session_id, index, data)
+    memory: RequestMemory = request.app.state.request_memory
+    # The body goes to staging as it arrives: a few chunks in memory, and the store's write
+    # buffers (one 8 MiB part in flight, about three parts held by object-store clients).
+    async with memory.reserve(min(size, STREAMED_PUT_MEMORY)):
+        await archive.write_staging(tenant, session_id, index, body_chunks(request, size))
     return Response(status_code=204)
 
 
