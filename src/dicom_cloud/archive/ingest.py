@@ -122,7 +122,7 @@ class Ingestor:
         """Store an instance of ``size`` bytes and CRC32C ``crc`` whose bytes ``write_object(key)``
         writes: data, then sidecar, then the rows that point at both."""
         uid = parsed.identity.sop_instance_uid
-        existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+        existing = await self.db.read(lambda s: index.find_instance(s, tenant, uid))
         if existing is not None:
             return self._same(existing, size, crc, changed)
         object_key = self.layout.instance_key(tenant, uid, crc)
@@ -142,8 +142,7 @@ class Ingestor:
 
         try:
             await write_object(object_key)
-            sidecar = json.dumps(parsed.sidecar, separators=(",", ":")).encode()
-            await self.objects.put(sidecar_key, sidecar, "application/dicom+json")
+            await self.objects.put(sidecar_key, parsed.sidecar_bytes(), "application/dicom+json")
             for _attempt in range(5):
                 try:
                     record = await self.db.run(insert)
@@ -151,7 +150,7 @@ class Ingestor:
                 except DatabaseIntegrityError:
                     # Another writer created a row first: this instance (then decide), or its
                     # patient/study/series (then try again: they exist now).
-                    existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+                    existing = await self.db.read(lambda s: index.find_instance(s, tenant, uid))
                     if existing is not None:
                         if existing.object_key == object_key:
                             return self._same(existing, size, crc, changed)  # same bytes, same objects
@@ -165,7 +164,7 @@ class Ingestor:
         """Remove the objects of a failed ingest, unless a row points at them after all (a commit
         whose acknowledgement was lost) or the index cannot tell (then they stay, unreferenced)."""
         try:
-            existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+            existing = await self.db.read(lambda s: index.find_instance(s, tenant, uid))
         except Exception:
             log.warning("objects of a failed ingest left in place: the index is unreachable")
             return
