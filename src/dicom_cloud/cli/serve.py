@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,9 @@ def register(add: Callable[..., Any]) -> None:
     _add_setting_flags(sub)
     sub.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     sub.add_argument("--port", type=int, help="port to listen on (default 8042)")
+    sub.add_argument(
+        "--workers", type=int, help="worker processes (default: one per core; see docs/service.md)"
+    )
     sub.add_argument("--public-url", help="URL clients reach the service at (goes into links)")
     sub.add_argument(
         "--environment", choices=["development", "production"], help="production refuses unsafe settings"
@@ -81,7 +86,7 @@ def register(add: Callable[..., Any]) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..service.app import create_app
+    from ..service.app import SETTINGS_ENV, bootstrap_once, create_app
     from ..service.observability import setup_json_logging
     from ..service.settings import load_settings
 
@@ -91,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
             {
                 "host": args.host,
                 "port": args.port,
+                "workers": args.workers,
                 "public_url": args.public_url,
                 "environment": args.environment,
                 "log_level": args.log_level,
@@ -101,14 +107,29 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.storage is None or settings.database is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     setup_json_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=True,
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": True,
+    }
+    workers = settings.worker_count
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return 0
+    # Several processes: the schema is migrated and the first-start token made here, once; the
+    # workers get the settings as resolved here, with one signing secret for all of them (a random
+    # one per process would not verify the URLs another worker signed).
+    asyncio.run(bootstrap_once(settings))
+    shared = settings.model_copy(
+        update={
+            "bootstrap_admin": False,
+            "signing_secret": settings.signing_secret or secrets.token_urlsafe(32),
+        }
     )
+    os.environ[SETTINGS_ENV] = shared.model_dump_json()
+    uvicorn.run("dicom_cloud.service.app:app_from_environment", factory=True, workers=workers, **options)
     return 0
 
 

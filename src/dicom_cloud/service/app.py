@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -160,6 +161,27 @@ def create_app(
     for module in (health, dicomweb, uploads, labels, shares, tokens):
         app.include_router(module.router)
     return app
+
+
+#: Environment variable through which ``dicom-cloud serve --workers N`` hands its resolved settings
+#: (JSON) to its worker processes.
+SETTINGS_ENV = "DICOM_CLOUD_SERVE_SETTINGS"
+
+
+async def bootstrap_once(settings: ServiceSettings) -> None:
+    """What must happen once before several workers start: the index brought to the newest schema,
+    and the first-start admin token made and shown."""
+    async with await Archive.open(archive_settings(settings)) as archive:
+        await bootstrap_admin(archive, settings)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of ``dicom-cloud serve --workers N`` (uvicorn's factory)."""
+    from .observability import setup_json_logging
+
+    settings = ServiceSettings.model_validate_json(os.environ[SETTINGS_ENV])
+    setup_json_logging(settings.log_level)
+    return create_app(settings)
 
 
 def openapi_document(settings: ServiceSettings) -> dict[str, Any]:
