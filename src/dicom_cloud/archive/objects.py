@@ -71,15 +71,25 @@ class ArchiveObjects:
 
     async def get(self, key: str) -> bytes:
         """A whole object, CRC32C checked and decrypted. NotFoundError when missing."""
+        return (await self.get_with_crc(key))[0]
+
+    async def get_with_crc(self, key: str) -> tuple[bytes, str | None]:
+        """:meth:`get`, and the CRC32C of the plaintext when it was computed on the way (objects
+        stored in clear carry theirs): a caller checking it against the index need not compute it
+        again. None for encrypted objects."""
         full = self.key(key)
         info, blob = await self.store.read(full)
         recorded = info.metadata.get(CHECKSUM_METADATA_KEY)
-        if recorded is not None and crc32c_hex(blob) != recorded:
+        crc = crc32c_hex(blob) if recorded is not None else None
+        if recorded is not None and crc != recorded:
             raise IntegrityError(f"{self.store.url(full)} does not match its recorded CRC32C")
         fmt = self.crypto.detect(full, info.metadata)
         if fmt is None:
-            return bytes(blob)
-        return await asyncio.to_thread(self.crypto.decrypt, self.store.url(full), fmt, info.metadata, blob)
+            return bytes(blob), crc
+        plaintext = await asyncio.to_thread(
+            self.crypto.decrypt, self.store.url(full), fmt, info.metadata, blob
+        )
+        return plaintext, None
 
     async def stream(self, key: str, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
         """An object's plaintext as chunks, about one chunk in memory. An encrypted object's last
