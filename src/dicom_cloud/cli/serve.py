@@ -89,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ..service.app import SETTINGS_ENV, bootstrap_once, create_app
     from ..service.observability import setup_json_logging
     from ..service.settings import load_settings
+    from ..service.workers import reuse_port_supported, run_workers
 
     settings = load_settings(
         _flags(
@@ -129,8 +130,11 @@ def _serve(args: argparse.Namespace) -> int:
         }
     )
     os.environ[SETTINGS_ENV] = shared.model_dump_json()
-    uvicorn.run("dicom_cloud.service.app:app_from_environment", factory=True, workers=workers, **options)
-    return 0
+    if not reuse_port_supported():  # one socket shared by uvicorn's workers
+        uvicorn.run("dicom_cloud.service.app:app_from_environment", factory=True, workers=workers, **options)
+        return 0
+    host, port = options.pop("host"), options.pop("port")
+    return run_workers(workers, host, port, options)
 
 
 def _token(args: argparse.Namespace) -> int:
