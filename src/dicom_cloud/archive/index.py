@@ -13,6 +13,7 @@ from sqlalchemy import (
     Insert,
     RowMapping,
     Table,
+    bindparam,
     delete,
     exists,
     func,
@@ -83,10 +84,13 @@ def _record(row: Sequence[Any]) -> InstanceRecord:
     )
 
 
+_FIND_INSTANCE = _RECORDS.where(
+    Instance.tenant == bindparam("tenant"), Instance.sop_instance_uid == bindparam("sop_instance_uid")
+)
+
+
 def find_instance(session: Session, tenant: str, sop_instance_uid: str) -> InstanceRecord | None:
-    row = session.execute(
-        _RECORDS.where(Instance.tenant == tenant, Instance.sop_instance_uid == sop_instance_uid)
-    ).first()
+    row = session.execute(_FIND_INSTANCE, {"tenant": tenant, "sop_instance_uid": sop_instance_uid}).first()
     return _record(row) if row else None
 
 
@@ -106,6 +110,16 @@ _STUDY_ATTRIBUTES = (
     "study_id",
 )
 _SERIES_ATTRIBUTES = ("modality", "series_number", "series_description")
+# Statements built once (this runs for every instance stored): values are bound at execution.
+_FIND_PATIENT = select(_PATIENTS.c.id, *(_PATIENTS.c[name] for name in _PATIENT_ATTRIBUTES)).where(
+    _PATIENTS.c.tenant == bindparam("tenant"), _PATIENTS.c.patient_id == bindparam("key")
+)
+_FIND_STUDY = select(_STUDIES.c.id, *(_STUDIES.c[name] for name in _STUDY_ATTRIBUTES)).where(
+    _STUDIES.c.tenant == bindparam("tenant"), _STUDIES.c.study_instance_uid == bindparam("key")
+)
+_FIND_SERIES = select(
+    _SERIES.c.id, _SERIES.c.study_pk, *(_SERIES.c[name] for name in _SERIES_ATTRIBUTES)
+).where(_SERIES.c.tenant == bindparam("tenant"), _SERIES.c.series_instance_uid == bindparam("key"))
 
 
 def _given(attrs: IndexedAttributes, names: Sequence[str]) -> dict[str, Any]:
@@ -134,14 +148,10 @@ def insert_instance(
     now = datetime.now(UTC)
 
     patient_values = _given(attrs, _PATIENT_ATTRIBUTES)
-    patient = connection.execute(
-        select(_PATIENTS.c.id, *(_PATIENTS.c[name] for name in _PATIENT_ATTRIBUTES)).where(
-            _PATIENTS.c.tenant == tenant, _PATIENTS.c.patient_id == attrs.patient_id
-        )
-    ).first()
+    patient = connection.execute(_FIND_PATIENT, {"tenant": tenant, "key": attrs.patient_id}).first()
     if patient is None:
         patient_pk = _inserted(
-            connection, insert(_PATIENTS).values(tenant=tenant, patient_id=attrs.patient_id, **patient_values)
+            connection, _PATIENTS, {"tenant": tenant, "patient_id": attrs.patient_id, **patient_values}
         )
     else:
         patient_pk = patient.id
@@ -150,41 +160,35 @@ def insert_instance(
             connection.execute(update(_PATIENTS).where(_PATIENTS.c.id == patient_pk).values(**changed))
 
     study_values = _given(attrs, _STUDY_ATTRIBUTES)
-    study = connection.execute(
-        select(_STUDIES.c.id, *(_STUDIES.c[name] for name in _STUDY_ATTRIBUTES)).where(
-            _STUDIES.c.tenant == tenant, _STUDIES.c.study_instance_uid == attrs.study_instance_uid
-        )
-    ).first()
+    study = connection.execute(_FIND_STUDY, {"tenant": tenant, "key": attrs.study_instance_uid}).first()
     if study is None:
         study_pk = _inserted(
             connection,
-            insert(_STUDIES).values(
-                tenant=tenant,
-                patient_pk=patient_pk,
-                study_instance_uid=attrs.study_instance_uid,
-                created=now,
+            _STUDIES,
+            {
+                "tenant": tenant,
+                "patient_pk": patient_pk,
+                "study_instance_uid": attrs.study_instance_uid,
+                "created": now,
                 **study_values,
-            ),
+            },
         )
     else:
         study_pk = study.id
         _fill_missing(connection, _STUDIES, study_pk, study._mapping, study_values)
 
     series_values = _given(attrs, _SERIES_ATTRIBUTES)
-    series = connection.execute(
-        select(_SERIES.c.id, _SERIES.c.study_pk, *(_SERIES.c[name] for name in _SERIES_ATTRIBUTES)).where(
-            _SERIES.c.tenant == tenant, _SERIES.c.series_instance_uid == attrs.series_instance_uid
-        )
-    ).first()
+    series = connection.execute(_FIND_SERIES, {"tenant": tenant, "key": attrs.series_instance_uid}).first()
     if series is None:
         series_pk = _inserted(
             connection,
-            insert(_SERIES).values(
-                tenant=tenant,
-                study_pk=study_pk,
-                series_instance_uid=attrs.series_instance_uid,
+            _SERIES,
+            {
+                "tenant": tenant,
+                "study_pk": study_pk,
+                "series_instance_uid": attrs.series_instance_uid,
                 **series_values,
-            ),
+            },
         )
     elif series.study_pk != study_pk:
         raise ConflictError("the series of this instance is already filed under another study")
@@ -194,24 +198,25 @@ def insert_instance(
 
     instance_pk = _inserted(
         connection,
-        insert(_INSTANCES).values(
-            tenant=tenant,
-            series_pk=series_pk,
-            sop_instance_uid=attrs.sop_instance_uid,
-            sop_class_uid=attrs.sop_class_uid,
-            instance_number=attrs.instance_number,
-            transfer_syntax_uid=attrs.transfer_syntax_uid,
-            number_of_frames=attrs.number_of_frames,
-            rows=attrs.rows,
-            columns=attrs.columns,
-            bits_allocated=attrs.bits_allocated,
-            object_key=object_key,
-            sidecar_key=sidecar_key,
-            size=size,
-            crc32c=crc32c,
-            encrypted=encrypted,
-            created=now,
-        ),
+        _INSTANCES,
+        {
+            "tenant": tenant,
+            "series_pk": series_pk,
+            "sop_instance_uid": attrs.sop_instance_uid,
+            "sop_class_uid": attrs.sop_class_uid,
+            "instance_number": attrs.instance_number,
+            "transfer_syntax_uid": attrs.transfer_syntax_uid,
+            "number_of_frames": attrs.number_of_frames,
+            "rows": attrs.rows,
+            "columns": attrs.columns,
+            "bits_allocated": attrs.bits_allocated,
+            "object_key": object_key,
+            "sidecar_key": sidecar_key,
+            "size": size,
+            "crc32c": crc32c,
+            "encrypted": encrypted,
+            "created": now,
+        },
     )
     if attrs.extra:
         connection.execute(
@@ -240,9 +245,12 @@ def insert_instance(
     )
 
 
-def _inserted(connection: Connection, statement: Insert) -> int:
-    """The primary key of the row ``statement`` inserts."""
-    key = connection.execute(statement).inserted_primary_key
+_INSERT_INTO: dict[str, Insert] = {t.name: insert(t) for t in (_PATIENTS, _STUDIES, _SERIES, _INSTANCES)}
+
+
+def _inserted(connection: Connection, table: Table, values: dict[str, Any]) -> int:
+    """Insert one row into ``table``; its primary key."""
+    key = connection.execute(_INSERT_INTO[table.name], values).inserted_primary_key
     assert key is not None
     return int(key[0])
 
