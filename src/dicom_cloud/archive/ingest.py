@@ -87,8 +87,8 @@ class Ingestor:
             raise UsageError(f"the instance is larger than {self.settings.max_instance_size} bytes")
         async with self.budget.reserve(_INGEST_COPIES * len(data)):
             sanitised, changed = sanitise_preamble(data)
-            parsed = await asyncio.to_thread(parse_instance, sanitised, self.extra_tags)
-            return await self._store_parsed(tenant, sanitised, parsed, changed)
+            parsed, crc = await asyncio.to_thread(_parse_with_crc, sanitised, self.extra_tags)
+            return await self._store_parsed(tenant, sanitised, parsed, crc, changed)
 
     def _same(self, existing: InstanceRecord, size: int, crc: str, changed: bool) -> StoredInstance:
         if existing.size == size and existing.crc32c == crc:
@@ -103,12 +103,12 @@ class Ingestor:
         )
 
     async def _store_parsed(
-        self, tenant: str, data: bytes, parsed: ParsedInstance, changed: bool
+        self, tenant: str, data: bytes, parsed: ParsedInstance, crc: str, changed: bool
     ) -> StoredInstance:
         async def write(key: str) -> None:
-            await self.objects.put(key, data, "application/dicom")
+            await self.objects.put(key, data, "application/dicom", plaintext_crc=crc)
 
-        return await self._store(tenant, parsed, len(data), crc32c_hex(data), changed, write)
+        return await self._store(tenant, parsed, len(data), crc, changed, write)
 
     async def _store(
         self,
@@ -221,8 +221,8 @@ class Ingestor:
             try:
                 sanitised, changed = sanitise_preamble(data)
                 del data
-                parsed = await asyncio.to_thread(parse_instance, sanitised, self.extra_tags)
-                stored = await self._store_parsed(tenant, sanitised, parsed, changed)
+                parsed, crc = await asyncio.to_thread(_parse_with_crc, sanitised, self.extra_tags)
+                stored = await self._store_parsed(tenant, sanitised, parsed, crc, changed)
             except DicomFormatError as exc:
                 raise await self._reject(tenant, staging_key, exc.reason) from None
             except ConflictError:
@@ -302,6 +302,11 @@ class Ingestor:
         await self.objects.store.delete([src])
         log.info("upload refused and quarantined: %s", reason)
         return RejectedObjectError(reason, quarantine_key=quarantine_key)
+
+
+def _parse_with_crc(data: bytes, extra_tags: Sequence[int]) -> tuple[ParsedInstance, str]:
+    """The parsed instance and its CRC32C, in one trip to a worker thread."""
+    return parse_instance(data, extra_tags), crc32c_hex(data)
 
 
 def _zero_preamble(chunk: bytes | memoryview, offset: int) -> bytes:

@@ -44,13 +44,18 @@ class ArchiveObjects:
         """The archive key of a store key under the root."""
         return store_key[len(self.root) :]
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Write an object, encrypted when configured, with the CRC32C of the stored bytes."""
+    async def put(
+        self, key: str, data: bytes, content_type: str, *, plaintext_crc: str | None = None
+    ) -> None:
+        """Write an object, encrypted when configured, with the CRC32C of the stored bytes
+        (``plaintext_crc``, when the caller knows it, spares computing it again for plaintext)."""
         metadata: dict[str, str] = {}
+        stored_crc = plaintext_crc
         if self.crypto.writes_encrypted:
             data = await asyncio.to_thread(self.crypto.encrypt, data)
             metadata.update(self.crypto.marker())
-        metadata[CHECKSUM_METADATA_KEY] = crc32c_hex(data)
+            stored_crc = None
+        metadata[CHECKSUM_METADATA_KEY] = stored_crc or crc32c_hex(data)
         await self.store.put(self.key(key), data, PutOptions(content_type=content_type, metadata=metadata))
 
     async def put_stream(
