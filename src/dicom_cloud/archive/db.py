@@ -94,7 +94,11 @@ def create_index_engine(url: str) -> Engine:
             engine = create_engine(full, connect_args={"check_same_thread": False}, poolclass=StaticPool)
         else:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(full, connect_args={"check_same_thread": False, "timeout": 30})
+            # Connections are renewed after a while so that they pick up planner statistics that
+            # another process refreshed (see refresh_statistics).
+            engine = create_engine(
+                full, connect_args={"check_same_thread": False, "timeout": 30}, pool_recycle=120
+            )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -166,9 +170,14 @@ class Database:
                 return work(session)
 
         result = _translated(unit)
+        self._count_unit()
+        return result
+
+    def _count_unit(self) -> None:
+        """Count a unit of work (reads too: with several worker processes each sees only its share
+        of the writes) and refresh the statistics every :data:`_STATISTICS_EVERY`."""
         if next(self._units) % _STATISTICS_EVERY == 0:
             self.refresh_statistics()
-        return result
 
     def read_sync(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)``, which only reads, in one transaction that takes no write lock
@@ -180,7 +189,9 @@ class Database:
                 session.connection(execution_options={_READ_ONLY: True})
                 return work(session)
 
-        return _translated(unit)
+        result = _translated(unit)
+        self._count_unit()
+        return result
 
     async def read(self, work: Callable[[Session], T]) -> T:
         """:meth:`read_sync` in a worker thread."""
@@ -197,6 +208,11 @@ class Database:
             connection.exec_driver_sql("PRAGMA analysis_limit = 1000")
             connection.exec_driver_sql("ANALYZE")
             connection.commit()
+        if self.engine.pool.__class__ is not StaticPool:
+            # A connection reads the statistics when it loads the schema, not when another connection
+            # (of this process or another worker's) refreshes them: pooled connections are replaced,
+            # so that every reader plans with the newest ones.
+            self.engine.dispose()
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)`` in a worker thread, in one transaction."""
