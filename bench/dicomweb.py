@@ -85,9 +85,34 @@ class Server:
     stop: Callable[[], None]
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server so far: its process and the live processes below it
+        (the workers of ``dicom-cloud serve --workers N``), and their children that ended."""
+        ticks = 0
+        for pid in [self.pid, *descendants(self.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile: its time is in its parent's cutime/cstime
+            ticks += sum(int(v) for v in fields[11:15])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid``."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def _client(clients: int, headers: dict[str, str]) -> httpx.Client:
@@ -95,8 +120,9 @@ def _client(clients: int, headers: dict[str, str]) -> httpx.Client:
     return httpx.Client(headers={**CLIENT_HEADERS, **headers}, timeout=600, limits=limits)
 
 
-def start_ours(workdir: Path, clients: int) -> Server:
-    service: ServiceProcess = start_service_process(workdir)
+def start_ours(workdir: Path, clients: int, workers: int | None) -> Server:
+    extra = ("--workers", str(workers)) if workers else ()
+    service: ServiceProcess = start_service_process(workdir, extra_args=extra)
     http = _client(clients, {"Authorization": f"Bearer {service.token}"})
 
     def delete_study(uid: str) -> None:
@@ -416,6 +442,11 @@ def render(report: dict[str, Any]) -> str:
         f"# DICOMweb: dicom-cloud beside Orthanc ({report['date']})",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB; {m['uname']}.",
+        "Load average (1, 5, 15 min) at start: "
+        + ", ".join(f"{v:.2f}" for v in report["load_average_at_start"])
+        + "; at end: "
+        + ", ".join(f"{v:.2f}" for v in report["load_average_at_end"])
+        + ".",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         "",
         f"Data: the synthetic CT study, {p['instances']} instances ({p['study_mb']:.0f} MB), stored in "
@@ -423,7 +454,7 @@ def render(report: dict[str, Any]) -> str:
         f"(batches of {p['fill_batch']}, Orthanc through {p['orthanc_fill']}). {p['clients']} concurrent "
         f"requests; {p['repeat']} repetitions of the study (medians); {p['queries']} repetitions of each "
         f"search. Orthanc: SyncStorageArea {str(p['orthanc_sync_storage']).lower()}, "
-        "MaximumStorageCacheSize 0.",
+        f"MaximumStorageCacheSize 0. dicom-cloud serve workers: {p.get('workers', 1)}.",
         "",
         "Ratio: dicom-cloud over Orthanc, above 1 = dicom-cloud is faster (rates: ours / Orthanc's; "
         "latencies: Orthanc's / ours).",
@@ -495,6 +526,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Orthanc's default SyncStorageArea=true (fsync per file); off by default, as dicom-cloud "
         "does not fsync its objects",
     )
+    p.add_argument(
+        "--workers", type=int, help="worker processes of dicom-cloud serve (default: its own, one per core)"
+    )
     p.add_argument("--data-dir", type=Path, default=BENCH / ".data", help="inputs and server data")
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where dicomweb.md/.json go")
     args = p.parse_args(argv)
@@ -518,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.data_dir / "dicomweb-run"
     shutil.rmtree(work, ignore_errors=True)
-    ours = start_ours(work / "dicom-cloud", args.clients)
+    ours = start_ours(work / "dicom-cloud", args.clients, args.workers)
     try:
         theirs, orthanc = start_theirs(work / "orthanc", args.clients, args.orthanc_sync_storage)
     except BaseException:
@@ -531,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": machine(),
+            "load_average_at_start": os.getloadavg(),
             "versions": versions(orthanc),
             "parameters": {
                 "instances": len(bodies),
@@ -543,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                 "orthanc_fill": "STOW-RS" if args.orthanc_fill == "stow" else "POST /instances",
                 "queries": args.queries,
                 "orthanc_sync_storage": args.orthanc_sync_storage,
+                "workers": args.workers or "default (one per core)",
             },
         }
         for server in servers:  # connections and first-request work outside the measurements
@@ -561,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         if not failed:
             shutil.rmtree(work, ignore_errors=True)
+    report["load_average_at_end"] = os.getloadavg()
     report["results"] = {
         name: summary(m, len(bodies), manifest.study_bytes, len(small)) for name, m in measures.items()
     }

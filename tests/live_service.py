@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -114,15 +115,22 @@ class ServiceProcess:
         self._proc.stop(graceful=True, timeout=10)
 
 
-def start_service_process(workdir: Path, *, extra_args: tuple[str, ...] = ()) -> ServiceProcess:
+def start_service_process(
+    workdir: Path,
+    *,
+    extra_args: tuple[str, ...] = (),
+    setting_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
     """Start ``dicom-cloud serve --data-dir WORKDIR/data`` on a free port, with an admin token made
-    beforehand by ``dicom-cloud token create`` (so nothing is read from the server's output)."""
+    beforehand by ``dicom-cloud token create`` (so nothing is read from the server's output).
+    ``setting_args`` (``--storage``, ``--database``...) go to both commands, ``extra_args`` to serve."""
     from servers import _Proc, _request, _wait_until
 
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
     cli = str(Path(sys.executable).with_name("dicom-cloud"))
-    data = ["--data-dir", str(data_dir)]
+    data = ["--data-dir", str(data_dir), *setting_args]
     created = subprocess.run(
         [
             cli,
@@ -140,11 +148,28 @@ def start_service_process(workdir: Path, *, extra_args: tuple[str, ...] = ()) ->
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, **(env or {})},
     )
     token = str(json.loads(created.stdout)["token"])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [cli, "serve", *data, "--port", str(port), "--public-url", url]
-    proc = _Proc("dicom-cloud-serve", [*argv, "--log-level", "warning", *extra_args], workdir)
+    proc = _Proc("dicom-cloud-serve", [*argv, "--log-level", "warning", *extra_args], workdir, env)
     _wait_until(proc, lambda: _request("GET", url + "/healthz", timeout=2)[0] == 200, what="did not start")
     return ServiceProcess(url, token, proc.popen.pid, proc)
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The worker processes ``dicom-cloud serve --workers N`` (process ``pid``) started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found

@@ -31,6 +31,7 @@ from live_service import (
     fresh_postgres_database,
     start_service,
     start_service_process,
+    worker_pids,
 )
 from servers import S3Server
 
@@ -710,6 +711,66 @@ def test_two_instances_share_postgresql_and_bucket(s3_env: S3Server, s3_bucket: 
             assert [uid(s, STUDY_UID) for s in client_for(first).search_for_studies()] == [
                 ct.StudyInstanceUID
             ]
+        finally:
+            second.stop()
+            first.stop()
+
+
+def test_two_instances_with_two_workers_each_share_postgresql_and_bucket(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """``dicom-cloud serve --workers 2`` twice on one PostgreSQL database and one bucket: every
+    request, whichever process of whichever instance answers it, sees the same archive."""
+    with fresh_postgres_database() as database:
+        shared = ("--storage", f"s3://{s3_bucket}/archive", "--database", database)
+        env = {"DICOM_CLOUD_SERVICE_SIGNING_SECRET": "k" * 40}
+        first = start_service_process(
+            tmp_path / "first", setting_args=shared, extra_args=("--workers", "2"), env=env
+        )
+        try:
+            second = start_service_process(
+                tmp_path / "second", setting_args=shared, extra_args=("--workers", "2"), env=env
+            )
+        except BaseException:
+            first.stop()
+            raise
+        try:
+            assert len(worker_pids(first.pid)) == 2 and len(worker_pids(second.pid)) == 2
+            instances = [CT.read_bytes(), MR.read_bytes()]
+            with httpx.Client(timeout=60) as http:
+                for data in instances:  # one request each: both may land on different workers
+                    body, content_type = related(data)
+                    stored = http.post(
+                        first.url + "/studies",
+                        content=body,
+                        headers={**auth(first.token), "Content-Type": content_type},
+                    )
+                    assert stored.status_code == 200, stored.text
+                ct, mr = pydicom.dcmread(CT), pydicom.dcmread(MR)
+                # Several requests, so that every worker of the other instance answers some.
+                for _ in range(8):
+                    found = http.get(second.url + "/studies", headers=auth(second.token))
+                    assert {uid(s, STUDY_UID) for s in found.json()} == {
+                        ct.StudyInstanceUID,
+                        mr.StudyInstanceUID,
+                    }
+                    retrieved = http.get(
+                        f"{second.url}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}"
+                        f"/instances/{ct.SOPInstanceUID}",
+                        headers={
+                            **auth(first.token),
+                            "Accept": 'multipart/related; type="application/dicom"',
+                        },
+                    )
+                    # (the preamble is stored zeroed)
+                    assert retrieved.status_code == 200 and instances[0][128:] in retrieved.content
+                deleted = http.delete(
+                    f"{second.url}/studies/{mr.StudyInstanceUID}", headers=auth(first.token)
+                )
+                assert deleted.status_code == 200
+                for _ in range(4):
+                    found = http.get(first.url + "/studies", headers=auth(second.token))
+                    assert [uid(s, STUDY_UID) for s in found.json()] == [ct.StudyInstanceUID]
         finally:
             second.stop()
             first.stop()

@@ -339,3 +339,51 @@ def test_file_meta_naming_another_instance_is_stored_under_the_dataset_uid_with_
     again = run(a.store_instance("acme", data))
     assert not again.created and again.warnings == (REASON_META_MISMATCH,)
     assert not run(a.store_instance("acme", read_test_file("CT_small.dcm"))).warnings
+
+
+def test_an_instance_is_read_by_pydicom_once(
+    archive: tuple[Archive, Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The strict checks, the indexed attributes and the sidecar come from one read of the header."""
+    from dicom_cloud.dicom import header
+
+    reads: list[int] = []
+    original = header.read_partial
+
+    def counted(*args: object, **kwargs: object) -> object:
+        reads.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(header, "read_partial", counted)
+    monkeypatch.setattr("dicom_cloud.archive.parsing.dcmread", None)  # the second read there is gone
+    a, run = archive
+    stored = run(a.store_instance("acme", make_instance(STUDY, SERIES, SOP)))
+    assert stored.created and len(reads) == 1
+
+
+def test_reads_of_the_index_do_not_wait_for_the_writer(tmp_path: Path) -> None:
+    """Searches and lookups read a snapshot beside a write in progress (SQLite, WAL)."""
+    import threading
+
+    from sqlalchemy import select
+
+    from dicom_cloud.archive.db import Database, upgrade_schema
+    from dicom_cloud.archive.models import Instance
+
+    db = Database(f"sqlite:///{tmp_path}/index.db")
+    upgrade_schema(db.engine)
+    writing, done = threading.Event(), threading.Event()
+
+    def long_write(session: object) -> None:
+        writing.set()
+        done.wait(60)
+
+    writer = threading.Thread(target=db.run_sync, args=(long_write,))
+    writer.start()
+    try:
+        assert writing.wait(30)
+        assert db.read_sync(lambda s: list(s.scalars(select(Instance.id)))) == []
+    finally:
+        done.set()
+        writer.join(60)
+        db.close()

@@ -11,6 +11,7 @@ from dicom_cloud.service.http_errors import MalformedRequestError, UnsupportedMe
 from dicom_cloud.service.multipart import (
     MediaType,
     RelatedReader,
+    related_body,
     related_boundary,
     related_content_type,
     write_related,
@@ -146,3 +147,18 @@ def test_written_body_parses_back() -> None:
     assert media.params["boundary"] == "bnd"
     parsed = parse_related(raw, "bnd", "x")
     assert [content for _, content in parsed] == [b"first", b"", b"x" * 1000]
+
+
+def test_a_body_made_whole_equals_the_streamed_one() -> None:
+    contents = [("application/dicom", b"first"), ("application/dicom; transfer-syntax=1.2", b"\r\n- x")]
+
+    async def parts() -> AsyncIterator[tuple[str, bytes]]:
+        for part in contents:
+            yield part
+
+    async def collect() -> bytes:
+        return b"".join([bytes(chunk) async for chunk in write_related(parts(), "bnd")])
+
+    whole = related_body(contents, "bnd")
+    assert whole == asyncio.run(collect())
+    assert [content for _, content in parse_related(whole, "bnd", "x")] == [b"first", b"\r\n- x"]

@@ -68,3 +68,30 @@ def test_bad_config_files(tmp_path: Path) -> None:
     bad.write_text("port = [")
     with pytest.raises(UsageError, match="TOML"):
         load_settings(environ={}, config_file=bad)
+
+
+def test_workers_from_flag_environment_file_or_the_cores(tmp_path: Path) -> None:
+    import os
+
+    config = tmp_path / "service.toml"
+    config.write_text("[service]\nworkers = 3\n")
+    assert load_settings(environ={}, config_file=config).worker_count == 3
+    assert load_settings(environ={"DICOM_CLOUD_SERVICE_WORKERS": "5"}, config_file=config).worker_count == 5
+    assert load_settings({"workers": 2}, environ={}, config_file=config).worker_count == 2
+    assert load_settings(environ={}).worker_count == len(os.sched_getaffinity(0))
+    with pytest.raises(UsageError, match="workers"):
+        load_settings({"workers": 0}, environ={})
+
+
+def test_worker_processes_get_the_resolved_settings_with_one_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_cloud.service import observability
+    from dicom_cloud.service.app import SETTINGS_ENV, app_from_environment
+
+    monkeypatch.setattr(observability, "setup_json_logging", lambda level: None)  # keep pytest's logging
+    settings = load_settings({"data_dir": tmp_path, "signing_secret": SECRET, "port": 9000}, environ={})
+    monkeypatch.setenv(SETTINGS_ENV, settings.model_dump_json())
+    app = app_from_environment()
+    assert app.state.settings == settings
+    assert app.state.settings.secret_bytes() == SECRET.encode()

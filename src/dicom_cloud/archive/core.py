@@ -151,6 +151,10 @@ class Archive:
     async def _run(self, work: Callable[[Session], T]) -> T:
         return await self._db.run(work)
 
+    async def _read(self, work: Callable[[Session], T]) -> T:
+        """Run ``work``, which only reads, without taking the index's write lock."""
+        return await self._db.read(work)
+
     # -- ingest --------------------------------------------------------------------------
 
     async def store_instance(self, tenant: str, data: bytes | memoryview) -> StoredInstance:
@@ -264,7 +268,7 @@ class Archive:
     async def get_upload(self, tenant: str, session_id: str) -> UploadSession:
         """The session; NotFoundError if unknown to this tenant."""
         check_tenant(tenant)
-        return await self._run(lambda s: uploads.get(s, tenant, session_id))
+        return await self._read(lambda s: uploads.get(s, tenant, session_id))
 
     async def set_upload_state(
         self, tenant: str, session_id: str, state: UploadState, result: Mapping[str, object] | None = None
@@ -341,7 +345,7 @@ class Archive:
     ) -> list[DicomJson]:
         check_tenant(tenant)
         _check_uids(scope.get("study_instance_uid"), scope.get("series_instance_uid"))
-        return await self._run(
+        return await self._read(
             lambda s: qido.search(
                 s, tenant, level, params, extra_tags=self._extra, limits=self._limits, **scope
             )
@@ -399,7 +403,7 @@ class Archive:
         number. NotFoundError when there are none (for this tenant)."""
         check_tenant(tenant)
         _check_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
-        return await self._run(
+        return await self._read(
             lambda s: index.require_instances(
                 s, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
             )
@@ -407,8 +411,8 @@ class Archive:
 
     async def read_instance(self, record: InstanceRecord) -> bytes:
         """The instance's Part 10 bytes: decrypted, size and CRC32C checked (IntegrityError)."""
-        data = await self._objects.get(record.object_key)
-        if len(data) != record.size or crc32c_hex(data) != record.crc32c:
+        data, crc = await self._objects.get_with_crc(record.object_key)
+        if len(data) != record.size or (crc or crc32c_hex(data)) != record.crc32c:
             raise IntegrityError("a stored instance does not match the size and CRC32C in the index")
         return data
 
@@ -602,7 +606,7 @@ class Archive:
     async def get_labels(self, tenant: str, study_instance_uid: str) -> StudyLabels:
         check_tenant(tenant)
         _check_uids(study_instance_uid)
-        return await self._run(lambda s: index.get_labels(s, tenant, study_instance_uid))
+        return await self._read(lambda s: index.get_labels(s, tenant, study_instance_uid))
 
     async def set_labels(
         self,
@@ -630,11 +634,11 @@ class Archive:
     async def authenticate(self, token: str, now: datetime | None = None) -> ApiToken | None:
         """The record of a valid token, neither revoked nor expired (at ``now``, default the
         current time); None otherwise."""
-        return await self._run(lambda s: access.authenticate(s, token, now))
+        return await self._read(lambda s: access.authenticate(s, token, now))
 
     async def list_tokens(self, tenant: str) -> list[ApiToken]:
         check_tenant(tenant)
-        return await self._run(lambda s: access.list_tokens(s, tenant))
+        return await self._read(lambda s: access.list_tokens(s, tenant))
 
     async def revoke_token(self, tenant: str, token_id: int) -> ApiToken:
         check_tenant(tenant)
@@ -652,12 +656,12 @@ class Archive:
 
     async def resolve_share(self, token: str) -> ShareLink | None:
         """The link of a valid share token; None when unknown, expired or revoked."""
-        return await self._run(lambda s: access.resolve_share(s, token))
+        return await self._read(lambda s: access.resolve_share(s, token))
 
     async def list_shares(self, tenant: str, study_instance_uid: str | None = None) -> list[ShareLink]:
         check_tenant(tenant)
         _check_uids(study_instance_uid)
-        return await self._run(lambda s: access.list_shares(s, tenant, study_instance_uid))
+        return await self._read(lambda s: access.list_shares(s, tenant, study_instance_uid))
 
     async def revoke_share(self, tenant: str, share_id: int) -> ShareLink:
         check_tenant(tenant)

@@ -62,16 +62,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (memory: ignored)
+    # In WAL mode NORMAL syncs at checkpoints, not at every commit: a power loss may forget the
+    # last commits but never corrupts the index. An fsync per commit cost more than the whole
+    # insert of an instance's rows (objects are not fsynced either).
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")  # cascades from studies to labels etc.
     cursor.execute("PRAGMA busy_timeout=30000")  # writers from other threads wait, not fail
     cursor.execute("PRAGMA case_sensitive_like=ON")  # LIKE as in PostgreSQL: QIDO text matching is exact
     cursor.close()
 
 
+#: Execution option of connections that only read (see :meth:`Database.read`).
+_READ_ONLY = "dicom_cloud_read_only"
+
+
 def _sqlite_begin(connection: Any) -> None:
     """Take the write lock when a transaction starts, waiting up to the busy timeout: a deferred
-    transaction that turns into a write while another process commits fails at once instead."""
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    transaction that turns into a write while another process commits fails at once instead.
+    Read-only units begin a deferred transaction: in WAL mode they read a snapshot beside the
+    writer."""
+    if connection.get_execution_options().get(_READ_ONLY):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_index_engine(url: str, *, private: bool = False) -> Engine:
@@ -89,7 +102,11 @@ def create_index_engine(url: str, *, private: bool = False) -> Engine:
             make_dirs(path.parent, private=private)
             if private:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))  # kept if it exists
-            engine = create_engine(full, connect_args={"check_same_thread": False, "timeout": 30})
+            # Connections are renewed after a while so that they pick up planner statistics that
+            # another process refreshed (see refresh_statistics).
+            engine = create_engine(
+                full, connect_args={"check_same_thread": False, "timeout": 30}, pool_recycle=120
+            )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -133,9 +150,12 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time (across processes: BEGIN IMMEDIATE waits for it), and
         # an in-memory database is one shared connection: units of work on SQLite take turns.
-        self._turns: AbstractContextManager[object] = (
-            threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
-        )
+        sqlite = self.engine.dialect.name == "sqlite"
+        self._turns: AbstractContextManager[object] = threading.Lock() if sqlite else nullcontext()
+        # Readers of a SQLite file need no turn: each has its own connection and, in WAL mode,
+        # its own snapshot. An in-memory database is one connection: readers take turns too.
+        shared = sqlite and self.engine.pool.__class__ is StaticPool
+        self._read_turns: AbstractContextManager[object] = self._turns if shared else nullcontext()
         self._units = itertools.count(1)
 
     @classmethod
@@ -158,9 +178,32 @@ class Database:
                 return work(session)
 
         result = _translated(unit)
+        self._count_unit()
+        return result
+
+    def _count_unit(self) -> None:
+        """Count a unit of work (reads too: with several worker processes each sees only its share
+        of the writes) and refresh the statistics every :data:`_STATISTICS_EVERY`."""
         if next(self._units) % _STATISTICS_EVERY == 0:
             self.refresh_statistics()
+
+    def read_sync(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)``, which only reads, in one transaction that takes no write lock
+        (SQLite: a deferred transaction beside the writer, not in turn with it)."""
+
+        def unit() -> T:
+            with self._read_turns, self.sessions.begin() as session:
+                # The connection is taken here, with the option its "begin" event reads.
+                session.connection(execution_options={_READ_ONLY: True})
+                return work(session)
+
+        result = _translated(unit)
+        self._count_unit()
         return result
+
+    async def read(self, work: Callable[[Session], T]) -> T:
+        """:meth:`read_sync` in a worker thread."""
+        return await asyncio.to_thread(self.read_sync, work)
 
     def refresh_statistics(self) -> None:
         """SQLite: refresh the planner's statistics (sampled ANALYZE, milliseconds). Without them it
@@ -173,6 +216,11 @@ class Database:
             connection.exec_driver_sql("PRAGMA analysis_limit = 1000")
             connection.exec_driver_sql("ANALYZE")
             connection.commit()
+        if self.engine.pool.__class__ is not StaticPool:
+            # A connection reads the statistics when it loads the schema, not when another connection
+            # (of this process or another worker's) refreshes them: pooled connections are replaced,
+            # so that every reader plans with the newest ones.
+            self.engine.dispose()
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)`` in a worker thread, in one transaction."""

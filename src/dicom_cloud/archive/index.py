@@ -4,10 +4,23 @@ up, delete them, and the user labels of studies. Functions of a session, run by 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any, cast
 
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import (
+    Connection,
+    Insert,
+    RowMapping,
+    Table,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from ..errors import ConflictError, NotFoundError, UsageError
@@ -21,34 +34,96 @@ def utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def record_of(instance: Instance, series: Series, study: Study) -> InstanceRecord:
+#: The columns an InstanceRecord is made of, in its fields' order (instance joined to its series and study).
+_RECORD_COLUMNS = (
+    Instance.tenant,
+    Study.study_instance_uid,
+    Series.series_instance_uid,
+    Instance.sop_instance_uid,
+    Instance.sop_class_uid,
+    Instance.transfer_syntax_uid,
+    Instance.number_of_frames,
+    Instance.rows,
+    Instance.columns,
+    Instance.object_key,
+    Instance.sidecar_key,
+    Instance.size,
+    Instance.crc32c,
+    Instance.encrypted,
+    Instance.created,
+)
+
+
+# Plain columns, not ORM entities: no identity map or attribute instrumentation per row.
+_RECORDS = (
+    select(*_RECORD_COLUMNS)
+    .join(Series, Series.id == Instance.series_pk)
+    .join(Study, Study.id == Series.study_pk)
+)
+
+
+def _record(row: Sequence[Any]) -> InstanceRecord:
+    (tenant, study, series, sop, sop_class, syntax, frames, rows, columns) = row[:9]
+    object_key, sidecar_key, size, crc32c, encrypted, created = row[9:]
     return InstanceRecord(
-        tenant=instance.tenant,
-        study_instance_uid=study.study_instance_uid,
-        series_instance_uid=series.series_instance_uid,
-        sop_instance_uid=instance.sop_instance_uid,
-        sop_class_uid=instance.sop_class_uid,
-        transfer_syntax_uid=instance.transfer_syntax_uid,
-        number_of_frames=instance.number_of_frames,
-        rows=instance.rows,
-        columns=instance.columns,
-        object_key=instance.object_key,
-        sidecar_key=instance.sidecar_key,
-        size=instance.size,
-        crc32c=instance.crc32c,
-        encrypted=instance.encrypted,
-        created=utc(instance.created),
+        tenant=tenant,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        sop_instance_uid=sop,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=syntax,
+        number_of_frames=frames,
+        rows=rows,
+        columns=columns,
+        object_key=object_key,
+        sidecar_key=sidecar_key,
+        size=size,
+        crc32c=crc32c,
+        encrypted=encrypted,
+        created=utc(created),
     )
 
 
+_FIND_INSTANCE = _RECORDS.where(
+    Instance.tenant == bindparam("tenant"), Instance.sop_instance_uid == bindparam("sop_instance_uid")
+)
+
+
 def find_instance(session: Session, tenant: str, sop_instance_uid: str) -> InstanceRecord | None:
-    row = session.execute(
-        select(Instance, Series, Study)
-        .join(Series, Series.id == Instance.series_pk)
-        .join(Study, Study.id == Series.study_pk)
-        .where(Instance.tenant == tenant, Instance.sop_instance_uid == sop_instance_uid)
-    ).first()
-    return record_of(*row) if row else None
+    row = session.execute(_FIND_INSTANCE, {"tenant": tenant, "sop_instance_uid": sop_instance_uid}).first()
+    return _record(row) if row else None
+
+
+_PATIENTS = cast(Table, Patient.__table__)
+_STUDIES = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+_EXTRA = cast(Table, ExtraAttribute.__table__)
+#: Attributes of each level: patients take the latest instance's, studies and series keep the first.
+_PATIENT_ATTRIBUTES = ("patient_name", "patient_birth_date", "patient_sex")
+_STUDY_ATTRIBUTES = (
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_description",
+    "referring_physician_name",
+    "study_id",
+)
+_SERIES_ATTRIBUTES = ("modality", "series_number", "series_description")
+# Statements built once (this runs for every instance stored): values are bound at execution.
+_FIND_PATIENT = select(_PATIENTS.c.id, *(_PATIENTS.c[name] for name in _PATIENT_ATTRIBUTES)).where(
+    _PATIENTS.c.tenant == bindparam("tenant"), _PATIENTS.c.patient_id == bindparam("key")
+)
+_FIND_STUDY = select(_STUDIES.c.id, *(_STUDIES.c[name] for name in _STUDY_ATTRIBUTES)).where(
+    _STUDIES.c.tenant == bindparam("tenant"), _STUDIES.c.study_instance_uid == bindparam("key")
+)
+_FIND_SERIES = select(
+    _SERIES.c.id, _SERIES.c.study_pk, *(_SERIES.c[name] for name in _SERIES_ATTRIBUTES)
+).where(_SERIES.c.tenant == bindparam("tenant"), _SERIES.c.series_instance_uid == bindparam("key"))
+
+
+def _given(attrs: IndexedAttributes, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(attrs, name) for name in names if getattr(attrs, name) is not None}
 
 
 def insert_instance(
@@ -64,65 +139,103 @@ def insert_instance(
 ) -> InstanceRecord:
     """Insert the instance row and any missing patient, study and series rows above it.
 
+    SQL expressions on the session's connection (no ORM unit of work: this runs for every
+    instance stored), one statement per level, an UPDATE only when a value changes.
     A series already filed under another study is ConflictError (its UIDs are inconsistent).
     Races with another writer surface as sqlalchemy's IntegrityError: the caller retries.
     """
+    connection = session.connection()
     now = datetime.now(UTC)
-    patient = session.scalar(
-        select(Patient).where(Patient.tenant == tenant, Patient.patient_id == attrs.patient_id)
-    )
+
+    patient_values = _given(attrs, _PATIENT_ATTRIBUTES)
+    patient = connection.execute(_FIND_PATIENT, {"tenant": tenant, "key": attrs.patient_id}).first()
     if patient is None:
-        patient = Patient(tenant=tenant, patient_id=attrs.patient_id)
-        session.add(patient)
-    for name in ("patient_name", "patient_birth_date", "patient_sex"):
-        if getattr(attrs, name) is not None:
-            setattr(patient, name, getattr(attrs, name))
-    session.flush()
-
-    study = session.scalar(
-        select(Study).where(Study.tenant == tenant, Study.study_instance_uid == attrs.study_instance_uid)
-    )
-    if study is None:
-        study = Study(
-            tenant=tenant, patient_pk=patient.id, study_instance_uid=attrs.study_instance_uid, created=now
+        patient_pk = _inserted(
+            connection, _PATIENTS, {"tenant": tenant, "patient_id": attrs.patient_id, **patient_values}
         )
-        session.add(study)
-    for name in (
-        "study_date",
-        "study_time",
-        "accession_number",
-        "study_description",
-        "referring_physician_name",
-        "study_id",
-    ):
-        if getattr(study, name) is None and getattr(attrs, name) is not None:
-            setattr(study, name, getattr(attrs, name))
-    session.flush()
+    else:
+        patient_pk = patient.id
+        changed = {name: value for name, value in patient_values.items() if patient._mapping[name] != value}
+        if changed:
+            connection.execute(update(_PATIENTS).where(_PATIENTS.c.id == patient_pk).values(**changed))
 
-    series = session.scalar(
-        select(Series).where(Series.tenant == tenant, Series.series_instance_uid == attrs.series_instance_uid)
-    )
+    study_values = _given(attrs, _STUDY_ATTRIBUTES)
+    study = connection.execute(_FIND_STUDY, {"tenant": tenant, "key": attrs.study_instance_uid}).first()
+    if study is None:
+        study_pk = _inserted(
+            connection,
+            _STUDIES,
+            {
+                "tenant": tenant,
+                "patient_pk": patient_pk,
+                "study_instance_uid": attrs.study_instance_uid,
+                "created": now,
+                **study_values,
+            },
+        )
+    else:
+        study_pk = study.id
+        _fill_missing(connection, _STUDIES, study_pk, study._mapping, study_values)
+
+    series_values = _given(attrs, _SERIES_ATTRIBUTES)
+    series = connection.execute(_FIND_SERIES, {"tenant": tenant, "key": attrs.series_instance_uid}).first()
     if series is None:
-        series = Series(tenant=tenant, study_pk=study.id, series_instance_uid=attrs.series_instance_uid)
-        session.add(series)
-    elif series.study_pk != study.id:
+        series_pk = _inserted(
+            connection,
+            _SERIES,
+            {
+                "tenant": tenant,
+                "study_pk": study_pk,
+                "series_instance_uid": attrs.series_instance_uid,
+                **series_values,
+            },
+        )
+    elif series.study_pk != study_pk:
         raise ConflictError("the series of this instance is already filed under another study")
-    for name in ("modality", "series_number", "series_description"):
-        if getattr(series, name) is None and getattr(attrs, name) is not None:
-            setattr(series, name, getattr(attrs, name))
-    session.flush()
+    else:
+        series_pk = series.id
+        _fill_missing(connection, _SERIES, series_pk, series._mapping, series_values)
 
-    instance = Instance(
+    instance_pk = _inserted(
+        connection,
+        _INSTANCES,
+        {
+            "tenant": tenant,
+            "series_pk": series_pk,
+            "sop_instance_uid": attrs.sop_instance_uid,
+            "sop_class_uid": attrs.sop_class_uid,
+            "instance_number": attrs.instance_number,
+            "transfer_syntax_uid": attrs.transfer_syntax_uid,
+            "number_of_frames": attrs.number_of_frames,
+            "rows": attrs.rows,
+            "columns": attrs.columns,
+            "bits_allocated": attrs.bits_allocated,
+            "object_key": object_key,
+            "sidecar_key": sidecar_key,
+            "size": size,
+            "crc32c": crc32c,
+            "encrypted": encrypted,
+            "created": now,
+        },
+    )
+    if attrs.extra:
+        connection.execute(
+            insert(_EXTRA),
+            [
+                {"instance_pk": instance_pk, "tag": tag, "vr": vr, "value": value}
+                for tag, vr, value in attrs.extra
+            ],
+        )
+    return InstanceRecord(
         tenant=tenant,
-        series_pk=series.id,
+        study_instance_uid=attrs.study_instance_uid,
+        series_instance_uid=attrs.series_instance_uid,
         sop_instance_uid=attrs.sop_instance_uid,
         sop_class_uid=attrs.sop_class_uid,
-        instance_number=attrs.instance_number,
         transfer_syntax_uid=attrs.transfer_syntax_uid,
         number_of_frames=attrs.number_of_frames,
         rows=attrs.rows,
         columns=attrs.columns,
-        bits_allocated=attrs.bits_allocated,
         object_key=object_key,
         sidecar_key=sidecar_key,
         size=size,
@@ -130,12 +243,25 @@ def insert_instance(
         encrypted=encrypted,
         created=now,
     )
-    session.add(instance)
-    session.flush()
-    for tag, vr, value in attrs.extra:
-        session.add(ExtraAttribute(instance_pk=instance.id, tag=tag, vr=vr, value=value))
-    session.flush()
-    return record_of(instance, series, study)
+
+
+_INSERT_INTO: dict[str, Insert] = {t.name: insert(t) for t in (_PATIENTS, _STUDIES, _SERIES, _INSTANCES)}
+
+
+def _inserted(connection: Connection, table: Table, values: dict[str, Any]) -> int:
+    """Insert one row into ``table``; its primary key."""
+    key = connection.execute(_INSERT_INTO[table.name], values).inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def _fill_missing(
+    connection: Connection, table: Table, pk: int, stored: RowMapping, values: Mapping[str, Any]
+) -> None:
+    """Set the columns of row ``pk`` that are NULL and that ``values`` has (first seen wins)."""
+    missing = {name: value for name, value in values.items() if stored[name] is None}
+    if missing:
+        connection.execute(update(table).where(table.c.id == pk).values(**missing))
 
 
 def instance_page(session: Session, after: int, size: int) -> list[tuple[int, str]]:
@@ -173,18 +299,13 @@ def list_instances(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> list[InstanceRecord]:
-    query = (
-        select(Instance, Series, Study)
-        .join(Series, Series.id == Instance.series_pk)
-        .join(Study, Study.id == Series.study_pk)
-        .where(Instance.tenant == tenant, Study.study_instance_uid == study_instance_uid)
-    )
+    query = _RECORDS.where(Instance.tenant == tenant, Study.study_instance_uid == study_instance_uid)
     if series_instance_uid is not None:
         query = query.where(Series.series_instance_uid == series_instance_uid)
     if sop_instance_uid is not None:
         query = query.where(Instance.sop_instance_uid == sop_instance_uid)
     query = query.order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
-    return [record_of(*row) for row in session.execute(query)]
+    return [_record(row) for row in session.execute(query)]
 
 
 def _what(series_instance_uid: str | None, sop_instance_uid: str | None) -> str:

@@ -96,8 +96,10 @@ class Ingestor:
         if len(data) > self.settings.max_instance_size:
             raise UsageError(f"the instance is larger than {self.settings.max_instance_size} bytes")
         async with self.budget.reserve(_INGEST_COPIES * len(data)):
-            sanitised, changed, parsed = await asyncio.to_thread(_sanitise_and_parse, data, self.extra_tags)
-            return await self._store_parsed(tenant, sanitised, parsed, changed)
+            sanitised, changed, parsed, crc = await asyncio.to_thread(
+                _sanitise_and_parse, data, self.extra_tags
+            )
+            return await self._store_parsed(tenant, sanitised, parsed, crc, changed)
 
     def _same(
         self, existing: InstanceRecord, size: int, crc: str, changed: bool, warnings: tuple[str, ...]
@@ -114,12 +116,11 @@ class Ingestor:
         )
 
     async def _store_parsed(
-        self, tenant: str, data: bytes, parsed: ParsedInstance, changed: bool
+        self, tenant: str, data: bytes, parsed: ParsedInstance, crc: str, changed: bool
     ) -> StoredInstance:
         async def write(key: str) -> None:
-            await self.objects.put(key, data, "application/dicom")
+            await self.objects.put(key, data, "application/dicom", plaintext_crc=crc)
 
-        crc = await asyncio.to_thread(crc32c_hex, data)  # hashing off the event loop
         return await self._store(tenant, parsed, len(data), crc, changed, write)
 
     async def _store(
@@ -135,7 +136,7 @@ class Ingestor:
         writes: data, then sidecar, then the rows that point at both."""
         uid = parsed.identity.sop_instance_uid
         warnings = _warnings(tenant, parsed.identity)
-        existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+        existing = await self.db.read(lambda s: index.find_instance(s, tenant, uid))
         if existing is not None:
             return self._same(existing, size, crc, changed, warnings)
         object_key = self.layout.instance_key(tenant, uid, crc)
@@ -155,8 +156,7 @@ class Ingestor:
 
         try:
             await write_object(object_key)
-            sidecar = json.dumps(parsed.sidecar, separators=(",", ":")).encode()
-            await self.objects.put(sidecar_key, sidecar, "application/dicom+json")
+            await self.objects.put(sidecar_key, parsed.sidecar_bytes(), "application/dicom+json")
             for _attempt in range(5):
                 try:
                     record = await self.db.run(insert)
@@ -164,7 +164,7 @@ class Ingestor:
                 except DatabaseIntegrityError:
                     # Another writer created a row first: this instance (then decide), or its
                     # patient/study/series (then try again: they exist now).
-                    existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+                    existing = await self.db.read(lambda s: index.find_instance(s, tenant, uid))
                     if existing is not None:
                         if existing.object_key == object_key:
                             return self._same(existing, size, crc, changed, warnings)  # same objects
@@ -178,7 +178,7 @@ class Ingestor:
         """Remove the objects of a failed ingest, unless a row points at them after all (a commit
         whose acknowledgement was lost) or the index cannot tell (then they stay, unreferenced)."""
         try:
-            existing = await self.db.run(lambda s: index.find_instance(s, tenant, uid))
+            existing = await self.db.read(lambda s: index.find_instance(s, tenant, uid))
         except Exception:
             log.warning("objects of a failed ingest left in place: the index is unreachable")
             return
@@ -240,11 +240,11 @@ class Ingestor:
             ):
                 raise await self._reject(tenant, staging_key, REASON_CHECKSUM_MISMATCH)
             try:
-                sanitised, changed, parsed = await asyncio.to_thread(
+                sanitised, changed, parsed, crc = await asyncio.to_thread(
                     _sanitise_and_parse, data, self.extra_tags
                 )
                 del data
-                stored = await self._store_parsed(tenant, sanitised, parsed, changed)
+                stored = await self._store_parsed(tenant, sanitised, parsed, crc, changed)
             except DicomFormatError as exc:
                 raise await self._reject(tenant, staging_key, exc.reason) from None
             except ConflictError:
@@ -395,12 +395,13 @@ class Ingestor:
 
 def _sanitise_and_parse(
     data: bytes | memoryview, extra_tags: Sequence[int]
-) -> tuple[bytes, bool, ParsedInstance]:
-    """The preamble zeroed and the instance parsed: CPU work, for a worker thread. Junk after a
-    valid header is refused before the parser would walk it (``check_element_order``)."""
+) -> tuple[bytes, bool, ParsedInstance, str]:
+    """The preamble zeroed, the instance parsed and its CRC32C: CPU work, in one trip to a worker
+    thread. Junk after a valid header is refused before the parser would walk it
+    (``check_element_order``)."""
     sanitised, changed = sanitise_preamble(data)
     check_element_order(sanitised)
-    return sanitised, changed, parse_instance(sanitised, extra_tags)
+    return sanitised, changed, parse_instance(sanitised, extra_tags), crc32c_hex(sanitised)
 
 
 def _warnings(tenant: str, identity: DicomIdentity) -> tuple[str, ...]:

@@ -44,13 +44,18 @@ class ArchiveObjects:
         """The archive key of a store key under the root."""
         return store_key[len(self.root) :]
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Write an object, encrypted when configured, with the CRC32C of the stored bytes."""
+    async def put(
+        self, key: str, data: bytes, content_type: str, *, plaintext_crc: str | None = None
+    ) -> None:
+        """Write an object, encrypted when configured, with the CRC32C of the stored bytes
+        (``plaintext_crc``, when the caller knows it, spares computing it again for plaintext)."""
         metadata: dict[str, str] = {}
+        stored_crc = plaintext_crc
         if self.crypto.writes_encrypted:
             data = await asyncio.to_thread(self.crypto.encrypt, data)
             metadata.update(self.crypto.marker())
-        metadata[CHECKSUM_METADATA_KEY] = await _crc32c_off_loop(data)
+            stored_crc = None
+        metadata[CHECKSUM_METADATA_KEY] = stored_crc or await _crc32c_off_loop(data)
         await self.store.put(self.key(key), data, PutOptions(content_type=content_type, metadata=metadata))
 
     async def put_stream(
@@ -71,15 +76,25 @@ class ArchiveObjects:
 
     async def get(self, key: str) -> bytes:
         """A whole object, CRC32C checked and decrypted. NotFoundError when missing."""
+        return (await self.get_with_crc(key))[0]
+
+    async def get_with_crc(self, key: str) -> tuple[bytes, str | None]:
+        """:meth:`get`, and the CRC32C of the plaintext when it was computed on the way (objects
+        stored in clear carry theirs): a caller checking it against the index need not compute it
+        again. None for encrypted objects."""
         full = self.key(key)
         info, blob = await self.store.read(full)
         recorded = info.metadata.get(CHECKSUM_METADATA_KEY)
-        if recorded is not None and await _crc32c_off_loop(blob) != recorded:
+        crc = await _crc32c_off_loop(blob) if recorded is not None else None
+        if recorded is not None and crc != recorded:
             raise IntegrityError(f"{self.store.url(full)} does not match its recorded CRC32C")
         fmt = self.crypto.detect(full, info.metadata)
         if fmt is None:
-            return bytes(blob)
-        return await asyncio.to_thread(self.crypto.decrypt, self.store.url(full), fmt, info.metadata, blob)
+            return bytes(blob), crc
+        plaintext = await asyncio.to_thread(
+            self.crypto.decrypt, self.store.url(full), fmt, info.metadata, blob
+        )
+        return plaintext, None
 
     async def stream(self, key: str, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
         """An object's plaintext as chunks, about one chunk in memory. An encrypted object's last

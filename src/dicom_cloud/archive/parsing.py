@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Final
 
+import orjson
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from ..dicom.header import REASON_NO_DICM, REASON_UNREADABLE, DicomIdentity, read_identity
+from ..dicom.header import REASON_NO_DICM, REASON_UNREADABLE, DicomIdentity, read_header_strict
 from ..errors import DicomCloudError, DicomFormatError
 
 PREAMBLE_LENGTH: Final = 128
@@ -129,6 +130,18 @@ class ParsedInstance:
     #: The DICOM JSON sidecar: the dataset without bulk data (see :func:`sidecar_json`).
     sidecar: dict[str, Any]
 
+    def sidecar_bytes(self) -> bytes:
+        """The sidecar as stored: compact UTF-8 JSON."""
+        return orjson.dumps(self.sidecar, default=_json_fallback)
+
+
+def _json_fallback(value: Any) -> Any:
+    """What orjson does not take as is (a float subclass, say): as the json module would write it."""
+    for kind in (float, int, str):
+        if isinstance(value, kind):
+            return kind(value)
+    raise TypeError(f"{type(value).__name__} in a sidecar")
+
 
 def _value(ds: Dataset, keyword: str) -> Any:
     try:
@@ -148,6 +161,12 @@ def read_header(data: bytes, total_size: int | None = None) -> tuple[Dataset, in
         end = fp.tell()
     except Exception as exc:  # pydicom's many failures on garbage; messages may hold values
         raise DicomFormatError(REASON_UNREADABLE, detail=type(exc).__name__) from None
+    return ds, _pixel_tag(data, ds, end, total_size)
+
+
+def _pixel_tag(data: bytes, ds: Dataset, end: int, total_size: int | None) -> int | None:
+    """The tag of the pixel data element found at ``end`` (where reading the header stopped), or
+    None; an element running past ``total_size`` (default: the data's length) is refused."""
     pixel_tag = None
     if end + 4 <= len(data):
         fmt = "<HH" if ds.is_little_endian or ds.is_little_endian is None else ">HH"
@@ -156,7 +175,7 @@ def read_header(data: bytes, total_size: int | None = None) -> tuple[Dataset, in
         if tag in _PIXEL_TAGS:
             pixel_tag = tag
             _check_pixel_length(data, end, ds, fmt[0], len(data) if total_size is None else total_size)
-    return ds, pixel_tag
+    return pixel_tag
 
 
 def _check_pixel_length(data: bytes, start: int, ds: Dataset, order: str, total_size: int) -> None:
@@ -250,8 +269,9 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
 def parse_instance(data: bytes, extra_tags: Sequence[int] = ()) -> ParsedInstance:
     """Validate a whole Part 10 instance (``strict`` policy) and read what the archive keeps of it."""
     try:
-        identity = read_identity(data, policy="strict")
-        ds, pixel_tag = read_header(data)
+        # One pydicom read serves the policy's checks, the index and the sidecar.
+        identity, ds, end = read_header_strict(data)
+        pixel_tag = _pixel_tag(data, ds, end, None)
         return ParsedInstance(
             identity=identity,
             attributes=index_attributes(ds, identity, extra_tags),

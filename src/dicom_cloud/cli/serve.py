@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +59,9 @@ def register(add: Callable[..., Any]) -> None:
     _add_setting_flags(sub)
     sub.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     sub.add_argument("--port", type=int, help="port to listen on (default 8042)")
+    sub.add_argument(
+        "--workers", type=int, help="worker processes (default: one per core; see docs/service.md)"
+    )
     sub.add_argument("--public-url", help="URL clients reach the service at (goes into links)")
     sub.add_argument(
         "--environment", choices=["development", "production"], help="production refuses unsafe settings"
@@ -84,9 +89,10 @@ def register(add: Callable[..., Any]) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..service.app import create_app
+    from ..service.app import SETTINGS_ENV, bootstrap_once, create_app
     from ..service.observability import setup_json_logging
     from ..service.settings import load_settings
+    from ..service.workers import reuse_port_supported, run_workers
 
     settings = load_settings(
         _flags(
@@ -94,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
             {
                 "host": args.host,
                 "port": args.port,
+                "workers": args.workers,
                 "public_url": args.public_url,
                 "environment": args.environment,
                 "log_level": args.log_level,
@@ -104,15 +111,33 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.storage is None or settings.database is None:
         make_dirs(settings.data_dir, private=True)  # patient data: owner only
     setup_json_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=True,
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": True,
+    }
+    workers = settings.worker_count
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return 0
+    # Several processes: the schema is migrated and the first-start token made here, once; the
+    # workers get the settings as resolved here, with one signing secret for all of them (a random
+    # one per process would not verify the URLs another worker signed).
+    asyncio.run(bootstrap_once(settings))
+    shared = settings.model_copy(
+        update={
+            "bootstrap_admin": False,
+            "signing_secret": settings.signing_secret or secrets.token_urlsafe(32),
+        }
     )
-    return 0
+    os.environ[SETTINGS_ENV] = shared.model_dump_json()
+    if not reuse_port_supported():  # one socket shared by uvicorn's workers
+        uvicorn.run("dicom_cloud.service.app:app_from_environment", factory=True, workers=workers, **options)
+        return 0
+    host, port = options.pop("host"), options.pop("port")
+    return run_workers(workers, host, port, options)
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ from typing import Any, Final, Literal
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
@@ -65,6 +66,7 @@ __all__ = [
     "DicomIdentity",
     "Policy",
     "check_element_order",
+    "read_header_strict",
     "read_identity",
     "read_identity_from_file",
     "read_identity_from_store",
@@ -347,9 +349,21 @@ def _parse(
 
     Raises _NeedMore when ``buf`` is only a head and ended before the header did.
     """
+    return _parse_guarded(buf, complete=complete, tags=tags, policy=policy, whole=False, source=source)[0]
+
+
+def _parse_guarded(
+    buf: bytes,
+    *,
+    complete: bool,
+    tags: Sequence[tuple[str, int]],
+    policy: Policy,
+    whole: bool,
+    source: str,
+) -> tuple[DicomIdentity, Dataset, int]:
     try:
         with _reporting_as(source):
-            return _parse_header(buf, complete=complete, tags=tags, policy=policy)
+            return _parse_header(buf, complete=complete, tags=tags, policy=policy, whole=whole)
     except (DicomFormatError, _NeedMore):
         raise
     except Exception as exc:
@@ -359,8 +373,10 @@ def _parse(
 
 
 def _parse_header(
-    buf: bytes, *, complete: bool, tags: Sequence[tuple[str, int]], policy: Policy
-) -> DicomIdentity:
+    buf: bytes, *, complete: bool, tags: Sequence[tuple[str, int]], policy: Policy, whole: bool
+) -> tuple[DicomIdentity, Dataset, int]:
+    """The identity, the dataset read and the offset where reading stopped. ``whole``: read every
+    element up to the pixel data (for a caller that needs the whole header), not only the wanted ones."""
     strict = policy == "strict"
     if not buf:
         raise DicomFormatError(REASON_EMPTY)
@@ -389,11 +405,11 @@ def _parse_header(
             repeats[0] += 1
             return t < last_seen[0] or repeats[0] > 1
         last_seen[0] = t
-        return t > last_wanted or t in _PIXEL_TAGS
+        return (t > last_wanted and not whole) or t in _PIXEL_TAGS
 
     fp = BytesIO(buf)
     try:
-        ds = read_partial(fp, stop_when, force=not part10, specific_tags=sorted(wanted))
+        ds = read_partial(fp, stop_when, force=not part10, specific_tags=None if whole else sorted(wanted))
     except (EOFError, struct.error, zlib.error) as exc:
         if not complete:
             raise _NeedMore from None
@@ -407,7 +423,8 @@ def _parse_header(
         reason = REASON_UNREADABLE if part10 else REASON_NO_DICM
         raise DicomFormatError(reason, detail=type(exc).__name__) from None
 
-    stopped = fp.tell() < len(buf)  # rewound to the element that ended the header
+    end = fp.tell()
+    stopped = end < len(buf)  # rewound to the element that ended the header
     if not stopped and not complete:
         raise _NeedMore
     truncated = fp.tell() > len(buf)  # an element that was skipped ran past the end
@@ -516,7 +533,7 @@ def _parse_header(
     if strict and cut[0]:
         raise DicomFormatError(REASON_TRUNCATED)
 
-    return DicomIdentity(
+    identity = DicomIdentity(
         sop_instance_uid=sop_instance,
         sop_class_uid=sop_class,
         study_instance_uid=study,
@@ -531,6 +548,7 @@ def _parse_header(
         extra=MappingProxyType(extra),
         meta_mismatch=bool(meta_sop) and str(meta_sop).strip("\0 ") != sop_instance,
     )
+    return identity, ds, end
 
 
 def _check_policy(policy: str) -> None:
@@ -586,6 +604,16 @@ def read_identity(
     raise DicomFormatError(
         REASON_TOO_LONG, detail=f"{max_read} bytes", hint="raise max_read if such headers are expected"
     )
+
+
+def read_header_strict(
+    data: bytes, source: str = "a DICOM instance in memory"
+) -> tuple[DicomIdentity, Dataset, int]:
+    """One read of a whole Part 10 instance's header, under the ``strict`` policy: its identity,
+    the dataset up to the pixel data (file meta included), and the offset of the element that
+    stopped the reading (the pixel data, or the end). For callers that need both the identity and
+    the whole header without parsing the object twice. ``source`` names it in pydicom's reports."""
+    return _parse_guarded(data, complete=True, tags=(), policy="strict", whole=True, source=source)
 
 
 def _grow(size: int, first_read: int, max_read: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -221,6 +222,27 @@ def _add_private_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs(principal: Reader) -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+
+#: Environment variable through which ``dicom-cloud serve --workers N`` hands its resolved settings
+#: (JSON) to its worker processes.
+SETTINGS_ENV = "DICOM_CLOUD_SERVE_SETTINGS"
+
+
+async def bootstrap_once(settings: ServiceSettings) -> None:
+    """What must happen once before several workers start: the index brought to the newest schema,
+    and the first-start admin token made and shown."""
+    async with await Archive.open(archive_settings(settings)) as archive:
+        await bootstrap_admin(archive, settings)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of ``dicom-cloud serve --workers N`` (uvicorn's factory)."""
+    from .observability import setup_json_logging
+
+    settings = ServiceSettings.model_validate_json(os.environ[SETTINGS_ENV])
+    setup_json_logging(settings.log_level)
+    return create_app(settings)
 
 
 def openapi_document(settings: ServiceSettings) -> dict[str, Any]:

@@ -6,7 +6,7 @@ other error: status from ``http_status``, body ``{"error", "message", "hint"}``.
 
 from __future__ import annotations
 
-from ..errors import AuthenticationError, DicomCloudError, PermissionDeniedError, UsageError
+from ..errors import AuthenticationError, PermissionDeniedError, ThrottledError, UsageError
 
 
 class MalformedRequestError(UsageError):
@@ -45,13 +45,9 @@ class ForbiddenError(PermissionDeniedError):
     http_status = 403
 
 
-class ServiceBusyError(DicomCloudError):
-    """The service cannot take the request now (its memory budget is taken); try again later."""
-
-    http_status = 503
-    retryable = True
+class ServiceBusyError(ThrottledError):
+    """The service cannot take the request now (its memory budget is taken); try again after
+    ``retry_after`` seconds (sent as Retry-After). Throttling, as a store's 503 SlowDown is."""
 
     def __init__(self, message: str, *, retry_after: int, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        #: Seconds the client should wait (sent as Retry-After).
-        self.retry_after = retry_after
+        super().__init__(message, hint=hint, retry_after=retry_after)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -242,11 +242,33 @@ def related_content_type(boundary: str, root_type: str, **params: str) -> str:
 
 async def write_related(
     parts: AsyncIterable[tuple[str, bytes | memoryview]], boundary: str
-) -> AsyncIterator[bytes]:
-    """The chunks of a multipart/related body, one part at a time (``(content_type, content)``)."""
+) -> AsyncIterator[bytes | memoryview]:
+    """The chunks of a multipart/related body, one part at a time (``(content_type, content)``).
+
+    Two chunks per part: the small framing (the previous part's closing CRLF, the delimiter, the
+    headers) and the content itself, passed on as given (no copy)."""
     delimiter = b"--" + boundary.encode("ascii")
+    separator = b""
     async for content_type, content in parts:
-        yield delimiter + b"\r\nContent-Type: " + content_type.encode("ascii") + b"\r\n\r\n"
-        yield bytes(content)
-        yield b"\r\n"
-    yield delimiter + b"--\r\n"
+        yield separator + delimiter + b"\r\nContent-Type: " + content_type.encode("ascii") + b"\r\n\r\n"
+        yield content
+        separator = b"\r\n"
+    yield separator + delimiter + b"--\r\n"
+
+
+def related_body(parts: Sequence[tuple[str, bytes | memoryview]], boundary: str) -> bytes:
+    """A whole multipart/related body at once (what :func:`write_related` streams), for answers
+    small enough to send with a Content-Length."""
+    delimiter = b"--" + boundary.encode("ascii")
+    pieces: list[bytes | memoryview] = []
+    for content_type, content in parts:
+        pieces += [
+            delimiter,
+            b"\r\nContent-Type: ",
+            content_type.encode("ascii"),
+            b"\r\n\r\n",
+            content,
+            b"\r\n",
+        ]
+    pieces.append(delimiter + b"--\r\n")
+    return b"".join(pieces)

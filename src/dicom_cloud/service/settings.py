@@ -35,6 +35,14 @@ def default_data_dir() -> Path:
     return Path(base) / "dicom-cloud"
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class ServiceSettings(BaseModel):
     """Everything the service reads at start-up. Immutable once built."""
 
@@ -43,6 +51,8 @@ class ServiceSettings(BaseModel):
     environment: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = Field(8042, ge=0, le=65535)
+    #: Worker processes of ``dicom-cloud serve``; default: the cores this process may run on.
+    workers: int | None = Field(None, ge=1, le=256)
     #: The URL clients reach this service at (behind a load balancer: the balancer's URL).
     public_url: str | None = None
     data_dir: Path = Field(default_factory=default_data_dir)
@@ -157,6 +167,11 @@ class ServiceSettings(BaseModel):
         if self.public_docs is None:
             return self.environment == "development"
         return self.public_docs
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, or one per core this process may run on."""
+        return self.workers or available_cores()
 
     @property
     def base_url(self) -> str:

@@ -36,6 +36,7 @@ from ..multipart import (
     RelatedReader,
     body_chunks,
     new_boundary,
+    related_body,
     related_boundary,
     related_content_type,
     write_related,
@@ -47,6 +48,8 @@ log = logging.getLogger("dicom_cloud.service")
 
 #: Instances read ahead while a multipart answer streams (memory: this many + 1 instances).
 RETRIEVE_PREFETCH = 4
+#: A single instance up to this size is answered whole (Content-Length) rather than streamed.
+WHOLE_ANSWER_LIMIT = 64 * 1024 * 1024
 
 Uid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX, description="a DICOM UID")]
 FrameList = Annotated[str, Path(pattern=r"^[0-9]+(,[0-9]+)*$", max_length=2000, description="e.g. 1,2,3")]
@@ -302,10 +305,17 @@ async def _retrieve(
     study: str,
     series: str | None = None,
     instance: str | None = None,
-) -> StreamingResponse:
+) -> Response:
     principal.require_study(study)
     check_accepts(request, media_type="multipart/related", related_type=DICOM)
     records = await archive.instances(principal.tenant, study, series, instance)
+    boundary = new_boundary()
+    media_type = related_content_type(boundary, DICOM)
+    if len(records) == 1 and records[0].size <= WHOLE_ANSWER_LIMIT:
+        # One instance (the common per-instance retrieval): one body with a Content-Length, no
+        # stream machinery; a store fault is a clean error status.
+        data = await archive.read_instance(records[0])
+        return Response(related_body([(_part_type(records[0]), data)], boundary), media_type=media_type)
     reads = archive.read_instances(records, prefetch=RETRIEVE_PREFETCH)
     # The first instance is read before the answer starts: a store fault becomes a clean error
     # status instead of a truncated 200.
@@ -320,10 +330,7 @@ async def _retrieve(
             if isinstance(reads, AsyncGenerator):  # stops the reads ahead of a client that left
                 await reads.aclose()
 
-    boundary = new_boundary()
-    return StreamingResponse(
-        write_related(parts(), boundary), media_type=related_content_type(boundary, DICOM)
-    )
+    return StreamingResponse(write_related(parts(), boundary), media_type=media_type)
 
 
 def _part_type(record: InstanceRecord) -> str:
@@ -331,9 +338,7 @@ def _part_type(record: InstanceRecord) -> str:
 
 
 @router.get("/studies/{study}", responses={200: _MULTIPART}, summary="WADO-RS: retrieve a study")
-async def retrieve_study(
-    request: Request, study: Uid, principal: Reader, archive: ArchiveDep
-) -> StreamingResponse:
+async def retrieve_study(request: Request, study: Uid, principal: Reader, archive: ArchiveDep) -> Response:
     """Every instance of the study, as multipart/related; type="application/dicom"."""
     return await _retrieve(request, principal, archive, study)
 
@@ -343,7 +348,7 @@ async def retrieve_study(
 )
 async def retrieve_series(
     request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep
-) -> StreamingResponse:
+) -> Response:
     return await _retrieve(request, principal, archive, study, series)
 
 
@@ -354,7 +359,7 @@ async def retrieve_series(
 )
 async def retrieve_instance(
     request: Request, study: Uid, series: Uid, instance: Uid, principal: Reader, archive: ArchiveDep
-) -> StreamingResponse:
+) -> Response:
     return await _retrieve(request, principal, archive, study, series, instance)
 
 

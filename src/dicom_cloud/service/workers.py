@@ -1,0 +1,108 @@
+"""The worker processes of ``dicom-cloud serve --workers N``.
+
+Each worker is a uvicorn server in its own process (its own interpreter and GIL) listening on its
+own socket bound to the same address with ``SO_REUSEPORT``: the kernel spreads new connections
+over the workers. With one socket shared by all (uvicorn's own ``--workers``), whichever worker
+wakes first accepts every connection waiting, so a burst of connections (a client pool opening
+four at once) lands on one worker and stays there while the others idle.
+
+The parent only supervises: it starts the workers, restarts one that dies, and on SIGTERM or
+SIGINT stops them all. Settings reach the workers through :data:`~.app.SETTINGS_ENV`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import sys
+import time
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any
+
+from ..errors import UsageError
+
+log = logging.getLogger("dicom_cloud.service")
+
+#: Exit code of a worker whose app did not start (uvicorn's own): the supervisor gives up.
+STARTUP_FAILURE = 3
+#: Seconds a worker is given to stop before it is killed.
+STOP_TIMEOUT = 30.0
+
+
+def reuse_port_supported() -> bool:
+    return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto named: asyncio sets TCP_NODELAY on accepted connections only when it is IPPROTO_TCP
+    # (with Nagle's algorithm on, every small answer waited 40 ms for the client's delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker(host: str, port: int, options: dict[str, Any]) -> None:
+    import uvicorn
+
+    sock = _listening_socket(host, port)
+    sock.listen(2048)
+    config = uvicorn.Config("dicom_cloud.service.app:app_from_environment", factory=True, **options)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def run_workers(count: int, host: str, port: int, options: dict[str, Any]) -> int:
+    """Run ``count`` workers on ``host:port`` until SIGTERM/SIGINT; the exit code of the service."""
+    try:  # a port in use fails here, once, with a clear message (not listening: gets no connections)
+        _listening_socket(host, port).close()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start(number: int) -> BaseProcess:
+        process = context.Process(target=_worker, args=(host, port, options), name=f"worker-{number}")
+        process.start()
+        return process
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    workers = [start(n) for n in range(count)]
+    log.info("workers.started", extra={"workers": count, "pids": [w.pid for w in workers]})
+    code = 0
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            for number, process in enumerate(workers):
+                if process.is_alive() or stopping:
+                    continue
+                if process.exitcode == STARTUP_FAILURE:
+                    log.error("workers.startup_failed", extra={"worker": number})
+                    stopping, code = True, 1
+                    break
+                log.warning("workers.restarted", extra={"worker": number, "exit_code": process.exitcode})
+                workers[number] = start(number)
+    finally:
+        for process in workers:
+            if process.is_alive() and process.pid is not None:
+                process.terminate()  # SIGTERM: uvicorn finishes the requests under way
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in workers:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
