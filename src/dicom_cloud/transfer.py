@@ -795,14 +795,21 @@ class Transfer:
     def _source_crc(self, item: TransferItem) -> Callable[[], Awaitable[str | None]]:
         """How to learn the CRC32C of the source's bytes when they are written unchanged."""
 
+        known: list[str | None] = []
+
         async def compute() -> str | None:
+            if known:
+                return known[0]
             if self.src.is_local:
-                return await asyncio.to_thread(crc32c_file, Path("/" + item.src_key))
-            info = await self.src.store.stat(item.src_key)
-            if (self.options.encryption or _NO_ENCRYPTION).detect(item.src_key, info.metadata):
-                return None  # may be decrypted on the way: its stored CRC is not the written one's
-            stored = info.metadata.get(CHECKSUM_METADATA_KEY)
-            return stored.lower() if stored else None
+                crc: str | None = await asyncio.to_thread(crc32c_file, Path("/" + item.src_key))
+            else:
+                info = await self.src.store.stat(item.src_key)
+                stored = info.metadata.get(CHECKSUM_METADATA_KEY)
+                # An encrypted source may be decrypted on the way: its stored CRC is not the written one's.
+                encrypted = (self.options.encryption or _NO_ENCRYPTION).detect(item.src_key, info.metadata)
+                crc = stored.lower() if stored and not encrypted else None
+            known.append(crc)
+            return crc
 
         return compute
 
@@ -816,35 +823,40 @@ class Transfer:
             return item
         where = self.dst.display(item.dst_key)
         earlier = f" (written from {claim.writer} in this run)" if claim.writer else ""
-        if await self._same_content(existing, ours):
-            raise _Identical(f"identical bytes already at {where}{earlier}")
         policy = self.options.conflict_policy
+        same = await self._same_content(existing, ours)
         if policy == "overwrite":
-            self._outcomes[item.src_key] = ("replaced", earlier)
+            # Written again whatever is there (metadata and tags may be new), but a replacement
+            # only when the bytes there were other ones.
+            if not same:
+                self._outcomes[item.src_key] = ("replaced", earlier)
             return item
+        if same:
+            raise _Identical(f"identical bytes already at {where}{earlier}")
         conflict = ConflictError(
             f"{where} already holds other bytes{earlier}",
             hint="choose --on-conflict keep-both (write beside it), overwrite or skip",
         )
+        # Beside it, under a name from the CRC32C (of the plaintext: an envelope differs each time),
+        # the bytes may already be kept by an earlier keep-both: then they are there.
+        crc = ours.plain_crc or ours.crc or (await ours.compute() if ours.compute else None)
+        new_key = _beside(item.dst_key, crc) if crc else None
+        beside: ObjectInfo | None = None
+        if new_key is not None:
+            with contextlib.suppress(NotFoundError):
+                beside = await self.dst.store.stat(new_key)
+        if (
+            new_key is not None
+            and beside is not None
+            and await self._same_content(beside, replace(ours, crc=ours.crc or crc))
+        ):
+            raise _Identical(f"identical bytes already beside {where}, at {self.dst.display(new_key)}")
         if policy == "skip":
             raise _ConflictLeft(conflict)
-        if policy == "fail":
+        if policy == "fail" or new_key is None or beside is not None:
+            # fail; or keep-both without a stable name to keep the bytes under, or with other
+            # bytes under it: nothing is replaced.
             raise conflict
-        # keep-both: the new bytes go beside the old, named by their checksum (stable across runs).
-        crc = ours.crc or (await ours.compute() if ours.compute else None)
-        if crc is None:
-            raise conflict  # no stable name to keep them under: nothing is replaced
-        stem, dot, ext = item.dst_key.rpartition(".")
-        suffix = f"~{crc}"
-        new_key = f"{stem}{suffix}.{ext}" if dot and "/" not in ext else f"{item.dst_key}{suffix}"
-        try:
-            beside = await self.dst.store.stat(new_key)
-        except NotFoundError:
-            beside = None
-        if beside is not None:
-            if await self._same_content(beside, replace(ours, crc=crc)):
-                raise _Identical(f"identical bytes already at {self.dst.display(new_key)}")
-            raise conflict  # a name~crc object with other bytes: not ours to replace
         self._outcomes[item.src_key] = ("kept-both", where)
         if item.src_key in self._written:
             identity, written_crc, _ = self._written[item.src_key]
@@ -963,7 +975,9 @@ class Transfer:
             return DICOM_CONTENT_TYPE
         if source is not None and source.content_type and source.content_type != DICOM_CONTENT_TYPE:
             return source.content_type
-        return mimetypes.guess_type(posixpath.basename(item.src_key))[0] or OCTET_STREAM
+        guessed = mimetypes.guess_type(posixpath.basename(item.src_key))[0]
+        # A name ending in .dcm does not make DICOM (the system's tables map it to application/dicom).
+        return guessed if guessed and guessed != DICOM_CONTENT_TYPE else OCTET_STREAM
 
     async def _apply_dicom_policy(
         self, policy: DicomPolicy, item: TransferItem
@@ -1350,6 +1364,12 @@ def _with_checksum(
         metadata[CHECKSUM_METADATA_KEY] = checksum
     chosen = put.content_type or content_type or (source.content_type if source else None) or OCTET_STREAM
     return replace(put, metadata=metadata, content_type=chosen)
+
+
+def _beside(key: str, crc: str) -> str:
+    """Where keep-both writes other bytes met under ``key``: ``name~<crc32c>.ext`` (stable across runs)."""
+    stem, dot, ext = key.rpartition(".")
+    return f"{stem}~{crc}.{ext}" if dot and "/" not in ext else f"{key}~{crc}"
 
 
 def _check_confined(dst: Location, key: str) -> None:
