@@ -947,7 +947,7 @@ class Transfer:
             self._check_source_unchanged(item, src_url)
         except SourceChangedError:
             with contextlib.suppress(DicomCloudError):
-                await self.dst.store.delete(item.dst_key)
+                await self.dst.store.delete([item.dst_key])
             raise
 
     async def _content_type_of_file(self, item: TransferItem) -> str:

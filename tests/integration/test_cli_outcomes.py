@@ -51,7 +51,9 @@ def _summary(result: Result) -> dict[str, Any]:
 
 
 def _listed(url: str, env: dict[str, str]) -> list[dict[str, Any]]:
-    return [r for r in run_cli("list", url, "-r", "--json", env=env).ok().json_lines() if r["type"] == "object"]
+    return [
+        r for r in run_cli("list", url, "-r", "--json", env=env).ok().json_lines() if r["type"] == "object"
+    ]
 
 
 def _source_files(root: Path) -> list[Path]:
@@ -153,7 +155,9 @@ def test_two_sources_one_name_in_one_run(seaweedfs: S3Server, s3_bucket: str, tm
     statuses = Counter(r["status"] for r in _manifest(manifest))
     assert len(_listed(url, env)) == summary["files"] == 1
     # Whichever came first was written; the same bytes again are identical, the others conflict.
-    assert statuses["uploaded"] == 1 and statuses["uploaded"] + statuses["skipped"] + statuses["conflict"] == 9
+    assert (
+        statuses["uploaded"] == 1 and statuses["uploaded"] + statuses["skipped"] + statuses["conflict"] == 9
+    )
     assert summary["identical"] == statuses["skipped"] and summary["conflicts"] == statuses["conflict"] >= 1
 
 
