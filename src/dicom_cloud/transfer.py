@@ -140,7 +140,8 @@ class TransferOptions:
     #: When the destination already holds an object under the same name with other bytes (for a
     #: DICOM layout: the same SOP Instance UID), whether written before the run or by another source
     #: of this run: overwrite it (reported as replaced), skip, keep both, or fail that object.
-    #: Identical bytes are skipped unless "overwrite". None: ``conflict_policy`` chooses.
+    #: Identical bytes are skipped (under "overwrite": only with the same metadata too).
+    #: None: ``conflict_policy`` chooses.
     on_conflict: ConflictPolicy | None = None
     #: Receives each instance's UID mapping (old -> new) when de-identifying; called from worker threads.
     on_uid_map: Callable[[Mapping[str, str]], None] | None = None
@@ -319,6 +320,9 @@ class _Content:
     data: bytes | memoryview | None = None
     #: Computes ``crc`` when it is needed (large objects: only when something is at the name).
     compute: Callable[[], Awaitable[str | None]] | None = None
+    #: The metadata and content type it will be written with, when known: an object already there
+    #: with the same bytes and these is left as it is even under "overwrite".
+    put: PutOptions | None = None
 
 
 _NO_ENCRYPTION = ClientEncryption()
@@ -713,9 +717,18 @@ class Transfer:
                     )
                 written_crc = options.metadata.get(CHECKSUM_METADATA_KEY)
                 if checks:
-                    content = _Content(size=len(data), crc=written_crc, plain_crc=plain_crc, data=data)
-                    item = await self._check_destination(item, content, claim)
-                result = await dst.put(item.dst_key, data, options)
+                    # A create-only write first: where nothing is at the name (the usual case) the
+                    # object is written in one request, without looking first.
+                    try:
+                        result = await dst.put(item.dst_key, data, replace(options, if_absent=True))
+                    except AlreadyExistsError:
+                        content = _Content(
+                            size=len(data), crc=written_crc, plain_crc=plain_crc, data=data, put=options
+                        )
+                        item = await self._check_destination(item, content, claim)
+                        result = await dst.put(item.dst_key, data, options)
+                else:
+                    result = await dst.put(item.dst_key, data, options)
                 self._wrote[item.src_key] = (written_crc, result.etag)
                 if item.src_key in self._written:
                     identity, _, named = self._written[item.src_key]
@@ -826,8 +839,10 @@ class Transfer:
         policy = self.options.conflict_policy
         same = await self._same_content(existing, ours)
         if policy == "overwrite":
-            # Written again whatever is there (metadata and tags may be new), but a replacement
-            # only when the bytes there were other ones.
+            # The very same object (bytes, metadata, content type) is not written again; the same
+            # bytes with other metadata are; a replacement is only of other bytes.
+            if same and ours.put is not None and _has_metadata(existing, ours.put):
+                raise _Identical(f"identical object already at {where}{earlier}")
             if not same:
                 self._outcomes[item.src_key] = ("replaced", earlier)
             return item
@@ -1364,6 +1379,16 @@ def _with_checksum(
         metadata[CHECKSUM_METADATA_KEY] = checksum
     chosen = put.content_type or content_type or (source.content_type if source else None) or OCTET_STREAM
     return replace(put, metadata=metadata, content_type=chosen)
+
+
+def _has_metadata(existing: ObjectInfo, put: PutOptions) -> bool:
+    """Whether an object already carries what ``put`` would write with it (object tags cannot be read
+    back everywhere: with tags, it is written again)."""
+    if put.tags:
+        return False
+    if put.content_type and existing.content_type and existing.content_type != put.content_type:
+        return False
+    return all(existing.metadata.get(key) == value for key, value in put.metadata.items())
 
 
 def _beside(key: str, crc: str) -> str:

@@ -174,11 +174,15 @@ def test_plain_upload_over_other_bytes_says_replaced(
     (src / "notes.txt").write_text("second version")
     manifest = tmp_path / "m.jsonl"
     result = run_cli("upload", src, url, "-r", "--no-journal", "--manifest", manifest, env=env).ok()
-    assert "Uploaded 2 files" in result.stderr and "1 replaced" in result.stderr
+    assert "Uploaded 1 file " in result.stderr and "1 replaced" in result.stderr, str(result)
+    assert "1 identical (skipped)" in result.stderr
     rows = {Path(r["source"]).name: r for r in _manifest(manifest)}
-    assert rows["notes.txt"]["status"] == "replaced" and rows["same.txt"]["status"] == "uploaded"
+    assert rows["notes.txt"]["status"] == "replaced" and rows["same.txt"]["status"] == "skipped"
+    assert rows["same.txt"]["reason"].startswith("identical")
     summary = _summary(run_cli("upload", src / "notes.txt", url, "--json", env=env).ok())
-    assert summary["replaced"] == 0 and summary["files"] == 1  # the same bytes again: not a replacement
+    assert (summary["files"], summary["replaced"], summary["identical"]) == (0, 0, 1)  # the same again
+    summary = _summary(run_cli("upload", src / "notes.txt", url, "--json", "--tags", "k=v", env=env).ok())
+    assert (summary["files"], summary["replaced"]) == (1, 0)  # the same bytes, new metadata: written
 
 
 def test_content_type_is_dicom_only_for_dicom(seaweedfs: S3Server, s3_bucket: str, tmp_path: Path) -> None:
@@ -257,8 +261,9 @@ def test_unreadable_file_fails_alone(
     assert summary["files"] == 59 and summary["failed"] == 1
     assert [f["src"] for f in summary["failures"]] == [str(src / "f05.bin")]
     assert "permission denied" in summary["failures"][0]["error"]
+    # The same once more: what is there is identical, the unreadable file fails again, named.
     plain = _without_root_override("upload", src, url, "-r", "--no-journal", env=env)
-    assert plain.code == 1 and "Uploaded 59 files" in plain.stderr and "1 failed" in plain.stderr, str(plain)
+    assert plain.code == 1 and "59 identical (skipped), 1 failed" in plain.stderr, str(plain)
     assert f"{src / 'f05.bin'}: permission denied" in plain.stderr
     if destination == "s3":
         assert len(_listed(url, env)) == 59

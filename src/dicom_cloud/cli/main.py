@@ -206,7 +206,7 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         help="an object already at the name with other bytes (with a DICOM layout: the same SOP Instance "
         "UID, from before or from another file of the run): replace it (reported as replaced), leave it, "
         "write beside it (name~crc32c), or fail that file (listed; exit 1, or 8 for one file); identical "
-        "bytes are skipped unless overwrite (default: fail with a DICOM layout, else overwrite)",
+        "objects are skipped (default: fail with a DICOM layout, else overwrite)",
     )
     dicom.add_argument(
         "--deidentify",
