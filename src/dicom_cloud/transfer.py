@@ -646,8 +646,9 @@ class Transfer:
         put = self.options.put
         if self.src.is_local:
             # First of all: a file that cannot be read, or vanished or changed since it was listed,
-            # fails alone; what it is now is compared with what it is once read.
-            self._snapshots[item.src_key] = await asyncio.to_thread(self._open_source, item, src_url)
+            # fails alone; what it is now is compared with what it is once read. (An open and an
+            # fstat take microseconds: a hop to a worker thread would cost more than it saves.)
+            self._snapshots[item.src_key] = self._open_source(item, src_url)
         policy = self.options.dicom
         if policy is None and self.options.filter is not None and self.options.filter.needs_header:
             policy = _header_only()
