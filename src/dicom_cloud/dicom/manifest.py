@@ -1,4 +1,5 @@
-"""The manifest: an inventory of what a transfer uploaded, skipped or rejected, one row an object.
+"""The manifest: an inventory of what a transfer did with each file (written, replaced, skipped,
+in conflict, rejected, failed), one row a file.
 
 Written as the transfer goes, with memory that does not grow with the number of rows: JSON
 lines and CSV rows go straight to the file; Parquet rows are buffered in batches of
