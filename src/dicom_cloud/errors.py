@@ -11,9 +11,11 @@ in one place.
     │   └── BucketNotFoundError     exit 3
     ├── AuthenticationError         exit 4   credentials missing, wrong or expired
     ├── PermissionDeniedError       exit 5   credentials valid but not allowed
+    │   └── UnreadableFileError     exit 5   a local source file this process may not read
     ├── NetworkError                exit 6   server unreachable, timeouts, resets (retryable)
     │   └── ThrottledError          exit 6   429 / 503 SlowDown (retryable)
     ├── IntegrityError              exit 7   checksum mismatch, truncated or tampered data
+    │   └── SourceChangedError      exit 7   a local file changed while it was being transferred
     ├── AlreadyExistsError          exit 8   destination exists and overwriting was refused
     │   └── ConflictError           exit 8   destination holds other bytes (--on-conflict fail)
     ├── UnsafeNameError             exit 9   an object name that would escape its directory
@@ -98,6 +100,14 @@ class PermissionDeniedError(DicomCloudError):
     http_status = 403
 
 
+class UnreadableFileError(PermissionDeniedError):
+    """A local file to be read cannot be opened (its mode, an ACL, a vanished mount).
+
+    Unlike a refusal by a store, it concerns that one file: a recursive transfer fails the file
+    and goes on with the others.
+    """
+
+
 class NetworkError(DicomCloudError):
     """The store could not be reached or the connection failed."""
 
@@ -122,6 +132,11 @@ class IntegrityError(DicomCloudError):
 
     exit_code = 7
     http_status = 422
+
+
+class SourceChangedError(IntegrityError):
+    """A local file changed (size, modification time, identity) between its listing and the end of
+    its read: what was read may mix two versions, so it is not written as good."""
 
 
 class AlreadyExistsError(DicomCloudError):

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
+import mimetypes
 import os
 import posixpath
+import stat as stat_module
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -57,7 +60,9 @@ from .errors import (
     NetworkError,
     NotFoundError,
     PermissionDeniedError,
+    SourceChangedError,
     ThrottledError,
+    UnreadableFileError,
     UnsafeNameError,
     UsageError,
 )
@@ -103,6 +108,12 @@ DEFAULT_MEMORY_BUDGET = 80 * MiB
 #: refusal is one too while nothing has succeeded yet (afterwards it concerns one object only).
 _FATAL = (AuthenticationError, BucketNotFoundError, KeyMissingError)
 
+#: What to do when a destination name already holds other bytes (see TransferOptions.on_conflict).
+ConflictPolicy = Literal["overwrite", "skip", "keep-both", "fail"]
+
+DICOM_CONTENT_TYPE = "application/dicom"
+OCTET_STREAM = "application/octet-stream"
+
 
 @dataclass(frozen=True)
 class TransferOptions:
@@ -130,11 +141,22 @@ class TransferOptions:
     #: De-identify every instance on its way (PS3.15 Basic Profile, dicom/deidentify.py).
     deidentify: DeidentifyOptions | None = None
     #: When the destination already holds an object under the same name with other bytes (for a
-    #: DICOM layout: the same SOP Instance UID): overwrite it, skip, keep both, or fail. Identical
-    #: bytes are always skipped when this is not "overwrite".
-    on_conflict: Literal["overwrite", "skip", "keep-both", "fail"] = "overwrite"
+    #: DICOM layout: the same SOP Instance UID), whether written before the run or by another source
+    #: of this run: overwrite it (reported as replaced), skip, keep both, or fail that object.
+    #: Identical bytes are skipped (under "overwrite": only with the same metadata too).
+    #: None: ``conflict_policy`` chooses.
+    on_conflict: ConflictPolicy | None = None
     #: Receives each instance's UID mapping (old -> new) when de-identifying; called from worker threads.
     on_uid_map: Callable[[Mapping[str, str]], None] | None = None
+
+    @property
+    def conflict_policy(self) -> ConflictPolicy:
+        """``on_conflict``, or its default: "fail" when a DICOM layout names the objects (two instances
+        under one SOP Instance UID must never replace each other unseen; nothing is lost, the run
+        lists them), "overwrite" otherwise (as cp, aws s3 cp and rclone copy do)."""
+        if self.on_conflict is not None:
+            return self.on_conflict
+        return "fail" if self.dicom is not None and self.dicom.names_objects else "overwrite"
 
     def __post_init__(self) -> None:
         if self.rekey and not (self.encryption and self.encryption.writes_encrypted):
@@ -223,10 +245,23 @@ EventCallback = Callable[[TransferEvent], None]
 
 @dataclass
 class TransferSummary:
+    #: Objects written (new, replaced, or kept beside another object), and their bytes.
     files: int = 0
     bytes: int = 0
+    #: Objects not written without an error: identical, resumed, rejected, conflicts left alone.
     skipped: int = 0
+    #: Objects that failed, conflicts under --on-conflict fail included.
     failed: list[tuple[str, DicomCloudError]] = field(default_factory=list)
+    #: Of ``files``: written over an object that held other bytes (--on-conflict overwrite).
+    replaced: int = 0
+    #: Of ``files``: written beside an object that held other bytes, as name~<crc32c> (keep-both).
+    kept_both: int = 0
+    #: Of ``skipped``: the destination already held these very bytes (or another source of the
+    #: run wrote them there).
+    identical: int = 0
+    #: Different bytes under a name already taken, not written: in ``failed`` (fail) or in
+    #: ``skipped`` (skip).
+    conflicts: list[tuple[str, ConflictError]] = field(default_factory=list)
     #: Files left out by validation (not DICOM, malformed), with the reason: counted in ``skipped`` too.
     rejected: list[tuple[str, DicomFormatError]] = field(default_factory=list)
     seconds: float = 0.0
@@ -259,6 +294,69 @@ class _Skip(Exception):
 
 class _FilteredOut(_Skip):
     """The DICOM filters leave this object out (its header does not match)."""
+
+
+class _Identical(_Skip):
+    """The destination already holds these very bytes."""
+
+
+class _ConflictLeft(_Skip):
+    """Other bytes are at the name and --on-conflict skip leaves them."""
+
+    def __init__(self, conflict: ConflictError) -> None:
+        super().__init__(str(conflict))
+        self.conflict = conflict
+
+
+@dataclass
+class _Claim:
+    """One destination name claimed by the items of a run that write it (one at a time)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    #: The source last written under this name in this run, for messages.
+    writer: str | None = None
+
+
+class _NameClaims:
+    """Destination names in use by this run. Whoever writes a name holds its claim from the check
+    of what is there until the write is done, so two sources mapped to one name (a DICOM layout
+    and two files with one SOP Instance UID) are compared instead of racing. Only names in use
+    are held: memory does not grow with the number of objects."""
+
+    def __init__(self) -> None:
+        self._claims: dict[str, _Claim] = {}
+
+    @contextlib.asynccontextmanager
+    async def claim(self, key: str) -> AsyncIterator[_Claim]:
+        entry = self._claims.setdefault(key, _Claim())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield entry
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._claims[key]
+
+
+@dataclass(frozen=True)
+class _Content:
+    """What is about to be written, as far as it is known, to compare with what is there."""
+
+    #: Bytes that will be written, when known.
+    size: int | None = None
+    #: CRC32C of the bytes written, when known before writing.
+    crc: str | None = None
+    #: CRC32C of the plaintext (differs from ``crc`` when encrypting: each envelope is unique).
+    plain_crc: str | None = None
+    #: The bytes themselves (small objects), for objects of other tools with only an MD5 ETag.
+    data: bytes | memoryview | None = None
+    #: Computes ``crc`` when it is needed (large objects: only when something is at the name).
+    compute: Callable[[], Awaitable[str | None]] | None = None
+    #: The metadata and content type it will be written with, when known: an object already there
+    #: with the same bytes and these is left as it is even under "overwrite".
+    put: PutOptions | None = None
 
 
 _NO_ENCRYPTION = ClientEncryption()
@@ -353,6 +451,13 @@ class Transfer:
         self._limiter = AdaptiveLimiter(self.options.parallel)
         #: The counting pass of a listing (see ``_count_ahead``), while it runs.
         self._counting: asyncio.Task[None] | None = None
+        #: Destination names being checked and written, one item at a time per name.
+        self._claims = _NameClaims()
+        #: How items in flight were written when not as new objects ("replaced", "kept-both"), and
+        #: the object they replaced or were kept beside, by source key.
+        self._outcomes: dict[str, tuple[str, str]] = {}
+        #: The state of local source files in flight when their reading began, by source key.
+        self._snapshots: dict[str, os.stat_result] = {}
 
     def emit(self, event: TransferEvent) -> None:
         if self._callback_error is not None:
@@ -568,16 +673,29 @@ class Transfer:
                         raise
                 await self._limiter.on_success()
             except ConflictError as conflict:
+                self._forget(item)
                 self._take_back_progress(src_url, dst_url, item.size)
                 self.summary.failed.append((src_url, conflict))
-                self._manifest_row(item, src_url, dst_url, "rejected", "conflict")
+                self.summary.conflicts.append((src_url, conflict))
+                self._manifest_row(item, src_url, dst_url, "conflict", str(conflict))
                 self.emit(TransferEvent("failed", src_url, dst_url, item.size, error=conflict))
+                return
+            except _ConflictLeft as left:
+                self._forget(item)
+                self._take_back_progress(src_url, dst_url, item.size)
+                self.summary.skipped += 1
+                self.summary.conflicts.append((src_url, left.conflict))
+                self._manifest_row(item, src_url, dst_url, "conflict", str(left))
+                self.emit(TransferEvent("skipped", src_url, dst_url, item.size, error=left.conflict))
                 return
             except (AlreadyExistsError, _Skip) as reason:
                 log.debug("skipped %s: %s", src_url, reason)
+                self._forget(item)
                 self._take_back_progress(src_url, dst_url, item.size)
                 self.summary.skipped += 1
                 self.summary.filtered_out += isinstance(reason, _FilteredOut)
+                if isinstance(reason, _Identical):
+                    self.summary.identical += 1
                 rejected = reason.__cause__ if isinstance(reason.__cause__, DicomFormatError) else None
                 if rejected is not None:
                     self.summary.rejected.append((src_url, rejected))
@@ -586,7 +704,7 @@ class Transfer:
                     src_url,
                     dst_url,
                     "rejected" if rejected else "skipped",
-                    rejected.reason if rejected else "",
+                    rejected.reason if rejected else str(reason) if isinstance(reason, _Identical) else "",
                 )
                 self.emit(TransferEvent("skipped", src_url, dst_url, item.size, error=rejected))
                 return
@@ -598,8 +716,13 @@ class Transfer:
                 )
                 if not isinstance(unexpected, DicomCloudError):
                     log.debug("unexpected error transferring %s", src_url, exc_info=unexpected)
+                self._forget(item)
                 if isinstance(exc, _FATAL) or (
-                    isinstance(exc, PermissionDeniedError) and not self.summary.files
+                    # A store refusing the first objects refuses them all; a local file that
+                    # cannot be read is that one file's failure.
+                    isinstance(exc, PermissionDeniedError)
+                    and not isinstance(exc, UnreadableFileError)
+                    and not self.summary.files
                 ):
                     # The whole run stops with this error: it is reported once, by the caller.
                     self._abort = self._abort or exc
@@ -618,32 +741,70 @@ class Transfer:
                     self._abort = self._abort or exc
                     return
                 self.summary.failed.append((src_url, exc))
+                self._manifest_row(item, src_url, dst_url, "failed", str(exc))
                 self.emit(TransferEvent("failed", src_url, dst_url, item.size, error=exc))
                 return
             self.summary.files += 1
             self.summary.bytes += item.size
             crc, etag = self._wrote.pop(item.src_key, (None, None))
+            self._snapshots.pop(item.src_key, None)
+            outcome, other = self._outcomes.pop(item.src_key, ("", ""))
+            if outcome == "replaced":
+                self.summary.replaced += 1
+            elif outcome == "kept-both":
+                self.summary.kept_both += 1
             if self.journal is not None:
                 self.journal.record_done(item.src_key, item.version, item.dst_key, item.size, crc)
             if self._on_done is not None:
                 self._on_done(item, crc, etag)
-            self._manifest_row(item, src_url, dst_url, "uploaded")
+            if outcome == "replaced":
+                self._manifest_row(item, src_url, dst_url, "replaced", f"replaced other bytes{other}")
+            elif outcome == "kept-both":
+                self._manifest_row(item, src_url, dst_url, "uploaded", f"kept beside {other} (other bytes)")
+            else:
+                self._manifest_row(item, src_url, dst_url, "uploaded")
             rest = item.size - self._reported.pop(src_url, 0)
             self.emit(TransferEvent("completed", src_url, dst_url, item.size, bytes=rest))
             return
 
+    def _forget(self, item: TransferItem) -> None:
+        """Drop what an attempt of ``item`` noted about itself (it failed, or wrote nothing)."""
+        self._outcomes.pop(item.src_key, None)
+        self._snapshots.pop(item.src_key, None)
+
     async def _move(self, item: TransferItem, src_url: str, dst_url: str) -> None:
-        src, dst = self.src.store, self.dst.store
         put = self.options.put
+        if self.src.is_local:
+            # First of all: a file that cannot be read, or vanished or changed since it was listed,
+            # fails alone; what it is now is compared with what it is once read. (An open and an
+            # fstat take microseconds: a hop to a worker thread would cost more than it saves.)
+            self._snapshots[item.src_key] = self._open_source(item, src_url)
         policy = self.options.dicom
         if policy is None and self.options.filter is not None and self.options.filter.needs_header:
             policy = _header_only()
         if policy is not None:
             item, dicom_metadata = await self._apply_dicom_policy(policy, item)
             put = replace(put, metadata={**dicom_metadata, **put.metadata})
-        crypt = self.options.encryption or _NO_ENCRYPTION
         if self.options.rekey:
             await self._skip_unless_rekey_needed(item, src_url)
+        async with self._claims.claim(item.dst_key) as claim:
+            await self._move_named(item, put, src_url, dst_url, claim)
+            claim.writer = src_url
+
+    def _checks_destination(self) -> bool:
+        """Whether what is at each destination name is looked at before writing: always, except
+        where the write itself decides (--no-overwrite is a conditional write; rekey rewrites in
+        place) or where the caller planned updates knowingly (sync)."""
+        if self.options.no_overwrite or self.options.rekey:
+            return False
+        return not (self._items is not None and self.options.conflict_policy == "overwrite")
+
+    async def _move_named(
+        self, item: TransferItem, put: PutOptions, src_url: str, dst_url: str, claim: _Claim
+    ) -> None:
+        src, dst = self.src.store, self.dst.store
+        crypt = self.options.encryption or _NO_ENCRYPTION
+        checks = self._checks_destination()
         if self.options.no_overwrite:
             put = replace(put, if_absent=True)
             if item.size > self.options.multipart_threshold:
@@ -658,6 +819,10 @@ class Transfer:
         ):
             if self.options.no_overwrite:
                 await self._refuse_existing(item.dst_key)
+            if checks:
+                item = await self._check_destination(
+                    item, _Content(size=item.size, compute=self._source_crc(item)), claim
+                )
             await src.copy(item.src_key, item.dst_key)
             self._wrote[item.src_key] = (None, None)
             return
@@ -665,9 +830,10 @@ class Transfer:
         if item.size <= self.options.multipart_threshold or self.options.deidentify is not None:
             async with self._budget.reserve(2 * item.size + _ENVELOPE_ROOM):
                 info, data = await src.read(item.src_key)
+                self._check_source_unchanged(item, src_url, len(data))
                 # Hashing and ciphers release the GIL: in a worker thread they run beside the event loop.
                 try:
-                    data, options = await asyncio.to_thread(
+                    data, options, plain_crc = await asyncio.to_thread(
                         self._prepare_whole, data, info, put, src_url, item
                     )
                 except EtagMismatch:
@@ -677,24 +843,37 @@ class Transfer:
                         raise  # two reads, two contents: damage in transit
                     # The same bytes twice: the ETag is not an MD5 of them; the other checks still apply.
                     log.debug("%s: ETag is not an MD5 of the content (SSE-KMS or SSE-C?)", src_url)
-                    data, options = await asyncio.to_thread(
+                    data, options, plain_crc = await asyncio.to_thread(
                         self._prepare_whole, data, info, put, src_url, item, trust_etag=False
                     )
-                if self.options.on_conflict != "overwrite":
-                    item = await self._resolve_conflict(item, options)
-                result = await dst.put(item.dst_key, data, options)
-                self._wrote[item.src_key] = (options.metadata.get(CHECKSUM_METADATA_KEY), result.etag)
+                written_crc = options.metadata.get(CHECKSUM_METADATA_KEY)
+                if checks:
+                    # A create-only write first: where nothing is at the name (the usual case) the
+                    # object is written in one request, without looking first.
+                    try:
+                        result = await dst.put(item.dst_key, data, replace(options, if_absent=True))
+                    except AlreadyExistsError:
+                        content = _Content(
+                            size=len(data), crc=written_crc, plain_crc=plain_crc, data=data, put=options
+                        )
+                        item = await self._check_destination(item, content, claim)
+                        result = await dst.put(item.dst_key, data, options)
+                else:
+                    result = await dst.put(item.dst_key, data, options)
+                self._wrote[item.src_key] = (written_crc, result.etag)
                 if item.src_key in self._written:
                     identity, _, named = self._written[item.src_key]
-                    self._written[item.src_key] = (
-                        identity,
-                        options.metadata.get(CHECKSUM_METADATA_KEY),
-                        named,
-                    )
+                    self._written[item.src_key] = (identity, written_crc, named)
             return
-        if self.options.on_conflict != "overwrite":
-            # Large objects: the CRC32C is not known yet, so any object already there counts as different.
-            item = await self._resolve_conflict(item, put)
+        if checks:
+            # Large objects: the CRC32C of what will be written is computed only if an object is
+            # already at the name (encrypted ones: never known beforehand, so they count as different).
+            content = (
+                _Content()
+                if crypt.writes_encrypted
+                else _Content(size=item.size, compute=self._source_crc(item))
+            )
+            item = await self._check_destination(item, content, claim)
         info = await src.stat(item.src_key)
         fmt = crypt.detect(item.src_key, info.metadata)
         if fmt is not None and crypt.writes_encrypted:
@@ -703,22 +882,181 @@ class Transfer:
         elif fmt is not None and self.dst.is_local:
             await self._decrypting_download(item, info, fmt, src_url, dst_url)
         elif self.src.is_local and fmt is None and not crypt.writes_encrypted:
-            await self._upload_file(item, put)
+            await self._upload_file(item, put, src_url)
         elif dst.features.random_access_write and not crypt.writes_encrypted:
             await self._ranged_download(item, info, src_url, dst_url)
         else:
             await self._streamed_copy(item, info, put, src_url, dst_url)
 
-    async def _upload_file(self, item: TransferItem, put: PutOptions) -> None:
+    # -- local sources that change under us -------------------------------------------
+
+    def _open_source(self, item: TransferItem, src_url: str) -> os.stat_result:
+        """The state of a local source file as its transfer begins, once it is known to open."""
+        try:
+            fd = os.open("/" + item.src_key, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise NotFoundError(f"{src_url}: vanished since it was listed") from None
+        except PermissionError:
+            raise UnreadableFileError(f"{src_url}: permission denied (cannot read the file)") from None
+        except OSError as exc:
+            raise UnreadableFileError(f"{src_url}: cannot read the file ({exc.strerror or exc})") from None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat_module.S_ISREG(st.st_mode):
+            raise NotFoundError(f"{src_url}: is no longer a regular file")
+        if item.relative is not None and st.st_size != item.size:
+            raise SourceChangedError(
+                f"{src_url} changed since it was listed ({item.size} bytes, now {st.st_size}); not written",
+                hint="run the same command again once the file is complete",
+            )
+        return st
+
+    def _check_source_unchanged(self, item: TransferItem, src_url: str, length: int | None = None) -> None:
+        """After a local file was read: refuse what may mix two versions of it."""
+        before = self._snapshots.get(item.src_key)
+        if before is None:
+            return
+        try:
+            after = os.stat("/" + item.src_key)
+        except FileNotFoundError:
+            raise SourceChangedError(f"{src_url} vanished while it was read; not written") from None
+        size = length if length is not None else after.st_size
+        if (after.st_ino, after.st_size, after.st_mtime_ns, size) != (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+            before.st_size,
+        ):
+            raise SourceChangedError(
+                f"{src_url} changed while it was read; not written",
+                hint="run the same command again once the file is complete",
+            )
+
+    # -- what is already at the destination --------------------------------------------
+
+    def _source_crc(self, item: TransferItem) -> Callable[[], Awaitable[str | None]]:
+        """How to learn the CRC32C of the source's bytes when they are written unchanged."""
+
+        known: list[str | None] = []
+
+        async def compute() -> str | None:
+            if known:
+                return known[0]
+            if self.src.is_local:
+                crc: str | None = await asyncio.to_thread(crc32c_file, Path("/" + item.src_key))
+            else:
+                info = await self.src.store.stat(item.src_key)
+                stored = info.metadata.get(CHECKSUM_METADATA_KEY)
+                # An encrypted source may be decrypted on the way: its stored CRC is not the written one's.
+                encrypted = (self.options.encryption or _NO_ENCRYPTION).detect(item.src_key, info.metadata)
+                crc = stored.lower() if stored and not encrypted else None
+            known.append(crc)
+            return crc
+
+        return compute
+
+    async def _check_destination(self, item: TransferItem, ours: _Content, claim: _Claim) -> TransferItem:
+        """Look at what is already at ``item``'s destination name (the caller holds the name's claim):
+        nothing, the same bytes (skipped), or other bytes, which the conflict policy settles. Returns
+        the item to write, renamed for keep-both."""
+        try:
+            existing = await self.dst.store.stat(item.dst_key)
+        except NotFoundError:
+            return item
+        where = self.dst.display(item.dst_key)
+        earlier = f" (written from {claim.writer} in this run)" if claim.writer else ""
+        policy = self.options.conflict_policy
+        same = await self._same_content(existing, ours)
+        if policy == "overwrite":
+            # The very same object (bytes, metadata, content type) is not written again; the same
+            # bytes with other metadata are; a replacement is only of other bytes.
+            if same and ours.put is not None and _has_metadata(existing, ours.put):
+                raise _Identical(f"identical object already at {where}{earlier}")
+            if not same:
+                self._outcomes[item.src_key] = ("replaced", earlier)
+            return item
+        if same:
+            raise _Identical(f"identical bytes already at {where}{earlier}")
+        conflict = ConflictError(
+            f"{where} already holds other bytes{earlier}",
+            hint="choose --on-conflict keep-both (write beside it), overwrite or skip",
+        )
+        # Beside it, under a name from the CRC32C (of the plaintext: an envelope differs each time),
+        # the bytes may already be kept by an earlier keep-both: then they are there.
+        crc = ours.plain_crc or ours.crc or (await ours.compute() if ours.compute else None)
+        new_key = _beside(item.dst_key, crc) if crc else None
+        beside: ObjectInfo | None = None
+        if new_key is not None:
+            with contextlib.suppress(NotFoundError):
+                beside = await self.dst.store.stat(new_key)
+        if (
+            new_key is not None
+            and beside is not None
+            and await self._same_content(beside, replace(ours, crc=ours.crc or crc))
+        ):
+            raise _Identical(f"identical bytes already beside {where}, at {self.dst.display(new_key)}")
+        if policy == "skip":
+            raise _ConflictLeft(conflict)
+        if policy == "fail" or new_key is None or beside is not None:
+            # fail; or keep-both without a stable name to keep the bytes under, or with other
+            # bytes under it: nothing is replaced.
+            raise conflict
+        self._outcomes[item.src_key] = ("kept-both", where)
+        if item.src_key in self._written:
+            identity, written_crc, _ = self._written[item.src_key]
+            self._written[item.src_key] = (identity, written_crc, new_key)
+        return replace(item, dst_key=new_key)
+
+    async def _same_content(self, existing: ObjectInfo, ours: _Content) -> bool:
+        """Whether the object already there holds the bytes about to be written (for encrypted
+        objects: the same plaintext). Unknown counts as different: nothing is replaced unseen."""
+        crypt = self.options.encryption or _NO_ENCRYPTION
+        fmt = crypt.detect(existing.key, existing.metadata)
+        stored = existing.metadata.get(CHECKSUM_METADATA_KEY)
+        if fmt is not None:
+            if ours.crc is not None and stored and stored.lower() == ours.crc:
+                return True  # the very same ciphertext
+            if (
+                ours.plain_crc is None
+                or crypt.ring is None
+                or existing.size > self.options.multipart_threshold
+            ):
+                return False
+            try:
+                async with self._budget.reserve(2 * existing.size + _ENVELOPE_ROOM):
+                    info, blob = await self.dst.store.read(existing.key)
+                    url = self.dst.display(existing.key)
+                    plain = await asyncio.to_thread(crypt.decrypt, url, fmt, info.metadata, blob)
+            except DicomCloudError:
+                return False  # not readable with the keys given: not known to be the same
+            return crc32c_hex(plain) == ours.plain_crc
+        if ours.size is not None and existing.size != ours.size:
+            return False
+        crc = ours.crc or (await ours.compute() if ours.compute else None)
+        if stored:
+            return crc is not None and stored.lower() == crc
+        if self.dst.is_local and crc is not None:
+            return await asyncio.to_thread(crc32c_file, Path("/" + existing.key)) == crc
+        etag = md5_etag(existing.etag)
+        if ours.data is not None and etag is not None and self.dst.store.features.etag_is_md5:
+            return hashlib.md5(ours.data, usedforsecurity=False).hexdigest() == etag
+        return False
+
+    async def _upload_file(self, item: TransferItem, put: PutOptions, src_url: str) -> None:
         """A large local file: CRC32C first (it goes in the metadata), then a multipart upload.
 
         With a journal, and a store that can continue an upload from another process, the upload's
-        session is kept in the journal so that a re-run sends only the parts the server lacks."""
+        session is kept in the journal so that a re-run sends only the parts the server lacks.
+        A file that changed while it was read is not left under the name as good: the object just
+        written from it is removed again."""
         path = Path("/" + item.src_key)
         plan = self._upload_plan()
+        put = replace(put, content_type=put.content_type or await self._content_type_of_file(item))
         uploads = self.dst.store.resumable_uploads() if self.journal is not None else None
         if uploads is not None and self.journal is not None:
-            src_url, dst_url = self.src.display(item.src_key), self.dst.display(item.dst_key)
+            dst_url = self.dst.display(item.dst_key)
             resumed = await upload_file_resumable(
                 uploads,
                 path,
@@ -737,6 +1075,7 @@ class Transfer:
                     resumed.parts_reused,
                     resumed.parts_total,
                 )
+            await self._unless_changed(item, src_url)
             self._wrote[item.src_key] = (resumed.crc32c, resumed.info.etag)
             return
         checksum = await asyncio.to_thread(crc32c_file, path)
@@ -744,29 +1083,47 @@ class Transfer:
             result = await self.dst.store.put_file(
                 item.dst_key, path, _with_checksum(put, None, checksum), plan
             )
+        await self._unless_changed(item, src_url)
         self._wrote[item.src_key] = (checksum, result.etag)
 
-    async def _resolve_conflict(self, item: TransferItem, options: PutOptions) -> TransferItem:
-        """Where to write, or whether to, when something is already at the destination name."""
+    async def _unless_changed(self, item: TransferItem, src_url: str) -> None:
+        """After a large local file was uploaded: if it changed meanwhile, the object may mix two
+        versions and its CRC32C may not describe it; remove it and fail."""
         try:
-            existing = await self.dst.store.stat(item.dst_key)
-        except NotFoundError:
-            return item
-        ours = options.metadata.get(CHECKSUM_METADATA_KEY)
-        if ours and existing.metadata.get(CHECKSUM_METADATA_KEY) == ours:
-            raise _Skip("identical object already there")
-        if self.options.on_conflict == "skip":
-            raise _Skip("another object is already there (--on-conflict skip)")
-        if self.options.on_conflict == "fail":
-            raise ConflictError(
-                f"{self.dst.display(item.dst_key)} already holds different bytes",
-                hint="choose --on-conflict overwrite, skip or keep-both",
-            )
-        # keep-both: the new bytes go beside the old, named by their checksum (stable across runs).
-        stem, dot, ext = item.dst_key.rpartition(".")
-        suffix = f"~{ours or 'new'}"
-        new_key = f"{stem}{suffix}.{ext}" if dot and "/" not in ext else f"{item.dst_key}{suffix}"
-        return replace(item, dst_key=new_key)
+            self._check_source_unchanged(item, src_url)
+        except SourceChangedError:
+            with contextlib.suppress(DicomCloudError):
+                await self.dst.store.delete([item.dst_key])
+            raise
+
+    async def _content_type_of_file(self, item: TransferItem) -> str:
+        def head() -> bytes:
+            with open("/" + item.src_key, "rb") as f:
+                return f.read(132)
+
+        return self._content_type(item, None, await asyncio.to_thread(head), encrypted=False)
+
+    def _content_type(
+        self,
+        item: TransferItem,
+        source: ObjectInfo | None,
+        head: bytes | memoryview | None,
+        *,
+        encrypted: bool,
+    ) -> str:
+        """The Content-Type of what is written for ``item``: application/dicom only for what is known
+        to be DICOM (read as DICOM by the policy, or a Part 10 file), octet-stream for ciphertext,
+        else the source's own type or one guessed from the name."""
+        if encrypted:
+            return OCTET_STREAM
+        identity = self._written.get(item.src_key, (None, None, None))[0]
+        if identity is not None or (head is not None and bytes(head[128:132]) == b"DICM"):
+            return DICOM_CONTENT_TYPE
+        if source is not None and source.content_type and source.content_type != DICOM_CONTENT_TYPE:
+            return source.content_type
+        guessed = mimetypes.guess_type(posixpath.basename(item.src_key))[0]
+        # A name ending in .dcm does not make DICOM (the system's tables map it to application/dicom).
+        return guessed if guessed and guessed != DICOM_CONTENT_TYPE else OCTET_STREAM
 
     async def _apply_dicom_policy(
         self, policy: DicomPolicy, item: TransferItem
@@ -807,15 +1164,21 @@ class Transfer:
         item: TransferItem,
         *,
         trust_etag: bool = True,
-    ) -> tuple[bytes | memoryview, PutOptions]:
+    ) -> tuple[bytes | memoryview, PutOptions, str | None]:
         """Verify a whole object read into memory, decrypt or encrypt it as the rules say, and
-        return the bytes to write with their metadata. Runs in a worker thread."""
+        return the bytes to write with their metadata, and the CRC32C of the plaintext when it is
+        known. Runs in a worker thread."""
         crypt = self.options.encryption or _NO_ENCRYPTION
         checksum = verify(data, info, src_url, etag_is_md5=trust_etag and self.src.store.features.etag_is_md5)
         fmt = crypt.detect(item.src_key, info.metadata)
         if fmt is not None and not (self.dst.is_local or crypt.writes_encrypted):
             # Ciphertext copied as it is, with the marker that says how to read it.
-            return data, _with_checksum(put, info, checksum, keep=_markers(info))
+            cipher_type = self._content_type(item, info, None, encrypted=True)
+            return (
+                data,
+                _with_checksum(put, info, checksum, keep=_markers(info), content_type=cipher_type),
+                None,
+            )
         if fmt is not None:
             data = crypt.decrypt(src_url, fmt, info.metadata, data)
             checksum = crc32c_hex(data)
@@ -827,9 +1190,14 @@ class Transfer:
             if self.options.on_uid_map is not None:
                 self.options.on_uid_map(uid_map)
         if crypt.writes_encrypted:
+            plain_crc = checksum
             data = crypt.encrypt(data)
-            return data, _with_checksum(put, info, crc32c_hex(data), keep=crypt.marker())
-        return data, _with_checksum(put, info, checksum)
+            options = _with_checksum(
+                put, info, crc32c_hex(data), keep=crypt.marker(), content_type=OCTET_STREAM
+            )
+            return data, options, plain_crc
+        content_type = self._content_type(item, info, data[:132], encrypted=False)
+        return data, _with_checksum(put, info, checksum, content_type=content_type), checksum
 
     async def _skip_unless_rekey_needed(self, item: TransferItem, src_url: str) -> None:
         """For rekey: only encrypted objects not yet under the current master key are rewritten."""
@@ -973,6 +1341,8 @@ class Transfer:
                 yield encryptor.update(plain) if encryptor else plain
             if not self.src.is_local:
                 _check_checksum(stored_crc.hexdigest(), info, src_url)
+            else:  # raised inside the stream: the upload of what may mix two versions is abandoned
+                self._check_source_unchanged(item, src_url)
             if decryptor is not None:
                 # IntegrityError here abandons the upload; what it returns is the last plaintext.
                 rest = await asyncio.to_thread(decryptor.finalize)
@@ -983,9 +1353,19 @@ class Transfer:
 
         if encryptor is not None:
             # The ciphertext's CRC is known only at the end; its GCM tags protect it instead.
-            options = _with_checksum(put, info, None, keep=crypt.marker())
+            options = _with_checksum(put, info, None, keep=crypt.marker(), content_type=OCTET_STREAM)
         else:  # the same bytes: the source's CRC32C (if any) still describes them
-            options = _with_checksum(put, info, info.metadata.get(CHECKSUM_METADATA_KEY), keep=_markers(info))
+            ciphertext = crypt.detect(item.src_key, info.metadata) is not None
+            head = None
+            if not (ciphertext or put.content_type) and info.content_type in (None, DICOM_CONTENT_TYPE):
+                head = await src_store.get_range(item.src_key, 0, 132)  # is it Part 10?
+            options = _with_checksum(
+                put,
+                info,
+                info.metadata.get(CHECKSUM_METADATA_KEY),
+                keep=_markers(info),
+                content_type=self._content_type(item, info, head, encrypted=ciphertext),
+            )
         plan = self._upload_plan()
         async with self._budget.reserve(_HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
             result = await self.dst.store.put_stream(item.dst_key, chunks(), options, plan)
@@ -1114,17 +1494,38 @@ def _markers(info: ObjectInfo) -> dict[str, str]:
 
 
 def _with_checksum(
-    put: PutOptions, source: ObjectInfo | None, checksum: str | None, *, keep: dict[str, str] | None = None
+    put: PutOptions,
+    source: ObjectInfo | None,
+    checksum: str | None,
+    *,
+    keep: dict[str, str] | None = None,
+    content_type: str | None = None,
 ) -> PutOptions:
-    """What to write with an object: the source's own metadata and content type carried over (a copy
-    or a rekey keeps them), the user's additions, the encryption markers, and the CRC32C of the
-    bytes written when it is known."""
+    """What to write with an object: the source's own metadata carried over (a copy or a rekey keeps
+    it), the user's additions, the encryption markers, the CRC32C of the bytes written when it is
+    known, and the content type (the user's, else the one found for these bytes)."""
     carried = {k: v for k, v in (source.metadata if source else {}).items() if k not in _OWN_METADATA}
     metadata = {**carried, **put.metadata, **(keep or {})}
     if checksum:
         metadata[CHECKSUM_METADATA_KEY] = checksum
-    content_type = put.content_type or (source.content_type if source else None) or "application/dicom"
-    return replace(put, metadata=metadata, content_type=content_type)
+    chosen = put.content_type or content_type or (source.content_type if source else None) or OCTET_STREAM
+    return replace(put, metadata=metadata, content_type=chosen)
+
+
+def _has_metadata(existing: ObjectInfo, put: PutOptions) -> bool:
+    """Whether an object already carries what ``put`` would write with it (object tags cannot be read
+    back everywhere: with tags, it is written again)."""
+    if put.tags:
+        return False
+    if put.content_type and existing.content_type and existing.content_type != put.content_type:
+        return False
+    return all(existing.metadata.get(key) == value for key, value in put.metadata.items())
+
+
+def _beside(key: str, crc: str) -> str:
+    """Where keep-both writes other bytes met under ``key``: ``name~<crc32c>.ext`` (stable across runs)."""
+    stem, dot, ext = key.rpartition(".")
+    return f"{stem}~{crc}.{ext}" if dot and "/" not in ext else f"{key}~{crc}"
 
 
 async def _close(items: AsyncIterator[TransferItem]) -> None:

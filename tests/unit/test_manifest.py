@@ -206,3 +206,13 @@ def test_parquet_abort_keeps_readable_partial(tmp_path: Path) -> None:
     assert not path.exists()
     partial = tmp_path / "m.parquet.partial"
     assert read_back(partial.rename(tmp_path / "kept.parquet")) == [expected(r, "parquet") for r in rows()]
+
+
+@pytest.mark.parametrize("status", ["uploaded", "replaced", "skipped", "conflict", "rejected", "failed"])
+def test_every_outcome_is_a_status(tmp_path: Path, status: str) -> None:
+    path = tmp_path / "m.jsonl"
+    with ManifestWriter.open(path) as writer:
+        writer.write(
+            ManifestRow.from_identity(IDENTITY, source="s", key="k", size=1, crc32c=None, status=status)  # type: ignore[arg-type]
+        )
+    assert read_back(path)[0]["status"] == status

@@ -360,7 +360,7 @@ def test_objects_written_carry_their_checksum(tmp_path: Path, mem_bucket: str) -
     api.upload(str(tmp_path / "a.dcm"), f"memory://{mem_bucket}/a.dcm")
     info = api.stat(f"memory://{mem_bucket}/a.dcm")
     assert info.metadata[CHECKSUM_METADATA_KEY] == crc32c_hex(b"payload")
-    assert info.content_type == "application/dicom"
+    assert info.content_type == "application/octet-stream"  # named .dcm, but not DICOM
 
 
 # -- options -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .. import __version__, api
-from ..errors import DicomCloudError, NotFoundError, TransferFailedError, UsageError
+from ..errors import ConflictError, DicomCloudError, NotFoundError, TransferFailedError, UsageError
 from ..location import LocationOpener
 from ..retry import DEFAULT_ATTEMPTS
 from ..store import ObjectInfo
@@ -220,10 +220,10 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
     dicom.add_argument(
         "--on-conflict",
         choices=["overwrite", "skip", "keep-both", "fail"],
-        default="overwrite",
         help="an object already at the name with other bytes (with a DICOM layout: the same SOP Instance "
-        "UID): replace it, leave it, write beside it (name~crc32c), or fail (exit 8); identical bytes "
-        "are skipped unless overwrite (default: %(default)s)",
+        "UID, from before or from another file of the run): replace it (reported as replaced), leave it, "
+        "write beside it (name~crc32c), or fail that file (listed; exit 1, or 8 for one file); identical "
+        "objects are skipped (default: fail with a DICOM layout, else overwrite)",
     )
     dicom.add_argument(
         "--deidentify",
@@ -370,10 +370,19 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
             )
         if summary.failed:
             attempted = len(summary.failed) + summary.files + summary.skipped
+            conflicts = sum(1 for _, error in summary.failed if isinstance(error, ConflictError))
             raise TransferFailedError(
-                f"{len(summary.failed)} of {plural(attempted, 'transfer')} failed",
+                f"{len(summary.failed)} of {plural(attempted, 'transfer')} failed"
+                + (
+                    f" ({plural(conflicts, 'conflict')}: other bytes under a name already taken)"
+                    if conflicts
+                    else ""
+                ),
                 failed=len(summary.failed),
-                hint="re-run the same command to retry the failed ones",
+                hint="choose --on-conflict keep-both, overwrite or skip for the conflicts; re-run the "
+                "same command to retry the other failures"
+                if conflicts
+                else "re-run the same command to retry the failed ones",
             )
         return 0
 

@@ -143,7 +143,7 @@ def transfer_options(
     allow_phi: bool = False,
     selection: Filter | None = None,
     deidentify: DeidentifyOptions | None = None,
-    on_conflict: str = "overwrite",
+    on_conflict: str | None = None,
     attempts: int = DEFAULT_ATTEMPTS,
 ) -> TransferOptions:
     metadata = parse_tags(tags)

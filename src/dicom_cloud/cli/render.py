@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, TextIO
 
-from ..errors import DicomCloudError
+from ..errors import ConflictError, DicomCloudError
 from ..names import printable
 from ..store import BucketInfo, ObjectInfo
 from ..transfer import ListingTotals, TransferEvent, TransferSummary
@@ -228,14 +228,20 @@ class TransferProgress:
         return ", ".join(parts)
 
     def summary(self, summary: TransferSummary) -> None:
+        conflicts_failed = sum(1 for _, error in summary.failed if isinstance(error, ConflictError))
         if self.mode == "json":
             _json_line(
                 {
                     "event": "summary",
                     "files": summary.files,
                     "bytes": summary.bytes,
+                    "replaced": summary.replaced,
+                    "kept_both": summary.kept_both,
                     "skipped": summary.skipped,
+                    "identical": summary.identical,
+                    "conflicts": len(summary.conflicts),
                     "failed": len(summary.failed),
+                    "failures": [_failure_record(src, error) for src, error in summary.failed],
                     "seconds": round(summary.seconds, 3),
                     "dry_run": summary.dry_run,
                     "throttled": summary.throttled,
@@ -244,27 +250,57 @@ class TransferProgress:
             )
             return
         if self.mode == "quiet":
+            # Errors only: the objects that failed, once the run is over.
+            if self.report_failures:
+                for src, error in summary.failed:
+                    print(_failure_line(src, error), file=sys.stderr)
             return
         seconds = max(summary.seconds, 1e-6)
         verb = "Would transfer" if summary.dry_run else self.verb
         parts = [
-            f"{verb} {summary.files} file{'s' if summary.files != 1 else ''} ({human_bytes(summary.bytes)})",
+            f"{verb} {_count(summary.files, 'file')} ({human_bytes(summary.bytes)})",
             f"in {summary.seconds:.1f} s",
         ]
         if not summary.dry_run and summary.files:
             parts.append(f"{summary.files / seconds:.0f} files/s, {human_bytes(summary.bytes / seconds)}/s")
+        if summary.replaced:
+            parts.append(f"{summary.replaced} replaced (other bytes were there)")
+        if summary.kept_both:
+            parts.append(f"{summary.kept_both} written beside other bytes (keep-both)")
+        if summary.identical:
+            parts.append(f"{summary.identical} identical (skipped)")
         rejected = len(summary.rejected)
-        if summary.skipped - rejected:
-            parts.append(f"{summary.skipped - rejected} skipped")
+        conflicts_left = len(summary.conflicts) - conflicts_failed
+        other_skips = summary.skipped - rejected - summary.identical - conflicts_left
+        if other_skips:
+            parts.append(f"{other_skips} skipped")
         if rejected:
             parts.append(f"{rejected} not DICOM or malformed (left out)")
-        parts.append(f"{len(summary.failed)} failed")
+        if summary.conflicts:
+            parts.append(
+                f"{_count(len(summary.conflicts), 'conflict')} (other bytes under a name already taken; "
+                f"{'left as they were' if conflicts_left else 'not written'})"
+            )
+        parts.append(f"{len(summary.failed) - conflicts_failed} failed")
         if summary.throttled:
             parts.append(
-                f"throttled {summary.throttled} time{'s' if summary.throttled != 1 else ''}; "
+                f"throttled {_count(summary.throttled, 'time')}; "
                 f"concurrency went down to {summary.lowest_concurrency}"
             )
         print(", ".join(parts), file=sys.stderr)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' if number != 1 else ''}"
+
+
+def _failure_line(src: str, error: DicomCloudError) -> str:
+    message = str(error)
+    return f"error: {message}" if src in message else f"error: {src}: {message}"
+
+
+def _failure_record(src: str, error: DicomCloudError) -> dict[str, Any]:
+    return {"src": src, "error": str(error), "error_type": type(error).__name__, "exit_code": error.exit_code}
 
 
 def _stderr_console() -> Any:

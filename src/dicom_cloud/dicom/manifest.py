@@ -1,4 +1,5 @@
-"""The manifest: an inventory of what a transfer uploaded, skipped or rejected, one row an object.
+"""The manifest: an inventory of what a transfer did with each file (written, replaced, skipped,
+in conflict, rejected, failed), one row a file.
 
 Written as the transfer goes, with memory that does not grow with the number of rows: JSON
 lines and CSV rows go straight to the file; Parquet rows are buffered in batches of
@@ -17,8 +18,23 @@ extension of the path:
 Columns (:data:`FIELDS`): ``source`` (the local path or URL read), ``key`` (URL of the object
 written), ``size`` (bytes), ``crc32c`` (8 lowercase hex digits, as in the object metadata),
 ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``, ``sop_class_uid``,
-``modality``, ``status`` (``uploaded``, ``skipped`` or ``rejected``) and ``reason`` (why it
-was skipped or rejected; empty for uploads).
+``modality``, ``status`` and ``reason``:
+
+``uploaded``
+    written where nothing was (reason empty), or beside an object that holds other bytes
+    (``--on-conflict keep-both``: reason ``kept beside <url> (other bytes)``, ``key`` the new name);
+``replaced``
+    written over an object that held other bytes (``--on-conflict overwrite``);
+``skipped``
+    not written and nothing wrong: reason ``identical bytes already at <url>`` when the destination
+    held (or another file of the run wrote) the same bytes, empty for other skips;
+``conflict``
+    not written: the name already holds other bytes (``fail`` or ``skip``); reason says which;
+``rejected``
+    left out by validation (not DICOM, malformed); reason says why;
+``failed``
+    the object could not be transferred (unreadable, changed while read, a store error...);
+    reason is the error.
 
 **No patient data.** The manifest never holds PatientID, PatientName, AccessionNumber, dates
 or any other patient attribute: :class:`ManifestRow` has no field for them, and
@@ -54,8 +70,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FIELDS", "PARQUET_BATCH_ROWS", "ManifestRow", "ManifestWriter", "Status"]
 
-Status = Literal["uploaded", "skipped", "rejected"]
-_STATUSES: Final = frozenset({"uploaded", "skipped", "rejected"})
+Status = Literal["uploaded", "replaced", "skipped", "conflict", "rejected", "failed"]
+_STATUSES: Final = frozenset({"uploaded", "replaced", "skipped", "conflict", "rejected", "failed"})
 
 #: Rows buffered before a Parquet row group is written.
 PARQUET_BATCH_ROWS: Final = 10_000

@@ -70,6 +70,12 @@ class DicomPolicy:
         object.__setattr__(self, "extra_tags", tuple(sorted(wanted - set(_IDENTITY_FIELDS))))
 
     @property
+    def names_objects(self) -> bool:
+        """Whether object names come from the DICOM header (a layout, or Orthanc's names): then two
+        files may map to one name."""
+        return self.layout is not None or self.orthanc_structure is not None
+
+    @property
     def policy(self) -> Policy:
         return "strict" if self.strict else "lenient"
 
