@@ -15,7 +15,8 @@ in one place.
     ├── NetworkError                exit 6   server unreachable, timeouts, resets (retryable)
     │   └── ThrottledError          exit 6   429 / 503 SlowDown (retryable)
     ├── IntegrityError              exit 7   checksum mismatch, truncated or tampered data
-    │   └── SourceChangedError      exit 7   a local file changed while it was being transferred
+    │   ├── SourceChangedError      exit 7   a local file changed while it was being transferred
+    │   └── CorruptedInTransitError exit 7   the server assembled other bytes than were sent (retryable)
     ├── AlreadyExistsError          exit 8   destination exists and overwriting was refused
     │   └── ConflictError           exit 8   destination holds other bytes (--on-conflict fail)
     ├── UnsafeNameError             exit 9   an object name that would escape its directory
@@ -137,6 +138,13 @@ class IntegrityError(DicomCloudError):
 class SourceChangedError(IntegrityError):
     """A local file changed (size, modification time, identity) between its listing and the end of
     its read: what was read may mix two versions, so it is not written as good."""
+
+
+class CorruptedInTransitError(IntegrityError):
+    """The server holds other bytes than the ones sent (a fault on the way, e.g. a chunk cut short
+    and resumed wrongly); the object was removed, so a new attempt from the start is safe."""
+
+    retryable = True
 
 
 class AlreadyExistsError(DicomCloudError):

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .budget import ByteBudget
 from .checksum import crc32c_file
-from .errors import DicomCloudError, IntegrityError, NotFoundError, UsageError
+from .errors import CorruptedInTransitError, DicomCloudError, IntegrityError, NotFoundError, UsageError
 from .store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
 
 #: Version of the session-state dicts written here; states of another version start over.
@@ -298,7 +298,11 @@ async def upload_file_resumable(
     if await asyncio.to_thread(_source_fingerprint, path) != fingerprint:
         raise IntegrityError(f"{path} changed during the upload; run it again")
     parts = [({**kept, **sent})[n] for n in range(1, count + 1)]
-    info = await uploads.complete(state, parts)
+    try:
+        info = await uploads.complete(state, parts)
+    except CorruptedInTransitError:
+        state_store.clear(key)  # the server's object was removed: nothing is left to continue
+        raise
     state_store.clear(key)
     if info.size != size:
         raise IntegrityError(f"{key}: the completed object has {info.size} bytes, the file {size}")

@@ -19,6 +19,8 @@ from live_service import start_service_process
 
 INSTANCES = 50
 ATTEMPTS = 5
+#: Moments of one request at which the service is frozen and looked at.
+SAMPLES = 500
 
 
 def _related(parts: list[bytes]) -> tuple[bytes, str]:
@@ -63,7 +65,8 @@ def test_kill_during_stow_leaves_orphans_the_scheduled_sweep_removes(tmp_path: P
     objects = data / "objects" / "default"
     orphans: set[str] = set()
     for attempt in range(ATTEMPTS):
-        service = start_service_process(work)
+        # One process, so that the process frozen and killed is the one writing.
+        service = start_service_process(work, extra_args=("--workers", "1"))
         try:
             before = len(_files(objects)) if objects.exists() else 0
             instances = [
@@ -71,11 +74,20 @@ def test_kill_during_stow_leaves_orphans_the_scheduled_sweep_removes(tmp_path: P
                 for n in range(INSTANCES)
             ]
             stow = _stow_in_background(service.url, service.token, *_related(instances))
-            # Killed once a few instances of this request are written: in the middle of the request.
+            # Once a few instances of this request are written, the service is frozen (SIGSTOP) at
+            # moments of its work until one falls between an object write and its row's commit;
+            # it is killed there, in the middle of the request. Freezing first makes that moment
+            # likely however fast one instance is stored.
             deadline = time.monotonic() + 60
             while (len(_files(objects)) if objects.exists() else 0) < before + 2 * (attempt + 3):
                 assert time.monotonic() < deadline, "the STOW wrote nothing"
                 time.sleep(0.002)
+            for _ in range(SAMPLES):
+                os.kill(service.pid, signal.SIGSTOP)
+                if _files(objects) - _indexed(data / "index.sqlite"):
+                    break
+                os.kill(service.pid, signal.SIGCONT)
+                time.sleep(0.001)
             os.kill(service.pid, signal.SIGKILL)
             stow.join(timeout=60)
         finally:

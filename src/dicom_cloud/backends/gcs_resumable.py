@@ -21,6 +21,7 @@ import requests
 from ..errors import (
     AuthenticationError,
     BucketNotFoundError,
+    CorruptedInTransitError,
     DicomCloudError,
     IntegrityError,
     NetworkError,
@@ -198,7 +199,7 @@ class GCSResumableUploads:
         reported = resource.get("crc32c")
         if expected and reported and base64.b64decode(reported).hex() != expected:
             await self._http.send(lambda: Request("DELETE", url, self._authorize()))
-            raise IntegrityError(
+            raise CorruptedInTransitError(
                 f"{self._url(key)}: the uploaded object's CRC32C differs from the file's; it was deleted"
             )
         return ObjectInfo(
