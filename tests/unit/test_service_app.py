@@ -3,12 +3,14 @@ answers, error bodies, CORS, OIDC JWTs through the routes, tenants from claims."
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
@@ -17,6 +19,7 @@ from test_service_oidc import Issuer
 
 from dicom_cloud.archive.access import TOKEN_PREFIX
 from dicom_cloud.archive.models import ApiTokenRow
+from dicom_cloud.service import stow
 from dicom_cloud.service.app import create_app
 from dicom_cloud.service.auth import Principal
 from dicom_cloud.service.credential_cache import CredentialCache
@@ -101,6 +104,34 @@ def test_stow_failures_carry_a_readable_error_comment(client: TestClient) -> Non
     [item] = answer.json()["00081198"]["Value"]
     assert item["00081197"]["Value"] == [0xA900]
     assert item["00000902"]["Value"] == ["the instance is of another study"]
+
+
+def test_stow_reads_an_identity_only_for_a_study_check_or_a_refused_part(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored part is answered from the archive's own parse; the route reads an identity for
+    a URL naming a study (checked before storing) and to name a refused part in the answer."""
+    read: list[int] = []
+    real = stow.read_identity
+
+    def counted(data: Any, **options: Any) -> Any:
+        read.append(len(data))
+        return real(data, **options)
+
+    monkeypatch.setattr(stow, "read_identity", counted)
+    ct_sop = pydicom.dcmread(io.BytesIO(CT)).SOPInstanceUID
+    answer = client.post("/studies", content=stow_body(CT, MR)[0], headers=stow_body()[1])
+    assert answer.status_code == 200 and len(answer.json()["00081199"]["Value"]) == 2
+    assert read == []
+    changed = bytearray(CT)
+    changed[-1] ^= 0xFF
+    answer = client.post("/studies", content=stow_body(bytes(changed))[0], headers=stow_body()[1])
+    [item] = answer.json()["00081198"]["Value"]
+    assert item["00081155"]["Value"] == [ct_sop] and item["00081197"]["Value"] == [0x0111]
+    assert len(read) == 1
+    study = pydicom.dcmread(io.BytesIO(CT)).StudyInstanceUID
+    answer = client.post(f"/studies/{study}", content=stow_body(CT)[0], headers=stow_body()[1])
+    assert answer.status_code == 200 and len(read) == 2
 
 
 def test_stow_of_an_instance_whose_file_meta_names_another_uid_is_stored_with_a_warning(
