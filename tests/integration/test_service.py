@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -714,6 +715,30 @@ def test_two_instances_share_postgresql_and_bucket(s3_env: S3Server, s3_bucket: 
         finally:
             second.stop()
             first.stop()
+
+
+def test_serve_with_workers_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """On uvicorn's C stack (httptools, uvloop, when installed): the workers answer, and SIGTERM to
+    the supervisor stops every worker and exits 0."""
+    service = start_service_process(tmp_path / "work", extra_args=("--workers", "2"))
+    popen = service._proc.popen
+    try:
+        children = Path(f"/proc/{service.pid}/task/{service.pid}/children").read_text().split()
+        assert len(children) >= 2  # the workers (and multiprocessing's resource tracker)
+        with httpx.Client(base_url=service.url, timeout=60) as http:
+            for _ in range(8):  # new connections: the kernel spreads them over both workers
+                assert (
+                    http.get("/studies", headers={**auth(service.token), "Connection": "close"}).status_code
+                    == 200
+                )
+        popen.send_signal(signal.SIGTERM)
+        assert popen.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while [pid for pid in children if Path(f"/proc/{pid}").exists()]:
+            assert time.monotonic() < deadline, "a worker outlived the service"
+            time.sleep(0.1)
+    finally:
+        service.stop()
 
 
 def test_two_instances_with_two_workers_each_share_postgresql_and_bucket(

@@ -3,20 +3,26 @@ answers, error bodies, CORS, OIDC JWTs through the routes, tenants from claims."
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 from sqlalchemy import update
 from test_service_oidc import Issuer
 
+from dicom_cloud.archive.access import TOKEN_PREFIX
 from dicom_cloud.archive.models import ApiTokenRow
+from dicom_cloud.service import stow
 from dicom_cloud.service.app import create_app
+from dicom_cloud.service.auth import Principal
+from dicom_cloud.service.credential_cache import CredentialCache
 from dicom_cloud.service.settings import load_settings
 
 CT = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # type: ignore[arg-type]
@@ -100,6 +106,34 @@ def test_stow_failures_carry_a_readable_error_comment(client: TestClient) -> Non
     assert item["00000902"]["Value"] == ["the instance is of another study"]
 
 
+def test_stow_reads_an_identity_only_for_a_study_check_or_a_refused_part(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored part is answered from the archive's own parse; the route reads an identity for
+    a URL naming a study (checked before storing) and to name a refused part in the answer."""
+    read: list[int] = []
+    real = stow.read_identity
+
+    def counted(data: Any, **options: Any) -> Any:
+        read.append(len(data))
+        return real(data, **options)
+
+    monkeypatch.setattr(stow, "read_identity", counted)
+    ct_sop = pydicom.dcmread(io.BytesIO(CT)).SOPInstanceUID
+    answer = client.post("/studies", content=stow_body(CT, MR)[0], headers=stow_body()[1])
+    assert answer.status_code == 200 and len(answer.json()["00081199"]["Value"]) == 2
+    assert read == []
+    changed = bytearray(CT)
+    changed[-1] ^= 0xFF
+    answer = client.post("/studies", content=stow_body(bytes(changed))[0], headers=stow_body()[1])
+    [item] = answer.json()["00081198"]["Value"]
+    assert item["00081155"]["Value"] == [ct_sop] and item["00081197"]["Value"] == [0x0111]
+    assert len(read) == 1
+    study = pydicom.dcmread(io.BytesIO(CT)).StudyInstanceUID
+    answer = client.post(f"/studies/{study}", content=stow_body(CT)[0], headers=stow_body()[1])
+    assert answer.status_code == 200 and len(read) == 2
+
+
 def test_stow_of_an_instance_whose_file_meta_names_another_uid_is_stored_with_a_warning(
     client: TestClient,
 ) -> None:
@@ -143,11 +177,97 @@ def test_expiring_tokens_answer_401_once_expired_and_are_listed_as_expired(clien
         session.execute(update(ApiTokenRow).where(ApiTokenRow.id == made["id"]).values(expires=past))
 
     archive._db.run_sync(expire)
+    # Time passing would also end the few seconds the service keeps a validated token.
+    client.app.state.credential_cache.clear()  # type: ignore[attr-defined]
     answer = client.get("/studies", headers=own)
     assert answer.status_code == 401 and "expired" in answer.json()["message"]
     listed = {t["name"]: t for t in client.get("/tokens").json()}
     assert listed["ci"]["expired"] is True and listed["ci"]["revoked"] is None
     assert listed["bootstrap admin"]["expires"] is None and listed["bootstrap admin"]["expired"] is False
+
+
+def _unknown_token() -> str:
+    """A plausible API token no one was given (looked up, not refused by its shape)."""
+    return TOKEN_PREFIX + "x" * 40
+
+
+def _count_reads(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The secrets the archive is asked to authenticate from now on."""
+    archive = client.app.state.archive  # type: ignore[attr-defined]
+    asked: list[str] = []
+    authenticate = archive.authenticate
+
+    async def counted(token: str, now: datetime | None = None) -> Any:
+        asked.append(token)
+        return await authenticate(token, now)
+
+    monkeypatch.setattr(archive, "authenticate", counted)
+    return asked
+
+
+def test_a_validated_token_is_not_read_again_within_the_cache_time(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = _count_reads(client, monkeypatch)
+    for _ in range(3):
+        assert client.get("/studies").status_code == 200
+    assert len(asked) == 1
+    # An unknown token is read every time (only valid ones are kept).
+    for _ in range(2):
+        assert (
+            client.get("/studies", headers={"Authorization": "Bearer " + _unknown_token()}).status_code == 401
+        )
+    assert len(asked) == 3
+
+
+def test_a_cached_token_is_refused_once_it_expires(tmp_path: Path) -> None:
+    """The expiry time is checked on every request, cached or not."""
+    c, tokens = make_client(tmp_path, auth_cache_seconds=60)
+    with c:
+        admin = {"Authorization": f"Bearer {tokens[0]}"}
+        made = c.post(
+            "/tokens", json={"name": "short", "scopes": ["read"], "expires_in_seconds": 1}, headers=admin
+        ).json()
+        own = {"Authorization": f"Bearer {made['token']}"}
+        assert c.get("/studies", headers=own).status_code == 200
+        time.sleep(max(0.0, (datetime.fromisoformat(made["expires"]) - datetime.now(UTC)).total_seconds()))
+        time.sleep(0.05)
+        assert c.get("/studies", headers=own).status_code == 401
+
+
+def test_revoked_tokens_and_share_links_are_refused_at_once_despite_the_cache(tmp_path: Path) -> None:
+    c, tokens = make_client(tmp_path, auth_cache_seconds=60)
+    with c:
+        admin = {"Authorization": f"Bearer {tokens[0]}"}
+        body, headers = stow_body(CT)
+        stored = c.post("/studies", content=body, headers={**headers, **admin}).json()
+        study = stored["00081199"]["Value"][0]["00081190"]["Value"][0].split("/studies/")[1].split("/")[0]
+        made = c.post("/tokens", json={"name": "r", "scopes": ["read"]}, headers=admin).json()
+        share = c.post(f"/studies/{study}/shares", json={"expires_in_seconds": 600}, headers=admin)
+        assert share.status_code == 201, share.text
+        for secret in (made["token"], share.json()["token"]):
+            assert (
+                c.get(f"/studies/{study}/series", headers={"Authorization": f"Bearer {secret}"}).status_code
+                == 200
+            )
+        assert c.delete(f"/tokens/{made['id']}", headers=admin).status_code == 200
+        assert c.get("/studies", headers={"Authorization": f"Bearer {made['token']}"}).status_code == 401
+        assert c.delete(f"/shares/{share.json()['id']}", headers=admin).status_code == 200
+        shared = {"Authorization": f"Bearer {share.json()['token']}"}
+        assert c.get(f"/studies/{study}/series", headers=shared).status_code == 401
+
+
+def test_the_credential_cache_is_bounded_and_can_be_turned_off() -> None:
+    principal = Principal("t", frozenset({"read"}), "token:1", "token")
+    cache = CredentialCache(ttl=60, max_entries=2)
+    for n in range(3):
+        cache.put(cache.key(f"s{n}"), principal, None)
+    assert cache.get(cache.key("s0")) is None and cache.get(cache.key("s2")) == principal
+    cache.put(cache.key("past"), principal, datetime.now(UTC) - timedelta(seconds=1))
+    assert cache.get(cache.key("past")) is None
+    off = CredentialCache(ttl=0)
+    off.put(off.key("s"), principal, None)
+    assert off.get(off.key("s")) is None
 
 
 def test_orphan_sweep_is_scheduled_by_default_and_configurable(tmp_path: Path) -> None:

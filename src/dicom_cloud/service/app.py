@@ -29,6 +29,7 @@ from ..crypto.envelope import ClientEncryption
 from ..crypto.keysource import load_keys
 from ..errors import UsageError
 from .auth import Authenticator, OidcVerifier
+from .credential_cache import CredentialCache
 from .deps import Reader, secret_resolver
 from .handlers import install_error_handlers
 from .memory import RequestMemory
@@ -150,8 +151,9 @@ def create_app(
         opened = archive is None
         current = archive if archive is not None else await Archive.open(archive_settings(settings))
         app.state.archive = current
+        app.state.credential_cache = cache = CredentialCache(settings.auth_cache_seconds)
         app.state.authenticator = Authenticator(
-            secret_resolver(current),  # type: ignore[arg-type]
+            secret_resolver(current, cache),
             OidcVerifier.from_settings(settings),
             api_tokens=settings.api_tokens,
         )

@@ -13,7 +13,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..archive import ApiToken, Archive, ShareLink
-from .auth import Authenticator, Principal, Scope, expand_scopes
+from .auth import Authenticator, Principal, Scope, SecretResolver, expand_scopes
+from .credential_cache import CredentialCache
 from .http_errors import UnauthenticatedError
 from .observability import Metrics
 from .settings import ServiceSettings
@@ -45,15 +46,30 @@ def principal_of_share(link: ShareLink) -> Principal:
     return Principal(link.tenant, frozenset({"read"}), f"share:{link.id}", "share", link.study_instance_uid)
 
 
-def secret_resolver(archive: Archive) -> object:
-    """Resolves opaque secrets: API tokens first, then share-link tokens."""
+def get_credential_cache(request: Request) -> CredentialCache:
+    cache: CredentialCache = request.app.state.credential_cache
+    return cache
+
+
+def secret_resolver(archive: Archive, cache: CredentialCache) -> SecretResolver:
+    """Resolves opaque secrets: API tokens first, then share-link tokens; valid ones are kept in
+    ``cache`` for a few seconds (their expiry still checked on every request)."""
 
     async def resolve(secret: str) -> Principal | None:
+        key = cache.key(secret)
+        if (principal := cache.get(key)) is not None:
+            return principal
         token = await archive.authenticate(secret)
         if token is not None:
-            return principal_of_token(token)
+            principal = principal_of_token(token)
+            cache.put(key, principal, token.expires)
+            return principal
         link = await archive.resolve_share(secret)
-        return principal_of_share(link) if link is not None else None
+        if link is None:
+            return None
+        principal = principal_of_share(link)
+        cache.put(key, principal, link.expires)
+        return principal
 
     return resolve
 
@@ -85,3 +101,4 @@ Admin = Annotated[Principal, Depends(_scoped("admin"))]
 ArchiveDep = Annotated[Archive, Depends(get_archive)]
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+CredentialCacheDep = Annotated[CredentialCache, Depends(get_credential_cache)]

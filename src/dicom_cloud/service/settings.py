@@ -75,6 +75,9 @@ class ServiceSettings(BaseModel):
     signing_secret: str | None = Field(None, repr=False)
 
     api_tokens: bool = True
+    #: Seconds a worker keeps a validated API token or share link before reading it again (0: off).
+    #: A revocation reaches the worker that handled it at once, the others within this time.
+    auth_cache_seconds: float = Field(5.0, ge=0, le=60)
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     #: Default: discovered from the issuer's ``/.well-known/openid-configuration``.

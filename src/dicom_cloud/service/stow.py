@@ -8,9 +8,12 @@ on as a stream, stored by the archive, one part at a time.
 - A larger part is passed, from its held head on, as a stream to
   ``Archive.store_instance_stream`` (staged as it arrives, ingested as a stream): memory stays
   at the head, whatever the part's size.
-- The identity for the answer and the study check is read from a bounded prefix
-  (``read_identity``'s ``max_read``) in a worker thread; the archive alone decides what it
-  stores. No parsing, hashing or joining of bytes runs on the event loop.
+- A stored instance is answered with the UIDs of the archive's own record (one parse per
+  instance). The identity is read from a bounded prefix (``read_identity``'s ``max_read``) in a
+  worker thread only where the archive's parse cannot serve: the study check of a URL naming a
+  study (before storing), a refused part (to name it in the answer), and a streamed part. The
+  archive alone decides what it stores. No parsing, hashing or joining of bytes runs on the
+  event loop.
 
 The caller holds :func:`memory_share` of the service's request memory for the whole request.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..archive import Archive, StoredInstance
 from ..dicom.header import REASON_NO_DICM, REASON_TOO_LONG, DicomIdentity, read_identity
@@ -97,6 +100,15 @@ class StowReceiver:
             held.append(chunk)
             size += len(chunk)
         if size <= self.part_memory:  # the whole part
+            if self.study is None:
+                # No study to check: the archive's own parse names the stored instance; the
+                # identity is read only to name a refused one in the answer.
+                data = await asyncio.to_thread(b"".join, held)
+                del held
+                outcome = await _stored(None, self.archive.store_instance(self.tenant, data))
+                if outcome.stored is None:
+                    outcome = replace(outcome, identity=await asyncio.to_thread(_identify, data))
+                return outcome
             data, identity = await asyncio.to_thread(_join_and_identify, held)
             del held
             if (mismatch := self._other_study(identity)) is not None:
@@ -125,15 +137,18 @@ def _starts_part10(chunks: Sequence[bytes]) -> bool:
 
 
 def _join_and_identify(chunks: Sequence[bytes]) -> tuple[bytes, DicomIdentity | None]:
-    """A whole part's chunks joined, and the identity read from its bounded prefix (for a
-    worker thread)."""
+    """A whole part's chunks joined, and its identity (for a worker thread)."""
     data = b"".join(chunks)
+    return data, _identify(data)
+
+
+def _identify(data: bytes) -> DicomIdentity | None:
+    """The identity of a whole part, read from its bounded prefix (for a worker thread)."""
     try:
         max_read = min(IDENTITY_MAX_READ, max(len(data), 256))
-        identity = read_identity(data, first_read=min(64 * 1024, max_read), max_read=max_read)
+        return read_identity(data, first_read=min(64 * 1024, max_read), max_read=max_read)
     except DicomCloudError:
-        identity = None  # UIDs for the answer only; the archive says why it refuses the part
-    return data, identity
+        return None  # UIDs for the answer only; the archive says why it refuses the part
 
 
 def _identify_head(chunks: Sequence[bytes]) -> DicomIdentity | None:

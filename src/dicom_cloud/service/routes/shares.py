@@ -15,7 +15,7 @@ from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 
 from ...archive import ShareLink
-from ..deps import ArchiveDep, SettingsDep, Writer, principal_of_share
+from ..deps import ArchiveDep, CredentialCacheDep, SettingsDep, Writer, principal_of_share
 from ..dicomjson import service_root
 from ..http_errors import MalformedRequestError, UnauthenticatedError
 from .dicomweb import Uid
@@ -72,9 +72,14 @@ async def list_shares(study: Uid, principal: Writer, archive: ArchiveDep) -> lis
 
 @router.delete("/shares/{share_id}", summary="Revoke a share link")
 async def revoke_share(
-    share_id: Annotated[int, Path(ge=1, le=2**62)], principal: Writer, archive: ArchiveDep
+    share_id: Annotated[int, Path(ge=1, le=2**62)],
+    principal: Writer,
+    archive: ArchiveDep,
+    credentials: CredentialCacheDep,
 ) -> ShareOut:
-    return _out(await archive.revoke_share(principal.tenant, share_id))
+    revoked = await archive.revoke_share(principal.tenant, share_id)
+    credentials.clear()  # refused from the next request on, by this worker at least
+    return _out(revoked)
 
 
 @router.get("/shared/{token}", summary="Open a share link (the token in the path is the credential)")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from ...archive import ApiToken, Scope
-from ..deps import Admin, ArchiveDep
+from ..deps import Admin, ArchiveDep, CredentialCacheDep
 
 router = APIRouter(tags=["tokens"])
 
@@ -70,6 +70,11 @@ async def list_tokens(principal: Admin, archive: ArchiveDep) -> list[TokenOut]:
 
 @router.delete("/tokens/{token_id}", summary="Revoke an API token")
 async def revoke_token(
-    token_id: Annotated[int, Path(ge=1, le=2**62)], principal: Admin, archive: ArchiveDep
+    token_id: Annotated[int, Path(ge=1, le=2**62)],
+    principal: Admin,
+    archive: ArchiveDep,
+    credentials: CredentialCacheDep,
 ) -> TokenOut:
-    return _out(await archive.revoke_token(principal.tenant, token_id))
+    revoked = await archive.revoke_token(principal.tenant, token_id)
+    credentials.clear()  # refused from the next request on, by this worker at least
+    return _out(revoked)
