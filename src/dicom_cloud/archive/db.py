@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -61,16 +64,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # IMMEDIATE instead (see _sqlite_begin).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (memory: ignored)
+    cursor.execute("PRAGMA busy_timeout=30000")  # writers from other threads wait, not fail
+    _enable_wal(cursor)  # readers never block the writer (memory: ignored)
     # In WAL mode NORMAL syncs at checkpoints, not at every commit: a power loss may forget the
     # last commits but never corrupts the index. An fsync per commit cost more than the whole
     # insert of an instance's rows (objects are not fsynced either).
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")  # cascades from studies to labels etc.
-    cursor.execute("PRAGMA busy_timeout=30000")  # writers from other threads wait, not fail
     cursor.execute("PRAGMA case_sensitive_like=ON")  # LIKE as in PostgreSQL: QIDO text matching is exact
     cursor.close()
 
+
+def _enable_wal(cursor: Any) -> None:
+    """WAL mode, waiting for other processes: switching a new database file to WAL needs an
+    exclusive lock, and SQLite answers "locked" at once there instead of calling the busy handler
+    (several processes opening one new index together)."""
+    deadline = time.monotonic() + _WAL_WAIT
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.04)
+
+
+#: Seconds a connection waits for another process to finish switching the index to WAL.
+_WAL_WAIT = 30.0
 
 #: Execution option of connections that only read (see :meth:`Database.read`).
 _READ_ONLY = "dicom_cloud_read_only"
