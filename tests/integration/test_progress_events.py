@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Mapping
@@ -16,18 +15,7 @@ from typing import Any
 
 import pytest
 from test_cli import CLI, Result, assert_same_tree, cli_env, make_backend, run_cli
-
-
-def _done_count(state: Path) -> int:
-    total = 0
-    for path in (state / "jobs").glob("*.sqlite"):
-        try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
-            total += db.execute("SELECT count(*) FROM done").fetchone()[0]
-            db.close()
-        except sqlite3.Error:
-            pass
-    return total
+from test_sync import _done_count
 
 
 def _replay(records: list[dict[str, Any]]) -> dict[str, int]:
@@ -76,14 +64,14 @@ def test_resumed_download_reports_earlier_work_apart_and_never_overshoots(
                             stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 90
-        while _done_count(state) < 300 and proc.poll() is None and time.monotonic() < deadline:
+        while _done_count(env) < 300 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, "the download ended before it could be interrupted"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
-    recorded = _done_count(state)
+    recorded = _done_count(env)
     assert 0 < recorded < len(files)
 
     again: Result = run_cli(*argv, env=env, timeout=300).ok()
