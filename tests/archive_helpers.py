@@ -185,6 +185,18 @@ STUDY_MATCHING_CASES: list[tuple[dict[str, Any], list[str]]] = [
     ({"PatientName": "Doe*", "ModalitiesInStudy": "MR"}, [B]),
     ({"PatientID": "' OR '1'='1"}, []),  # bound parameters: no injection
     ({"fuzzymatching": "true", "PatientID": "P1"}, [A]),
+    # Fuzzy person names: each word begins a word of the name, any order, any case.
+    ({"fuzzymatching": "true", "PatientName": "jo"}, [A]),
+    ({"fuzzymatching": "true", "PatientName": "doe"}, [A, B]),
+    ({"fuzzymatching": "true", "PatientName": "JANE doe"}, [B]),
+    ({"fuzzymatching": "true", "PatientName": "rich^ro"}, [C]),
+    ({"fuzzymatching": "true", "PatientName": "oe"}, []),  # inside a word: no
+    ({"fuzzymatching": "true", "PatientName": "jo*n"}, [A]),
+    ({"fuzzymatching": "true", "ReferringPhysicianName": "ann"}, [A]),
+    ({"fuzzymatching": "false", "PatientName": "jo"}, []),
+    # Unknown keys and attributes the index does not hold: ignored (with a warning).
+    ({"_": "123", "PatientID": "P1"}, [A]),
+    ({"PatientWeight": "70", "PatientID": "P2"}, [B]),
 ]
 
 

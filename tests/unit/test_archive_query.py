@@ -134,8 +134,6 @@ def test_instance_search(archive: tuple[Archive, Run]) -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"NoSuchKeyword": "x"}, "not a DICOM keyword"),
-        ({"PatientWeight": "70"}, "can search on"),
         ({"StudyDate": "2020"}, "not a date"),
         ({"StudyDate": "20200101-2021"}, "not a date"),
         ({"StudyDate": "-"}, "not a date"),
@@ -158,6 +156,22 @@ def test_bad_parameters_are_usage_errors(
     with pytest.raises(UsageError, match=message) as exc:
         run(a.search_studies("acme", params))
     assert exc.value.http_status == 400
+
+
+def test_ignored_parameters_are_reported_as_warnings(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    warnings: list[str] = []
+    params = {"_": "1", "NoSuchKeyword": "x", "PatientWeight": "70", "includefield": "PatientAge,PatientID"}
+    assert len(run(a.search_studies("acme", params, warnings=warnings))) == 3
+    assert warnings == [
+        "'_' is not a DICOM keyword, an 8-hex tag or a query parameter: ignored",
+        "'NoSuchKeyword' is not a DICOM keyword, an 8-hex tag or a query parameter: ignored",
+        "'PatientWeight' is not an attribute this archive can search on: ignored",
+        "includefield 'PatientAge' is not held by the index: left out",
+    ]
+    warnings.clear()
+    run(a.search_studies("acme", {"PatientID": "P1"}, warnings=warnings))
+    assert warnings == []
 
 
 def test_bad_integer_at_series_level(archive: tuple[Archive, Run]) -> None:
@@ -208,8 +222,10 @@ def test_extra_tags_added_later_are_reindexed_from_sidecars(mem_bucket: str) -> 
     data = make_instance("5.5", "5.5.1", "5.5.1.1", InstitutionName="Clinic", BodyPartExamined="CHEST")
     with opened(first) as (a, run):
         run(a.store_instance("acme", data))
-        with pytest.raises(UsageError):
-            run(a.search_studies("acme", {"BodyPartExamined": "CHEST"}))  # not configured
+        warnings: list[str] = []
+        # Not configured: ignored, with a warning (every study found).
+        assert len(run(a.search_studies("acme", {"BodyPartExamined": "NONE"}, warnings=warnings))) == 1
+        assert warnings == ["'BodyPartExamined' is not an attribute this archive can search on: ignored"]
         # The same store and index, now with two extra tags configured.
         later = ArchiveSettings(
             f"memory://{mem_bucket}", "sqlite://", extra_query_tags=["InstitutionName", "00180015"]

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Seq
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -64,6 +64,9 @@ from .records import (
     UploadState,
 )
 from .settings import ArchiveSettings
+
+if TYPE_CHECKING:  # numpy and pydicom's pixel code load on first use
+    from .imaging import Viewport, Window
 
 T = TypeVar("T")
 #: Streamed writes into staging: 8 MiB parts (S3's smallest is 5 MiB), one in flight.
@@ -352,11 +355,17 @@ class Archive:
         )
 
     async def search_studies(
-        self, tenant: str, params: QueryParams, *, base_url: str | None = None
+        self,
+        tenant: str,
+        params: QueryParams,
+        *,
+        base_url: str | None = None,
+        warnings: list[str] | None = None,
     ) -> list[DicomJson]:
         """Studies matching ``params`` (PS3.18 §8.3.4), as DICOM JSON objects. ``base_url`` (the
-        service's DICOMweb root) fills RetrieveURL. Bad parameters: UsageError (400)."""
-        return await self._search(tenant, "study", params, base_url=base_url)
+        service's DICOMweb root) fills RetrieveURL. Bad parameters: UsageError (400); keys that
+        are ignored (unknown, not indexed) are described in ``warnings`` when given."""
+        return await self._search(tenant, "study", params, base_url=base_url, warnings=warnings)
 
     async def search_series(
         self,
@@ -365,10 +374,16 @@ class Archive:
         *,
         study_instance_uid: str | None = None,
         base_url: str | None = None,
+        warnings: list[str] | None = None,
     ) -> list[DicomJson]:
         """Series matching ``params``, within one study or across all."""
         return await self._search(
-            tenant, "series", params, study_instance_uid=study_instance_uid, base_url=base_url
+            tenant,
+            "series",
+            params,
+            study_instance_uid=study_instance_uid,
+            base_url=base_url,
+            warnings=warnings,
         )
 
     async def search_instances(
@@ -379,6 +394,7 @@ class Archive:
         study_instance_uid: str | None = None,
         series_instance_uid: str | None = None,
         base_url: str | None = None,
+        warnings: list[str] | None = None,
     ) -> list[DicomJson]:
         """Instances matching ``params``, within a study, a series, or across all."""
         return await self._search(
@@ -388,6 +404,7 @@ class Archive:
             study_instance_uid=study_instance_uid,
             series_instance_uid=series_instance_uid,
             base_url=base_url,
+            warnings=warnings,
         )
 
     # -- retrieve (WADO-RS) --------------------------------------------------------------
@@ -517,15 +534,32 @@ class Archive:
         series_instance_uid: str,
         sop_instance_uid: str,
         numbers: Sequence[int],
+        *,
+        transfer_syntax: str | None = None,
     ) -> Frames:
         """Frames (1-based numbers) of one instance. A number outside 1..NumberOfFrames is
-        UsageError; an instance without pixel data is NotFoundError."""
+        UsageError; an instance without pixel data is NotFoundError. With ``transfer_syntax``
+        (an uncompressed syntax, ``transcode.UNCOMPRESSED_TARGETS``) the frames are decoded to
+        native little endian pixels; NotSupportedError when the archive cannot decode them."""
         record = await self._one(tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
         data = await self.read_instance(record)
+        if transfer_syntax is not None:
+            from .transcode import decode_frames
+
+            decoded = await asyncio.to_thread(decode_frames, data, list(numbers), transfer_syntax)
+            return Frames(transfer_syntax, decoded, False)
         from .imaging import extract_frames
 
         syntax, frames, encapsulated = await asyncio.to_thread(extract_frames, data, list(numbers))
         return Frames(syntax, frames, encapsulated)
+
+    async def transcode(self, data: bytes, transfer_syntax: str) -> bytes:
+        """The instance ``data`` (Part 10 bytes, as :meth:`read_instance` returns them) in
+        ``transfer_syntax``: the same bytes when stored so, else decoded to an uncompressed syntax
+        (in a worker thread). NotSupportedError when the archive cannot produce it."""
+        from .transcode import transcode_instance
+
+        return await asyncio.to_thread(transcode_instance, data, transfer_syntax)
 
     async def rendered(
         self,
@@ -538,9 +572,13 @@ class Archive:
         media_type: str = "image/jpeg",
         thumbnail: bool = False,
         quality: int = 90,
+        window: Window | None = None,
+        viewport: Viewport | None = None,
     ) -> Rendered:
         """A JPEG or PNG of one frame (windowed to 8 bits), or a thumbnail of it, cached as a
-        derived object. Unsupported media types: NotSupportedError (406 for the service)."""
+        derived object. ``window`` replaces the instance's own VOI window; ``viewport`` sets the
+        picture's size (and source region) instead of the thumbnail size. Unsupported media
+        types: NotSupportedError (406 for the service)."""
         from PIL import Image
 
         from ..errors import NotSupportedError
@@ -555,6 +593,9 @@ class Archive:
         record = await self._one(tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
         size = self.settings.thumbnail_size if thumbnail else None
         name = f"thumbnail-{frame}-{size}" if thumbnail else f"frame-{frame}"
+        for option in (window, viewport):
+            if option is not None:
+                name += f"-{option.label}"
         if media_type == "image/jpeg":
             name += f"-q{quality}"
         key = (
@@ -573,7 +614,14 @@ class Archive:
         from .imaging import render_frame
 
         picture, width, height = await asyncio.to_thread(
-            render_frame, data, frame, media_type, max_size=size, quality=quality
+            render_frame,
+            data,
+            frame,
+            media_type,
+            max_size=size,
+            quality=quality,
+            window=window,
+            viewport=viewport,
         )
         await self._objects.put(key, picture, media_type)
         return Rendered(media_type, picture, width, height, cached=False)  # type: ignore[arg-type]

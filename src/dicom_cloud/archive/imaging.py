@@ -3,16 +3,21 @@
 
 Decoding goes through pydicom's pixel handlers with the pylibjpeg plugins (JPEG baseline,
 extended and lossless, JPEG-LS, JPEG 2000, RLE). Rendering applies, in order: the modality LUT
-(rescale slope/intercept), the first VOI window of the instance (or the frame's full range when
-it has none), a min/max stretch to 8 bits, and inversion of MONOCHROME1; colour images are
-converted to RGB (palette colour through its LUT). These are CPU-bound: callers run them in a
-worker thread.
+(rescale slope/intercept), the window asked for (:class:`Window`, PS3.18 §8.3.5.1.2: the VOI
+LUT functions LINEAR, LINEAR_EXACT and SIGMOID of PS3.3 C.11.2.1.2 straight to 8 bits) or else
+the first VOI window of the instance (or the frame's full range when it has none) and a min/max
+stretch to 8 bits, and inversion of MONOCHROME1; colour images are converted to RGB (palette
+colour through its LUT) and never windowed. Then the viewport (:class:`Viewport`, §8.3.5.1.3):
+the source region cut out (flipped when its width or height is negative) and scaled to fit the
+viewport, keeping its aspect ratio. These are CPU-bound: callers run them in a worker thread.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from functools import wraps
 from io import BytesIO
 from typing import Any, Final, Literal, ParamSpec, TypeVar
@@ -29,6 +34,102 @@ from ..errors import DicomCloudError, DicomFormatError, NotFoundError, NotSuppor
 MediaType = Literal["image/jpeg", "image/png"]
 MEDIA_TYPES: Final[tuple[MediaType, ...]] = ("image/jpeg", "image/png")
 _EXPLICIT_LE: Final = "1.2.840.10008.1.2.1"
+WindowFunction = Literal["linear", "linear_exact", "sigmoid"]
+_WINDOW_FUNCTIONS: Final[tuple[WindowFunction, ...]] = ("linear", "linear_exact", "sigmoid")
+#: The largest viewport side rendered (a bound on the memory of one picture).
+MAX_VIEWPORT: Final = 4096
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a number") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{what} must be a finite number")
+    return value
+
+
+@dataclass(frozen=True)
+class Window:
+    """A VOI window asked for by the client: centre, width and function (PS3.3 C.11.2.1.2)."""
+
+    center: float
+    width: float
+    function: WindowFunction = "linear"
+
+    def __post_init__(self) -> None:
+        if self.function not in _WINDOW_FUNCTIONS:
+            raise UsageError("the window function is one of linear, linear_exact, sigmoid")
+        if self.width < (1 if self.function == "linear" else 0) or self.width == 0:
+            raise UsageError(
+                "the window width must be at least 1 (linear) or above 0 (linear_exact, sigmoid)"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Window:
+        """``center,width[,function]`` (PS3.18 §8.3.5.1.2; the function is case-insensitive)."""
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) not in (2, 3):
+            raise UsageError("window is center,width[,function]", hint="e.g. window=40,400,linear")
+        function = parts[2].lower() if len(parts) == 3 else "linear"
+        if function not in _WINDOW_FUNCTIONS:
+            raise UsageError("the window function is one of linear, linear_exact, sigmoid")
+        return cls(_number(parts[0], "the window center"), _number(parts[1], "the window width"), function)  # type: ignore[arg-type]
+
+    def apply(self, values: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+        """Values (after the modality LUT) -> 0..255."""
+        x = values.astype(np.float64)
+        c, w = self.center, self.width
+        if self.function == "sigmoid":
+            y = 255.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+        elif self.function == "linear_exact":
+            y = ((x - c) / w + 0.5) * 255.0
+        elif w == 1:
+            y = np.where(x > c - 0.5, 255.0, 0.0)
+        else:
+            y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.0
+        return np.clip(np.round(y), 0, 255).astype(np.uint8)
+
+    @property
+    def label(self) -> str:
+        return f"w{self.center:g}_{self.width:g}_{self.function}"
+
+
+@dataclass(frozen=True)
+class Viewport:
+    """The rendered picture's size and the source region shown in it (PS3.18 §8.3.5.1.3)."""
+
+    width: int
+    height: int
+    #: (sx, sy, sw, sh): top-left corner and size of the region in the frame's pixels; a
+    #: negative sw or sh flips the picture; None: the whole frame.
+    region: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.width <= MAX_VIEWPORT and 1 <= self.height <= MAX_VIEWPORT):
+            raise UsageError(f"the viewport sides are 1 to {MAX_VIEWPORT} pixels")
+        if self.region is not None and (self.region[2] == 0 or self.region[3] == 0):
+            raise UsageError("the viewport's source region is empty")
+
+    @classmethod
+    def parse(cls, text: str) -> Viewport:
+        """``vw,vh`` or ``vw,vh,sx,sy,sw,sh`` (integers)."""
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) not in (2, 6) or not all(
+            p.lstrip("+-").isascii() and p.lstrip("+-").isdigit() and len(p) <= 9 for p in parts
+        ):
+            raise UsageError(
+                "viewport is vw,vh or vw,vh,sx,sy,sw,sh (integers)", hint="e.g. viewport=256,256"
+            )
+        numbers = [int(p) for p in parts]
+        region = (numbers[2], numbers[3], numbers[4], numbers[5]) if len(numbers) == 6 else None
+        return cls(numbers[0], numbers[1], region)
+
+    @property
+    def label(self) -> str:
+        region = "" if self.region is None else "_" + "_".join(str(n) for n in self.region)
+        return f"v{self.width}x{self.height}{region}"
 
 
 P = ParamSpec("P")
@@ -122,7 +223,7 @@ def _to_uint8(arr: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     return ((arr - low) * (255.0 / (high - low))).round().clip(0, 255).astype(np.uint8)
 
 
-def _frame_pixels(ds: Dataset, index: int) -> npt.NDArray[np.uint8]:
+def _frame_pixels(ds: Dataset, index: int, window: Window | None = None) -> npt.NDArray[np.uint8]:
     from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
     from pydicom.pixels.utils import pixel_array
 
@@ -142,6 +243,9 @@ def _frame_pixels(ds: Dataset, index: int) -> npt.NDArray[np.uint8]:
     if arr.ndim != 2:
         raise NotSupportedError(f"cannot render pixel data of shape {arr.shape}")
     values = apply_modality_lut(arr, ds)
+    if window is not None:
+        out = window.apply(values)
+        return 255 - out if photometric == "MONOCHROME1" else out
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
         with suppress(Exception):  # a malformed window: fall back to the full range
             values = apply_voi_lut(values, ds, index=0)
@@ -153,10 +257,17 @@ def _frame_pixels(ds: Dataset, index: int) -> npt.NDArray[np.uint8]:
 
 @_typed_errors
 def render_frame(
-    data: bytes, frame: int, media_type: str, *, max_size: int | None = None, quality: int = 90
+    data: bytes,
+    frame: int,
+    media_type: str,
+    *,
+    max_size: int | None = None,
+    quality: int = 90,
+    window: Window | None = None,
+    viewport: Viewport | None = None,
 ) -> tuple[bytes, int, int]:
     """(picture bytes, width, height) of frame ``frame`` (1-based); ``max_size`` bounds the
-    longer side (thumbnails)."""
+    longer side (thumbnails) unless a ``viewport`` is given."""
     from PIL import Image
 
     if media_type not in MEDIA_TYPES:
@@ -167,9 +278,11 @@ def render_frame(
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NotFoundError("the instance has no pixel data")
     _check_numbers([frame], frame_count(ds))
-    pixels = _frame_pixels(ds, frame - 1)
+    pixels = _frame_pixels(ds, frame - 1, window)
     image = Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L")
-    if max_size is not None:
+    if viewport is not None:
+        image = _fit(image, viewport)
+    elif max_size is not None:
         image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
     out = BytesIO()
     if media_type == "image/jpeg":
@@ -177,3 +290,24 @@ def render_frame(
     else:
         image.save(out, format="PNG", optimize=False)
     return out.getvalue(), image.width, image.height
+
+
+def _fit(image: Any, viewport: Viewport) -> Any:
+    """The viewport's source region of ``image``, flipped as asked, scaled to fit the viewport
+    with its aspect ratio kept (a PIL image)."""
+    from PIL import Image, ImageOps
+
+    if viewport.region is not None:
+        sx, sy, sw, sh = viewport.region
+        box = (max(sx, 0), max(sy, 0), min(sx + abs(sw), image.width), min(sy + abs(sh), image.height))
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise UsageError("the viewport's source region lies outside the frame")
+        image = image.crop(box)
+        if sw < 0:
+            image = ImageOps.mirror(image)
+        if sh < 0:
+            image = ImageOps.flip(image)
+    scale = min(viewport.width / image.width, viewport.height / image.height)
+    size = (max(1, min(viewport.width, round(image.width * scale))),
+            max(1, min(viewport.height, round(image.height * scale))))  # fmt: skip
+    return image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image

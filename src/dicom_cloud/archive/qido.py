@@ -11,14 +11,25 @@ Matching (PS3.4 C.2.2.2), per attribute, by its VR:
 - other text: ``*`` (any run) and ``?`` (any one character) are wildcards; otherwise exact.
   Person names (PN) match case-insensitively; other text is case-sensitive.
 
+Fuzzy matching (``fuzzymatching=true``; PS3.4 C.2.2.2.1.1 leaves its meaning to the archive)
+changes person names (PN) only: the value is cut into words (at spaces, ``^``, ``=`` and
+``,``), and a name matches when each word begins some word of it (its components, and the
+words within them after a space or ``-``), in any order, case-insensitively (letters outside
+ASCII fold on PostgreSQL, not on SQLite); ``*`` and ``?`` still work within a word. ``smi``
+matches ``SMITH^JOHN``, ``john smith`` matches ``Smith^John``, ``ann`` matches ``Doe^Jo-Ann``.
+Other attributes match as without it.
+
 Reserved keys: ``limit``, ``offset``, ``includefield`` (keywords or tags, comma separated or
-repeated, or ``all``), ``fuzzymatching`` (accepted, not applied), and two of this archive's own:
-``label`` (studies carrying any of the comma-separated labels; repeated: all of the groups) and
+repeated, or ``all``), ``fuzzymatching``, and two of this archive's own: ``label`` (studies
+carrying any of the comma-separated labels; repeated: all of the groups) and
 ``labeldescription`` (the study's user description, wildcard text, case-insensitive).
 
-Attribute keys are keywords (``PatientID``) or 8 hex digits (``00100020``). A key the index
-cannot match, a malformed value, or a negative limit is a UsageError (HTTP 400) whose message
-names the key, never its value.
+Attribute keys are keywords (``PatientID``) or 8 hex digits (``00100020``). A key that is
+neither (a client's cache buster ``_=123``), an attribute the index does not hold, and an
+``includefield`` the index does not hold are ignored, each with a warning text (PS3.18 lets an
+origin server ignore what it does not support; the service sends them as ``Warning: 299``). A
+malformed value, a known parameter spelt in another case (``Limit``), or a negative limit is a
+UsageError (HTTP 400) whose message names the key, never its value.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from sqlalchemy import ColumnElement, and_, exists, func, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from ..errors import UsageError
@@ -214,7 +225,33 @@ _RANGE_HINT: Final = {
 }
 
 
-def _condition(key: str, attr: Attribute | ExtraTag, column: Any, value: str) -> ColumnElement[bool]:
+#: What starts a word of a person name for fuzzy matching: the name's start, then these.
+_WORD_STARTS: Final = ("^", " ", "=", "-")
+
+
+def _fuzzy_person_name(key: str, column: Any, value: str) -> ColumnElement[bool]:
+    """Every word of ``value`` begins a word of the name (see the module docs)."""
+    words = [w for w in re.split(r"[\s^=,]+", value.lower()) if w.strip("*")]
+    if not words:
+        return true()  # only wildcards: universal
+    if len(words) > 32:
+        raise UsageError(f"'{key}' has more than 32 words")
+    name = func.lower(column)
+    conditions = []
+    for word in words:
+        pattern = _like_pattern(word) + "%"
+        conditions.append(
+            or_(
+                name.like(pattern, escape="\\"),
+                *(name.like("%" + _like_pattern(start) + pattern, escape="\\") for start in _WORD_STARTS),
+            )
+        )
+    return and_(*conditions)
+
+
+def _condition(
+    key: str, attr: Attribute | ExtraTag, column: Any, value: str, fuzzy: bool = False
+) -> ColumnElement[bool]:
     vr = attr.vr
     if vr in ("UI", "CS"):
         items = _split_list(value)
@@ -245,6 +282,8 @@ def _condition(key: str, attr: Attribute | ExtraTag, column: Any, value: str) ->
             raise UsageError(f"'{key}' must be an integer")
         return column == int(value)  # type: ignore[no-any-return]
     if vr == "PN":
+        if fuzzy:
+            return _fuzzy_person_name(key, column, value)
         if "*" in value or "?" in value:
             return func.lower(column).like(_like_pattern(value.lower()), escape="\\")
         return func.lower(column) == value.lower()
@@ -253,20 +292,22 @@ def _condition(key: str, attr: Attribute | ExtraTag, column: Any, value: str) ->
     return column == value  # type: ignore[no-any-return]
 
 
-def _resolve_key(key: str, extra: Mapping[str, ExtraTag]) -> Attribute | ExtraTag:
+def _shown(key: str) -> str:
+    """A client's key quoted in a warning: printable ASCII, at most 64 characters."""
+    text = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "?" for c in key)
+    return text[:64] + ("..." if len(text) > 64 else "")
+
+
+def _resolve_key(key: str, extra: Mapping[str, ExtraTag], warnings: list[str]) -> Attribute | ExtraTag | None:
+    """The attribute a key names; None (and a warning) for keys the index cannot match."""
     tag = _tag_of(key)
     if tag is None:
-        raise UsageError(
-            f"'{key}' is not a DICOM keyword, an 8-hex tag or a query parameter",
-            hint="use keywords such as PatientID or tags such as 00100020",
-        )
+        warnings.append(f"'{_shown(key)}' is not a DICOM keyword, an 8-hex tag or a query parameter: ignored")
+        return None
     hex_tag = f"{tag:08X}"
     found: Attribute | ExtraTag | None = _BY_TAG.get(hex_tag) or extra.get(hex_tag)
     if found is None:
-        raise UsageError(
-            f"'{key}' is not an attribute this archive can search on",
-            hint="searchable: " + ", ".join(sorted(_ATTRIBUTES)) + " and the configured extra query tags",
-        )
+        warnings.append(f"'{_shown(key)}' is not an attribute this archive can search on: ignored")
     return found
 
 
@@ -286,6 +327,7 @@ def _plan(
     extra_tags: Sequence[ExtraTag],
     limits: QueryLimits,
     scope: Sequence[str],
+    warnings: list[str],
 ) -> _Plan:
     values = _values(params)
     extra = {e.tag: e for e in extra_tags}
@@ -294,6 +336,9 @@ def _plan(
     fuzzy = values.pop("fuzzymatching", [])
     if any(v.lower() not in ("true", "false") for v in fuzzy):
         raise UsageError("'fuzzymatching' must be true or false")
+    if len(fuzzy) > 1:
+        raise UsageError("'fuzzymatching' is given more than once")
+    is_fuzzy = bool(fuzzy) and fuzzy[0].lower() == "true"
     includes = [name.strip() for v in values.pop("includefield", []) for name in v.split(",") if name.strip()]
     conditions: list[ColumnElement[bool]] = []
 
@@ -311,7 +356,9 @@ def _plan(
     for key, given in values.items():
         if key.lower() in _RESERVED:
             raise UsageError(f"'{key}': query parameters are lower case")
-        attr = _resolve_key(key, extra)
+        attr = _resolve_key(key, extra, warnings)
+        if attr is None:
+            continue
         if len(given) > 1:
             raise UsageError(
                 f"'{key}' is given more than once", hint="give a list as one comma-separated value"
@@ -325,7 +372,7 @@ def _plan(
             raise UsageError(f"'{key}' is not an attribute of the {level} level")
         if value == "":
             continue  # universal matching
-        conditions.append(_match(key, attr, value, level))
+        conditions.append(_match(key, attr, value, level, is_fuzzy))
 
     returned = [_ATTRIBUTES[k] for k in _DEFAULT_RETURN[level]]
     if level in ("series", "instance"):
@@ -360,15 +407,19 @@ def _plan(
             returned.append(_BY_TAG[hex_tag])
         elif hex_tag in extra:
             returned_extra.append(extra[hex_tag])
-        # Otherwise not in the index: left out of the results (PS3.18 allows it).
+        elif hex_tag not in _BY_TAG:
+            # Not in the index: left out of the results (PS3.18 allows it), and said so.
+            warnings.append(f"includefield '{_shown(name)}' is not held by the index: left out")
     returned = list(dict.fromkeys(returned))
     returned_extra = list(dict.fromkeys(returned_extra))
     return _Plan(level, conditions, limit, offset, returned, returned_extra)
 
 
-def _match(key: str, attr: Attribute | ExtraTag, value: str, level: Level) -> ColumnElement[bool]:
+def _match(
+    key: str, attr: Attribute | ExtraTag, value: str, level: Level, fuzzy: bool
+) -> ColumnElement[bool]:
     if isinstance(attr, ExtraTag):
-        condition = _condition(key, attr, ExtraAttribute.value, value)
+        condition = _condition(key, attr, ExtraAttribute.value, value, fuzzy)
         inner = select(ExtraAttribute.id).where(ExtraAttribute.tag == attr.tag, condition)
         if level == "instance":
             inner = inner.where(ExtraAttribute.instance_pk == Instance.id)
@@ -398,7 +449,7 @@ def _match(key: str, attr: Attribute | ExtraTag, value: str, level: Level) -> Co
         raise UsageError(f"'{key}' is returned but cannot be matched")
     if attr.vr == "DA":
         value = "-".join(normalise_date(p) or p for p in value.split("-"))
-    return _condition(key, attr, attr.column, value)
+    return _condition(key, attr, attr.column, value, fuzzy)
 
 
 # --- results --------------------------------------------------------------------------
@@ -464,14 +515,16 @@ def search(
     study_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
     base_url: str | None = None,
+    warnings: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run one QIDO search; see the module docs for the rules."""
+    """Run one QIDO search; see the module docs for the rules. What was ignored is appended to
+    ``warnings`` (readable texts naming the keys, never values)."""
     scope = [
         k
         for k, v in (("StudyInstanceUID", study_instance_uid), ("SeriesInstanceUID", series_instance_uid))
         if v
     ]
-    plan = _plan(level, params, extra_tags, limits, scope)
+    plan = _plan(level, params, extra_tags, limits, scope, warnings if warnings is not None else [])
     query = _base_query(level, tenant)
     if study_instance_uid is not None:
         query = query.where(Study.study_instance_uid == study_instance_uid)

@@ -35,7 +35,7 @@ from .handlers import install_error_handlers
 from .memory import RequestMemory
 from .observability import AccessLogMiddleware, Metrics
 from .presign import S3PutSigner
-from .routes import dicomweb, health, labels, shares, tokens, uploads
+from .routes import dicomweb, health, labels, shares, tokens, uploads, wado_uri
 from .settings import ServiceSettings
 
 log = logging.getLogger("dicom_cloud.service")
@@ -208,7 +208,7 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
-    for module in (health, dicomweb, uploads, labels, shares, tokens):
+    for module in (health, dicomweb, wado_uri, uploads, labels, shares, tokens):
         app.include_router(module.router)
     return app
 

@@ -65,19 +65,51 @@ def service_root(request: Request, settings: ServiceSettings) -> str:
     return settings.public_url or str(request.base_url).rstrip("/")
 
 
-def accepted_types(request: Request) -> list[MediaType]:
-    """The Accept header's media ranges, best first (q-values honoured; q=0 dropped)."""
-    header = request.headers.get("accept", "")
+#: One media range of an Accept header: everything up to a comma outside a quoted string
+#: (``type="application/dicom"; transfer-syntax="1.2, odd"`` stays one range).
+_MEDIA_RANGE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
+
+
+def parse_accept(header: str) -> list[MediaType]:
+    """The media ranges of an Accept header (or a WADO-URI ``contentType`` list), best first:
+    by q-value, then by the order given (RFC 9110 §12.5.1; PS3.18 §8.7.1 lets the client give
+    several ranges). Ranges with q=0 are dropped; a malformed q counts as 1."""
     ranges: list[tuple[float, int, MediaType]] = []
-    for position, item in enumerate(part for part in header.split(",") if part.strip()):
+    for position, match in enumerate(_MEDIA_RANGE.finditer(header)):
+        item = match.group(0).strip()
+        if not item:
+            continue
         media = MediaType.parse(item)
         try:
-            quality = float(media.params.get("q", "1"))
+            quality = float(media.params.pop("q", "1"))
         except ValueError:
             quality = 1.0
         if quality > 0:
-            ranges.append((-quality, position, media))
+            ranges.append((-min(quality, 1.0), position, media))
     return [media for _, _, media in sorted(ranges, key=lambda entry: (entry[0], entry[1]))]
+
+
+_WARN_AGENT = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+
+
+def warning_header(request: Request, texts: Sequence[str]) -> dict[str, str]:
+    """``Warning: 299 <host> "<text>"`` for each text, once (PS3.18 §8.1.4 / RFC 7234 §5.5):
+    what a request asked for and did not get, the rest of the answer being valid. The agent is
+    the host the client addressed (``dicom-cloud`` when its Host header is not a plain host)."""
+    if not texts:
+        return {}
+    host = request.headers.get("host", "")
+    agent = host if _WARN_AGENT.fullmatch(host) else "dicom-cloud"
+    quoted = [
+        '299 {} "{}"'.format(agent, "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "?" for c in t))
+        for t in dict.fromkeys(texts)
+    ]
+    return {"Warning": ", ".join(quoted)}
+
+
+def accepted_types(request: Request) -> list[MediaType]:
+    """The request's Accept media ranges, best first (:func:`parse_accept`)."""
+    return parse_accept(request.headers.get("accept", ""))
 
 
 def choose_rendered_type(request: Request) -> str:

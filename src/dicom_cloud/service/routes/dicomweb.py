@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...archive import InstanceRecord, QueryParams
+from ...archive.imaging import Viewport, Window
 from ...errors import NotSupportedError
 from ..auth import Principal
 from ..deps import ArchiveDep, MetricsDep, Reader, SettingsDep, Writer
@@ -26,9 +28,9 @@ from ..dicomjson import (
     StowResponse,
     check_accepts,
     choose_rendered_type,
-    frame_media_type,
     parse_frame_list,
     service_root,
+    warning_header,
 )
 from ..http_errors import NotAcceptableError
 from ..memory import RequestMemory
@@ -41,6 +43,7 @@ from ..multipart import (
     related_content_type,
     write_related,
 )
+from ..negotiation import frame_plan, instance_syntax
 from ..stow import StowReceiver, memory_share
 
 router = APIRouter(tags=["DICOMweb"])
@@ -54,6 +57,35 @@ WHOLE_ANSWER_LIMIT = 64 * 1024 * 1024
 Uid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX, description="a DICOM UID")]
 FrameList = Annotated[str, Path(pattern=r"^[0-9]+(,[0-9]+)*$", max_length=2000, description="e.g. 1,2,3")]
 Quality = Annotated[int, Query(ge=1, le=100, description="JPEG quality")]
+
+
+@dataclass(frozen=True)
+class RenderQuery:
+    """The query parameters of rendered resources (PS3.18 §8.3.5.1)."""
+
+    quality: int
+    window: Window | None
+    viewport: Viewport | None
+
+
+def render_query(
+    quality: Quality = 90,
+    window: Annotated[
+        str | None, Query(max_length=200, description="center,width[,linear|linear_exact|sigmoid]")
+    ] = None,
+    viewport: Annotated[
+        str | None, Query(max_length=200, description="vw,vh[,sx,sy,sw,sh]: size and source region")
+    ] = None,
+) -> RenderQuery:
+    """Malformed values are 400 (UsageError)."""
+    return RenderQuery(
+        quality,
+        Window.parse(window) if window is not None else None,
+        Viewport.parse(viewport) if viewport is not None else None,
+    )
+
+
+Rendering = Annotated[RenderQuery, Depends(render_query)]
 
 _JSON_LIST = {"content": {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}}}
 _MULTIPART = {"content": {"multipart/related": {"schema": {"type": "string", "format": "binary"}}}}
@@ -211,21 +243,26 @@ async def search_studies(
     request: Request, principal: Reader, archive: ArchiveDep, settings: SettingsDep
 ) -> JSONResponse:
     params = _shared_query(principal, _query(request))
-    found = await archive.search_studies(principal.tenant, params, base_url=service_root(request, settings))
-    return dicom_json(found)
+    warnings: list[str] = []
+    found = await archive.search_studies(
+        principal.tenant, params, base_url=service_root(request, settings), warnings=warnings
+    )
+    return dicom_json(found, headers=warning_header(request, warnings))
 
 
 @router.get("/series", responses={200: _JSON_LIST}, summary="QIDO-RS: search series", description=_QIDO_DOC)
 async def search_all_series(
     request: Request, principal: Reader, archive: ArchiveDep, settings: SettingsDep
 ) -> JSONResponse:
+    warnings: list[str] = []
     found = await archive.search_series(
         principal.tenant,
         _query(request),
         study_instance_uid=principal.study,
         base_url=service_root(request, settings),
+        warnings=warnings,
     )
-    return dicom_json(found)
+    return dicom_json(found, headers=warning_header(request, warnings))
 
 
 @router.get(
@@ -238,10 +275,15 @@ async def search_study_series(
     request: Request, study: Uid, principal: Reader, archive: ArchiveDep, settings: SettingsDep
 ) -> JSONResponse:
     principal.require_study(study)
+    warnings: list[str] = []
     found = await archive.search_series(
-        principal.tenant, _query(request), study_instance_uid=study, base_url=service_root(request, settings)
+        principal.tenant,
+        _query(request),
+        study_instance_uid=study,
+        base_url=service_root(request, settings),
+        warnings=warnings,
     )
-    return dicom_json(found)
+    return dicom_json(found, headers=warning_header(request, warnings))
 
 
 @router.get(
@@ -250,13 +292,15 @@ async def search_study_series(
 async def search_all_instances(
     request: Request, principal: Reader, archive: ArchiveDep, settings: SettingsDep
 ) -> JSONResponse:
+    warnings: list[str] = []
     found = await archive.search_instances(
         principal.tenant,
         _query(request),
         study_instance_uid=principal.study,
         base_url=service_root(request, settings),
+        warnings=warnings,
     )
-    return dicom_json(found)
+    return dicom_json(found, headers=warning_header(request, warnings))
 
 
 @router.get(
@@ -269,10 +313,15 @@ async def search_study_instances(
     request: Request, study: Uid, principal: Reader, archive: ArchiveDep, settings: SettingsDep
 ) -> JSONResponse:
     principal.require_study(study)
+    warnings: list[str] = []
     found = await archive.search_instances(
-        principal.tenant, _query(request), study_instance_uid=study, base_url=service_root(request, settings)
+        principal.tenant,
+        _query(request),
+        study_instance_uid=study,
+        base_url=service_root(request, settings),
+        warnings=warnings,
     )
-    return dicom_json(found)
+    return dicom_json(found, headers=warning_header(request, warnings))
 
 
 @router.get(
@@ -285,14 +334,16 @@ async def search_series_instances(
     request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, settings: SettingsDep
 ) -> JSONResponse:
     principal.require_study(study)
+    warnings: list[str] = []
     found = await archive.search_instances(
         principal.tenant,
         _query(request),
         study_instance_uid=study,
         series_instance_uid=series,
         base_url=service_root(request, settings),
+        warnings=warnings,
     )
-    return dicom_json(found)
+    return dicom_json(found, headers=warning_header(request, warnings))
 
 
 # -- WADO-RS: instances ---------------------------------------------------------------------
@@ -309,23 +360,35 @@ async def _retrieve(
     principal.require_study(study)
     check_accepts(request, media_type="multipart/related", related_type=DICOM)
     records = await archive.instances(principal.tenant, study, series, instance)
+    # As stored (None), or one syntax every instance can be sent in; 406 before anything is read.
+    target = instance_syntax(request, {r.transfer_syntax_uid for r in records})
+
+    async def encoded(record: InstanceRecord, data: bytes) -> tuple[str, bytes]:
+        """One part: transcoded (one instance at a time, in a worker thread) when asked."""
+        if target is None or record.transfer_syntax_uid == target:
+            return _part_type(record.transfer_syntax_uid), data
+        try:
+            return _part_type(target), await archive.transcode(data, target)
+        except NotSupportedError as exc:
+            raise NotAcceptableError(exc.message, hint=exc.hint) from None
+
     boundary = new_boundary()
     media_type = related_content_type(boundary, DICOM)
     if len(records) == 1 and records[0].size <= WHOLE_ANSWER_LIMIT:
         # One instance (the common per-instance retrieval): one body with a Content-Length, no
         # stream machinery; a store fault is a clean error status.
-        data = await archive.read_instance(records[0])
-        return Response(related_body([(_part_type(records[0]), data)], boundary), media_type=media_type)
+        part = await encoded(records[0], await archive.read_instance(records[0]))
+        return Response(related_body([part], boundary), media_type=media_type)
     reads = archive.read_instances(records, prefetch=RETRIEVE_PREFETCH)
-    # The first instance is read before the answer starts: a store fault becomes a clean error
-    # status instead of a truncated 200.
-    first = await anext(reads)
+    # The first instance is read (and transcoded) before the answer starts: a store fault
+    # becomes a clean error status instead of a truncated 200.
+    first = await encoded(*await anext(reads))
 
     async def parts() -> AsyncIterator[tuple[str, bytes]]:
         try:
-            yield _part_type(first[0]), first[1]
+            yield first
             async for record, data in reads:
-                yield _part_type(record), data
+                yield await encoded(record, data)
         finally:
             if isinstance(reads, AsyncGenerator):  # stops the reads ahead of a client that left
                 await reads.aclose()
@@ -333,8 +396,8 @@ async def _retrieve(
     return StreamingResponse(write_related(parts(), boundary), media_type=media_type)
 
 
-def _part_type(record: InstanceRecord) -> str:
-    return f"{DICOM}; transfer-syntax={record.transfer_syntax_uid}"
+def _part_type(transfer_syntax_uid: str) -> str:
+    return f"{DICOM}; transfer-syntax={transfer_syntax_uid}"
 
 
 @router.get("/studies/{study}", responses={200: _MULTIPART}, summary="WADO-RS: retrieve a study")
@@ -464,23 +527,34 @@ async def retrieve_frames(
     principal: Reader,
     archive: ArchiveDep,
 ) -> StreamingResponse:
-    """Frames as multipart/related: ``application/octet-stream`` for native pixel data, the
-    compressed media type (image/jpeg, image/jp2, image/jls, image/dicom-rle) for encapsulated."""
+    """Frames as multipart/related: as stored (``transfer-syntax=*``; ``application/octet-stream``
+    for native pixel data, the compressed media type such as image/jpeg, image/jp2, image/jls,
+    image/dicom-rle for encapsulated), or decoded to an uncompressed syntax (see
+    ``service/negotiation.py``)."""
     principal.require_study(study)
     numbers = parse_frame_list(frames)
-    found = await archive.frames(principal.tenant, study, series, instance, numbers)
-    media_type = frame_media_type(found.transfer_syntax_uid, found.encapsulated)
-    check_accepts(request, media_type="multipart/related", related_type=media_type)
-    part_type = f"{media_type}; transfer-syntax={found.transfer_syntax_uid}"
+    record = (await archive.instances(principal.tenant, study, series, instance))[0]
+    plan = frame_plan(request, record.transfer_syntax_uid)
+    try:
+        found = await archive.frames(
+            principal.tenant,
+            study,
+            series,
+            instance,
+            numbers,
+            transfer_syntax=plan.transfer_syntax if plan.decode else None,
+        )
+    except NotSupportedError as exc:
+        raise NotAcceptableError(exc.message, hint=exc.hint) from None
 
     async def parts() -> AsyncIterator[tuple[str, bytes]]:
         for frame in found.frames:
-            yield part_type, frame
+            yield plan.part_type, frame
 
     boundary = new_boundary()
     return StreamingResponse(
         write_related(parts(), boundary),
-        media_type=related_content_type(boundary, media_type),
+        media_type=related_content_type(boundary, plan.media_type),
     )
 
 
@@ -494,7 +568,7 @@ async def _picture(
     *,
     frame: int = 1,
     thumbnail: bool,
-    quality: int,
+    options: RenderQuery,
 ) -> Response:
     principal.require_study(study)
     media_type = choose_rendered_type(request)
@@ -511,7 +585,9 @@ async def _picture(
             frame=frame,
             media_type=media_type,
             thumbnail=thumbnail,
-            quality=quality,
+            quality=options.quality,
+            window=options.window,
+            viewport=options.viewport,
         )
     except NotSupportedError as exc:
         raise NotAcceptableError(exc.message, hint=exc.hint) from None
@@ -533,11 +609,11 @@ async def rendered_instance(
     instance: Uid,
     principal: Reader,
     archive: ArchiveDep,
-    quality: Quality = 90,
+    options: Rendering,
 ) -> Response:
     """A JPEG (default) or PNG by Accept, windowed to 8 bits."""
     return await _picture(
-        request, principal, archive, study, series, instance, thumbnail=False, quality=quality
+        request, principal, archive, study, series, instance, thumbnail=False, options=options
     )
 
 
@@ -555,10 +631,10 @@ async def rendered_frame(
     frame: Annotated[int, Path(ge=1, le=1_000_000)],
     principal: Reader,
     archive: ArchiveDep,
-    quality: Quality = 90,
+    options: Rendering,
 ) -> Response:
     return await _picture(
-        request, principal, archive, study, series, instance, frame=frame, thumbnail=False, quality=quality
+        request, principal, archive, study, series, instance, frame=frame, thumbnail=False, options=options
     )
 
 
@@ -575,10 +651,10 @@ async def instance_thumbnail(
     instance: Uid,
     principal: Reader,
     archive: ArchiveDep,
-    quality: Quality = 90,
+    options: Rendering,
 ) -> Response:
     return await _picture(
-        request, principal, archive, study, series, instance, thumbnail=True, quality=quality
+        request, principal, archive, study, series, instance, thumbnail=True, options=options
     )
 
 
@@ -589,9 +665,9 @@ async def instance_thumbnail(
     summary="WADO-RS: series thumbnail (its first instance)",
 )
 async def series_thumbnail(
-    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, options: Rendering
 ) -> Response:
-    return await _picture(request, principal, archive, study, series, None, thumbnail=True, quality=quality)
+    return await _picture(request, principal, archive, study, series, None, thumbnail=True, options=options)
 
 
 @router.get(
@@ -601,13 +677,18 @@ async def series_thumbnail(
     summary="WADO-RS: study thumbnail (its first instance)",
 )
 async def study_thumbnail(
-    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, options: Rendering
 ) -> Response:
-    return await _picture(request, principal, archive, study, None, None, thumbnail=True, quality=quality)
+    return await _picture(request, principal, archive, study, None, None, thumbnail=True, options=options)
 
 
 async def _rendered_many(
-    request: Request, principal: Principal, archive: ArchiveDep, study: str, series: str | None, quality: int
+    request: Request,
+    principal: Principal,
+    archive: ArchiveDep,
+    study: str,
+    series: str | None,
+    options: RenderQuery,
 ) -> StreamingResponse:
     """Every instance's first frame rendered, one part each (PS3.18 study/series rendered)."""
     principal.require_study(study)
@@ -622,7 +703,9 @@ async def _rendered_many(
                 record.series_instance_uid,
                 record.sop_instance_uid,
                 media_type=media_type,
-                quality=quality,
+                quality=options.quality,
+                window=options.window,
+                viewport=options.viewport,
             )
         except NotSupportedError as exc:
             raise NotAcceptableError(exc.message, hint=exc.hint) from None
@@ -647,9 +730,9 @@ async def _rendered_many(
     summary="WADO-RS: rendered series (each instance's first frame)",
 )
 async def rendered_series(
-    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+    request: Request, study: Uid, series: Uid, principal: Reader, archive: ArchiveDep, options: Rendering
 ) -> StreamingResponse:
-    return await _rendered_many(request, principal, archive, study, series, quality)
+    return await _rendered_many(request, principal, archive, study, series, options)
 
 
 @router.get(
@@ -658,9 +741,9 @@ async def rendered_series(
     summary="WADO-RS: rendered study (each instance's first frame)",
 )
 async def rendered_study(
-    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, quality: Quality = 90
+    request: Request, study: Uid, principal: Reader, archive: ArchiveDep, options: Rendering
 ) -> StreamingResponse:
-    return await _rendered_many(request, principal, archive, study, None, quality)
+    return await _rendered_many(request, principal, archive, study, None, options)
 
 
 # -- DELETE ---------------------------------------------------------------------------------------
