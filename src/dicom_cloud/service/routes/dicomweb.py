@@ -104,6 +104,21 @@ def dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = No
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
+#: The query parameters of rendered resources; WADO-RS retrieval takes none.
+_RENDER_PARAMETERS = ("quality", "window", "viewport")
+
+
+def ignored_parameters(request: Request, known: tuple[str, ...] = ()) -> dict[str, str]:
+    """A Warning header naming the query parameters this resource does not take (a cache
+    buster such as ``_=123``): they are ignored, not refused."""
+    texts = [
+        f"'{key[:64]}' is not a parameter of this resource: ignored"
+        for key in dict.fromkeys(request.query_params)
+        if key not in known
+    ]
+    return warning_header(request, texts)
+
+
 # -- STOW-RS ------------------------------------------------------------------------------
 
 
@@ -378,7 +393,9 @@ async def _retrieve(
         # One instance (the common per-instance retrieval): one body with a Content-Length, no
         # stream machinery; a store fault is a clean error status.
         part = await encoded(records[0], await archive.read_instance(records[0]))
-        return Response(related_body([part], boundary), media_type=media_type)
+        return Response(
+            related_body([part], boundary), media_type=media_type, headers=ignored_parameters(request)
+        )
     reads = archive.read_instances(records, prefetch=RETRIEVE_PREFETCH)
     # The first instance is read (and transcoded) before the answer starts: a store fault
     # becomes a clean error status instead of a truncated 200.
@@ -393,7 +410,9 @@ async def _retrieve(
             if isinstance(reads, AsyncGenerator):  # stops the reads ahead of a client that left
                 await reads.aclose()
 
-    return StreamingResponse(write_related(parts(), boundary), media_type=media_type)
+    return StreamingResponse(
+        write_related(parts(), boundary), media_type=media_type, headers=ignored_parameters(request)
+    )
 
 
 def _part_type(transfer_syntax_uid: str) -> str:
@@ -443,7 +462,7 @@ async def _metadata(
     found = await archive.metadata(
         principal.tenant, study, series, instance, base_url=service_root(request, settings)
     )
-    return dicom_json(found)
+    return dicom_json(found, headers=ignored_parameters(request))
 
 
 @router.get("/studies/{study}/metadata", responses={200: _JSON_LIST}, summary="WADO-RS: study metadata")
@@ -506,7 +525,9 @@ async def retrieve_bulkdata(
 
     boundary = new_boundary()
     return StreamingResponse(
-        write_related(parts(), boundary), media_type=related_content_type(boundary, OCTET_STREAM)
+        write_related(parts(), boundary),
+        media_type=related_content_type(boundary, OCTET_STREAM),
+        headers=ignored_parameters(request),
     )
 
 
@@ -555,6 +576,7 @@ async def retrieve_frames(
     return StreamingResponse(
         write_related(parts(), boundary),
         media_type=related_content_type(boundary, plan.media_type),
+        headers=ignored_parameters(request),
     )
 
 
@@ -592,7 +614,9 @@ async def _picture(
     except NotSupportedError as exc:
         raise NotAcceptableError(exc.message, hint=exc.hint) from None
     return Response(
-        picture.data, media_type=picture.media_type, headers={"Cache-Control": "private, max-age=300"}
+        picture.data,
+        media_type=picture.media_type,
+        headers={"Cache-Control": "private, max-age=300", **ignored_parameters(request, _RENDER_PARAMETERS)},
     )
 
 
@@ -720,7 +744,9 @@ async def _rendered_many(
 
     boundary = new_boundary()
     return StreamingResponse(
-        write_related(parts(), boundary), media_type=related_content_type(boundary, media_type)
+        write_related(parts(), boundary),
+        media_type=related_content_type(boundary, media_type),
+        headers=ignored_parameters(request, _RENDER_PARAMETERS),
     )
 
 
