@@ -542,6 +542,12 @@ class Archive:
         (an uncompressed syntax, ``transcode.UNCOMPRESSED_TARGETS``) the frames are decoded to
         native little endian pixels; NotSupportedError when the archive cannot decode them."""
         record = await self._one(tenant, study_instance_uid, series_instance_uid, sop_instance_uid)
+        return await self.frames_of(record, numbers, transfer_syntax=transfer_syntax)
+
+    async def frames_of(
+        self, record: InstanceRecord, numbers: Sequence[int], *, transfer_syntax: str | None = None
+    ) -> Frames:
+        """:meth:`frames` of an instance already looked up (by :meth:`instances`)."""
         data = await self.read_instance(record)
         if transfer_syntax is not None:
             from .transcode import decode_frames

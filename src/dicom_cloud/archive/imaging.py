@@ -93,7 +93,7 @@ class Window:
 
     @property
     def label(self) -> str:
-        return f"w{self.center:g}_{self.width:g}_{self.function}"
+        return f"w{self.center!r}_{self.width!r}_{self.function}"  # repr: exact, no two share a name
 
 
 @dataclass(frozen=True)

@@ -557,13 +557,8 @@ async def retrieve_frames(
     record = (await archive.instances(principal.tenant, study, series, instance))[0]
     plan = frame_plan(request, record.transfer_syntax_uid)
     try:
-        found = await archive.frames(
-            principal.tenant,
-            study,
-            series,
-            instance,
-            numbers,
-            transfer_syntax=plan.transfer_syntax if plan.decode else None,
+        found = await archive.frames_of(
+            record, numbers, transfer_syntax=plan.transfer_syntax if plan.decode else None
         )
     except NotSupportedError as exc:
         raise NotAcceptableError(exc.message, hint=exc.hint) from None

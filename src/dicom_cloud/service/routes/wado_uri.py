@@ -106,11 +106,41 @@ def _content_type(query: QueryParams, has_pixels: bool) -> str:
     )
 
 
+def _parameter(name: str, description: str, required: bool = False) -> dict[str, object]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+#: The parameters as the OpenAPI document shows them (parsed by hand below: a malformed value is a
+#: 400 naming the parameter, and unknown ones are warnings, not validation errors).
+_OPENAPI_PARAMETERS = [
+    _parameter("requestType", "WADO", required=True),
+    _parameter("studyUID", "Study Instance UID", required=True),
+    _parameter("seriesUID", "Series Instance UID", required=True),
+    _parameter("objectUID", "SOP Instance UID", required=True),
+    _parameter("contentType", "application/dicom, image/jpeg or image/png (a list, q-values allowed)"),
+    _parameter("transferSyntax", "with application/dicom: a transfer syntax UID, or * for as stored"),
+    _parameter("frameNumber", "the frame rendered (default 1)"),
+    _parameter("rows", "the picture fits within this many rows"),
+    _parameter("columns", "the picture fits within this many columns"),
+    _parameter("windowCenter", "with windowWidth: a linear window"),
+    _parameter("windowWidth", "with windowCenter: a linear window"),
+    _parameter("imageQuality", "JPEG quality, 1-100"),
+]
+
+
 @router.get(
     "/wado",
     response_class=Response,
     summary="WADO-URI: one instance as application/dicom, image/jpeg or image/png",
+    description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
     responses={200: {"content": {DICOM: {}, "image/jpeg": {}, "image/png": {}}}},
+    openapi_extra={"parameters": _OPENAPI_PARAMETERS},
 )
 async def wado_uri(request: Request, principal: Reader, archive: ArchiveDep) -> Response:
     query = request.query_params
