@@ -97,10 +97,14 @@ def _content_type(query: QueryParams, has_pixels: bool) -> str:
     if not given:
         return default
     for media in parse_accept(given):
-        if media.value in (DICOM, *_IMAGES):
+        if media.value == DICOM or (media.value in _IMAGES and has_pixels):
             return media.value
         if media.value in ("*/*", "image/*") and (has_pixels or media.value == "*/*"):
             return default if media.value == "*/*" else "image/jpeg"
+    if not has_pixels:
+        raise NotAcceptableError(
+            "the instance has no pixel data", hint="ask for contentType=application/dicom"
+        )
     raise NotAcceptableError(
         "WADO-URI answers application/dicom, image/jpeg or image/png", hint="set contentType to one of them"
     )
