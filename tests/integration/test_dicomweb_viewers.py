@@ -80,6 +80,7 @@ FILES = {
     "j2k": ("JPEG2000.dcm", False),
     "rle": ("MR_small_RLE.dcm", False),
     "jls": ("MR_small_jpeg_ls_lossless.dcm", True),
+    "sr": ("test-SR.dcm", False),  # no pixel data
 }
 COMPRESSED = ("jpeg", "j2k", "rle", "jls")
 
@@ -320,6 +321,11 @@ def test_wado_uri(stored: tuple[LiveService, dict[str, Stored]]) -> None:
         assert http.get(ct.wado_uri.replace("requestType=WADO", "requestType=WADX")).status_code == 400
         assert http.get(ct.wado_uri.replace("&objectUID=", "&objectUID=1.2.")).status_code == 404
         assert http.get(ct.wado_uri + "&contentType=image/gif").status_code == 406
+        # An instance without pixel data: application/dicom by default; an image of it is 406.
+        sr = files["sr"]
+        answer = http.get(sr.wado_uri)
+        assert answer.headers["content-type"] == "application/dicom" and answer.content[128:] == sr.data[128:]
+        assert http.get(sr.wado_uri + "&contentType=image/jpeg").status_code == 406
         # A share link reaches its own study only.
         share = http.post(f"/studies/{jpeg.ds.StudyInstanceUID}/shares", json={"expires_in_seconds": 600})
         assert share.status_code in (200, 201), share.text
@@ -387,7 +393,7 @@ def test_fuzzy_names_and_ignored_query_keys(stored: tuple[LiveService, dict[str,
             params={"limit": "101", "offset": "0", "fuzzymatching": "false", "_": "123",
                     "includefield": "00081030,00080060,00080090,00100030,00101010", "PatientWeight": "70"},
         )  # fmt: skip
-        assert answer.status_code == 200 and len(answer.json()) == 4
+        assert answer.status_code == 200 and len(answer.json()) == 5
         warning = answer.headers["warning"]
         assert warning.startswith("299 127.0.0.1:") and "'_'" in warning and "PatientWeight" in warning
         assert "includefield '00101010'" in warning
