@@ -64,6 +64,7 @@ def register(add: Callable[..., Any]) -> None:
         "--workers", type=int, help="worker processes (default: one per core; see docs/service.md)"
     )
     sub.add_argument("--public-url", help="URL clients reach the service at (goes into links)")
+    sub.add_argument("--viewer-dir", help="where 'dicom-cloud viewer install' put OHIF (default DATA_DIR/viewer)")
     sub.add_argument(
         "--environment", choices=["development", "production"], help="production refuses unsafe settings"
     )
@@ -111,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "port": args.port,
                 "workers": args.workers,
                 "public_url": args.public_url,
+                "viewer_dir": args.viewer_dir,
                 "environment": args.environment,
                 "log_level": args.log_level,
             },
