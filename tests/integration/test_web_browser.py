@@ -119,7 +119,9 @@ def signed_in(browser: Any, web: LiveService) -> Any:
 
 #: While the viewport is photographed, everything but its canvas is invisible: OHIF's tooltips,
 #: toasts and banners drawn over it must not count as an image.
-_ONLY_THE_VIEWPORT = "body * { visibility: hidden !important; } canvas[data-probe] { visibility: visible !important; }"
+_ONLY_THE_VIEWPORT = (
+    "body * { visibility: hidden !important; } canvas[data-probe] { visibility: visible !important; }"
+)
 
 
 def shows_an_image(page: Any, name: str) -> dict[str, float]:
@@ -135,10 +137,10 @@ def shows_an_image(page: Any, name: str) -> dict[str, float]:
                 for (const canvas of document.querySelectorAll('canvas')) {
                     canvas.removeAttribute('data-probe');
                     const box = canvas.getBoundingClientRect();
-                    if (box.width * box.height > 100 * 100 && (!best || box.width * box.height >
-                        best.getBoundingClientRect().width * best.getBoundingClientRect().height)) best = canvas;
+                    const area = box.width * box.height;
+                    if (area > 100 * 100 && (!best || area > best.area)) best = {canvas, area};
                 }
-                if (best) best.setAttribute('data-probe', '1');
+                if (best) best.canvas.setAttribute('data-probe', '1');
                 return best !== null;
             }"""
         )
@@ -255,7 +257,8 @@ def test_share_link_opens_the_study_read_only_without_login(web: LiveService, br
         """async ([uid, other]) => {
             const del = await fetch('/studies/' + uid, {method: 'DELETE'});
             const elsewhere = await fetch('/studies/' + other + '/series');
-            const listed = await (await fetch('/studies', {headers: {Accept: 'application/dicom+json'}})).json();
+            const json = {headers: {Accept: 'application/dicom+json'}};
+            const listed = await (await fetch('/studies', json)).json();
             return [del.status, elsewhere.status, listed.length];
         }""",
         [uid, study_uid(JPEG)],

@@ -64,7 +64,9 @@ def register(add: Callable[..., Any]) -> None:
         "--workers", type=int, help="worker processes (default: one per core; see docs/service.md)"
     )
     sub.add_argument("--public-url", help="URL clients reach the service at (goes into links)")
-    sub.add_argument("--viewer-dir", help="where 'dicom-cloud viewer install' put OHIF (default DATA_DIR/viewer)")
+    sub.add_argument(
+        "--viewer-dir", help="where 'dicom-cloud viewer install' put OHIF (default DATA_DIR/viewer)"
+    )
     sub.add_argument(
         "--environment", choices=["development", "production"], help="production refuses unsafe settings"
     )

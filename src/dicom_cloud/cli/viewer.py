@@ -31,7 +31,9 @@ def register(add: Callable[..., Any]) -> None:
         _viewer,
     )
     sub.add_argument("action", choices=["install"])
-    sub.add_argument("--version", default=DEFAULT_VERSION, help=f"{PACKAGE} version (default {DEFAULT_VERSION})")
+    sub.add_argument(
+        "--version", default=DEFAULT_VERSION, help=f"{PACKAGE} version (default {DEFAULT_VERSION})"
+    )
     sub.add_argument("--from", dest="tarball", type=Path, help="install from this npm tarball (no download)")
     sub.add_argument("--config", help="the service's TOML config file (for viewer_dir or data_dir)")
     sub.add_argument("--data-dir", help="the service's data directory (the viewer goes to DATA_DIR/viewer)")
@@ -43,12 +45,16 @@ def _viewer(args: argparse.Namespace) -> int:
     from ..service.settings import load_settings
     from ..service.viewer import install_viewer
 
-    settings = load_settings({"data_dir": args.data_dir, "viewer_dir": args.viewer_dir}, config_file=args.config)
+    settings = load_settings(
+        {"data_dir": args.data_dir, "viewer_dir": args.viewer_dir}, config_file=args.config
+    )
     target = settings.viewer_path
     make_dirs(target.parent, private=settings.viewer_dir is None)  # the data directory is owner-only
     installed = install_viewer(target, version=args.version, tarball=args.tarball)
     if args.json:
-        print(json.dumps({"path": str(installed.path), "version": installed.version, "files": installed.files}))
+        print(
+            json.dumps({"path": str(installed.path), "version": installed.version, "files": installed.files})
+        )
     else:
         print(f"OHIF viewer {installed.version} installed in {installed.path} ({installed.files} files);")
         print("'dicom-cloud serve' with the same settings shows it at /viewer/")

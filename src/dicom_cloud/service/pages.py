@@ -44,7 +44,9 @@ def page(name: str, status: int = 200, **values: object) -> HTMLResponse:
     return HTMLResponse(render(name, **values), status_code=status, headers=PAGE_HEADERS)
 
 
-def message_page(title: str, message: str, status: int, *, link: str = "/", link_text: str = "Home") -> HTMLResponse:
+def message_page(
+    title: str, message: str, status: int, *, link: str = "/", link_text: str = "Home"
+) -> HTMLResponse:
     """A page that says what happened in words (expired share links, a viewer not installed)."""
     return page("message.html", status, title=title, message=message, link=link, link_text=link_text)
 

@@ -35,7 +35,15 @@ MARKER = "dicom-cloud-viewer.json"
 MOUNT = "/viewer"
 NPM_TIMEOUT = 900.0
 
-_NETWORK_CODES = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "ENOTCACHED")
+_NETWORK_CODES = (
+    "ENOTFOUND",
+    "EAI_AGAIN",
+    "ECONNREFUSED",
+    "ECONNRESET",
+    "ETIMEDOUT",
+    "ENETUNREACH",
+    "ENOTCACHED",
+)
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,17 @@ def _npm_pack(version: str, workdir: Path, npm: str | None) -> Path:
         )
     try:
         done = subprocess.run(
-            [executable, "pack", f"{PACKAGE}@{version}", "--pack-destination", str(workdir), "--json",
-             "--loglevel=error", "--no-fund", "--no-audit"],
+            [
+                executable,
+                "pack",
+                f"{PACKAGE}@{version}",
+                "--pack-destination",
+                str(workdir),
+                "--json",
+                "--loglevel=error",
+                "--no-fund",
+                "--no-audit",
+            ],
             cwd=workdir,
             capture_output=True,
             text=True,
@@ -99,9 +116,7 @@ def _npm_pack(version: str, workdir: Path, npm: str | None) -> Path:
     if done.returncode != 0:
         message = _npm_error(done.stderr + done.stdout)
         if "E404" in done.stderr or "ETARGET" in done.stderr or "No matching version" in done.stderr:
-            raise NotFoundError(
-                f"npm has no {PACKAGE}@{version}", hint=f"see 'npm view {PACKAGE} versions'"
-            )
+            raise NotFoundError(f"npm has no {PACKAGE}@{version}", hint=f"see 'npm view {PACKAGE} versions'")
         if any(code in done.stderr for code in _NETWORK_CODES) or "offline" in done.stderr.lower():
             raise NetworkError(
                 f"npm could not reach its registry to download {PACKAGE}@{version}: {message}",
@@ -126,7 +141,7 @@ def _npm_error(output: str) -> str:
 def _extract_dist(tarball: Path, staged: Path) -> tuple[int, str | None]:
     """Extract ``package/dist/`` of an npm tarball into ``staged``; the package's version."""
     try:
-        archive = tarfile.open(tarball, "r:*")
+        archive = tarfile.open(tarball, "r:*")  # noqa: SIM115 - closed by the with below
     except (OSError, tarfile.TarError) as exc:
         raise UsageError(f"{tarball} is not a readable npm package tarball: {exc}") from None
     files = 0
@@ -144,7 +159,10 @@ def _extract_dist(tarball: Path, staged: Path) -> tuple[int, str | None]:
             if not member.name:
                 continue
             # data_filter refuses absolute names, '..', links out of the tree and device files.
-            archive.extract(member, staged, filter="data")
+            try:
+                archive.extract(member, staged, filter="data")
+            except tarfile.FilterError as exc:
+                raise UsageError(f"{tarball} holds an unsafe file name ({exc}): not installed") from None
             files += member.isfile()
     if not (staged / "index.html").is_file() or not (staged / "app-config.js").is_file():
         raise UsageError(f"{tarball} holds no prebuilt viewer (package/dist/index.html is missing)")

@@ -28,8 +28,8 @@ from ..dicomjson import service_root
 from ..http_errors import MalformedRequestError, UnauthenticatedError
 from ..pages import PAGE_HEADERS, message_page, wants_html
 from ..viewer import MOUNT
-from .web import secure_cookies
 from .dicomweb import Uid
+from .web import secure_cookies
 
 router = APIRouter(tags=["shares"])
 

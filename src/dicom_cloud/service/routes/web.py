@@ -126,7 +126,13 @@ async def login(request: Request, settings: SettingsDep) -> Response:
         SESSION_COOKIE, token, max_age=age, path="/", secure=secure, httponly=True, samesite="strict"
     )
     response.set_cookie(
-        CSRF_COOKIE, csrf_token(token), max_age=age, path="/", secure=secure, httponly=False, samesite="strict"
+        CSRF_COOKIE,
+        csrf_token(token),
+        max_age=age,
+        path="/",
+        secure=secure,
+        httponly=False,
+        samesite="strict",
     )
     return response
 
