@@ -249,8 +249,17 @@ def test_share_link_opens_the_study_read_only_without_login(web: LiveService, br
         brief = client.post(f"/studies/{uid}/shares", json={"expires_in_seconds": 1}).json()
     context = browser.new_context(viewport={"width": 1280, "height": 800})  # no session
     page = context.new_page()
-    page.goto(share["url"])
+    # The link is clicked on another site (as in a webmail): localhost is not 127.0.0.1's site, so
+    # this checks that the SameSite=Strict cookie set by that navigation serves the viewer.
+    page.goto(web.url.replace("127.0.0.1", "localhost") + "/login")
+    page.evaluate(
+        "url => { const a = document.createElement('a'); a.href = url; a.id = 'mail-link';"
+        " a.textContent = 'shared study'; document.body.append(a); }",
+        share["url"],
+    )
+    page.click("#mail-link")
     page.wait_for_url(f"**/viewer/viewer?StudyInstanceUIDs={uid}")
+    assert page.url.startswith(web.url)
     shows_an_image(page, "share-link-in-ohif")
     # Read-only, this study only: a write and another study are refused.
     outcome = page.evaluate(
