@@ -165,20 +165,28 @@ def shows_an_image(page: Any, name: str) -> dict[str, float]:
 
 def test_login_upload_list_and_view_in_ohif(web: LiveService, browser: Any, tmp_path: Path) -> None:
     context, page = signed_in(browser, web)
-    junk = tmp_path / "notes.txt"
-    junk.write_text("not a DICOM file")
-    empty = tmp_path / "empty.dcm"
-    empty.write_bytes(b"")
-    page.set_input_files("#file-input", [str(CT), str(MR), str(JPEG), str(junk), str(empty)])
+    # A folder, as an admin would pick one: sub-folders, DICOM files and some that are not.
+    folder = tmp_path / "export"
+    (folder / "ct").mkdir(parents=True)
+    (folder / "other").mkdir()
+    shutil.copy(CT, folder / "ct" / CT.name)
+    shutil.copy(MR, folder / "other" / MR.name)
+    shutil.copy(JPEG, folder / "other" / JPEG.name)
+    (folder / "notes.txt").write_text("not a DICOM file")
+    (folder / "other" / "empty.dcm").write_bytes(b"")
+    page.set_input_files("#folder-input", str(folder))
     page.wait_for_selector("#upload-summary[data-done='1']", timeout=60_000)
     assert page.text_content("#upload-summary") == "3 stored, 2 refused, of 5 files"
+    names = {row.get_attribute("data-name") for row in page.locator("#upload-files li").all()}
+    assert f"export/ct/{CT.name}" in names and "export/other/empty.dcm" in names
     refused = {
         row.locator("td").nth(0).text_content(): row.locator("td").nth(1).text_content()
         for row in page.locator("#refused-rows tr").all()
     }
-    assert set(refused) == {"notes.txt", "empty.dcm"}
-    assert refused["empty.dcm"] == "empty file"
-    assert "DICM" in str(refused["notes.txt"]) or "DICOM" in str(refused["notes.txt"]), refused
+    assert set(refused) == {"export/notes.txt", "export/other/empty.dcm"}
+    assert refused["export/other/empty.dcm"] == "empty file"
+    assert "DICOM" in str(refused["export/notes.txt"]), refused
+    page.screenshot(path=str(ARTIFACTS / "upload.png"), full_page=True)
     # The studies are listed (the page reloads its list after an upload).
     for path in (CT, MR, JPEG):
         page.wait_for_selector(f"tr[data-study='{study_uid(path)}']")

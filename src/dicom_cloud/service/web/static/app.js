@@ -143,7 +143,7 @@
       el('td', {}, el('a', { href: page, text: personName(first(study, TAG.patientName)) || '(no name)' })),
       el('td', { text: first(study, TAG.patientId) }),
       el('td', { text: dicomDate(first(study, TAG.studyDate)) }),
-      el('td', {}, el('a', { href: page, text: first(study, TAG.studyDescription) || uid })),
+      el('td', {}, el('a', { href: page, text: first(study, TAG.studyDescription) || '(no description)' })),
       el('td', { text: all(study, TAG.modalities).join(', ') }),
       el('td', { text: first(study, TAG.studySeries) }),
       el('td', { text: first(study, TAG.studyInstances) }),
