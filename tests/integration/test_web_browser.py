@@ -190,9 +190,18 @@ def test_login_upload_list_and_view_in_ohif(web: LiveService, browser: Any, tmp_
     # The studies are listed (the page reloads its list after an upload).
     for path in (CT, MR, JPEG):
         page.wait_for_selector(f"tr[data-study='{study_uid(path)}']")
+    rows = page.locator("#study-rows tr")
+    page.fill("input[name=from]", "2004-01-01")
+    page.fill("input[name=to]", "2004-12-31")
+    page.click("#search button[type=submit]")
+    expect(rows).to_have_count(2)  # CT and MR of 2004, not the 2017 JPEG
+    page.fill("input[name=patient]", "1CT")  # a part of the patient ID
+    page.click("#search button[type=submit]")
+    expect(rows).to_have_count(1)
+    page.fill("input[name=patient]", "")
     page.fill("input[name=modality]", "CT")
     page.click("#search button[type=submit]")
-    expect(page.locator("#study-rows tr")).to_have_count(1)
+    expect(rows).to_have_count(1)
     assert page.locator(f"#study-rows tr[data-study='{study_uid(CT)}']").count() == 1
 
     page.click(f"tr[data-study='{study_uid(CT)}'] a.button")  # "Open in viewer"
@@ -220,6 +229,17 @@ def test_study_page_thumbnails_shares_and_delete(web: LiveService, browser: Any)
     thumbnail.wait_for()
     expect(thumbnail).to_have_js_property("complete", True)
     assert thumbnail.evaluate("image => image.naturalWidth") > 0  # decoded: not the broken-image icon
+    # Labels saved through the page (a cookie write with its CSRF token), then searched by.
+    page.fill("#labels input[name=tags]", "teaching, follow-up")
+    page.click("#labels button[type=submit]")
+    expect(page.locator("#study-status")).to_have_text("Labels saved.")
+    page.goto(web.url + "/")
+    page.fill("input[name=label]", "teaching")
+    page.click("#search button[type=submit]")
+    expect(page.locator("#study-rows tr")).to_have_count(1)
+    page.click(f"tr[data-study='{uid}'] td a >> nth=0")
+    page.wait_for_url(f"**/web/study/{uid}")
+    expect(page.locator("#labels input[name=tags]")).to_have_value("follow-up, teaching")  # kept sorted
     page.click("#create-share")
     page.wait_for_selector("#new-share:not(.hidden)")
     url = page.input_value("#share-url")
