@@ -208,6 +208,14 @@ def test_login_upload_list_and_view_in_ohif(web: LiveService, browser: Any, tmp_
     page.wait_for_url("**/viewer/viewer?StudyInstanceUIDs=*")
     stats = shows_an_image(page, "ct-in-ohif")
     assert stats["std"] > 10
+
+    page.goto(web.url + "/")
+    page.click("#sign-out")
+    page.wait_for_url(web.url + "/login")
+    left = {cookie["name"] for cookie in context.cookies()}
+    assert not left & {"dc_session", "dc_csrf", "dc_share"}, left  # (OHIF keeps its language)
+    page.goto(web.url + "/")
+    page.wait_for_url("**/login?next=*")  # the page's API calls are 401 again
     context.close()
 
 
