@@ -31,6 +31,7 @@ from ..transfer import (
 )
 from ..url import account_scheme
 from . import serve as serve_commands
+from . import viewer as viewer_commands
 from .jobs import add_job_commands, add_journal_option, job_request
 from .options import (
     client_encryption,
@@ -742,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(sub)
 
     serve_commands.register(add)  # dicom-cloud serve, dicom-cloud token (the service's commands)
+    viewer_commands.register(add)  # dicom-cloud viewer install (OHIF for serve's /viewer/)
     add("version", "Print the version.", "  dicom-cloud version", _version)
 
     from .orthanc import add_parser as add_orthanc_parser  # the Orthanc plugin's configuration

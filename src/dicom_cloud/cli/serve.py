@@ -65,6 +65,9 @@ def register(add: Callable[..., Any]) -> None:
     )
     sub.add_argument("--public-url", help="URL clients reach the service at (goes into links)")
     sub.add_argument(
+        "--viewer-dir", help="where 'dicom-cloud viewer install' put OHIF (default DATA_DIR/viewer)"
+    )
+    sub.add_argument(
         "--environment", choices=["development", "production"], help="production refuses unsafe settings"
     )
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -111,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "port": args.port,
                 "workers": args.workers,
                 "public_url": args.public_url,
+                "viewer_dir": args.viewer_dir,
                 "environment": args.environment,
                 "log_level": args.log_level,
             },

@@ -35,7 +35,7 @@ from .handlers import install_error_handlers
 from .memory import RequestMemory
 from .observability import AccessLogMiddleware, Metrics
 from .presign import S3PutSigner
-from .routes import dicomweb, health, labels, shares, tokens, uploads, wado_uri
+from .routes import dicomweb, health, labels, shares, tokens, uploads, viewer, wado_uri, web
 from .settings import ServiceSettings
 
 log = logging.getLogger("dicom_cloud.service")
@@ -44,7 +44,9 @@ DESCRIPTION = """\
 DICOMweb (STOW-RS, QIDO-RS, WADO-RS, DELETE) over object storage, with direct presigned uploads,
 study labels, share links and API tokens. Every route except `/healthz` (and, when the
 `public_docs` setting is on, `/docs` and `/openapi.json`) needs
-`Authorization: Bearer <API token | share-link token | OIDC JWT>`.
+`Authorization: Bearer <API token | share-link token | OIDC JWT>`, or a browser's session
+cookie set by `POST /login` (unsafe methods then need the `X-CSRF-Token` header). The web pages
+(`/`, `/login`) and the OHIF viewer (`/viewer/`) are served beside the API.
 """
 
 
@@ -208,8 +210,10 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
-    for module in (health, dicomweb, wado_uri, uploads, labels, shares, tokens):
+    for module in (health, dicomweb, wado_uri, uploads, labels, shares, tokens, web, viewer):
         app.include_router(module.router)
+    # Last: the viewer's files requested from the root, after every route they must not shadow.
+    app.include_router(viewer.root_router)
     return app
 
 

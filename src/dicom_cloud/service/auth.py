@@ -9,16 +9,31 @@ Three kinds of credential arrive as ``Authorization: Bearer <credential>``:
   ``iss``, ``aud`` and ``exp`` checked; the tenant and scopes come from configurable claims.
 
 Scopes are ordered: ``admin`` includes ``write``, which includes ``read``.
+
+Browsers send no ``Authorization`` header; they carry the same credentials in cookies instead
+(set by ``POST /login`` and by opening a share link, ``routes/web.py`` and ``routes/shares.py``):
+
+- ``dc_session``: an API token (or JWT) the user typed into the login page; HttpOnly.
+- ``dc_share``: the secret of a share link the browser opened; HttpOnly.
+- ``dc_csrf``: readable by the page's JavaScript, derived from the session credential.
+
+A request with an ``Authorization`` header is judged by it alone (cookies ignored). Otherwise the
+session cookie, else the share cookie, is the credential; then unsafe methods (POST, PUT, PATCH,
+DELETE) must prove they come from this service's own pages: the ``X-CSRF-Token`` header must equal
+:func:`csrf_token` of the credential (double submit, bound to the session so a cookie planted by
+a sibling domain does not pass), and an ``Origin`` header, when sent, must be this service's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -217,3 +232,64 @@ def bearer_credential(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not value.strip():
         raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
     return value.strip()
+
+
+#: The cookies and header of browser authentication (module docstring).
+SESSION_COOKIE = "dc_session"
+SHARE_COOKIE = "dc_share"
+CSRF_COOKIE = "dc_csrf"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class RequestCredential:
+    """The credential of one request and where it came from."""
+
+    value: str
+    #: ``header`` (Authorization: Bearer), ``session`` or ``share`` (cookies).
+    source: Literal["header", "session", "share"]
+
+    @property
+    def from_cookie(self) -> bool:
+        return self.source != "header"
+
+
+def request_credential(bearer: str | None, cookies: Mapping[str, str]) -> RequestCredential | None:
+    """The header's bearer credential, else the session cookie, else the share cookie. A signed-in
+    user who opens a share link of another tenant keeps their session (docs/web.md)."""
+    if bearer:
+        return RequestCredential(bearer, "header")
+    for name, source in ((SESSION_COOKIE, "session"), (SHARE_COOKIE, "share")):
+        value = cookies.get(name, "").strip()
+        if value:
+            return RequestCredential(value, source)  # type: ignore[arg-type]
+    return None
+
+
+def csrf_token(credential: str) -> str:
+    """The anti-CSRF value of a session: a hash of its secret (not the secret: the page's
+    JavaScript reads it). Another site can neither read nor compute it."""
+    return hashlib.sha256(b"dicom-cloud-csrf-v1\n" + credential.encode()).hexdigest()[:40]
+
+
+def check_csrf(
+    method: str, headers: Mapping[str, str], credential: RequestCredential, own_origins: frozenset[str]
+) -> None:
+    """Refuse (403) a cookie-authenticated unsafe request that does not come from our own pages.
+    Requests authenticated by an Authorization header are never affected (no browser adds one to
+    a forged request)."""
+    if not credential.from_cookie or method.upper() in SAFE_METHODS:
+        return
+    origin = headers.get("origin")
+    if origin is not None and origin.rstrip("/") not in own_origins:
+        raise ForbiddenError(
+            "cross-site request refused: it comes from another origin",
+            hint="send Authorization: Bearer <token> from API clients",
+        )
+    sent = headers.get(CSRF_HEADER, "")
+    if not hmac.compare_digest(sent.encode(), csrf_token(credential.value).encode()):
+        raise ForbiddenError(
+            "a request authenticated by the session cookie must carry the X-CSRF-Token header",
+            hint="the page sends it from the dc_csrf cookie; API clients send Authorization: Bearer",
+        )

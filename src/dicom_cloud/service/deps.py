@@ -1,8 +1,9 @@
 """Named FastAPI dependencies: the archive, the settings, the metrics and the current principal.
 
 Every route that touches data declares one of ``Reader``, ``Writer`` or ``Admin``: the
-dependency authenticates the bearer credential, checks the scope, and records the principal
-on the request (the access log names its tenant and id, never the credential).
+dependency authenticates the bearer credential (or a browser's cookie, with its CSRF check),
+checks the scope, and records the principal on the request (the access log names its tenant and
+id, never the credential).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..archive import ApiToken, Archive, ShareLink
-from .auth import Authenticator, Principal, Scope, SecretResolver, expand_scopes
+from .auth import (
+    Authenticator,
+    Principal,
+    Scope,
+    SecretResolver,
+    check_csrf,
+    expand_scopes,
+    request_credential,
+)
 from .credential_cache import CredentialCache
 from .http_errors import UnauthenticatedError
 from .observability import Metrics
@@ -81,9 +90,22 @@ async def current_principal(
     if credentials is None and request.headers.get("authorization"):
         raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
     authenticator: Authenticator = request.app.state.authenticator
-    principal = await authenticator.authenticate(credentials.credentials if credentials else None)
+    credential = request_credential(credentials.credentials if credentials else None, request.cookies)
+    principal = await authenticator.authenticate(credential.value if credential else None)
+    if credential is not None:
+        check_csrf(request.method, request.headers, credential, own_origins(request))
     request.state.principal = principal
     return principal
+
+
+def own_origins(request: Request) -> frozenset[str]:
+    """The origins this service's pages are served from: the request's own, and ``public_url``'s."""
+    origins = {f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"}
+    settings: ServiceSettings = request.app.state.settings
+    if settings.public_url:
+        scheme, _, rest = settings.public_url.partition("://")
+        origins.add(f"{scheme}://{rest.split('/', 1)[0]}")
+    return frozenset(origins)
 
 
 def _scoped(scope: Scope) -> object:

@@ -119,6 +119,11 @@ class ServiceSettings(BaseModel):
     #: Create an admin token for ``bootstrap_tenant`` on first start and print it once.
     bootstrap_admin: bool = True
     bootstrap_tenant: str = Field("default", min_length=1, max_length=200)
+    #: Where ``dicom-cloud viewer install`` put the OHIF viewer; default ``<data_dir>/viewer``.
+    viewer_dir: Path | None = None
+    #: Lifetime of the browser session cookie set by ``POST /login`` (the token's own expiry and
+    #: revocation are still checked on every request).
+    session_max_age_seconds: int = Field(12 * 3600, ge=60, le=30 * 24 * 3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("query_tags", "cors_origins", "oidc_algorithms", "previous_keys", mode="before")
@@ -170,6 +175,11 @@ class ServiceSettings(BaseModel):
         if self.public_docs is None:
             return self.environment == "development"
         return self.public_docs
+
+    @property
+    def viewer_path(self) -> Path:
+        """The directory holding the installed OHIF viewer (``viewer_dir``)."""
+        return self.viewer_dir or self.data_dir / "viewer"
 
     @property
     def worker_count(self) -> int:

@@ -4,21 +4,32 @@
 (``/shared/{token}``) answers, without other credentials, the study's attributes and series and
 says how to read it; the token itself is a bearer credential with ``read`` on that study only
 (QIDO, WADO, metadata, frames, rendered, thumbnails), so a DICOMweb viewer can use it as is.
+
+A browser opening the URL (``Accept: text/html``) gets the study in the OHIF viewer instead of
+JSON: the answer sets the link's secret as an HttpOnly cookie (``dc_share``, until the link
+expires) and redirects to ``/viewer/viewer?StudyInstanceUIDs=<uid>``; the viewer's requests
+carry the cookie. An unknown, expired or revoked link is a page that says so.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Request
+from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from ...archive import ShareLink
+from ..auth import SHARE_COOKIE
 from ..deps import ArchiveDep, CredentialCacheDep, SettingsDep, Writer, principal_of_share
 from ..dicomjson import service_root
 from ..http_errors import MalformedRequestError, UnauthenticatedError
+from ..pages import PAGE_HEADERS, message_page, wants_html
+from ..viewer import MOUNT
 from .dicomweb import Uid
+from .web import secure_cookies
 
 router = APIRouter(tags=["shares"])
 
@@ -88,12 +99,22 @@ async def open_share(
     token: Annotated[str, Path(min_length=1, max_length=200)],
     archive: ArchiveDep,
     settings: SettingsDep,
-) -> dict[str, Any]:
+) -> Any:
+    browser = wants_html(request.headers.get("accept"))
     link = await archive.resolve_share(token)
     if link is None:
+        if browser:
+            return message_page(
+                "This share link no longer works",
+                "The link has expired or has been revoked, or it was copied incompletely. "
+                "Ask the person who shared the study for a new link.",
+                401,
+            )
         raise UnauthenticatedError("this share link is unknown, expired or revoked")
     principal = principal_of_share(link)
     request.state.principal = principal
+    if browser:
+        return _open_in_viewer(request, settings, token, link)
     root = service_root(request, settings)
     study = link.study_instance_uid
     studies = await archive.search_studies(link.tenant, {"StudyInstanceUID": study}, base_url=root)
@@ -107,3 +128,20 @@ async def open_share(
         "study": studies[0] if studies else None,
         "series": series,
     }
+
+
+def _open_in_viewer(request: Request, settings: SettingsDep, token: str, link: ShareLink) -> Response:
+    """The study in the viewer: the secret becomes a cookie for as long as the link lives."""
+    remaining = int((link.expires - datetime.now(UTC)).total_seconds())
+    target = f"{MOUNT}/viewer?StudyInstanceUIDs={quote(link.study_instance_uid)}"
+    response = RedirectResponse(target, status_code=303, headers=PAGE_HEADERS)
+    response.set_cookie(
+        SHARE_COOKIE,
+        token,
+        max_age=max(1, remaining),
+        path="/",
+        secure=secure_cookies(request, settings),
+        httponly=True,
+        samesite="strict",
+    )
+    return response
