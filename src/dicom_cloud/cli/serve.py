@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import UsageError
+from ..extras import require
 from ..localio import make_dirs
 
 #: Flags shared by both commands: (flag, settings field, help).
@@ -96,6 +97,7 @@ def server_stack() -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    require("service", "dicom-cloud serve")
     import uvicorn
 
     from ..service.app import SETTINGS_ENV, bootstrap_once, create_app
@@ -151,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
+    require("service", "dicom-cloud token create")
     from ..archive import SCOPES, Archive
     from ..service.app import archive_settings
     from ..service.settings import load_settings
