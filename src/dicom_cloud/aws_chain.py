@@ -13,6 +13,7 @@ botocore is the ``aws`` extra. Without it such a profile is an error naming the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,6 +62,11 @@ class ProfileKeys:
 
         self.profile = profile
         self.what = what
+        # botocore logs a failed refresh as a warning with its traceback, then raises: the error we
+        # raise says the same in one line. Its logger stays quiet unless the embedder configured it.
+        chatty = logging.getLogger("botocore.credentials")
+        if chatty.level == logging.NOTSET:
+            chatty.setLevel(logging.ERROR)
         session = botocore.session.Session(profile=profile)
         session.set_config_variable("config_file", str(config_file))
         session.set_config_variable("credentials_file", str(credentials_file))
