@@ -1199,12 +1199,16 @@ def _profile_files(tmp_path: Path, config: str, credentials: str = "") -> dict[s
 
 
 def _profile_round_trip(url: str, data: Data, tmp_path: Path, env: dict[str, str]) -> None:
-    """Upload (one object multipart), list, list the buckets, download: every signer the S3 store uses."""
+    """Upload (one object multipart), list, list the buckets, share, download: every signer the S3
+    store uses."""
     run_cli("upload", data.small.root / "CT_small.dcm", f"{url}a.dcm", env=env).ok()
     run_cli("upload", data.full.root / BIG, f"{url}big.dcm", *MULTIPART, env=env).ok()
     listing = run_cli("list", url, env=env).ok()
     assert "a.dcm" in listing.stdout and "big.dcm" in listing.stdout
     assert url.split("/")[2] in run_cli("list", "s3://", env=env).ok().stdout  # ListBuckets, our SigV4
+    link = run_cli("share", f"{url}a.dcm", "--expires", "10m", env=env).ok().stdout.strip()
+    with httpx.Client(trust_env=False, timeout=30) as client:  # presigned with the same keys
+        assert client.get(link).content == data.small.files["CT_small.dcm"]
     out = tmp_path / "back"
     run_cli("download", url, out, "--recursive", env=env).ok()
     assert (out / "a.dcm").read_bytes() == data.small.files["CT_small.dcm"]
