@@ -79,6 +79,14 @@ def test_the_core_installs_no_extra(core: Path) -> None:
     names = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
     assert "dicom-cloud" in names and "google-crc32c" in names and "obstore" in names
     assert names & EXTRA_ONLY == set()
+    probe = (
+        "from dicom_cloud import checksum\n"
+        "print(checksum.IMPLEMENTATION, checksum.crc32c_hex(memoryview(b'123456789')))"
+    )
+    crc = subprocess.run(
+        [str(core / "python"), "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert crc.stdout.split() == ["google-crc32c", "e3069283"]  # the CRC32C check value
 
 
 def test_core_cli_moves_files(core: Path, tmp_path: Path) -> None:
