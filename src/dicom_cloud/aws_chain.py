@@ -14,6 +14,7 @@ botocore is the ``aws`` extra. Without it such a profile is an error naming the 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,22 @@ def chain_setting(profile: Mapping[str, str]) -> str | None:
         if profile.get(key):
             return what
     return None
+
+
+_OPENED: dict[tuple[str, Path, Path], ProfileKeys] = {}
+_OPENED_LOCK = threading.Lock()
+
+
+def profile_keys(profile: str, *, what: str, config_file: Path, credentials_file: Path) -> ProfileKeys:
+    """The :class:`ProfileKeys` of ``profile``, one per process: every store opened with the profile
+    (a copy between two buckets, a sync) shares one role session or one run of credential_process."""
+    key = (profile, config_file, credentials_file)
+    with _OPENED_LOCK:
+        if key not in _OPENED:  # a failure is not kept: the next store tries again
+            _OPENED[key] = ProfileKeys(
+                profile, what=what, config_file=config_file, credentials_file=credentials_file
+            )
+        return _OPENED[key]
 
 
 class ProfileKeys:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .aws_chain import ProfileKeys, chain_setting
+from .aws_chain import ProfileKeys, chain_setting, profile_keys
 from .errors import UsageError
 
 
@@ -118,7 +118,7 @@ def aws_settings(
     elif what := chain_setting(profile):
         # botocore's order inside a profile (role_arn before keys, credential_process after the
         # credentials file's keys) is the AWS CLI's: it decides, not a copy of its rules here.
-        chain = ProfileKeys(profile_name, what=what, config_file=config_file, credentials_file=creds_file)
+        chain = profile_keys(profile_name, what=what, config_file=config_file, credentials_file=creds_file)
         key = secret = token = None
         source = f"profile {profile_name} ({what}, {chain.method} through botocore)"
     elif profile.get("aws_access_key_id") and profile.get("aws_secret_access_key"):

@@ -136,3 +136,18 @@ def test_static_profiles_do_not_need_botocore(tmp_path: Path, monkeypatch: pytes
     settings = aws_settings(env=env)
     assert settings.access_key_id == "AK" and settings.key_source is None
     assert current_credentials(settings) == SigningCredentials("AK", "s", None)
+
+
+def test_one_process_runs_credential_process_once(tmp_path: Path) -> None:
+    """Stores opened with one profile share its keys: a copy between buckets asks once, not twice."""
+    runs = tmp_path / "runs"
+    script = tmp_path / "counting.py"
+    script.write_text(
+        "import json, pathlib\n"
+        f"p = pathlib.Path({str(runs)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')\n"
+        "print(json.dumps({'Version': 1, 'AccessKeyId': 'AKONCE', 'SecretAccessKey': 's'}))\n"
+    )
+    env = _env(tmp_path, f"[profile work]\ncredential_process = {sys.executable} {script}\n")
+    first, second = aws_settings(env=env), aws_settings(env=env)
+    assert first.keys() == second.keys()
+    assert runs.read_text() == "x"
