@@ -51,7 +51,8 @@ def register(add: Callable[..., Any]) -> None:
         "serve",
         "Run the DICOMweb service (STOW/QIDO/WADO, uploads, share links). With no settings it\n"
         "keeps objects and a SQLite index under the data directory and prints an admin token on\n"
-        "first start. OpenAPI docs at /docs.",
+        "first start. OpenAPI docs at /docs. Needs the service extra:\n"
+        "pip install 'dicom-cloud[service]' (and [service,postgres] for a PostgreSQL index).",
         "  dicom-cloud serve\n"
         "  dicom-cloud serve --port 8080 --public-url https://pacs.example.org\n"
         "  dicom-cloud serve --storage s3://archive/dicom --database postgresql://svc@db/dicom\n"
@@ -73,7 +74,7 @@ def register(add: Callable[..., Any]) -> None:
     sub = add(
         "token",
         "Create an API token directly in the index (for a new tenant, or when no admin token is left).\n"
-        "The token is printed once; only its hash is kept.",
+        "The token is printed once; only its hash is kept. Needs the service extra.",
         "  dicom-cloud token create --tenant hospital-a --scopes admin --name 'ops'\n"
         "  dicom-cloud token create --tenant hospital-a --scopes write --name 'ci' --expires 30d\n"
         "  dicom-cloud token create --tenant hospital-a --scopes read --database postgresql://svc@db/dicom",
