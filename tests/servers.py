@@ -388,8 +388,12 @@ def _sts_config(role_arn: str) -> dict[str, Any]:
     }
 
 
-def start_seaweedfs(workdir: Path) -> S3Server:
-    """Start ``weed server`` with S3 (admin and read-only identities) on 8 free ports; ready in ~3 s."""
+def start_seaweedfs(workdir: Path, *, sts: bool = False) -> S3Server:
+    """Start ``weed server`` with S3 (admin and read-only identities) on 8 free ports; ready in ~3 s.
+
+    ``sts``: also its STS, with one role the admin identity may assume (``S3Server.role_arn``), for
+    AWS profiles that chain roles. Off by default: the benchmarks measure the server without it.
+    """
     weed = _weed_binary()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -413,10 +417,12 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     }
     config = workdir / "s3-identities.json"
     config.write_text(json.dumps(identities, indent=1))
-    # STS: one role the admin identity may assume (AssumeRole), for AWS profiles that chain roles.
-    # The identities above keep their own actions (checked: the reader still may not write).
-    iam_config = workdir / "s3-iam.json"
-    iam_config.write_text(json.dumps(_sts_config(S3Server.role_arn), indent=1))
+    sts_flags: list[str] = []
+    if sts:
+        # The identities above keep their own actions with it (checked: the reader still may not write).
+        iam_config = workdir / "s3-iam.json"
+        iam_config.write_text(json.dumps(_sts_config(S3Server.role_arn), indent=1))
+        sts_flags.append(f"-s3.iam.config={iam_config}")
     p = free_ports(8)
     argv = [
         weed,
@@ -436,7 +442,7 @@ def start_seaweedfs(workdir: Path) -> S3Server:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={config}",
-        f"-s3.iam.config={iam_config}",
+        *sts_flags,
         "-master.telemetry=false",
         # Each bucket is its own collection, which grows its own volumes: allow many buckets
         # (the default, 8 volumes of 30 GB, fills up at the second bucket). Volumes grow as written.
