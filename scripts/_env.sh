@@ -13,9 +13,10 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i "warning" || true
 fi
 install() {  # install the project with the given extras, quietly unless it fails
+    # Pinned to the versions the test suite was last run with (constraints/test.txt).
     local log
     log="$(mktemp)"
-    if ! .venv/bin/python -m pip install -q -e ".[$1]" >"$log" 2>&1; then
+    if ! .venv/bin/python -m pip install -q -c constraints/test.txt -e ".[$1]" >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         echo "pip install failed" >&2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def _start(name: str, start, tmp_path_factory: pytest.TempPathFactory):  # type:
 
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = _start("seaweedfs", start_seaweedfs, tmp_path_factory)
+    # With its STS: the tests of AWS profiles that assume a role use it (test_cli.py).
+    server = _start("seaweedfs", partial(start_seaweedfs, sts=True), tmp_path_factory)
     yield server
     server.stop()
 

@@ -42,7 +42,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AZURITE_BIN = REPO_ROOT / ".servers" / "node" / "node_modules" / ".bin" / "azurite-blob"
@@ -282,6 +282,8 @@ class S3Server:
     readonly_access_key: str  # an identity with only Read+List
     readonly_secret_key: str
     region: str = "us-east-1"
+    #: A role the admin identity may assume through the server's STS (AssumeRole), allowed s3:*.
+    role_arn: str = "arn:aws:iam::000000000000:role/archive-writer"
     _proc: _Proc | None = field(default=None, repr=False)
     _master_port: int | None = field(default=None, repr=False)
 
@@ -347,8 +349,51 @@ def _weed_binary() -> str:
     )
 
 
-def start_seaweedfs(workdir: Path) -> S3Server:
-    """Start ``weed server`` with S3 (admin and read-only identities) on 8 free ports; ready in ~3 s."""
+def _sts_config(role_arn: str) -> dict[str, Any]:
+    """SeaweedFS's advanced IAM configuration: its STS, and one role the admin user may assume."""
+    allow_all = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+            {"Effect": "Allow", "Action": "sts:ValidateSession", "Resource": "*"},
+        ],
+    }
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"AWS": "arn:aws:iam::000000000000:user/admin"},
+                "Action": ["sts:AssumeRole"],
+            }
+        ],
+    }
+    return {
+        "sts": {
+            "tokenDuration": 3600 * 10**9,  # nanoseconds
+            "maxSessionLength": 12 * 3600 * 10**9,
+            "issuer": "seaweedfs-sts",
+            "signingKey": base64.b64encode(secrets.token_bytes(32)).decode(),
+        },
+        "policy": {"defaultEffect": "Deny", "storeType": "memory"},
+        "roles": [
+            {
+                "roleName": role_arn.rsplit("/", 1)[1],
+                "roleArn": role_arn,
+                "trustPolicy": trust,
+                "attachedPolicies": ["archive-read-write"],
+            }
+        ],
+        "policies": [{"name": "archive-read-write", "document": allow_all}],
+    }
+
+
+def start_seaweedfs(workdir: Path, *, sts: bool = False) -> S3Server:
+    """Start ``weed server`` with S3 (admin and read-only identities) on 8 free ports; ready in ~3 s.
+
+    ``sts``: also its STS, with one role the admin identity may assume (``S3Server.role_arn``), for
+    AWS profiles that chain roles. Off by default: the benchmarks measure the server without it.
+    """
     weed = _weed_binary()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +417,12 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     }
     config = workdir / "s3-identities.json"
     config.write_text(json.dumps(identities, indent=1))
+    sts_flags: list[str] = []
+    if sts:
+        # The identities above keep their own actions with it (checked: the reader still may not write).
+        iam_config = workdir / "s3-iam.json"
+        iam_config.write_text(json.dumps(_sts_config(S3Server.role_arn), indent=1))
+        sts_flags.append(f"-s3.iam.config={iam_config}")
     p = free_ports(8)
     argv = [
         weed,
@@ -391,6 +442,7 @@ def start_seaweedfs(workdir: Path) -> S3Server:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={config}",
+        *sts_flags,
         "-master.telemetry=false",
         # Each bucket is its own collection, which grows its own volumes: allow many buckets
         # (the default, 8 volumes of 30 GB, fills up at the second bucket). Volumes grow as written.

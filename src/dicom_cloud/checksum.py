@@ -5,6 +5,12 @@ multipart object (``<hex>-<parts>``), recomputed from a local file once its part
 Parts of a large object are downloaded concurrently and out of order; each part's CRC is
 computed as its bytes stream by, and the whole object's CRC is then combined from the
 parts' CRCs and lengths (as zlib's ``crc32_combine`` does), so no byte is read twice.
+
+Two implementations of the CRC itself, the same values: ``google-crc32c`` (Apache-2.0, a core
+dependency) and, when installed, the ``crc32c`` package (LGPL-2.1+, the ``fast-crc32c`` extra),
+preferred because it hashes any buffer (memoryview, bytearray, obstore's ``Bytes``) in place and
+releases the GIL from 32 KiB, where google-crc32c 1.x takes only ``bytes`` (other buffers are
+copied first) and releases the GIL from 1 MiB. Figures: docs/benchmarks.md ("CRC32C").
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-import crc32c
+import google_crc32c
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-([1-9][0-9]{0,4})$")
@@ -32,14 +39,31 @@ MAX_PART_SIZE_GUESSES = 6
 _POLY = 0x82F63B78
 
 
+def _google_extend(value: int, data: bytes | memoryview) -> int:
+    # google-crc32c 1.x parses its argument as read-only bytes: other buffers are copied.
+    return int(google_crc32c.extend(value, data if isinstance(data, bytes) else bytes(data)))
+
+
+def _pick_implementation() -> tuple[str, Any]:
+    try:
+        import crc32c
+    except ImportError:
+        return "google-crc32c", _google_extend
+    return "crc32c", lambda value, data: crc32c.crc32c(data, value)
+
+
+#: Which package computes the CRC ("crc32c" or "google-crc32c"), for --version and the benchmarks.
+IMPLEMENTATION, _extend = _pick_implementation()
+
+
 def crc32c_hex(data: bytes | memoryview) -> str:
     """The CRC32C of ``data`` as 8 lower-case hex digits (the form kept in metadata)."""
-    return f"{crc32c.crc32c(data):08x}"
+    return f"{_extend(0, data):08x}"
 
 
 def crc32c_update(value: int, data: bytes | memoryview) -> int:
     """``value`` (the CRC32C of what came before) extended over ``data``."""
-    return crc32c.crc32c(data, value)
+    return int(_extend(value, data))
 
 
 class Crc32c:
@@ -49,7 +73,7 @@ class Crc32c:
         self.value = value
 
     def update(self, data: bytes | memoryview) -> None:
-        self.value = crc32c.crc32c(data, self.value)
+        self.value = _extend(self.value, data)
 
     def hexdigest(self) -> str:
         return f"{self.value:08x}"

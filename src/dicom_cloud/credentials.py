@@ -9,15 +9,30 @@ from __future__ import annotations
 import base64
 import configparser
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .aws_chain import ProfileKeys, chain_setting, profile_keys
 from .errors import UsageError
 
 
 @dataclass(frozen=True, repr=False)
+class AwsKeys:
+    """One set of AWS keys, as they are now."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+
+    def __repr__(self) -> str:  # never the secret or the token
+        return f"AwsKeys(access_key_id={self.access_key_id[:4]}..., session_token={bool(self.session_token)})"
+
+
+@dataclass(frozen=True, repr=False)
 class AwsSettings:
-    """What the S3 client needs; ``None`` means "let the library find it" (web identity, instance role)."""
+    """What the S3 client needs. No keys and no ``key_source`` means "let the library find them"
+    (web identity from the environment, ECS container credentials, instance role)."""
 
     access_key_id: str | None = None
     secret_access_key: str | None = None
@@ -26,6 +41,24 @@ class AwsSettings:
     endpoint: str | None = None
     #: Where the keys came from, for ``--verbose`` ("environment", "profile default"...). Never the keys.
     source: str = "library default chain"
+    #: Keys that change over time (assumed roles, SSO, credential_process), kept current by botocore
+    #: (:mod:`.aws_chain`); called for the keys to sign with now.
+    key_source: Callable[[], AwsKeys] | None = field(default=None, compare=False)
+    #: obstore's S3 credential provider for the same keys (a callable, or None with static keys).
+    obstore_provider: Callable[[], dict[str, object]] | None = field(default=None, compare=False)
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether we hold keys (static or kept current), as our own SigV4 signers need."""
+        return bool(self.access_key_id and self.secret_access_key) or self.key_source is not None
+
+    def keys(self) -> AwsKeys | None:
+        """The keys to sign with now, or None when the S3 library finds its own."""
+        if self.key_source is not None:
+            return self.key_source()
+        if self.access_key_id and self.secret_access_key:
+            return AwsKeys(self.access_key_id, self.secret_access_key, self.session_token)
+        return None
 
     def __repr__(self) -> str:  # keep secrets out of tracebacks and logs
         return f"AwsSettings(region={self.region!r}, endpoint={self.endpoint!r}, source={self.source!r})"
@@ -48,8 +81,10 @@ def aws_settings(
 
     Order for keys: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``),
     then the profile ``AWS_PROFILE`` (or ``default``) in ``~/.aws/credentials`` and
-    ``~/.aws/config``, then whatever the S3 library finds itself (web identity token file,
-    ECS container credentials, EC2 instance role).
+    ``~/.aws/config``: a profile with ``role_arn``, SSO settings, ``credential_process`` or
+    ``web_identity_token_file`` through botocore's chain (the ``aws`` extra, :mod:`.aws_chain`),
+    one with keys as they are; then whatever the S3 library finds itself (web identity token
+    file from the environment, ECS container credentials, EC2 instance role).
     Region: argument, ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's ``region``, us-east-1.
     Endpoint: argument, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, the profile's ``endpoint_url``.
     """
@@ -76,9 +111,16 @@ def aws_settings(
     key: str | None
     secret: str | None
     token: str | None
+    chain: ProfileKeys | None = None
     if e.get("AWS_ACCESS_KEY_ID") and e.get("AWS_SECRET_ACCESS_KEY"):
         key, secret, token = e["AWS_ACCESS_KEY_ID"], e["AWS_SECRET_ACCESS_KEY"], e.get("AWS_SESSION_TOKEN")
         source = "environment"
+    elif what := chain_setting(profile):
+        # botocore's order inside a profile (role_arn before keys, credential_process after the
+        # credentials file's keys) is the AWS CLI's: it decides, not a copy of its rules here.
+        chain = profile_keys(profile_name, what=what, config_file=config_file, credentials_file=creds_file)
+        key = secret = token = None
+        source = f"profile {profile_name} ({what}, {chain.method} through botocore)"
     elif profile.get("aws_access_key_id") and profile.get("aws_secret_access_key"):
         key, secret = profile["aws_access_key_id"], profile["aws_secret_access_key"]
         token = profile.get("aws_session_token")
@@ -100,6 +142,8 @@ def aws_settings(
         region=resolved_region,
         endpoint=resolved_endpoint or None,
         source=source,
+        key_source=chain.current if chain else None,
+        obstore_provider=chain.obstore_provider if chain else None,
     )
 
 

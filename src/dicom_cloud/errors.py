@@ -28,10 +28,12 @@ in one place.
     ├── JobLockedError              exit 13  the same job is already running
     └── DeleteLimitError            exit 14  a sync would delete more than --max-delete allows
     UsageError
-    └── KeyMissingError             exit 11  an object is encrypted under a master key not given
+    ├── KeyMissingError             exit 11  an object is encrypted under a master key not given
+    └── MissingExtraError           exit 15  the command needs an optional part not installed
+                                             (pip install 'dicom-cloud[EXTRA]')
 
 ``NotFoundError`` is also a ``FileNotFoundError`` so that library users can catch the
-built-in, as with obstore.
+built-in, as with obstore; ``MissingExtraError`` is also an ``ImportError``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,18 @@ class KeyMissingError(UsageError):
     def __init__(self, message: str, *, key_id: int | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.key_id = key_id
+
+
+class MissingExtraError(UsageError, ImportError):
+    """A feature needs an optional part of the package (an extra) that is not installed."""
+
+    exit_code = 15
+    http_status = 500
+
+    def __init__(self, message: str, *, extra: str, hint: str | None = None) -> None:
+        UsageError.__init__(self, message, hint=hint or f"pip install 'dicom-cloud[{extra}]'")
+        #: The extra that provides it: service, postgres, parquet, aws...
+        self.extra = extra
 
 
 class NotFoundError(DicomCloudError, FileNotFoundError):

@@ -1189,6 +1189,79 @@ def test_aws_profile_from_shared_files(
     run_cli("list", f"s3://{s3_bucket}/", env=env).fails(2)
 
 
+def _profile_files(tmp_path: Path, config: str, credentials: str = "") -> dict[str, str]:
+    (tmp_path / "aws-config").write_text(config)
+    (tmp_path / "aws-credentials").write_text(credentials)
+    return {
+        "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
+    }
+
+
+def _profile_round_trip(url: str, data: Data, tmp_path: Path, env: dict[str, str]) -> None:
+    """Upload (one object multipart), list, list the buckets, share, download: every signer the S3
+    store uses."""
+    run_cli("upload", data.small.root / "CT_small.dcm", f"{url}a.dcm", env=env).ok()
+    run_cli("upload", data.full.root / BIG, f"{url}big.dcm", *MULTIPART, env=env).ok()
+    listing = run_cli("list", url, env=env).ok()
+    assert "a.dcm" in listing.stdout and "big.dcm" in listing.stdout
+    assert url.split("/")[2] in run_cli("list", "s3://", env=env).ok().stdout  # ListBuckets, our SigV4
+    link = run_cli("share", f"{url}a.dcm", "--expires", "10m", env=env).ok().stdout.strip()
+    with httpx.Client(trust_env=False, timeout=30) as client:  # presigned with the same keys
+        assert client.get(link).content == data.small.files["CT_small.dcm"]
+    out = tmp_path / "back"
+    run_cli("download", url, out, "--recursive", env=env).ok()
+    assert (out / "a.dcm").read_bytes() == data.small.files["CT_small.dcm"]
+    assert (out / "big.dcm").read_bytes() == data.full.files[BIG]
+
+
+def test_aws_profile_with_credential_process(
+    seaweedfs: S3Server, s3_bucket: str, data: Data, tmp_path: Path
+) -> None:
+    """A profile whose keys come from credential_process (run by botocore, as the AWS CLI runs it)."""
+    script = tmp_path / "credentials.py"
+    keys = {"Version": 1, "AccessKeyId": seaweedfs.access_key, "SecretAccessKey": seaweedfs.secret_key}
+    script.write_text(f"import json\nprint(json.dumps({keys!r}))\n")
+    env = cli_env(AWS_PROFILE="process")
+    env.update(
+        _profile_files(
+            tmp_path,
+            f"[profile process]\ncredential_process = {sys.executable} {script}\n"
+            f"region = us-east-1\nendpoint_url = {seaweedfs.endpoint}\n",
+        )
+    )
+    _profile_round_trip(f"s3://{s3_bucket}/process/", data, tmp_path, env)
+    verbose = run_cli("list", f"s3://{s3_bucket}/process/", "--verbose", env=env).ok()
+    assert seaweedfs.secret_key not in verbose.stdout + verbose.stderr
+    script.write_text("import sys\nsys.exit('no credentials today')\n")
+    failed = run_cli("list", f"s3://{s3_bucket}/process/", env=env).fails(4).one_line()
+    assert "AWS profile 'process' (credential_process)" in failed.stderr
+
+
+def test_aws_profile_assuming_a_role(seaweedfs: S3Server, s3_bucket: str, data: Data, tmp_path: Path) -> None:
+    """role_arn + source_profile: botocore assumes the role through the server's STS with the source
+    profile's keys; every request then carries the role session's temporary keys and token."""
+    config = (
+        f"[profile base]\nregion = us-east-1\nendpoint_url = {seaweedfs.endpoint}\n"
+        f"[profile archive]\nrole_arn = {seaweedfs.role_arn}\nsource_profile = base\n"
+        f"region = us-east-1\nendpoint_url = {seaweedfs.endpoint}\n"
+        f"[profile other-role]\nrole_arn = arn:aws:iam::000000000000:role/nobody\nsource_profile = base\n"
+        f"region = us-east-1\nendpoint_url = {seaweedfs.endpoint}\n"
+    )
+    credentials = (
+        f"[base]\naws_access_key_id = {seaweedfs.access_key}\n"
+        f"aws_secret_access_key = {seaweedfs.secret_key}\n"
+    )
+    env = cli_env(AWS_PROFILE="archive")
+    env.update(_profile_files(tmp_path, config, credentials))
+    _profile_round_trip(f"s3://{s3_bucket}/role/", data, tmp_path, env)
+    env["AWS_PROFILE"] = (
+        "other-role"  # a role the source identity may not assume: refused, nothing else tried
+    )
+    failed = run_cli("list", f"s3://{s3_bucket}/role/", env=env).fails(4).one_line()
+    assert "AWS profile 'other-role' (role_arn)" in failed.stderr
+
+
 def test_azure_account_and_key_variables(azurite: AzureServer, azure_container: str, data: Data) -> None:
     env = cli_env(
         AZURE_STORAGE_ACCOUNT=azurite.account,

@@ -16,7 +16,7 @@ import pytest
 from dicom_cloud.dicom import manifest as m
 from dicom_cloud.dicom.header import DicomIdentity
 from dicom_cloud.dicom.manifest import FIELDS, ManifestRow, ManifestWriter
-from dicom_cloud.errors import UsageError
+from dicom_cloud.errors import MissingExtraError, UsageError
 
 HAVE_PYARROW = importlib.util.find_spec("pyarrow") is not None
 
@@ -159,9 +159,10 @@ def test_parquet_without_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     # A None entry in sys.modules makes the import fail as if pyarrow were not installed.
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(UsageError) as info:
+    with pytest.raises(MissingExtraError) as info:
         ManifestWriter.open(tmp_path / "m.parquet")
-    assert "pip install pyarrow" in (info.value.hint or "")
+    assert info.value.exit_code == 15
+    assert "pip install 'dicom-cloud[parquet]'" in (info.value.hint or "")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -5,6 +5,11 @@ parses requests, calls :class:`Archive`, and renders what it returns.
 
 from __future__ import annotations
 
+from ..extras import require
+
+require("service", "the archive core (dicom_cloud.archive)")
+
+# The check comes first: without the extra, importing the modules below fails deep inside them.
 from .core import Archive, QueryParams
 from .records import (
     SCOPES,

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from ..errors import NetworkError, UsageError
+from ..extras import require
 from ..localio import PRIVATE_FILE_MODE, make_dirs
 
 T = TypeVar("T")
@@ -51,6 +52,7 @@ def engine_url(url: str) -> str:
         ) from None
     backend = parsed.get_backend_name()
     if backend in ("postgresql", "postgres"):
+        require("postgres", "an index database on PostgreSQL")
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     if backend == "sqlite":
         return parsed.set(drivername="sqlite").render_as_string(hide_password=False)

@@ -1,8 +1,12 @@
 """Pixel data out of an instance: raw frames (WADO-RS ``/frames``) and consumer pictures
 (``/rendered``, ``/thumbnail``: JPEG or PNG).
 
-Decoding goes through pydicom's pixel handlers with the pylibjpeg plugins (JPEG baseline,
-extended and lossless, JPEG-LS, JPEG 2000, RLE). Rendering applies, in order: the modality LUT
+Decoding goes through pydicom's pixel handlers and the decoders of the service extra: Pillow (8-bit
+JPEG baseline and extended), pylibjpeg-openjpeg (JPEG 2000, HTJ2K), pyjpegls (JPEG-LS),
+pylibjpeg-rle (RLE). JPEG lossless and 12-bit JPEG extended need the GPL decoder of the jpeg-gpl
+extra (pylibjpeg-libjpeg); without it they are refused as not supported, naming the extra.
+
+Rendering applies, in order: the modality LUT
 (rescale slope/intercept), the window asked for (:class:`Window`, PS3.18 §8.3.5.1.2: the VOI
 LUT functions LINEAR, LINEAR_EXACT and SIGMOID of PS3.3 C.11.2.1.2 straight to 8 bits) or else
 the first VOI window of the instance (or the frame's full range when it has none) and a min/max
@@ -14,6 +18,7 @@ viewport, keeping its aspect ratio. These are CPU-bound: callers run them in a w
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -223,10 +228,32 @@ def _to_uint8(arr: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     return ((arr - low) * (255.0 / (high - low))).round().clip(0, 255).astype(np.uint8)
 
 
+#: JPEG lossless (processes 14 and 14 SV1): only libjpeg (GPL-3.0) or GDCM decode them.
+_LOSSLESS_JPEG: Final = frozenset({"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"})
+_JPEG_EXTENDED: Final = "1.2.840.10008.1.2.4.51"
+
+
+def _check_gpl_decoder(ds: Dataset) -> None:
+    """JPEG lossless, and JPEG extended of more than 8 bits (Pillow decodes only 8), need libjpeg."""
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    needs = syntax in _LOSSLESS_JPEG or (syntax == _JPEG_EXTENDED and int(ds.get("BitsStored", 8) or 8) > 8)
+    if needs and not (_importable("libjpeg") or _importable("gdcm")):
+        raise NotSupportedError(
+            f"decoding pixel data in transfer syntax {syntax} needs the 'jpeg-gpl' extra (GPL-3.0), "
+            "which is not installed",
+            hint="pip install 'dicom-cloud[jpeg-gpl]' (docs/packaging.md)",
+        )
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def _frame_pixels(ds: Dataset, index: int, window: Window | None = None) -> npt.NDArray[np.uint8]:
     from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
     from pydicom.pixels.utils import pixel_array
 
+    _check_gpl_decoder(ds)
     try:
         arr = pixel_array(ds, index=index)
     except NotImplementedError as exc:

@@ -18,7 +18,7 @@ from ..errors import AuthenticationError, DicomCloudError, PermissionDeniedError
 from ..store import BucketInfo
 from . import StoreConfig
 from .rest import Request, RestClient, status_error
-from .sigv4 import Signer, SigningCredentials, aws_endpoint
+from .sigv4 import Signer, aws_endpoint, current_credentials
 
 _S3_AUTH_CODES = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
@@ -32,15 +32,14 @@ _AZURE_AUTH_MESSAGE = "Server failed to authenticate the request"
 
 async def list_s3_buckets(aws: AwsSettings, config: StoreConfig) -> list[BucketInfo]:
     """Every bucket of the account, by ListBuckets (``GET /`` on the endpoint), page after page."""
-    if not (aws.access_key_id and aws.secret_access_key):
+    credentials = current_credentials(aws)
+    if credentials is None:
         raise AuthenticationError(
             "listing buckets needs AWS keys and none were found",
             hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (see docs/credentials.md)",
         )
     endpoint = (aws.endpoint or aws_endpoint(aws.region)).rstrip("/")
-    signer = Signer(
-        SigningCredentials(aws.access_key_id, aws.secret_access_key, aws.session_token), aws.region
-    )
+    signer = Signer(credentials, aws.region)
     client = RestClient(
         what=f"S3 at {endpoint}",
         max_retries=config.max_retries,

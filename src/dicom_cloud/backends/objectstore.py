@@ -42,6 +42,7 @@ from . import StoreConfig, refuse_key_in_clear
 from .account_listing import list_azure_containers, list_s3_buckets
 from .azure_blocks import AzureResumableUploads
 from .azure_sas import blob_sas_url, service_sas
+from .sigv4 import current_credentials
 
 if TYPE_CHECKING:
     from obstore.store import AzureSASToken, ClientConfig, ObjectStore, RetryConfig
@@ -105,6 +106,8 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
             s3_kwargs["secret_access_key"] = aws.secret_access_key
             if aws.session_token:
                 s3_kwargs["session_token"] = aws.session_token
+        elif aws.obstore_provider is not None:  # a profile resolved by botocore (assumed role, SSO...)
+            s3_kwargs["credential_provider"] = aws.obstore_provider
         if aws.endpoint:
             s3_kwargs["endpoint"] = aws.endpoint.rstrip("/")
             client["allow_http"] = aws.endpoint.startswith("http://")
@@ -153,7 +156,7 @@ def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
         backend.write_encryption = encryption
         backend.resumable_factory = _s3_resumable_factory(bucket, aws, config, path_style)
         backend.bucket_lister = partial(list_s3_buckets, aws, config)
-        if aws.access_key_id is None:
+        if not aws.has_keys:
             backend.missing_credentials_hint = (
                 "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                 "or AWS_PROFILE (see docs/credentials.md)"
@@ -256,17 +259,17 @@ def _s3_resumable_factory(
 ) -> Callable[[], ResumableUploads] | None:
     """Resumable uploads sign their own requests: only with keys we hold, and not with SSE-C
     (the customer key would have to travel with every part request: not implemented)."""
-    if not (aws.access_key_id and aws.secret_access_key) or config.sse_customer_key is not None:
+    credentials = current_credentials(aws)
+    if credentials is None or config.sse_customer_key is not None:
         return None
     from .s3_multipart import S3ResumableUploads
-    from .sigv4 import SigningCredentials, aws_endpoint
+    from .sigv4 import aws_endpoint
 
     create_headers: dict[str, str] = {}
     if config.server_side_encryption:
         create_headers["x-amz-server-side-encryption"] = config.server_side_encryption
     if config.sse_kms_key_id:
         create_headers["x-amz-server-side-encryption-aws-kms-key-id"] = config.sse_kms_key_id
-    credentials = SigningCredentials(aws.access_key_id, aws.secret_access_key, aws.session_token)
 
     def build() -> ResumableUploads:
         return S3ResumableUploads(

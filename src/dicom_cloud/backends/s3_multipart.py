@@ -31,7 +31,7 @@ from ..errors import (
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
 from .rest import Request, RestClient, info_from_headers, status_error
-from .sigv4 import UNSIGNED_PAYLOAD, Signer, SigningCredentials, bucket_url, object_url, sha256_hex
+from .sigv4 import UNSIGNED_PAYLOAD, CredentialSource, Signer, bucket_url, object_url, sha256_hex
 
 _AUTH_CODES = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
@@ -51,7 +51,7 @@ class S3ResumableUploads:
         bucket: str,
         endpoint: str,
         region: str,
-        credentials: SigningCredentials,
+        credentials: CredentialSource,
         path_style: bool,
         create_headers: dict[str, str] | None = None,
         max_retries: int = 4,

@@ -20,10 +20,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import posixpath
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from ..credentials import AwsSettings
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 #: SHA-256 of the empty body: what GET/DELETE/HEAD requests sign.
@@ -85,25 +89,51 @@ class SignedRequest:
     string_to_sign: str
 
 
+#: Keys as they are, or a callable giving the current ones (temporary keys that are refreshed).
+CredentialSource = SigningCredentials | Callable[[], SigningCredentials]
+
+
+def current_credentials(aws: AwsSettings) -> CredentialSource | None:
+    """What to sign with for these settings: their keys, or a callable when the keys change over time
+    (assumed roles, SSO, credential_process). None when we hold no keys (the S3 library's own chain)."""
+    if aws.key_source is not None:
+        source = aws.key_source
+
+        def current() -> SigningCredentials:
+            keys = source()
+            return SigningCredentials(keys.access_key_id, keys.secret_access_key, keys.session_token)
+
+        return current
+    if aws.access_key_id and aws.secret_access_key:
+        return SigningCredentials(aws.access_key_id, aws.secret_access_key, aws.session_token)
+    return None
+
+
 class Signer:
     """Signs requests for one service in one region with one set of credentials."""
 
-    def __init__(self, credentials: SigningCredentials, region: str, service: str = "s3") -> None:
-        self.credentials = credentials
+    def __init__(self, credentials: CredentialSource, region: str, service: str = "s3") -> None:
+        self._credentials = credentials
         self.region = region
         self.service = service
         # S3 keys are encoded once and never normalised; every other service does both.
         self._s3_paths = service == "s3"
+
+    @property
+    def credentials(self) -> SigningCredentials:
+        """The keys to sign with now. Each signature takes them once (a refresh between two reads
+        would mix an old key id with a new secret)."""
+        source = self._credentials
+        return source if isinstance(source, SigningCredentials) else source()
 
     # -- the building blocks ------------------------------------------------------------------
 
     def scope(self, when: datetime) -> str:
         return f"{when.astimezone(UTC):%Y%m%d}/{self.region}/{self.service}/aws4_request"
 
-    def signing_key(self, when: datetime) -> bytes:
-        key = _hmac(
-            ("AWS4" + self.credentials.secret_access_key).encode("utf-8"), f"{when.astimezone(UTC):%Y%m%d}"
-        )
+    def signing_key(self, when: datetime, credentials: SigningCredentials | None = None) -> bytes:
+        secret = (credentials or self.credentials).secret_access_key
+        key = _hmac(("AWS4" + secret).encode("utf-8"), f"{when.astimezone(UTC):%Y%m%d}")
         key = _hmac(key, self.region)
         key = _hmac(key, self.service)
         return _hmac(key, "aws4_request")
@@ -144,8 +174,9 @@ class Signer:
         digest = sha256_hex(canonical_request.encode("utf-8"))
         return f"{ALGORITHM}\n{amz_date(when)}\n{self.scope(when)}\n{digest}"
 
-    def _signature(self, when: datetime, string_to_sign: str) -> str:
-        return hmac.new(self.signing_key(when), string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    def _signature(self, when: datetime, string_to_sign: str, credentials: SigningCredentials) -> str:
+        key = self.signing_key(when, credentials)
+        return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
 
     # -- header authentication ----------------------------------------------------------------
 
@@ -167,6 +198,7 @@ class Signer:
         ``x-amz-security-token`` and is signed. Query parameters are taken from ``url``.
         """
         when = when or datetime.now(UTC)
+        credentials = self.credentials
         parts = urlsplit(url)
         pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
         present = {name.lower() for name, _ in pairs}
@@ -178,8 +210,8 @@ class Signer:
             add_content_sha256 = self._s3_paths
         if add_content_sha256 and "x-amz-content-sha256" not in present:
             pairs.append(("x-amz-content-sha256", payload_hash))
-        if self.credentials.session_token and "x-amz-security-token" not in present:
-            pairs.append(("x-amz-security-token", self.credentials.session_token))
+        if credentials.session_token and "x-amz-security-token" not in present:
+            pairs.append(("x-amz-security-token", credentials.session_token))
         block, signed_names = self.canonical_headers(pairs)
         canonical_request = "\n".join(
             [
@@ -192,9 +224,9 @@ class Signer:
             ]
         )
         string_to_sign = self._string_to_sign(when, canonical_request)
-        signature = self._signature(when, string_to_sign)
+        signature = self._signature(when, string_to_sign, credentials)
         authorization = (
-            f"{ALGORITHM} Credential={self.credentials.access_key_id}/{self.scope(when)}, "
+            f"{ALGORITHM} Credential={credentials.access_key_id}/{self.scope(when)}, "
             f"SignedHeaders={signed_names}, Signature={signature}"
         )
         out = {name: value for name, value in pairs if name.lower() != "host"}
@@ -224,6 +256,7 @@ class Signer:
         if not 1 <= expires_in <= MAX_PRESIGN_SECONDS:
             raise ValueError(f"a presigned URL lives 1 to {MAX_PRESIGN_SECONDS} seconds, not {expires_in}")
         when = when or datetime.now(UTC)
+        credentials = self.credentials
         parts = urlsplit(url)
         header_pairs = [("host", _host(parts.scheme, parts.netloc)), *((signed_headers or {}).items())]
         block, signed_names = self.canonical_headers(header_pairs)
@@ -231,13 +264,13 @@ class Signer:
         query += list((params or {}).items())
         query += [
             ("X-Amz-Algorithm", ALGORITHM),
-            ("X-Amz-Credential", f"{self.credentials.access_key_id}/{self.scope(when)}"),
+            ("X-Amz-Credential", f"{credentials.access_key_id}/{self.scope(when)}"),
             ("X-Amz-Date", amz_date(when)),
             ("X-Amz-Expires", str(expires_in)),
             ("X-Amz-SignedHeaders", signed_names),
         ]
-        if self.credentials.session_token:
-            query.append(("X-Amz-Security-Token", self.credentials.session_token))
+        if credentials.session_token:
+            query.append(("X-Amz-Security-Token", credentials.session_token))
         canonical_query = self.canonical_query(query)
         canonical_request = "\n".join(
             [
@@ -249,7 +282,7 @@ class Signer:
                 payload_hash,
             ]
         )
-        signature = self._signature(when, self._string_to_sign(when, canonical_request))
+        signature = self._signature(when, self._string_to_sign(when, canonical_request), credentials)
         # S3 paths go out exactly as signed (encoded once), so a name given unencoded still works.
         path = self.canonical_uri(parts.path) if self._s3_paths else (parts.path or "/")
         return f"{parts.scheme}://{parts.netloc}{path}?{canonical_query}&X-Amz-Signature={signature}"

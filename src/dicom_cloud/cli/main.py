@@ -67,7 +67,8 @@ exit codes:
       prefix or local path)            12  not DICOM, or a malformed DICOM header
   4   credentials refused              13  the same job is already running
   5   permission denied                14  sync would delete more than --max-delete
-  6   network failure or throttling    130 interrupted (Ctrl-C); run again to resume
+  6   network failure or throttling    15  needs an extra: pip install 'dicom-cloud[X]'
+                                       130 interrupted (Ctrl-C); run again to resume
                                        143 stopped by SIGTERM; run again to resume
 """
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import UsageError
+from ..extras import require
 from ..localio import make_dirs
 
 #: Flags shared by both commands: (flag, settings field, help).
@@ -50,7 +51,8 @@ def register(add: Callable[..., Any]) -> None:
         "serve",
         "Run the DICOMweb service (STOW/QIDO/WADO, uploads, share links). With no settings it\n"
         "keeps objects and a SQLite index under the data directory and prints an admin token on\n"
-        "first start. OpenAPI docs at /docs.",
+        "first start. OpenAPI docs at /docs. Needs the service extra:\n"
+        "pip install 'dicom-cloud[service]' (and [service,postgres] for a PostgreSQL index).",
         "  dicom-cloud serve\n"
         "  dicom-cloud serve --port 8080 --public-url https://pacs.example.org\n"
         "  dicom-cloud serve --storage s3://archive/dicom --database postgresql://svc@db/dicom\n"
@@ -75,7 +77,7 @@ def register(add: Callable[..., Any]) -> None:
     sub = add(
         "token",
         "Create an API token directly in the index (for a new tenant, or when no admin token is left).\n"
-        "The token is printed once; only its hash is kept.",
+        "The token is printed once; only its hash is kept. Needs the service extra.",
         "  dicom-cloud token create --tenant hospital-a --scopes admin --name 'ops'\n"
         "  dicom-cloud token create --tenant hospital-a --scopes write --name 'ci' --expires 30d\n"
         "  dicom-cloud token create --tenant hospital-a --scopes read --database postgresql://svc@db/dicom",
@@ -99,6 +101,7 @@ def server_stack() -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    require("service", "dicom-cloud serve")
     import uvicorn
 
     from ..service.app import SETTINGS_ENV, bootstrap_once, create_app
@@ -155,6 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
+    require("service", "dicom-cloud token create")
     from ..archive import SCOPES, Archive
     from ..service.app import archive_settings
     from ..service.settings import load_settings

@@ -12,7 +12,7 @@ extension of the path:
     a header line with :data:`FIELDS`, then one line a row (RFC 4180 quoting, ``\\r\\n``);
     absent values are empty cells.
 ``.parquet``
-    needs ``pyarrow`` (``pip install pyarrow``); ``size`` is int64, every other column a
+    needs ``pyarrow`` (``pip install 'dicom-cloud[parquet]'``); ``size`` is int64, every other column a
     nullable UTF-8 string.
 
 Columns (:data:`FIELDS`): ``source`` (the local path or URL read), ``key`` (URL of the object
@@ -64,6 +64,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Final, Literal
 
 from ..errors import UsageError
+from ..extras import require
 
 if TYPE_CHECKING:
     from .header import DicomIdentity
@@ -173,14 +174,10 @@ class _CsvSink(_Sink):
 
 class _ParquetSink(_Sink):
     def __init__(self, path: Path) -> None:
-        try:  # imported by name: pyarrow is optional and ships no type stubs
-            pa = importlib.import_module("pyarrow")
-            pq = importlib.import_module("pyarrow.parquet")
-        except ImportError as exc:
-            raise UsageError(
-                "writing a .parquet manifest needs pyarrow, which is not installed",
-                hint="run 'pip install pyarrow', or use a .jsonl or .csv manifest",
-            ) from exc
+        require("parquet", "a .parquet manifest")
+        # Imported by name: pyarrow ships no type stubs.
+        pa = importlib.import_module("pyarrow")
+        pq = importlib.import_module("pyarrow.parquet")
         self._pa: Any = pa
         self._schema: Any = pa.schema(
             [(name, pa.int64() if name == "size" else pa.string()) for name in FIELDS]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from xml.sax.saxutils import escape
 
-from ..backends.sigv4 import Signer, SigningCredentials, aws_endpoint, object_url, sha256_hex
+from ..backends.sigv4 import Signer, aws_endpoint, current_credentials, object_url, sha256_hex
 from ..credentials import aws_settings
 from ..errors import NetworkError, UsageError
 from ..url import parse_url
@@ -40,7 +40,8 @@ class ScopedPut:
 
 
 class S3PutSigner:
-    """Signs PUTs into one S3 bucket with the service's own static credentials."""
+    """Signs PUTs into one S3 bucket with the service's own credentials (keys, or a profile's
+    temporary keys kept current)."""
 
     def __init__(self, signer: Signer, endpoint: str, bucket: str, path_style: bool) -> None:
         self._signer = signer
@@ -50,14 +51,14 @@ class S3PutSigner:
 
     @classmethod
     def for_storage(cls, storage_url: str) -> S3PutSigner | None:
-        """A signer for ``s3://`` storage with static keys; None otherwise (use the store's signing)."""
+        """A signer for ``s3://`` storage when we hold keys; None otherwise (use the store's signing)."""
         location = parse_url(storage_url)
         if location.scheme != "s3":
             return None
         aws = aws_settings()
-        if not aws.access_key_id or not aws.secret_access_key:
+        credentials = current_credentials(aws)
+        if credentials is None:
             return None
-        credentials = SigningCredentials(aws.access_key_id, aws.secret_access_key, aws.session_token)
         endpoint = aws.endpoint or aws_endpoint(aws.region)
         # Custom endpoints (MinIO, SeaweedFS, Ceph) use path-style addressing, as the store does.
         return cls(Signer(credentials, aws.region), endpoint, location.bucket, path_style=bool(aws.endpoint))
