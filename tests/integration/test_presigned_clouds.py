@@ -1,0 +1,303 @@
+"""Direct uploads through the URLs ``POST /uploads`` returns, on Azurite and fake-gcs-server: whole
+files and files in parts, ingest, WADO-RS retrieval byte-identical under client-side encryption,
+and abuse (other size, content type, name, tenant, reuse, expiry) refused by the provider where
+its signature binds it and the emulator checks it, otherwise at completion with nothing indexed.
+
+Azurite checks SAS signatures (name, permissions, expiry, protocol); fake-gcs-server checks no
+signature at all, so on it every refusal below is the completion's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicom_cloud.backends import open_store
+from dicom_cloud.checksum import crc32c_hex
+from dicom_cloud.service.settings import ServiceSettings, load_settings
+from live_service import LiveService, start_service
+from servers import AzureServer, GCSServer
+
+CT = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+MR = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
+PART = 5 * 1024 * 1024
+BIG_UID = "1.2.826.0.1.3680043.8.498.77"
+CLI = Path(sys.executable).parent / "dicom-cloud"
+
+
+def auth(token: str | None) -> dict[str, str]:
+    assert token
+    return {"Authorization": f"Bearer {token}"}
+
+
+def make_token(data_dir: Path, tenant: str, scopes: str) -> str:
+    """A token for another tenant, made the operator's way: ``dicom-cloud token create``."""
+    argv = [str(CLI), "token", "create", "--tenant", tenant, "--scopes", scopes, "--data-dir", str(data_dir)]
+    answer = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    return answer.stdout.strip()
+
+
+@dataclass
+class Cloud:
+    name: str  # "azure" or "gcs"
+    storage: str  # the archive's storage URL
+
+
+@pytest.fixture(params=["azure", "gcs"])
+def cloud(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Cloud:
+    if request.param == "azure":
+        azurite: AzureServer = request.getfixturevalue("azurite")
+        container: str = request.getfixturevalue("azure_container")
+        env, storage = azurite.env(), f"azure://{container}/archive"
+    else:
+        fake_gcs: GCSServer = request.getfixturevalue("fake_gcs")
+        bucket: str = request.getfixturevalue("gcs_bucket")
+        env, storage = fake_gcs.env(), f"gs://{bucket}/archive"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Cloud(request.param, storage)
+
+
+def _settings(tmp_path: Path, cloud: Cloud, **values: Any) -> ServiceSettings:
+    key = tmp_path / "master.key"
+    key.write_text(base64.b64encode(bytes(range(32))).decode())
+    return load_settings(
+        {
+            "data_dir": tmp_path / "data",
+            "storage": cloud.storage,
+            "encrypt": True,
+            "master_key": f"7:{key}",
+            "upload_part_size": PART,
+            **values,
+        },
+        environ={},
+    )
+
+
+@pytest.fixture
+def live(tmp_path: Path, cloud: Cloud) -> Iterator[LiveService]:
+    service = start_service(_settings(tmp_path, cloud))
+    yield service
+    service.stop()
+
+
+def _large_instance() -> bytes:
+    """A valid CT instance of about 6.3 MiB: two parts of 5 MiB."""
+    ds = pydicom.dcmread(CT)
+    ds.Rows, ds.Columns = 1792, 1792
+    ds.PixelData = bytes(range(256)) * (1792 * 1792 * 2 // 256)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = BIG_UID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _send(file: dict[str, Any], data: bytes) -> list[str]:
+    """What any client does with one file of ``POST /uploads``: one PUT, or its parts (in order
+    when told), each with the headers given. Returns the parts' ETags."""
+    if file["multipart"] is None:
+        answer = httpx.put(file["url"], content=data, headers=file["headers"], timeout=60)
+        assert answer.status_code in (200, 201), answer.text
+        return []
+    etags, start = [], 0
+    for part in file["multipart"]["parts"]:
+        chunk = data[start : start + part["size"]]
+        start += part["size"]
+        answer = httpx.put(part["url"], content=chunk, headers=part["headers"], timeout=60)
+        assert answer.status_code in (200, 201, 308), answer.text
+        etags.append(answer.headers.get("etag", ""))
+    return etags
+
+
+def _retrieve(http: httpx.Client, ds: pydicom.Dataset) -> bytes:
+    """One instance by WADO-RS, the bytes of its single part."""
+    path = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    answer = http.get(path, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert answer.status_code == 200, answer.text
+    boundary = re.search(r'boundary="?([^";]+)', answer.headers["content-type"])
+    assert boundary is not None
+    part = answer.content.split(b"--" + boundary.group(1).encode())[1]
+    return part.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n")
+
+
+async def _objects(storage: str) -> dict[str, bytes]:
+    store = open_store(storage)
+    try:
+        found = {}
+        async for info in store.list("archive/", recursive=True):
+            found[info.key] = bytes(await store.get(info.key))
+        return found
+    finally:
+        await store.close()
+
+
+def test_whole_and_parted_uploads_round_trip_encrypted(cloud: Cloud, live: LiveService) -> None:
+    big, ct = _large_instance(), CT.read_bytes()
+    with httpx.Client(base_url=live.url, headers=auth(live.admin_token), timeout=60) as http:
+        declared = {
+            "files": [
+                {"name": "big.dcm", "size": len(big)},
+                {"name": "ct.dcm", "size": len(ct), "crc32c": crc32c_hex(ct)},
+            ]
+        }
+        created = http.post("/uploads", json=declared, headers={"Origin": "https://viewer.example"})
+        assert created.status_code == 201, created.text
+        session = created.json()
+        whole, parted = session["files"][1], session["files"][0]
+        assert not whole["url"].startswith(live.url)  # the bytes bypass the service
+        # The headers a browser must send come with the URL: no client needs to know the provider.
+        if cloud.name == "azure":
+            assert whole["headers"] == {"x-ms-blob-type": "BlockBlob", "Content-Type": "application/dicom"}
+            assert "sp=c&" in whole["url"] and "sr=b" in whole["url"]
+            assert not parted["multipart"]["in_order"]
+        else:
+            assert whole["headers"] == {
+                "Content-Type": "application/dicom",
+                "x-goog-content-length-range": f"{len(ct)},{len(ct)}",
+            }
+            signed = re.search(r"X-Goog-SignedHeaders=([^&]+)", whole["url"])
+            assert signed and signed.group(1) == "content-type%3Bhost%3Bx-goog-content-length-range"
+            assert parted["multipart"]["in_order"]
+        assert parted["url"] is None and not parted["multipart"]["etags_required"]
+        assert [p["size"] for p in parted["multipart"]["parts"]] == [PART, len(big) - PART]
+        _send(parted, big)
+        _send(whole, ct)
+        done = http.post(f"/uploads/{session['id']}/complete")  # no body: the service joins the parts
+        assert done.status_code == 200, done.text
+        assert sorted(a["name"] for a in done.json()["accepted"]) == ["big.dcm", "ct.dcm"]
+        assert done.json()["rejected"] == []
+        # Byte-identical but for the preamble, which the archive zeroes (docs/archive.md).
+        assert _retrieve(http, pydicom.dcmread(CT)) == bytes(128) + ct[128:]
+        assert _retrieve(http, pydicom.dcmread(io.BytesIO(big))) == bytes(128) + big[128:]
+    objects = asyncio.run(_objects(cloud.storage))
+    assert not [k for k in objects if "/staging/" in k]
+    stored = [v for k, v in objects.items() if "/instances/" in k]
+    assert len(stored) == 2
+    for data in stored:  # encrypted at rest: neither instance's pixels in clear
+        assert big[-4096:] not in data and pydicom.dcmread(CT).PixelData[:256] not in data
+
+
+def _replace_key(url: str, old: str, new: str) -> str:
+    assert old in url
+    return url.replace(old, new, 1)
+
+
+def test_abuse_is_refused_by_the_provider_or_at_completion(
+    cloud: Cloud, live: LiveService, tmp_path: Path
+) -> None:
+    ct, mr = CT.read_bytes(), MR.read_bytes()
+    other = make_token(tmp_path / "data", "tenant-b", "write")
+    azure = cloud.name == "azure"
+    with httpx.Client(base_url=live.url, headers=auth(live.admin_token), timeout=60) as http:
+        declared = {
+            "files": [
+                {"name": "larger", "size": len(ct) - 100},
+                {"name": "smaller", "size": len(ct) + 100},
+                {"name": "other-type", "size": len(ct)},
+                {"name": "other-name", "size": len(ct)},
+                {"name": "good", "size": len(mr)},
+            ]
+        }
+        session = http.post("/uploads", json=declared).json()
+        sid = session["id"]
+        larger, smaller, other_type, other_name, good = session["files"]
+        # Neither provider's signature binds a Put Blob's size (Azure) or is checked here (GCS):
+        # stored, then refused at completion.
+        assert httpx.put(larger["url"], content=ct, headers=larger["headers"]).status_code in (200, 201)
+        assert httpx.put(smaller["url"], content=ct, headers=smaller["headers"]).status_code in (200, 201)
+        typed = {**other_type["headers"], "Content-Type": "text/plain"}
+        assert httpx.put(other_type["url"], content=ct, headers=typed).status_code in (200, 201)
+        # Another name with the same URL: Azure's SAS names the blob (403); fake-gcs-server
+        # accepts it where GCS would refuse the signature, and the declared file stays missing.
+        moved = _replace_key(other_name["url"], f"/staging/{sid}/3", f"/staging/{sid}/9")
+        answer = httpx.put(moved, content=ct, headers=other_name["headers"])
+        assert answer.status_code == (403 if azure else 200)
+        assert httpx.put(good["url"], content=mr, headers=good["headers"]).status_code in (200, 201)
+        if azure:  # permission c: the URL creates the blob once, never overwrites or reads it
+            assert httpx.put(good["url"], content=ct, headers=good["headers"]).status_code == 403
+            assert httpx.get(good["url"]).status_code == 403
+        # Another tenant cannot complete it, nor see it.
+        assert http.post(f"/uploads/{sid}/complete", headers=auth(other)).status_code == 404
+        done = http.post(f"/uploads/{sid}/complete")
+        assert done.status_code == 200, done.text
+        result = done.json()
+        assert [a["name"] for a in result["accepted"]] == ["good"]
+        reasons = {r["name"]: r["reason"] for r in result["rejected"]}
+        assert reasons == {
+            "larger": "size differs from the declared size",
+            "smaller": "size differs from the declared size",
+            "other-type": "stored with another content type than declared",
+            "other-name": "not uploaded",
+        }
+        assert len(http.get("/instances").json()) == 1
+        # Reuse after completion: the answer stays the recorded one and nothing more is indexed.
+        httpx.put(good["url"], content=ct, headers=good["headers"])
+        again = http.post(f"/uploads/{sid}/complete")
+        assert again.json() == result
+        assert len(http.get("/instances").json()) == 1
+
+        # A URL of one tenant turned at another tenant's staging object: Azure refuses the
+        # signature; on fake-gcs-server the bytes land, and the other tenant's completion
+        # refuses them (declared size and CRC32C differ), indexing nothing.
+        theirs = httpx.post(
+            f"{live.url}/uploads",
+            json={"files": [{"name": "b.dcm", "size": len(ct), "crc32c": crc32c_hex(ct)}]},
+            headers=auth(other),
+            timeout=60,
+        ).json()
+        mine = http.post("/uploads", json={"files": [{"name": "a.dcm", "size": len(mr)}]}).json()
+        url = mine["files"][0]["url"]
+        target = _replace_key(
+            url, f"/{_tenant(url)}/staging/{mine['id']}/0", f"/tenant-b/staging/{theirs['id']}/0"
+        )
+        answer = httpx.put(target, content=mr, headers=mine["files"][0]["headers"])
+        assert answer.status_code == (403 if azure else 200)
+        b_done = httpx.post(f"{live.url}/uploads/{theirs['id']}/complete", headers=auth(other), timeout=60)
+        assert b_done.json()["accepted"] == [] and b_done.json()["rejected"][0]["reason"]
+        assert httpx.get(f"{live.url}/instances", headers=auth(other), timeout=60).json() == []
+    # Bytes beyond the declared size are deleted, not kept in quarantine.
+    objects = asyncio.run(_objects(cloud.storage))
+    quarantined = [k for k in objects if "/default/quarantine/" in k and not k.endswith(".json")]
+    assert len(quarantined) == 2  # smaller and other-type; larger deleted
+
+
+def _tenant(url: str) -> str:
+    match = re.search(r"/archive/([^/]+)/staging/", url)
+    assert match is not None
+    return match.group(1)
+
+
+def test_expired_url_is_refused(cloud: Cloud, tmp_path: Path) -> None:
+    """Azurite refuses an expired SAS; fake-gcs-server takes the PUT, and the completion refuses
+    an object written after its URL expired."""
+    live = start_service(_settings(tmp_path, cloud, upload_url_ttl_seconds=1))
+    try:
+        with httpx.Client(base_url=live.url, headers=auth(live.admin_token), timeout=60) as http:
+            ct = CT.read_bytes()
+            session = http.post("/uploads", json={"files": [{"name": "ct.dcm", "size": len(ct)}]}).json()
+            file = session["files"][0]
+            time.sleep(7)  # the URL's second, and the 5 s allowed for clock skew
+            answer = httpx.put(file["url"], content=ct, headers=file["headers"])
+            assert answer.status_code == (403 if cloud.name == "azure" else 200)
+            done = http.post(f"/uploads/{session['id']}/complete").json()
+            assert done["accepted"] == []
+            reason = "not uploaded" if cloud.name == "azure" else "written after its upload URL expired"
+            assert done["rejected"][0]["reason"] == reason
+            assert http.get("/instances").json() == []
+    finally:
+        live.stop()
