@@ -153,7 +153,7 @@ def create_app(
         current = archive if archive is not None else await Archive.open(archive_settings(settings))
         app.state.archive = current
         # Azure and GCS direct-upload URLs need the opened store (GCS signs with its credentials).
-        app.state.cloud_signer = cloud_put_signer(settings.storage_url, current.store)
+        app.state.cloud_signer = cloud_put_signer(settings.storage_url, lambda: current.store)
         app.state.credential_cache = cache = CredentialCache(settings.auth_cache_seconds)
         app.state.authenticator = Authenticator(
             secret_resolver(current, cache),

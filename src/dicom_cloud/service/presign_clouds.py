@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -91,14 +92,16 @@ class CloudPutSigner(Protocol):
     async def close(self) -> None: ...
 
 
-def cloud_put_signer(storage_url: str, store: Store) -> CloudPutSigner | None:
-    """The signer for ``azure://`` (with an account key) or ``gs://`` storage; None otherwise
-    (S3 has its own signer, local stores the service's signed route)."""
+def cloud_put_signer(storage_url: str, store: Callable[[], Store]) -> CloudPutSigner | None:
+    """The signer for ``azure://`` (with an account key) or ``gs://`` storage (``store()``: the
+    archive's opened store, asked for only then); None otherwise (S3 has its own signer, local
+    stores the service's signed route)."""
     scheme = parse_url(storage_url).scheme
     if scheme == "azure":
         return AzurePutSigner.for_storage(storage_url)
-    if scheme == "gs" and isinstance(store, GCSStore):
-        return GCSPutSigner(store)
+    if scheme == "gs":
+        opened = store()
+        return GCSPutSigner(opened) if isinstance(opened, GCSStore) else None
     return None
 
 
