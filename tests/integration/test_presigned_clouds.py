@@ -11,20 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
+import json
+import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 import pydicom
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydicom.data import get_testdata_file
 
 from dicom_cloud.archive import Archive
@@ -210,6 +217,20 @@ def test_whole_and_parted_uploads_round_trip_encrypted(cloud: Cloud, live: LiveS
             signed = re.search(r"X-Goog-SignedHeaders=([^&]+)", whole["url"])
             assert signed and signed.group(1) == "content-type%3Bhost%3Bx-goog-content-length-range"
             assert multipart["in_order"] and not multipart["etags_required"]
+            # What Google checks and fake-gcs-server does not: the signature covers the type,
+            # the exact length range, the name and the expiry.
+            assert google_accepts(whole["url"], "PUT", whole["headers"])
+            typed = whole["headers"] | {"Content-Type": "text/plain"}
+            assert not google_accepts(whole["url"], "PUT", typed)
+            longer = whole["headers"] | {"x-goog-content-length-range": f"0,{len(ct) + 1}"}
+            assert not google_accepts(whole["url"], "PUT", longer)
+            assert not google_accepts(whole["url"], "PUT", {"Content-Type": "application/dicom"})
+            assert not google_accepts(
+                whole["url"].replace("/staging/", "/instances/"), "PUT", whole["headers"]
+            )
+            assert not google_accepts(whole["url"], "GET", whole["headers"])
+            later = re.sub(r"X-Goog-Expires=\d+", "X-Goog-Expires=604800", whole["url"])
+            assert not google_accepts(later, "PUT", whole["headers"])
             assert multipart["parts"][1]["headers"] == {
                 "Content-Range": f"bytes {PART}-{len(big) - 1}/{len(big)}"
             }
@@ -237,6 +258,42 @@ def test_whole_and_parted_uploads_round_trip_encrypted(cloud: Cloud, live: LiveS
     assert len(stored) == 2
     for data in stored:  # encrypted at rest: neither instance's pixels in clear
         assert big[-4096:] not in data and pydicom.dcmread(CT).PixelData[:256] not in data
+
+
+def google_accepts(url: str, method: str, headers: dict[str, str]) -> bool:
+    """Whether Google would accept this request's V4 signature: the check fake-gcs-server does
+    not make, made here with the public half of the key the service signed with. The canonical
+    request covers method, path, query (expiry included) and the signed headers."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    signature = bytes.fromhex(query.pop("X-Goog-Signature"))
+    sent = {k.lower(): v.strip() for k, v in headers.items()} | {"host": parts.netloc}
+    signed = query["X-Goog-SignedHeaders"].split(";")
+    if any(name not in sent for name in signed):
+        return False
+    canonical = "\n".join(
+        [
+            method,
+            parts.path,
+            "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in sorted(query.items())),
+            "".join(f"{name}:{sent[name]}\n" for name in signed),
+            query["X-Goog-SignedHeaders"],
+            "UNSIGNED-PAYLOAD",
+        ]
+    )
+    scope = query["X-Goog-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(
+        ["GOOG4-RSA-SHA256", query["X-Goog-Date"], scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key_file = json.loads(Path(os.environ["GOOGLE_APPLICATION_CREDENTIALS"]).read_text())
+    key = serialization.load_pem_private_key(key_file["private_key"].encode(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    try:
+        key.public_key().verify(signature, to_sign.encode(), padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        return False
+    issued = datetime.strptime(query["X-Goog-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    return datetime.now(UTC) <= issued + timedelta(seconds=int(query["X-Goog-Expires"]))
 
 
 def _replace_key(url: str, old: str, new: str) -> str:
@@ -338,7 +395,7 @@ def test_abuse_is_refused_by_the_server_or_at_completion(
         "2" if cloud.refuses("other-type") else "",
     }
     # What the reused URL wrote after completion (S3 refused it: other bytes, other length), and
-    # what fake-gcs-server took under another name, belong to no open session: swept.
+    # what fake-gcs-server took under another name, belong to a finished session: swept.
     leftovers = [k for k in objects if f"/staging/{sid}/" in k]
     assert bool(leftovers) == (cloud.name != "s3"), leftovers
     asyncio.run(_sweep(_settings(tmp_path, cloud)))
@@ -363,6 +420,8 @@ def test_expired_url_is_refused(cloud: Cloud, tmp_path: Path) -> None:
             time.sleep(7)  # the URL's second, and the 5 s allowed for clock skew
             answer = httpx.put(file["url"], content=ct, headers=_as_browser(file["headers"]))
             _stored_or_refused(cloud, "expired", answer)
+            if cloud.name == "gcs":  # Google would have refused it
+                assert not google_accepts(file["url"], "PUT", file["headers"])
             done = http.post(f"/uploads/{session['id']}/complete").json()
             assert done["accepted"] == []
             reason = "not uploaded" if cloud.refuses("expired") else "written after its upload URL expired"

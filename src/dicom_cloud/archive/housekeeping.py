@@ -1,5 +1,5 @@
 """Housekeeping of an archive, run now and then by any service instance while traffic goes on:
-objects no index row points at, staging objects of no open upload session, empty staging
+objects no index row points at, staging objects of finished upload sessions, empty staging
 folders, and extra query tags configured after instances were stored. (Expired upload sessions
 are swept by ``Archive.expire_uploads``.)"""
 
@@ -69,9 +69,9 @@ async def collect_orphans(
 async def _staging_leftovers(
     objects: ArchiveObjects, db: Database, tenant: str, cutoff: datetime, dry_run: bool
 ) -> tuple[int, int, int]:
-    """(found, removed, scanned) staging objects of no pending upload session: what a presigned
-    URL used again after its session completed writes, and what a crash mid-STOW leaves (its
-    ``stow-`` staging objects have no session row). Completion and expiry remove the rest."""
+    """(found, removed, scanned) staging objects of finished (completed or expired) upload
+    sessions: what a presigned URL used again after its session completed writes. Completion
+    and expiry remove the rest; objects of no known session (a STOW-RS body being staged) stay."""
     prefix = BucketLayout.staging_prefix(tenant)
     stale: dict[str, list[str]] = {}
     scanned = 0
@@ -84,8 +84,8 @@ async def _staging_leftovers(
     if not stale:
         return 0, 0, scanned
     ids = list(stale)
-    pending = await db.run(lambda s: uploads.pending_ids(s, tenant, ids))
-    lost = [key for session_id, keys in stale.items() if session_id not in pending for key in keys]
+    finished = await db.run(lambda s: uploads.finished_ids(s, tenant, ids))
+    lost = [key for session_id, keys in stale.items() if session_id in finished for key in keys]
     if lost and not dry_run:
         await objects.store.delete(lost)
     return len(lost), 0 if dry_run else len(lost), scanned

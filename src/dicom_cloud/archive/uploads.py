@@ -178,13 +178,13 @@ def expire_due(session: Session, now: datetime, limit: int = 100) -> list[Upload
     return [_session(r) for r in rows]
 
 
-def pending_ids(session: Session, tenant: str, session_ids: Sequence[str]) -> set[str]:
-    """Which of ``session_ids`` are the tenant's pending (still open) upload sessions."""
+def finished_ids(session: Session, tenant: str, session_ids: Sequence[str]) -> set[str]:
+    """Which of ``session_ids`` are the tenant's finished (completed or expired) upload sessions."""
     rows = session.scalars(
         select(UploadSessionRow.id).where(
             UploadSessionRow.tenant == tenant,
             UploadSessionRow.id.in_(list(session_ids)),
-            UploadSessionRow.state == "pending",
+            UploadSessionRow.state.in_(("completed", "expired")),
         )
     )
     return set(rows)
