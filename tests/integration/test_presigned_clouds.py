@@ -478,3 +478,24 @@ def test_parts_beyond_the_declared_size_are_refused_at_completion(cloud: Cloud, 
         assert http.get("/instances").json() == []
     objects = asyncio.run(_objects(cloud.storage))
     assert not [k for k in objects if "/staging/" in k or "/quarantine/" in k]  # deleted, not kept
+
+
+@pytest.mark.parametrize("cloud", ["gcs"], indirect=True)
+def test_credentials_that_cannot_sign_fall_back_to_the_service(
+    cloud: Cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No key to sign with (against the emulator: no GOOGLE_APPLICATION_CREDENTIALS): the URLs
+    are the service's own signed route, and the upload works as on local storage."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS")
+    live = start_service(_settings(tmp_path, cloud))
+    try:
+        with httpx.Client(base_url=live.url, headers=auth(live.admin_token), timeout=60) as http:
+            ct = CT.read_bytes()
+            session = http.post("/uploads", json={"files": [{"name": "ct.dcm", "size": len(ct)}]}).json()
+            file = session["files"][0]
+            assert file["url"].startswith(f"{live.url}/uploads/")
+            assert httpx.put(file["url"], content=ct, headers=file["headers"]).status_code == 204
+            done = http.post(f"/uploads/{session['id']}/complete").json()
+            assert [a["name"] for a in done["accepted"]] == ["ct.dcm"], done["rejected"]
+    finally:
+        live.stop()

@@ -38,7 +38,7 @@ from ..errors import (
     UsageError,
 )
 from ..location import Location, LocationOpener
-from ..store import MultipartPlan, Store
+from ..store import MultipartPlan, PutOptions, Store
 from . import access, housekeeping, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
@@ -253,10 +253,12 @@ class Archive:
             raise NotFoundError("no such file in the upload session")
         declared = upload.files[index_].size
         key = self.store_key(upload.staging_keys[index_])
+        # Stored under the declared type, which the completion compares with the object's.
+        options = PutOptions(content_type=upload.files[index_].content_type)
         if isinstance(data, bytes):
             if len(data) != declared:
                 raise UsageError("the file's size differs from the declared size")
-            await self.store.put(key, data)
+            await self.store.put(key, data, options)
             return
 
         async def of_declared_size(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -269,7 +271,7 @@ class Archive:
             if size != declared:
                 raise UsageError("the file's size differs from the declared size")
 
-        await self.store.put_stream(key, of_declared_size(data), plan=STAGING_WRITE_PLAN)
+        await self.store.put_stream(key, of_declared_size(data), options, plan=STAGING_WRITE_PLAN)
 
     async def get_upload(self, tenant: str, session_id: str) -> UploadSession:
         """The session; NotFoundError if unknown to this tenant."""

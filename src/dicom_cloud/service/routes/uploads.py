@@ -186,13 +186,16 @@ async def create_upload(
         headers: dict[str, str] = {"Content-Type": file.content_type}
         multipart = None
         url: str | None
-        if cloud is not None and in_parts[index]:
+        signed = None
+        if cloud is not None:  # Azure, GCS: what each provider's signature can bind
             origin = request.headers.get("origin")
-            store_key = archive.store_key(key)
-            url, multipart = None, await _cloud_parts(cloud, store_key, file, settings, ttl, origin)
-        elif cloud is not None:  # Azure, GCS: what each provider's signature can bind
-            scoped = await cloud.put(archive.store_key(key), file.content_type, file.size, ttl)
-            url, headers = scoped.url, scoped.headers
+            signed = await _cloud_file(
+                cloud, archive.store_key(key), file, in_parts[index], settings, ttl, origin
+            )
+            if signed is None:
+                cloud = None  # credentials that cannot sign: the service takes the bytes itself
+        if signed is not None:
+            url, headers, multipart = signed
         elif signer is not None and in_parts[index]:
             url, multipart = None, await _multipart(signer, archive.store_key(key), file, settings, ttl)
         elif signer is not None:  # S3 with static keys: content type and exact size are signed
@@ -232,6 +235,27 @@ async def _multipart(
             for number, part in enumerate(parts, start=1)
         ],
     )
+
+
+async def _cloud_file(
+    cloud: CloudPutSigner,
+    key: str,
+    file: FileIn,
+    in_parts: bool,
+    settings: SettingsDep,
+    ttl: timedelta,
+    origin: str | None,
+) -> tuple[str | None, dict[str, str], MultipartUrls | None] | None:
+    """URL, headers and parts of one file on Azure or GCS; None when the credentials cannot
+    sign (GCS without a key or the right to sign blobs)."""
+    try:
+        if in_parts:
+            parts = await _cloud_parts(cloud, key, file, settings, ttl, origin)
+            return None, {"Content-Type": file.content_type}, parts
+        scoped = await cloud.put(key, file.content_type, file.size, ttl)
+    except NotSupportedError:
+        return None
+    return scoped.url, scoped.headers, None
 
 
 async def _cloud_parts(
@@ -348,7 +372,8 @@ async def complete_upload(
     settings: SettingsDep,
     body: CompleteIn | None = None,
 ) -> UploadResult:
-    """Each declared file is checked (size, CRC32C when declared, DICOM Part 10) and ingested;
+    """Each declared file is checked (size, CRC32C when declared, content type, write time,
+    DICOM Part 10) and ingested;
     refused files are listed with their reason. Completing again answers the same outcome.
     Files sent in parts are joined first (body: their upload ids and the parts' ETags, when
     ``etags_required``; otherwise the service finds the parts itself and no body is needed)."""
