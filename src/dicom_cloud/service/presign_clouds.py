@@ -1,7 +1,7 @@
 """Presigned direct uploads into Azure Blob and Google Cloud Storage, bound as tightly as each
-provider's signature allows (docs/service.md, "What each provider binds").
+provider's signature allows (docs/service.md, "What the URL binds, per provider").
 
-Azure (service SAS signed with the account key; no account key, no direct uploads): a whole file
+Azure (service SAS signed with the account key; without one, the service's own route): a whole file
 is one Put Blob under a SAS of permission ``c`` (create only: no read, no list, no overwrite of a
 blob that exists) for the exact blob, with an expiry and ``spr=https`` (``https,http`` only when
 the configured endpoint is plain HTTP, as an emulator's). A SAS cannot bind size or content
@@ -45,8 +45,6 @@ _AZURE_VERSION = "2021-08-06"
 #: Block ids of direct uploads: ``dicom-cloud-upload:NNNNNN`` in base64 (Azure wants every id of
 #: a blob to have the same length).
 _BLOCK_ID = re.compile(r"dicom-cloud-upload:(\d{6})")
-#: Azure's largest block count per blob.
-AZURE_MAX_BLOCKS = 50_000
 #: Lifetime of the SAS the service signs for its own requests (Get/Put Block List).
 _OWN_SAS = timedelta(minutes=15)
 
