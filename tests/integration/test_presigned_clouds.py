@@ -18,10 +18,13 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -48,6 +51,8 @@ MR = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
 PART = 5 * 1024 * 1024
 BIG_UID = "1.2.826.0.1.3680043.8.498.77"
 CLI = Path(sys.executable).parent / "dicom-cloud"
+#: Debian's chromium (scripts/install-test-servers installs it), driven by playwright.
+CHROMIUM = "/usr/bin/chromium"
 
 
 def auth(token: str | None) -> dict[str, str]:
@@ -499,3 +504,125 @@ def test_credentials_that_cannot_sign_fall_back_to_the_service(
             assert [a["name"] for a in done["accepted"]] == ["ct.dcm"], done["rejected"]
     finally:
         live.stop()
+
+
+# -- a browser page, as an upload page on each cloud would be ----------------------------------------
+
+
+#: A generic client in the page: it knows nothing of the provider, only what ``POST /uploads``
+#: answers (URLs, headers, parts, in_order, etags_required).
+BROWSER_CLIENT = """
+async ({service, token, files}) => {
+  const bytes = files.map(f => Uint8Array.from(atob(f.data), c => c.charCodeAt(0)));
+  const auth = {"Authorization": "Bearer " + token, "Content-Type": "application/json"};
+  const declared = files.map((f, i) => ({name: f.name, size: bytes[i].length}));
+  const created = await fetch(service + "/uploads", {method: "POST", headers: auth,
+                                                     body: JSON.stringify({files: declared})});
+  if (created.status !== 201) return {error: "POST /uploads: " + created.status};
+  const session = await created.json();
+  const parts = [];
+  for (const [i, file] of session.files.entries()) {
+    if (file.multipart === null) {
+      const answer = await fetch(file.url, {method: "PUT", headers: file.headers, body: bytes[i]});
+      if (!answer.ok) return {error: "PUT: " + answer.status};
+      continue;
+    }
+    const send = async (part) => {
+      const start = (part.number - 1) * file.multipart.part_size;
+      const body = bytes[i].slice(start, start + part.size);
+      const answer = await fetch(part.url, {method: "PUT", headers: part.headers, body});
+      if (!answer.ok && answer.status !== 308) throw new Error("part " + part.number + ": " + answer.status);
+      return answer.headers.get("ETag") || "";
+    };
+    let etags = [];
+    if (file.multipart.in_order) {
+      for (const part of file.multipart.parts) etags.push(await send(part));
+    } else {
+      etags = await Promise.all(file.multipart.parts.map(send));
+    }
+    parts.push({index: i, upload_id: file.multipart.upload_id, etags});
+  }
+  const done = await fetch(service + "/uploads/" + session.id + "/complete",
+                           {method: "POST", headers: auth, body: JSON.stringify({parts})});
+  return {status: done.status, result: await done.json(), headers: session.files.map(f => f.headers)};
+}
+"""
+
+
+def azure_cors(origin: str) -> bytes:
+    """The Blob service CORS rule of docs/service.md, for ``origin``."""
+    return f"""<?xml version="1.0" encoding="utf-8"?><StorageServiceProperties><Cors><CorsRule>
+<AllowedOrigins>{origin}</AllowedOrigins><AllowedMethods>PUT,OPTIONS</AllowedMethods>
+<AllowedHeaders>content-type,x-ms-blob-type,x-ms-*</AllowedHeaders>
+<ExposedHeaders>etag,x-ms-*</ExposedHeaders><MaxAgeInSeconds>600</MaxAgeInSeconds>
+</CorsRule></Cors></StorageServiceProperties>""".encode()
+
+
+class _Page(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>upload</title>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@contextmanager
+def page_server() -> Iterator[str]:
+    """An empty page on loopback under another origin than the service and the bucket
+    (``localhost`` where they are ``127.0.0.1``)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("cloud", ["azure", "gcs"], indirect=True)
+def test_a_browser_page_uploads_knowing_no_provider(
+    cloud: Cloud, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Chromium on a page of another origin: CORS on the bucket (Azure: the rule of
+    docs/service.md; fake-gcs-server allows every origin) and on the service, the headers
+    ``POST /uploads`` gives, a whole file and one in parts, completed and indexed."""
+    from playwright.sync_api import sync_playwright
+
+    files = [
+        {"name": "big.dcm", "data": base64.b64encode(_large_instance()).decode()},
+        {"name": "ct.dcm", "data": base64.b64encode(CT.read_bytes()).decode()},
+    ]
+    with page_server() as origin:
+        if cloud.name == "azure":
+            azurite: AzureServer = request.getfixturevalue("azurite")
+            status, body = azurite.azure_request(
+                "PUT",
+                "/?restype=service&comp=properties",
+                {"Content-Type": "application/xml"},
+                azure_cors(origin),
+            )
+            assert status == 202, body
+        live = start_service(_settings(tmp_path, cloud, cors_origins=[origin]))
+        try:
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+                try:
+                    page = browser.new_page()
+                    page.goto(f"{origin}/")
+                    outcome = page.evaluate(
+                        BROWSER_CLIENT, {"service": live.url, "token": live.admin_token, "files": files}
+                    )
+                finally:
+                    browser.close()
+        finally:
+            live.stop()
+    assert outcome.get("status") == 200, outcome
+    assert sorted(a["name"] for a in outcome["result"]["accepted"]) == ["big.dcm", "ct.dcm"]
+    if cloud.name == "azure":
+        assert outcome["headers"][1]["x-ms-blob-type"] == "BlockBlob"
