@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -51,8 +52,6 @@ MR = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
 PART = 5 * 1024 * 1024
 BIG_UID = "1.2.826.0.1.3680043.8.498.77"
 CLI = Path(sys.executable).parent / "dicom-cloud"
-#: Debian's chromium (scripts/install-test-servers installs it), driven by playwright.
-CHROMIUM = "/usr/bin/chromium"
 
 
 def auth(token: str | None) -> dict[str, str]:
@@ -594,6 +593,10 @@ def test_a_browser_page_uploads_knowing_no_provider(
     ``POST /uploads`` gives, a whole file and one in parts, completed and indexed."""
     from playwright.sync_api import sync_playwright
 
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is not installed: run scripts/install-test-servers (apt-get install chromium)")
+
     files = [
         {"name": "big.dcm", "data": base64.b64encode(_large_instance()).decode()},
         {"name": "ct.dcm", "data": base64.b64encode(CT.read_bytes()).decode()},
@@ -611,7 +614,7 @@ def test_a_browser_page_uploads_knowing_no_provider(
         live = start_service(_settings(tmp_path, cloud, cors_origins=[origin]))
         try:
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+                browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
                 try:
                     page = browser.new_page()
                     page.goto(f"{origin}/")
