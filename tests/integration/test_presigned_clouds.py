@@ -531,7 +531,7 @@ async ({service, token, files}) => {
       const body = bytes[i].slice(start, start + part.size);
       const answer = await fetch(part.url, {method: "PUT", headers: part.headers, body});
       if (!answer.ok && answer.status !== 308) throw new Error("part " + part.number + ": " + answer.status);
-      return answer.headers.get("ETag") || "";
+      return answer.headers.get("ETag");  // null where the provider answers none
     };
     let etags = [];
     if (file.multipart.in_order) {

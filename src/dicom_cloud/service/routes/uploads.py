@@ -90,7 +90,8 @@ class FileUrl(BaseModel):
 class CompletedParts(BaseModel):
     index: int = Field(..., ge=0)
     upload_id: str = Field(..., min_length=1, max_length=1024)
-    etags: list[str] = Field(..., min_length=1, max_length=10_000)
+    #: Null where a part's answer had no ETag header (Azure blocks, GCS chunks: not needed there).
+    etags: list[str | None] = Field(..., min_length=1, max_length=10_000)
 
 
 class CompleteIn(BaseModel):
@@ -389,7 +390,10 @@ async def complete_upload(
             if completed.index >= len(session.staging_keys):
                 raise MalformedRequestError(f"the upload has no file {completed.index}")
             key = archive.store_key(session.staging_keys[completed.index])
-            await signer.complete_multipart(key, completed.upload_id, completed.etags)
+            etags = [etag for etag in completed.etags if etag]
+            if len(etags) != len(completed.etags):
+                raise MalformedRequestError("every part's ETag is needed to join the parts")
+            await signer.complete_multipart(key, completed.upload_id, etags)
     outcome: UploadOutcome = await archive.complete_upload(principal.tenant, session_id)
     metrics.instances_stored.labels("stored").inc(len(outcome.accepted))
     metrics.instances_stored.labels("refused").inc(len(outcome.rejected))
