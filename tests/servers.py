@@ -707,6 +707,10 @@ def start_fake_gcs(workdir: Path) -> GCSServer:
         f"http://127.0.0.1:{port}",
         "-public-host",
         f"127.0.0.1:{port}",
+        # Its CORS is server-wide (bucket CORS rules are ignored): allow what a browser's direct
+        # upload sends (docs/service.md), as a bucket's rule would.
+        "-cors-headers",
+        "Content-Type,X-Goog-Content-Length-Range,Content-Range",
     ]
     proc = _Proc("fake-gcs-server", argv, workdir)
     server = GCSServer(endpoint=f"http://127.0.0.1:{port}", _proc=proc)

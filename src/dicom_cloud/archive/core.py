@@ -38,7 +38,7 @@ from ..errors import (
     UsageError,
 )
 from ..location import Location, LocationOpener
-from ..store import MultipartPlan, Store
+from ..store import MultipartPlan, PutOptions, Store
 from . import access, housekeeping, index, qido, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
@@ -182,16 +182,22 @@ class Archive:
         staging_key: str,
         expected_size: int | None = None,
         expected_crc32c: str | None = None,
+        *,
+        content_type: str | None = None,
+        put_by: datetime | None = None,
     ) -> StoredInstance:
         """Ingest an object a client PUT under the staging prefix (the presigned-upload path).
 
-        Checks that it exists, has ``expected_size`` bytes and ``expected_crc32c``; reads its
+        Checks that it exists, has ``expected_size`` bytes and ``expected_crc32c``, the declared
+        ``content_type`` and was written by ``put_by`` (when the store reports them); reads its
         header by a ranged read and validates it; then stores it as :meth:`store_instance` does
         (as a stream above ``stream_threshold``) and removes the staging object. A refused object
-        is moved to the quarantine prefix and RejectedObjectError (``reason``, ``quarantine_key``)
-        is raised.
+        is moved to the quarantine prefix (deleted when larger than declared) and
+        RejectedObjectError (``reason``, ``quarantine_key``) is raised.
         """
-        return await self._ingest.ingest_object(tenant, staging_key, expected_size, expected_crc32c)
+        return await self._ingest.ingest_object(
+            tenant, staging_key, expected_size, expected_crc32c, content_type=content_type, put_by=put_by
+        )
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -250,10 +256,12 @@ class Archive:
             raise NotFoundError("no such file in the upload session")
         declared = upload.files[index_].size
         key = self.store_key(upload.staging_keys[index_])
+        # Stored under the declared type, which the completion compares with the object's.
+        options = PutOptions(content_type=upload.files[index_].content_type)
         if isinstance(data, bytes):
             if len(data) != declared:
                 raise UsageError("the file's size differs from the declared size")
-            await self.store.put(key, data)
+            await self.store.put(key, data, options)
             return
 
         async def of_declared_size(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -266,7 +274,7 @@ class Archive:
             if size != declared:
                 raise UsageError("the file's size differs from the declared size")
 
-        await self.store.put_stream(key, of_declared_size(data), plan=STAGING_WRITE_PLAN)
+        await self.store.put_stream(key, of_declared_size(data), options, plan=STAGING_WRITE_PLAN)
 
     async def get_upload(self, tenant: str, session_id: str) -> UploadSession:
         """The session; NotFoundError if unknown to this tenant."""
@@ -320,7 +328,14 @@ class Archive:
             declared, key = upload.files[i], upload.staging_keys[i]
             async with limit:
                 try:
-                    stored = await self.ingest_object(upload.tenant, key, declared.size, declared.crc32c)
+                    stored = await self.ingest_object(
+                        upload.tenant,
+                        key,
+                        declared.size,
+                        declared.crc32c,
+                        content_type=declared.content_type,
+                        put_by=declared.put_by,
+                    )
                 except RejectedObjectError as exc:
                     return RejectedFile(i, declared.name, exc.reason, exc.quarantine_key)
             r = stored.record

@@ -1,6 +1,7 @@
 """Housekeeping of an archive, run now and then by any service instance while traffic goes on:
-objects no index row points at, empty staging folders, and extra query tags configured after
-instances were stored. (Expired upload sessions are swept by ``Archive.expire_uploads``.)"""
+objects no index row points at, staging objects of finished upload sessions, empty staging
+folders, and extra query tags configured after instances were stored. (Expired upload sessions
+are swept by ``Archive.expire_uploads``.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 
 from ..errors import NotFoundError, UsageError
-from . import index
+from . import index, uploads
 from .bucket import BucketLayout, check_tenant
 from .db import Database
 from .objects import ArchiveObjects
@@ -58,9 +59,36 @@ async def collect_orphans(
         if batch:
             found, gone = await settle(batch)
             orphans, removed = orphans + found, removed + gone
+    found, gone, seen = await _staging_leftovers(objects, db, tenant, cutoff, dry_run)
+    scanned, orphans, removed = scanned + seen, orphans + found, removed + gone
     if orphans:
         log.info("orphaned objects: %d found, %d removed", orphans, removed)
     return OrphanSweep(scanned=scanned, orphans=orphans, removed=removed)
+
+
+async def _staging_leftovers(
+    objects: ArchiveObjects, db: Database, tenant: str, cutoff: datetime, dry_run: bool
+) -> tuple[int, int, int]:
+    """(found, removed, scanned) staging objects of finished (completed or expired) upload
+    sessions: what a presigned URL used again after its session completed writes. Completion
+    and expiry remove the rest; objects of no known session (a STOW-RS body being staged) stay."""
+    prefix = BucketLayout.staging_prefix(tenant)
+    stale: dict[str, list[str]] = {}
+    scanned = 0
+    async for info in objects.store.list(objects.key(prefix)):
+        scanned += 1
+        session_id = objects.archive_key(info.key)[len(prefix) :].split("/", 1)[0]
+        if info.last_modified is None or info.last_modified > cutoff or not session_id:
+            continue
+        stale.setdefault(session_id, []).append(info.key)
+    if not stale:
+        return 0, 0, scanned
+    ids = list(stale)
+    finished = await db.run(lambda s: uploads.finished_ids(s, tenant, ids))
+    lost = [key for session_id, keys in stale.items() if session_id in finished for key in keys]
+    if lost and not dry_run:
+        await objects.store.delete(lost)
+    return len(lost), 0 if dry_run else len(lost), scanned
 
 
 async def sweep_orphans(objects: ArchiveObjects, db: Database, *, older_than: timedelta) -> OrphanSweep:

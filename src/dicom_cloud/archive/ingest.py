@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
 from sqlalchemy.orm import Session
@@ -56,8 +56,19 @@ REASON_SIZE_MISMATCH = "size differs from the declared size"
 REASON_CHECKSUM_MISMATCH = "CRC32C differs from the declared checksum"
 REASON_TOO_LARGE = "larger than the largest instance accepted"
 REASON_CONFLICT = "another instance with this SOP Instance UID is stored"
+REASON_CONTENT_TYPE = "stored with another content type than declared"
+REASON_WRITTEN_LATE = "written after its upload URL expired"
+#: How far the store's clock may run ahead of ours before a write counts as late.
+URL_CLOCK_SKEW = timedelta(seconds=5)
 #: Copies of an instance an ingest holds at its peak (see ArchiveSettings.ingest_memory).
 _INGEST_COPIES = 3
+
+
+def _written_late(written: datetime | None, deadline: datetime | None) -> bool:
+    """Whether an object was written after its URL's deadline (unknown times: not late)."""
+    return written is not None and deadline is not None and written > deadline + URL_CLOCK_SKEW
+
+
 #: Head read for a streamed ingest, doubled while the header runs past it, up to the last.
 _FIRST_HEAD = 64 * 1024
 _MAX_HEAD = 8 * 1024 * 1024
@@ -191,13 +202,18 @@ class Ingestor:
         staging_key: str,
         expected_size: int | None = None,
         expected_crc32c: str | None = None,
+        *,
+        content_type: str | None = None,
+        put_by: datetime | None = None,
     ) -> StoredInstance:
         """Ingest an object a client PUT under the staging prefix (the presigned-upload path).
 
-        Checks that it exists, has ``expected_size`` bytes and ``expected_crc32c``; reads its
-        header by a ranged read and validates it; then stores it as :meth:`store_instance` does
-        and removes the staging object. A refused object is moved to the quarantine prefix and
-        RejectedObjectError (``reason``, ``quarantine_key``) is raised.
+        Checks that it exists, has ``expected_size`` bytes and ``expected_crc32c``, was stored
+        with ``content_type`` (when the store reports one) and written by ``put_by`` (when the
+        store reports the time); reads its header by a ranged read and validates it; then
+        stores it as :meth:`store_instance` does and removes the staging object. A refused
+        object is moved to the quarantine prefix (one larger than declared is deleted, not
+        copied) and RejectedObjectError (``reason``, ``quarantine_key``) is raised.
         """
         check_tenant(tenant)
         if not staging_key.startswith(BucketLayout.staging_prefix(tenant)) or ".." in staging_key:
@@ -207,10 +223,18 @@ class Ingestor:
             info = await self.objects.store.stat(full)
         except NotFoundError:
             raise RejectedObjectError(REASON_NOT_UPLOADED) from None
-        if expected_size is not None and info.size != expected_size:
-            raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH)
         if info.size > self.settings.max_upload_size:
-            raise await self._reject(tenant, staging_key, REASON_TOO_LARGE)
+            raise await self._reject(tenant, staging_key, REASON_TOO_LARGE, keep=False)
+        if expected_size is not None and info.size != expected_size:
+            # Bytes beyond what was declared are not worth a copy: the object is deleted.
+            keep = info.size < expected_size
+            raise await self._reject(tenant, staging_key, REASON_SIZE_MISMATCH, keep=keep)
+        if content_type is not None and info.content_type is not None:
+            stored_type = info.content_type.split(";", 1)[0].strip().lower()
+            if stored_type != content_type.lower():
+                raise await self._reject(tenant, staging_key, REASON_CONTENT_TYPE)
+        if _written_late(info.last_modified, put_by):
+            raise await self._reject(tenant, staging_key, REASON_WRITTEN_LATE)
         try:
             # The header first, by a ranged read: junk is refused without reading it whole.
             identity = await read_identity_from_store(
@@ -309,10 +333,18 @@ class Ingestor:
         except ConflictError:
             raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
 
-    async def _reject(self, tenant: str, staging_key: str, reason: str) -> RejectedObjectError:
-        """Move a staging object to quarantine, with its reason beside it; the error to raise."""
+    async def _reject(
+        self, tenant: str, staging_key: str, reason: str, *, keep: bool = True
+    ) -> RejectedObjectError:
+        """Move a staging object to quarantine, with its reason beside it (or, ``keep`` false,
+        delete it); the error to raise."""
+        src = self.objects.key(staging_key)
+        if not keep:
+            await self.objects.store.delete([src])
+            log.info("upload refused and deleted: %s", reason)
+            return RejectedObjectError(reason)
         quarantine_key = BucketLayout.quarantine_key(tenant, staging_key)
-        src, dst = self.objects.key(staging_key), self.objects.key(quarantine_key)
+        dst = self.objects.key(quarantine_key)
         if self.objects.store.features.server_side_copy:
             await self.objects.store.copy(src, dst)
         else:

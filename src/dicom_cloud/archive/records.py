@@ -137,6 +137,11 @@ class DeclaredFile:
     size: int
     #: CRC32C as 8 hex digits, when the client computed it; checked at completion.
     crc32c: str | None = None
+    #: The content type the client declared; an object stored with another is refused.
+    content_type: str | None = None
+    #: When the client's URL expired, for objects whose last write is the client's: one written
+    #: later (a store that does not enforce the URL's expiry) is refused at completion.
+    put_by: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,29 @@ _STATES: Final = ("pending", "completing", "completed", "expired")
 _CRC: Final = re.compile(r"[0-9a-f]{8}")
 
 
-def _session(row: UploadSessionRow) -> UploadSession:
-    files = tuple(
-        DeclaredFile(str(f["name"]), int(str(f["size"])), str(f["crc32c"]) if f.get("crc32c") else None)
-        for f in row.files
+def _declared(f: Mapping[str, Any]) -> DeclaredFile:
+    put_by = f.get("put_by")
+    return DeclaredFile(
+        str(f["name"]),
+        int(str(f["size"])),
+        str(f["crc32c"]) if f.get("crc32c") else None,
+        content_type=str(f["content_type"]) if f.get("content_type") else None,
+        put_by=datetime.fromisoformat(str(put_by)) if put_by else None,
     )
+
+
+def _stored(f: DeclaredFile) -> dict[str, Any]:
+    """A declared file as kept in the session row (JSON; keys added later are optional)."""
+    out: dict[str, Any] = {"name": f.name, "size": f.size, "crc32c": f.crc32c}
+    if f.content_type:
+        out["content_type"] = f.content_type
+    if f.put_by is not None:
+        out["put_by"] = f.put_by.astimezone(UTC).isoformat()
+    return out
+
+
+def _session(row: UploadSessionRow) -> UploadSession:
+    files = tuple(_declared(f) for f in row.files)
     return UploadSession(
         id=row.id,
         tenant=row.tenant,
@@ -57,7 +75,7 @@ def check_files(files: Sequence[DeclaredFile], max_size: int) -> list[DeclaredFi
         crc = f.crc32c.lower() if f.crc32c else None
         if crc is not None and not _CRC.fullmatch(crc):
             raise UsageError(f"file {i}: crc32c must be 8 hex digits")
-        out.append(DeclaredFile(f.name, f.size, crc))
+        out.append(DeclaredFile(f.name, f.size, crc, content_type=f.content_type, put_by=f.put_by))
     return out
 
 
@@ -76,7 +94,7 @@ def create(
     row = UploadSessionRow(
         id=session_id,
         tenant=tenant,
-        files=[{"name": f.name, "size": f.size, "crc32c": f.crc32c} for f in checked],
+        files=[_stored(f) for f in checked],
         staging_keys=[BucketLayout.staging_key(tenant, session_id, i) for i in range(len(checked))],
         state="pending",
         created=now,
@@ -158,3 +176,15 @@ def expire_due(session: Session, now: datetime, limit: int = 100) -> list[Upload
         row.state = "expired"
     session.flush()
     return [_session(r) for r in rows]
+
+
+def finished_ids(session: Session, tenant: str, session_ids: Sequence[str]) -> set[str]:
+    """Which of ``session_ids`` are the tenant's finished (completed or expired) upload sessions."""
+    rows = session.scalars(
+        select(UploadSessionRow.id).where(
+            UploadSessionRow.tenant == tenant,
+            UploadSessionRow.id.in_(list(session_ids)),
+            UploadSessionRow.state.in_(("completed", "expired")),
+        )
+    )
+    return set(rows)

@@ -351,6 +351,26 @@ class GCSStore(Store):
 
         return await self._run(run, key)
 
+    async def sign_bound_put(self, key: str, expires: timedelta, *, content_type: str, size: int) -> str:
+        """A V4 signed PUT URL that also signs ``Content-Type`` and ``x-goog-content-length-range:
+        size,size``: GCS refuses a PUT that sends another content type or another number of bytes
+        (the client must send both headers as given)."""
+        if not timedelta(0) < expires <= _MAX_SIGN_LIFETIME:
+            raise UsageError(f"a gs:// signed URL must expire within 7 days, not {expires}")
+
+        def run(client: storage.Client) -> str:
+            url: str = self._blob(client, key).generate_signed_url(
+                version="v4",
+                expiration=expires,
+                method="PUT",
+                content_type=content_type,
+                headers={"x-goog-content-length-range": f"{size},{size}"},
+                **self._signing_arguments(),
+            )
+            return url
+
+        return await self._run(run, key)
+
     def resumable_uploads(self) -> ResumableUploads | None:
         # A customer key would have to travel with every chunk: not implemented, not resumable.
         if self._encryption_key is not None:

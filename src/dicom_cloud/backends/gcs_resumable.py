@@ -94,7 +94,17 @@ class GCSResumableUploads:
 
     # -- ResumableUploads ----------------------------------------------------------------------
 
-    async def begin(self, key: str, size: int, part_size: int, options: PutOptions) -> dict[str, Any]:
+    async def begin(
+        self,
+        key: str,
+        size: int,
+        part_size: int,
+        options: PutOptions,
+        *,
+        origin: str | None = None,
+    ) -> dict[str, Any]:
+        """Start a session for ``size`` bytes. ``origin``: the browser origin that will send the
+        chunks (GCS answers the session's requests with CORS headers for the initiating origin)."""
         if part_size % CHUNK_QUANTUM and part_size < size:
             raise UsageError(f"GCS resumable uploads need a part size multiple of {CHUNK_QUANTUM} bytes")
         if options.tags:
@@ -123,6 +133,8 @@ class GCSResumableUploads:
                 "X-Upload-Content-Type": content_type,
                 "X-Upload-Content-Length": str(size),
             }
+            if origin:
+                headers["Origin"] = origin
             return Request("POST", url, headers, body)
 
         response = await self._http.send(build)

@@ -35,6 +35,7 @@ from .handlers import install_error_handlers
 from .memory import RequestMemory
 from .observability import AccessLogMiddleware, Metrics
 from .presign import S3PutSigner
+from .presign_clouds import cloud_put_signer
 from .routes import dicomweb, health, labels, shares, tokens, uploads, viewer, wado_uri, web
 from .settings import ServiceSettings
 
@@ -153,6 +154,8 @@ def create_app(
         opened = archive is None
         current = archive if archive is not None else await Archive.open(archive_settings(settings))
         app.state.archive = current
+        # Azure and GCS direct-upload URLs need the opened store (GCS signs with its credentials).
+        app.state.cloud_signer = cloud_put_signer(settings.storage_url, lambda: current.store)
         app.state.credential_cache = cache = CredentialCache(settings.auth_cache_seconds)
         app.state.authenticator = Authenticator(
             secret_resolver(current, cache),
@@ -177,6 +180,8 @@ def create_app(
             for sweeper in sweepers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
+            if app.state.cloud_signer is not None:
+                await app.state.cloud_signer.close()
             if opened:
                 await current.close()
 

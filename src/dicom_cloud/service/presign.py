@@ -3,9 +3,10 @@
 On S3 with static keys (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile) the URL is signed
 here with SigV4 (``backends/sigv4.py``) with ``content-type`` and ``content-length`` among the signed
 headers: S3 refuses (403) a PUT that sends another content type or another number of bytes, so the
-declared size is enforced at upload time, not only at completion. Other stores (S3 with role
-credentials the library finds itself, GCS, Azure) fall back to the store's own presigning, which
-signs the host only; the archive then enforces size and checksum when the session is completed.
+declared size is enforced at upload time, not only at completion. S3 with role credentials the
+library finds itself falls back to the store's own presigning, which signs the host only; the
+archive then enforces size and checksum when the session is completed. (Azure and GCS:
+``presign_clouds.py``.)
 """
 
 from __future__ import annotations

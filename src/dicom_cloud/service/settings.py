@@ -94,7 +94,8 @@ class ServiceSettings(BaseModel):
     upload_max_bytes: int = Field(512 * 1024**2, gt=0)
     upload_max_files: int = Field(1000, gt=0)
     upload_url_ttl_seconds: int = Field(900, gt=0, le=7 * 24 * 3600)
-    #: Files larger than this are uploaded in parts of this size (S3 with static keys only).
+    #: Files larger than this are uploaded in parts of this size (S3 with static keys, Azure with
+    #: the account key, GCS).
     upload_part_size: int = Field(64 * 1024**2, ge=5 * 1024**2)
     stow_max_bytes: int = Field(512 * 1024**2, gt=0)
     #: STOW-RS parts up to this size are held in memory and stored whole; larger ones are staged

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
@@ -36,6 +36,7 @@ from ..http_errors import (
 from ..memory import RequestMemory
 from ..multipart import MediaType, body_chunks
 from ..presign import MAX_PARTS, S3PutSigner
+from ..presign_clouds import CloudPutSigner
 
 router = APIRouter(tags=["uploads"])
 
@@ -68,6 +69,10 @@ class MultipartUrls(BaseModel):
     upload_id: str = Field(..., description="send it back at completion with the parts' ETags")
     part_size: int
     parts: list[PartUrl]
+    in_order: bool = Field(default=False, description="send the parts one after another, in order")
+    etags_required: bool = Field(
+        default=True, description="send each part's ETag back at completion (otherwise completing is enough)"
+    )
 
 
 class FileUrl(BaseModel):
@@ -76,14 +81,17 @@ class FileUrl(BaseModel):
     size: int
     method: Literal["PUT"] = "PUT"
     url: str | None = Field(..., description="one PUT of the whole file; None when sent in parts")
-    headers: dict[str, str] = Field(..., description="headers the PUT must carry")
+    headers: dict[str, str] = Field(
+        ..., description="headers the PUT must carry exactly as given (some are signed)"
+    )
     multipart: MultipartUrls | None = Field(None, description="for large files: one PUT per part")
 
 
 class CompletedParts(BaseModel):
     index: int = Field(..., ge=0)
     upload_id: str = Field(..., min_length=1, max_length=1024)
-    etags: list[str] = Field(..., min_length=1, max_length=10_000)
+    #: Null where a part's answer had no ETag header (Azure blocks, GCS chunks: not needed there).
+    etags: list[str | None] = Field(..., min_length=1, max_length=10_000)
 
 
 class CompleteIn(BaseModel):
@@ -147,13 +155,29 @@ async def create_upload(
                 f"file {number} declares {file.size} bytes; the maximum is {settings.upload_max_bytes}"
             )
     ttl = timedelta(seconds=settings.upload_url_ttl_seconds)
-    declared = [DeclaredFile(f.name, f.size, f.crc32c.lower() if f.crc32c else None) for f in body.files]
-    # The session outlives its URLs by an hour: time to finish the last PUT and complete.
-    session = await archive.create_upload(principal.tenant, declared, expires_in=ttl + timedelta(hours=1))
     url_expires = int(time.time() + ttl.total_seconds())
     signer: S3PutSigner | None = request.app.state.put_signer
+    cloud: CloudPutSigner | None = getattr(request.app.state, "cloud_signer", None)
+    in_parts = [
+        (signer is not None or cloud is not None) and f.size > settings.upload_part_size for f in body.files
+    ]
+    # The completion refuses objects written after their URL expired, where the client's request
+    # is what writes the object (not blocks or parts the service joins at completion).
+    deadline = datetime.fromtimestamp(url_expires, UTC)
+    declared = [
+        DeclaredFile(
+            f.name,
+            f.size,
+            f.crc32c.lower() if f.crc32c else None,
+            content_type=f.content_type,
+            put_by=None if parts and not (cloud and cloud.client_finalises_parts) else deadline,
+        )
+        for f, parts in zip(body.files, in_parts, strict=True)
+    ]
+    # The session outlives its URLs by an hour: time to finish the last PUT and complete.
+    session = await archive.create_upload(principal.tenant, declared, expires_in=ttl + timedelta(hours=1))
     presigned: list[str] | None = None
-    if signer is None:
+    if signer is None and cloud is None:
         try:
             presigned = await archive.upload_urls(session, expires_in=ttl)
         except NotSupportedError:
@@ -163,7 +187,17 @@ async def create_upload(
         headers: dict[str, str] = {"Content-Type": file.content_type}
         multipart = None
         url: str | None
-        if signer is not None and file.size > settings.upload_part_size:
+        signed = None
+        if cloud is not None:  # Azure, GCS: what each provider's signature can bind
+            origin = request.headers.get("origin")
+            signed = await _cloud_file(
+                cloud, archive.store_key(key), file, in_parts[index], settings, ttl, origin
+            )
+            if signed is None:
+                cloud = None  # credentials that cannot sign: the service takes the bytes itself
+        if signed is not None:
+            url, headers, multipart = signed
+        elif signer is not None and in_parts[index]:
             url, multipart = None, await _multipart(signer, archive.store_key(key), file, settings, ttl)
         elif signer is not None:  # S3 with static keys: content type and exact size are signed
             scoped = signer.put(archive.store_key(key), file.content_type, file.size, ttl)
@@ -201,6 +235,48 @@ async def _multipart(
             )
             for number, part in enumerate(parts, start=1)
         ],
+    )
+
+
+async def _cloud_file(
+    cloud: CloudPutSigner,
+    key: str,
+    file: FileIn,
+    in_parts: bool,
+    settings: SettingsDep,
+    ttl: timedelta,
+    origin: str | None,
+) -> tuple[str | None, dict[str, str], MultipartUrls | None] | None:
+    """URL, headers and parts of one file on Azure or GCS; None when the credentials cannot
+    sign (GCS without a key or the right to sign blobs)."""
+    try:
+        if in_parts:
+            parts = await _cloud_parts(cloud, key, file, settings, ttl, origin)
+            return None, {"Content-Type": file.content_type}, parts
+        scoped = await cloud.put(key, file.content_type, file.size, ttl)
+    except NotSupportedError:
+        return None
+    return scoped.url, scoped.headers, None
+
+
+async def _cloud_parts(
+    cloud: CloudPutSigner, key: str, file: FileIn, settings: SettingsDep, ttl: timedelta, origin: str | None
+) -> MultipartUrls:
+    part_size = max(settings.upload_part_size, -(-file.size // MAX_PARTS))
+    plan = await cloud.start_parts(
+        key, file.content_type, file.size, part_size, ttl, crc32c=file.crc32c, origin=origin
+    )
+    parts, start = [], 0
+    for number, part in enumerate(plan.parts, start=1):
+        length = min(plan.part_size, file.size - start)
+        parts.append(PartUrl(number=number, size=length, url=part.url, headers=part.headers))
+        start += length
+    return MultipartUrls(
+        upload_id=plan.upload_id,
+        part_size=plan.part_size,
+        parts=parts,
+        in_order=plan.in_order,
+        etags_required=plan.etags_required,
     )
 
 
@@ -294,12 +370,18 @@ async def complete_upload(
     principal: Writer,
     archive: ArchiveDep,
     metrics: MetricsDep,
+    settings: SettingsDep,
     body: CompleteIn | None = None,
 ) -> UploadResult:
-    """Each declared file is checked (size, CRC32C when declared, DICOM Part 10) and ingested;
+    """Each declared file is checked (size, CRC32C when declared, content type, write time,
+    DICOM Part 10) and ingested;
     refused files are listed with their reason. Completing again answers the same outcome.
-    Files sent in parts are joined first (body: their upload ids and the parts' ETags)."""
-    if body is not None and body.parts:
+    Files sent in parts are joined first (body: their upload ids and the parts' ETags, when
+    ``etags_required``; otherwise the service finds the parts itself and no body is needed)."""
+    cloud: CloudPutSigner | None = getattr(request.app.state, "cloud_signer", None)
+    if cloud is not None:
+        await _finish_cloud_parts(cloud, archive, principal, session_id, settings.upload_part_size)
+    elif body is not None and body.parts:
         signer: S3PutSigner | None = request.app.state.put_signer
         session = await archive.get_upload(principal.tenant, session_id)
         if signer is None or session.state != "pending":
@@ -308,7 +390,10 @@ async def complete_upload(
             if completed.index >= len(session.staging_keys):
                 raise MalformedRequestError(f"the upload has no file {completed.index}")
             key = archive.store_key(session.staging_keys[completed.index])
-            await signer.complete_multipart(key, completed.upload_id, completed.etags)
+            etags = [etag for etag in completed.etags if etag]
+            if len(etags) != len(completed.etags):
+                raise MalformedRequestError("every part's ETag is needed to join the parts")
+            await signer.complete_multipart(key, completed.upload_id, etags)
     outcome: UploadOutcome = await archive.complete_upload(principal.tenant, session_id)
     metrics.instances_stored.labels("stored").inc(len(outcome.accepted))
     metrics.instances_stored.labels("refused").inc(len(outcome.rejected))
@@ -328,3 +413,16 @@ async def complete_upload(
         ],
         rejected=[FileOutcome(index=r.index, name=r.name, reason=r.reason) for r in outcome.rejected],
     )
+
+
+async def _finish_cloud_parts(
+    cloud: CloudPutSigner, archive: ArchiveDep, principal: Principal, session_id: str, part_size: int
+) -> None:
+    """Join the parts of files sent in parts (Azure blocks); a session no longer pending has
+    nothing left to join (completing again answers its recorded outcome)."""
+    session = await archive.get_upload(principal.tenant, session_id)
+    if session.state != "pending":
+        return
+    for file, key in zip(session.files, session.staging_keys, strict=True):
+        if file.size > part_size:
+            await cloud.finish_parts(archive.store_key(key), file.content_type or "application/dicom")

@@ -188,7 +188,8 @@
       }
       request.upload.onprogress = (event) => onProgress(event.loaded);
       request.onload = () => {
-        if (request.status >= 200 && request.status < 300) resolve(request);
+        // 308: a GCS resumable session took a chunk that is not the last one.
+        if ((request.status >= 200 && request.status < 300) || request.status === 308) resolve(request);
         else reject(new Error('HTTP ' + request.status));
       };
       request.onerror = () => reject(new Error('network error'));
