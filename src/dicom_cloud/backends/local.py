@@ -206,10 +206,17 @@ class LocalStore(Store):
         return PutResult(etag=None)
 
     def _new_partial(self, path: Path) -> PartialFile:
-        """The partial file of a write of ``path``, once the stale ones of ``path`` are removed."""
-        _make_parent(path, self.private)
+        """The partial file of a write of ``path``, once the stale ones of ``path`` are removed.
+
+        The directory is made only when the partial file cannot be created for want of it: most
+        writes go to a directory that exists, and checking it first cost a ``stat`` per level
+        and write (6% of a STOW-RS ingest's samples)."""
         self._stale.remove_for(path)
-        return PartialFile(path, private=self.private)
+        try:
+            return PartialFile(path, private=self.private)
+        except FileNotFoundError:
+            _make_parent(path, self.private)
+            return PartialFile(path, private=self.private)
 
     def _write_then_commit(self, path: Path, write: object, if_absent: bool) -> None:
         assert callable(write)

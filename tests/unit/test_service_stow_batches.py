@@ -1,0 +1,62 @@
+"""STOW-RS parts stored in batches: the answer names every part as storing them one by one did,
+and one request of new instances is one index transaction."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from test_service_app import CT, MR, make_client, stow_body
+
+from archive_helpers import make_instance
+from dicom_cloud.archive.db import Database
+
+REFERENCED, FAILED, REASON, SOP_UID = "00081199", "00081198", "00081197", "00081155"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    c, tokens = make_client(tmp_path)
+    with c:
+        c.headers["Authorization"] = f"Bearer {tokens[0]}"
+        yield c
+
+
+def _uid(data: bytes) -> str:
+    return str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
+
+
+def test_refused_duplicate_and_conflicting_parts_among_batched_ones(client: TestClient) -> None:
+    changed = bytearray(CT)
+    changed[-1] ^= 0xFF
+    parts = (CT, b"not dicom at all", MR, CT, bytes(changed))
+    answer = client.post("/studies", content=stow_body(*parts)[0], headers=stow_body()[1])
+    assert answer.status_code == 202
+    body = answer.json()
+    assert [item[SOP_UID]["Value"][0] for item in body[REFERENCED]["Value"]] == [_uid(CT), _uid(MR), _uid(CT)]
+    failed = body[FAILED]["Value"]
+    assert [item[REASON]["Value"][0] for item in failed] == [0xC000, 0x0111]
+    assert failed[1][SOP_UID]["Value"] == [_uid(CT)]  # a refused part is named
+    assert len(client.get("/instances").json()) == 2
+
+
+def test_one_request_of_new_instances_is_one_index_transaction(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    units = 0
+    real = Database.run_sync
+
+    def counted(self: Database, work):  # type: ignore[no-untyped-def]
+        nonlocal units
+        units += 1
+        return real(self, work)
+
+    monkeypatch.setattr(Database, "run_sync", counted)
+    parts = [make_instance("1.2.3", "1.2.3.1", f"1.2.3.1.{i}") for i in range(30)]
+    answer = client.post("/studies", content=stow_body(*parts)[0], headers=stow_body()[1])
+    assert answer.status_code == 200 and len(answer.json()[REFERENCED]["Value"]) == 30
+    assert units == 1
