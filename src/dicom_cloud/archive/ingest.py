@@ -211,7 +211,7 @@ class Ingestor:
                 if isinstance(outcome, DicomCloudError):
                     results[i] = outcome
                     continue
-                sanitised, changed, parsed, crc = outcome
+                sanitised, changed, parsed, crc, sidecar = outcome
                 uid = parsed.identity.sop_instance_uid
                 if uid in seen:
                     later.append(i)
@@ -225,6 +225,7 @@ class Ingestor:
                     self.layout.instance_key(tenant, uid, crc),
                     self.layout.sidecar_key(tenant, uid, crc),
                     sanitised,
+                    sidecar,
                 )
             first = [i for i in prepared if i not in later]
             uids = [prepared[i].parsed.identity.sop_instance_uid for i in first]
@@ -271,7 +272,7 @@ class Ingestor:
             item = prepared[i]
             async with slots:
                 await self.objects.put(item.object_key, item.data, DICOM_TYPE, plaintext_crc=item.crc)
-                await self.objects.put(item.sidecar_key, item.parsed.sidecar_bytes(), SIDECAR_TYPE)
+                await self.objects.put(item.sidecar_key, item.sidecar, SIDECAR_TYPE)
 
         indexed: set[int] = set()
         try:
@@ -552,6 +553,7 @@ class _Prepared:
     object_key: str
     sidecar_key: str
     data: bytes = b""
+    sidecar: bytes = b""
 
     def insert(self, tenant: str, encrypted: bool, session: Session) -> InstanceRecord:
         return index.insert_instance(
@@ -568,12 +570,14 @@ class _Prepared:
 
 def _sanitise_and_parse_all(
     parts: Sequence[bytes | memoryview], extra_tags: Sequence[int]
-) -> list[tuple[bytes, bool, ParsedInstance, str] | DicomCloudError]:
-    """:func:`_sanitise_and_parse` of each part, a refusal as its error (one worker-thread trip)."""
-    out: list[tuple[bytes, bool, ParsedInstance, str] | DicomCloudError] = []
+) -> list[tuple[bytes, bool, ParsedInstance, str, bytes] | DicomCloudError]:
+    """:func:`_sanitise_and_parse` of each part and its sidecar's bytes, a refusal as its error
+    (one worker-thread trip for them all)."""
+    out: list[tuple[bytes, bool, ParsedInstance, str, bytes] | DicomCloudError] = []
     for data in parts:
         try:
-            out.append(_sanitise_and_parse(data, extra_tags))
+            sanitised, changed, parsed, crc = _sanitise_and_parse(data, extra_tags)
+            out.append((sanitised, changed, parsed, crc, parsed.sidecar_bytes()))
         except DicomCloudError as exc:
             out.append(exc)
     return out

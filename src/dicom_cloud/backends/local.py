@@ -160,7 +160,9 @@ class LocalStore(Store):
         def write(tmp: Path) -> None:
             with _create(tmp, self.private) as f:
                 f.write(data)
-            _write_metadata(tmp, options)
+                f.flush()
+                # On the open file: no path lookups, and the stamp's stat sees the whole content.
+                _write_metadata(f.fileno(), options)
 
         await asyncio.to_thread(self._write_then_commit, path, write, options.if_absent)
         return PutResult(etag=None)
@@ -361,7 +363,9 @@ _CONTENT_TYPE = "content-type"
 _CHECKSUM_STAMP = "crc32c-stamp"
 
 
-def _write_metadata(path: Path, options: PutOptions) -> None:
+def _write_metadata(path: Path | int, options: PutOptions) -> None:
+    """The metadata of ``options`` as extended attributes of ``path`` (or of an open file, by its
+    descriptor, once its content is written)."""
     items = dict(options.metadata)
     if options.content_type:
         items[_CONTENT_TYPE] = options.content_type
