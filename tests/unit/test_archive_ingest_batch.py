@@ -9,6 +9,7 @@ import pytest
 
 from archive_helpers import Run, make_instance, opened
 from dicom_cloud.archive import Archive, ArchiveSettings, StoredInstance
+from dicom_cloud.archive import db as db_module
 from dicom_cloud.archive.db import Database
 from dicom_cloud.errors import ConflictError, DicomFormatError, NetworkError, UsageError
 
@@ -36,12 +37,12 @@ def test_a_batch_of_new_instances_is_indexed_in_one_transaction(
     archive: tuple[Archive, Run], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, run = archive
-    units: list[str] = []
+    transactions: list[int] = []
     real = Database.run_sync
 
-    def counted(self: Database, work):  # type: ignore[no-untyped-def]
-        units.append(getattr(work, "__name__", "?"))
-        return real(self, work)
+    def counted(self: Database, work, units=1):  # type: ignore[no-untyped-def]
+        transactions.append(units)
+        return real(self, work, units)
 
     monkeypatch.setattr(Database, "run_sync", counted)
     parts = [make_instance(STUDY, SERIES, _sop(i), InstanceNumber=i) for i in range(20)]
@@ -50,12 +51,12 @@ def test_a_batch_of_new_instances_is_indexed_in_one_transaction(
     assert [r.record.sop_instance_uid for r in results if isinstance(r, StoredInstance)] == [
         _sop(i) for i in range(20)
     ]
-    assert len(units) == 1
+    assert transactions == [20]
     assert len(run(a.search_instances("acme", {}))) == 20
     assert len(_keys(a, run)) == 40  # an object and a sidecar each
     again = run(a.store_instances("acme", parts))
     assert all(isinstance(r, StoredInstance) and not r.created for r in again)
-    assert len(units) == 1  # all found stored: no write at all
+    assert transactions == [20]  # all found stored: no write at all
 
 
 def test_each_outcome_is_what_storing_one_by_one_gives(archive: tuple[Archive, Run]) -> None:
@@ -139,3 +140,23 @@ def test_a_store_that_is_down_fails_the_batch_and_leaves_nothing(
     monkeypatch.setattr(a.store, "put", real_put)
     assert run(a.search_instances("acme", {})) == []
     assert _keys(a, run) == []
+
+
+def test_a_batch_counts_as_its_instances_towards_the_planner_statistics(
+    archive: tuple[Archive, Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's statistics are refreshed every so many units of work: a fill by batches of 25
+    must refresh them as often as 25 stores one by one would, not once per 25."""
+    a, run = archive
+    refreshed = 0
+    real = Database.refresh_statistics
+
+    def counted(self: Database) -> None:
+        nonlocal refreshed
+        refreshed += 1
+        real(self)
+
+    monkeypatch.setattr(db_module, "_STATISTICS_EVERY", 10)
+    monkeypatch.setattr(Database, "refresh_statistics", counted)
+    run(a.store_instances("acme", [make_instance(STUDY, SERIES, _sop(i)) for i in range(25)]))
+    assert refreshed >= 2  # the lookup of 25 and the insert of 25: each crosses a multiple of 10

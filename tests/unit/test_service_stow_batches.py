@@ -47,16 +47,16 @@ def test_refused_duplicate_and_conflicting_parts_among_batched_ones(client: Test
 def test_one_request_of_new_instances_is_one_index_transaction(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    units = 0
+    transactions = 0
     real = Database.run_sync
 
-    def counted(self: Database, work):  # type: ignore[no-untyped-def]
-        nonlocal units
-        units += 1
-        return real(self, work)
+    def counted(self: Database, work, units=1):  # type: ignore[no-untyped-def]
+        nonlocal transactions
+        transactions += 1
+        return real(self, work, units)
 
     monkeypatch.setattr(Database, "run_sync", counted)
     parts = [make_instance("1.2.3", "1.2.3.1", f"1.2.3.1.{i}") for i in range(30)]
     answer = client.post("/studies", content=stow_body(*parts)[0], headers=stow_body()[1])
     assert answer.status_code == 200 and len(answer.json()[REFERENCED]["Value"]) == 30
-    assert units == 1
+    assert transactions == 1

@@ -229,7 +229,9 @@ class Ingestor:
                 )
             first = [i for i in prepared if i not in later]
             uids = [prepared[i].parsed.identity.sop_instance_uid for i in first]
-            existing = await self.db.read(lambda s: index.find_instances(s, tenant, uids)) if uids else {}
+            existing = (
+                await self.db.read(lambda s: index.find_instances(s, tenant, uids), len(uids)) if uids else {}
+            )
             new: list[int] = []
             for i in first:
                 item = prepared[i]
@@ -292,7 +294,7 @@ class Ingestor:
                 return [prepared[i].insert(tenant, encrypted, session) for i in ready]
 
             try:
-                records = await self.db.run(insert_all) if ready else []
+                records = await self.db.run(insert_all, len(ready)) if ready else []
             except (DatabaseIntegrityError, ConflictError):
                 records = None  # rolled back whole: each on its own, as one store would
             if records is not None:
