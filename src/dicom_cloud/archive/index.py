@@ -313,6 +313,12 @@ def referenced_object_keys(session: Session, tenant: str, keys: Sequence[str]) -
     return set(session.scalars(query))
 
 
+# One instance by its three UIDs (per-instance WADO-RS): a statement built once, values bound.
+_FIND_ONE = _FIND_INSTANCE.where(
+    Study.study_instance_uid == bindparam("study"), Series.series_instance_uid == bindparam("series")
+)
+
+
 def list_instances(
     session: Session,
     tenant: str,
@@ -320,6 +326,14 @@ def list_instances(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> list[InstanceRecord]:
+    if series_instance_uid is not None and sop_instance_uid is not None:
+        values = {
+            "tenant": tenant,
+            "sop_instance_uid": sop_instance_uid,
+            "study": study_instance_uid,
+            "series": series_instance_uid,
+        }
+        return [_record(row) for row in session.connection().execute(_FIND_ONE, values)]
     query = _RECORDS.where(Instance.tenant == tenant, Study.study_instance_uid == study_instance_uid)
     if series_instance_uid is not None:
         query = query.where(Series.series_instance_uid == series_instance_uid)
