@@ -110,7 +110,8 @@ class LocalStore(Store):
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 data = f.read()
-            metadata = _read_metadata(path)
+                # On the open file: the attributes of the bytes read, without path lookups.
+                metadata = _read_metadata(f.fileno())
             content_type = metadata.pop(_CONTENT_TYPE, None)
             info = ObjectInfo(
                 key=key,
@@ -382,7 +383,9 @@ def _write_metadata(path: Path | int, options: PutOptions) -> None:
             raise
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
+def _read_metadata(path: Path | int) -> dict[str, str]:
+    """The metadata kept as extended attributes of ``path`` (or of an open file, by its descriptor);
+    a CRC32C whose stamp no longer matches the file is left out."""
     try:
         names = os.listxattr(path)
     except OSError:
