@@ -101,7 +101,7 @@ class StowReceiver:
                 if isinstance(held, list):
                     size = sum(map(len, held))
                     if batch and (batch_size + size > self.part_memory // 2 or len(batch) >= BATCH_PARTS):
-                        for outcome in await self._store_batch(batch):
+                        async for outcome in self._store_batch(batch):
                             yield outcome
                         batch, batch_size = [], 0
                     batch.append(held)
@@ -110,7 +110,7 @@ class StowReceiver:
             else:
                 held = None
             if batch:
-                for outcome in await self._store_batch(batch):
+                async for outcome in self._store_batch(batch):
                     yield outcome
                 batch, batch_size = [], 0
             if held is None:
@@ -118,7 +118,7 @@ class StowReceiver:
             else:
                 yield await self._store_held(reader, held)
         if batch:
-            for outcome in await self._store_batch(batch):
+            async for outcome in self._store_batch(batch):
                 yield outcome
 
     async def _hold(self, reader: RelatedReader) -> list[bytes] | tuple[list[bytes]] | PartOutcome:
@@ -146,20 +146,27 @@ class StowReceiver:
         assert isinstance(held, tuple)
         return await self._store_streamed(held[0], reader)
 
-    async def _store_batch(self, batch: list[list[bytes]]) -> list[PartOutcome]:
-        """Store whole parts together; the outcome of each, in order."""
+    async def _store_batch(self, batch: list[list[bytes]]) -> AsyncIterator[PartOutcome]:
+        """Store whole parts together; the outcome of each, in order. A store that is down fails
+        the request (raised) once the parts this batch stored are named, so that the route
+        removes them with the request's other instances."""
         datas = await asyncio.to_thread(lambda: [b"".join(chunks) for chunks in batch])
         batch.clear()  # the chunks are let go: the joined parts are what is held now
         results = await self.archive.store_instances(self.tenant, datas)
-        outcomes: list[PartOutcome] = []
+        fatal: BaseException | None = None
         for data, result in zip(datas, results, strict=True):
             if isinstance(result, StoredInstance):
-                outcomes.append(PartOutcome(None, stored=result))
+                yield PartOutcome(None, stored=result)
                 continue
-            outcome = await _stored(None, _raised(result))
+            try:
+                outcome = await _stored(None, _raised(result))
+            except DicomCloudError as exc:
+                fatal = fatal or exc
+                continue
             # The identity is read only to name a refused part in the answer.
-            outcomes.append(replace(outcome, identity=await asyncio.to_thread(_identify, data)))
-        return outcomes
+            yield replace(outcome, identity=await asyncio.to_thread(_identify, data))
+        if fatal is not None:
+            raise fatal
 
     async def store_next(self, reader: RelatedReader, content_type: str) -> PartOutcome:
         """Read, check and store the part whose headers ``reader`` has just read."""
