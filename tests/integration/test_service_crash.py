@@ -19,6 +19,11 @@ from live_service import start_service_process
 
 INSTANCES = 50
 ATTEMPTS = 5
+#: The parts of one request are stored in batches of up to half of stow_part_memory_bytes, each
+#: one index transaction: 1 MiB held parts and instances of about 80 KB make batches of six, so
+#: that a kill can fall after one batch's rows are committed and amid the next one's writes.
+PART_MEMORY = {"DICOM_CLOUD_SERVICE_STOW_PART_MEMORY_BYTES": str(1024 * 1024)}
+SIDE = 200
 #: Moments of one request at which the service is frozen and looked at.
 SAMPLES = 500
 
@@ -66,21 +71,23 @@ def test_kill_during_stow_leaves_orphans_the_scheduled_sweep_removes(tmp_path: P
     orphans: set[str] = set()
     for attempt in range(ATTEMPTS):
         # One process, so that the process frozen and killed is the one writing.
-        service = start_service_process(work, extra_args=("--workers", "1"))
+        service = start_service_process(work, extra_args=("--workers", "1"), env=PART_MEMORY)
         try:
-            before = len(_files(objects)) if objects.exists() else 0
+            before = len(_indexed(data / "index.sqlite"))
             instances = [
-                make_instance(f"1.2.826.{attempt}", f"1.2.826.{attempt}.1", f"1.2.826.{attempt}.1.{n}")
+                make_instance(
+                    f"1.2.826.{attempt}", f"1.2.826.{attempt}.1", f"1.2.826.{attempt}.1.{n}", side=SIDE
+                )
                 for n in range(INSTANCES)
             ]
             stow = _stow_in_background(service.url, service.token, *_related(instances))
-            # Once a few instances of this request are written, the service is frozen (SIGSTOP) at
-            # moments of its work until one falls between an object write and its row's commit;
-            # it is killed there, in the middle of the request. Freezing first makes that moment
-            # likely however fast one instance is stored.
+            # Once a batch of this request is indexed, the service is frozen (SIGSTOP) at moments
+            # of its work until one falls between an object write and its row's commit; it is
+            # killed there, in the middle of the request. Freezing first makes that moment likely
+            # however fast one batch is stored.
             deadline = time.monotonic() + 60
-            while (len(_files(objects)) if objects.exists() else 0) < before + 2 * (attempt + 3):
-                assert time.monotonic() < deadline, "the STOW wrote nothing"
+            while len(_indexed(data / "index.sqlite")) <= before:
+                assert time.monotonic() < deadline, "the STOW indexed nothing"
                 time.sleep(0.002)
             for _ in range(SAMPLES):
                 os.kill(service.pid, signal.SIGSTOP)

@@ -32,6 +32,7 @@ from ..checksum import Crc32c, crc32c_hex
 from ..crypto.envelope import ClientEncryption
 from ..errors import (
     ConflictError,
+    DicomCloudError,
     IntegrityError,
     NotFoundError,
     RejectedObjectError,
@@ -169,6 +170,15 @@ class Archive:
         (``created=False``); with different bytes it is ConflictError (409) and nothing changes.
         """
         return await self._ingest.store_instance(tenant, data)
+
+    async def store_instances(
+        self, tenant: str, parts: Sequence[bytes | memoryview]
+    ) -> list[StoredInstance | DicomCloudError]:
+        """Store several held instances (the parts of one STOW-RS request): the outcome of each,
+        in order, as :meth:`store_instance` would have it (a refusal as its error, returned, not
+        raised), with one parse trip, one lookup and one index transaction for them all. An
+        error of the store itself (it is down) is raised, nothing of this call left stored."""
+        return await self._ingest.store_instances(tenant, parts)
 
     async def store_instance_stream(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredInstance:
         """Store one instance arriving as a stream, too large to hold (a STOW-RS part): staged

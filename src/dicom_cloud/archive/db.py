@@ -13,7 +13,6 @@ never waits on the database.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import random
 import sqlite3
@@ -180,7 +179,8 @@ class Database:
         # its own snapshot. An in-memory database is one connection: readers take turns too.
         shared = sqlite and self.engine.pool.__class__ is StaticPool
         self._read_turns: AbstractContextManager[object] = self._turns if shared else nullcontext()
-        self._units = itertools.count(1)
+        self._units = 0
+        self._units_lock = threading.Lock()
 
     @classmethod
     async def open(cls, url: str, *, private: bool = False) -> Database:
@@ -193,25 +193,32 @@ class Database:
             raise
         return db
 
-    def run_sync(self, work: Callable[[Session], T]) -> T:
+    def run_sync(self, work: Callable[[Session], T], units: int = 1) -> T:
         """Run ``work(session)`` in one transaction. Connection failures become NetworkError
-        (retryable); constraint violations stay sqlalchemy IntegrityError for the caller to judge."""
+        (retryable); constraint violations stay sqlalchemy IntegrityError for the caller to judge.
+        ``units``: the units of work it stands for (the instances of a batch), counted towards the
+        next refresh of the statistics."""
 
         def unit() -> T:
             with self._turns, self.sessions.begin() as session:
                 return work(session)
 
         result = _translated(unit)
-        self._count_unit()
+        self._count_unit(units)
         return result
 
-    def _count_unit(self) -> None:
-        """Count a unit of work (reads too: with several worker processes each sees only its share
-        of the writes) and refresh the statistics every :data:`_STATISTICS_EVERY`."""
-        if next(self._units) % _STATISTICS_EVERY == 0:
+    def _count_unit(self, units: int = 1) -> None:
+        """Count units of work (reads too: with several worker processes each sees only its share
+        of the writes) and refresh the statistics every :data:`_STATISTICS_EVERY`. A batch counts
+        as its instances: a fill by batches changes the index as much as one by one does."""
+        with self._units_lock:
+            before = self._units
+            self._units += max(units, 1)
+            due = self._units // _STATISTICS_EVERY != before // _STATISTICS_EVERY
+        if due:
             self.refresh_statistics()
 
-    def read_sync(self, work: Callable[[Session], T]) -> T:
+    def read_sync(self, work: Callable[[Session], T], units: int = 1) -> T:
         """Run ``work(session)``, which only reads, in one transaction that takes no write lock
         (SQLite: a deferred transaction beside the writer, not in turn with it)."""
 
@@ -222,12 +229,12 @@ class Database:
                 return work(session)
 
         result = _translated(unit)
-        self._count_unit()
+        self._count_unit(units)
         return result
 
-    async def read(self, work: Callable[[Session], T]) -> T:
+    async def read(self, work: Callable[[Session], T], units: int = 1) -> T:
         """:meth:`read_sync` in a worker thread."""
-        return await asyncio.to_thread(self.read_sync, work)
+        return await asyncio.to_thread(self.read_sync, work, units)
 
     def refresh_statistics(self) -> None:
         """SQLite: refresh the planner's statistics (sampled ANALYZE, milliseconds). Without them it
@@ -246,9 +253,10 @@ class Database:
             # so that every reader plans with the newest ones.
             self.engine.dispose()
 
-    async def run(self, work: Callable[[Session], T]) -> T:
-        """Run ``work(session)`` in a worker thread, in one transaction."""
-        return await asyncio.to_thread(self.run_sync, work)
+    async def run(self, work: Callable[[Session], T], units: int = 1) -> T:
+        """Run ``work(session)`` in a worker thread, in one transaction (``units``: as
+        :meth:`run_sync`)."""
+        return await asyncio.to_thread(self.run_sync, work, units)
 
     def close(self) -> None:
         self.engine.dispose()

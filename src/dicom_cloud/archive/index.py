@@ -94,6 +94,27 @@ def find_instance(session: Session, tenant: str, sop_instance_uid: str) -> Insta
     return _record(row) if row else None
 
 
+_FIND_INSTANCES = _RECORDS.where(
+    Instance.tenant == bindparam("tenant"),
+    Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)),
+)
+#: UIDs bound per statement (SQLite's default limit is 32,766 parameters; older builds 999).
+_UIDS_PER_QUERY = 500
+
+
+def find_instances(
+    session: Session, tenant: str, sop_instance_uids: Sequence[str]
+) -> dict[str, InstanceRecord]:
+    """The stored instances of ``tenant`` among ``sop_instance_uids``, by SOP Instance UID."""
+    found: dict[str, InstanceRecord] = {}
+    for start in range(0, len(sop_instance_uids), _UIDS_PER_QUERY):
+        uids = list(sop_instance_uids[start : start + _UIDS_PER_QUERY])
+        for row in session.execute(_FIND_INSTANCES, {"tenant": tenant, "uids": uids}):
+            record = _record(row)
+            found[record.sop_instance_uid] = record
+    return found
+
+
 _PATIENTS = cast(Table, Patient.__table__)
 _STUDIES = cast(Table, Study.__table__)
 _SERIES = cast(Table, Series.__table__)
@@ -292,6 +313,12 @@ def referenced_object_keys(session: Session, tenant: str, keys: Sequence[str]) -
     return set(session.scalars(query))
 
 
+# One instance by its three UIDs (per-instance WADO-RS): a statement built once, values bound.
+_FIND_ONE = _FIND_INSTANCE.where(
+    Study.study_instance_uid == bindparam("study"), Series.series_instance_uid == bindparam("series")
+)
+
+
 def list_instances(
     session: Session,
     tenant: str,
@@ -299,6 +326,14 @@ def list_instances(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> list[InstanceRecord]:
+    if series_instance_uid is not None and sop_instance_uid is not None:
+        values = {
+            "tenant": tenant,
+            "sop_instance_uid": sop_instance_uid,
+            "study": study_instance_uid,
+            "series": series_instance_uid,
+        }
+        return [_record(row) for row in session.connection().execute(_FIND_ONE, values)]
     query = _RECORDS.where(Instance.tenant == tenant, Study.study_instance_uid == study_instance_uid)
     if series_instance_uid is not None:
         query = query.where(Series.series_instance_uid == series_instance_uid)

@@ -15,7 +15,9 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
 from sqlalchemy.orm import Session
@@ -74,6 +76,9 @@ _FIRST_HEAD = 64 * 1024
 _MAX_HEAD = 8 * 1024 * 1024
 #: Parts of staging writes of streamed STOW-RS instances (S3's smallest is 5 MiB), one in flight.
 _STAGING_PLAN = MultipartPlan(part_size=8 * 1024 * 1024, concurrency=1)
+#: Instances of one batch whose objects are written at once (each an object, then its sidecar).
+_BATCH_WRITES = 8
+DICOM_TYPE, SIDECAR_TYPE = "application/dicom", "application/dicom+json"
 
 
 class Ingestor:
@@ -152,38 +157,184 @@ class Ingestor:
             return self._same(existing, size, crc, changed, warnings)
         object_key = self.layout.instance_key(tenant, uid, crc)
         sidecar_key = self.layout.sidecar_key(tenant, uid, crc)
-
-        def insert(session: Session) -> InstanceRecord:
-            return index.insert_instance(
-                session,
-                tenant,
-                parsed.attributes,
-                object_key=object_key,
-                sidecar_key=sidecar_key,
-                size=size,
-                crc32c=crc,
-                encrypted=self.objects.writes_encrypted,
-            )
-
         try:
             await write_object(object_key)
             await self.objects.put(sidecar_key, parsed.sidecar_bytes(), "application/dicom+json")
-            for _attempt in range(5):
-                try:
-                    record = await self.db.run(insert)
-                    return StoredInstance(record, created=True, preamble_sanitised=changed, warnings=warnings)
-                except DatabaseIntegrityError:
-                    # Another writer created a row first: this instance (then decide), or its
-                    # patient/study/series (then try again: they exist now).
-                    existing = await self.db.read(lambda s: index.find_instance(s, tenant, uid))
-                    if existing is not None:
-                        if existing.object_key == object_key:
-                            return self._same(existing, size, crc, changed, warnings)  # same objects
-                        raise self._conflict() from None
-            raise ConflictError("the index kept refusing the instance's rows; try again")
+            item = _Prepared(parsed, size, crc, changed, object_key, sidecar_key)
+            return await self._index(tenant, item, warnings)
         except BaseException:
             await self._remove_unindexed(tenant, uid, object_key, sidecar_key)
             raise
+
+    async def _index(self, tenant: str, item: _Prepared, warnings: tuple[str, ...]) -> StoredInstance:
+        """The index rows of one instance whose objects are written, in a transaction of its own;
+        a race with another writer is decided here (the same objects: success; others: conflict)."""
+        uid = item.parsed.identity.sop_instance_uid
+        for _attempt in range(5):
+            try:
+                record = await self.db.run(partial(item.insert, tenant, self.objects.writes_encrypted))
+                return StoredInstance(
+                    record, created=True, preamble_sanitised=item.changed, warnings=warnings
+                )
+            except DatabaseIntegrityError:
+                # Another writer created a row first: this instance (then decide), or its
+                # patient/study/series (then try again: they exist now).
+                existing = await self.db.read(lambda s: index.find_instance(s, tenant, uid))
+                if existing is not None:
+                    if existing.object_key == item.object_key:
+                        return self._same(existing, item.size, item.crc, item.changed, warnings)
+                    raise self._conflict() from None
+        raise ConflictError("the index kept refusing the instance's rows; try again")
+
+    # -- several held instances at once (the parts of one STOW-RS request) ---------------------
+
+    async def store_instances(
+        self, tenant: str, parts: Sequence[bytes | memoryview]
+    ) -> list[StoredInstance | DicomCloudError]:
+        """Store several held instances as :meth:`store_instance` stores each, with the outcome of
+        each in their order (a refusal as its error, not raised).
+
+        The work is batched: one worker-thread trip parses them all, one index read finds those
+        stored already, their objects are written concurrently, and their rows go in ONE
+        transaction. If that transaction fails (a race with another writer, a series filed under
+        another study), it is rolled back whole and each instance is indexed on its own as
+        :meth:`store_instance` does, so outcomes never differ from storing them one by one. An
+        error of the store that is not a refusal (the store is down) is raised, after the objects
+        this call wrote and did not index are removed.
+        """
+        check_tenant(tenant)
+        results: list[StoredInstance | DicomCloudError | None] = [None] * len(parts)
+        fitting = []
+        limit = self.settings.max_instance_size
+        for i, data in enumerate(parts):
+            if len(data) > limit:
+                results[i] = UsageError(f"the instance is larger than {limit} bytes")
+            else:
+                fitting.append(i)
+        async with self.budget.reserve(_INGEST_COPIES * sum(len(parts[i]) for i in fitting)):
+            parsed_all = await asyncio.to_thread(
+                _sanitise_and_parse_all, [parts[i] for i in fitting], self.extra_tags
+            )
+            prepared: dict[int, _Prepared] = {}
+            later: list[int] = []  # a UID seen earlier in this batch: stored after it, on its own
+            seen: set[str] = set()
+            for i, outcome in zip(fitting, parsed_all, strict=True):
+                if isinstance(outcome, DicomCloudError):
+                    results[i] = outcome
+                    continue
+                sanitised, changed, parsed, crc, sidecar = outcome
+                uid = parsed.identity.sop_instance_uid
+                if uid in seen:
+                    later.append(i)
+                    results[i] = None
+                seen.add(uid)
+                prepared[i] = _Prepared(
+                    parsed,
+                    len(sanitised),
+                    crc,
+                    changed,
+                    self.layout.instance_key(tenant, uid, crc),
+                    self.layout.sidecar_key(tenant, uid, crc),
+                    sanitised,
+                    sidecar,
+                )
+            first = [i for i in prepared if i not in later]
+            uids = [prepared[i].parsed.identity.sop_instance_uid for i in first]
+            existing = (
+                await self.db.read(lambda s: index.find_instances(s, tenant, uids), len(uids)) if uids else {}
+            )
+            new: list[int] = []
+            for i in first:
+                item = prepared[i]
+                found = existing.get(item.parsed.identity.sop_instance_uid)
+                if found is None:
+                    new.append(i)
+                    continue
+                try:
+                    warnings = _warnings(tenant, item.parsed.identity)
+                    results[i] = self._same(found, item.size, item.crc, item.changed, warnings)
+                except ConflictError as exc:
+                    results[i] = exc
+            await self._store_batch(tenant, prepared, new, results)
+            for i in later:
+                item = prepared[i]
+                try:
+                    results[i] = await self._store_parsed(
+                        tenant, item.data, item.parsed, item.crc, item.changed
+                    )
+                except DicomCloudError as exc:
+                    results[i] = exc
+        done = [r for r in results if r is not None]
+        assert len(done) == len(parts)
+        return done
+
+    async def _store_batch(
+        self,
+        tenant: str,
+        prepared: dict[int, _Prepared],
+        new: list[int],
+        results: list[StoredInstance | DicomCloudError | None],
+    ) -> None:
+        """Objects, then sidecars, then the rows of instances ``new`` (of ``prepared``): the
+        outcome of each into ``results``."""
+        if not new:
+            return
+        slots = asyncio.Semaphore(_BATCH_WRITES)
+
+        async def write(i: int) -> None:
+            item = prepared[i]
+            async with slots:
+                await self.objects.put(item.object_key, item.data, DICOM_TYPE, plaintext_crc=item.crc)
+                await self.objects.put(item.sidecar_key, item.sidecar, SIDECAR_TYPE)
+
+        indexed: set[int] = set()
+        try:
+            written = await asyncio.gather(*(write(i) for i in new), return_exceptions=True)
+            failed = [e for e in written if isinstance(e, BaseException)]
+            for error in failed:
+                if not isinstance(error, DicomCloudError) or (error.http_status >= 500 and error.retryable):
+                    raise error  # the store is down (or worse): the whole request fails
+            ready = [i for i, e in zip(new, written, strict=True) if e is None]
+            for i, e in zip(new, written, strict=True):
+                if isinstance(e, DicomCloudError):
+                    results[i] = e
+                    await self._forget(tenant, prepared[i])
+            encrypted = self.objects.writes_encrypted
+
+            def insert_all(session: Session) -> list[InstanceRecord]:
+                return [prepared[i].insert(tenant, encrypted, session) for i in ready]
+
+            try:
+                records = await self.db.run(insert_all, len(ready)) if ready else []
+            except (DatabaseIntegrityError, ConflictError):
+                records = None  # rolled back whole: each on its own, as one store would
+            if records is not None:
+                for i, record in zip(ready, records, strict=True):
+                    item = prepared[i]
+                    warnings = _warnings(tenant, item.parsed.identity)
+                    results[i] = StoredInstance(
+                        record, created=True, preamble_sanitised=item.changed, warnings=warnings
+                    )
+                    indexed.add(i)
+                return
+            for i in ready:
+                try:
+                    warnings = _warnings(tenant, prepared[i].parsed.identity)
+                    results[i] = await self._index(tenant, prepared[i], warnings)
+                except DicomCloudError as exc:
+                    results[i] = exc
+                    await self._forget(tenant, prepared[i])
+                indexed.add(i)
+        except BaseException:
+            for i in new:
+                if i not in indexed:
+                    await self._forget(tenant, prepared[i])
+            raise
+
+    async def _forget(self, tenant: str, item: _Prepared) -> None:
+        await self._remove_unindexed(
+            tenant, item.parsed.identity.sop_instance_uid, item.object_key, item.sidecar_key
+        )
 
     async def _remove_unindexed(self, tenant: str, uid: str, object_key: str, sidecar_key: str) -> None:
         """Remove the objects of a failed ingest, unless a row points at them after all (a commit
@@ -423,6 +574,47 @@ class Ingestor:
                 await self.objects.store.delete([full])
             except DicomCloudError:
                 log.warning("a staged STOW-RS part was left behind: the store refused its removal")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An instance parsed and named, ready to be written and indexed."""
+
+    parsed: ParsedInstance
+    size: int
+    crc: str
+    changed: bool
+    object_key: str
+    sidecar_key: str
+    data: bytes = b""
+    sidecar: bytes = b""
+
+    def insert(self, tenant: str, encrypted: bool, session: Session) -> InstanceRecord:
+        return index.insert_instance(
+            session,
+            tenant,
+            self.parsed.attributes,
+            object_key=self.object_key,
+            sidecar_key=self.sidecar_key,
+            size=self.size,
+            crc32c=self.crc,
+            encrypted=encrypted,
+        )
+
+
+def _sanitise_and_parse_all(
+    parts: Sequence[bytes | memoryview], extra_tags: Sequence[int]
+) -> list[tuple[bytes, bool, ParsedInstance, str, bytes] | DicomCloudError]:
+    """:func:`_sanitise_and_parse` of each part and its sidecar's bytes, a refusal as its error
+    (one worker-thread trip for them all)."""
+    out: list[tuple[bytes, bool, ParsedInstance, str, bytes] | DicomCloudError] = []
+    for data in parts:
+        try:
+            sanitised, changed, parsed, crc = _sanitise_and_parse(data, extra_tags)
+            out.append((sanitised, changed, parsed, crc, parsed.sidecar_bytes()))
+        except DicomCloudError as exc:
+            out.append(exc)
+    return out
 
 
 def _sanitise_and_parse(

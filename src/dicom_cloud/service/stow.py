@@ -1,10 +1,13 @@
 """STOW-RS bodies as they arrive: each part checked by its first bytes, held in memory or passed
-on as a stream, stored by the archive, one part at a time.
+on as a stream, stored by the archive, held parts in batches.
 
 - A part whose media type is not ``application/dicom``, or whose first 132 bytes are not a
   Part 10 preamble and ``DICM``, is refused at once; the rest of it is skipped unread (never
   held, never parsed).
-- A part up to ``stow_part_memory_bytes`` is held whole and stored by ``Archive.store_instance``.
+- A part up to ``stow_part_memory_bytes`` is held whole and stored by ``Archive.store_instance``
+  or, when the URL names no study, with the whole parts before and after it by
+  ``Archive.store_instances`` (batches of up to half that memory: one parse trip and one index
+  transaction per batch instead of per part).
 - A larger part is passed, from its held head on, as a stream to
   ``Archive.store_instance_stream`` (staged as it arrives, ingested as a stream): memory stays
   at the head, whatever the part's size.
@@ -45,6 +48,8 @@ PART10_HEAD = 132
 INGEST_COPIES = 3
 #: Chunks passed on to a streamed store are joined up to this size (fewer, larger writes).
 STREAM_CHUNK = 1024 * 1024
+#: Most whole parts stored in one batch (one index transaction).
+BATCH_PARTS = 200
 #: Longest header prefix parsed for the identity (the archive's own limit for headers).
 IDENTITY_MAX_READ = 8 * 1024 * 1024
 
@@ -77,6 +82,91 @@ class StowReceiver:
         self.tenant = tenant
         self.study = study
         self.part_memory = part_memory
+
+    async def outcomes(self, reader: RelatedReader) -> AsyncIterator[PartOutcome]:
+        """The outcome of every part of the body, in order.
+
+        Whole parts of a request that names no study are stored in batches
+        (``Archive.store_instances``: one parse trip, one lookup, one index transaction per
+        batch); a batch holds at most half of ``part_memory`` (or one part) and
+        :data:`BATCH_PARTS` parts, and is stored before a part that is not batched (refused, too
+        large to hold) is answered. Memory stays within :func:`memory_share`: the batch (half),
+        its two copies while it is stored, and the part read meanwhile.
+        """
+        batch: list[list[bytes]] = []
+        batch_size = 0
+        while (content_type := await reader.next_part()) is not None:
+            if self.study is None and content_type == DICOM:
+                held = await self._hold(reader)
+                if isinstance(held, list):
+                    size = sum(map(len, held))
+                    if batch and (batch_size + size > self.part_memory // 2 or len(batch) >= BATCH_PARTS):
+                        async for outcome in self._store_batch(batch):
+                            yield outcome
+                        batch, batch_size = [], 0
+                    batch.append(held)
+                    batch_size += size
+                    continue
+            else:
+                held = None
+            if batch:
+                async for outcome in self._store_batch(batch):
+                    yield outcome
+                batch, batch_size = [], 0
+            if held is None:
+                yield await self.store_next(reader, content_type)
+            else:
+                yield await self._store_held(reader, held)
+        if batch:
+            async for outcome in self._store_batch(batch):
+                yield outcome
+
+    async def _hold(self, reader: RelatedReader) -> list[bytes] | tuple[list[bytes]] | PartOutcome:
+        """A DICOM part read: its chunks when whole within ``part_memory`` (a list), its first
+        chunks when larger (a 1-tuple of them: the rest is still to read), or its refusal."""
+        held: list[bytes] = []
+        size = 0
+        while size < PART10_HEAD and (chunk := await reader.read()):
+            held.append(chunk)
+            size += len(chunk)
+        if size < PART10_HEAD or not _starts_part10(held):
+            # The rest is skipped unread.
+            return PartOutcome(None, failure=FAILURE_CANNOT_UNDERSTAND, comment=REASON_NO_DICM)
+        while size <= self.part_memory and (chunk := await reader.read()):
+            held.append(chunk)
+            size += len(chunk)
+        return held if size <= self.part_memory else (held,)
+
+    async def _store_held(
+        self, reader: RelatedReader, held: list[bytes] | tuple[list[bytes]] | PartOutcome
+    ) -> PartOutcome:
+        """The outcome of a part :meth:`_hold` did not batch (a refusal, or a part too large to hold)."""
+        if isinstance(held, PartOutcome):
+            return held
+        assert isinstance(held, tuple)
+        return await self._store_streamed(held[0], reader)
+
+    async def _store_batch(self, batch: list[list[bytes]]) -> AsyncIterator[PartOutcome]:
+        """Store whole parts together; the outcome of each, in order. A store that is down fails
+        the request (raised) once the parts this batch stored are named, so that the route
+        removes them with the request's other instances."""
+        datas = await asyncio.to_thread(lambda: [b"".join(chunks) for chunks in batch])
+        batch.clear()  # the chunks are let go: the joined parts are what is held now
+        results = await self.archive.store_instances(self.tenant, datas)
+        fatal: BaseException | None = None
+        for data, result in zip(datas, results, strict=True):
+            if isinstance(result, StoredInstance):
+                yield PartOutcome(None, stored=result)
+                continue
+            try:
+                outcome = await _stored(None, _raised(result))
+            except DicomCloudError as exc:
+                fatal = fatal or exc
+                continue
+            # The identity is read only to name a refused part in the answer.
+            yield replace(outcome, identity=await asyncio.to_thread(_identify, data))
+        if fatal is not None:
+            raise fatal
 
     async def store_next(self, reader: RelatedReader, content_type: str) -> PartOutcome:
         """Read, check and store the part whose headers ``reader`` has just read."""
@@ -114,8 +204,11 @@ class StowReceiver:
             if (mismatch := self._other_study(identity)) is not None:
                 return mismatch
             return await _stored(identity, self.archive.store_instance(self.tenant, data))
-        # Too large to hold: the identity from the first bytes held, then the held chunks and the
-        # rest of the part as a stream (the held chunks are let go as they are passed on).
+        return await self._store_streamed(held, reader)
+
+    async def _store_streamed(self, held: list[bytes], reader: RelatedReader) -> PartOutcome:
+        """A part too large to hold: the identity from the first bytes held, then the held chunks
+        and the rest of the part as a stream (the held chunks are let go as they are passed on)."""
         identity = await asyncio.to_thread(_identify_head, held)
         if (mismatch := self._other_study(identity)) is not None:
             return mismatch
@@ -184,6 +277,11 @@ async def _rest_of_part(held: list[bytes], reader: RelatedReader) -> AsyncIterat
             pending, pending_size = [], 0
     if pending:
         yield b"".join(pending)
+
+
+async def _raised(error: BaseException) -> StoredInstance:
+    """An awaitable raising ``error``: a batch's refusal handed to :func:`_stored`."""
+    raise error
 
 
 async def _stored(identity: DicomIdentity | None, storing: Awaitable[StoredInstance]) -> PartOutcome:

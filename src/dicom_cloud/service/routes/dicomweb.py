@@ -148,8 +148,7 @@ async def _stow(
         reader = RelatedReader(body_chunks(request, settings.stow_max_bytes), boundary, root)
         receiver = StowReceiver(archive, principal.tenant, study, settings.stow_part_memory_bytes)
         try:
-            while (content_type := await reader.next_part()) is not None:
-                outcome = await receiver.store_next(reader, content_type)
+            async for outcome in receiver.outcomes(reader):
                 if outcome.stored is None:
                     identity = outcome.identity
                     response.failure(
