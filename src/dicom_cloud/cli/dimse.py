@@ -126,8 +126,9 @@ def register(
         _dimse,
     )
     add_setting_flags(sub)
-    sub.add_argument("--environment", choices=["development", "production"],
-                     help="production requires configured peers")
+    sub.add_argument(
+        "--environment", choices=["development", "production"], help="production requires configured peers"
+    )
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     add_dimse_flags(sub, serve=False)
 
@@ -148,10 +149,19 @@ def register(
     group.add_argument("--port", type=int, default=DEFAULT_DICOM_PORT, help="port (default: %(default)s)")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     group.add_argument("--ae-title", default="DICOMCLOUD", help="our AE title (default: %(default)s)")
-    group.add_argument("--peer", action="append", default=[], metavar="AE@HOST[:PORT][,ops=...]",
-                       help="a known sender (repeatable); none: loopback callers only (development)")
-    group.add_argument("--environment", choices=["development", "production"], default="development",
-                       help="production requires --peer (default: %(default)s)")
+    group.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="AE@HOST[:PORT][,ops=...]",
+        help="a known sender (repeatable); none: loopback callers only (development)",
+    )
+    group.add_argument(
+        "--environment",
+        choices=["development", "production"],
+        default="development",
+        help="production requires --peer (default: %(default)s)",
+    )
     group.add_argument("--max-associations", type=int, default=16, help="default: %(default)s")
     group.add_argument("--max-pdu", type=int, default=65536, help="bytes (default: %(default)s)")
     group.add_argument("--tls-cert", metavar="PEM", help="DICOM TLS: the certificate chain")

@@ -113,8 +113,10 @@ def peer_from_mapping(table: Mapping[str, object], where: str = "peer") -> Peer:
         names = [str(o).strip().lower() for o in (ops_value if isinstance(ops_value, list) else [ops_value])]
         bad = [n for n in names if n not in OPERATIONS]
         if bad or not names:
-            raise UsageError(f"{where}: unknown operation(s) {', '.join(bad) or 'none'}",
-                             hint="operations: " + ", ".join(OPERATIONS))
+            raise UsageError(
+                f"{where}: unknown operation(s) {', '.join(bad) or 'none'}",
+                hint="operations: " + ", ".join(OPERATIONS),
+            )
         operations = frozenset(n for n in OPERATIONS if n in names)
     tenant = table.get("tenant")
     return Peer(ae, host, port, str(tenant) if tenant else None, operations)

@@ -170,23 +170,32 @@ class Listener:
         address = str(assoc.requestor.address)
         settings = self.settings
         if not settings.answers_to(called):
-            log.warning("DICOM association refused: called AE title unknown",
-                        extra={"calling_ae": calling, "called_ae": called, "address": address})
+            log.warning(
+                "DICOM association refused: called AE title unknown",
+                extra={"calling_ae": calling, "called_ae": called, "address": address},
+            )
             self._reject(assoc, 0x07)
             return
         peer = settings.peer(calling)
         if peer is None:
             if not (settings.open_to_loopback and is_loopback(address)):
-                log.warning("DICOM association refused: calling AE title not configured",
-                            extra={"calling_ae": calling, "address": address})
+                log.warning(
+                    "DICOM association refused: calling AE title not configured",
+                    extra={"calling_ae": calling, "address": address},
+                )
                 self._reject(assoc, 0x03)
                 return
-            log.info("DICOM association accepted from loopback with no peer configured (development)",
-                     extra={"calling_ae": calling, "address": address})
-        elif address not in peer.addresses and not (is_loopback(address) and
-                                                    any(is_loopback(a) for a in peer.addresses)):
-            log.warning("DICOM association refused: peer calls from an address not configured",
-                        extra={"calling_ae": calling, "address": address})
+            log.info(
+                "DICOM association accepted from loopback with no peer configured (development)",
+                extra={"calling_ae": calling, "address": address},
+            )
+        elif address not in peer.addresses and not (
+            is_loopback(address) and any(is_loopback(a) for a in peer.addresses)
+        ):
+            log.warning(
+                "DICOM association refused: peer calls from an address not configured",
+                extra={"calling_ae": calling, "address": address},
+            )
             self._reject(assoc, 0x03)
             return
         caller = Caller(calling, address, peer, settings.tenant_for(peer, called))
