@@ -5,6 +5,7 @@ local directory, client-side encrypted: DCMTK's storescu sends, the objects are 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import signal
@@ -128,13 +129,19 @@ def test_receive_into_store_encrypted(
 
 
 def test_receive_selection_and_deidentify_local(instances: list[Path], tmp_path: Path) -> None:
-    """--modality keeps only MR (others acknowledged, not written); --deidentify removes the name."""
+    """--modality keeps only MR (others acknowledged, not written); --deidentify removes the name;
+    the manifest and the UID map are written as instances arrive."""
     secret = tmp_path / "deid.key"
     secret.write_bytes(secrets.token_bytes(32))
     out = tmp_path / "out"
+    manifest, uid_map = tmp_path / "manifest.jsonl", tmp_path / "uids.jsonl"
     receiver = Receiver(
-        tmp_path, str(out), cli_env(), "--modality", "MR", "--deidentify", "--deid-secret-file", str(secret)
-    )
+        tmp_path,
+        str(out),
+        cli_env(),
+        "--modality", "MR", "--deidentify", "--deid-secret-file", str(secret),
+        "--manifest", str(manifest), "--deid-map", str(uid_map),
+    )  # fmt: skip
     try:
         receiver.send(*instances)
     finally:
@@ -143,3 +150,10 @@ def test_receive_selection_and_deidentify_local(instances: list[Path], tmp_path:
     assert len(written) == 1
     elements = dataset_elements(written[0])
     assert b"CompressedSamples" not in elements.get(0x00100010, b"")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [row["status"] for row in rows].count("uploaded") == 1, rows
+    assert uid_map.read_text().strip()
+
+
+def test_receive_refuses_selection_by_name(tmp_path: Path) -> None:
+    run_cli("receive", str(tmp_path / "out"), "--include", "*.dcm", env=cli_env()).fails(2)

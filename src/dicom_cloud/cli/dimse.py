@@ -212,6 +212,11 @@ def _receive(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         raise UsageError("receive has no --dry-run: it writes what it is sent")
+    if args.include or args.exclude or args.files_from:
+        raise UsageError(
+            "--include, --exclude and --files-from select files by name; received instances have none",
+            hint="select by DICOM attributes: --modality, --study-uid, --series-uid, --sop-class",
+        )
     if args.layout is None:
         args.layout = "uid"
     options = options_from_args(args)
@@ -268,8 +273,12 @@ async def _route(
     job: Any,
     printer: _EventPrinter,
 ) -> None:
+    from dataclasses import replace
+
     from pynetdicom import evt
 
+    from ..api import _UidMapLog
+    from ..dicom.manifest import ManifestWriter
     from ..dimse.receive import Router, RouterStore
     from ..dimse.scp import Listener
     from ..journal import JobSpec, Journal
@@ -277,6 +286,11 @@ async def _route(
 
     opener = LocationOpener(config)
     journal: Journal | None = None
+    # Rows are complete as they are written: the manifest is kept (committed) however receive ends.
+    manifest = ManifestWriter.open(args.manifest) if args.manifest else None
+    uid_log = _UidMapLog(args.deid_map) if args.deid_map else None
+    if uid_log is not None:
+        options = replace(options, on_uid_map=uid_log.write)
     try:
         destination = opener.open(args.destination)
         spool_location = opener.open(str(spool) + "/")
@@ -292,7 +306,9 @@ async def _route(
                     cwd=job.cwd,
                 )
             )
-        router = Router(spool_location, destination, options, journal=journal, on_event=printer)
+        router = Router(
+            spool_location, destination, options, journal=journal, on_event=printer, manifest=manifest
+        )
         listener = Listener(settings, query_retrieve=False, loop=asyncio.get_running_loop())
         listener.on(evt.EVT_C_STORE, RouterStore(listener, router, settings))
         routing = asyncio.create_task(router.run())
@@ -310,4 +326,8 @@ async def _route(
     finally:
         if journal is not None:
             journal.close()  # interrupted: kept, with what it recorded
+        if manifest is not None:
+            manifest.close()
+        if uid_log is not None:
+            uid_log.close()
         await opener.close()

@@ -29,6 +29,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from ..budget import ByteBudget
+from ..dicom.manifest import ManifestWriter
 from ..errors import ConflictError, DicomCloudError, DicomFormatError
 from ..journal import Journal
 from ..location import Location
@@ -66,6 +67,7 @@ class Router:
         *,
         journal: Journal | None = None,
         on_event: Callable[[TransferEvent], None] | None = None,
+        manifest: ManifestWriter | None = None,
     ) -> None:
         if not spool.is_local:
             raise DicomCloudError("the spool must be a local directory")
@@ -74,6 +76,7 @@ class Router:
         self._destination = destination
         self._options = options
         self._journal = journal
+        self._manifest = manifest
         self._on_event = on_event
         self._queue: asyncio.Queue[TransferItem | None] = asyncio.Queue()
         self._waiting: dict[str, asyncio.Future[TransferEvent]] = {}
@@ -92,6 +95,7 @@ class Router:
             options=self._options,
             on_event=self._event,
             journal=self._journal,
+            manifest=self._manifest,
             items=self._items(),
         )
         try:
