@@ -561,3 +561,40 @@ def test_dicom_tls(tmp_path: Path) -> None:
         assert not echo_ok(port)  # plain DICOM on the TLS port: no association
     finally:
         proc.stop(graceful=False)
+
+
+def test_tenants_by_called_ae_title_from_toml(tmp_path: Path) -> None:
+    """A TOML config maps the called AE title CARDIO to the tenant cardiology: what is stored
+    through CARDIO is found through CARDIO and not through DICOMCLOUD (the default tenant)."""
+    config = tmp_path / "service.toml"
+    config.write_text('[service]\ndicom_called_tenants = { CARDIO = "cardiology" }\n')
+    port = free_port()
+    proc = _dimse_process(tmp_path, port, "--config", str(config))
+    try:
+        wait_for(lambda: echo_ok(port, called="CARDIO"), "dicom-cloud dimse to answer as CARDIO", 60)
+        study = generate_uid()
+        path = tmp_path / "one.dcm"
+        path.write_bytes(synthetic_ct(study, generate_uid(), 1))
+        stored = run_tool("storescu", "-aet", "STORESCU", "-aec", "CARDIO", "127.0.0.1", str(port), str(path))
+        assert stored.returncode == 0, stored.stderr
+
+        def studies(called: str) -> list[str]:
+            client = AE(ae_title="PYCLIENT")
+            client.add_requested_context(STUDY_ROOT_FIND)
+            assoc = client.associate("127.0.0.1", port, ae_title=called)
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = study
+            try:
+                return [
+                    str(r.StudyInstanceUID)
+                    for s, r in assoc.send_c_find(identifier, STUDY_ROOT_FIND)
+                    if s.Status == 0xFF00
+                ]
+            finally:
+                assoc.release()
+
+        assert studies("CARDIO") == [study]
+        assert studies("DICOMCLOUD") == []
+    finally:
+        proc.stop(graceful=False)

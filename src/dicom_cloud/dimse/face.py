@@ -21,7 +21,7 @@ from .scp import Listener
 from .store import ArchiveStore
 
 #: Seconds ``start_in_thread``'s stop waits for the face to close before leaving it to the exit.
-_STOP_WAIT = 1.0
+_STOP_WAIT = 0.5
 
 
 def archive_listener(settings: DimseSettings, archive: Archive, loop: asyncio.AbstractEventLoop) -> Listener:
