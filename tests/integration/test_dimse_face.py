@@ -92,6 +92,7 @@ def face(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Face]:
     port = free_port()
     peers = [f"--peer={ae}@127.0.0.1" for ae in CALLERS]
     peers += [f"--peer=DEST@127.0.0.1:{scp.port},ops=echo", "--peer=READER@127.0.0.1,ops=echo+find"]
+    peers += ["--peer=FARAWAY@192.0.2.10"]  # calls from a TEST-NET address, never from here
     service = start_service_process(
         work, extra_args=("--workers", "1", "--dicom-port", str(port), "--ae-title", "DICOMCLOUD", *peers)
     )
@@ -160,6 +161,9 @@ def test_echo_and_unknown_calling_ae_refused(face: Face) -> None:
     refused = run_tool("echoscu", "-aet", "STRANGER", "-aec", "DICOMCLOUD", "127.0.0.1", str(face.port))
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stderr, refused.stderr
+    wrong_address = run_tool("echoscu", "-aet", "FARAWAY", "-aec", "DICOMCLOUD", "127.0.0.1", str(face.port))
+    assert wrong_address.returncode != 0
+    assert "Calling AE Title Not Recognized" in wrong_address.stderr, wrong_address.stderr
     wrong_called = run_tool("echoscu", "-aet", "ECHOSCU", "-aec", "OTHER", "127.0.0.1", str(face.port))
     assert wrong_called.returncode != 0
     assert "Called AE Title Not Recognized" in wrong_called.stderr, wrong_called.stderr
