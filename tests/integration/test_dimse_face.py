@@ -602,3 +602,25 @@ def test_tenants_by_called_ae_title_from_toml(tmp_path: Path) -> None:
         assert studies("DICOMCLOUD") == []
     finally:
         proc.stop(graceful=False)
+
+
+def test_association_limit(tmp_path: Path) -> None:
+    """--dicom-max-associations 1: while one association is open, another is rejected (transient,
+    local limit exceeded); once it is released, the next is accepted."""
+    port = free_port()
+    proc = _dimse_process(tmp_path, port, "--dicom-max-associations", "1")
+    try:
+        wait_for(lambda: echo_ok(port), "dicom-cloud dimse to answer", 60)
+        client = AE(ae_title="PYCLIENT")
+        client.add_requested_context("1.2.840.10008.1.1")
+        held = client.associate("127.0.0.1", port, ae_title="DICOMCLOUD")
+        assert held.is_established
+        try:
+            refused = run_tool("echoscu", "-aec", "DICOMCLOUD", "127.0.0.1", str(port))
+            assert refused.returncode != 0
+            assert "Local Limit Exceeded" in refused.stderr, refused.stderr
+        finally:
+            held.release()
+        wait_for(lambda: echo_ok(port), "an association once the first is released", 20)
+    finally:
+        proc.stop(graceful=False)
