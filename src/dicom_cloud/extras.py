@@ -29,6 +29,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
         "pylibjpeg",
         "openjpeg",
     ),
+    "dimse": ("pynetdicom",),
     "postgres": ("psycopg",),
     "parquet": ("pyarrow",),
     "aws": ("botocore",),

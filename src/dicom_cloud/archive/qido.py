@@ -646,6 +646,13 @@ def _computed(session: Session, level: Level, keys: list[int], plan: _Plan) -> d
     return out
 
 
+def attribute_level(key: str) -> Level | None:
+    """The level of a built-in searchable attribute (keyword or 8-hex tag); None if not indexed."""
+    tag = _tag_of(key)
+    found = _BY_TAG.get(f"{tag:08X}") if tag is not None else None
+    return found.level if found is not None else None
+
+
 def searchable_attributes() -> list[str]:
     """Keywords of the built-in attributes (for documentation and error hints)."""
     return sorted(_ATTRIBUTES)

@@ -30,6 +30,7 @@ from ..transfer import (
     TransferSummary,
 )
 from ..url import account_scheme
+from . import dimse as dimse_commands
 from . import serve as serve_commands
 from . import viewer as viewer_commands
 from .jobs import add_job_commands, add_journal_option, job_request
@@ -163,6 +164,12 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-r", "--recursive", action="store_true", help="every object under a prefix or directory"
     )
+    _write_options(parser)
+
+
+def _write_options(parser: argparse.ArgumentParser) -> None:
+    """How a transfer writes (tags, encryption, DICOM layout, de-identification, selection,
+    performance): shared with ``receive``."""
     parser.add_argument("--tags", help="metadata K=V,K2=V2 stored with every object written")
     parser.add_argument(
         "--object-tags", action="store_true", help="also store --tags as S3 object tags / Azure index tags"
@@ -745,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_commands.register(add)  # dicom-cloud serve, dicom-cloud token (the service's commands)
     viewer_commands.register(add)  # dicom-cloud viewer install (OHIF for serve's /viewer/)
+    dimse_commands.register(add, _write_options, _connection_options, _output_options)
     add("version", "Print the version.", "  dicom-cloud version", _version)
 
     from .orthanc import add_parser as add_orthanc_parser  # the Orthanc plugin's configuration

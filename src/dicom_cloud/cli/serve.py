@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import UsageError
 from ..extras import require
 from ..localio import make_dirs
+from .dimse import add_dimse_flags, dimse_flag_values, dimse_settings
 
 #: Flags shared by both commands: (flag, settings field, help).
 _SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -34,9 +35,15 @@ _SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _add_setting_flags(sub: argparse.ArgumentParser) -> None:
+def add_setting_flags(sub: argparse.ArgumentParser) -> None:
+    """The flags naming the archive's settings (shared with ``dicom-cloud dimse``)."""
     for flag, _, text in _SETTING_FLAGS:
         sub.add_argument(flag, help=text)
+
+
+def setting_flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings those flags give (None: not given)."""
+    return _flags(args, {})
 
 
 def _flags(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +63,11 @@ def register(add: Callable[..., Any]) -> None:
         "  dicom-cloud serve\n"
         "  dicom-cloud serve --port 8080 --public-url https://pacs.example.org\n"
         "  dicom-cloud serve --storage s3://archive/dicom --database postgresql://svc@db/dicom\n"
+        "  dicom-cloud serve --dicom-port 11112 --ae-title DICOMCLOUD --peer CT1@10.0.0.5,tenant=a\n"
         "  DICOM_CLOUD_SERVICE_OIDC_ISSUER=https://login.example.org dicom-cloud serve --config service.toml",
         _serve,
     )
-    _add_setting_flags(sub)
+    add_setting_flags(sub)
     sub.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     sub.add_argument("--port", type=int, help="port to listen on (default 8042)")
     sub.add_argument(
@@ -73,6 +81,7 @@ def register(add: Callable[..., Any]) -> None:
         "--environment", choices=["development", "production"], help="production refuses unsafe settings"
     )
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_dimse_flags(sub, serve=True)
 
     sub = add(
         "token",
@@ -89,7 +98,7 @@ def register(add: Callable[..., Any]) -> None:
     sub.add_argument("--name", default="cli", help="what the token is for")
     sub.add_argument("--expires", help="lifetime: 3600, 30m, 12h, 30d, 4w (default: valid until revoked)")
     sub.add_argument("--json", action="store_true", help="print a JSON object")
-    _add_setting_flags(sub)
+    add_setting_flags(sub)
 
 
 def server_stack() -> dict[str, str]:
@@ -102,12 +111,8 @@ def server_stack() -> dict[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     require("service", "dicom-cloud serve")
-    import uvicorn
-
-    from ..service.app import SETTINGS_ENV, bootstrap_once, create_app
     from ..service.observability import setup_json_logging
     from ..service.settings import load_settings
-    from ..service.workers import reuse_port_supported, run_workers
 
     settings = load_settings(
         _flags(
@@ -120,6 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "viewer_dir": args.viewer_dir,
                 "environment": args.environment,
                 "log_level": args.log_level,
+                **dimse_flag_values(args),
             },
         ),
         config_file=args.config,
@@ -127,6 +133,37 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.storage is None or settings.database is None:
         make_dirs(settings.data_dir, private=True)  # patient data: owner only
     setup_json_logging(settings.log_level)
+    if settings.dicom_port is None and args.peer:
+        raise UsageError("--peer configures the DIMSE face: add --dicom-port")
+    stop_dimse = _start_dimse(settings, args.peer)
+    try:
+        return _run_http(settings)
+    finally:
+        stop_dimse()
+
+
+def _start_dimse(settings: Any, peer_flags: list[str]) -> Callable[[], None]:
+    """The DIMSE face beside the HTTP service, in a thread of this (main) process: one listener
+    whatever the number of HTTP workers. Nothing to stop without ``dicom_port``."""
+    if settings.dicom_port is None:
+        return lambda: None
+    require("dimse", "dicom-cloud serve --dicom-port")
+    from ..dimse.face import start_in_thread
+    from ..service.app import archive_settings
+    from .dimse import announce
+
+    dimse = dimse_settings(settings, peer_flags)
+    port, stop = start_in_thread(dimse, archive_settings(settings))
+    announce(dimse, port)
+    return stop
+
+
+def _run_http(settings: Any) -> int:
+    import uvicorn
+
+    from ..service.app import SETTINGS_ENV, bootstrap_once, create_app
+    from ..service.workers import reuse_port_supported, run_workers
+
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,

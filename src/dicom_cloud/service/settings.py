@@ -125,6 +125,26 @@ class ServiceSettings(BaseModel):
     #: Lifetime of the browser session cookie set by ``POST /login`` (the token's own expiry and
     #: revocation are still checked on every request).
     session_max_age_seconds: int = Field(12 * 3600, ge=60, le=30 * 24 * 3600)
+
+    #: The DIMSE face (docs/dimse.md): DICOM associations on this port (None: no DIMSE face).
+    dicom_port: int | None = Field(None, ge=0, le=65535)
+    #: Address the DIMSE face listens on; default: ``host``.
+    dicom_host: str | None = None
+    ae_title: str = Field("DICOMCLOUD", min_length=1, max_length=16)
+    #: Known peers: ``AE@HOST[:PORT][,tenant=T][,ops=store+find]`` strings or TOML tables
+    #: (ae_title, host, port, tenant, operations); environment: separated by ``;``.
+    dicom_peers: tuple[str | dict[str, Any], ...] = ()
+    #: Tenants by called AE title (further AE titles the face answers to); default: bootstrap_tenant.
+    dicom_called_tenants: dict[str, str] = Field(default_factory=dict)
+    dicom_max_associations: int = Field(16, ge=1, le=1000)
+    #: Largest PDU accepted (bytes; 0: no limit).
+    dicom_max_pdu: int = Field(65536, ge=0)
+    #: Bytes of received instances being ingested at once, all associations together.
+    dicom_max_bytes_in_flight: int = Field(256 * 1024**2, ge=1024**2)
+    #: DICOM TLS: certificate chain and key files (PEM); with a CA file, client certificates required.
+    dicom_tls_cert: str | None = None
+    dicom_tls_key: str | None = None
+    dicom_tls_ca: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("query_tags", "cors_origins", "oidc_algorithms", "previous_keys", mode="before")
@@ -132,6 +152,13 @@ class ServiceSettings(BaseModel):
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("dicom_peers", mode="before")
+    @classmethod
+    def _split_semicolons(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(";") if part.strip())
         return value
 
     @field_validator("public_url")

@@ -1,0 +1,178 @@
+"""C-FIND over the archive's index, with QIDO-RS's matching (``archive/qido.py``): an identifier
+becomes QIDO parameters and the QIDO search runs; there is no second matcher.
+
+An identifier element becomes:
+
+- a value: a QIDO condition on that attribute: ``*`` and ``?`` wildcards, ``A-B`` date and time
+  ranges, lists of UIDs separated by ``\\``, person names case-insensitively, exactly as QIDO-RS;
+- zero length: a return key (QIDO ``includefield``);
+- an attribute the index does not hold, a sequence, or one below the query level: returned empty
+  and not matched (PS3.4 C.2.2.1: an SCP may not support matching on optional keys).
+
+Levels: PATIENT (studies searched with the patient keys, one response per patient), STUDY,
+SERIES, IMAGE; the Patient Root and Study Root models answer alike. Results come page by page
+(``max_query_limit`` each) until the search is exhausted or the peer cancels. Values are sent as
+UTF-8 (Specific Character Set ``ISO_IR 192``): the index keeps text as Unicode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+
+from ..archive import Archive
+from ..archive.qido import ExtraTag, Level, attribute_level, resolve_extra_tags
+from ..errors import DicomCloudError, UsageError
+from .scp import NOT_AUTHORIZED, Listener
+
+log = logging.getLogger("dicom_cloud.dimse")
+
+LEVELS: Final[dict[str, Level]] = {
+    "PATIENT": "patient",
+    "STUDY": "study",
+    "SERIES": "series",
+    "IMAGE": "instance",
+}
+_RANK: Final = {"patient": 0, "study": 1, "series": 2, "instance": 3}
+_NOT_KEYS: Final = {Tag(0x0008, 0x0052), Tag(0x0008, 0x0005), Tag(0x0008, 0x0054)}
+PENDING = 0xFF00
+CANCELLED = 0xFE00
+UNABLE_TO_PROCESS = 0xC000
+IDENTIFIER_MISMATCH = 0xA900
+
+
+@dataclass
+class Query:
+    """An identifier as QIDO parameters."""
+
+    level: Level
+    level_name: str
+    params: dict[str, str] = field(default_factory=dict)
+    include: list[str] = field(default_factory=list)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def identifier_query(identifier: Dataset, extra_tags: Sequence[ExtraTag]) -> Query:
+    """The QIDO parameters of a C-FIND/C-MOVE/C-GET identifier; UsageError on a bad level."""
+    level_name = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    if level_name not in LEVELS:
+        raise UsageError("QueryRetrieveLevel must be PATIENT, STUDY, SERIES or IMAGE")
+    level = LEVELS[level_name]
+    extra = {e.tag for e in extra_tags}
+    query = Query(level, level_name)
+    for element in identifier:
+        if element.tag in _NOT_KEYS or element.tag.group in (0x0002, 0xFFFE) or element.VR == "SQ":
+            continue
+        key = f"{int(element.tag):08X}"
+        owner = attribute_level(key)
+        if owner is None and key not in extra:
+            continue  # not in the index: returned empty
+        if owner is not None and _RANK[owner] > _RANK[level]:
+            continue  # below the query level
+        if level == "patient" and owner != "patient":
+            continue  # patients are found through their studies: patient keys only
+        if element.is_empty:
+            query.include.append(key)
+        else:
+            query.params[key] = _text(element.value)
+    if query.include:
+        query.params["includefield"] = ",".join(query.include)
+    return query
+
+
+def search_pages(
+    listener: Listener, archive: Archive, tenant: str, query: Query, **scope: str
+) -> Iterator[dict[str, Any]]:
+    """Every QIDO result of ``query`` (DICOM JSON), fetched a page at a time."""
+    page = archive.settings.max_query_limit
+    offset = 0
+    search = {
+        "patient": archive.search_studies,
+        "study": archive.search_studies,
+        "series": archive.search_series,
+        "instance": archive.search_instances,
+    }[query.level]
+    while True:
+        params = {**query.params, "limit": str(page), "offset": str(offset)}
+        results = listener.call(search(tenant, params, **scope))  # type: ignore[operator]
+        yield from results
+        if len(results) < page:
+            return
+        offset += page
+
+
+def response(identifier: Dataset, found: Dataset, query: Query, ae_title: str) -> Dataset:
+    """The C-FIND response: every key of the identifier, with its value when the index has one."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = query.level_name
+    for element in identifier:
+        if element.tag in (Tag(0x0008, 0x0052), Tag(0x0008, 0x0005)) or element.tag.group == 0x0002:
+            continue
+        if element.tag == Tag(0x0008, 0x0054):
+            ds.RetrieveAETitle = ae_title
+        elif element.tag in found and element.VR != "SQ":
+            ds[element.tag] = found[element.tag]
+        else:
+            ds.add_new(element.tag, element.VR, [] if element.VR == "SQ" else None)
+    return ds
+
+
+class ArchiveFind:
+    """The EVT_C_FIND handler of the archive face."""
+
+    def __init__(self, listener: Listener, archive: Archive) -> None:
+        self._listener = listener
+        self._archive = archive
+        self._extra = resolve_extra_tags(archive.settings.extra_query_tags)
+
+    def __call__(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        caller = self._listener.caller(event)
+        if not caller.allows("find"):
+            yield NOT_AUTHORIZED, None
+            return
+        try:
+            identifier = event.identifier
+            query = identifier_query(identifier, self._extra)
+        except UsageError as exc:
+            yield _failure(IDENTIFIER_MISMATCH, str(exc))
+            return
+        seen: set[tuple[str, str]] = set()
+        try:
+            for result in search_pages(self._listener, self._archive, caller.tenant, query):
+                if event.is_cancelled:
+                    yield CANCELLED, None
+                    return
+                found = Dataset.from_json(result)
+                if query.level == "patient":
+                    patient = (str(found.get("PatientID", "")), str(found.get("PatientName", "")))
+                    if patient in seen:
+                        continue
+                    seen.add(patient)
+                yield PENDING, response(identifier, found, query, self._listener.settings.ae_title)
+        except UsageError as exc:
+            yield _failure(UNABLE_TO_PROCESS, str(exc))
+            return
+        except DicomCloudError as exc:
+            log.error("C-FIND failed", extra={"calling_ae": caller.ae_title, "error": type(exc).__name__})
+            yield _failure(UNABLE_TO_PROCESS, "the archive could not run the query")
+            return
+        yield 0x0000, None
+
+
+def _failure(code: int, comment: str) -> tuple[Dataset, None]:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds, None
