@@ -18,7 +18,7 @@ UTF-8 (Specific Character Set ``ISO_IR 192``): the index keeps text as Unicode.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -97,15 +97,16 @@ def search_pages(
     """Every QIDO result of ``query`` (DICOM JSON), fetched a page at a time."""
     page = archive.settings.max_query_limit
     offset = 0
-    search = {
+    searches: dict[str, Callable[..., Awaitable[list[dict[str, Any]]]]] = {
         "patient": archive.search_studies,
         "study": archive.search_studies,
         "series": archive.search_series,
         "instance": archive.search_instances,
-    }[query.level]
+    }
+    search = searches[query.level]
     while True:
         params = {**query.params, "limit": str(page), "offset": str(offset)}
-        results = listener.call(search(tenant, params, **scope))  # type: ignore[operator]
+        results = listener.call(search(tenant, params, **scope))
         yield from results
         if len(results) < page:
             return
