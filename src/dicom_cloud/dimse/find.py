@@ -18,7 +18,7 @@ UTF-8 (Specific Character Set ``ISO_IR 192``): the index keeps text as Unicode.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -97,7 +97,7 @@ def search_pages(
     """Every QIDO result of ``query`` (DICOM JSON), fetched a page at a time."""
     page = archive.settings.max_query_limit
     offset = 0
-    searches: dict[str, Callable[..., Awaitable[list[dict[str, Any]]]]] = {
+    searches: dict[str, Callable[..., Coroutine[Any, Any, list[dict[str, Any]]]]] = {
         "patient": archive.search_studies,
         "study": archive.search_studies,
         "series": archive.search_series,
