@@ -85,10 +85,16 @@ def retry_after_of(error: BaseException) -> float | None:
 
 
 async def call_with_retries(
-    operation: Callable[[], Awaitable[T]], policy: RetryPolicy = DEFAULT_POLICY, *, what: str = ""
+    operation: Callable[[], Awaitable[T]],
+    policy: RetryPolicy = DEFAULT_POLICY,
+    *,
+    what: str = "",
+    on_retry: Callable[[DicomCloudError], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> T:
     """Run ``operation`` until it succeeds, fails with an error not worth retrying, or the policy
-    gives up (the last error is raised)."""
+    gives up (the last error is raised). ``on_retry`` hears of each failure that is retried;
+    ``stopping`` says when no new attempt should start (the run is ending)."""
     attempt = 0
     first_failure: float | None = None
     while True:
@@ -97,8 +103,12 @@ async def call_with_retries(
             return await operation()
         except DicomCloudError as error:
             first_failure = first_failure or time.monotonic()
-            if not policy.should_retry(error, attempt, first_failure):
+            if not policy.should_retry(error, attempt, first_failure) or (
+                stopping is not None and stopping()
+            ):
                 raise
+            if on_retry is not None:
+                on_retry(error)
             wait = policy.delay(attempt, retry_after=retry_after_of(error))
             log.debug("retrying %s in %.2f s (attempt %d: %s)", what or "request", wait, attempt, error)
             await asyncio.sleep(wait)
