@@ -1,0 +1,121 @@
+"""S3 stores over obstore: credentials, endpoint and addressing, the server-verified checksum,
+server-side encryption, and the resumable-upload client built on the same settings."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from obstore import exceptions as obx
+from obstore.store import S3Store
+
+from ..credentials import AwsSettings, aws_settings
+from ..errors import UsageError
+from ..store import Features
+from . import StoreConfig, refuse_key_in_clear
+from .account_listing import list_s3_buckets
+from .objectstore import ObjectStoreBackend, _first_line, client_options, retry_config
+
+if TYPE_CHECKING:
+    from ..resumable import ResumableUploads
+
+
+def open_s3(bucket: str, config: StoreConfig) -> ObjectStoreBackend:
+    """An S3 bucket (AWS or any S3-compatible server) as a Store."""
+    retry = retry_config(config)
+    client = client_options(config)
+    aws = aws_settings(region=config.region, endpoint=config.endpoint)
+    s3_kwargs: dict[str, Any] = {"region": aws.region}
+    if aws.access_key_id and aws.secret_access_key:
+        s3_kwargs["access_key_id"] = aws.access_key_id
+        s3_kwargs["secret_access_key"] = aws.secret_access_key
+        if aws.session_token:
+            s3_kwargs["session_token"] = aws.session_token
+    if aws.endpoint:
+        s3_kwargs["endpoint"] = aws.endpoint.rstrip("/")
+        client["allow_http"] = aws.endpoint.startswith("http://")
+    path_style = config.path_style if config.path_style is not None else bool(aws.endpoint)
+    s3_kwargs["virtual_hosted_style_request"] = not path_style
+    # Integrity: every part and every single put carries x-amz-checksum-sha256, which the
+    # server checks before accepting the bytes (SHA-256 runs in the Rust client, off the GIL).
+    checksum = config.extra.get("checksum_algorithm", "SHA256")
+    if checksum:
+        s3_kwargs["checksum_algorithm"] = checksum
+    # Server-side encryption (docs/server-side-encryption.md). obstore adds the SSE-C headers
+    # to every request that touches content (GET, HEAD, PUT, parts, copy source and target);
+    # SSE-S3/SSE-KMS headers go on object creation only, as S3 wants.
+    encryption: str | None = None
+    if config.sse_customer_key is not None:
+        if config.server_side_encryption:
+            raise UsageError(
+                f"an S3 object takes one kind of server-side encryption: a customer key (SSE-C) "
+                f"or {config.server_side_encryption}, not both",
+                hint="drop the customer key or the other server-side encryption option",
+            )
+        refuse_key_in_clear(aws.endpoint or "https://s3.amazonaws.com")
+        s3_kwargs["server_side_encryption"] = "sse-c"
+        s3_kwargs["sse_customer_key_base64"] = base64.b64encode(config.sse_customer_key).decode()
+        encryption = "SSE-C with a customer key"
+    elif config.server_side_encryption:
+        s3_kwargs["server_side_encryption"] = config.server_side_encryption
+        if config.server_side_encryption != "AES256":  # SSE-S3 needs no key: nothing to hint
+            encryption = f"server-side encryption {config.server_side_encryption}"
+        if config.sse_kms_key_id:
+            s3_kwargs["sse_kms_key_id"] = config.sse_kms_key_id
+            encryption = f"{encryption} with KMS key {config.sse_kms_key_id}"
+    try:
+        s3 = S3Store(bucket, client_options=client, retry_config=retry, **s3_kwargs)
+    except obx.BaseError as exc:
+        raise UsageError(f"invalid S3 configuration: {_first_line(exc)}") from exc
+    features = Features(
+        server_side_copy=True,
+        presign=True,
+        object_tags=True,
+        # AWS gives SSE-C and SSE-KMS objects ETags that are not the MD5 of their bytes.
+        etag_is_md5=encryption is None,
+        list_buckets=True,
+    )
+    backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
+    backend.write_encryption = encryption
+    backend.resumable_factory = _s3_resumable_factory(bucket, aws, config, path_style)
+    backend.bucket_lister = partial(list_s3_buckets, aws, config)
+    if aws.access_key_id is None:
+        backend.missing_credentials_hint = (
+            "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_PROFILE (see docs/credentials.md)"
+        )
+    return backend
+
+
+def _s3_resumable_factory(
+    bucket: str, aws: AwsSettings, config: StoreConfig, path_style: bool
+) -> Callable[[], ResumableUploads] | None:
+    """Resumable uploads sign their own requests: only with keys we hold, and not with SSE-C
+    (the customer key would have to travel with every part request: not implemented)."""
+    if not (aws.access_key_id and aws.secret_access_key) or config.sse_customer_key is not None:
+        return None
+    from .s3_multipart import S3ResumableUploads
+    from .sigv4 import SigningCredentials, aws_endpoint
+
+    create_headers: dict[str, str] = {}
+    if config.server_side_encryption:
+        create_headers["x-amz-server-side-encryption"] = config.server_side_encryption
+    if config.sse_kms_key_id:
+        create_headers["x-amz-server-side-encryption-aws-kms-key-id"] = config.sse_kms_key_id
+    credentials = SigningCredentials(aws.access_key_id, aws.secret_access_key, aws.session_token)
+
+    def build() -> ResumableUploads:
+        return S3ResumableUploads(
+            bucket=bucket,
+            endpoint=aws.endpoint or aws_endpoint(aws.region),
+            region=aws.region,
+            credentials=credentials,
+            path_style=path_style,
+            create_headers=create_headers,
+            max_retries=config.max_retries,
+            timeout=(config.connect_timeout, config.request_timeout),
+        )
+
+    return build
