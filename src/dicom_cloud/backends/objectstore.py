@@ -36,12 +36,12 @@ from ..names import printable
 from ..retry import RequestRetries, resumable_listing
 from ..store import BucketInfo, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import StoreConfig
-from .azure_blocks import AzureResumableUploads
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, ObjectStore, RetryConfig
 
     from ..resumable import ResumableUploads
+    from .azure_blocks import AzureResumableUploads
 
 T = TypeVar("T")
 
@@ -145,6 +145,10 @@ class ObjectStoreBackend(Store):
         when we hold the account key; metadata must be ASCII to travel in headers as it is."""
         if self.scheme != "azure":
             return None
+        # Imported here: requests (under the REST clients) costs a tenth of a second to import,
+        # which S3 transfers never need.
+        from .azure_blocks import AzureResumableUploads
+
         uploads = self.resumable_uploads()
         if not isinstance(uploads, AzureResumableUploads):
             return None

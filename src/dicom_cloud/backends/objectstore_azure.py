@@ -14,9 +14,8 @@ from obstore.store import AzureStore
 
 from ..credentials import AzureSettings, azure_settings
 from ..errors import UsageError
-from ..store import Features
+from ..store import BucketInfo, Features
 from . import StoreConfig, refuse_key_in_clear
-from .account_listing import list_azure_containers
 from .azure_sas import blob_sas_url, service_sas
 from .objectstore import ObjectStoreBackend, Signer, _first_line, client_options, retry_config
 
@@ -113,7 +112,7 @@ def open_azure(bucket: str, config: StoreConfig) -> ObjectStoreBackend:
     )
     azure_backend.write_encryption = encryption
     azure_backend.resumable_factory = _azure_resumable_factory(bucket, az, config)
-    azure_backend.bucket_lister = partial(list_azure_containers, az, config)
+    azure_backend.bucket_lister = partial(_list_azure_containers, az, config)
     return azure_backend
 
 
@@ -175,3 +174,10 @@ class _ScopedContainerSAS:
         )
         # Renewed a quarter of an hour early, so that no request starts with a token about to lapse.
         return {"sas_token": token, "expires_at": expiry - timedelta(minutes=15)}
+
+
+async def _list_azure_containers(*args: Any) -> list[BucketInfo]:
+    # Imported when used: the REST stack (requests) is not loaded by transfers that never list buckets.
+    from .account_listing import list_azure_containers
+
+    return await list_azure_containers(*args)

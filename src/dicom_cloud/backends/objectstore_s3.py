@@ -4,6 +4,7 @@ server-side encryption, and the resumable-upload client built on the same settin
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -13,13 +14,35 @@ from obstore.store import S3Store
 
 from ..credentials import AwsSettings, aws_settings
 from ..errors import UsageError
-from ..store import Features
+from ..store import BucketInfo, Features
 from . import StoreConfig, refuse_key_in_clear
-from .account_listing import list_s3_buckets
 from .objectstore import ObjectStoreBackend, _first_line, client_options, retry_config
 
 if TYPE_CHECKING:
     from ..resumable import ResumableUploads
+
+
+#: The checksum S3 writes carry unless DICOM_CLOUD_S3_CHECKSUM says otherwise.
+DEFAULT_S3_CHECKSUM = "SHA256"
+S3_CHECKSUMS = ("SHA256", "CRC64NVME", "none")
+
+
+def s3_checksum_algorithm(config: StoreConfig) -> str | None:
+    """The checksum header of S3 writes: SHA256 (x-amz-checksum-sha256, every S3-compatible server
+    that checks one knows it), CRC64NVME (x-amz-checksum-crc64nvme: AWS since 2024, SeaweedFS), or
+    none (the CRC32C in metadata is still checked on every read)."""
+    value = (
+        config.extra.get("checksum_algorithm")
+        or os.environ.get("DICOM_CLOUD_S3_CHECKSUM")
+        or DEFAULT_S3_CHECKSUM
+    )
+    chosen = {name.lower(): name for name in S3_CHECKSUMS}.get(value.lower())
+    if chosen is None:
+        raise UsageError(
+            f"unknown S3 checksum {value!r}",
+            hint=f"DICOM_CLOUD_S3_CHECKSUM takes {', '.join(S3_CHECKSUMS)}",
+        )
+    return None if chosen == "none" else chosen
 
 
 def open_s3(bucket: str, config: StoreConfig) -> ObjectStoreBackend:
@@ -38,9 +61,9 @@ def open_s3(bucket: str, config: StoreConfig) -> ObjectStoreBackend:
         client["allow_http"] = aws.endpoint.startswith("http://")
     path_style = config.path_style if config.path_style is not None else bool(aws.endpoint)
     s3_kwargs["virtual_hosted_style_request"] = not path_style
-    # Integrity: every part and every single put carries x-amz-checksum-sha256, which the
-    # server checks before accepting the bytes (SHA-256 runs in the Rust client, off the GIL).
-    checksum = config.extra.get("checksum_algorithm", "SHA256")
+    # Integrity: every part and every single put carries a checksum header the server checks
+    # before accepting the bytes, computed in the Rust client, off the GIL (docs/reliability.md).
+    checksum = s3_checksum_algorithm(config)
     if checksum:
         s3_kwargs["checksum_algorithm"] = checksum
     # Server-side encryption (docs/server-side-encryption.md). obstore adds the SSE-C headers
@@ -80,7 +103,7 @@ def open_s3(bucket: str, config: StoreConfig) -> ObjectStoreBackend:
     backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
     backend.write_encryption = encryption
     backend.resumable_factory = _s3_resumable_factory(bucket, aws, config, path_style)
-    backend.bucket_lister = partial(list_s3_buckets, aws, config)
+    backend.bucket_lister = partial(_list_s3_buckets, aws, config)
     if aws.access_key_id is None:
         backend.missing_credentials_hint = (
             "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -119,3 +142,10 @@ def _s3_resumable_factory(
         )
 
     return build
+
+
+async def _list_s3_buckets(*args: Any) -> list[BucketInfo]:
+    # Imported when used: the REST stack (requests) is not loaded by transfers that never list buckets.
+    from .account_listing import list_s3_buckets
+
+    return await list_s3_buckets(*args)
