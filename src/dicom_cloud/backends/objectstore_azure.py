@@ -125,12 +125,13 @@ def _azure_resumable_factory(
         return None
     if config.sse_customer_key is not None or config.azure_encryption_scope is not None:
         return None
-    from .azure_blocks import AzureResumableUploads
-
     account, key = az.account, az.account_key
     endpoint = az.endpoint or f"https://{account}.blob.core.windows.net"
 
     def build() -> ResumableUploads:
+        # Imported when first used: the REST stack (requests) costs a tenth of a second to import.
+        from .azure_blocks import AzureResumableUploads
+
         return AzureResumableUploads(
             container=bucket,
             endpoint=endpoint,

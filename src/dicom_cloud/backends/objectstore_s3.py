@@ -119,7 +119,6 @@ def _s3_resumable_factory(
     (the customer key would have to travel with every part request: not implemented)."""
     if not (aws.access_key_id and aws.secret_access_key) or config.sse_customer_key is not None:
         return None
-    from .s3_multipart import S3ResumableUploads
     from .sigv4 import SigningCredentials, aws_endpoint
 
     create_headers: dict[str, str] = {}
@@ -130,6 +129,9 @@ def _s3_resumable_factory(
     credentials = SigningCredentials(aws.access_key_id, aws.secret_access_key, aws.session_token)
 
     def build() -> ResumableUploads:
+        # Imported when first used: the REST stack (requests) costs a tenth of a second to import.
+        from .s3_multipart import S3ResumableUploads
+
         return S3ResumableUploads(
             bucket=bucket,
             endpoint=aws.endpoint or aws_endpoint(aws.region),
