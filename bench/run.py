@@ -156,8 +156,9 @@ def _rclone(scenario: str, c: Context) -> list[str]:
 
 
 def takes_part(tool: str, scenario: str) -> bool:
-    # s5cmd-32 is a variant for the one case where s5cmd's default parallelism is the obvious suspect.
-    return tool != "s5cmd-32" or scenario == "large-download"
+    """Every tool takes part in every scenario (s5cmd-32, s5cmd with --numworkers 32, is the
+    reference of the study targets: as many objects in flight as dicom-cloud's default -j)."""
+    return True
 
 
 def command(tool: str, scenario: str, c: Context) -> list[str]:
@@ -186,6 +187,9 @@ def tool_env(tool: str, srv: S3Server, home: Path) -> dict[str, str]:
         "AWS_DEFAULT_REGION": srv.region,  # what aws-cli v1 reads
         "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata probing
     }
+    if tool.startswith("dicom-cloud"):
+        # This checkout's sources, whatever the venv's editable install points at.
+        env["PYTHONPATH"] = str(REPO / "src")
     if tool == "rclone":
         prefix = "RCLONE_CONFIG_BENCH_"
         env |= {

@@ -1,5 +1,9 @@
 """When and how long to wait before trying again: one retry policy for every retry dicom-cloud makes.
 
+Two layers use it (docs/reliability.md): ``RequestRetries`` for one HTTP request, applied to every
+HTTP stack we send through (obstore's ``RetryConfig``, google-api-core's ``Retry`` in gcs.py, the
+requests loop of rest.py), and ``RetryPolicy`` for whole objects and listings, in the engine.
+
 Exponential backoff with full jitter: before retry ``n`` (1, 2, ...) the wait is drawn uniformly
 from ``[0, min(max_delay, base_delay * 2 ** (n - 1))]``, so that many workers throttled at the same
 moment do not come back at the same moment. A server's ``Retry-After`` (where a backend can read it)
@@ -16,9 +20,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from .errors import DicomCloudError, UsageError
 
@@ -71,6 +76,70 @@ class RetryPolicy:
         return first_failure is None or time.monotonic() - first_failure < self.deadline
 
 
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds (the delta-seconds form; an HTTP date is ignored)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+#: Per-request retries: the first wait and the ceiling of the doubling waits, in seconds.
+REQUEST_FIRST_DELAY = 0.1
+REQUEST_MAX_DELAY = 8.0
+#: HTTP statuses worth sending the same request again for.
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class RequestRetries:
+    """The request layer: how often and how long one HTTP request is repeated by the stack that
+    sent it, the same numbers for every stack. Waits double from ``first_delay`` up to
+    ``max_delay`` with full jitter; a server's ``Retry-After``, where the stack exposes it, is a
+    floor under the draw (capped by ``max_delay``: a longer wait is the object layer's business,
+    and the error it raises carries the server's value there). No retry starts more than
+    ``timeout`` seconds after the first try."""
+
+    retries: int = 4
+    first_delay: float = REQUEST_FIRST_DELAY
+    max_delay: float = REQUEST_MAX_DELAY
+    timeout: float = 300.0
+
+    def delay(
+        self, retry: int, *, retry_after: float | None = None, rng: random.Random | None = None
+    ) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
+        ceiling = min(self.max_delay, self.first_delay * 2 ** max(0, retry - 1))
+        drawn = (rng or random).uniform(0.0, ceiling)
+        if retry_after is not None and retry_after > drawn:
+            return min(self.max_delay, retry_after)
+        return drawn
+
+    def obstore_config(self) -> dict[str, Any]:
+        """This policy as obstore's ``RetryConfig`` (obstore does not expose response headers, so
+        its own backoff applies without Retry-After)."""
+        return {
+            "max_retries": self.retries,
+            "retry_timeout": timedelta(seconds=max(self.timeout, 1.0)),
+            "backoff": {
+                "init_backoff": timedelta(seconds=self.first_delay),
+                "max_backoff": timedelta(seconds=self.max_delay),
+                "base": 2,
+            },
+        }
+
+    def sleeps(self, retry_after: Callable[[], float | None] = lambda: None) -> Iterator[float]:
+        """The waits between tries, as a generator (google-api-core's ``sleep_generator``);
+        ``retry_after`` tells the latest error's Retry-After when there is one."""
+        retry = 0
+        while True:
+            retry += 1
+            yield self.delay(retry, retry_after=retry_after())
+
+
 #: The policy used where nothing else was configured (objects take theirs from --attempts).
 DEFAULT_POLICY = RetryPolicy()
 #: Listings: fewer, shorter waits. The first listing of a run is also the check that the store
@@ -85,10 +154,16 @@ def retry_after_of(error: BaseException) -> float | None:
 
 
 async def call_with_retries(
-    operation: Callable[[], Awaitable[T]], policy: RetryPolicy = DEFAULT_POLICY, *, what: str = ""
+    operation: Callable[[], Awaitable[T]],
+    policy: RetryPolicy = DEFAULT_POLICY,
+    *,
+    what: str = "",
+    on_retry: Callable[[DicomCloudError], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> T:
     """Run ``operation`` until it succeeds, fails with an error not worth retrying, or the policy
-    gives up (the last error is raised)."""
+    gives up (the last error is raised). ``on_retry`` hears of each failure that is retried;
+    ``stopping`` says when no new attempt should start (the run is ending)."""
     attempt = 0
     first_failure: float | None = None
     while True:
@@ -97,8 +172,12 @@ async def call_with_retries(
             return await operation()
         except DicomCloudError as error:
             first_failure = first_failure or time.monotonic()
-            if not policy.should_retry(error, attempt, first_failure):
+            if not policy.should_retry(error, attempt, first_failure) or (
+                stopping is not None and stopping()
+            ):
                 raise
+            if on_retry is not None:
+                on_retry(error)
             wait = policy.delay(attempt, retry_after=retry_after_of(error))
             log.debug("retrying %s in %.2f s (attempt %d: %s)", what or "request", wait, attempt, error)
             await asyncio.sleep(wait)

@@ -24,7 +24,7 @@ import google.auth
 import requests
 import urllib3.exceptions
 from google.api_core import exceptions as api_exceptions
-from google.api_core.retry import Retry, exponential_sleep_generator, retry_target
+from google.api_core.retry import Retry, retry_target
 from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials, Credentials, Signing
 from google.auth.transport.requests import Request as AuthRequest
@@ -45,6 +45,7 @@ from ..errors import (
     ThrottledError,
     UsageError,
 )
+from ..retry import TRANSIENT_STATUS, RequestRetries
 from ..store import BucketInfo, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
 from . import refuse_key_in_clear
 
@@ -63,8 +64,6 @@ _MAX_SIGN_LIFETIME = timedelta(days=7)
 _LIST_PAGE_SIZE = 1000
 _LIST_FIELDS = "items(name,size,updated,etag,contentType),prefixes,nextPageToken"
 #: First and longest pause between retries, in seconds (doubling, with jitter, in between).
-_BACKOFF = (0.5, 8.0)
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
@@ -486,7 +485,8 @@ class GCSStore(Store):
     def _retry(self) -> Retry | None:
         if self._max_retries == 0:
             return None
-        return _CountedRetry(self._max_retries, self._timeout[1] * (self._max_retries + 1))
+        policy = RequestRetries(retries=self._max_retries, timeout=self._timeout[1])
+        return _CountedRetry(policy, self._timeout[1] * (self._max_retries + 1))
 
     def _blob(
         self,
@@ -680,38 +680,42 @@ def _object_info(blob: Any, *, with_metadata: bool = False) -> ObjectInfo:
 
 
 class _CountedRetry(Retry):
-    """A Retry allowing ``retries`` retries per request, each request within ``deadline`` seconds.
+    """google-api-core's Retry under the request layer of the retry policy (retry.py): at most
+    ``policy.retries`` retries per request, the same doubling waits as the other HTTP stacks, and a
+    server's Retry-After as a floor under the wait (api-core itself ignores it).
 
     api_core's Retry only bounds time, and one Retry object serves every chunk request of a
     resumable upload, so each call it wraps gets its own count.
     """
 
-    def __init__(self, retries: int, deadline: float) -> None:
+    def __init__(self, policy: RequestRetries, deadline: float) -> None:
         super().__init__(
             predicate=_is_transient,
-            initial=_BACKOFF[0],
-            maximum=_BACKOFF[1],
+            initial=policy.first_delay,
+            maximum=policy.max_delay,
             multiplier=2.0,
             timeout=deadline,
         )
-        self._retries = retries
+        self._policy = policy
         self._deadline_seconds = deadline
 
     def __call__(
         self, func: Callable[..., Any], on_error: Callable[[Exception], Any] | None = None
     ) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            remaining = self._retries
+            remaining = self._policy.retries
+            latest_retry_after: float | None = None
 
             def predicate(exc: Exception) -> bool:
-                nonlocal remaining
+                nonlocal remaining, latest_retry_after
                 remaining -= 1
+                latest_retry_after = _retry_after(exc)
                 return remaining >= 0 and _is_transient(exc)
 
             return retry_target(
                 partial(func, *args, **kwargs),
                 predicate,
-                exponential_sleep_generator(*_BACKOFF, multiplier=2.0),
+                self._policy.sleeps(lambda: latest_retry_after),
                 timeout=self._deadline_seconds,
                 on_error=on_error,
             )
@@ -721,9 +725,9 @@ class _CountedRetry(Retry):
 
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, api_exceptions.GoogleAPICallError):
-        return exc.code in _TRANSIENT_STATUS
+        return exc.code in TRANSIENT_STATUS
     if isinstance(exc, InvalidResponse):
-        return exc.response.status_code in _TRANSIENT_STATUS
+        return exc.response.status_code in TRANSIENT_STATUS
     if isinstance(exc, auth_exceptions.TransportError):
         return True
     return isinstance(exc, _TRANSIENT_TYPES)

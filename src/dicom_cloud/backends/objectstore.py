@@ -8,20 +8,17 @@ from the fixed-format part of the error, never from text that repeats the object
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from functools import partial
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
 
 import obstore
 from obstore import exceptions as obx
-from obstore.store import AzureStore, MemoryStore, S3Store
+from obstore.store import MemoryStore
 
-from ..credentials import AwsSettings, AzureSettings, aws_settings, azure_settings
 from ..errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -36,18 +33,15 @@ from ..errors import (
     UsageError,
 )
 from ..names import printable
-from ..retry import resumable_listing
+from ..retry import RequestRetries, resumable_listing
 from ..store import BucketInfo, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
-from . import StoreConfig, refuse_key_in_clear
-from .account_listing import list_azure_containers, list_s3_buckets
-from .azure_blocks import AzureResumableUploads
-from .azure_sas import blob_sas_url, service_sas
-from .sigv4 import current_credentials
+from . import StoreConfig
 
 if TYPE_CHECKING:
-    from obstore.store import AzureSASToken, ClientConfig, ObjectStore, RetryConfig
+    from obstore.store import ClientConfig, ObjectStore, RetryConfig
 
     from ..resumable import ResumableUploads
+    from .azure_blocks import AzureResumableUploads
 
 T = TypeVar("T")
 
@@ -79,271 +73,39 @@ _THROTTLE_CODES = ("SlowDown", "ServerBusy", "TooManyRequests", "RequestLimitExc
 
 
 def open_objectstore(scheme: str, bucket: str, config: StoreConfig) -> Store:
-    """Build the obstore client for ``scheme`` (s3, azure or memory) and wrap it."""
-    retry: RetryConfig = {
-        "max_retries": config.max_retries,
-        "retry_timeout": timedelta(seconds=max(config.request_timeout, 1.0)),
-        "backoff": {
-            "init_backoff": timedelta(milliseconds=100),
-            "max_backoff": timedelta(seconds=15),
-            "base": 2,
-        },
-    }
-    client: ClientConfig = {
+    """Build the obstore client for ``scheme`` (s3, azure or memory) and wrap it: each provider's
+    opening is in its own module (objectstore_s3.py, objectstore_azure.py)."""
+    if scheme == "memory":
+        inner: ObjectStore = _MEMORY_STORES.setdefault(bucket, MemoryStore())
+        return ObjectStoreBackend(inner, "memory", bucket, Features(server_side_copy=True, etag_is_md5=False))
+    if scheme == "s3":
+        from .objectstore_s3 import open_s3
+
+        return open_s3(bucket, config)
+    if scheme == "azure":
+        from .objectstore_azure import open_azure
+
+        return open_azure(bucket, config)
+    raise UsageError(f"obstore backend cannot open {scheme}://")
+
+
+def client_options(config: StoreConfig) -> ClientConfig:
+    """obstore's HTTP client settings, the same for every provider."""
+    return {
         "connect_timeout": timedelta(seconds=config.connect_timeout),
         "timeout": timedelta(seconds=config.request_timeout),
         "pool_max_idle_per_host": "64",
         "user_agent": "dicom-cloud",
     }
-    if scheme == "memory":
-        inner: ObjectStore = _MEMORY_STORES.setdefault(bucket, MemoryStore())
-        return ObjectStoreBackend(inner, "memory", bucket, Features(server_side_copy=True, etag_is_md5=False))
-    if scheme == "s3":
-        aws = aws_settings(region=config.region, endpoint=config.endpoint)
-        s3_kwargs: dict[str, Any] = {"region": aws.region}
-        if aws.access_key_id and aws.secret_access_key:
-            s3_kwargs["access_key_id"] = aws.access_key_id
-            s3_kwargs["secret_access_key"] = aws.secret_access_key
-            if aws.session_token:
-                s3_kwargs["session_token"] = aws.session_token
-        elif aws.obstore_provider is not None:  # a profile resolved by botocore (assumed role, SSO...)
-            s3_kwargs["credential_provider"] = aws.obstore_provider
-        if aws.endpoint:
-            s3_kwargs["endpoint"] = aws.endpoint.rstrip("/")
-            client["allow_http"] = aws.endpoint.startswith("http://")
-        path_style = config.path_style if config.path_style is not None else bool(aws.endpoint)
-        s3_kwargs["virtual_hosted_style_request"] = not path_style
-        # Integrity: every part and every single put carries x-amz-checksum-sha256, which the
-        # server checks before accepting the bytes (SHA-256 runs in the Rust client, off the GIL).
-        checksum = config.extra.get("checksum_algorithm", "SHA256")
-        if checksum:
-            s3_kwargs["checksum_algorithm"] = checksum
-        # Server-side encryption (docs/server-side-encryption.md). obstore adds the SSE-C headers
-        # to every request that touches content (GET, HEAD, PUT, parts, copy source and target);
-        # SSE-S3/SSE-KMS headers go on object creation only, as S3 wants.
-        encryption: str | None = None
-        if config.sse_customer_key is not None:
-            if config.server_side_encryption:
-                raise UsageError(
-                    f"an S3 object takes one kind of server-side encryption: a customer key (SSE-C) "
-                    f"or {config.server_side_encryption}, not both",
-                    hint="drop the customer key or the other server-side encryption option",
-                )
-            refuse_key_in_clear(aws.endpoint or "https://s3.amazonaws.com")
-            s3_kwargs["server_side_encryption"] = "sse-c"
-            s3_kwargs["sse_customer_key_base64"] = base64.b64encode(config.sse_customer_key).decode()
-            encryption = "SSE-C with a customer key"
-        elif config.server_side_encryption:
-            s3_kwargs["server_side_encryption"] = config.server_side_encryption
-            if config.server_side_encryption != "AES256":  # SSE-S3 needs no key: nothing to hint
-                encryption = f"server-side encryption {config.server_side_encryption}"
-            if config.sse_kms_key_id:
-                s3_kwargs["sse_kms_key_id"] = config.sse_kms_key_id
-                encryption = f"{encryption} with KMS key {config.sse_kms_key_id}"
-        try:
-            s3 = S3Store(bucket, client_options=client, retry_config=retry, **s3_kwargs)
-        except obx.BaseError as exc:
-            raise UsageError(f"invalid S3 configuration: {_first_line(exc)}") from exc
-        features = Features(
-            server_side_copy=True,
-            presign=True,
-            object_tags=True,
-            # AWS gives SSE-C and SSE-KMS objects ETags that are not the MD5 of their bytes.
-            etag_is_md5=encryption is None,
-            list_buckets=True,
-        )
-        backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
-        backend.write_encryption = encryption
-        backend.resumable_factory = _s3_resumable_factory(bucket, aws, config, path_style)
-        backend.bucket_lister = partial(list_s3_buckets, aws, config)
-        if not aws.has_keys:
-            backend.missing_credentials_hint = (
-                "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                "or AWS_PROFILE (see docs/credentials.md)"
-            )
-        return backend
-    if scheme == "azure":
-        az = azure_settings(endpoint=config.endpoint)
-        az_kwargs: dict[str, Any] = {"account_name": az.account}
-        if az.account_key:
-            az_kwargs["account_key"] = az.account_key
-        if az.sas_token:
-            az_kwargs["sas_key"] = az.sas_token
-        if az.endpoint:
-            az_kwargs["endpoint"] = az.endpoint.rstrip("/")
-            client["allow_http"] = az.endpoint.startswith("http://")
-        # Server-side encryption (docs/server-side-encryption.md); the S3-only options are ignored.
-        scope, cpk = config.azure_encryption_scope, config.sse_customer_key
-        if scope and cpk is not None:
-            raise UsageError(
-                "an Azure blob is encrypted with an encryption scope or a customer-provided key, not both",
-                hint="give either the encryption scope or the customer key",
-            )
-        encryption = None
-        if cpk is not None:
-            refuse_key_in_clear(az.endpoint or "https://blob.core.windows.net")
-            # obstore sends x-ms-encryption-key, -key-sha256 and -algorithm: AES256 on every
-            # blob request, inside the SharedKey signature.
-            az_kwargs["encryption_key"] = base64.b64encode(cpk).decode()
-            encryption = "a customer-provided key"
-        credential_provider: _ScopedContainerSAS | None = None
-        if scope:
-            encryption = f"encryption scope {scope}"
-            if az.account and az.account_key:
-                # obstore adds client default headers after signing, so a SharedKey signature would
-                # not cover x-ms-encryption-scope and Azure refuses the request. Sign container SAS
-                # tokens with the key instead, naming the scope (ses): Azure then encrypts every
-                # write made with them under the scope, and no extra header is needed.
-                credential_provider = _ScopedContainerSAS(
-                    account=az.account,
-                    account_key=az.account_key,
-                    container=bucket,
-                    scope=scope,
-                    plain_http=bool(az.endpoint and az.endpoint.startswith("http://")),
-                )
-                az_kwargs.pop("account_key", None)
-                az_kwargs.pop("sas_key", None)
-            else:
-                # SAS tokens and Entra ID tokens do not sign headers: the header is enough.
-                client["default_headers"] = {"x-ms-encryption-scope": scope}
-        try:
-            azure = AzureStore(
-                bucket,
-                client_options=client,
-                retry_config=retry,
-                credential_provider=credential_provider,
-                **az_kwargs,
-            )
-        except obx.BaseError as exc:
-            raise UsageError(f"invalid Azure configuration: {_first_line(exc)}") from exc
-        features = Features(
-            # With a customer-provided key obstore copies with Put Blob From URL, which Azurite
-            # does not implement (501) and Azure limits to 5,000 MiB: copies go through the client.
-            server_side_copy=cpk is None,
-            presign=bool(az.account_key),
-            object_tags=True,
-            etag_is_md5=False,
-            list_buckets=True,
-        )
-        signer: Signer | None = None
-        if az.account and az.account_key:
-            account, account_key = az.account, az.account_key
-            blob_endpoint = az.endpoint or f"https://{account}.blob.core.windows.net"
 
-            def signer(key: str, expires: timedelta, method: Literal["GET", "PUT"]) -> str:
-                return blob_sas_url(
-                    endpoint=blob_endpoint,
-                    account=account,
-                    account_key=account_key,
-                    container=bucket,
-                    blob=key,
-                    expires=expires,
-                    permissions="r" if method == "GET" else "cw",
-                )
 
-        azure_backend = ObjectStoreBackend(
-            azure, "azure", bucket, features, endpoint=az.endpoint or "Azure", signer=signer
-        )
-        azure_backend.write_encryption = encryption
-        azure_backend.resumable_factory = _azure_resumable_factory(bucket, az, config)
-        azure_backend.bucket_lister = partial(list_azure_containers, az, config)
-        return azure_backend
-    raise UsageError(f"obstore backend cannot open {scheme}://")
+def retry_config(config: StoreConfig) -> RetryConfig:
+    """The request layer of the retry policy (retry.py) as obstore's RetryConfig."""
+    policy = RequestRetries(retries=max(0, config.max_retries), timeout=config.request_timeout)
+    return cast("RetryConfig", policy.obstore_config())
 
 
 Signer = Callable[[str, timedelta, Literal["GET", "PUT"]], str]
-
-
-def _s3_resumable_factory(
-    bucket: str, aws: AwsSettings, config: StoreConfig, path_style: bool
-) -> Callable[[], ResumableUploads] | None:
-    """Resumable uploads sign their own requests: only with keys we hold, and not with SSE-C
-    (the customer key would have to travel with every part request: not implemented)."""
-    credentials = current_credentials(aws)
-    if credentials is None or config.sse_customer_key is not None:
-        return None
-    from .s3_multipart import S3ResumableUploads
-    from .sigv4 import aws_endpoint
-
-    create_headers: dict[str, str] = {}
-    if config.server_side_encryption:
-        create_headers["x-amz-server-side-encryption"] = config.server_side_encryption
-    if config.sse_kms_key_id:
-        create_headers["x-amz-server-side-encryption-aws-kms-key-id"] = config.sse_kms_key_id
-
-    def build() -> ResumableUploads:
-        return S3ResumableUploads(
-            bucket=bucket,
-            endpoint=aws.endpoint or aws_endpoint(aws.region),
-            region=aws.region,
-            credentials=credentials,
-            path_style=path_style,
-            create_headers=create_headers,
-            max_retries=config.max_retries,
-            timeout=(config.connect_timeout, config.request_timeout),
-        )
-
-    return build
-
-
-def _azure_resumable_factory(
-    bucket: str, az: AzureSettings, config: StoreConfig
-) -> Callable[[], ResumableUploads] | None:
-    """Blocks are written with SAS URLs signed by the account key; other credentials (SAS tokens
-    from the environment, Entra ID) and the encryption options make the store not resumable."""
-    if not (az.account and az.account_key):
-        return None
-    if config.sse_customer_key is not None or config.azure_encryption_scope is not None:
-        return None
-    from .azure_blocks import AzureResumableUploads
-
-    account, key = az.account, az.account_key
-    endpoint = az.endpoint or f"https://{account}.blob.core.windows.net"
-
-    def build() -> ResumableUploads:
-        return AzureResumableUploads(
-            container=bucket,
-            endpoint=endpoint,
-            account=account,
-            account_key=key,
-            max_retries=config.max_retries,
-            timeout=(config.connect_timeout, config.request_timeout),
-        )
-
-    return build
-
-
-class _ScopedContainerSAS:
-    """obstore credential provider: container SAS tokens signed with the account key, carrying
-    an encryption scope (``ses``, service version 2020-12-06 and later), renewed before expiry."""
-
-    #: Read, add, create, write, delete, list, tags: what the store does, in Azure's order.
-    PERMISSIONS = "racwdlt"
-    LIFETIME = timedelta(hours=6)
-
-    def __init__(
-        self, *, account: str, account_key: str, container: str, scope: str, plain_http: bool
-    ) -> None:
-        self._account = account
-        self._key = account_key
-        self._container = container
-        self._scope = scope
-        self._plain_http = plain_http
-
-    def __call__(self) -> AzureSASToken:
-        expiry = datetime.now(UTC) + self.LIFETIME
-        token = service_sas(
-            account=self._account,
-            account_key=self._key,
-            resource=self._container,
-            kind="c",
-            permissions=self.PERMISSIONS,
-            expiry=expiry,
-            plain_http=self._plain_http,
-            encryption_scope=self._scope,
-        )
-        # Renewed a quarter of an hour early, so that no request starts with a token about to lapse.
-        return {"sas_token": token, "expires_at": expiry - timedelta(minutes=15)}
 
 
 class ObjectStoreBackend(Store):
@@ -383,6 +145,10 @@ class ObjectStoreBackend(Store):
         when we hold the account key; metadata must be ASCII to travel in headers as it is."""
         if self.scheme != "azure":
             return None
+        # Imported here: requests (under the REST clients) costs a tenth of a second to import,
+        # which S3 transfers never need.
+        from .azure_blocks import AzureResumableUploads
+
         uploads = self.resumable_uploads()
         if not isinstance(uploads, AzureResumableUploads):
             return None

@@ -1,15 +1,15 @@
 """Plain HTTP for the protocol operations our client libraries do not offer (resumable uploads).
 
 One ``requests.Session`` per caller, each call run in a worker thread (requests blocks), with
-retries of what is transient (connection failures, timeouts, 408/429/5xx) and a fresh request
-built for every attempt (signatures carry a timestamp). Nothing here logs a URL or a header:
-they may carry signatures or session capabilities.
+retries of what is transient (connection failures, timeouts, 408/429/5xx) under the request layer
+of the retry policy (retry.py: the same waits as obstore's and GCS's, a server's Retry-After
+honoured), and a fresh request built for every attempt (signatures carry a timestamp). Nothing
+here logs a URL or a header: they may carry signatures or session capabilities.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +26,9 @@ from ..errors import (
     ThrottledError,
     UsageError,
 )
+from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after
 from ..store import ObjectInfo
 
-_TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 #: Requests in flight at once per client: the engine's default parallelism.
 _THREADS = 32
 
@@ -48,7 +48,8 @@ class RestClient:
         self, *, what: str, max_retries: int = 4, timeout: tuple[float, float] = (10.0, 300.0)
     ) -> None:
         self._what = what  # e.g. "S3 at http://127.0.0.1:8333": for messages, never a signed URL
-        self._max_retries = max(0, max_retries)
+        #: The request layer of the one retry policy (retry.py), Retry-After honoured.
+        self._policy = RequestRetries(retries=max(0, max_retries), timeout=timeout[1])
         self._timeout = timeout
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=_THREADS)
@@ -65,9 +66,12 @@ class RestClient:
         return await asyncio.get_running_loop().run_in_executor(self._threads, self._send_blocking, build, ok)
 
     def _send_blocking(self, build: Callable[[], Request], ok: Callable[[int], bool]) -> requests.Response:
-        attempt = 0
+        policy = self._policy
+        started = time.monotonic()
+        retry = 0
         while True:
             request = build()
+            retry_after: float | None = None
             try:
                 response = self._session.request(
                     request.method,
@@ -82,17 +86,23 @@ class RestClient:
                 requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,
             ) as exc:
-                if attempt >= self._max_retries:
+                if not self._may_retry(retry, started):
                     raise NetworkError(f"cannot reach {self._what}: {type(exc).__name__}") from None
             else:
-                if ok(response.status_code) or response.status_code not in _TRANSIENT:
+                status = response.status_code
+                if ok(status) or status not in TRANSIENT_STATUS:
                     return response
-                if attempt >= self._max_retries:
-                    error = ThrottledError if response.status_code in (429, 503) else NetworkError
-                    raise error(f"{self._what} answered HTTP {response.status_code} {_brief(response)}")
-            attempt += 1
-            # Exponential backoff with jitter: 0.2 s, 0.4 s... up to 8 s.
-            time.sleep(min(8.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if not self._may_retry(retry, started):
+                    message = f"{self._what} answered HTTP {status} {_brief(response)}"
+                    if status in (429, 503):
+                        raise ThrottledError(message, retry_after=retry_after)
+                    raise NetworkError(message)
+            retry += 1
+            time.sleep(policy.delay(retry, retry_after=retry_after))
+
+    def _may_retry(self, retries_done: int, started: float) -> bool:
+        return retries_done < self._policy.retries and time.monotonic() - started < self._policy.timeout
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

@@ -11,26 +11,21 @@ archive then enforces size and checksum when the session is completed. (Azure an
 
 from __future__ import annotations
 
-import asyncio
-import re
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from datetime import timedelta
-from xml.sax.saxutils import escape
 
-from ..backends.sigv4 import Signer, aws_endpoint, current_credentials, object_url, sha256_hex
+from ..backends.s3_client import S3Client
+from ..backends.sigv4 import Signer, aws_endpoint, current_credentials, object_url
 from ..credentials import aws_settings
-from ..errors import NetworkError, UsageError
+from ..errors import DicomCloudError, NetworkError, UsageError
 from ..url import parse_url
 
 #: S3's smallest part (all parts but the last) and largest part count.
 MIN_PART_SIZE = 5 * 1024**2
 MAX_PARTS = 10_000
-#: Seconds a CreateMultipartUpload / CompleteMultipartUpload request may take.
+#: Seconds a CreateMultipartUpload / CompleteMultipartUpload request may take, and its retries.
 _REQUEST_TIMEOUT = 60
-_UPLOAD_ID = re.compile(r"<UploadId>([^<]+)</UploadId>")
+_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +44,7 @@ class S3PutSigner:
         self._endpoint = endpoint
         self._bucket = bucket
         self._path_style = path_style
+        self._s3: S3Client | None = None
 
     @classmethod
     def for_storage(cls, storage_url: str) -> S3PutSigner | None:
@@ -82,13 +78,10 @@ class S3PutSigner:
 
     async def create_multipart(self, key: str, content_type: str) -> str:
         """Start a multipart upload of ``key``; returns its upload id."""
-        status, body = await self._request(
-            "POST", self._url(key) + "?uploads=", b"", {"content-type": content_type}
-        )
-        match = _UPLOAD_ID.search(body.decode("utf-8", "replace"))
-        if status != 200 or not match:
-            raise NetworkError(f"the bucket refused to start a multipart upload (HTTP {status})")
-        return match.group(1)
+        try:
+            return await self._client().create_multipart(key, {"content-type": content_type})
+        except DicomCloudError as exc:
+            raise NetworkError(f"the bucket refused to start a multipart upload ({exc})") from None
 
     def part_urls(
         self, key: str, upload_id: str, size: int, part_size: int, ttl: timedelta
@@ -109,33 +102,27 @@ class S3PutSigner:
 
     async def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> None:
         """Join the parts (ETags in part order). A wrong upload id or ETag list is a UsageError."""
-        parts = "".join(
-            f"<Part><PartNumber>{number}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
-            for number, etag in enumerate(etags, start=1)
-        )
-        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
-        url = self._url(key) + "?" + urllib.parse.urlencode({"uploadId": upload_id})
-        status, answer = await self._request("POST", url, body, {"content-type": "application/xml"})
-        # S3 may answer 200 with an <Error> body when the join fails late.
-        if status != 200 or b"<Error>" in answer:
+        try:
+            await self._client().complete_multipart(key, upload_id, etags)
+        except NetworkError:
+            raise
+        except DicomCloudError as exc:
             raise UsageError(
-                f"the bucket refused to join the uploaded parts (HTTP {status})",
+                f"the bucket refused to join the uploaded parts ({exc})",
                 hint="send the upload_id given at creation and every part's ETag, in part order",
+            ) from None
+
+    def _client(self) -> S3Client:
+        """The signed S3 REST client (backends/s3_client.py), made on first use: the same client,
+        retries included, as resumable uploads use."""
+        if self._s3 is None:
+            self._s3 = S3Client(
+                bucket=self._bucket,
+                endpoint=self._endpoint,
+                region=self._signer.region,
+                credentials=self._signer.credentials,
+                path_style=self._path_style,
+                max_retries=_RETRIES,
+                timeout=(10.0, _REQUEST_TIMEOUT),
             )
-
-    async def _request(
-        self, method: str, url: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, bytes]:
-        signed = self._signer.sign(method, url, headers=headers, payload_hash=sha256_hex(body))
-
-        def send() -> tuple[int, bytes]:
-            request = urllib.request.Request(url, data=body, method=method, headers=signed.headers)  # noqa: S310
-            try:
-                with urllib.request.urlopen(request, timeout=_REQUEST_TIMEOUT) as answer:  # noqa: S310
-                    return answer.status, answer.read()
-            except urllib.error.HTTPError as exc:
-                return exc.code, exc.read()
-            except OSError as exc:
-                raise NetworkError(f"the bucket could not be reached: {type(exc).__name__}") from None
-
-        return await asyncio.to_thread(send)
+        return self._s3
