@@ -95,3 +95,13 @@ def test_worker_processes_get_the_resolved_settings_with_one_secret(
     app = app_from_environment()
     assert app.state.settings == settings
     assert app.state.settings.secret_bytes() == SECRET.encode()
+
+
+def test_relative_data_dir_is_taken_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={}, flags={"data_dir": "rel"})
+    assert settings.data_dir == tmp_path / "rel"
+    assert settings.storage_url == (tmp_path / "rel" / "objects").as_uri()
+    assert settings.database_url == f"sqlite:///{tmp_path / 'rel' / 'index.sqlite'}"

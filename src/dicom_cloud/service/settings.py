@@ -154,6 +154,13 @@ class ServiceSettings(BaseModel):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("data_dir", "viewer_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Relative directories are taken from where the command runs, once: the derived
+        ``file://`` URL and SQLite path must not change meaning (or fail) later."""
+        return None if value is None else value.expanduser().absolute()
+
     @field_validator("dicom_peers", mode="before")
     @classmethod
     def _split_semicolons(cls, value: Any) -> Any:
