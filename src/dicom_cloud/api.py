@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
-import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -27,6 +25,7 @@ from .backends import StoreConfig, open_store
 from .checksum import crc32c_hex
 from .crypto.envelope import ClientEncryption
 from .crypto.keys import KeyRing
+from .dicom.deidentify import UidMapLog
 from .dicom.manifest import ManifestWriter
 from .errors import NotFoundError, NotSupportedError, UsageError
 from .filters import Filter
@@ -81,7 +80,7 @@ async def transfer_async(
     """
     opener = LocationOpener(config)
     writer = ManifestWriter.open(manifest) if manifest else None
-    uid_log = _UidMapLog(deid_map) if deid_map else None
+    uid_log = UidMapLog(deid_map) if deid_map else None
     if uid_log is not None:
         options = replace(options or TransferOptions(), on_uid_map=uid_log.write)
     try:
@@ -256,21 +255,6 @@ async def verify_async(
     finally:
         await opener.close()
 
-
-class _UidMapLog:
-    """The de-identification UID mapping, appended as JSON lines (old, new) from worker threads."""
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self._lock = threading.Lock()
-
-    def write(self, mapping: Mapping[str, str]) -> None:
-        lines = "".join(json.dumps({"old": old, "new": new}) + "\n" for old, new in mapping.items())
-        with self._lock:
-            self._file.write(lines)
-
-    def close(self) -> None:
-        self._file.close()
 
 
 async def upload_async(source: str, destination: str, **kwargs: Any) -> TransferSummary:

@@ -281,7 +281,7 @@ async def _route(
 
     from pynetdicom import evt
 
-    from ..api import _UidMapLog
+    from ..dicom.deidentify import UidMapLog
     from ..dicom.manifest import ManifestWriter
     from ..dimse.receive import Router, RouterStore
     from ..dimse.scp import Listener
@@ -292,7 +292,7 @@ async def _route(
     journal: Journal | None = None
     # Rows are complete as they are written: the manifest is kept (committed) however receive ends.
     manifest = ManifestWriter.open(args.manifest) if args.manifest else None
-    uid_log = _UidMapLog(args.deid_map) if args.deid_map else None
+    uid_log = UidMapLog(args.deid_map) if args.deid_map else None
     if uid_log is not None:
         options = replace(options, on_uid_map=uid_log.write)
     try:
