@@ -87,7 +87,7 @@ class AzureResumableUploads:
         self._http = RestClient(what=f"Azure at {self._endpoint}", max_retries=max_retries, timeout=timeout)
 
     def _blob(self, key: str, permissions: str, query: dict[str, str] | None = None) -> str:
-        url = blob_sas_url(
+        return blob_sas_url(
             endpoint=self._endpoint,
             account=self._account,
             account_key=self._key,
@@ -95,8 +95,8 @@ class AzureResumableUploads:
             blob=key,
             expires=_SAS_LIFETIME,
             permissions=permissions,
+            operation=query,
         )
-        return f"{url}&{urlencode(query, quote_via=quote)}" if query else url
 
     async def _call(
         self,

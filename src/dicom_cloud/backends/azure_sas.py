@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, urlencode
 
@@ -75,8 +76,10 @@ def blob_sas_url(
     expires: timedelta,
     permissions: str = "r",
     now: datetime | None = None,
+    operation: Mapping[str, str] | None = None,
 ) -> str:
-    """A URL granting ``permissions`` (``r`` read, ``w`` write...) on one blob until ``now + expires``."""
+    """A URL granting ``permissions`` (``r`` read, ``w`` write...) on one blob until ``now + expires``;
+    ``operation`` adds the request's own query parameters (``comp=block&blockid=...``)."""
     now = now or datetime.now(UTC)
     query = service_sas(
         account=account,
@@ -88,7 +91,8 @@ def blob_sas_url(
         plain_http=endpoint.startswith("http://"),
         now=now,
     )
-    return f"{endpoint.rstrip('/')}/{quote(container)}/{quote(blob, safe='/')}?{query}"
+    url = f"{endpoint.rstrip('/')}/{quote(container)}/{quote(blob, safe='/')}?{query}"
+    return f"{url}&{urlencode(operation, quote_via=quote)}" if operation else url
 
 
 def account_sas(

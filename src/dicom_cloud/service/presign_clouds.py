@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
 from ..backends.azure_sas import blob_sas_url
@@ -145,7 +145,7 @@ class AzurePutSigner:
         )
 
     def _url(self, key: str, permissions: str, ttl: timedelta, query: dict[str, str] | None = None) -> str:
-        url = blob_sas_url(
+        return blob_sas_url(
             endpoint=self._endpoint,
             account=self._account,
             account_key=self._key,
@@ -153,8 +153,8 @@ class AzurePutSigner:
             blob=key,
             expires=ttl,
             permissions=permissions,
+            operation=query,
         )
-        return f"{url}&{urlencode(query, quote_via=quote)}" if query else url
 
     async def put(self, key: str, content_type: str, size: int, ttl: timedelta) -> ScopedPut:
         # ``c`` alone: the URL creates the blob once and can neither read nor overwrite it.
