@@ -25,8 +25,8 @@ from .backends import StoreConfig, open_store
 from .checksum import crc32c_hex
 from .crypto.envelope import ClientEncryption
 from .crypto.keys import KeyRing
-from .dicom.deidentify import UidMapLog
 from .dicom.manifest import ManifestWriter
+from .dicom.uidmap import UidMapLog
 from .errors import NotFoundError, NotSupportedError, UsageError
 from .filters import Filter
 from .journal import JobSpec, Journal

@@ -281,8 +281,8 @@ async def _route(
 
     from pynetdicom import evt
 
-    from ..dicom.deidentify import UidMapLog
     from ..dicom.manifest import ManifestWriter
+    from ..dicom.uidmap import UidMapLog
     from ..dimse.receive import Router, RouterStore
     from ..dimse.scp import Listener
     from ..journal import JobSpec, Journal

@@ -64,9 +64,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import hmac
-import json
-import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from types import MappingProxyType
@@ -448,19 +446,3 @@ def _code(value: str, meaning: str) -> Dataset:
     item.CodingSchemeDesignator = "DCM"
     item.CodeMeaning = meaning
     return item
-
-
-class UidMapLog:
-    """The de-identification UID mapping, appended as JSON lines (old, new) from worker threads."""
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self._lock = threading.Lock()
-
-    def write(self, mapping: Mapping[str, str]) -> None:
-        lines = "".join(json.dumps({"old": old, "new": new}) + "\n" for old, new in mapping.items())
-        with self._lock:
-            self._file.write(lines)
-
-    def close(self) -> None:
-        self._file.close()
