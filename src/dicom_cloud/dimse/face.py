@@ -18,16 +18,20 @@ from .config import DimseSettings
 from .find import ArchiveFind
 from .retrieve import ArchiveGet, ArchiveMove
 from .scp import Listener
-from .store import ArchiveStore
+from .store import ArchiveStore, GroupCommitter
 
 #: Seconds ``start_in_thread``'s stop waits for the face to close before leaving it to the exit.
 _STOP_WAIT = 0.5
 
 
-def archive_listener(settings: DimseSettings, archive: Archive, loop: asyncio.AbstractEventLoop) -> Listener:
-    """A listener answering C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET from ``archive``."""
+def archive_listener(
+    settings: DimseSettings, archive: Archive, committer: GroupCommitter, loop: asyncio.AbstractEventLoop
+) -> Listener:
+    """A listener answering C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET from ``archive``; its
+    C-STOREs are stored by ``committer`` (whose ``run`` must be running on ``loop``)."""
     listener = Listener(settings, query_retrieve=True, loop=loop)
-    listener.on(evt.EVT_C_STORE, ArchiveStore(listener, archive, ByteBudget(settings.max_bytes_in_flight)))
+    budget = ByteBudget(settings.max_bytes_in_flight)
+    listener.on(evt.EVT_C_STORE, ArchiveStore(listener, committer, budget))
     listener.on(evt.EVT_C_FIND, ArchiveFind(listener, archive))
     listener.on(evt.EVT_C_MOVE, ArchiveMove(listener, archive))
     listener.on(evt.EVT_C_GET, ArchiveGet(listener, archive))
@@ -42,14 +46,21 @@ async def run_archive_face(
     """Open the archive and serve DIMSE until cancelled."""
     settings = settings.check()
     async with await Archive.open(archive_settings) as archive:
-        listener = archive_listener(settings, archive, asyncio.get_running_loop())
-        port = listener.start()
-        if on_ready is not None:
-            on_ready(port)
+        committer = GroupCommitter(archive)
+        committing = asyncio.create_task(committer.run(), name="dicom-cloud-dimse-commit")
         try:
-            await asyncio.Event().wait()
+            listener = archive_listener(settings, archive, committer, asyncio.get_running_loop())
+            port = listener.start()
+            if on_ready is not None:
+                on_ready(port)
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await asyncio.to_thread(listener.stop)
         finally:
-            await asyncio.to_thread(listener.stop)
+            committing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committing
 
 
 def start_in_thread(

@@ -2,7 +2,15 @@
 one STOW-RS uses (Part 10 check, preamble zeroed, strict header policy, same conflicts, encryption
 when configured), into the tenant of the association.
 
-The success status is sent only once ``Archive.store_instance`` has returned: the object, its
+Concurrent C-STOREs are committed in groups (:class:`GroupCommitter`): the handler of every
+association puts its instance on one queue and waits; one committer takes up to
+``GROUP_COMMIT_MAX`` waiting instances at a time and stores them through
+``Archive.store_instances`` (the batch entry point of STOW-RS: one parse trip, one lookup, objects
+written concurrently, one index transaction), then hands each handler its own outcome. While a
+group is being stored the next one gathers, so the more associations send at once, the larger the
+groups; a lone association sends groups of one, stored as ``Archive.store_instance`` would.
+
+The success status is sent only once the instance's group has been stored: its object, its
 sidecar and its index row are written. An association that ends before (aborted, the process
 killed) leaves no acknowledged instance behind; the peer sends it again.
 
@@ -22,13 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Final
 
 from pydicom.dataset import Dataset
 
-from ..archive import Archive
+from ..archive import Archive, StoredInstance
 from ..budget import ByteBudget
-from ..errors import ConflictError, DicomCloudError, DicomFormatError, NetworkError
+from ..errors import ConflictError, DicomCloudError, DicomFormatError, NetworkError, ThrottledError
 from .scp import NOT_AUTHORIZED, Listener
 
 log = logging.getLogger("dicom_cloud.dimse")
@@ -40,7 +50,12 @@ CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0xC001
 
 
-class MemoryWait(DicomCloudError):
+#: Instances stored together at most: a group's bytes are held at once by the archive's ingest
+#: (within its own budget), and its index rows go in one transaction.
+GROUP_COMMIT_MAX: Final = 32
+
+
+class MemoryWait(ThrottledError):
     """The bytes-in-flight budget stayed full for longer than allowed."""
 
 
@@ -67,12 +82,79 @@ def status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
+@dataclass
+class _Waiting:
+    tenant: str
+    data: bytes
+    outcome: asyncio.Future[StoredInstance]
+
+
+class GroupCommitter:
+    """Stores the instances of all associations in groups, on the face's event loop.
+
+    :meth:`store` waits for the instance's own outcome: its StoredInstance, or the error
+    ``Archive.store_instance`` would have raised for it (a refusal of that one instance). An error
+    of the store itself (it is down) fails every instance of the group, none of which was left
+    stored. Run :meth:`run` as a task for as long as the face serves.
+    """
+
+    def __init__(self, archive: Archive, group_max: int = GROUP_COMMIT_MAX) -> None:
+        self._archive = archive
+        self._group_max = group_max
+        self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
+
+    async def store(self, tenant: str, data: bytes) -> StoredInstance:
+        outcome: asyncio.Future[StoredInstance] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Waiting(tenant, data, outcome))
+        return await outcome
+
+    async def run(self) -> None:
+        try:
+            while True:
+                group = [await self._queue.get()]
+                while len(group) < self._group_max and not self._queue.empty():
+                    group.append(self._queue.get_nowait())
+                await self._commit(group)
+        finally:  # stopped: whoever still waits is told, not left hanging
+            while not self._queue.empty():
+                waiting = self._queue.get_nowait()
+                if not waiting.outcome.done():
+                    waiting.outcome.set_exception(NetworkError("the DICOM face is stopping"))
+
+    async def _commit(self, group: list[_Waiting]) -> None:
+        by_tenant: dict[str, list[_Waiting]] = defaultdict(list)
+        for waiting in group:
+            by_tenant[waiting.tenant].append(waiting)
+        for tenant, members in by_tenant.items():
+            try:
+                outcomes = await self._archive.store_instances(tenant, [m.data for m in members])
+            except DicomCloudError as exc:
+                for member in members:
+                    _settle(member.outcome, exc)
+                continue
+            except BaseException as exc:  # cancelled (stopping), or a bug: never leave a waiter
+                for member in group:
+                    _settle(member.outcome, NetworkError(f"the group was not stored ({type(exc).__name__})"))
+                raise
+            for member, outcome in zip(members, outcomes, strict=True):
+                _settle(member.outcome, outcome)
+
+
+def _settle(future: asyncio.Future[StoredInstance], outcome: StoredInstance | DicomCloudError) -> None:
+    if future.done():  # its handler gave up (cancelled)
+        return
+    if isinstance(outcome, DicomCloudError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 class ArchiveStore:
     """The EVT_C_STORE handler of the archive face."""
 
-    def __init__(self, listener: Listener, archive: Archive, budget: ByteBudget) -> None:
+    def __init__(self, listener: Listener, committer: GroupCommitter, budget: ByteBudget) -> None:
         self._listener = listener
-        self._archive = archive
+        self._committer = committer
         self._budget = budget
 
     def __call__(self, event: Any) -> Dataset:
@@ -90,7 +172,7 @@ class ArchiveStore:
                     self._budget,
                     len(data),
                     settings.memory_wait_seconds,
-                    self._archive.store_instance(caller.tenant, data),
+                    self._committer.store(caller.tenant, data),
                 )
             )
         except DicomFormatError as exc:
