@@ -386,11 +386,15 @@ class Archive:
         *,
         base_url: str | None = None,
         warnings: list[str] | None = None,
+        only_included: bool = False,
     ) -> list[DicomJson]:
         """Studies matching ``params`` (PS3.18 §8.3.4), as DICOM JSON objects. ``base_url`` (the
         service's DICOMweb root) fills RetrieveURL. Bad parameters: UsageError (400); keys that
-        are ignored (unknown, not indexed) are described in ``warnings`` when given."""
-        return await self._search(tenant, "study", params, base_url=base_url, warnings=warnings)
+        are ignored (unknown, not indexed) are described in ``warnings`` when given.
+        ``only_included``: the ``includefield`` attributes only, not the level's defaults."""
+        return await self._search(
+            tenant, "study", params, base_url=base_url, warnings=warnings, only_included=only_included
+        )
 
     async def search_series(
         self,
@@ -400,6 +404,7 @@ class Archive:
         study_instance_uid: str | None = None,
         base_url: str | None = None,
         warnings: list[str] | None = None,
+        only_included: bool = False,
     ) -> list[DicomJson]:
         """Series matching ``params``, within one study or across all."""
         return await self._search(
@@ -409,6 +414,7 @@ class Archive:
             study_instance_uid=study_instance_uid,
             base_url=base_url,
             warnings=warnings,
+            only_included=only_included,
         )
 
     async def search_instances(
@@ -420,6 +426,7 @@ class Archive:
         series_instance_uid: str | None = None,
         base_url: str | None = None,
         warnings: list[str] | None = None,
+        only_included: bool = False,
     ) -> list[DicomJson]:
         """Instances matching ``params``, within a study, a series, or across all."""
         return await self._search(
@@ -430,6 +437,7 @@ class Archive:
             series_instance_uid=series_instance_uid,
             base_url=base_url,
             warnings=warnings,
+            only_included=only_included,
         )
 
     # -- retrieve (WADO-RS) --------------------------------------------------------------

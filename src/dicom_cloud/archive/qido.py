@@ -328,6 +328,7 @@ def _plan(
     limits: QueryLimits,
     scope: Sequence[str],
     warnings: list[str],
+    only_included: bool = False,
 ) -> _Plan:
     values = _values(params)
     extra = {e.tag: e for e in extra_tags}
@@ -374,8 +375,8 @@ def _plan(
             continue  # universal matching
         conditions.append(_match(key, attr, value, level, is_fuzzy))
 
-    returned = [_ATTRIBUTES[k] for k in _DEFAULT_RETURN[level]]
-    if level in ("series", "instance"):
+    returned = [] if only_included else [_ATTRIBUTES[k] for k in _DEFAULT_RETURN[level]]
+    if level in ("series", "instance") and not only_included:
         returned.append(_ATTRIBUTES["StudyInstanceUID"])
         if "StudyInstanceUID" not in scope:
             # Searching all series or all instances: the study's attributes come along
@@ -383,7 +384,7 @@ def _plan(
             returned += [
                 _ATTRIBUTES[k] for k in _DEFAULT_RETURN["study"] if _ATTRIBUTES[k].column is not None
             ]
-    if level == "instance":
+    if level == "instance" and not only_included:
         returned.append(_ATTRIBUTES["SeriesInstanceUID"])
         if "SeriesInstanceUID" not in scope:
             returned += [
@@ -516,15 +517,20 @@ def search(
     series_instance_uid: str | None = None,
     base_url: str | None = None,
     warnings: list[str] | None = None,
+    only_included: bool = False,
 ) -> list[dict[str, Any]]:
     """Run one QIDO search; see the module docs for the rules. What was ignored is appended to
-    ``warnings`` (readable texts naming the keys, never values)."""
+    ``warnings`` (readable texts naming the keys, never values). ``only_included``: results hold
+    the ``includefield`` attributes only, not the level's defaults (a C-FIND returns the keys of
+    its identifier and nothing else: no counting of what it did not ask for)."""
     scope = [
         k
         for k, v in (("StudyInstanceUID", study_instance_uid), ("SeriesInstanceUID", series_instance_uid))
         if v
     ]
-    plan = _plan(level, params, extra_tags, limits, scope, warnings if warnings is not None else [])
+    plan = _plan(
+        level, params, extra_tags, limits, scope, warnings if warnings is not None else [], only_included
+    )
     query = _base_query(level, tenant)
     if study_instance_uid is not None:
         query = query.where(Study.study_instance_uid == study_instance_uid)

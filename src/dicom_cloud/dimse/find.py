@@ -10,19 +10,24 @@ An identifier element becomes:
   and not matched (PS3.4 C.2.2.1: an SCP may not support matching on optional keys).
 
 Levels: PATIENT (studies searched with the patient keys, one response per patient), STUDY,
-SERIES, IMAGE; the Patient Root and Study Root models answer alike. Results come page by page
+SERIES, IMAGE; the Patient Root and Study Root models answer alike. The search returns the keys of
+the identifier and nothing else (no level defaults, no counts nobody asked for), and a response is
+built from those keys of a result alone, never by decoding the whole result. Results come page by page
 (``max_query_limit`` each) until the search is exhausted or the peer cancels. Values are sent as
 UTF-8 (Specific Character Set ``ISO_IR 192``): the index keeps text as Unicode.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.jsonrep import JSON_VALUE_KEYS
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
@@ -41,6 +46,8 @@ LEVELS: Final[dict[str, Level]] = {
 }
 _RANK: Final = {"patient": 0, "study": 1, "series": 2, "instance": 3}
 _NOT_KEYS: Final = {Tag(0x0008, 0x0052), Tag(0x0008, 0x0005), Tag(0x0008, 0x0054)}
+#: PatientID, PatientName: what tells patients apart at the PATIENT level.
+_PATIENT_KEYS: Final = ("00100020", "00100010")
 PENDING = 0xFF00
 CANCELLED = 0xFE00
 UNABLE_TO_PROCESS = 0xC000
@@ -55,6 +62,8 @@ class Query:
     level_name: str
     params: dict[str, str] = field(default_factory=dict)
     include: list[str] = field(default_factory=list)
+    #: Every key of the identifier the index holds (returned, with a value or without).
+    returned: list[str] = field(default_factory=list)
 
 
 def _text(value: Any) -> str:
@@ -82,6 +91,7 @@ def identifier_query(identifier: Dataset, extra_tags: Sequence[ExtraTag]) -> Que
             continue  # below the query level
         if level == "patient" and owner != "patient":
             continue  # patients are found through their studies: patient keys only
+        query.returned.append(key)
         if element.is_empty:
             query.include.append(key)
         else:
@@ -92,9 +102,16 @@ def identifier_query(identifier: Dataset, extra_tags: Sequence[ExtraTag]) -> Que
 
 
 def search_pages(
-    listener: Listener, archive: Archive, tenant: str, query: Query, **scope: str
+    listener: Listener,
+    archive: Archive,
+    tenant: str,
+    query: Query,
+    *,
+    only_returned: bool = False,
+    **scope: str,
 ) -> Iterator[dict[str, Any]]:
-    """Every QIDO result of ``query`` (DICOM JSON), fetched a page at a time."""
+    """Every QIDO result of ``query`` (DICOM JSON), fetched a page at a time; with
+    ``only_returned``, each holds the identifier's keys (``query.returned``) and no more."""
     page = archive.settings.max_query_limit
     offset = 0
     searches: dict[str, Callable[..., Coroutine[Any, Any, list[dict[str, Any]]]]] = {
@@ -104,17 +121,30 @@ def search_pages(
         "instance": archive.search_instances,
     }
     search = searches[query.level]
+    base = dict(query.params)
+    if only_returned:
+        returned = query.returned + [k for k in _PATIENT_KEYS if query.level == "patient"]
+        base["includefield"] = ",".join(dict.fromkeys(returned))
     while True:
-        params = {**query.params, "limit": str(page), "offset": str(offset)}
-        results = listener.call(search(tenant, params, **scope))
+        params = {**base, "limit": str(page), "offset": str(offset)}
+        results = listener.call(search(tenant, params, only_included=only_returned, **scope))
         yield from results
         if len(results) < page:
             return
         offset += page
 
 
-def response(identifier: Dataset, found: Dataset, query: Query, ae_title: str) -> Dataset:
-    """The C-FIND response: every key of the identifier, with its value when the index has one."""
+def _json_element(key: str, attribute: dict[str, Any]) -> DataElement:
+    """One attribute of a DICOM JSON result as a DataElement (as Dataset.from_json decodes each)."""
+    value_keys = [k for k in attribute if k in JSON_VALUE_KEYS]
+    if not value_keys:
+        return DataElement.from_json(Dataset, key, attribute["vr"], "", None)
+    return DataElement.from_json(Dataset, key, attribute["vr"], attribute[value_keys[0]], value_keys[0])
+
+
+def response(identifier: Dataset, found: dict[str, Any], query: Query, ae_title: str) -> Dataset:
+    """The C-FIND response: every key of the identifier, with its value when the result (DICOM
+    JSON) has one; only those attributes of the result are decoded."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = query.level_name
@@ -123,11 +153,19 @@ def response(identifier: Dataset, found: Dataset, query: Query, ae_title: str) -
             continue
         if element.tag == Tag(0x0008, 0x0054):
             ds.RetrieveAETitle = ae_title
-        elif element.tag in found and element.VR != "SQ":
-            ds[element.tag] = found[element.tag]
+            continue
+        attribute = found.get(f"{int(element.tag):08X}")
+        if attribute is not None and element.VR != "SQ":
+            ds[element.tag] = _json_element(f"{int(element.tag):08X}", attribute)
         else:
             ds.add_new(element.tag, element.VR, [] if element.VR == "SQ" else None)
     return ds
+
+
+def _patient(found: dict[str, Any]) -> tuple[str, str]:
+    """PatientID and PatientName of a result, as they tell patients apart."""
+    patient_id, patient_name = (json.dumps(found.get(key, {}).get("Value")) for key in _PATIENT_KEYS)
+    return patient_id, patient_name
 
 
 class ArchiveFind:
@@ -151,17 +189,19 @@ class ArchiveFind:
             return
         seen: set[tuple[str, str]] = set()
         try:
-            for result in search_pages(self._listener, self._archive, caller.tenant, query):
+            results = search_pages(
+                self._listener, self._archive, caller.tenant, query, only_returned=True
+            )
+            for result in results:
                 if event.is_cancelled:
                     yield CANCELLED, None
                     return
-                found = Dataset.from_json(result)
                 if query.level == "patient":
-                    patient = (str(found.get("PatientID", "")), str(found.get("PatientName", "")))
+                    patient = _patient(result)
                     if patient in seen:
                         continue
                     seen.add(patient)
-                yield PENDING, response(identifier, found, query, self._listener.settings.ae_title)
+                yield PENDING, response(identifier, result, query, self._listener.settings.ae_title)
         except UsageError as exc:
             yield _failure(UNABLE_TO_PROCESS, str(exc))
             return
