@@ -10,7 +10,9 @@ dicom-cloud does not fsync its objects either). Measured, each server in turn:
 
 - C-STORE of the synthetic CT study of ``bench/generate.py`` with ``storescu``: all instances on
   one association, then the same split over 4 storescu processes at once (the study is deleted
-  in between, through each server's HTTP API, so every store is a new one);
+  in between, through each server's HTTP API, so every store is a new one); each step runs on
+  one server then the other before the next step (interleaved: both see the same machine), and
+  the server's CPU seconds (user + system, from /proc) are recorded beside its time;
 - C-STORE of ``--find-instances`` small instances (4 storescu at once), which fills the indexes;
 - C-FIND at study level (median and p95 latency over ``--queries`` runs) of three searches: a
   patient ID, a month of study dates, a patient-name wildcard; each server must return as many
@@ -61,10 +63,24 @@ def note(text: str) -> None:
 
 class Target:
     def __init__(
-        self, name: str, port: int, ae: str, delete_study: Callable[[str], None], stop: Callable[[], None]
+        self,
+        name: str,
+        port: int,
+        ae: str,
+        delete_study: Callable[[str], None],
+        stop: Callable[[], None],
+        pid: int | None = None,
     ):
         self.name, self.port, self.ae = name, port, ae
         self.delete_study, self.stop = delete_study, stop
+        self.pid = pid
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the server process so far (0 when unknown)."""
+        if self.pid is None:
+            return 0.0
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_ours(work: Path) -> Target:
@@ -79,7 +95,7 @@ def start_ours(work: Path) -> Target:
         http.close()
         service.stop()
 
-    return Target(OURS, port, "DICOMCLOUD", delete, stop)
+    return Target(OURS, port, "DICOMCLOUD", delete, stop, service.pid)
 
 
 def start_theirs(work: Path) -> Target:
@@ -93,7 +109,7 @@ def start_theirs(work: Path) -> Target:
             if item["Type"] == "Study":
                 orthanc.delete(f"/studies/{item['ID']}")
 
-    return Target(ORTHANC, orthanc.dicom_port, "ORTHANC", delete, orthanc.stop)
+    return Target(ORTHANC, orthanc.dicom_port, "ORTHANC", delete, orthanc.stop, orthanc.pid)
 
 
 def storescu(target: Target, shares: list[list[str]]) -> float:
@@ -203,22 +219,36 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         load_start = os.getloadavg()
+        cpu: dict[str, dict[str, float]] = {t.name: {} for t in targets}
+        loads: dict[str, float] = {}
+
+        def measured(target: Target, step: str, work: Callable[..., Any], *args: Any) -> Any:
+            before = target.cpu_seconds()
+            value = work(target, *args)
+            cpu[target.name][step] = target.cpu_seconds() - before
+            loads[f"{step}_{target.name}"] = os.getloadavg()[0]
+            return value
+
+        # Interleaved: each step on one server then the other, so both see the same machine.
         for target in targets:
             note(f"{target.name}: C-STORE of the study, one association")
-            results[target.name]["store_1"] = storescu(target, one)
+            results[target.name]["store_1"] = measured(target, "store_1", storescu, one)
             target.delete_study(study_uid)
+        for target in targets:
             note(f"{target.name}: C-STORE of the study, 4 associations")
-            results[target.name]["store_4"] = storescu(target, four)
+            results[target.name]["store_4"] = measured(target, "store_4", storescu, four)
+        for target in targets:
             note(f"{target.name}: C-STORE of {small_count} small instances, 4 associations")
-            results[target.name]["fill"] = storescu(target, small_shares)
+            results[target.name]["fill"] = measured(target, "fill", storescu, small_shares)
         for name, keys in searches.items():
             for target in targets:
                 find(target, keys, 2)  # warm
-                timings, count = find(target, keys, args.queries)
+                timings, count = measured(target, f"find_{name}", find, keys, args.queries)
                 counts[target.name][name] = count
                 results[target.name][f"find_{name}"] = {
                     "median_ms": statistics.median(timings) * 1000,
                     "p95_ms": percentile(timings, 0.95) * 1000,
+                    "cpu_ms_per_query": cpu[target.name][f"find_{name}"] * 1000 / args.queries,
                 }
         for name in searches:
             if counts[OURS][name] != counts[ORTHANC][name]:
@@ -238,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             "queries": args.queries,
         },
         "results": results,
+        "server_cpu_seconds": cpu,
+        "load_after_step": loads,
         "find_counts": counts,
     }
     lines = [
@@ -248,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Study: {len(study_files)} CT instances, {study_mb:.0f} MB; "
         f"C-FIND over {small_count} small instances, {args.queries} runs each.",
         "",
-        "| | dicom-cloud | Orthanc | ratio |",
-        "|---|---|---|---|",
+        "| | dicom-cloud | Orthanc | ratio | server CPU s, dicom-cloud / Orthanc | load after |",
+        "|---|---|---|---|---|---|",
     ]
     for key, label in (
         ("store_1", "C-STORE study, 1 association (s)"),
@@ -257,14 +289,20 @@ def main(argv: list[str] | None = None) -> int:
         ("fill", f"C-STORE {small_count} small, 4 at once (s)"),
     ):
         ours, theirs = results[OURS][key], results[ORTHANC][key]
-        lines.append(f"| {label} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f}x |")
+        lines.append(
+            f"| {label} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f}x | "
+            f"{cpu[OURS][key]:.1f} / {cpu[ORTHANC][key]:.1f} | "
+            f"{loads[f'{key}_{OURS}']:.1f} / {loads[f'{key}_{ORTHANC}']:.1f} |"
+        )
     for name in searches:
         ours_ms, theirs_ms = results[OURS][f"find_{name}"], results[ORTHANC][f"find_{name}"]
         lines.append(
             f"| C-FIND study {name} ({counts[OURS][name]} studies), median / p95 ms | "
             f"{ours_ms['median_ms']:.1f} / {ours_ms['p95_ms']:.1f} | "
             f"{theirs_ms['median_ms']:.1f} / {theirs_ms['p95_ms']:.1f} | "
-            f"{theirs_ms['median_ms'] / ours_ms['median_ms']:.2f}x |"
+            f"{theirs_ms['median_ms'] / ours_ms['median_ms']:.2f}x | "
+            f"{ours_ms['cpu_ms_per_query']:.0f} / {theirs_ms['cpu_ms_per_query']:.0f} ms per query | "
+            f"{loads[f'find_{name}_{OURS}']:.1f} / {loads[f'find_{name}_{ORTHANC}']:.1f} |"
         )
     lines += ["", "Ratio: Orthanc's time / dicom-cloud's (above 1: dicom-cloud is faster).", ""]
     text = anonymize("\n".join(lines), args.data_dir)

@@ -189,9 +189,7 @@ class ArchiveFind:
             return
         seen: set[tuple[str, str]] = set()
         try:
-            results = search_pages(
-                self._listener, self._archive, caller.tenant, query, only_returned=True
-            )
+            results = search_pages(self._listener, self._archive, caller.tenant, query, only_returned=True)
             for result in results:
                 if event.is_cancelled:
                     yield CANCELLED, None
