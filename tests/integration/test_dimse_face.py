@@ -418,6 +418,74 @@ def test_aborted_association_leaves_nothing_half_indexed(face: Face) -> None:
     assert indexed == len(face.objects())
 
 
+def test_concurrent_associations_each_get_their_own_status(face: Face) -> None:
+    """Four associations store at once (their C-STOREs committed in groups): each instance gets
+    its own status: new and identical ones succeed, the same UID with other bytes is a duplicate,
+    a dataset without study and series UIDs fails and nothing of it is stored."""
+    study = generate_uid()
+    series = [generate_uid() for _ in range(4)]
+    first = synthetic_ct(study, series[0], 1)
+    client = AE(ae_title="PYCLIENT")
+    client.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = client.associate("127.0.0.1", face.port, ae_title="DICOMCLOUD")
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(pydicom.filebase.DicomBytesIO(first))).Status == 0
+    finally:
+        assoc.release()
+
+    def read(data: bytes) -> Dataset:  # a dataset of its own per send (none shared by threads)
+        return pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+
+    def other_bytes() -> Dataset:
+        ds = read(first)
+        ds.PatientName = "Other^Bytes"
+        return ds
+
+    malformed = Dataset()
+    malformed.SOPClassUID = CT_IMAGE_STORAGE
+    malformed.SOPInstanceUID = generate_uid()
+    malformed.file_meta = pydicom.dataset.FileMetaDataset()
+    malformed.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # Per association: (dataset, expected status), sent in order on that association.
+    plans: list[list[tuple[Dataset, int]]] = []
+    for a in range(4):
+        plan = [(read(synthetic_ct(study, series[a], n)), 0x0000) for n in range(2, 8)]
+        odd = [(other_bytes(), 0x0111), (malformed, 0xC000), (read(first), 0x0000), (other_bytes(), 0x0111)]
+        plan.insert(2, odd[a])
+        plans.append(plan)
+    start = threading.Barrier(4)
+    statuses: dict[int, list[int]] = {}
+
+    def send(a: int) -> None:
+        sender = AE(ae_title="PYCLIENT")
+        sender.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        association = sender.associate("127.0.0.1", face.port, ae_title="DICOMCLOUD")
+        assert association.is_established
+        try:
+            start.wait(30)
+            statuses[a] = [int(association.send_c_store(ds).Status) for ds, _ in plans[a]]
+        finally:
+            association.release()
+
+    threads = [threading.Thread(target=send, args=(a,)) for a in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for a in range(4):
+        assert statuses.get(a) == [expected for _, expected in plans[a]], a
+    found = face.qido("/instances", StudyInstanceUID=study, limit="1000")
+    assert len(found) == 1 + 4 * 6
+    assert face.qido("/instances", SOPInstanceUID=malformed.SOPInstanceUID) == []
+    kept = face.qido("/instances", SOPInstanceUID=_uid_of(first), includefield="00100010")
+    assert kept[0]["00100010"]["Value"][0]["Alphabetic"] == "Test^Patient"  # unchanged
+    assert len(face.qido("/instances", limit="1000")) == len(face.objects())
+
+
+def _uid_of(data: bytes) -> str:
+    return str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+
+
 # -- process-level: kill -9, SIGTERM, TLS ----------------------------------------------
 
 
