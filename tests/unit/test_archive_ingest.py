@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 
 from archive_helpers import Run, all_test_files, make_instance, mutated_instances, opened, read_test_file
 from dicom_cloud.archive import Archive, ArchiveSettings
@@ -361,10 +360,10 @@ def test_an_instance_is_read_by_pydicom_once(
     a, run = archive
     stored = run(a.store_instance("acme", make_instance(STUDY, SERIES, SOP)))
     assert stored.created and len(reads) == 0
-    sequence = Dataset()
-    sequence.ReferencedSOPInstanceUID = "1.2.3.4"
-    with_sequence = make_instance(STUDY, SERIES, SOP + ".2", ReferencedImageSequence=[sequence])
-    stored = run(a.store_instance("acme", with_sequence))
+    not_ascii = make_instance(
+        STUDY, SERIES, SOP + ".2", SpecificCharacterSet="ISO_IR 192", InstitutionName="Caf\u00e9"
+    )
+    stored = run(a.store_instance("acme", not_ascii))
     assert stored.created and len(reads) == 1
 
 

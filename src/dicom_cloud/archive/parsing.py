@@ -301,7 +301,7 @@ def _attributes(
 
 
 #: The tags of the keywords the index reads, for :func:`_parse_plain`.
-_INDEX_TAGS: Final = {
+_INDEX_TAGS: Final[dict[str, int]] = {
     "PatientID": 0x00100020, "PatientName": 0x00100010, "PatientBirthDate": 0x00100030,
     "PatientSex": 0x00100040, "StudyDate": 0x00080020, "StudyTime": 0x00080030,
     "AccessionNumber": 0x00080050, "StudyDescription": 0x00081030,
@@ -310,6 +310,10 @@ _INDEX_TAGS: Final = {
     "NumberOfFrames": 0x00280008, "Rows": 0x00280010, "Columns": 0x00280011,
     "BitsAllocated": 0x00280100,
 }  # fmt: skip
+#: Those read as numbers (the others as text).
+_INDEX_NUMBERS: Final = frozenset(
+    {"SeriesNumber", "InstanceNumber", "NumberOfFrames", "Rows", "Columns", "BitsAllocated"}
+)
 _SOP_CLASS, _SOP_INSTANCE, _STUDY_UID, _SERIES_UID = 0x00080016, 0x00080018, 0x0020000D, 0x0020000E
 _STUDY_DATE, _ACCESSION, _MODALITY, _PATIENT_ID = 0x00080020, 0x00080050, 0x00080060, 0x00100020
 _SERIES_NUMBER, _INSTANCE_NUMBER = 0x00200011, 0x00200013
@@ -385,6 +389,13 @@ def _parse_plain(data: bytes, extra_tags: Sequence[int]) -> ParsedInstance | Non
     def value_of(keyword: str) -> Any:
         item = elements.get(_INDEX_TAGS[keyword])
         return None if item is None else item[1]
+
+    for keyword, tag in _INDEX_TAGS.items():
+        item = elements.get(tag)
+        if item is not None and item[0] not in (
+            _INTEGER_VRS if keyword in _INDEX_NUMBERS else _PLAIN_TEXT_VRS
+        ):
+            return None  # an index value of an unexpected VR: its text is pydicom's to give
 
     try:
         pixel_tag = _pixel_tag_at(data, plain.end, None, little_endian=True, implicit=False)

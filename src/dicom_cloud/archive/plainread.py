@@ -39,6 +39,7 @@ _PLAIN_SYNTAXES: Final = frozenset(
 )  # fmt: skip
 _PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _CHARACTER_SET: Final = 0x00080005
+_ITEM_DELIMITATION: Final = 0xFFFEE00D
 #: Character sets under which ASCII text decodes as ASCII (absent: the default repertoire).
 _ASCII_COMPATIBLE_SETS: Final = frozenset({"ISO_IR 100", "ISO_IR 192"})
 
@@ -140,37 +141,108 @@ def _read(data: bytes) -> PlainHeader | None:
 
     elements: dict[int, tuple[str, Value]] = {}
     out: dict[str, Any] = {}
+    end = _dataset(data, position, size, elements, out, depth=0)
+    return PlainHeader(syntax.strip(), media_sop, elements, out, end)
+
+
+#: Deepest nesting of sequences read here (deeper ones are left to pydicom).
+_MAX_DEPTH: Final = 8
+
+
+def _dataset(
+    data: bytes,
+    position: int,
+    end: int,
+    elements: dict[int, tuple[str, Value]],
+    out: dict[str, Any],
+    *,
+    depth: int,
+) -> int:
+    """Read the elements from ``position`` up to ``end``: the dataset's (``depth`` 0; stops at
+    the pixel data) or an item's (stops at its delimitation item, if any); their values into
+    ``elements``, their JSON into ``out``. Returns where the reading stopped: at the pixel data
+    or ``end``, or, negated, past an item's delimitation item."""
     previous = -1
-    while position < size:
-        if position + 8 > size:
-            return None
+    while position < end:
+        if position + 8 > end:
+            raise _NotPlain
         group, number = unpack_from("<HH", data, position)
         tag = group << 16 | number
-        if tag in _PIXEL_TAGS:
-            break
+        if depth and tag == _ITEM_DELIMITATION:
+            if unpack_from("<L", data, position + 4)[0] != 0:
+                raise _NotPlain
+            return -(position + 8)  # negative: ended by its delimitation item
+        if not depth and tag in _PIXEL_TAGS:
+            return position
         if tag <= previous or group < 0x0008 or group == 0xFFFE:
-            return None
+            raise _NotPlain
         previous = tag
         vr_bytes = data[position + 4 : position + 6]
         if vr_bytes in _LONG_VRS:
-            if position + 12 > size:
-                return None
+            if position + 12 > end:
+                raise _NotPlain
             (length,) = unpack_from("<L", data, position + 8)
             start = position + 12
         else:
             (length,) = unpack_from("<H", data, position + 6)
             start = position + 8
-        if length == 0xFFFFFFFF or start + length > size:
-            return None
         vr = vr_bytes.decode("ascii")
-        raw = data[start : start + length]
-        position = start + length
-        value, entry = _element(tag, vr, raw)
+        if vr == "SQ":
+            items, position = _sequence(data, start, length, end, depth + 1)
+            value: Value = None
+            entry: dict[str, Any] = {"vr": vr, "Value": items}
+        else:
+            if length == 0xFFFFFFFF or start + length > end:
+                raise _NotPlain
+            position = start + length
+            value, entry = _element(tag, vr, data[start:position])
         elements[tag] = (vr, value)
         out[f"{tag:08X}"] = entry
         if tag == _CHARACTER_SET and (vr != "CS" or _character_sets(value) - _ASCII_COMPATIBLE_SETS):
-            return None
-    return PlainHeader(syntax.strip(), media_sop, elements, out, position)
+            raise _NotPlain
+    if position != end:
+        raise _NotPlain
+    return position
+
+
+def _sequence(
+    data: bytes, start: int, length: int, limit: int, depth: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The JSON of the items of a sequence whose value begins at ``start``, and where it ends."""
+    if depth > _MAX_DEPTH:
+        raise _NotPlain
+    undefined = length == 0xFFFFFFFF
+    end = limit if undefined else start + length
+    if end > limit:
+        raise _NotPlain
+    position = start
+    items: list[dict[str, Any]] = []
+    while position < end:
+        if position + 8 > end:
+            raise _NotPlain
+        tag = unpack_from("<HH", data, position)
+        (item_length,) = unpack_from("<L", data, position + 4)
+        position += 8
+        if tag == (0xFFFE, 0xE0DD) and undefined:  # the sequence's delimitation item
+            if item_length != 0:
+                raise _NotPlain
+            return items, position
+        if tag != (0xFFFE, 0xE000):
+            raise _NotPlain
+        item: dict[str, Any] = {}
+        if item_length == 0xFFFFFFFF:
+            stopped = _dataset(data, position, end, {}, item, depth=depth)
+            if stopped >= 0:
+                raise _NotPlain  # no delimitation item
+            position = -stopped
+        else:
+            if position + item_length > end:
+                raise _NotPlain
+            position = _dataset(data, position, position + item_length, {}, item, depth=depth)
+        items.append(item)
+    if undefined or position != end:
+        raise _NotPlain
+    return items, position
 
 
 def _character_sets(value: Value) -> set[str]:
