@@ -18,7 +18,7 @@ import base64
 import math
 import re
 from dataclasses import dataclass
-from struct import calcsize, unpack_from
+from struct import Struct, unpack_from
 from typing import Any, Final
 
 #: Element values: text as pydicom decodes it (``str``, or a list when multi-valued), numbers
@@ -53,7 +53,7 @@ _META_VRS: Final = frozenset({b"UL", b"OB", b"UI", b"SH", b"AE", b"UR"})
 _BINARY_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
 #: Numbers in binary: struct format of one value.
 _NUMBER_VRS: Final = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "UV": "Q", "SV": "q", "FL": "f", "FD": "d"}
-_NUMBER_SIZES: Final = {vr: calcsize("<" + code) for vr, code in _NUMBER_VRS.items()}
+_ONE_NUMBER: Final = {vr: Struct("<" + code) for vr, code in _NUMBER_VRS.items()}
 #: Text split at backslashes, the whole value stripped of trailing spaces and NULs first.
 _SPLIT_VRS: Final = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
 #: Text split at backslashes, each value stripped of trailing spaces and NULs (and its length
@@ -307,12 +307,15 @@ def _listed(vr: str, items: list[str]) -> tuple[Value, dict[str, Any]]:
 def _numbers(vr: str, raw: bytes) -> tuple[Value, dict[str, Any]]:
     if not raw:
         return None, {"vr": vr}  # pydicom's empty value for numbers
-    size = _NUMBER_SIZES[vr]
-    count, rest = divmod(len(raw), size)
+    one = _ONE_NUMBER[vr]
+    if len(raw) == one.size:  # the common case: one value
+        (single,) = one.unpack(raw)
+        return single, {"vr": vr, "Value": [single]}
+    count, rest = divmod(len(raw), one.size)
     if rest:
         raise _NotPlain
     values = list(unpack_from(f"<{count}{_NUMBER_VRS[vr]}", raw))
-    return (values[0] if count == 1 else values), {"vr": vr, "Value": values}
+    return values, {"vr": vr, "Value": values}
 
 
 def _person_names(text: str) -> tuple[Value, dict[str, Any]]:
