@@ -106,6 +106,11 @@ class PartialFile:
         self.path = path
         self._lock_fd = fd
 
+    def fileno(self) -> int:
+        """The descriptor that holds the lock, open for writing: the content can go through it
+        (no second open of a file this process just created empty)."""
+        return self._lock_fd
+
     def release(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)

@@ -106,11 +106,11 @@ def test_stow_failures_carry_a_readable_error_comment(client: TestClient) -> Non
     assert item["00000902"]["Value"] == ["the instance is of another study"]
 
 
-def test_stow_reads_an_identity_only_for_a_study_check_or_a_refused_part(
+def test_stow_reads_an_identity_only_to_name_a_refused_part(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stored part is answered from the archive's own parse; the route reads an identity for
-    a URL naming a study (checked before storing) and to name a refused part in the answer."""
+    """A stored part is answered from the archive's own parse, which also checks the study of a
+    URL naming one; the route reads an identity only to name a malformed part in the answer."""
     read: list[int] = []
     real = stow.read_identity
 
@@ -130,8 +130,12 @@ def test_stow_reads_an_identity_only_for_a_study_check_or_a_refused_part(
     assert item["00081155"]["Value"] == [ct_sop] and item["00081197"]["Value"] == [0x0111]
     assert len(read) == 1
     study = pydicom.dcmread(io.BytesIO(CT)).StudyInstanceUID
-    answer = client.post(f"/studies/{study}", content=stow_body(CT)[0], headers=stow_body()[1])
-    assert answer.status_code == 200 and len(read) == 2
+    answer = client.post(f"/studies/{study}", content=stow_body(CT, MR)[0], headers=stow_body()[1])
+    assert answer.status_code == 202 and len(read) == 1
+    [stored] = answer.json()["00081199"]["Value"]
+    [other] = answer.json()["00081198"]["Value"]
+    assert stored["00081155"]["Value"] == [ct_sop] and other["00081197"]["Value"] == [0xA900]
+    assert other["00081155"]["Value"] == [pydicom.dcmread(io.BytesIO(MR)).SOPInstanceUID]
 
 
 def test_stow_of_an_instance_whose_file_meta_names_another_uid_is_stored_with_a_warning(

@@ -172,13 +172,15 @@ class Archive:
         return await self._ingest.store_instance(tenant, data)
 
     async def store_instances(
-        self, tenant: str, parts: Sequence[bytes | memoryview]
+        self, tenant: str, parts: Sequence[bytes | memoryview], *, study: str | None = None
     ) -> list[StoredInstance | DicomCloudError]:
         """Store several held instances (the parts of one STOW-RS request): the outcome of each,
         in order, as :meth:`store_instance` would have it (a refusal as its error, returned, not
         raised), with one parse trip, one lookup and one index transaction for them all. An
-        error of the store itself (it is down) is raised, nothing of this call left stored."""
-        return await self._ingest.store_instances(tenant, parts)
+        error of the store itself (it is down) is raised, nothing of this call left stored.
+        With ``study`` (a request to ``/studies/{study}``), an instance of another study is
+        refused with :class:`OtherStudyError` and not stored."""
+        return await self._ingest.store_instances(tenant, parts, study=study)
 
     async def store_instance_stream(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredInstance:
         """Store one instance arriving as a stream, too large to hold (a STOW-RS part): staged

@@ -47,7 +47,7 @@ from .bucket import BucketLayout, check_tenant
 from .db import Database
 from .objects import ArchiveObjects
 from .parsing import PREAMBLE_LENGTH, ParsedInstance, parse_head, parse_instance, sanitise_preamble
-from .records import InstanceRecord, StoredInstance
+from .records import InstanceRecord, OtherStudyError, StoredInstance
 from .settings import ArchiveSettings
 
 log = logging.getLogger("dicom_cloud.archive")
@@ -189,7 +189,7 @@ class Ingestor:
     # -- several held instances at once (the parts of one STOW-RS request) ---------------------
 
     async def store_instances(
-        self, tenant: str, parts: Sequence[bytes | memoryview]
+        self, tenant: str, parts: Sequence[bytes | memoryview], *, study: str | None = None
     ) -> list[StoredInstance | DicomCloudError]:
         """Store several held instances as :meth:`store_instance` stores each, with the outcome of
         each in their order (a refusal as its error, not raised).
@@ -200,7 +200,8 @@ class Ingestor:
         another study), it is rolled back whole and each instance is indexed on its own as
         :meth:`store_instance` does, so outcomes never differ from storing them one by one. An
         error of the store that is not a refusal (the store is down) is raised, after the objects
-        this call wrote and did not index are removed.
+        this call wrote and did not index are removed. With ``study``, an instance of another
+        study is refused (:class:`OtherStudyError`), checked on the batch's own parse.
         """
         check_tenant(tenant)
         results: list[StoredInstance | DicomCloudError | None] = [None] * len(parts)
@@ -223,6 +224,9 @@ class Ingestor:
                     results[i] = outcome
                     continue
                 sanitised, changed, parsed, crc, sidecar = outcome
+                if study is not None and parsed.identity.study_instance_uid != study:
+                    results[i] = OtherStudyError(parsed.identity)
+                    continue
                 uid = parsed.identity.sop_instance_uid
                 if uid in seen:
                     later.append(i)

@@ -9,9 +9,11 @@ and free of patient data.
 
 from __future__ import annotations
 
+import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from io import BytesIO
 from typing import Any, Final
 
@@ -24,6 +26,7 @@ from pydicom.uid import UID
 
 from ..dicom.header import REASON_NO_DICM, REASON_UNREADABLE, DicomIdentity, read_header_strict
 from ..errors import DicomCloudError, DicomFormatError
+from .plainread import read_plain
 
 PREAMBLE_LENGTH: Final = 128
 REASON_PIXELS_TRUNCATED: Final = "truncated in the pixel data"
@@ -49,7 +52,7 @@ def sanitise_preamble(data: bytes | memoryview) -> tuple[bytes, bool]:
 def _text(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, MultiValue):
+    if isinstance(value, MultiValue | list):
         text = "\\".join(str(v) for v in value)
     elif isinstance(value, bytes):
         return None
@@ -61,7 +64,7 @@ def _text(value: Any) -> str | None:
 
 
 def _int(value: Any) -> int | None:
-    if isinstance(value, MultiValue):
+    if isinstance(value, MultiValue | list):
         value = value[0] if len(value) else None
     if value is None or value == "":
         return None
@@ -167,21 +170,29 @@ def read_header(data: bytes, total_size: int | None = None) -> tuple[Dataset, in
 def _pixel_tag(data: bytes, ds: Dataset, end: int, total_size: int | None) -> int | None:
     """The tag of the pixel data element found at ``end`` (where reading the header stopped), or
     None; an element running past ``total_size`` (default: the data's length) is refused."""
+    little_endian = ds.is_little_endian or ds.is_little_endian is None
+    return _pixel_tag_at(data, end, total_size, little_endian=little_endian, implicit=bool(ds.is_implicit_VR))
+
+
+def _pixel_tag_at(
+    data: bytes, end: int, total_size: int | None, *, little_endian: bool, implicit: bool
+) -> int | None:
     pixel_tag = None
     if end + 4 <= len(data):
-        fmt = "<HH" if ds.is_little_endian or ds.is_little_endian is None else ">HH"
+        fmt = "<HH" if little_endian else ">HH"
         group, element = struct.unpack(fmt, data[end : end + 4])
         tag = (group << 16) | element
         if tag in _PIXEL_TAGS:
             pixel_tag = tag
-            _check_pixel_length(data, end, ds, fmt[0], len(data) if total_size is None else total_size)
+            total = len(data) if total_size is None else total_size
+            _check_pixel_length(data, end, implicit, fmt[0], total)
     return pixel_tag
 
 
-def _check_pixel_length(data: bytes, start: int, ds: Dataset, order: str, total_size: int) -> None:
+def _check_pixel_length(data: bytes, start: int, implicit: bool, order: str, total_size: int) -> None:
     """Refuse an instance whose pixel data element runs past the end of the data."""
     vr = data[start + 4 : start + 6]
-    if ds.is_implicit_VR or not (vr.isalpha() and vr.isupper()):  # some writers mix encodings here
+    if implicit or not (vr.isalpha() and vr.isupper()):  # some writers mix encodings here
         header, raw = 8, data[start + 4 : start + 8]
     else:
         header, raw = 12, data[start + 8 : start + 12]
@@ -205,24 +216,32 @@ def sidecar_json(ds: Dataset, pixel_tag: int | None) -> dict[str, Any]:
         bulk_data_element_handler=_bulk_uri,
         suppress_invalid_tags=True,
     )
-    if pixel_tag is not None:
-        vr = _PIXEL_TAGS[pixel_tag]
-        if pixel_tag == 0x7FE00010:
-            syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
-            native = syntax.is_transfer_syntax and not syntax.is_compressed
-            vr = "OW" if native and (_int(_value(ds, "BitsAllocated")) or 8) > 8 else "OB"
-        out[f"{pixel_tag:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{pixel_tag:08X}"}
+    _add_pixel_entry(
+        out, pixel_tag, str(ds.file_meta.get("TransferSyntaxUID", "")), lambda: _value(ds, "BitsAllocated")
+    )
     return out
 
 
+def _add_pixel_entry(
+    out: dict[str, Any], pixel_tag: int | None, transfer_syntax: str, bits_allocated: Callable[[], Any]
+) -> None:
+    """The pixel data's entry of a sidecar: its VR and BulkDataURI."""
+    if pixel_tag is None:
+        return
+    vr = _PIXEL_TAGS[pixel_tag]
+    if pixel_tag == 0x7FE00010:
+        syntax = _syntax(transfer_syntax)
+        native = syntax.is_transfer_syntax and not syntax.is_compressed
+        vr = "OW" if native and (_int(bits_allocated()) or 8) > 8 else "OB"
+    out[f"{pixel_tag:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{pixel_tag:08X}"}
+
+
+@lru_cache(maxsize=64)
+def _syntax(uid: str) -> UID:
+    return UID(uid)
+
+
 def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[int]) -> IndexedAttributes:
-    def text(keyword: str, limit: int = 256) -> str | None:
-        value = _text(_value(ds, keyword))
-        return value[:limit] if value is not None else None  # the column's length (malformed data)
-
-    def number(keyword: str) -> int | None:
-        return _int(_value(ds, keyword))
-
     extra: list[tuple[str, str, str]] = []
     for tag in extra_tags:
         try:
@@ -237,6 +256,21 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
             value = None
         if value is not None:
             extra.append((f"{tag:08X}", str(element.VR), value[:1024]))
+    return _attributes(lambda keyword: _value(ds, keyword), identity, tuple(extra))
+
+
+def _attributes(
+    value_of: Callable[[str], Any], identity: DicomIdentity, extra: tuple[tuple[str, str, str], ...]
+) -> IndexedAttributes:
+    """The index's values from ``value_of(keyword)`` (an element's value as pydicom gives it)."""
+
+    def text(keyword: str, limit: int = 256) -> str | None:
+        value = _text(value_of(keyword))
+        return value[:limit] if value is not None else None  # the column's length (malformed data)
+
+    def number(keyword: str) -> int | None:
+        return _int(value_of(keyword))
+
     assert identity.study_instance_uid is not None and identity.series_instance_uid is not None
     return IndexedAttributes(
         patient_id=text("PatientID") or "",  # LO: 64 characters, malformed data cut to 256
@@ -262,12 +296,138 @@ def index_attributes(ds: Dataset, identity: DicomIdentity, extra_tags: Sequence[
         rows=number("Rows"),
         columns=number("Columns"),
         bits_allocated=number("BitsAllocated"),
-        extra=tuple(extra),
+        extra=extra,
     )
+
+
+#: The tags of the keywords the index reads, for :func:`_parse_plain`.
+_INDEX_TAGS: Final[dict[str, int]] = {
+    "PatientID": 0x00100020, "PatientName": 0x00100010, "PatientBirthDate": 0x00100030,
+    "PatientSex": 0x00100040, "StudyDate": 0x00080020, "StudyTime": 0x00080030,
+    "AccessionNumber": 0x00080050, "StudyDescription": 0x00081030,
+    "ReferringPhysicianName": 0x00080090, "StudyID": 0x00200010, "Modality": 0x00080060,
+    "SeriesNumber": 0x00200011, "SeriesDescription": 0x0008103E, "InstanceNumber": 0x00200013,
+    "NumberOfFrames": 0x00280008, "Rows": 0x00280010, "Columns": 0x00280011,
+    "BitsAllocated": 0x00280100,
+}  # fmt: skip
+#: Those read as numbers (the others as text).
+_INDEX_NUMBERS: Final = frozenset(
+    {"SeriesNumber", "InstanceNumber", "NumberOfFrames", "Rows", "Columns", "BitsAllocated"}
+)
+_SOP_CLASS, _SOP_INSTANCE, _STUDY_UID, _SERIES_UID = 0x00080016, 0x00080018, 0x0020000D, 0x0020000E
+_STUDY_DATE, _ACCESSION, _MODALITY, _PATIENT_ID = 0x00080020, 0x00080050, 0x00080060, 0x00100020
+_SERIES_NUMBER, _INSTANCE_NUMBER = 0x00200011, 0x00200013
+#: VRs whose value pydicom gives as text (or a list of texts) that reads the same from either reader.
+_PLAIN_TEXT_VRS: Final = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+_INTEGER_VRS: Final = frozenset({"IS", "US", "SS", "UL", "SL", "UV", "SV"})
+
+
+def _parse_plain(data: bytes, extra_tags: Sequence[int]) -> ParsedInstance | None:
+    """:func:`parse_instance` by :mod:`.plainread`, for an instance of the plain shape that the
+    ``strict`` policy accepts; None leaves it to pydicom (refusals included), so the outcome is
+    the same either way."""
+    plain = read_plain(data)
+    if plain is None:
+        return None
+    elements = plain.elements
+
+    def identity_text(tag: int) -> str | None:
+        item = elements.get(tag)
+        if item is None or item[1] is None or item[1] == "":
+            return None
+        value = item[1]
+        if item[0] not in _PLAIN_TEXT_VRS:
+            raise _Unsure
+        return ("\\".join(value) if isinstance(value, list) else str(value)).strip() or None
+
+    def identity_number(tag: int) -> int | None:
+        item = elements.get(tag)
+        if item is None or item[1] is None or item[1] == "":
+            return None
+        if item[0] not in _INTEGER_VRS:
+            raise _Unsure
+        value = item[1]
+        return int(value[0] if isinstance(value, list) else value)
+
+    try:
+        uids = [identity_text(tag) for tag in (_SOP_INSTANCE, _SOP_CLASS, _STUDY_UID, _SERIES_UID)]
+        sop_instance, sop_class, study, series = uids
+        if sop_instance is None or sop_class is None or study is None or series is None:
+            return None
+        if not all(_valid_uid(uid) for uid in (sop_instance, sop_class, study, series)):
+            return None
+        media_sop = plain.media_sop_instance_uid
+        identity = DicomIdentity(
+            sop_instance_uid=sop_instance,
+            sop_class_uid=sop_class,
+            study_instance_uid=study,
+            series_instance_uid=series,
+            transfer_syntax_uid=plain.transfer_syntax_uid,
+            modality=identity_text(_MODALITY),
+            study_date=identity_text(_STUDY_DATE),
+            patient_id=identity_text(_PATIENT_ID),
+            accession_number=identity_text(_ACCESSION),
+            series_number=identity_number(_SERIES_NUMBER),
+            instance_number=identity_number(_INSTANCE_NUMBER),
+            meta_mismatch=bool(media_sop) and str(media_sop).strip("\0 ") != sop_instance,
+        )
+        extra: list[tuple[str, str, str]] = []
+        for tag in extra_tags:
+            item = elements.get(tag)
+            if item is None:
+                continue
+            if item[0] not in _PLAIN_TEXT_VRS:
+                return None
+            value = _text(item[1])
+            if value is not None:
+                extra.append((f"{tag:08X}", item[0], value[:1024]))
+    except _Unsure:
+        return None
+
+    def value_of(keyword: str) -> Any:
+        item = elements.get(_INDEX_TAGS[keyword])
+        return None if item is None else item[1]
+
+    for keyword, tag in _INDEX_TAGS.items():
+        item = elements.get(tag)
+        if item is not None and item[0] not in (
+            _INTEGER_VRS if keyword in _INDEX_NUMBERS else _PLAIN_TEXT_VRS
+        ):
+            return None  # an index value of an unexpected VR: its text is pydicom's to give
+
+    try:
+        pixel_tag = _pixel_tag_at(data, plain.end, None, little_endian=True, implicit=False)
+    except DicomFormatError:
+        return None  # refused: by the pydicom path, with its reason
+    sidecar = plain.json
+    _add_pixel_entry(sidecar, pixel_tag, plain.transfer_syntax_uid, lambda: value_of("BitsAllocated"))
+    return ParsedInstance(
+        identity=identity, attributes=_attributes(value_of, identity, tuple(extra)), sidecar=sidecar
+    )
+
+
+class _Unsure(Exception):
+    """A value the plain reader's caller cannot read as pydicom would: pydicom reads the instance."""
+
+
+_UID_FORM: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _valid_uid(uid: str) -> bool:
+    """pydicom's ``UID.is_valid``, or stricter (no trailing newline)."""
+    return len(uid) <= 64 and _UID_FORM.fullmatch(uid) is not None
 
 
 def parse_instance(data: bytes, extra_tags: Sequence[int] = ()) -> ParsedInstance:
     """Validate a whole Part 10 instance (``strict`` policy) and read what the archive keeps of it."""
+    plain = _parse_plain(data, extra_tags)
+    return plain if plain is not None else parse_instance_with_pydicom(data, extra_tags)
+
+
+def parse_instance_with_pydicom(data: bytes, extra_tags: Sequence[int] = ()) -> ParsedInstance:
+    """:func:`parse_instance` by pydicom alone, whatever the instance's shape."""
     try:
         # One pydicom read serves the policy's checks, the index and the sidecar.
         identity, ds, end = read_header_strict(data)

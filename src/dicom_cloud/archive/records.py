@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
+from ..dicom.header import DicomIdentity
+from ..errors import DicomFormatError
+
 Scope = Literal["read", "write", "admin"]
 #: Every scope, in increasing power.
 SCOPES: Final[tuple[Scope, ...]] = ("read", "write", "admin")
@@ -59,6 +62,19 @@ class StoredInstance:
     #: Why the instance was stored with a caveat (stable texts, no patient data), e.g. its file
     #: meta naming another SOP Instance UID (``dicom.header.REASON_META_MISMATCH``).
     warnings: tuple[str, ...] = ()
+
+
+#: The reason of :class:`OtherStudyError` (stable, free of patient data).
+REASON_OTHER_STUDY: Final = "the instance is of another study"
+
+
+class OtherStudyError(DicomFormatError):
+    """A part of a request for one study (``POST /studies/{study}``) is an instance of another
+    study: refused, not stored. ``identity`` names it (for the answer)."""
+
+    def __init__(self, identity: DicomIdentity) -> None:
+        super().__init__(REASON_OTHER_STUDY)
+        self.identity = identity
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import os
 import shutil
 import stat as stat_module
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -158,12 +158,14 @@ class LocalStore(Store):
     async def put(self, key: str, data: bytes | memoryview, options: PutOptions = PutOptions()) -> PutResult:
         path = self.path(key)
 
-        def write(tmp: Path) -> None:
-            with _create(tmp, self.private) as f:
-                f.write(data)
-                f.flush()
-                # On the open file: no path lookups, and the stamp's stat sees the whole content.
-                _write_metadata(f.fileno(), options)
+        def write(tmp: Path, fd: int) -> None:
+            # Through the partial file's own descriptor: it was created empty with its final
+            # mode, so a second open (and close) would only cost system calls.
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+            # On the open file: no path lookups, and the stamp's stat sees the whole content.
+            _write_metadata(fd, options)
 
         await asyncio.to_thread(self._write_then_commit, path, write, options.if_absent)
         return PutResult(etag=None)
@@ -200,8 +202,8 @@ class LocalStore(Store):
     ) -> PutResult:
         dest = self.path(key)
 
-        def write(tmp: Path) -> None:
-            _create(tmp, self.private).close()  # copyfile keeps the mode of a file that exists
+        def write(tmp: Path, fd: int) -> None:
+            # copyfile opens the file again and keeps the mode of the partial file (created with it)
             shutil.copyfile(path, tmp)
             _write_metadata(tmp, options)
 
@@ -221,21 +223,25 @@ class LocalStore(Store):
             _make_parent(path, self.private)
             return PartialFile(path, private=self.private)
 
-    def _write_then_commit(self, path: Path, write: object, if_absent: bool) -> None:
-        assert callable(write)
+    def _write_then_commit(self, path: Path, write: Callable[[Path, int], None], if_absent: bool) -> None:
+        """``write(partial path, its descriptor)`` fills a new partial file, which then becomes
+        ``path`` whole (linked or renamed), or is removed."""
         try:
             partial = self._new_partial(path)
         except OSError as exc:
             raise _translate(exc, path) from exc
         tmp = partial.path
+        committed = False
         try:
-            write(tmp)
+            write(tmp, partial.fileno())
             _commit(tmp, path, if_absent)
+            committed = True  # the partial name is gone: no unlink to fail below
         except OSError as exc:
             raise _translate(exc, path) from exc
         finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if not committed:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             partial.release()
 
     async def delete(self, keys: Sequence[str]) -> None:
@@ -254,7 +260,7 @@ class LocalStore(Store):
     async def copy(self, src_key: str, dst_key: str) -> None:
         src = self.path(src_key)
 
-        def write(tmp: Path) -> None:
+        def write(tmp: Path, fd: int) -> None:
             shutil.copy2(src, tmp)
             if self.private:
                 tmp.chmod(PRIVATE_FILE_MODE)  # copy2 copied the source's mode

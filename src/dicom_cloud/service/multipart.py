@@ -169,19 +169,25 @@ class RelatedReader:
         while True:
             at = self._buffer.find(self._separator)
             if at >= 0:
-                out = bytes(self._buffer[:at])
-                del self._buffer[: at + len(self._separator)]
+                out = self._take(at)
+                del self._buffer[: len(self._separator)]
                 self._state = "between"
                 return out
             if len(self._buffer) > keep:
-                out = bytes(self._buffer[:-keep])
-                del self._buffer[:-keep]
-                return out
+                return self._take(len(self._buffer) - keep)
             if not await self._fill():
                 raise MalformedRequestError(
                     f"part {self.parts} is not closed by a boundary (truncated body?)",
                     hint="the body must end with --BOUNDARY--",
                 )
+
+    def _take(self, size: int) -> bytes:
+        """The first ``size`` bytes of the buffer, removed from it: copied once (slicing the
+        bytearray and then making bytes of the slice would copy them twice)."""
+        with memoryview(self._buffer) as view:
+            out = bytes(view[:size])
+        del self._buffer[:size]
+        return out
 
     async def _have(self, size: int) -> bool:
         while len(self._buffer) < size:

@@ -4,17 +4,17 @@ on as a stream, stored by the archive, held parts in batches.
 - A part whose media type is not ``application/dicom``, or whose first 132 bytes are not a
   Part 10 preamble and ``DICM``, is refused at once; the rest of it is skipped unread (never
   held, never parsed).
-- A part up to ``stow_part_memory_bytes`` is held whole and stored by ``Archive.store_instance``
-  or, when the URL names no study, with the whole parts before and after it by
-  ``Archive.store_instances`` (batches of up to half that memory: one parse trip and one index
-  transaction per batch instead of per part).
+- A part up to ``stow_part_memory_bytes`` is held whole and stored with the whole parts before
+  and after it by ``Archive.store_instances`` (batches of up to half that memory: one parse
+  trip and one index transaction per batch instead of per part); when the URL names a study,
+  the archive refuses a part of another study from that same parse.
 - A larger part is passed, from its held head on, as a stream to
   ``Archive.store_instance_stream`` (staged as it arrives, ingested as a stream): memory stays
   at the head, whatever the part's size.
 - A stored instance is answered with the UIDs of the archive's own record (one parse per
   instance). The identity is read from a bounded prefix (``read_identity``'s ``max_read``) in a
-  worker thread only where the archive's parse cannot serve: the study check of a URL naming a
-  study (before storing), a refused part (to name it in the answer), and a streamed part. The
+  worker thread only where the archive's parse cannot serve: a part refused as malformed (to
+  name it in the answer), and a streamed part (its study checked before it is stored). The
   archive alone decides what it stores. No parsing, hashing or joining of bytes runs on the
   event loop.
 
@@ -27,7 +27,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, replace
 
-from ..archive import Archive, StoredInstance
+from ..archive import Archive, OtherStudyError, StoredInstance
 from ..dicom.header import REASON_NO_DICM, REASON_TOO_LONG, DicomIdentity, read_identity
 from ..errors import AlreadyExistsError, DicomCloudError, DicomFormatError
 from .dicomjson import (
@@ -86,9 +86,9 @@ class StowReceiver:
     async def outcomes(self, reader: RelatedReader) -> AsyncIterator[PartOutcome]:
         """The outcome of every part of the body, in order.
 
-        Whole parts of a request that names no study are stored in batches
-        (``Archive.store_instances``: one parse trip, one lookup, one index transaction per
-        batch); a batch holds at most half of ``part_memory`` (or one part) and
+        Whole parts are stored in batches (``Archive.store_instances``: one parse trip, one
+        lookup, one index transaction per batch; the study of a URL naming one checked there);
+        a batch holds at most half of ``part_memory`` (or one part) and
         :data:`BATCH_PARTS` parts, and is stored before a part that is not batched (refused, too
         large to hold) is answered. Memory stays within :func:`memory_share`: the batch (half),
         its two copies while it is stored, and the part read meanwhile.
@@ -96,7 +96,7 @@ class StowReceiver:
         batch: list[list[bytes]] = []
         batch_size = 0
         while (content_type := await reader.next_part()) is not None:
-            if self.study is None and content_type == DICOM:
+            if content_type == DICOM:
                 held = await self._hold(reader)
                 if isinstance(held, list):
                     size = sum(map(len, held))
@@ -114,7 +114,7 @@ class StowReceiver:
                     yield outcome
                 batch, batch_size = [], 0
             if held is None:
-                yield await self.store_next(reader, content_type)
+                yield self._not_dicom(content_type)  # its content is skipped unread
             else:
                 yield await self._store_held(reader, held)
         if batch:
@@ -152,11 +152,14 @@ class StowReceiver:
         removes them with the request's other instances."""
         datas = await asyncio.to_thread(lambda: [b"".join(chunks) for chunks in batch])
         batch.clear()  # the chunks are let go: the joined parts are what is held now
-        results = await self.archive.store_instances(self.tenant, datas)
+        results = await self.archive.store_instances(self.tenant, datas, study=self.study)
         fatal: BaseException | None = None
         for data, result in zip(datas, results, strict=True):
             if isinstance(result, StoredInstance):
                 yield PartOutcome(None, stored=result)
+                continue
+            if isinstance(result, OtherStudyError):
+                yield PartOutcome(result.identity, failure=FAILURE_STUDY_MISMATCH, comment=result.message)
                 continue
             try:
                 outcome = await _stored(None, _raised(result))
@@ -168,43 +171,11 @@ class StowReceiver:
         if fatal is not None:
             raise fatal
 
-    async def store_next(self, reader: RelatedReader, content_type: str) -> PartOutcome:
-        """Read, check and store the part whose headers ``reader`` has just read."""
-        if content_type != DICOM:
-            return PartOutcome(
-                None, failure=FAILURE_CANNOT_UNDERSTAND, comment=f"the part is {content_type}, not {DICOM}"
-            )
-        held: list[bytes] = []
-        size = 0
-        while size < PART10_HEAD and (chunk := await reader.read()):
-            held.append(chunk)
-            size += len(chunk)
-        if size < PART10_HEAD or not _starts_part10(held):
-            # The rest is skipped unread.
-            return PartOutcome(
-                None,
-                failure=FAILURE_CANNOT_UNDERSTAND,
-                comment=REASON_NO_DICM,
-            )
-        while size <= self.part_memory and (chunk := await reader.read()):
-            held.append(chunk)
-            size += len(chunk)
-        if size <= self.part_memory:  # the whole part
-            if self.study is None:
-                # No study to check: the archive's own parse names the stored instance; the
-                # identity is read only to name a refused one in the answer.
-                data = await asyncio.to_thread(b"".join, held)
-                del held
-                outcome = await _stored(None, self.archive.store_instance(self.tenant, data))
-                if outcome.stored is None:
-                    outcome = replace(outcome, identity=await asyncio.to_thread(_identify, data))
-                return outcome
-            data, identity = await asyncio.to_thread(_join_and_identify, held)
-            del held
-            if (mismatch := self._other_study(identity)) is not None:
-                return mismatch
-            return await _stored(identity, self.archive.store_instance(self.tenant, data))
-        return await self._store_streamed(held, reader)
+    @staticmethod
+    def _not_dicom(content_type: str) -> PartOutcome:
+        return PartOutcome(
+            None, failure=FAILURE_CANNOT_UNDERSTAND, comment=f"the part is {content_type}, not {DICOM}"
+        )
 
     async def _store_streamed(self, held: list[bytes], reader: RelatedReader) -> PartOutcome:
         """A part too large to hold: the identity from the first bytes held, then the held chunks
@@ -227,12 +198,6 @@ class StowReceiver:
 def _starts_part10(chunks: Sequence[bytes]) -> bool:
     head = b"".join(chunks)[:PART10_HEAD]  # at most the first chunk or two
     return head[128:132] == b"DICM"
-
-
-def _join_and_identify(chunks: Sequence[bytes]) -> tuple[bytes, DicomIdentity | None]:
-    """A whole part's chunks joined, and its identity (for a worker thread)."""
-    data = b"".join(chunks)
-    return data, _identify(data)
 
 
 def _identify(data: bytes) -> DicomIdentity | None:
