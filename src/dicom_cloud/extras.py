@@ -30,7 +30,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
         "openjpeg",
     ),
     "dimse": ("pynetdicom",),
-    "postgres": ("psycopg",),
+    "postgres": ("psycopg", "procrastinate"),
     "parquet": ("pyarrow",),
     "aws": ("botocore",),
 }

@@ -20,7 +20,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
@@ -87,12 +87,24 @@ log = logging.getLogger("dicom_cloud.archive")
 
 #: Instances ingested at once by ``complete_upload``.
 _UPLOAD_CONCURRENCY = 4
+#: Files of a queued upload ingested between two records of its progress (a retried job redoes
+#: at most this many).
+_PROGRESS_BATCH = 32
 _MEDIA_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
 
 #: A QIDO query: attribute keys (keyword or 8-hex tag) and the reserved keys ``limit``,
 #: ``offset``, ``includefield``, ``fuzzymatching``, ``label``, ``labeldescription``, each with
 #: one value or several (a key repeated in the query string).
 QueryParams = Mapping[str, str | Sequence[str]]
+
+
+def _outcome(session_id: str, files: Iterable[AcceptedFile | RejectedFile]) -> UploadOutcome:
+    ordered = sorted(files, key=lambda f: f.index)
+    return UploadOutcome(
+        session_id,
+        accepted=tuple(f for f in ordered if isinstance(f, AcceptedFile)),
+        rejected=tuple(f for f in ordered if isinstance(f, RejectedFile)),
+    )
 
 
 class Archive:
@@ -333,39 +345,108 @@ class Archive:
             await self._objects.delete(upload.staging_keys)
         return len(expired)
 
+    async def queue_upload(self, tenant: str, session_id: str) -> tuple[UploadSession, bool]:
+        """The ingest queue's side of :meth:`complete_upload`: mark a pending session (or a failed
+        one, to try again) ``queued`` for a worker. Returns the session and whether this call
+        queued it; the caller then enqueues its job (or calls :meth:`unqueue_upload` if it cannot).
+        A session already queued, completing or completed is returned as it is; an expired one is
+        UsageError (its staging objects are removed)."""
+        check_tenant(tenant)
+        now = datetime.now(UTC)
+        upload, claimed = await self._run(lambda s: uploads.claim_for_queue(s, tenant, session_id, now))
+        if not claimed and upload.state == "expired":
+            await self._objects.delete(upload.staging_keys)
+            raise UsageError("the upload session has expired", hint="start a new upload")
+        return upload, claimed
+
+    async def unqueue_upload(self, tenant: str, session_id: str) -> None:
+        """Give a session :meth:`queue_upload` queued back to its client (its job could not be
+        enqueued): pending again, to be completed again."""
+        await self.set_upload_state(tenant, session_id, "pending")
+
+    async def run_queued_upload(self, tenant: str, session_id: str) -> UploadOutcome | None:
+        """Ingest a queued session's files (what an ingest worker's job does). Idempotent: the
+        outcome of each batch of files is recorded on the session before their staging objects
+        are removed, so an attempt after a worker died skips what is recorded and ingests the
+        rest again; a file ingested but not yet recorded is found in staging again and stored
+        as a duplicate (nothing twice, ``created`` false), one refused is found in quarantine.
+        Returns None when the session is not queued or completing (done by an earlier attempt,
+        or never queued): nothing to do."""
+        check_tenant(tenant)
+        upload, claimed = await self._run(lambda s: uploads.claim_for_worker(s, tenant, session_id))
+        if not claimed:
+            return None
+        earlier = UploadOutcome.from_json(upload.result) if upload.result else UploadOutcome(upload.id)
+        outcomes: dict[int, AcceptedFile | RejectedFile] = {f.index: f for f in earlier.accepted}
+        outcomes.update((f.index, f) for f in earlier.rejected)
+        todo = [i for i in range(len(upload.files)) if i not in outcomes]
+        limit = asyncio.Semaphore(_UPLOAD_CONCURRENCY)
+
+        async def one(i: int) -> AcceptedFile | RejectedFile:
+            async with limit:
+                return await self._ingest_file(upload, i, keep_staging=True)
+
+        for start in range(0, len(todo), _PROGRESS_BATCH):
+            batch = await asyncio.gather(*(one(i) for i in todo[start : start + _PROGRESS_BATCH]))
+            outcomes.update((f.index, f) for f in batch)
+            progress = _outcome(upload.id, outcomes.values())
+            await self.set_upload_state(tenant, session_id, "completing", progress.as_json())
+            await self._objects.delete(
+                [upload.staging_keys[f.index] for f in batch if isinstance(f, AcceptedFile)]
+            )
+        outcome = _outcome(upload.id, outcomes.values())
+        await self.set_upload_state(tenant, session_id, "completed", outcome.as_json())
+        return outcome
+
+    async def fail_queued_upload(self, tenant: str, session_id: str, error: str) -> None:
+        """Mark a queued session ``failed`` (its job's last attempt failed), keeping the outcomes
+        of the files done so far and ``error`` (a reason free of patient data) in its result.
+        Its staging objects stay: completing it again queues it anew."""
+        upload = await self.get_upload(tenant, session_id)
+        if upload.state not in ("queued", "completing"):
+            return
+        result = dict(upload.result) if upload.result else UploadOutcome(upload.id).as_json()
+        await self.set_upload_state(tenant, session_id, "failed", {**result, "error": error})
+
     async def _ingest_session(self, upload: UploadSession) -> UploadOutcome:
         limit = asyncio.Semaphore(_UPLOAD_CONCURRENCY)
 
         async def one(i: int) -> AcceptedFile | RejectedFile:
-            declared, key = upload.files[i], upload.staging_keys[i]
             async with limit:
-                try:
-                    stored = await self.ingest_object(
-                        upload.tenant,
-                        key,
-                        declared.size,
-                        declared.crc32c,
-                        content_type=declared.content_type,
-                        put_by=declared.put_by,
-                    )
-                except RejectedObjectError as exc:
-                    return RejectedFile(i, declared.name, exc.reason, exc.quarantine_key)
-            r = stored.record
-            return AcceptedFile(
-                i,
-                declared.name,
-                r.sop_instance_uid,
-                r.study_instance_uid,
-                r.series_instance_uid,
-                stored.created,
-                stored.warnings,
-            )
+                return await self._ingest_file(upload, i, keep_staging=False)
 
-        results = await asyncio.gather(*(one(i) for i in range(len(upload.files))))
-        return UploadOutcome(
-            upload.id,
-            accepted=tuple(r for r in results if isinstance(r, AcceptedFile)),
-            rejected=tuple(r for r in results if isinstance(r, RejectedFile)),
+        return _outcome(upload.id, await asyncio.gather(*(one(i) for i in range(len(upload.files)))))
+
+    async def _ingest_file(
+        self, upload: UploadSession, i: int, *, keep_staging: bool
+    ) -> AcceptedFile | RejectedFile:
+        declared, key = upload.files[i], upload.staging_keys[i]
+        try:
+            stored = await self._ingest.ingest_object(
+                upload.tenant,
+                key,
+                declared.size,
+                declared.crc32c,
+                content_type=declared.content_type,
+                put_by=declared.put_by,
+                keep_staging=keep_staging,
+            )
+        except RejectedObjectError as exc:
+            refusal = exc
+            if keep_staging and exc.quarantine_key is None:
+                # Gone from staging: an earlier attempt may have refused it before its outcome
+                # was recorded; then its quarantine note says why.
+                refusal = await self._ingest.quarantined_reason(upload.tenant, key) or exc
+            return RejectedFile(i, declared.name, refusal.reason, refusal.quarantine_key)
+        r = stored.record
+        return AcceptedFile(
+            i,
+            declared.name,
+            r.sop_instance_uid,
+            r.study_instance_uid,
+            r.series_instance_uid,
+            stored.created,
+            stored.warnings,
         )
 
     # -- query (QIDO-RS) -----------------------------------------------------------------

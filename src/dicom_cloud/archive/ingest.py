@@ -360,13 +360,16 @@ class Ingestor:
         *,
         content_type: str | None = None,
         put_by: datetime | None = None,
+        keep_staging: bool = False,
     ) -> StoredInstance:
         """Ingest an object a client PUT under the staging prefix (the presigned-upload path).
 
         Checks that it exists, has ``expected_size`` bytes and ``expected_crc32c``, was stored
         with ``content_type`` (when the store reports one) and written by ``put_by`` (when the
         store reports the time); reads its header by a ranged read and validates it; then
-        stores it as :meth:`store_instance` does and removes the staging object. A refused
+        stores it as :meth:`store_instance` does and removes the staging object (unless
+        ``keep_staging``: a queued job removes it once the outcome is recorded, so that a job
+        retried in between finds the object again and ingests it as a duplicate). A refused
         object is moved to the quarantine prefix (one larger than declared is deleted, not
         copied) and RejectedObjectError (``reason``, ``quarantine_key``) is raised.
         """
@@ -407,7 +410,8 @@ class Ingestor:
             except DicomFormatError as exc:
                 raise await self._reject(tenant, staging_key, exc.reason) from None
             stored = await self._ingest_streamed(tenant, staging_key, info.size, identity, expected_crc32c)
-            await self.objects.store.delete([full])
+            if not keep_staging:
+                await self.objects.store.delete([full])
             return stored
         async with self.budget.reserve(_INGEST_COPIES * info.size):
             data = bytes(await self.objects.store.get(full))
@@ -428,8 +432,21 @@ class Ingestor:
                 raise await self._reject(tenant, staging_key, exc.reason) from None
             except ConflictError:
                 raise await self._reject(tenant, staging_key, REASON_CONFLICT) from None
-        await self.objects.store.delete([full])
+        if not keep_staging:
+            await self.objects.store.delete([full])
         return stored
+
+    async def quarantined_reason(self, tenant: str, staging_key: str) -> RejectedObjectError | None:
+        """The refusal recorded beside a staging object's quarantine copy, if there is one: what a
+        retried job reports for a file an earlier attempt refused (its staging object is gone)."""
+        quarantine_key = BucketLayout.quarantine_key(tenant, staging_key)
+        try:
+            note = json.loads(
+                bytes(await self.objects.store.get(self.objects.key(quarantine_key) + ".reason.json"))
+            )
+        except NotFoundError:
+            return None
+        return RejectedObjectError(str(note["reason"]), quarantine_key=quarantine_key)
 
     async def _ingest_streamed(
         self,

@@ -18,7 +18,7 @@ Scope = Literal["read", "write", "admin"]
 #: Every scope, in increasing power.
 SCOPES: Final[tuple[Scope, ...]] = ("read", "write", "admin")
 
-UploadState = Literal["pending", "completing", "completed", "expired"]
+UploadState = Literal["pending", "queued", "completing", "completed", "failed", "expired"]
 
 #: A DICOM JSON object (PS3.18 F.2): ``{"0020000D": {"vr": "UI", "Value": [...]}, ...}``.
 DicomJson = dict[str, Any]

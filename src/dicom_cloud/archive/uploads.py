@@ -1,5 +1,9 @@
 """Presigned upload sessions: the files a client declared, the staging key each one goes to, and
-the state of the session (pending → completing → completed; or expired)."""
+the state of the session (pending → completing → completed; or expired).
+
+With an ingest queue (archive/queue.py) a completion is queued first: pending → queued →
+completing (a worker took it; again after a worker died) → completed, or failed when every
+attempt failed (completing again queues it anew)."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from .records import DeclaredFile, UploadSession, UploadState
 
 MAX_FILES: Final = 1000
 MAX_LIFETIME: Final = timedelta(days=7)
-_STATES: Final = ("pending", "completing", "completed", "expired")
+_STATES: Final = ("pending", "queued", "completing", "completed", "failed", "expired")
 _CRC: Final = re.compile(r"[0-9a-f]{8}")
 
 
@@ -160,6 +164,53 @@ def claim(session: Session, tenant: str, session_id: str, now: datetime) -> tupl
     )
     session.expire_all()
     return get(session, tenant, session_id), False
+
+
+def claim_for_queue(
+    session: Session, tenant: str, session_id: str, now: datetime
+) -> tuple[UploadSession, bool]:
+    """Move a pending, unexpired session (or a failed one, to try again) to ``queued``, atomically
+    as :func:`claim`. Returns the session and whether this caller queued it; an expired pending
+    session is marked ``expired`` and returned unclaimed."""
+    owned = (UploadSessionRow.tenant == tenant, UploadSessionRow.id == session_id)
+    claimed = session.execute(
+        update(UploadSessionRow)
+        .where(
+            *owned,
+            ((UploadSessionRow.state == "pending") & (UploadSessionRow.expires > now))
+            | (UploadSessionRow.state == "failed"),
+        )
+        .values(state="queued")  # a failed session keeps the outcomes recorded so far
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount == 1:  # type: ignore[attr-defined]
+        return get(session, tenant, session_id), True
+    session.execute(
+        update(UploadSessionRow)
+        .where(*owned, UploadSessionRow.state == "pending", UploadSessionRow.expires <= now)
+        .values(state="expired")
+        .execution_options(synchronize_session=False)
+    )
+    session.expire_all()
+    return get(session, tenant, session_id), False
+
+
+def claim_for_worker(session: Session, tenant: str, session_id: str) -> tuple[UploadSession, bool]:
+    """Move a ``queued`` session to ``completing`` for the job that ingests it. A session already
+    ``completing`` is claimed too: the queue hands a job to one worker at a time, so that state
+    is what a worker that died (or was stopped) mid-job left. Anything else is not claimed."""
+    claimed = session.execute(
+        update(UploadSessionRow)
+        .where(
+            UploadSessionRow.tenant == tenant,
+            UploadSessionRow.id == session_id,
+            UploadSessionRow.state.in_(("queued", "completing")),
+        )
+        .values(state="completing")
+        .execution_options(synchronize_session=False)
+    )
+    session.expire_all()
+    return get(session, tenant, session_id), claimed.rowcount == 1  # type: ignore[attr-defined]
 
 
 def expire_due(session: Session, now: datetime, limit: int = 100) -> list[UploadSession]:

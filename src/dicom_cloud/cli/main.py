@@ -33,6 +33,7 @@ from ..url import account_scheme
 from . import dimse as dimse_commands
 from . import serve as serve_commands
 from . import viewer as viewer_commands
+from . import worker as worker_commands
 from .jobs import add_job_commands, add_journal_option, job_request
 from .options import (
     client_encryption,
@@ -751,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(sub)
 
     serve_commands.register(add)  # dicom-cloud serve, dicom-cloud token (the service's commands)
+    worker_commands.register(add)  # dicom-cloud worker (the ingest queue's jobs)
     viewer_commands.register(add)  # dicom-cloud viewer install (OHIF for serve's /viewer/)
     dimse_commands.register(add, _write_options, _connection_options, _output_options)
     add("version", "Print the version.", "  dicom-cloud version", _version)

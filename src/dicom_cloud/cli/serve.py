@@ -63,6 +63,7 @@ def register(add: Callable[..., Any]) -> None:
         "  dicom-cloud serve\n"
         "  dicom-cloud serve --port 8080 --public-url https://pacs.example.org\n"
         "  dicom-cloud serve --storage s3://archive/dicom --database postgresql://svc@db/dicom\n"
+        "  dicom-cloud serve --database postgresql://svc@db/dicom --ingest-queue   # + dicom-cloud worker\n"
         "  dicom-cloud serve --dicom-port 11112 --ae-title DICOMCLOUD --peer CT1@10.0.0.5,tenant=a\n"
         "  DICOM_CLOUD_SERVICE_OIDC_ISSUER=https://login.example.org dicom-cloud serve --config service.toml",
         _serve,
@@ -81,6 +82,13 @@ def register(add: Callable[..., Any]) -> None:
         "--environment", choices=["development", "production"], help="production refuses unsafe settings"
     )
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub.add_argument(
+        "--ingest-queue",
+        action="store_const",
+        const=True,
+        help="completed uploads are queued for 'dicom-cloud worker' processes and answered 202 "
+        "(PostgreSQL index only; docs/service.md)",
+    )
     add_dimse_flags(sub, serve=True)
 
     sub = add(
@@ -125,6 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "viewer_dir": args.viewer_dir,
                 "environment": args.environment,
                 "log_level": args.log_level,
+                "ingest_queue": args.ingest_queue,
                 **dimse_flag_values(args),
             },
         ),

@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -28,6 +28,7 @@ from ..archive import Archive, ArchiveSettings
 from ..crypto.envelope import ClientEncryption
 from ..crypto.keysource import load_keys
 from ..errors import UsageError
+from ..extras import require
 from .auth import Authenticator, OidcVerifier
 from .credential_cache import CredentialCache
 from .deps import Reader, secret_resolver
@@ -38,6 +39,9 @@ from .presign import S3PutSigner
 from .presign_clouds import cloud_put_signer
 from .routes import dicomweb, health, labels, shares, tokens, uploads, viewer, wado_uri, web
 from .settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from ..archive.queue import IngestQueue
 
 log = logging.getLogger("dicom_cloud.service")
 
@@ -141,6 +145,16 @@ async def _sweep_orphans(archive: Archive, interval: float, grace: float) -> Non
         await asyncio.sleep(interval)
 
 
+async def _open_ingest_queue(settings: ServiceSettings) -> IngestQueue | None:
+    """The ingest queue (``ingest_queue``), or None: uploads are then ingested in the request."""
+    if not settings.ingest_queue:
+        return None
+    require("postgres", "ingest_queue")
+    from ..archive.queue import IngestQueue
+
+    return await IngestQueue.open(settings.database_url)
+
+
 def create_app(
     settings: ServiceSettings,
     archive: Archive | None = None,
@@ -154,6 +168,12 @@ def create_app(
         opened = archive is None
         current = archive if archive is not None else await Archive.open(archive_settings(settings))
         app.state.archive = current
+        try:
+            app.state.ingest_queue = await _open_ingest_queue(settings)
+        except BaseException:
+            if opened:
+                await current.close()
+            raise
         # Azure and GCS direct-upload URLs need the opened store (GCS signs with its credentials).
         app.state.cloud_signer = cloud_put_signer(settings.storage_url, lambda: current.store)
         app.state.credential_cache = cache = CredentialCache(settings.auth_cache_seconds)
@@ -182,6 +202,8 @@ def create_app(
                     await sweeper
             if app.state.cloud_signer is not None:
                 await app.state.cloud_signer.close()
+            if app.state.ingest_queue is not None:
+                await app.state.ingest_queue.close()
             if opened:
                 await current.close()
 

@@ -117,6 +117,9 @@ class ServiceSettings(BaseModel):
     #: Objects and folders younger than this are left alone by the sweep (an ingest or an
     #: upload may be about to use them).
     orphan_grace_seconds: float = Field(3600.0, gt=0)
+    #: Completed uploads are ingested by ``dicom-cloud worker`` processes from a queue in the
+    #: index database (PostgreSQL only) and answered 202 with a status URL; off: in the request.
+    ingest_queue: bool = False
     #: Create an admin token for ``bootstrap_tenant`` on first start and print it once.
     bootstrap_admin: bool = True
     bootstrap_tenant: str = Field("default", min_length=1, max_length=200)
@@ -176,6 +179,15 @@ class ServiceSettings(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("public_url must start with http:// or https://")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _queue_needs_postgres(self) -> ServiceSettings:
+        if self.ingest_queue and not self.database_url.startswith("postgresql"):
+            raise ValueError(
+                "ingest_queue needs a PostgreSQL index (database = postgresql://...); "
+                "with a SQLite index uploads are ingested in the service process: leave ingest_queue off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> ServiceSettings:

@@ -17,10 +17,11 @@ import hashlib
 import hmac
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ...archive import DeclaredFile, UploadOutcome, UploadSession
@@ -37,6 +38,9 @@ from ..memory import RequestMemory
 from ..multipart import MediaType, body_chunks
 from ..presign import MAX_PARTS, S3PutSigner
 from ..presign_clouds import CloudPutSigner
+
+if TYPE_CHECKING:
+    from ...archive.queue import IngestQueue
 
 router = APIRouter(tags=["uploads"])
 
@@ -108,12 +112,22 @@ class UploadOut(BaseModel):
     files: list[FileUrl]
 
 
-class UploadState(BaseModel):
-    id: str
-    state: str
-    expires: datetime
-    files: int
-    result: dict[str, Any] | None
+#: What ``GET /uploads/{id}`` reports of a session's state: where its ingest stands.
+UploadStatusName = Literal["pending", "queued", "running", "done", "failed", "expired"]
+_STATUS_OF_STATE: dict[str, UploadStatusName] = {
+    "pending": "pending",
+    "queued": "queued",
+    "completing": "running",
+    "completed": "done",
+    "failed": "failed",
+    "expired": "expired",
+}
+
+
+def upload_status(state: str) -> UploadStatusName:
+    """The status a session's state is reported as (``completing`` is ``running``: a request or
+    a worker is ingesting it; ``completed`` is ``done``)."""
+    return _STATUS_OF_STATE[state]
 
 
 class FileOutcome(BaseModel):
@@ -132,6 +146,28 @@ class UploadResult(BaseModel):
     id: str
     accepted: list[FileOutcome]
     rejected: list[FileOutcome]
+
+
+class UploadState(BaseModel):
+    id: str
+    state: str
+    status: UploadStatusName = Field(
+        ..., description="pending, queued, running, done, failed (every attempt failed) or expired"
+    )
+    expires: datetime
+    files: int
+    result: dict[str, Any] | None
+    outcome: UploadResult | None = Field(
+        None,
+        description="the files ingested so far (running, failed) or in all (done), as completing answers",
+    )
+    error: str | None = Field(None, description="why the last attempt failed (status failed)")
+
+
+class UploadQueued(BaseModel):
+    id: str
+    status: UploadStatusName = "queued"
+    status_url: str = Field(..., description="GET it (same credentials) until status is done or failed")
 
 
 def upload_signature(
@@ -353,17 +389,34 @@ async def put_file(
 
 @router.get("/uploads/{session_id}", summary="The state of an upload")
 async def get_upload(session_id: SessionId, principal: Writer, archive: ArchiveDep) -> UploadState:
+    """Where the upload stands; with the ingest queue, the status URL a completion answers."""
     session = await archive.get_upload(principal.tenant, session_id)
+    result = dict(session.result) if session.result is not None else None
+    # A failed session queued again keeps its last error until its new attempt records progress.
+    error = result.get("error") if result and session.state == "failed" else None
     return UploadState(
         id=session.id,
         state=session.state,
+        status=upload_status(session.state),
         expires=session.expires,
         files=len(session.files),
-        result=dict(session.result) if session.result is not None else None,
+        result=result,
+        outcome=_result(UploadOutcome.from_json(result)) if result else None,
+        error=str(error) if error is not None else None,
     )
 
 
-@router.post("/uploads/{session_id}/complete", summary="Ingest the uploaded files")
+@router.post(
+    "/uploads/{session_id}/complete",
+    summary="Ingest the uploaded files",
+    response_model=UploadResult,
+    responses={
+        202: {
+            "model": UploadQueued,
+            "description": "queued for an ingest worker (ingest_queue on): follow Location",
+        }
+    },
+)
 async def complete_upload(
     request: Request,
     session_id: SessionId,
@@ -372,12 +425,14 @@ async def complete_upload(
     metrics: MetricsDep,
     settings: SettingsDep,
     body: CompleteIn | None = None,
-) -> UploadResult:
+) -> Any:
     """Each declared file is checked (size, CRC32C when declared, content type, write time,
     DICOM Part 10) and ingested;
     refused files are listed with their reason. Completing again answers the same outcome.
     Files sent in parts are joined first (body: their upload ids and the parts' ETags, when
-    ``etags_required``; otherwise the service finds the parts itself and no body is needed)."""
+    ``etags_required``; otherwise the service finds the parts itself and no body is needed).
+    With the ingest queue the files are ingested by a worker: the answer is 202 with the
+    status URL (``Location``), whose ``outcome`` has this answer's shape once ``done``."""
     cloud: CloudPutSigner | None = getattr(request.app.state, "cloud_signer", None)
     if cloud is not None:
         await _finish_cloud_parts(cloud, archive, principal, session_id, settings.upload_part_size)
@@ -394,9 +449,40 @@ async def complete_upload(
             if len(etags) != len(completed.etags):
                 raise MalformedRequestError("every part's ETag is needed to join the parts")
             await signer.complete_multipart(key, completed.upload_id, etags)
+    queue: IngestQueue | None = getattr(request.app.state, "ingest_queue", None)
+    if queue is not None:
+        return await _queue_completion(request, queue, archive, principal.tenant, session_id, settings)
     outcome: UploadOutcome = await archive.complete_upload(principal.tenant, session_id)
     metrics.instances_stored.labels("stored").inc(len(outcome.accepted))
     metrics.instances_stored.labels("refused").inc(len(outcome.rejected))
+    return _result(outcome)
+
+
+async def _queue_completion(
+    request: Request,
+    queue: IngestQueue,
+    archive: ArchiveDep,
+    tenant: str,
+    session_id: str,
+    settings: SettingsDep,
+) -> UploadResult | JSONResponse:
+    """Queue the session's ingest and answer 202 with its status URL; a session done already is
+    answered its outcome (200), as completing twice is without the queue."""
+    session, queued = await archive.queue_upload(tenant, session_id)
+    if session.state == "completed" and session.result is not None:
+        return _result(UploadOutcome.from_json(session.result))
+    if queued:
+        try:
+            await queue.enqueue(tenant, session_id)
+        except BaseException:
+            await archive.unqueue_upload(tenant, session_id)  # to be completed again
+            raise
+    status_url = f"{service_root(request, settings)}/uploads/{session_id}"
+    answer = UploadQueued(id=session_id, status=upload_status(session.state), status_url=status_url)
+    return JSONResponse(answer.model_dump(), status_code=202, headers={"Location": status_url})
+
+
+def _result(outcome: UploadOutcome) -> UploadResult:
     return UploadResult(
         id=outcome.session_id,
         accepted=[

@@ -1,0 +1,273 @@
+"""The ingest queue: completions of presigned uploads as jobs on PostgreSQL, run by workers.
+
+With a PostgreSQL index the service can hand the ingest of a completed upload to a queue
+instead of doing it in the request (``ingest_queue``, docs/service.md "Ingest queue"):
+:meth:`IngestQueue.enqueue` records one job per upload session, and ``dicom-cloud worker``
+processes (any number, on any machine reaching the database and the store) run them through
+:meth:`IngestQueue.run_worker`, which calls :meth:`Archive.run_queued_upload`.
+
+The queue is procrastinate's (jobs are rows of ``procrastinate_jobs`` in the index database,
+taken with ``SELECT ... FOR UPDATE SKIP LOCKED``, announced by LISTEN/NOTIFY): no broker to run
+beside the database the index needs anyway. Its tables, types and functions (all named
+``procrastinate_*``) are created by the first service or worker that opens the queue.
+
+A job carries the tenant and the upload session id, nothing else (no patient data: the files
+are read from staging). What happens when things go wrong:
+
+* a job that raises is retried with capped exponential backoff and full jitter, up to
+  ``MAX_ATTEMPTS``; after the last one the session is marked ``failed`` with the reason;
+* a worker stopped by SIGINT/SIGTERM gives its running jobs ``SHUTDOWN_GRACE`` seconds, then
+  cancels them and puts them back in the queue at once;
+* a worker that dies (SIGKILL, power) stops sending heartbeats; after ``stalled_after`` seconds
+  any other worker puts its running jobs back in the queue.
+
+A job run again is safe: the ingest is idempotent (see :meth:`Archive.run_queued_upload`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import psycopg
+from procrastinate import App, PsycopgConnector
+from procrastinate import exceptions as queue_errors
+from procrastinate.job_context import JobContext
+from procrastinate.jobs import Job
+from procrastinate.retry import BaseRetryStrategy, RetryDecision
+from procrastinate.schema import SchemaManager
+from procrastinate.worker import Worker
+from sqlalchemy.engine import make_url
+
+from ..errors import DicomCloudError, NotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from .core import Archive
+
+log = logging.getLogger("dicom_cloud.archive.queue")
+
+#: The queue (procrastinate's queue_name) and task name of ingest jobs.
+QUEUE: Final = "dicom_cloud_ingest"
+TASK: Final = "dicom_cloud.ingest_upload"
+#: Attempts of one job before its session is marked failed.
+MAX_ATTEMPTS: Final = 8
+#: Backoff between attempts: up to BACKOFF_BASE * 2**attempts seconds (full jitter), capped.
+BACKOFF_BASE: Final = 2.0
+BACKOFF_CAP: Final = 300.0
+#: Seconds running jobs get to finish when a worker is asked to stop; then they are cancelled
+#: and queued again (the CLI leaves within 2 s of the signal).
+SHUTDOWN_GRACE: Final = 0.8
+#: Seconds between two looks for new or retried jobs besides LISTEN/NOTIFY (retries scheduled
+#: for later are not notified).
+POLL_INTERVAL: Final = 1.0
+#: The advisory lock held while the queue's schema is created (one creator among many starters).
+_SCHEMA_LOCK: Final = 0x64632D71  # "dc-q"
+_PERMANENT: Final = (UsageError, NotFoundError)
+
+
+def queue_conninfo(database_url: str) -> str:
+    """The libpq connection string of a PostgreSQL index URL (SQLAlchemy's, any driver part);
+    UsageError for any other database: the queue lives in PostgreSQL."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        raise UsageError(
+            "the ingest queue needs a PostgreSQL index (database = postgresql://...)",
+            hint="with a SQLite index, uploads are ingested in the service process: leave ingest_queue off",
+        )
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def backoff_seconds(attempts: int, rng: random.Random | None = None) -> float:
+    """The wait before the next attempt of a job that failed ``attempts + 1`` times: full jitter
+    over an exponential bound (at least one second, so that a failure is not hammered)."""
+    bound = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempts)
+    return max(1.0, (rng or random).uniform(0, bound))
+
+
+class IngestRetry(BaseRetryStrategy):
+    """When a failed ingest job runs again. Not when its error is the request's own (the
+    session is unknown, the input refused): running it again would fail the same way. A job
+    cancelled because its worker is stopping is queued again at once, and does not count."""
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        if isinstance(exception, asyncio.CancelledError):
+            return RetryDecision(retry_in={"seconds": 0})  # type: ignore[no-any-return]
+        if isinstance(exception, _PERMANENT) or job.attempts + 1 >= MAX_ATTEMPTS:
+            return None
+        return RetryDecision(retry_in={"milliseconds": round(1000 * backoff_seconds(job.attempts))})  # type: ignore[no-any-return]
+
+
+def failure_reason(error: BaseException) -> str:
+    """What a session that failed records: our own errors' messages (free of patient data by
+    design), only the class name of anything else (a driver's message may quote row values)."""
+    if isinstance(error, DicomCloudError):
+        return str(error)[:500]
+    return f"internal error ({type(error).__name__})"
+
+
+_RETRY: Final = IngestRetry()
+
+
+async def _ingest_upload(context: JobContext, tenant: str, session_id: str) -> dict[str, int] | None:
+    archive: Archive = context.additional_context["archive"]
+    try:
+        outcome = await archive.run_queued_upload(tenant, session_id)
+    except Exception as exc:
+        if _RETRY.get_retry_decision(exception=exc, job=context.job) is None:
+            await archive.fail_queued_upload(tenant, session_id, failure_reason(exc))
+        raise
+    if outcome is None:
+        return None
+    return {"accepted": len(outcome.accepted), "rejected": len(outcome.rejected)}
+
+
+class IngestQueue:
+    """The queue of ingest jobs in the index's PostgreSQL database. Open with :meth:`open`,
+    close with :meth:`close` (or ``async with``)."""
+
+    def __init__(self, app: App) -> None:
+        """Use :meth:`open`."""
+        self._app = app
+        self._task = app.task(name=TASK, queue=QUEUE, pass_context=True, retry=_RETRY)(_ingest_upload)
+
+    @classmethod
+    async def open(cls, database_url: str) -> IngestQueue:
+        """Connect (a small pool) and create the queue's schema if it is not there yet."""
+        conninfo = queue_conninfo(database_url)
+        await _ensure_schema(conninfo)
+        app = App(connector=PsycopgConnector(conninfo=conninfo, min_size=1, max_size=4))
+        await app.open_async()
+        return cls(app)
+
+    async def close(self) -> None:
+        await self._app.close_async()
+
+    async def __aenter__(self) -> IngestQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def enqueue(self, tenant: str, session_id: str) -> None:
+        """Queue the ingest of a session (one waiting job per session: a second is not added)."""
+        with contextlib.suppress(queue_errors.AlreadyEnqueued):  # its job is waiting already
+            await self._task.configure(queueing_lock=session_id).defer_async(
+                tenant=tenant, session_id=session_id
+            )
+
+    async def unfinished_jobs(self) -> int:
+        """Jobs waiting (now or for a retry) or running."""
+        row = await self._app.connector.execute_query_one_async(
+            "SELECT count(*) AS n FROM procrastinate_jobs"
+            " WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')",
+            queue=QUEUE,
+        )
+        return int(row["n"])
+
+    async def requeue_stalled(self, stalled_after: float) -> int:
+        """Put back in the queue the running jobs of workers silent for ``stalled_after`` seconds
+        (dead); returns how many. Safe from several workers at once."""
+        requeued = 0
+        for job in await self._app.job_manager.get_stalled_jobs(
+            queue=QUEUE, seconds_since_heartbeat=stalled_after
+        ):
+            try:
+                await self._app.job_manager.retry_job(job)
+            except queue_errors.ConnectorException:
+                continue  # another worker put it back first
+            requeued += 1
+            log.warning("ingest.job_requeued", extra={"job": job.id, "reason": "worker stalled"})
+        return requeued
+
+    async def run_worker(
+        self,
+        archive: Archive,
+        *,
+        concurrency: int = 4,
+        stalled_after: float = 60.0,
+        until_empty: bool = False,
+        name: str | None = None,
+    ) -> None:
+        """Run ingest jobs until cancelled (or, ``until_empty``, until no job is waiting or running
+        anywhere, retries included). Cancelled: running jobs get ``SHUTDOWN_GRACE`` seconds, then
+        go back to the queue."""
+        if concurrency < 1 or stalled_after <= 0:
+            raise UsageError("concurrency must be at least 1 and stalled_after positive")
+        worker = Worker(
+            self._app,
+            queues=[QUEUE],
+            name=name or "dicom-cloud-worker",
+            concurrency=concurrency,
+            wait=True,
+            fetch_job_polling_interval=POLL_INTERVAL,
+            shutdown_graceful_timeout=SHUTDOWN_GRACE,
+            delete_jobs="successful",  # the session keeps the outcome; failed jobs stay to be looked at
+            additional_context={"archive": archive},
+            install_signal_handlers=False,  # the CLI's runner handles them (cancellation)
+            # Heartbeats well within the silence that declares a worker dead.
+            update_heartbeat_interval=max(0.5, stalled_after / 4),
+            stalled_worker_timeout=stalled_after,
+        )
+        running = asyncio.create_task(worker.run(), name="ingest worker")  # type: ignore[no-untyped-call]
+        helpers = [asyncio.create_task(self._requeue_stalled_forever(stalled_after))]
+        if until_empty:
+            helpers.append(asyncio.create_task(self._stop_when_empty(worker)))
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            worker.stop()  # type: ignore[no-untyped-call]  # graceful: running jobs get SHUTDOWN_GRACE, then go back to the queue
+            await asyncio.wait([running], timeout=SHUTDOWN_GRACE + 0.4)
+            raise
+        finally:
+            await _cancel(helpers)
+
+    async def _requeue_stalled_forever(self, stalled_after: float) -> None:
+        while True:
+            try:
+                await self.requeue_stalled(stalled_after)
+            except Exception as exc:  # the database away for a moment: look again later
+                log.warning("ingest.requeue_failed", extra={"error": type(exc).__name__})
+            await asyncio.sleep(max(0.5, stalled_after / 2))
+
+    async def _stop_when_empty(self, worker: Worker) -> None:
+        while await self.unfinished_jobs():
+            await asyncio.sleep(0.5)
+        worker.stop()  # type: ignore[no-untyped-call]
+
+
+async def _cancel(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def _ensure_schema(conninfo: str) -> None:
+    """Create procrastinate's schema unless it is there, under an advisory lock (services and
+    workers starting together create it once)."""
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as connection:
+        await connection.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+        try:
+            cursor = await connection.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
+            row = await cursor.fetchone()
+            if not (row and row[0]):
+                log.info("ingest.queue_schema_created")
+                await connection.execute(SchemaManager.get_schema())
+        finally:
+            await connection.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+
+
+__all__ = [
+    "MAX_ATTEMPTS",
+    "QUEUE",
+    "IngestQueue",
+    "IngestRetry",
+    "backoff_seconds",
+    "failure_reason",
+    "queue_conninfo",
+]

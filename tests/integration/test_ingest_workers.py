@@ -1,0 +1,295 @@
+"""The ingest queue on the real servers: the service (ingest_queue on) and ``dicom-cloud worker``
+processes on one PostgreSQL database, objects in SeaweedFS (S3), uploads by presigned URLs.
+
+What only the real thing shows: jobs taken by several worker processes at once, a worker killed
+with SIGKILL in the middle of its jobs (its jobs put back by the other after its heartbeats stop),
+and in the end an index and a bucket that agree exactly: every instance row's objects present, no
+object without its row, nothing left in staging, every upload done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from archive_helpers import make_instance
+from dicom_cloud.archive import Archive
+from dicom_cloud.service.app import archive_settings
+from dicom_cloud.service.settings import ServiceSettings, load_settings
+from live_service import LiveService, fresh_postgres_database, start_service
+from servers import S3Server
+
+#: Upload sessions of one small file each (about 1 KB: the queue's overhead, not the bytes). 400
+#: keep the test near a minute on a busy two-core machine; INGEST_WORKERS_UPLOADS=2000 for more.
+UPLOADS = int(os.environ.get("INGEST_WORKERS_UPLOADS", "400"))
+STALLED_AFTER = 3
+STUDY = "1.2.826.0.1.3680043.9.7"
+CLI = [sys.executable, "-c", "from dicom_cloud.cli.main import run; run()"]
+
+
+@pytest.fixture
+def s3_env(seaweedfs: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    return seaweedfs
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    try:
+        with fresh_postgres_database() as url:
+            yield url
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def queued_service(s3_env: S3Server, s3_bucket: str, database: str, tmp_path: Path) -> Iterator[LiveService]:
+    settings = _settings(s3_bucket, database, tmp_path)
+    service = start_service(settings)
+    yield service
+    service.stop()
+
+
+def _settings(bucket: str, database: str, tmp_path: Path, **more: Any) -> ServiceSettings:
+    return load_settings(
+        {
+            "data_dir": tmp_path / "data",
+            "storage": f"s3://{bucket}/archive",
+            "database": database,
+            "ingest_queue": True,
+            **more,
+        },
+        environ={},
+    )
+
+
+def _start_worker(bucket: str, database: str, *extra: str) -> subprocess.Popen[bytes]:
+    argv = [
+        *CLI,
+        "worker",
+        "--storage",
+        f"s3://{bucket}/archive",
+        "--database",
+        database,
+        "--stalled-after",
+        str(STALLED_AFTER),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+
+
+def _instance(i: int) -> bytes:
+    return make_instance(STUDY, f"{STUDY}.1", f"{STUDY}.1.{i + 1}", side=4)
+
+
+async def _upload_and_complete(
+    url: str, token: str | None, files: list[tuple[str, bytes]], parallel: int = 16
+) -> list[httpx.Response]:
+    """One upload session per file: declare, PUT to the presigned URL, complete. The answers to
+    the completions, in order."""
+    headers = {"Authorization": f"Bearer {token}"}
+    gate = asyncio.Semaphore(parallel)
+    async with (
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http,
+        httpx.AsyncClient(timeout=60) as bucket,
+    ):
+
+        async def one(name: str, data: bytes) -> httpx.Response:
+            async with gate:
+                created = await _sent(
+                    http.post, "/uploads", json={"files": [{"name": name, "size": len(data)}]}
+                )
+                assert created.status_code == 201, created.text
+                target = created.json()["files"][0]
+                put = await _sent(bucket.put, target["url"], content=data, headers=target["headers"])
+                assert put.status_code in (200, 204), put.text
+                return await _sent(http.post, f"/uploads/{created.json()['id']}/complete")
+
+        return list(await asyncio.gather(*(one(name, data) for name, data in files)))
+
+
+async def _sent(request: Any, *args: Any, **kwargs: Any) -> httpx.Response:
+    """One request, sent again if a kept-alive connection was closed under it (a busy machine
+    lets connections idle past the servers' keep-alive timeouts)."""
+    for attempt in range(3):
+        try:
+            response: httpx.Response = await request(*args, **kwargs)
+            return response
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _count(database: str, sql: str, *params: Any) -> int:
+    with psycopg.connect(database, autocommit=True) as connection:
+        row = connection.execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _index_and_bucket(settings: ServiceSettings) -> tuple[set[str], set[str]]:
+    """The object keys the index rows point at, and the keys in the archive's bucket prefix."""
+
+    async def look() -> tuple[set[str], set[str]]:
+        async with await Archive.open(archive_settings(settings)) as archive:
+            with psycopg.connect(settings.database_url, autocommit=True) as connection:
+                rows = connection.execute("SELECT object_key, sidecar_key FROM instances").fetchall()
+            indexed = {archive.store_key(key) for row in rows for key in row}
+            stored = {info.key async for info in archive.store.list(archive.store_key(""))}
+            return indexed, stored
+
+    return asyncio.run(look())
+
+
+def test_two_workers_one_killed_index_and_objects_agree(
+    queued_service: LiveService, s3_bucket: str, database: str, tmp_path: Path
+) -> None:
+    """UPLOADS presigned uploads queued; two workers; one SIGKILLed while it holds jobs; the other
+    puts them back after STALLED_AFTER seconds and drains the queue (--until-empty)."""
+    files = [(f"f{i}.dcm", _instance(i)) for i in range(UPLOADS)]
+    answers = asyncio.run(_upload_and_complete(queued_service.url, queued_service.admin_token, files))
+    assert {a.status_code for a in answers} == {202}
+    sessions = [a.json()["id"] for a in answers]
+    assert all(
+        a.headers["location"].endswith(f"/uploads/{s}") for a, s in zip(answers, sessions, strict=True)
+    )
+
+    doomed = _start_worker(s3_bucket, database, "--concurrency", "4")
+    survivor: subprocess.Popen[bytes] | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (doomed_id := _count(database, "SELECT coalesce(max(id), 0) FROM procrastinate_workers")):
+            assert time.monotonic() < deadline and doomed.poll() is None, "the first worker did not start"
+            time.sleep(0.05)
+        survivor = _start_worker(s3_bucket, database, "--concurrency", "4", "--until-empty")
+        deadline = time.monotonic() + 120
+        while (
+            _count(database, "SELECT count(*) FROM upload_sessions WHERE state = 'completed'") < UPLOADS // 4
+        ):
+            assert time.monotonic() < deadline, "the workers did not get a quarter done in time"
+            assert doomed.poll() is None and survivor.poll() is None, "a worker ended early"
+            time.sleep(0.05)
+        held = _count(
+            database,
+            "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = %s",
+            doomed_id,
+        )
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+        assert held > 0, "the killed worker held no job"
+        _, errors = survivor.communicate(timeout=300)
+        assert survivor.returncode == 0, errors.decode(errors="replace")[-3000:]
+    finally:
+        for worker in (doomed, survivor):
+            if worker is not None and worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+    states = {
+        s: _count(database, "SELECT count(*) FROM upload_sessions WHERE id = %s AND state = 'completed'", s)
+        for s in sessions
+    }
+    assert set(states.values()) == {1}, "every upload is done"
+    with httpx.Client(
+        base_url=queued_service.url, headers={"Authorization": f"Bearer {queued_service.admin_token}"}
+    ) as http:
+        for session in sessions[:: UPLOADS // 20]:  # a sample of the status URLs
+            status = http.get(f"/uploads/{session}").json()
+            assert status["status"] == "done"
+            assert len(status["outcome"]["accepted"]) == 1 and not status["outcome"]["rejected"]
+    assert _count(database, "SELECT count(DISTINCT sop_instance_uid) FROM instances") == UPLOADS
+    assert _count(database, "SELECT count(*) FROM instances") == UPLOADS
+    assert _count(database, "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'") == 0
+    indexed, stored = _index_and_bucket(_settings(s3_bucket, database, tmp_path))
+    assert not indexed - stored, "rows whose objects are missing"
+    assert not [k for k in stored - indexed], "objects no row points at (staging, quarantine, orphans)"
+
+
+def test_complete_answers_202_and_the_status_url_follows_the_job(
+    queued_service: LiveService, s3_bucket: str, database: str
+) -> None:
+    """202 + Location; queued until a worker runs it; then done with the same outcome shape as an
+    in-request completion (a refused file listed with its reason); completing again answers it."""
+    headers = {"Authorization": f"Bearer {queued_service.admin_token}"}
+    good, junk = _instance(0), b"not a DICOM file at all" * 20
+    with httpx.Client(base_url=queued_service.url, headers=headers, timeout=60) as http:
+        created = http.post(
+            "/uploads",
+            json={"files": [{"name": "good.dcm", "size": len(good)}, {"name": "junk", "size": len(junk)}]},
+        ).json()
+        for target, data in zip(created["files"], (good, junk), strict=True):
+            assert httpx.put(target["url"], content=data, headers=target["headers"]).status_code in (200, 204)
+        completed = http.post(f"/uploads/{created['id']}/complete")
+        assert completed.status_code == 202, completed.text
+        status_url = completed.headers["location"]
+        assert completed.json() == {"id": created["id"], "status": "queued", "status_url": status_url}
+        assert http.get(status_url).json()["status"] == "queued"
+        assert http.post(f"/uploads/{created['id']}/complete").status_code == 202  # still queued
+
+        worker = _start_worker(s3_bucket, database, "--until-empty")
+        _, errors = worker.communicate(timeout=120)
+        assert worker.returncode == 0, errors.decode(errors="replace")[-3000:]
+
+        status = http.get(status_url).json()
+        assert (status["status"], status["state"], status["error"]) == ("done", "completed", None)
+        outcome = status["outcome"]
+        assert [a["name"] for a in outcome["accepted"]] == ["good.dcm"]
+        assert outcome["accepted"][0]["sop_instance_uid"] == f"{STUDY}.1.1"
+        assert [(r["name"], r["index"]) for r in outcome["rejected"]] == [("junk", 1)]
+        again = http.post(f"/uploads/{created['id']}/complete")
+        assert again.status_code == 200 and again.json() == outcome
+
+
+def test_worker_stops_within_two_seconds_and_its_jobs_go_back(
+    queued_service: LiveService, s3_bucket: str, database: str
+) -> None:
+    """SIGTERM in the middle of jobs: the worker ends (143) within 2 s, and what it held is queued
+    again, not lost (another worker finishes it)."""
+    files = [(f"f{i}.dcm", _instance(i)) for i in range(100)]
+    asyncio.run(_upload_and_complete(queued_service.url, queued_service.admin_token, files))
+    worker = _start_worker(s3_bucket, database, "--concurrency", "4")
+    try:
+        deadline = time.monotonic() + 60
+        while not _count(database, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'"):
+            assert time.monotonic() < deadline and worker.poll() is None, "the worker took no job"
+            time.sleep(0.02)
+        worker.send_signal(signal.SIGTERM)
+        asked = time.monotonic()
+        worker.wait(10)
+        assert time.monotonic() - asked < 2.0
+        assert worker.returncode == 143
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    # Nothing left running for a dead worker: the jobs went back (todo) or were finished.
+    assert _count(database, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'") == 0
+    drain = _start_worker(s3_bucket, database, "--until-empty")
+    _, errors = drain.communicate(timeout=120)
+    assert drain.returncode == 0, errors.decode(errors="replace")[-3000:]
+    assert _count(database, "SELECT count(*) FROM upload_sessions WHERE state = 'completed'") == len(files)
+    assert _count(database, "SELECT count(*) FROM instances") == len(files)
+
+
+def test_sqlite_index_with_ingest_queue_is_refused(tmp_path: Path) -> None:
+    """The queue lives in PostgreSQL: serve --ingest-queue and worker refuse a SQLite index with a
+    sentence saying so (exit 2, no traceback)."""
+    env = {**os.environ, "DICOM_CLOUD_SERVICE_DATA_DIR": str(tmp_path / "data")}
+    for argv in (["serve", "--ingest-queue", "--port", "0"], ["worker", "--until-empty"]):
+        done = subprocess.run([*CLI, *argv], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 2, (argv, done.stderr)
+        assert "PostgreSQL index" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
