@@ -420,9 +420,9 @@ def _create(path: Path, private: bool) -> BinaryIO:
     0600 when ``private`` (else 0666 less the umask, as ``open`` does) if it is not there.
 
     Never with O_TRUNC: truncating a file on ext4, even an empty one, marks it to have its blocks
-    allocated and its pages flushed when it is closed ("auto_da_alloc", the safeguard for programs
-    that rewrite a file in place without fsync); a 1 GiB download then took four times the system
-    time to write, and half a second more to close (docs/benchmarks.md, 2026-12-04)."""
+    allocated and its dirty pages sent to the disk by whoever closes it ("auto_da_alloc", the
+    safeguard for programs that rewrite a file in place without fsync); closing a 1 GiB download
+    then took 0.5 to 0.8 s before its rename (docs/benchmarks.md, 2026-12-04)."""
     mode = PRIVATE_FILE_MODE if private else 0o666
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, mode), "wb")
 
