@@ -16,14 +16,13 @@ copied first) and releases the GIL from 1 MiB. Figures: docs/benchmarks.md ("CRC
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import google_crc32c
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-([1-9][0-9]{0,4})$")
@@ -40,16 +39,42 @@ _POLY = 0x82F63B78
 
 
 def _google_extend(value: int, data: bytes | memoryview) -> int:
+    import google_crc32c  # imported where used: with the crc32c package it is not
+
     # google-crc32c 1.x parses its argument as read-only bytes: other buffers are copied.
     return int(google_crc32c.extend(value, data if isinstance(data, bytes) else bytes(data)))
 
 
+def _crc32c_extension() -> Any:
+    """The crc32c package's compiled module, without the package's ``__init__``: that one imports
+    ``importlib.metadata`` (and through it ``email`` and ``zipfile``) for a version string, a
+    tenth of the command line's start-up (docs/benchmarks.md, 2026-12-04)."""
+    import importlib.machinery
+    import importlib.util
+
+    spec = importlib.util.find_spec("crc32c")  # finds the package without running it
+    for directory in (spec.submodule_search_locations or []) if spec is not None else []:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(directory, "_crc32c" + suffix)  # noqa: PTH118 - start-up path
+            if os.path.exists(path):  # noqa: PTH110
+                loader = importlib.machinery.ExtensionFileLoader("crc32c._crc32c", path)
+                module_spec = importlib.util.spec_from_loader("crc32c._crc32c", loader)
+                if module_spec is not None:
+                    module = importlib.util.module_from_spec(module_spec)
+                    loader.exec_module(module)
+                    return module
+    import crc32c  # another layout of the package: the ordinary way
+
+    return crc32c
+
+
 def _pick_implementation() -> tuple[str, Any]:
     try:
-        import crc32c
+        extension = _crc32c_extension()
     except ImportError:
         return "google-crc32c", _google_extend
-    return "crc32c", lambda value, data: crc32c.crc32c(data, value)
+    crc = extension.crc32c
+    return "crc32c", lambda value, data: crc(data, value)
 
 
 #: Which package computes the CRC ("crc32c" or "google-crc32c"), for --version and the benchmarks.
