@@ -12,8 +12,8 @@ presigned URL, complete. Measured per mode and round:
 - wall: from the first declaration to the last upload ingested (in-request: the last 200;
   queued: the last session ``completed`` in the index);
 - complete latency: the answer time of ``POST /uploads/{id}/complete`` (median);
-- server CPU: user+system seconds of the service process, plus the workers' when queued,
-  per upload (steadier than wall time on a shared machine).
+- server CPU: user+system seconds of the service process, plus the workers' when queued
+  (also given apart), per upload (steadier than wall time on a shared machine).
 
 The queue's overhead per upload is the difference of CPU per upload (and of wall per upload).
 """
@@ -142,18 +142,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for round_ in range(args.rounds):
                 for mode, (service, database, _) in services.items():
                     files = instances(args.uploads)
-                    pids = [service.pid] + ([w.pid for w in workers] if mode == "queued" else [])
-                    cpu_before = sum(cpu_seconds(p) for p in pids)
+                    worker_pids = [w.pid for w in workers] if mode == "queued" else []
+                    service_before = cpu_seconds(service.pid)
+                    workers_before = sum(cpu_seconds(p) for p in worker_pids)
                     started = time.perf_counter()
                     ids, latencies, answered = asyncio.run(send(service.url, service.token, files))
                     finished = wait_done(database, ids) if mode == "queued" else answered
-                    cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
+                    service_cpu = cpu_seconds(service.pid) - service_before
+                    workers_cpu = sum(cpu_seconds(p) for p in worker_pids) - workers_before
+                    cpu = service_cpu + workers_cpu
                     figure = {
                         "round": round_ + 1,
                         "wall_s": finished - started,
                         "uploads_per_s": args.uploads / (finished - started),
                         "complete_p50_ms": 1000 * statistics.median(latencies),
                         "server_cpu_ms_per_upload": 1000 * cpu / args.uploads,
+                        "service_cpu_ms_per_upload": 1000 * service_cpu / args.uploads,
+                        "workers_cpu_ms_per_upload": 1000 * workers_cpu / args.uploads,
                         "load": load(),
                     }
                     results[mode].append(figure)
@@ -170,7 +175,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         mode: {
             key: statistics.median(r[key] for r in rows)
-            for key in ("wall_s", "uploads_per_s", "complete_p50_ms", "server_cpu_ms_per_upload")
+            for key in (
+                "wall_s",
+                "uploads_per_s",
+                "complete_p50_ms",
+                "server_cpu_ms_per_upload",
+                "service_cpu_ms_per_upload",
+                "workers_cpu_ms_per_upload",
+            )
         }
         for mode, rows in results.items()
     }

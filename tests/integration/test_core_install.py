@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Distributions only extras bring: none may be in the core install.
 EXTRA_ONLY = {
     "fastapi", "uvicorn", "sqlalchemy", "alembic", "prometheus-client", "pyjwt", "orjson", "pillow",
-    "numpy", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "psycopg", "pyarrow", "botocore",
-    "crc32c",
+    "numpy", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "psycopg", "procrastinate", "pyarrow",
+    "botocore", "crc32c",
 }  # fmt: skip
 
 
@@ -113,6 +113,7 @@ def test_commands_needing_an_extra_name_it(core: Path, tmp_path: Path) -> None:
     _fails_naming(_run(core, "serve", "--data-dir", tmp_path / "service", env=env), "service")
     token = ["token", "create", "--tenant", "t", "--scopes", "read", "--name", "n"]
     _fails_naming(_run(core, *token, "--data-dir", tmp_path / "service", env=env), "service")
+    _fails_naming(_run(core, "worker", "--data-dir", tmp_path / "service", env=env), "service")
     (tmp_path / "one.dcm").write_bytes(b"x")
     manifest = ["--manifest", tmp_path / "m.parquet"]
     _fails_naming(

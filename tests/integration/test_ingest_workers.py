@@ -31,7 +31,8 @@ from live_service import LiveService, fresh_postgres_database, start_service
 from servers import S3Server
 
 #: Upload sessions of one small file each (about 1 KB: the queue's overhead, not the bytes). 400
-#: keep the test near a minute on a busy two-core machine; INGEST_WORKERS_UPLOADS=2000 for more.
+#: keep the test near a minute and a half on a busy two-core machine; INGEST_WORKERS_UPLOADS=2000
+#: (with pytest -o timeout=1000) took 5.5 minutes there.
 UPLOADS = int(os.environ.get("INGEST_WORKERS_UPLOADS", "400"))
 STALLED_AFTER = 3
 STUDY = "1.2.826.0.1.3680043.9.7"

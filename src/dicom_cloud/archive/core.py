@@ -371,10 +371,12 @@ class Archive:
         rest again; a file ingested but not yet recorded is found in staging again and stored
         as a duplicate (nothing twice, ``created`` false), one refused is found in quarantine.
         Returns None when the session is not queued or completing (done by an earlier attempt,
-        or never queued): nothing to do."""
+        whose staging objects are then removed, or never queued): nothing to do."""
         check_tenant(tenant)
         upload, claimed = await self._run(lambda s: uploads.claim_for_worker(s, tenant, session_id))
         if not claimed:
+            if upload.state == "completed":  # an attempt died between recording and removing
+                await self._objects.delete(upload.staging_keys)
             return None
         earlier = UploadOutcome.from_json(upload.result) if upload.result else UploadOutcome(upload.id)
         outcomes: dict[int, AcceptedFile | RejectedFile] = {f.index: f for f in earlier.accepted}
@@ -386,16 +388,21 @@ class Archive:
             async with limit:
                 return await self._ingest_file(upload, i, keep_staging=True)
 
+        outcome = _outcome(upload.id, outcomes.values())
+        if not todo:  # every file was recorded by an earlier attempt
+            await self.set_upload_state(tenant, session_id, "completed", outcome.as_json())
         for start in range(0, len(todo), _PROGRESS_BATCH):
             batch = await asyncio.gather(*(one(i) for i in todo[start : start + _PROGRESS_BATCH]))
             outcomes.update((f.index, f) for f in batch)
-            progress = _outcome(upload.id, outcomes.values())
-            await self.set_upload_state(tenant, session_id, "completing", progress.as_json())
+            outcome = _outcome(upload.id, outcomes.values())
+            # The last batch's record is the completion itself (one write less per session).
+            last = start + _PROGRESS_BATCH >= len(todo)
+            await self.set_upload_state(
+                tenant, session_id, "completed" if last else "completing", outcome.as_json()
+            )
             await self._objects.delete(
                 [upload.staging_keys[f.index] for f in batch if isinstance(f, AcceptedFile)]
             )
-        outcome = _outcome(upload.id, outcomes.values())
-        await self.set_upload_state(tenant, session_id, "completed", outcome.as_json())
         return outcome
 
     async def fail_queued_upload(self, tenant: str, session_id: str, error: str) -> None:
