@@ -2,12 +2,14 @@
 
 Reading a small instance with pydicom, checking it and building its DICOM JSON costs about a
 millisecond of CPU, most of it pydicom's general machinery (element objects, lazy conversion,
-validation hooks). Most instances that reach the archive are plain: explicit VR little endian,
-ASCII text, no sequences. :func:`read_plain` walks such a header once, checks each value as
-pydicom's strict reading would, and gives the DICOM JSON and the values pydicom would give.
+validation hooks). Most instances that reach the archive are plain: explicit VR little endian
+(or an encapsulated syntax), ASCII text, sequences of defined or undefined length.
+:func:`read_plain` walks such a header once, checks each value as pydicom's strict reading
+would, and gives the DICOM JSON and the values pydicom would give.
 
-Its rule is to answer only when sure: anything outside that shape (another encoding, a sequence,
-a value pydicom would refuse or convert in its own way, a character outside ASCII) makes it
+Its rule is to answer only when sure: anything outside that shape (another encoding, an
+unknown or UN VR, a value pydicom would refuse or convert in its own way, a character outside
+ASCII, sequences nested deeper than eight levels) makes it
 return None, and the caller reads the instance with pydicom as before. So the outcome for an
 instance (stored or refused, its sidecar, its index values) does not depend on which reader ran.
 """
