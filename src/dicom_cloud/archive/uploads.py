@@ -156,14 +156,7 @@ def claim(session: Session, tenant: str, session_id: str, now: datetime) -> tupl
     )
     if claimed.rowcount == 1:  # type: ignore[attr-defined]
         return get(session, tenant, session_id), True
-    session.execute(
-        update(UploadSessionRow)
-        .where(*owned, UploadSessionRow.state == "pending", UploadSessionRow.expires <= now)
-        .values(state="expired")
-        .execution_options(synchronize_session=False)
-    )
-    session.expire_all()
-    return get(session, tenant, session_id), False
+    return _unclaimed(session, tenant, session_id, now), False
 
 
 def claim_for_queue(
@@ -185,14 +178,24 @@ def claim_for_queue(
     )
     if claimed.rowcount == 1:  # type: ignore[attr-defined]
         return get(session, tenant, session_id), True
+    return _unclaimed(session, tenant, session_id, now), False
+
+
+def _unclaimed(session: Session, tenant: str, session_id: str, now: datetime) -> UploadSession:
+    """The session a claim did not take, marked ``expired`` first if it was pending past its expiry."""
     session.execute(
         update(UploadSessionRow)
-        .where(*owned, UploadSessionRow.state == "pending", UploadSessionRow.expires <= now)
+        .where(
+            UploadSessionRow.tenant == tenant,
+            UploadSessionRow.id == session_id,
+            UploadSessionRow.state == "pending",
+            UploadSessionRow.expires <= now,
+        )
         .values(state="expired")
         .execution_options(synchronize_session=False)
     )
     session.expire_all()
-    return get(session, tenant, session_id), False
+    return get(session, tenant, session_id)
 
 
 def claim_for_worker(session: Session, tenant: str, session_id: str) -> tuple[UploadSession, bool]:
