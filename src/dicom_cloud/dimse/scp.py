@@ -80,11 +80,29 @@ class Caller:
 Handler = Callable[[Any], Any]
 
 
+#: The most a read allocates before its bytes arrive: a PDU header may claim up to 4 GiB, from a
+#: peer not yet authenticated, so larger PDUs are read in pieces of this size as they come.
+READ_PIECE_BYTES = 1 << 20
+
+
 class WholePduSocket(AssociationSocket):
     """pynetdicom's socket, reading what is asked for in as few ``recv_into`` calls as the kernel
-    allows (a PDU body at once) instead of 4 KiB pieces appended one by one."""
+    allows (a PDU body at once, up to :data:`READ_PIECE_BYTES`) instead of 4 KiB pieces appended
+    one by one."""
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes <= READ_PIECE_BYTES:
+            return self._recv_piece(nr_bytes)
+        received = bytearray()
+        while len(received) < nr_bytes:
+            wanted = min(READ_PIECE_BYTES, nr_bytes - len(received))
+            piece = self._recv_piece(wanted)
+            received += piece
+            if len(piece) < wanted:  # closed by the peer
+                break
+        return received
+
+    def _recv_piece(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         assert sock is not None
         buffer = bytearray(nr_bytes)
