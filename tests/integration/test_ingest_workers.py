@@ -297,3 +297,42 @@ def test_sqlite_index_with_ingest_queue_is_refused(tmp_path: Path) -> None:
         assert done.returncode == 2, (argv, done.stderr)
         assert "PostgreSQL index" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_worker_metrics_count_its_jobs_and_the_queue(
+    queued_service: LiveService, s3_bucket: str, database: str
+) -> None:
+    """``--metrics-port``: Prometheus text with the jobs this worker ran by result, the files it
+    ingested by outcome, and the queue's depth; a port already taken is a clear error (exit 2)."""
+    files = [("a.dcm", _instance(0)), ("b.dcm", _instance(1))]
+    completed = asyncio.run(_upload_and_complete(queued_service.url, queued_service.admin_token, files))
+    assert [c.status_code for c in completed] == [202, 202]
+    port = _free_port()
+    worker = _start_worker(s3_bucket, database, "--metrics-port", str(port))
+    try:
+        deadline = time.monotonic() + 90
+        text = ""
+        while 'dicom_cloud_ingest_jobs_total{result="done"} 2.0' not in text:
+            assert time.monotonic() < deadline and worker.poll() is None, text[-2000:]
+            time.sleep(0.2)
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.TransportError:
+                continue  # not listening yet
+        assert 'dicom_cloud_ingest_instances_total{outcome="accepted"} 2.0' in text
+        assert "dicom_cloud_ingest_job_duration_seconds_count 2.0" in text
+        assert 'dicom_cloud_ingest_queue_jobs{status="todo"}' in text
+        taken = _start_worker(s3_bucket, database, "--metrics-port", str(port))
+        _, errors = taken.communicate(timeout=60)
+        assert taken.returncode == 2 and b"cannot serve metrics" in errors, errors[-2000:]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -41,6 +42,7 @@ from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 from procrastinate.schema import SchemaManager
 from procrastinate.worker import Worker
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.engine import make_url
 
 from ..errors import DicomCloudError, NotFoundError, UsageError
@@ -112,16 +114,62 @@ def failure_reason(error: BaseException) -> str:
 _RETRY: Final = IngestRetry()
 
 
+class WorkerMetrics:
+    """A worker's Prometheus metrics, in their own registry (``dicom-cloud worker --metrics-port``).
+    Counts are this process's; the queue's depth is the whole queue's, as last looked at."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs = Counter(
+            "dicom_cloud_ingest_jobs_total",
+            "Ingest jobs run by this worker, by result: done; retry (failed, will run again); "
+            "failed (given up, session marked failed); cancelled (worker stopping, queued again)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "dicom_cloud_ingest_job_duration_seconds",
+            "Time one ingest job ran, whatever its result",
+            registry=self.registry,
+        )
+        self.instances = Counter(
+            "dicom_cloud_ingest_instances_total",
+            "Files of upload sessions ingested by this worker, by outcome (accepted, rejected)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "dicom_cloud_ingest_queue_jobs",
+            "Ingest jobs in the queue by status (todo: waiting, retries included; doing: running "
+            "on some worker)",
+            ["status"],
+            registry=self.registry,
+        )
+
+
 async def _ingest_upload(context: JobContext, tenant: str, session_id: str) -> dict[str, int] | None:
     archive: Archive = context.additional_context["archive"]
+    metrics: WorkerMetrics | None = context.additional_context.get("metrics")
+    started = time.monotonic()
     try:
         outcome = await archive.run_queued_upload(tenant, session_id)
-    except Exception as exc:
-        if _RETRY.get_retry_decision(exception=exc, job=context.job) is None:
+    except BaseException as exc:
+        retried = _RETRY.get_retry_decision(exception=exc, job=context.job) is not None
+        if not retried and isinstance(exc, Exception):
             await archive.fail_queued_upload(tenant, session_id, failure_reason(exc))
+        if metrics is not None:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            metrics.jobs.labels("cancelled" if cancelled else "retry" if retried else "failed").inc()
+            metrics.duration.observe(time.monotonic() - started)
         raise
+    if metrics is not None:
+        metrics.jobs.labels("done").inc()
+        metrics.duration.observe(time.monotonic() - started)
     if outcome is None:
         return None
+    if metrics is not None:
+        metrics.instances.labels("accepted").inc(len(outcome.accepted))
+        metrics.instances.labels("rejected").inc(len(outcome.rejected))
     return {"accepted": len(outcome.accepted), "rejected": len(outcome.rejected)}
 
 
@@ -161,12 +209,18 @@ class IngestQueue:
 
     async def unfinished_jobs(self) -> int:
         """Jobs waiting (now or for a retry) or running."""
-        row = await self._app.connector.execute_query_one_async(
-            "SELECT count(*) AS n FROM procrastinate_jobs"
-            " WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')",
+        return sum((await self.job_counts()).values())
+
+    async def job_counts(self) -> dict[str, int]:
+        """Jobs waiting (``todo``, now or for a retry) and running (``doing``)."""
+        rows = await self._app.connector.execute_query_all_async(
+            "SELECT status::text AS status, count(*) AS n FROM procrastinate_jobs"
+            " WHERE queue_name = %(queue)s AND status IN ('todo', 'doing') GROUP BY status",
             queue=QUEUE,
         )
-        return int(row["n"])
+        counts = {"todo": 0, "doing": 0}
+        counts.update({row["status"]: int(row["n"]) for row in rows})
+        return counts
 
     async def requeue_stalled(self, stalled_after: float) -> int:
         """Put back in the queue the running jobs of workers silent for ``stalled_after`` seconds
@@ -191,6 +245,7 @@ class IngestQueue:
         stalled_after: float = 60.0,
         until_empty: bool = False,
         name: str | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """Run ingest jobs until cancelled (or, ``until_empty``, until no job is waiting or running
         anywhere, retries included). Cancelled: running jobs get ``SHUTDOWN_GRACE`` seconds, then
@@ -206,14 +261,14 @@ class IngestQueue:
             fetch_job_polling_interval=POLL_INTERVAL,
             shutdown_graceful_timeout=SHUTDOWN_GRACE,
             delete_jobs="successful",  # the session keeps the outcome; failed jobs stay to be looked at
-            additional_context={"archive": archive},
+            additional_context={"archive": archive, "metrics": metrics},
             install_signal_handlers=False,  # the CLI's runner handles them (cancellation)
             # Heartbeats well within the silence that declares a worker dead.
             update_heartbeat_interval=max(0.5, stalled_after / 4),
             stalled_worker_timeout=stalled_after,
         )
         running = asyncio.create_task(worker.run(), name="ingest worker")  # type: ignore[no-untyped-call]
-        helpers = [asyncio.create_task(self._requeue_stalled_forever(stalled_after))]
+        helpers = [asyncio.create_task(self._requeue_stalled_forever(stalled_after, metrics))]
         if until_empty:
             helpers.append(asyncio.create_task(self._stop_when_empty(worker)))
         try:
@@ -225,10 +280,13 @@ class IngestQueue:
         finally:
             await _cancel(helpers)
 
-    async def _requeue_stalled_forever(self, stalled_after: float) -> None:
+    async def _requeue_stalled_forever(self, stalled_after: float, metrics: WorkerMetrics | None) -> None:
         while True:
             try:
                 await self.requeue_stalled(stalled_after)
+                if metrics is not None:
+                    for status, count in (await self.job_counts()).items():
+                        metrics.queued.labels(status).set(count)
             except Exception as exc:  # the database away for a moment: look again later
                 log.warning("ingest.requeue_failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(max(0.5, stalled_after / 2))
@@ -267,6 +325,7 @@ __all__ = [
     "QUEUE",
     "IngestQueue",
     "IngestRetry",
+    "WorkerMetrics",
     "backoff_seconds",
     "failure_reason",
     "queue_conninfo",

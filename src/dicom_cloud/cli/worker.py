@@ -28,7 +28,8 @@ EXAMPLES = (
     "  dicom-cloud worker --config service.toml\n"
     "  dicom-cloud worker --storage s3://archive/dicom --database postgresql://svc@db/dicom --concurrency 8\n"
     "  dicom-cloud worker --config service.toml --stalled-after 30\n"
-    "  dicom-cloud worker --config service.toml --until-empty   # drain the queue, then exit 0"
+    "  dicom-cloud worker --config service.toml --until-empty   # drain the queue, then exit 0\n"
+    "  dicom-cloud worker --config service.toml --metrics-port 9102   # Prometheus at :9102/metrics"
 )
 
 
@@ -55,6 +56,19 @@ def register(add: Callable[..., Any]) -> None:
         action="store_true",
         help="exit (0) once no job is waiting or running anywhere, retries included (scripts, tests)",
     )
+    sub.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve this worker's Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    sub.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics listen on (default 127.0.0.1; 0.0.0.0 for a scraper elsewhere: "
+        "the metrics are counts only, no patient data, and have no authentication)",
+    )
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -68,6 +82,8 @@ def _worker(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency must be at least 1")
     if args.stalled_after < 2:
         raise UsageError("--stalled-after must be at least 2 seconds")
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise UsageError("--metrics-port must be between 1 and 65535")
     flags = setting_flag_values(args)
     flags["log_level"] = args.log_level
     settings = load_settings(flags, config_file=args.config)
@@ -77,13 +93,29 @@ def _worker(args: argparse.Namespace) -> int:
     from ..archive.queue import queue_conninfo
 
     queue_conninfo(settings.database_url)  # a SQLite index refused before anything is opened
+    from ..archive.queue import WorkerMetrics
     from .runner import run
 
-    run(_run(settings, args.concurrency, args.stalled_after, args.until_empty))
+    metrics = WorkerMetrics()
+    if args.metrics_port is not None:
+        _serve_metrics(metrics, args.metrics_host, args.metrics_port)
+    run(_run(settings, args.concurrency, args.stalled_after, args.until_empty, metrics))
     return 0
 
 
-async def _run(settings: Any, concurrency: int, stalled_after: float, until_empty: bool) -> None:
+def _serve_metrics(metrics: Any, host: str, port: int) -> None:
+    """Prometheus' own small HTTP server, in a daemon thread (it ends with the process)."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+async def _run(
+    settings: Any, concurrency: int, stalled_after: float, until_empty: bool, metrics: Any
+) -> None:
     from ..archive import Archive
     from ..archive.queue import IngestQueue
     from ..service.app import archive_settings
@@ -96,6 +128,11 @@ async def _run(settings: Any, concurrency: int, stalled_after: float, until_empt
     ):
         log.info("worker.started", extra={"worker": name, "concurrency": concurrency})
         await queue.run_worker(
-            archive, concurrency=concurrency, stalled_after=stalled_after, until_empty=until_empty, name=name
+            archive,
+            concurrency=concurrency,
+            stalled_after=stalled_after,
+            until_empty=until_empty,
+            name=name,
+            metrics=metrics,
         )
         log.info("worker.stopped", extra={"worker": name})

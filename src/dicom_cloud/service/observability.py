@@ -53,7 +53,9 @@ def setup_json_logging(level: str) -> None:
     root.setLevel(level.upper())
     # Their access logs print full paths and query strings: ours replaces them.
     logging.getLogger("uvicorn.access").disabled = True
-    for noisy in ("urllib3", "google", "httpx", "httpcore"):
+    # Libraries that log their own workings at info (alembic announces each of its plugins at
+    # every start-up; its migrations, which an operator wants to see, log elsewhere).
+    for noisy in ("urllib3", "google", "httpx", "httpcore", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
