@@ -138,3 +138,21 @@ def test_the_queue_needs_postgresql(tmp_path: object) -> None:
     with pytest.raises(UsageError, match="ingest_queue needs a PostgreSQL index"):
         load_settings({"ingest_queue": True}, environ={})
     assert load_settings({"ingest_queue": True, "database": "postgresql://db/x"}, environ={}).ingest_queue
+
+
+def test_queue_migrations_apply_in_version_then_pre_post_order() -> None:
+    from dicom_cloud.archive.queue import migration_version, migrations_pending
+
+    available = [
+        "03.03.00_01_pre_priority.sql",
+        "03.04.00_01_pre_retry.sql",
+        "03.04.00_50_post_retry.sql",
+        "03.10.00_01_pre_next.sql",
+    ]
+    assert migration_version("03.04.00_50_post_retry.sql") == (3, 4, 0)
+    assert migration_version("03.10.00_01_pre_next.sql") > migration_version("03.04.00_01_pre_retry.sql")
+    applied = {"03.03.00_01_pre_priority.sql", "03.04.00_01_pre_retry.sql"}
+    assert migrations_pending(applied, available) == ["03.04.00_50_post_retry.sql", "03.10.00_01_pre_next.sql"]
+    assert migrations_pending(set(available), available) == []
+    with pytest.raises(UsageError, match="newer than this dicom-cloud"):
+        migrations_pending({*available, "04.00.00_01_pre_future.sql"}, available)

@@ -306,18 +306,93 @@ async def _cancel(tasks: Iterable[asyncio.Task[Any]]) -> None:
 
 
 async def _ensure_schema(conninfo: str) -> None:
-    """Create procrastinate's schema unless it is there, under an advisory lock (services and
-    workers starting together create it once)."""
+    """Create procrastinate's schema unless it is there, or bring it to the installed
+    procrastinate's version, under an advisory lock (services and workers starting together
+    create or migrate it once)."""
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as connection:
         await connection.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
         try:
             cursor = await connection.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
             row = await cursor.fetchone()
+            available = migrations_available()
             if not (row and row[0]):
                 log.info("ingest.queue_schema_created")
-                await connection.execute(SchemaManager.get_schema())
+                async with connection.transaction():
+                    await connection.execute(SchemaManager.get_schema())
+                    await _record_migrations(connection, available)  # the schema has them all
+            else:
+                await _migrate(connection, available)
         finally:
             await connection.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+
+
+# Which of procrastinate's migration files the queue's schema holds: one row per file in the
+# table dicom_cloud_queue_migrations (name, applied).
+#: The procrastinate version whose schema the queue was created with before the migrations it
+#: holds were recorded (the first release with the queue shipped procrastinate 3.10).
+_UNRECORDED_SCHEMA_VERSION: Final = (3, 10, 0)
+
+
+def migration_version(name: str) -> tuple[int, ...]:
+    """The procrastinate version a migration file belongs to: ``03.04.00_01_pre_x.sql`` is 3.4.0."""
+    return tuple(int(part) for part in name.split("_", 1)[0].split("."))
+
+
+def migrations_available() -> list[str]:
+    """The installed procrastinate's migration files, in the order they apply (version, then the
+    ``01_pre`` files before the ``50_post`` ones)."""
+    from importlib import resources
+
+    folder = resources.files("procrastinate.sql.migrations")
+    return sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".sql"))
+
+
+def migrations_pending(applied: set[str], available: list[str]) -> list[str]:
+    """The migration files to apply, in order. UsageError when the schema holds migrations the
+    installed procrastinate does not know: a newer dicom-cloud made it, and this one must not run
+    jobs on it."""
+    unknown = sorted(applied - set(available))
+    if unknown:
+        raise UsageError(
+            f"the ingest queue's tables in the index database are newer than this dicom-cloud "
+            f"(procrastinate migration {unknown[-1]} is not known here)",
+            hint="upgrade dicom-cloud on this machine to the version the other services and workers run",
+        )
+    return [name for name in available if name not in applied]
+
+
+async def _record_migrations(connection: psycopg.AsyncConnection[Any], names: Iterable[str]) -> None:
+    await connection.execute(
+        "CREATE TABLE IF NOT EXISTS dicom_cloud_queue_migrations"
+        " (name text PRIMARY KEY, applied timestamptz NOT NULL DEFAULT now())"
+    )
+    async with connection.cursor() as cursor:
+        await cursor.executemany(
+            "INSERT INTO dicom_cloud_queue_migrations (name) VALUES (%s) ON CONFLICT DO NOTHING",
+            [(name,) for name in names],
+        )
+
+
+async def _migrate(connection: psycopg.AsyncConnection[Any], available: list[str]) -> None:
+    """Apply the installed procrastinate's migrations the schema does not hold yet, each in its
+    own transaction with its record (an interrupted upgrade continues where it stopped)."""
+    cursor = await connection.execute("SELECT to_regclass('dicom_cloud_queue_migrations') IS NOT NULL")
+    row = await cursor.fetchone()
+    if not (row and row[0]):  # made before migrations were recorded: procrastinate 3.10's schema
+        async with connection.transaction():
+            await _record_migrations(
+                connection, [n for n in available if migration_version(n) <= _UNRECORDED_SCHEMA_VERSION]
+            )
+    cursor = await connection.execute("SELECT name FROM dicom_cloud_queue_migrations")
+    applied = {name for (name,) in await cursor.fetchall()}
+    from importlib import resources
+
+    folder = resources.files("procrastinate.sql.migrations")
+    for name in migrations_pending(applied, available):
+        log.info("ingest.queue_schema_migrated", extra={"migration": name})
+        async with connection.transaction():
+            await connection.execute(folder.joinpath(name).read_text(encoding="utf-8"))  # type: ignore[arg-type]
+            await _record_migrations(connection, [name])
 
 
 __all__ = [
@@ -328,5 +403,8 @@ __all__ = [
     "WorkerMetrics",
     "backoff_seconds",
     "failure_reason",
+    "migration_version",
+    "migrations_available",
+    "migrations_pending",
     "queue_conninfo",
 ]
