@@ -336,3 +336,62 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _related(*parts: bytes) -> tuple[bytes, str]:
+    boundary = "queued-stow-boundary"
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
+        for part in parts
+    )
+    return (
+        body + b"--" + boundary.encode() + b"--\r\n",
+        f'multipart/related; type="application/dicom"; boundary={boundary}',
+    )
+
+
+def test_a_large_stow_is_staged_queued_and_ingested_by_a_worker(
+    s3_env: S3Server, s3_bucket: str, database: str, tmp_path: Path
+) -> None:
+    """With stow_queue_bytes under the body's length: 202 + status URL, nothing indexed until a
+    worker runs; then every part's outcome (a junk part refused with its reason), the instances
+    found by QIDO, and nothing left in staging. A body cut short is 400 and stages nothing; a
+    request naming its study is still stored in the request."""
+    settings = _settings(s3_bucket, database, tmp_path, stow_queue_bytes=1024)
+    service = start_service(settings)
+    try:
+        headers = {"Authorization": f"Bearer {service.admin_token}"}
+        body, content_type = _related(_instance(0), _instance(1), b"junk, not DICOM" * 10, _instance(2))
+        with httpx.Client(base_url=service.url, headers=headers, timeout=60) as http:
+            stored = http.post("/studies", content=body, headers={"Content-Type": content_type})
+            assert stored.status_code == 202, stored.text
+            status_url = stored.headers["location"]
+            assert stored.json()["status"] == "queued" and stored.json()["status_url"] == status_url
+            assert _count(database, "SELECT count(*) FROM instances") == 0
+
+            cut = http.post(
+                "/studies", content=body[: len(body) // 2], headers={"Content-Type": content_type}
+            )
+            assert cut.status_code == 400, cut.text
+
+            worker = _start_worker(s3_bucket, database, "--until-empty")
+            _, errors = worker.communicate(timeout=120)
+            assert worker.returncode == 0, errors.decode(errors="replace")[-3000:]
+            status = http.get(status_url).json()
+            assert status["status"] == "done", status
+            accepted = sorted(a["sop_instance_uid"] for a in status["outcome"]["accepted"])
+            assert accepted == sorted(f"{STUDY}.1.{i}" for i in (1, 2, 3))
+            assert [(r["name"], r["index"]) for r in status["outcome"]["rejected"]] == [("part-3", 2)]
+            found = http.get(f"/studies/{STUDY}/instances").json()
+            assert len(found) == 3
+
+            small, small_type = _related(_instance(3))
+            direct = http.post(f"/studies/{STUDY}", content=small, headers={"Content-Type": small_type})
+            assert direct.status_code == 200, direct.text
+        indexed, in_bucket = _index_and_bucket(settings)
+        unindexed = sorted(in_bucket - indexed)
+        assert all("/quarantine/" in key for key in unindexed), unindexed  # only the refused part, kept
+        assert len(unindexed) == 2, unindexed  # its bytes and its reason
+        assert _count(database, "SELECT count(*) FROM upload_sessions") == 1  # the cut request recorded none
+    finally:
+        service.stop()

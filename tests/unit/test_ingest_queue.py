@@ -152,7 +152,8 @@ def test_queue_migrations_apply_in_version_then_pre_post_order() -> None:
     assert migration_version("03.04.00_50_post_retry.sql") == (3, 4, 0)
     assert migration_version("03.10.00_01_pre_next.sql") > migration_version("03.04.00_01_pre_retry.sql")
     applied = {"03.03.00_01_pre_priority.sql", "03.04.00_01_pre_retry.sql"}
-    assert migrations_pending(applied, available) == ["03.04.00_50_post_retry.sql", "03.10.00_01_pre_next.sql"]
+    pending = migrations_pending(applied, available)
+    assert pending == ["03.04.00_50_post_retry.sql", "03.10.00_01_pre_next.sql"]
     assert migrations_pending(set(available), available) == []
     with pytest.raises(UsageError, match="newer than this dicom-cloud"):
         migrations_pending({*available, "04.00.00_01_pre_future.sql"}, available)

@@ -300,6 +300,47 @@ class Archive:
 
         await self.store.put_stream(key, of_declared_size(data), options, plan=STAGING_WRITE_PLAN)
 
+    async def stage_upload(
+        self,
+        tenant: str,
+        files: AsyncIterator[tuple[str, AsyncIterable[bytes]]],
+        expires_in: timedelta = timedelta(days=1),
+    ) -> UploadSession:
+        """An upload session made of streams the service receives itself (a STOW-RS request to be
+        ingested by the queue): each ``(content type, chunks)`` is written to staging as it
+        arrives, then the session is recorded, pending, with the sizes and CRC32Cs seen, for
+        :meth:`queue_upload`. If anything fails, the files staged so far are removed again."""
+        check_tenant(tenant)
+        session_id = uploads.new_session_id()
+        max_size = self.settings.max_upload_size
+        staged: list[DeclaredFile] = []
+        keys: list[str] = []
+        try:
+            async for content_type, chunks in files:
+                if len(staged) >= uploads.MAX_FILES:
+                    raise UsageError(
+                        f"a queued request holds at most {uploads.MAX_FILES} files",
+                        hint="split it into several requests",
+                    )
+                keys.append(self.store_key(BucketLayout.staging_key(tenant, session_id, len(staged))))
+                counted = _CountedStream(chunks, max_size, f"file {len(staged)}")
+                options = PutOptions(content_type=content_type)
+                await self.store.put_stream(keys[-1], counted.chunks(), options, plan=STAGING_WRITE_PLAN)
+                name, size, crc = f"part-{len(staged) + 1}", counted.size, counted.crc
+                staged.append(DeclaredFile(name, size, crc.hexdigest(), content_type=content_type))
+            return await self._run(
+                lambda s: uploads.create(s, tenant, staged, expires_in, max_size, session_id=session_id)
+            )
+        except BaseException:
+            await asyncio.shield(self._delete_quietly(keys))
+            raise
+
+    async def _delete_quietly(self, keys: Sequence[str]) -> None:
+        try:
+            await self.store.delete(list(keys))
+        except Exception:  # it is failing anyway; the orphan sweep is the second chance
+            log.warning("staged files of a failed request could not be removed")
+
     async def get_upload(self, tenant: str, session_id: str) -> UploadSession:
         """The session; NotFoundError if unknown to this tenant."""
         check_tenant(tenant)
@@ -857,3 +898,22 @@ def _absolute_bulk_uris(node: Any, prefix: str) -> None:
     elif isinstance(node, list):
         for item in node:
             _absolute_bulk_uris(item, prefix)
+
+
+class _CountedStream:
+    """Chunks passed through, their size and CRC32C kept; UsageError past ``max_size`` bytes."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], max_size: int, name: str) -> None:
+        self._chunks = chunks
+        self._max_size = max_size
+        self._name = name
+        self.size = 0
+        self.crc = Crc32c()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            self.size += len(chunk)
+            if self.size > self._max_size:
+                raise UsageError(f"{self._name}: larger than {self._max_size} bytes")
+            self.crc.update(chunk)
+            yield chunk

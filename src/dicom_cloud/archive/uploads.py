@@ -83,17 +83,24 @@ def check_files(files: Sequence[DeclaredFile], max_size: int) -> list[DeclaredFi
     return out
 
 
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
 def create(
     session: Session,
     tenant: str,
     files: Sequence[DeclaredFile],
     expires_in: timedelta,
     max_size: int,
+    session_id: str | None = None,
 ) -> UploadSession:
+    """A new pending session (``session_id``: one chosen by :func:`new_session_id` before its
+    files were staged, as a queued STOW-RS request does)."""
     if not timedelta(0) < expires_in <= MAX_LIFETIME:
         raise UsageError("an upload session lasts more than 0 seconds and at most 7 days")
     checked = check_files(files, max_size)
-    session_id = secrets.token_hex(16)
+    session_id = session_id or new_session_id()
     now = datetime.now(UTC)
     row = UploadSessionRow(
         id=session_id,

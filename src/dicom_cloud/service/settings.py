@@ -120,6 +120,9 @@ class ServiceSettings(BaseModel):
     #: Completed uploads are ingested by ``dicom-cloud worker`` processes from a queue in the
     #: index database (PostgreSQL only) and answered 202 with a status URL; off: in the request.
     ingest_queue: bool = False
+    #: With ``ingest_queue``: STOW-RS requests to /studies whose Content-Length is above this are
+    #: staged and queued, answered 202 with a status URL (0: always stored in the request).
+    stow_queue_bytes: int = Field(64 * 1024**2, ge=0)
     #: Create an admin token for ``bootstrap_tenant`` on first start and print it once.
     bootstrap_admin: bool = True
     bootstrap_tenant: str = Field("default", min_length=1, max_length=200)

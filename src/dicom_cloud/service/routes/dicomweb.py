@@ -45,6 +45,7 @@ from ..multipart import (
 )
 from ..negotiation import frame_plan, instance_syntax
 from ..stow import StowReceiver, memory_share
+from ..stow_queue import is_queued, queue_stow
 
 router = APIRouter(tags=["DICOMweb"])
 log = logging.getLogger("dicom_cloud.service")
@@ -137,6 +138,9 @@ async def _stow(
     if accept and not any(t in accept for t in (DICOM_JSON, "application/json", "*/*")):
         raise NotAcceptableError("STOW-RS answers are application/dicom+json")
     boundary, root = related_boundary(request.headers.get("content-type"), expected_types=(DICOM,))
+    queue = is_queued(request, settings, study)
+    if queue is not None:
+        return await queue_stow(request, queue, principal, archive, settings, boundary, root)
     memory: RequestMemory = request.app.state.request_memory
     share = memory_share(settings.stow_part_memory_bytes, request.headers.get("content-length"))
     base = service_root(request, settings)
@@ -195,7 +199,10 @@ async def _remove_created(archive: ArchiveDep, tenant: str, created: list[Instan
 
 _STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "every instance stored", "content": {DICOM_JSON: {}}},
-    202: {"description": "some instances stored, others failed (FailedSOPSequence)"},
+    202: {
+        "description": "some instances stored, others failed (FailedSOPSequence); or, with the ingest"
+        " queue and a body above stow_queue_bytes, queued: JSON with status_url, and Location"
+    },
     409: {"description": "no instance stored"},
 }
 

@@ -451,14 +451,14 @@ async def complete_upload(
             await signer.complete_multipart(key, completed.upload_id, etags)
     queue: IngestQueue | None = getattr(request.app.state, "ingest_queue", None)
     if queue is not None:
-        return await _queue_completion(request, queue, archive, principal.tenant, session_id, settings)
+        return await queue_completion(request, queue, archive, principal.tenant, session_id, settings)
     outcome: UploadOutcome = await archive.complete_upload(principal.tenant, session_id)
     metrics.instances_stored.labels("stored").inc(len(outcome.accepted))
     metrics.instances_stored.labels("refused").inc(len(outcome.rejected))
     return _result(outcome)
 
 
-async def _queue_completion(
+async def queue_completion(
     request: Request,
     queue: IngestQueue,
     archive: ArchiveDep,
