@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pydicom.encaps import generate_frames
 
 from archive_helpers import Run, make_instance, opened, read_test_file
-from dicom_cloud.archive import Archive, ArchiveSettings, InstanceRecord
+from dicom_cloud.archive import Archive, ArchiveSettings, DeclaredFile, InstanceRecord
 from dicom_cloud.errors import NotFoundError, NotSupportedError, UsageError
 
 STUDY, SERIES = "1.2.3", "1.2.3.1"
@@ -301,8 +301,12 @@ def test_sweep_covers_every_tenant_and_removes_empty_staging_folders(
         new_folder = root / "acme" / "staging" / "new-session"
         (old_folder / "sub").mkdir(parents=True)
         new_folder.mkdir(parents=True)
-        (root / "acme" / "staging" / "busy").mkdir()
-        (root / "acme" / "staging" / "busy" / "0").write_bytes(b"staged")
+        # A folder in use (an open upload session's) stays, and so does its file; a staged file
+        # of no session at all (what a crash leaves of a STOW-RS request) is an orphan.
+        busy = run(a.create_upload("acme", [DeclaredFile("a.dcm", 6)]))
+        run(a.store.put(a.store_key(busy.staging_keys[0]), b"staged"))
+        (root / "acme" / "staging" / "crashed").mkdir()
+        (root / "acme" / "staging" / "crashed" / "0").write_bytes(b"staged")
         an_hour_ago = time.time() - 7200
         for path in [*root.rglob("*"), root]:
             if path != new_folder:
@@ -310,11 +314,13 @@ def test_sweep_covers_every_tenant_and_removes_empty_staging_folders(
         assert lost.object_key.startswith("ghost/")
 
         swept = run(a.sweep_orphans(older_than=timedelta(hours=1)))
-        assert (swept.tenants, swept.orphans, swept.removed) == (2, 2, 2)
+        assert (swept.tenants, swept.orphans, swept.removed) == (2, 3, 3)
         assert swept.empty_folders == 2  # old-session and its sub folder
         assert not old_folder.exists() and new_folder.is_dir()
-        assert (root / "acme" / "staging" / "busy" / "0").exists()
+        assert (root / busy.staging_keys[0]).exists()
+        assert not (root / "acme" / "staging" / "crashed" / "0").exists()
         assert not list((root / "ghost").rglob("*.dcm")) and not list((root / "ghost").rglob("*.json"))
         assert run(a.read_instance(kept))
         again = run(a.sweep_orphans(older_than=timedelta(0)))
-        assert (again.orphans, again.empty_folders) == (0, 1)  # the new folder, now past the grace
+        # The new folder, now past the grace, and the crashed one, emptied by the first sweep.
+        assert (again.orphans, again.empty_folders) == (0, 2)

@@ -11,6 +11,7 @@ import pytest
 
 from archive_helpers import Run, make_instance, opened
 from dicom_cloud.archive import Archive, ArchiveSettings, DeclaredFile
+from dicom_cloud.archive.bucket import BucketLayout
 from dicom_cloud.store import PutOptions
 
 STUDY = "1.2.7"
@@ -71,8 +72,10 @@ def test_staging_objects_of_finished_sessions_are_swept(archive: tuple[Archive, 
     run(a.store.put(a.store_key(done.staging_keys[0]), data))
     open_ = run(a.create_upload("acme", [DeclaredFile("b.dcm", len(data))]))
     run(a.store.put(a.store_key(open_.staging_keys[0]), data))
+    # What a crash leaves of a STOW-RS request's staged parts: objects of no session at all.
+    run(a.store.put(a.store_key(BucketLayout.staging_key("acme", "stow-0123456789ab", 0)), data))
     sweep = run(a.sweep_orphans(older_than=timedelta(0)))
-    assert sweep.orphans == sweep.removed == 1
+    assert sweep.orphans == sweep.removed == 2
     staged = [k for k in run(_keys(a)) if "/staging/" in k]
     assert staged == [a.store_key(open_.staging_keys[0])]  # the open session's object stays
     dry = run(a.collect_orphans("acme", older_than=timedelta(0), dry_run=True))

@@ -69,9 +69,11 @@ async def collect_orphans(
 async def _staging_leftovers(
     objects: ArchiveObjects, db: Database, tenant: str, cutoff: datetime, dry_run: bool
 ) -> tuple[int, int, int]:
-    """(found, removed, scanned) staging objects of finished (completed or expired) upload
-    sessions: what a presigned URL used again after its session completed writes. Completion
-    and expiry remove the rest; objects of no known session (a STOW-RS body being staged) stay."""
+    """(found, removed, scanned) staging objects, older than the cutoff, of finished (completed or
+    expired) upload sessions, what a presigned URL used again after its session completed
+    writes, and of no session at all: what a crash leaves of a STOW-RS request's staged parts
+    (those of a live request are younger than the grace period, and removed by the request).
+    Completion and expiry remove the rest."""
     prefix = BucketLayout.staging_prefix(tenant)
     stale: dict[str, list[str]] = {}
     scanned = 0
@@ -84,8 +86,8 @@ async def _staging_leftovers(
     if not stale:
         return 0, 0, scanned
     ids = list(stale)
-    finished = await db.run(lambda s: uploads.finished_ids(s, tenant, ids))
-    lost = [key for session_id, keys in stale.items() if session_id in finished for key in keys]
+    leftovers = await db.run(lambda s: uploads.leftover_ids(s, tenant, ids))
+    lost = [key for session_id, keys in stale.items() if session_id in leftovers for key in keys]
     if lost and not dry_run:
         await objects.store.delete(lost)
     return len(lost), 0 if dry_run else len(lost), scanned

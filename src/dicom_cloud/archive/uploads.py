@@ -239,13 +239,14 @@ def expire_due(session: Session, now: datetime, limit: int = 100) -> list[Upload
     return [_session(r) for r in rows]
 
 
-def finished_ids(session: Session, tenant: str, session_ids: Sequence[str]) -> set[str]:
-    """Which of ``session_ids`` are the tenant's finished (completed or expired) upload sessions."""
-    rows = session.scalars(
-        select(UploadSessionRow.id).where(
-            UploadSessionRow.tenant == tenant,
-            UploadSessionRow.id.in_(list(session_ids)),
-            UploadSessionRow.state.in_(("completed", "expired")),
+def leftover_ids(session: Session, tenant: str, session_ids: Sequence[str]) -> set[str]:
+    """Which of ``session_ids`` name no open upload session of the tenant: finished ones
+    (completed or expired), and ids no session row has (a large STOW-RS part staged in its
+    request, or a queued STOW-RS request staging its parts before the session is recorded)."""
+    rows = session.execute(
+        select(UploadSessionRow.id, UploadSessionRow.state).where(
+            UploadSessionRow.tenant == tenant, UploadSessionRow.id.in_(list(session_ids))
         )
     )
-    return set(rows)
+    open_ids = {row.id for row in rows if row.state not in ("completed", "expired")}
+    return set(session_ids) - open_ids
