@@ -256,7 +256,6 @@ async def verify_async(
         await opener.close()
 
 
-
 async def upload_async(source: str, destination: str, **kwargs: Any) -> TransferSummary:
     """Upload a local file or directory (``recursive=True``) to any location."""
     return await transfer_async(source, destination, require="upload", **kwargs)
