@@ -46,7 +46,10 @@ from generate import Manifest, ensure, parse_size, sha256_file  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "bench"
 SCENARIOS = ("study-upload", "study-download", "large-upload", "large-download")
-TOOLS = ("dicom-cloud", "dicom-cloud-a1", "s5cmd", "s5cmd-32", "aws-cli", "rclone")
+TOOLS = ("dicom-cloud", "dicom-cloud-base", "dicom-cloud-a1", "s5cmd", "s5cmd-32", "aws-cli", "rclone")
+#: Sources of the dicom-cloud-base variant (--base-src): another tree of the project, measured in the
+#: same rounds as this checkout's for an A/B comparison of a change.
+BASE_SRC: Path | None = None
 #: The master key the encrypted variant uses (a fixed test key: the data is synthetic).
 BENCH_KEY_ID = 1
 BENCH_KEY = base64.b64encode(hashlib.sha256(b"dicom-cloud benchmark master key").digest()).decode()
@@ -167,6 +170,7 @@ def command(tool: str, scenario: str, c: Context) -> list[str]:
         return _s5cmd(scenario, c, workers=32)
     builders: dict[str, Callable[[str, Context], list[str]]] = {
         "dicom-cloud": _dicom_cloud,
+        "dicom-cloud-base": _dicom_cloud,
         "dicom-cloud-a1": _dicom_cloud_a1,
         "s5cmd": _s5cmd,
         "aws-cli": _aws,
@@ -189,7 +193,7 @@ def tool_env(tool: str, srv: S3Server, home: Path) -> dict[str, str]:
     }
     if tool.startswith("dicom-cloud"):
         # This checkout's sources, whatever the venv's editable install points at.
-        env["PYTHONPATH"] = str(REPO / "src")
+        env["PYTHONPATH"] = str(BASE_SRC if tool == "dicom-cloud-base" and BASE_SRC else REPO / "src")
     if tool == "rclone":
         prefix = "RCLONE_CONFIG_BENCH_"
         env |= {
@@ -208,7 +212,9 @@ def tool_env(tool: str, srv: S3Server, home: Path) -> dict[str, str]:
 
 def tool_problem(tool: str) -> str | None:
     """Why the tool cannot run here, or None."""
-    if tool in ("dicom-cloud", "dicom-cloud-a1"):
+    if tool == "dicom-cloud-base" and not (BASE_SRC and (BASE_SRC / "dicom_cloud").is_dir()):
+        return "needs --base-src: the src/ directory of the tree to compare with"
+    if tool.startswith("dicom-cloud"):
         exe = VENV_BIN / "dicom-cloud"
         if not exe.exists():
             return f"{exe.name} is not installed in the venv (pip install -e . in the repository)"
@@ -501,7 +507,7 @@ def one_run(
         large_file=paths["inputs"] / manifest.large.name,
         prefix=prefix,
         local_dest=dest,
-        extra=plan.extra.get(tool.removesuffix("-32").removesuffix("-a1"), ()),
+        extra=plan.extra.get(tool.removesuffix("-32").removesuffix("-a1").removesuffix("-base"), ()),
         key_file=paths["inputs"].parent / "bench-master.key",
     )
     argv = command(tool, scenario, ctx)
@@ -761,6 +767,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where latest.md/.json go")
     p.add_argument("--keep-server", action="store_true", help="leave SeaweedFS running until Ctrl-C")
     p.add_argument(
+        "--base-src",
+        type=Path,
+        help="src/ of another tree of the project, run as the dicom-cloud-base tool (A/B of a change)",
+    )
+    p.add_argument(
         "--seed-checksums",
         action="store_true",
         help="give the objects of the download scenarios the CRC32C metadata dicom-cloud writes "
@@ -812,7 +823,9 @@ def hold_server(srv: S3Server) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BASE_SRC
     args = parse_args(argv)
+    BASE_SRC = args.base_src.resolve() if args.base_src else None
     data_dir = args.data_dir.resolve()
     tools, skipped = usable_tools(args.tools)
     if not tools:
