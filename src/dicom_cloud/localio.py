@@ -50,8 +50,11 @@ async def read_chunks(
 
 def resolves_within(root: str, path: str) -> bool:
     """Whether the directory holding ``path`` is ``root`` or below it once symbolic links are followed."""
+    directory = os.path.dirname(path)  # noqa: PTH120 - strings, not Paths, on this hot path
+    if directory.rstrip("/") == root.rstrip("/"):
+        return True  # the root itself, whatever it resolves to (two realpath calls per file saved)
     real_root = os.path.realpath(root)
-    parent = os.path.realpath(os.path.dirname(path))  # noqa: PTH120 - strings, not Paths, on this hot path
+    parent = os.path.realpath(directory)
     return parent == real_root or parent.startswith(real_root.rstrip("/") + "/")
 
 
