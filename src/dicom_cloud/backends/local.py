@@ -163,7 +163,7 @@ class LocalStore(Store):
             # mode, so a second open (and close) would only cost system calls.
             view = memoryview(data).cast("B")
             while view:
-                view = view[os.write(fd, view) :]
+                view = view[os.write(fd, view[:WRITE_PIECE]) :]
             # On the open file: no path lookups, and the stamp's stat sees the whole content.
             _write_metadata(fd, options)
 
@@ -285,6 +285,14 @@ class LocalStore(Store):
         return RandomAccessWriter(path, size, partial)
 
 
+#: Bytes per ``pwrite`` of a download. Larger writes into the page cache make the kernel (ext4 with
+#: large folios, Linux 6.16 and later) allocate larger folios, which on a virtual machine that hands
+#: freed memory back to its host are mostly memory the host must back again on first touch: 1 MiB
+#: writes of a 1 GiB download cost 1.3 to 2.2 system CPU-seconds, 64 to 512 KiB writes 0.75 to 1.25
+#: (docs/benchmarks.md, 2026-12-04). s5cmd writes 32 KiB at a time.
+WRITE_PIECE = 128 * 1024
+
+
 class RandomAccessWriter:
     """A partial file written at offsets by concurrent ranged downloads (or at once, by one
     whole-object download in a worker thread).
@@ -317,9 +325,9 @@ class RandomAccessWriter:
                 raise IntegrityError(f"{self.final}: write after the download ended")
             self._writing += 1
         try:
-            view = memoryview(data)
+            view = memoryview(data).cast("B")
             while view:
-                written = os.pwrite(self._fd, view, offset)
+                written = os.pwrite(self._fd, view[:WRITE_PIECE], offset)
                 view = view[written:]
                 offset += written
         except OSError as exc:
