@@ -10,8 +10,8 @@ import fcntl
 import logging
 import os
 import posixpath
+import random
 import re
-import secrets
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -60,7 +60,10 @@ def resolves_within(root: str, path: str) -> bool:
 
 def partial_path(final: Path) -> Path:
     """A unique temporary name beside ``final``, so that a rename into place is atomic."""
-    return final.with_name(f".{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    # Not secrets.token_hex: the name needs to be unlikely to be taken, not unguessable (the file is
+    # created exclusively, and a name taken is tried again); a system call per file (getrandom, and
+    # the wait for the GIL after it in a busy worker thread) was 4% of a study download's samples.
+    return final.with_name(f".{final.name}.{_partial_names.getrandbits(32):08x}{PARTIAL_SUFFIX}")
 
 
 def is_partial_name(name: str) -> bool:
@@ -73,6 +76,11 @@ def final_name_of(name: str) -> str | None:
     match = _PARTIAL_NAME.fullmatch(name)
     return match["final"] if match else None
 
+
+#: Draws partial file names; seeded from the system's randomness, again in each forked child (whose
+#: names would otherwise repeat its parent's).
+_partial_names = random.Random()
+os.register_at_fork(after_in_child=_partial_names.seed)
 
 #: New partial file names tried before giving up (each is lost only to a concurrent cleanup).
 _NAME_TRIES = 8
