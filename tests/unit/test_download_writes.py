@@ -15,6 +15,7 @@ from dicom_cloud import api
 from dicom_cloud.backends import open_store
 from dicom_cloud.backends.local import WRITE_PIECE, LocalStore
 from dicom_cloud.checksum import crc32c_hex
+from dicom_cloud.engine.model import ranged_part_size
 from dicom_cloud.errors import AlreadyExistsError, IntegrityError
 from dicom_cloud.localio import PARTIAL_SUFFIX, partial_path
 from dicom_cloud.store import CHECKSUM_METADATA_KEY, PutOptions
@@ -177,3 +178,18 @@ def test_no_overwrite_keeps_the_existing_file(tmp_path: Path, mem_bucket: str) -
     assert (dst / "a.bin").read_bytes() == b"old"
     assert (dst / "b.bin").read_bytes() == b"b"
     assert _partials(dst) == []
+
+
+@pytest.mark.parametrize(
+    ("size_mib", "part_mib", "expected_mib"),
+    [
+        (17, 8, 8),  # few parts: as many as part_size gives
+        (100, 8, 13),  # part_concurrency parts cover it
+        (1024, 8, 64),  # capped: more parts than part_concurrency, each at most 64 MiB
+        (10240, 8, 64),
+        (1024, 128, 128),  # never below --part-size
+    ],
+)
+def test_ranged_download_part_size(size_mib: int, part_mib: int, expected_mib: int) -> None:
+    MiB = 1024 * 1024
+    assert ranged_part_size(size_mib * MiB, part_mib * MiB, 8) == expected_mib * MiB

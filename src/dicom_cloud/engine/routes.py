@@ -47,6 +47,7 @@ from .model import (
     Attempt,
     TransferOptions,
     Written,
+    ranged_part_size,
 )
 from .objectmeta import EtagMismatch, check_checksum, content_type, markers, verify, with_checksum
 from .source import check_unchanged, remove_unless_unchanged, source_crc
@@ -370,7 +371,7 @@ class RangedDownload:
         ctx = self.ctx
         item = attempt.item
         size = info.size
-        part = ctx.options.part_size
+        part = ranged_part_size(size, ctx.options.part_size, ctx.options.part_concurrency)
         offsets = list(range(0, size, part))
         part_crcs = [0] * len(offsets)
         writer = ctx.dst.store.open_writer(item.dst_key, size)
