@@ -783,7 +783,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--large-size", type=parse_size, default=1 << 30, help="bytes, 200MB or 1GiB (default 1GiB)"
     )
     p.add_argument("--repeat", type=int, default=3, help="runs of each (scenario, tool) (default 3)")
-    p.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
+    p.add_argument(
+        "--tools",
+        help=f"comma-separated subset of {','.join(TOOLS)} (default: all; dicom-cloud-base with --base-src)",
+    )
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"subset of {','.join(SCENARIOS)}")
     p.add_argument("--data-dir", type=Path, default=BENCH / ".data", help="inputs, server data, logs")
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where latest.md/.json go")
@@ -802,6 +805,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for tool in EXTRA_ARGS_TOOLS:
         p.add_argument(f"--{tool}-args", default="", metavar="ARGS", help=f"extra arguments for {tool}")
     args = p.parse_args(argv)
+    if args.tools is None:
+        args.tools = ",".join(t for t in TOOLS if t != "dicom-cloud-base" or args.base_src)
     for name, allowed in (("tools", TOOLS), ("scenarios", SCENARIOS)):
         chosen = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
         unknown = set(chosen) - set(allowed)
