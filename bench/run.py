@@ -46,7 +46,10 @@ from generate import Manifest, ensure, parse_size, sha256_file  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "bench"
 SCENARIOS = ("study-upload", "study-download", "large-upload", "large-download")
-TOOLS = ("dicom-cloud", "dicom-cloud-a1", "s5cmd", "s5cmd-32", "aws-cli", "rclone")
+TOOLS = ("dicom-cloud", "dicom-cloud-base", "dicom-cloud-a1", "s5cmd", "s5cmd-32", "aws-cli", "rclone")
+#: Sources of the dicom-cloud-base variant (--base-src): another tree of the project, measured in the
+#: same rounds as this checkout's for an A/B comparison of a change.
+BASE_SRC: Path | None = None
 #: The master key the encrypted variant uses (a fixed test key: the data is synthetic).
 BENCH_KEY_ID = 1
 BENCH_KEY = base64.b64encode(hashlib.sha256(b"dicom-cloud benchmark master key").digest()).decode()
@@ -167,6 +170,7 @@ def command(tool: str, scenario: str, c: Context) -> list[str]:
         return _s5cmd(scenario, c, workers=32)
     builders: dict[str, Callable[[str, Context], list[str]]] = {
         "dicom-cloud": _dicom_cloud,
+        "dicom-cloud-base": _dicom_cloud,
         "dicom-cloud-a1": _dicom_cloud_a1,
         "s5cmd": _s5cmd,
         "aws-cli": _aws,
@@ -189,7 +193,7 @@ def tool_env(tool: str, srv: S3Server, home: Path) -> dict[str, str]:
     }
     if tool.startswith("dicom-cloud"):
         # This checkout's sources, whatever the venv's editable install points at.
-        env["PYTHONPATH"] = str(REPO / "src")
+        env["PYTHONPATH"] = str(BASE_SRC if tool == "dicom-cloud-base" and BASE_SRC else REPO / "src")
     if tool == "rclone":
         prefix = "RCLONE_CONFIG_BENCH_"
         env |= {
@@ -208,7 +212,9 @@ def tool_env(tool: str, srv: S3Server, home: Path) -> dict[str, str]:
 
 def tool_problem(tool: str) -> str | None:
     """Why the tool cannot run here, or None."""
-    if tool in ("dicom-cloud", "dicom-cloud-a1"):
+    if tool == "dicom-cloud-base" and not (BASE_SRC and (BASE_SRC / "dicom_cloud").is_dir()):
+        return "needs --base-src: the src/ directory of the tree to compare with"
+    if tool.startswith("dicom-cloud"):
         exe = VENV_BIN / "dicom-cloud"
         if not exe.exists():
             return f"{exe.name} is not installed in the venv (pip install -e . in the repository)"
@@ -229,9 +235,11 @@ def tool_problem(tool: str) -> str | None:
     return None
 
 
-def _first_line(argv: list[str]) -> str:
+def _first_line(argv: list[str], env: dict[str, str] | None = None) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_plain_env())
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, env={**_plain_env(), **(env or {})}
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
     text = (done.stdout or done.stderr).strip()
@@ -251,9 +259,11 @@ def versions(tools: Iterable[str]) -> dict[str, str]:
     out = {"python": platform.python_version(), "obstore": importlib.metadata.version("obstore")}
     out["seaweedfs"] = _first_line([str(VENV_BIN / "weed"), "version"])
     for tool in tools:
-        if tool == "dicom-cloud":
-            out[tool] = importlib.metadata.version("dicom-cloud")
-            _first_line([str(VENV_BIN / "dicom-cloud"), "--help"])
+        if tool.startswith("dicom-cloud"):
+            out.setdefault("dicom-cloud", importlib.metadata.version("dicom-cloud"))
+            # With the sources the runs use: their bytecode is compiled now, not in the first run.
+            src = BASE_SRC if tool == "dicom-cloud-base" and BASE_SRC else REPO / "src"
+            _first_line([str(VENV_BIN / "dicom-cloud"), "--help"], {"PYTHONPATH": str(src)})
         elif tool.startswith("s5cmd"):
             out["s5cmd"] = _first_line([str(s5cmd_binary()), "version"])
         elif tool == "aws-cli":
@@ -277,6 +287,7 @@ class Sample:
     user_s: float = 0.0
     sys_s: float = 0.0
     maxrss_mib: float = 0.0
+    server_cpu_s: float = 0.0  # SeaweedFS's user+sys CPU during the run
     exit_code: int | None = None
     error: str | None = None  # set when the run failed or its copy did not verify
 
@@ -325,10 +336,24 @@ def run_child(argv: list[str], env: dict[str, str], log: Path, timeout: float) -
     return record
 
 
-def measure(sample: Sample, env: dict[str, str], log: Path) -> None:
+def server_cpu_seconds(srv: S3Server) -> float:
+    """User+sys CPU seconds the server process has used so far (0 when it cannot be read)."""
+    proc = getattr(srv, "_proc", None)
+    pid = getattr(getattr(proc, "popen", None), "pid", None)
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def measure(sample: Sample, env: dict[str, str], log: Path, srv: S3Server | None = None) -> None:
     os.sync()  # write back the previous run's files now, not during this one
     touch_memory()
+    server_before = server_cpu_seconds(srv) if srv is not None else 0.0
     record = run_child(sample.argv, env, log, RUN_TIMEOUT)
+    if srv is not None:
+        sample.server_cpu_s = server_cpu_seconds(srv) - server_before
     sample.exit_code = record["exit_code"]
     sample.wall_s = record.get("wall_s", 0.0)
     sample.user_s = record.get("user_s", 0.0)
@@ -501,7 +526,7 @@ def one_run(
         large_file=paths["inputs"] / manifest.large.name,
         prefix=prefix,
         local_dest=dest,
-        extra=plan.extra.get(tool.removesuffix("-32").removesuffix("-a1"), ()),
+        extra=plan.extra.get(tool.removesuffix("-32").removesuffix("-a1").removesuffix("-base"), ()),
         key_file=paths["inputs"].parent / "bench-master.key",
     )
     argv = command(tool, scenario, ctx)
@@ -510,7 +535,7 @@ def one_run(
     dest.mkdir()
     (home / "rclone.conf").touch()
     sample = Sample(scenario, tool, rep, argv)
-    measure(sample, tool_env(tool, srv, home), paths["logs"] / f"{scenario}-{tool}-{rep}.log")
+    measure(sample, tool_env(tool, srv, home), paths["logs"] / f"{scenario}-{tool}-{rep}.log", srv)
     if sample.ok:
         if encrypted and upload:
             sample.error = verify_encrypted_upload(store, scenario, prefix, manifest, paths["inputs"])
@@ -602,7 +627,8 @@ def run_all(
         status = "ok" if sample.ok else f"FAILED: {sample.error}"
         print(
             f"[{n}/{len(jobs)}] rep {rep + 1} {scenario:15} {tool:12} {sample.wall_s:7.2f} s "
-            f"cpu {sample.cpu_s:6.2f} s rss {sample.maxrss_mib:6.0f} MiB  {status}",
+            f"cpu {sample.cpu_s:6.2f} s server {sample.server_cpu_s:6.2f} s "
+            f"rss {sample.maxrss_mib:6.0f} MiB  {status}",
             flush=True,
         )
     return samples
@@ -622,6 +648,7 @@ class Row:
     throughput: float | None  # files/s (study) or MB/s (large)
     cpu_s: float | None
     rss_mib: float | None
+    server_cpu_s: float | None
 
 
 def summarize(samples: list[Sample], manifest: Manifest, plan: Plan) -> list[Row]:
@@ -643,6 +670,7 @@ def summarize(samples: list[Sample], manifest: Manifest, plan: Plan) -> list[Row
                     throughput(scenario, seconds, manifest),
                     statistics.median(s.cpu_s for s in good) if good else None,
                     statistics.median(s.maxrss_mib for s in good) if good else None,
+                    statistics.median(s.server_cpu_s for s in good) if good else None,
                 )
             )
     return rows
@@ -694,14 +722,14 @@ def markdown(rows: list[Row], manifest: Manifest, meta: dict[str, Any]) -> str:
             "",
             f"## {scenario} ({sizes[kind]})",
             "",
-            f"| tool | seconds | {unit} | CPU s | peak RSS MiB | dicom-cloud vs tool |",
-            "|---|---:|---:|---:|---:|---|",
+            f"| tool | seconds | {unit} | CPU s | server CPU s | peak RSS MiB | dicom-cloud vs tool |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in (r for r in rows if r.scenario == scenario):
             failed = f" ({r.failures}/{r.runs} failed)" if r.failures else ""
             lines.append(
                 f"| {r.tool}{failed} | {_fmt(r.seconds, 2)} | {_fmt(r.throughput, 1)} | {_fmt(r.cpu_s, 2)} "
-                f"| {_fmt(r.rss_mib, 0)} | {ratio_text(rows, r)} |"
+                f"| {_fmt(r.server_cpu_s, 2)} | {_fmt(r.rss_mib, 0)} | {ratio_text(rows, r)} |"
             )
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
     return "\n".join(lines)
@@ -755,11 +783,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--large-size", type=parse_size, default=1 << 30, help="bytes, 200MB or 1GiB (default 1GiB)"
     )
     p.add_argument("--repeat", type=int, default=3, help="runs of each (scenario, tool) (default 3)")
-    p.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
+    p.add_argument(
+        "--tools",
+        help=f"comma-separated subset of {','.join(TOOLS)} (default: all; dicom-cloud-base with --base-src)",
+    )
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"subset of {','.join(SCENARIOS)}")
     p.add_argument("--data-dir", type=Path, default=BENCH / ".data", help="inputs, server data, logs")
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where latest.md/.json go")
     p.add_argument("--keep-server", action="store_true", help="leave SeaweedFS running until Ctrl-C")
+    p.add_argument(
+        "--base-src",
+        type=Path,
+        help="src/ of another tree of the project, run as the dicom-cloud-base tool (A/B of a change)",
+    )
     p.add_argument(
         "--seed-checksums",
         action="store_true",
@@ -769,6 +805,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for tool in EXTRA_ARGS_TOOLS:
         p.add_argument(f"--{tool}-args", default="", metavar="ARGS", help=f"extra arguments for {tool}")
     args = p.parse_args(argv)
+    if args.tools is None:
+        args.tools = ",".join(t for t in TOOLS if t != "dicom-cloud-base" or args.base_src)
     for name, allowed in (("tools", TOOLS), ("scenarios", SCENARIOS)):
         chosen = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
         unknown = set(chosen) - set(allowed)
@@ -812,7 +850,9 @@ def hold_server(srv: S3Server) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BASE_SRC
     args = parse_args(argv)
+    BASE_SRC = args.base_src.resolve() if args.base_src else None
     data_dir = args.data_dir.resolve()
     tools, skipped = usable_tools(args.tools)
     if not tools:

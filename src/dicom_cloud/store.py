@@ -107,10 +107,11 @@ class MultipartPlan:
 
 
 class RandomAccessWriter(Protocol):
-    """An object being written at arbitrary offsets; invisible until ``commit``."""
+    """An object being written at arbitrary offsets; invisible until ``commit``, which also keeps
+    the metadata and content type of ``options`` with it (when given)."""
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None: ...
-    def commit(self, if_absent: bool = False) -> None: ...
+    def commit(self, if_absent: bool = False, options: PutOptions | None = None) -> None: ...
     def abort(self) -> None: ...
 
 

@@ -163,7 +163,7 @@ class LocalStore(Store):
             # mode, so a second open (and close) would only cost system calls.
             view = memoryview(data).cast("B")
             while view:
-                view = view[os.write(fd, view) :]
+                view = view[os.write(fd, view[:WRITE_PIECE]) :]
             # On the open file: no path lookups, and the stamp's stat sees the whole content.
             _write_metadata(fd, options)
 
@@ -277,39 +277,47 @@ class LocalStore(Store):
 
     def open_writer(self, key: str, size: int) -> RandomAccessWriter:
         """A file of ``size`` bytes to fill at any offsets, renamed into place by ``commit``."""
-        return RandomAccessWriter(self.path(key), size, self._stale, private=self.private)
+        path = self.path(key)
+        try:
+            partial = self._new_partial(path)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+        return RandomAccessWriter(path, size, partial)
+
+
+#: Bytes per ``pwrite`` of a download. Larger writes into the page cache make the kernel (ext4 with
+#: large folios, Linux 6.16 and later) allocate larger folios, which on a virtual machine that hands
+#: freed memory back to its host are mostly memory the host must back again on first touch: 1 MiB
+#: writes of a 1 GiB download cost 1.3 to 2.2 system CPU-seconds, 64 to 512 KiB writes 0.75 to 1.25
+#: (docs/benchmarks.md, 2026-12-04). s5cmd writes 32 KiB at a time.
+WRITE_PIECE = 128 * 1024
 
 
 class RandomAccessWriter:
-    """A partial file written at offsets by concurrent ranged downloads.
+    """A partial file written at offsets by concurrent ranged downloads (or at once, by one
+    whole-object download in a worker thread).
 
-    Writes run in worker threads that outlive a cancelled download; ``commit`` and ``abort``
-    wait for the writes in flight before closing the file, so no write lands on a reused
-    descriptor.
+    Writes go through the partial file's own descriptor, the one that holds its lock, so the lock
+    lasts until the rename. Writes run in worker threads that outlive a cancelled download;
+    ``commit`` and ``abort`` wait for the writes in flight before the descriptor is closed, so no
+    write lands on a reused descriptor.
     """
 
-    def __init__(
-        self, final: Path, size: int, stale: StalePartials | None = None, *, private: bool = False
-    ) -> None:
+    def __init__(self, final: Path, size: int, partial: PartialFile) -> None:
         self.final = final
         self._writing = 0
         self._idle = threading.Condition()
-        self._fd = -1
-        try:
-            _make_parent(final, private)
-            if stale is not None:
-                stale.remove_for(final)
-            self._partial = PartialFile(final, private=private)
-        except OSError as exc:
-            raise _translate(exc, final) from exc
-        self.tmp = self._partial.path
-        try:
-            # No O_TRUNC: the partial file is new and empty (see _create).
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CLOEXEC)
-            os.ftruncate(self._fd, size)
-        except OSError as exc:
-            self.abort()
-            raise _translate(exc, final) from exc
+        self._partial = partial
+        self.tmp = partial.path
+        self._fd = partial.fileno()
+        if size:
+            # Never a truncation to 0: on ext4 it marks the file to be flushed by its close
+            # (see _create); the partial file is new and empty already.
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as exc:
+                self.abort()
+                raise _translate(exc, final) from exc
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         with self._idle:
@@ -317,9 +325,9 @@ class RandomAccessWriter:
                 raise IntegrityError(f"{self.final}: write after the download ended")
             self._writing += 1
         try:
-            view = memoryview(data)
+            view = memoryview(data).cast("B")
             while view:
-                written = os.pwrite(self._fd, view, offset)
+                written = os.pwrite(self._fd, view[:WRITE_PIECE], offset)
                 view = view[written:]
                 offset += written
         except OSError as exc:
@@ -329,25 +337,35 @@ class RandomAccessWriter:
                 self._writing -= 1
                 self._idle.notify_all()
 
-    def _close(self) -> None:
+    def _stop_writes(self) -> int:
+        """Wait for the writes in flight, refuse new ones; the descriptor (still open) is returned."""
         with self._idle:
             self._idle.wait_for(lambda: self._writing == 0)
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            fd, self._fd = self._fd, -1
+        return fd
 
-    def commit(self, if_absent: bool = False) -> None:
-        """Give the file its final name (refusing to replace one with ``if_absent``)."""
-        self._close()
+    def commit(self, if_absent: bool = False, options: PutOptions | None = None) -> None:
+        """Keep the metadata of ``options`` with the file, then give it its final name (refusing
+        to replace one with ``if_absent``); the partial file is removed if that fails."""
+        fd = self._stop_writes()
+        committed = False
         try:
+            if fd < 0:
+                raise IntegrityError(f"{self.final}: the download ended before its commit")
+            if options is not None:
+                _write_metadata(fd, options)
             _commit(self.tmp, self.final, if_absent)
+            committed = True
         except OSError as exc:
             raise _translate(exc, self.final) from exc
         finally:
+            if not committed:
+                with contextlib.suppress(OSError):
+                    self.tmp.unlink()
             self._partial.release()
 
     def abort(self) -> None:
-        self._close()
+        self._stop_writes()
         with contextlib.suppress(OSError):
             self.tmp.unlink()
         self._partial.release()

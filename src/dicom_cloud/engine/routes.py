@@ -47,6 +47,7 @@ from .model import (
     Attempt,
     TransferOptions,
     Written,
+    ranged_part_size,
 )
 from .objectmeta import EtagMismatch, check_checksum, content_type, markers, verify, with_checksum
 from .source import check_unchanged, remove_unless_unchanged, source_crc
@@ -181,12 +182,15 @@ class WholeObject:
         ctx = self.ctx
         src, dst = ctx.src.store, ctx.dst.store
         key = attempt.item.src_key
+        # Into a store written at offsets (local disk) the bytes are checked and written, and the
+        # file renamed into place, in one worker-thread call: one hop off the event loop per object.
+        step = self.prepare_and_write if dst.features.random_access_write else self.prepare_only
         async with ctx.budget.reserve(2 * attempt.item.size + ENVELOPE_ROOM):
             info, data = await src.read(key)
             check_unchanged(attempt, len(data))
             # Hashing and ciphers release the GIL: in a worker thread they run beside the event loop.
             try:
-                data, options, plain_crc = await asyncio.to_thread(self.prepare, data, info, put, attempt)
+                data, options, plain_crc, wrote = await asyncio.to_thread(step, data, info, put, attempt)
             except EtagMismatch:
                 first = hashlib.md5(data, usedforsecurity=False).digest()
                 info, data = await src.read(key)
@@ -194,10 +198,12 @@ class WholeObject:
                     raise  # two reads, two contents: damage in transit
                 # The same bytes twice: the ETag is not an MD5 of them; the other checks still apply.
                 log.debug("%s: ETag is not an MD5 of the content (SSE-KMS or SSE-C?)", attempt.src_url)
-                data, options, plain_crc = await asyncio.to_thread(
-                    self.prepare, data, info, put, attempt, trust_etag=False
+                data, options, plain_crc, wrote = await asyncio.to_thread(
+                    step, data, info, put, attempt, trust_etag=False
                 )
             written_crc = options.metadata.get(CHECKSUM_METADATA_KEY)
+            if wrote:
+                return Written(written_crc, None)
             if self.check is not None:
                 try:
                     result = await dst.put(attempt.item.dst_key, data, replace(options, if_absent=True))
@@ -210,6 +216,46 @@ class WholeObject:
             else:
                 result = await dst.put(attempt.item.dst_key, data, options)
         return Written(written_crc, result.etag)
+
+    def prepare_only(
+        self,
+        data: bytes | memoryview,
+        info: ObjectInfo,
+        put: PutOptions,
+        attempt: Attempt,
+        *,
+        trust_etag: bool = True,
+    ) -> tuple[bytes | memoryview, PutOptions, str | None, bool]:
+        """``prepare``, in the shape of ``prepare_and_write``: nothing written yet."""
+        return (*self.prepare(data, info, put, attempt, trust_etag=trust_etag), False)
+
+    def prepare_and_write(
+        self,
+        data: bytes | memoryview,
+        info: ObjectInfo,
+        put: PutOptions,
+        attempt: Attempt,
+        *,
+        trust_etag: bool = True,
+    ) -> tuple[bytes | memoryview, PutOptions, str | None, bool]:
+        """``prepare``, then the bytes written to a partial file of a random-access store and
+        renamed into place with their metadata. With a destination check the write is
+        create-only: an object already at the name is left to the check (False is returned
+        then, nothing written). Runs in a worker thread."""
+        data, options, plain_crc = self.prepare(data, info, put, attempt, trust_etag=trust_etag)
+        writer = self.ctx.dst.store.open_writer(attempt.item.dst_key, 0)
+        try:
+            writer.write_at(0, data)
+            writer.commit(self.check is not None or options.if_absent, options)
+        except AlreadyExistsError:
+            writer.abort()
+            if self.check is None:
+                raise
+            return data, options, plain_crc, False
+        except BaseException:
+            writer.abort()
+            raise
+        return data, options, plain_crc, True
 
     def prepare(
         self,
@@ -325,7 +371,7 @@ class RangedDownload:
         ctx = self.ctx
         item = attempt.item
         size = info.size
-        part = ctx.options.part_size
+        part = ranged_part_size(size, ctx.options.part_size, ctx.options.part_concurrency)
         offsets = list(range(0, size, part))
         part_crcs = [0] * len(offsets)
         writer = ctx.dst.store.open_writer(item.dst_key, size)
