@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
 from dicom_cloud.dimse.find import Query, response
-from dicom_cloud.dimse.responses import NotEncodable, identifier_bytes
+from dicom_cloud.dimse.responses import NotEncodable, PendingSender, identifier_bytes
 
 
 def _identifier(level: str, **keys: Any) -> Dataset:
@@ -89,3 +89,45 @@ def test_uncovered_keys_are_left_to_pydicom() -> None:
     floats = _identifier("STUDY", StudyInstanceUID="")
     with pytest.raises(NotEncodable):
         identifier_bytes(floats, {"0020000D": {"vr": "FD", "Value": [1.5]}}, "STUDY", "AE", implicit=False)
+
+
+class _Recorder:
+    """Stands in for pynetdicom's DUL: records the P-DATA primitives queued for sending."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[tuple[int, bytes]]] = []
+
+    def send_pdu(self, primitive: Any) -> None:
+        self.sent.append(list(primitive.presentation_data_value_list))
+
+
+def _sender(max_pdu: int) -> tuple[PendingSender, _Recorder]:
+    dul = _Recorder()
+    sender = PendingSender.__new__(PendingSender)
+    sender.implicit = True
+    sender._dul = dul
+    sender._context_id = 5
+    sender._max_pdu = max_pdu
+    sender._command = bytes(range(80))
+    return sender, dul
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384])
+def test_command_and_identifier_in_one_pdu_when_they_fit(max_pdu: int) -> None:
+    sender, dul = _sender(max_pdu)
+    sender.send(b"identifier")
+    assert dul.sent == [[(5, b"\x03" + bytes(range(80))), (5, b"\x02identifier")]]
+
+
+def test_fragments_within_a_small_maximum_pdu() -> None:
+    sender, dul = _sender(32)
+    identifier = bytes(100)
+    sender.send(identifier)
+    items = [item for pdu in dul.sent for item in pdu]
+    assert all(len(pdu) == 1 for pdu in dul.sent)
+    assert all(4 + 1 + len(data) <= 32 for _, data in items)  # item length, context ID, header + fragment
+    headers = [data[0] for _, data in items]
+    command = [data[1:] for _, data in items if data[0] in (0x01, 0x03)]
+    dataset = [data[1:] for _, data in items if data[0] in (0x00, 0x02)]
+    assert b"".join(command) == bytes(range(80)) and b"".join(dataset) == identifier
+    assert headers == [1, 1, 1, 3, 0, 0, 0, 2]  # last fragments marked; command first

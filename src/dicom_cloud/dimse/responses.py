@@ -127,6 +127,8 @@ class PendingSender:
         self._dul = assoc.dul
         self._context_id = context_id
         self._max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
+        if 0 < self._max_pdu < 7:
+            raise NotEncodable("a maximum PDU length too small for a PDV item")  # pynetdicom refuses it too
         # The command set of every pending response to this request, encoded once (by pynetdicom).
         primitive = C_FIND()
         primitive.MessageID = request.MessageID
