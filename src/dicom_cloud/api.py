@@ -84,14 +84,8 @@ async def transfer_async(
     if uid_log is not None:
         options = replace(options or TransferOptions(), on_uid_map=uid_log.write)
     try:
-        src = opener.open(source)
-        dst = opener.open(destination)
-        opener.config.check_encryption_applies({src.url.scheme, dst.url.scheme})
-        if require == "upload" and not src.is_local:
-            raise UsageError(f"upload reads local files; {source} is remote", hint="use copy or download")
-        if require == "download" and not dst.is_local:
-            raise UsageError(f"download writes local files; {destination} is remote", hint="use copy")
-        journal = _open_journal(job, require, src, dst, recursive, options)
+        src, dst = open_transfer_locations(opener, source, destination, require)
+        journal = open_journal(job, require, src, dst, recursive, options)
         transfer = Transfer(
             src,
             dst,
@@ -135,7 +129,21 @@ class JobRequest:
     directory: str | None = None
 
 
-def _open_journal(
+def open_transfer_locations(
+    opener: LocationOpener, source: str, destination: str, require: Literal["upload", "download", "copy"]
+) -> tuple[Location, Location]:
+    """The two locations of a transfer, refused when they do not fit the verb or the encryption."""
+    src = opener.open(source)
+    dst = opener.open(destination)
+    opener.config.check_encryption_applies({src.url.scheme, dst.url.scheme})
+    if require == "upload" and not src.is_local:
+        raise UsageError(f"upload reads local files; {source} is remote", hint="use copy or download")
+    if require == "download" and not dst.is_local:
+        raise UsageError(f"download writes local files; {destination} is remote", hint="use copy")
+    return src, dst
+
+
+def open_journal(
     job: JobRequest | None,
     verb: str,
     src: Location,
@@ -254,7 +262,6 @@ async def verify_async(
         )
     finally:
         await opener.close()
-
 
 
 async def upload_async(source: str, destination: str, **kwargs: Any) -> TransferSummary:

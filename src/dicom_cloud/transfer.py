@@ -126,7 +126,11 @@ class Transfer:
         journal: Journal | None = None,
         items: AsyncIterator[TransferItem] | None = None,
         on_done: DoneCallback | None = None,
+        items_listed: bool = False,
     ) -> None:
+        """``items``: what to transfer, planned by the caller instead of a listing of ``src``.
+        ``items_listed``: they are a listing's items as the planner makes them (a partition of a
+        run on a cluster), to be checked against the destination as a listing's are."""
         self.src = src
         self.dst = dst
         self.recursive = recursive
@@ -151,7 +155,9 @@ class Transfer:
         self._router = Router(
             context,
             DestinationCheck(dst, self.options, crypt, budget),
-            checks_destination=self._checks_destination(caller_planned=items is not None),
+            checks_destination=self._checks_destination(
+                caller_planned=items is not None and not items_listed
+            ),
         )
         self._crypt = crypt
         #: Destination names being checked and written, one item at a time per name.

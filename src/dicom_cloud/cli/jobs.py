@@ -31,7 +31,7 @@ _NOT_IDENTITY = frozenset(
     {
         "handler", "command", "argv", "source", "destination", "recursive", "parallel", "part_size",
         "part_concurrency", "multipart_threshold", "quiet", "json_output", "verbose", "retries",
-        "timeout", "attempts", "no_journal", "dry_run", "manifest", "deid_map",
+        "timeout", "attempts", "no_journal", "dry_run", "manifest", "deid_map", "cluster",
     }
 )  # fmt: skip
 
@@ -42,6 +42,21 @@ def add_journal_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep no journal of this run (an interrupted run then starts again from scratch)",
     )
+
+
+def add_cluster_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cluster",
+        metavar="local:N|tcp://HOST:PORT",
+        help="run a recursive transfer on a Dask cluster: local:N starts N worker processes here "
+        "(needs the cluster extra; docs/cluster.md)",
+    )
+
+
+def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's arguments as sent to the workers of a cluster: flags and file paths (never key
+    material: the workers read keys and credentials themselves); the handler stays here."""
+    return {key: value for key, value in vars(args).items() if key != "handler"}
 
 
 def job_request(args: argparse.Namespace) -> api.JobRequest | None:

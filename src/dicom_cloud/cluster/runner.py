@@ -1,0 +1,238 @@
+"""The client of a run on a cluster: lists, partitions, submits, gathers.
+
+The listing is the planner's, as in a local run (its counting pass included); partitions are
+submitted as they fill, at most two per worker thread in flight, so the listing waits while the
+cluster is busy and the client holds only those partitions. Each partition's result carries its
+events, replayed here to the progress display in the order they happened, and its summary, added
+to the run's. A partition whose worker died is run again by Dask on another worker (up to
+``distributed.scheduler.allowed-failures`` times); the journal shared by the workers makes the new
+attempt skip what the dead one finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import extras
+from ..api import JobRequest, open_journal, open_transfer_locations
+from ..backends import StoreConfig
+from ..engine.model import EventCallback, TransferEvent, TransferOptions, TransferSummary
+from ..engine.planner import Planner, close_items
+from ..errors import DicomCloudError, UsageError
+from ..journal import Journal
+from ..location import LocationOpener
+from .partition import DEFAULT_PARTITION_BYTES, DEFAULT_PARTITION_ITEMS, Partition, partitions
+from .spec import ClusterSpec
+from .task import PartitionJob, PartitionResult, run_partition
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+log = logging.getLogger(__name__)
+
+#: Times a partition is started again after the worker running it died (Dask's allowed-failures,
+#: for the scheduler of a local cluster; a remote scheduler has its own setting).
+ALLOWED_FAILURES = 3
+#: Partitions in flight per worker thread: one running, one waiting, so a worker never idles
+#: between two partitions while the client holds little.
+IN_FLIGHT_PER_THREAD = 2
+#: Seconds the cluster has to close when the run ends or is interrupted (the command ends within
+#: 2 s of Ctrl-C: whatever is left is not waited for).
+CLOSE_TIMEOUT = 1.0
+
+
+async def transfer_on_cluster(
+    verb: Literal["upload", "download", "copy"],
+    source: str,
+    destination: str,
+    *,
+    cluster: ClusterSpec,
+    arguments: Mapping[str, Any],
+    options: TransferOptions,
+    config: StoreConfig,
+    on_event: EventCallback | None = None,
+    job: JobRequest | None = None,
+    partition_items: int = DEFAULT_PARTITION_ITEMS,
+    partition_bytes: int = DEFAULT_PARTITION_BYTES,
+) -> TransferSummary:
+    """A recursive upload, download or copy run as partitions on ``cluster``.
+
+    ``arguments``: the command's parsed arguments (flags and file paths, JSON-able), from which
+    each worker builds the same options as ``options``."""
+    extras.require("cluster", "--cluster")
+    if not cluster.is_local:
+        raise UsageError(
+            f"--cluster {cluster}: only a local cluster (local:N) is supported by this version",
+            hint="use --cluster local:N",
+        )
+    opener = LocationOpener(config)
+    try:
+        src, dst = open_transfer_locations(opener, source, destination, verb)
+        journal = open_journal(job, verb, src, dst, True, options)
+        try:
+            run = _ClusterRun(cluster, on_event, journal, partition_items, partition_bytes)
+            run.display = src.display
+            planner = Planner(src, dst, recursive=True, options=options, journal=journal, emit=run.emit)
+            partition_job = PartitionJob(
+                source,
+                destination,
+                dict(arguments),
+                journal_path=str(journal.path.resolve()) if journal is not None else None,
+                journal_spec=journal.spec if journal is not None else None,
+            )
+            summary = await run.run(planner, partition_job)
+        except BaseException:
+            if journal is not None:
+                journal.close()  # interrupted: the journal stays for the next run
+            raise
+        if journal is not None:
+            journal.finish(failed=len(summary.failed))
+        return summary
+    finally:
+        await opener.close()
+
+
+class _ClusterRun:
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        on_event: EventCallback | None,
+        journal: Journal | None,
+        partition_items: int,
+        partition_bytes: int,
+    ) -> None:
+        self.cluster = cluster
+        #: How a source key is shown (in failures).
+        self.display: Callable[[str], str] = str
+        self.journal = journal
+        self.summary = TransferSummary()
+        self._on_event = on_event
+        self._partition_items = partition_items
+        self._partition_bytes = partition_bytes
+        self._abort: DicomCloudError | None = None
+        self._run_id = uuid.uuid4().hex[:12]
+
+    def emit(self, event: TransferEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    async def run(self, planner: Planner, job: PartitionJob) -> TransferSummary:
+        started = time.monotonic()
+        await planner.preflight()
+        if self.journal is not None:
+            self.journal.begin()
+            self.journal.flush()
+        items = planner.plan()
+        in_flight: dict[asyncio.Future[PartitionResult], Partition] = {}
+        try:
+            async with _connect(self.cluster) as client:
+                threads = 0
+                if not self.cluster.is_local:
+                    threads = sum((await client.nthreads()).values())  # type: ignore[no-untyped-call]
+                limit = IN_FLIGHT_PER_THREAD * max(threads, self.cluster.local_workers, 1)
+                async for partition in partitions(
+                    items, max_items=self._partition_items, max_bytes=self._partition_bytes
+                ):
+                    while len(in_flight) >= limit and self._abort is None:
+                        await self._gather(in_flight)
+                    if self._abort is not None:
+                        break
+                    future = client.submit(
+                        run_partition,
+                        job,
+                        partition.index,
+                        partition.items,
+                        key=f"dicom-cloud-{self._run_id}-{partition.index}",
+                        pure=False,
+                    )
+                    in_flight[asyncio.ensure_future(_result(future))] = partition
+                while in_flight and self._abort is None:
+                    await self._gather(in_flight)
+        finally:
+            for pending in in_flight:
+                pending.cancel()
+            await close_items(items)
+            await planner.close()
+            self.summary.seconds = time.monotonic() - started
+        if self._abort is not None:
+            raise self._abort
+        return self.summary
+
+    async def _gather(self, in_flight: dict[asyncio.Future[PartitionResult], Partition]) -> None:
+        """Wait for at least one partition to end, and account for those that did."""
+        done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            partition = in_flight.pop(finished)
+            try:
+                result = finished.result()
+            except Exception as exc:  # the task never returned: its worker died too often, or a bug
+                self._lost(partition, exc)
+                continue
+            for event in result.events:
+                self.emit(event.restore())
+            result.summary.add_to(self.summary)
+            if result.abort is not None and self._abort is None:
+                self._abort = result.abort.restore()
+
+    def _lost(self, partition: Partition, exc: Exception) -> None:
+        """Every object of a partition that did not come back fails (those that its attempts
+        finished are in the journal: running the command again skips them)."""
+        reason = _why_lost(exc)
+        log.debug("partition %d lost", partition.index, exc_info=exc)
+        for item in partition.items:
+            src_url = self.display(item.src_key)
+            error = DicomCloudError(f"{src_url}: {reason}", hint="run the same command again to resume")
+            self.summary.failed.append((src_url, error))
+            self.emit(TransferEvent("failed", src_url, item.dst_key, item.size, error=error))
+
+
+def _why_lost(exc: Exception) -> str:
+    if type(exc).__name__ == "KilledWorker":
+        return f"the workers running its partition died {ALLOWED_FAILURES + 1} times"
+    return f"its partition failed on the cluster: {exc!r}"
+
+
+async def _result(future: Any) -> PartitionResult:
+    result: PartitionResult = await future
+    return result
+
+
+@contextlib.asynccontextmanager
+async def _connect(spec: ClusterSpec) -> AsyncIterator[Client]:
+    """A client of the cluster: for ``local:N``, a cluster of N worker processes started here and
+    stopped on the way out (within CLOSE_TIMEOUT seconds, interrupted or not)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    # Dask's own notices (nannies closing, workers restarted) are not the command's output: what
+    # became of the objects is reported by the run itself.
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+        cluster = await LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=spec.local_workers,
+            threads_per_worker=1,
+            processes=True,
+            asynchronous=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        try:
+            client = await Client(cluster, asynchronous=True)  # type: ignore[no-untyped-call]
+            try:
+                yield client
+            finally:
+                await _bounded(client.close(timeout=CLOSE_TIMEOUT))
+        finally:
+            await _bounded(cluster.close(timeout=CLOSE_TIMEOUT))
+
+
+async def _bounded(closing: Any) -> None:
+    with contextlib.suppress(Exception, asyncio.TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(closing, CLOSE_TIMEOUT)
