@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import api
+from ..cluster.partition import DEFAULT_PARTITION_ITEMS
 from ..errors import DifferencesFoundError, TransferFailedError, UsageError
 from ..journal import find_job, forget_job, list_jobs, prune_jobs
 from ..sync import DEFAULT_MAX_DELETE, SyncOptions, SyncSummary, parse_max_delete
@@ -31,7 +32,8 @@ _NOT_IDENTITY = frozenset(
     {
         "handler", "command", "argv", "source", "destination", "recursive", "parallel", "part_size",
         "part_concurrency", "multipart_threshold", "quiet", "json_output", "verbose", "retries",
-        "timeout", "attempts", "no_journal", "dry_run", "manifest", "deid_map", "cluster",
+        "timeout", "attempts", "no_journal", "dry_run", "manifest", "deid_map", "cluster", "partition_size",
+        "journal_url",
     }
 )  # fmt: skip
 
@@ -50,6 +52,22 @@ def add_cluster_option(parser: argparse.ArgumentParser) -> None:
         metavar="local:N|tcp://HOST:PORT",
         help="run a recursive transfer on a Dask cluster: local:N starts N worker processes here "
         "(needs the cluster extra; docs/cluster.md)",
+    )
+    parser.add_argument(
+        "--journal",
+        dest="journal_url",
+        metavar="postgresql://...",
+        help="with --cluster: keep the job's finished objects in this PostgreSQL database, shared by "
+        "workers on any machine (required with a remote cluster; put the password in PGPASSWORD "
+        "or ~/.pgpass on the workers, not in the URL)",
+    )
+    parser.add_argument(
+        "--partition-size",
+        type=int,
+        default=DEFAULT_PARTITION_ITEMS,
+        metavar="N",
+        help=f"with --cluster: objects per task (default {DEFAULT_PARTITION_ITEMS}); a worker lost "
+        "redoes at most one task's unfinished objects",
     )
 
 

@@ -354,6 +354,10 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
         config = config_from_args(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
         on_cluster = args.cluster is not None and not options.dry_run  # a dry run only lists: here
+        if args.journal_url is not None and args.cluster is None:
+            raise UsageError(
+                "--journal is the journal of a run on a cluster", hint="add --cluster, or drop --journal"
+            )
         if on_cluster:
             cluster = _cluster_of(args)
         with TransferProgress(mode, verb, report_failures=args.recursive) as progress:
@@ -371,6 +375,8 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
                         config=config,
                         on_event=progress,
                         job=job_request(args),
+                        partition_items=args.partition_size,
+                        journal_url=args.journal_url,
                     )
                 )
             else:
@@ -424,6 +430,8 @@ def _cluster_of(args: argparse.Namespace) -> Any:
     from ..cluster.spec import parse_cluster
 
     cluster = parse_cluster(args.cluster)
+    if args.partition_size < 1:
+        raise UsageError("--partition-size must be at least 1")
     if not args.recursive:
         raise UsageError("--cluster runs a recursive transfer", hint="add --recursive, or drop --cluster")
     for flag, value in (("--manifest", args.manifest), ("--deid-map", args.deid_map)):

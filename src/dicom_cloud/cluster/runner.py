@@ -24,10 +24,11 @@ from ..api import JobRequest, open_journal, open_transfer_locations
 from ..backends import StoreConfig
 from ..engine.model import EventCallback, TransferEvent, TransferOptions, TransferSummary
 from ..engine.planner import Planner, close_items
-from ..errors import DicomCloudError, UsageError
+from ..errors import DicomCloudError, NetworkError, UsageError
 from ..journal import Journal
 from ..location import LocationOpener
 from .partition import DEFAULT_PARTITION_BYTES, DEFAULT_PARTITION_ITEMS, Partition, partitions
+from .pg_journal import PostgresJournal, check_journal_url, create_tables
 from .spec import ClusterSpec
 from .task import PartitionJob, PartitionResult, run_partition
 
@@ -45,6 +46,10 @@ IN_FLIGHT_PER_THREAD = 2
 #: Seconds the cluster has to close when the run ends or is interrupted (the command ends within
 #: 2 s of Ctrl-C: whatever is left is not waited for).
 CLOSE_TIMEOUT = 1.0
+#: Seconds to wait for a remote scheduler to answer.
+CONNECT_TIMEOUT = 10.0
+#: Seconds the cluster has to close at the end of a run that was not interrupted.
+CLOSE_TIMEOUT_ENDED = 10.0
 
 
 async def transfer_on_cluster(
@@ -60,37 +65,54 @@ async def transfer_on_cluster(
     job: JobRequest | None = None,
     partition_items: int = DEFAULT_PARTITION_ITEMS,
     partition_bytes: int = DEFAULT_PARTITION_BYTES,
+    journal_url: str | None = None,
 ) -> TransferSummary:
     """A recursive upload, download or copy run as partitions on ``cluster``.
 
     ``arguments``: the command's parsed arguments (flags and file paths, JSON-able), from which
-    each worker builds the same options as ``options``."""
+    each worker builds the same options as ``options``. ``journal_url``: the PostgreSQL database
+    holding the job's finished objects (required for a remote cluster; a local one shares the
+    job's SQLite file)."""
     extras.require("cluster", "--cluster")
-    if not cluster.is_local:
+    if journal_url is not None:
+        check_journal_url(journal_url)
+        if job is None:
+            raise UsageError("--journal and --no-journal contradict each other", hint="drop one")
+    elif not cluster.is_local:
         raise UsageError(
-            f"--cluster {cluster}: only a local cluster (local:N) is supported by this version",
-            hint="use --cluster local:N",
+            f"--cluster {cluster} needs --journal postgresql://...: workers on other machines cannot "
+            "share this machine's job file",
+            hint="give a PostgreSQL database that the workers reach (docs/cluster.md)",
         )
     opener = LocationOpener(config)
     try:
         src, dst = open_transfer_locations(opener, source, destination, verb)
         journal = open_journal(job, verb, src, dst, True, options)
+        done_records: Journal | None = journal
         try:
+            if journal is not None and journal_url is not None:
+                create_tables(journal_url)
+                done_records = PostgresJournal(journal_url, journal.spec)
             run = _ClusterRun(cluster, on_event, journal, partition_items, partition_bytes)
             run.display = src.display
-            planner = Planner(src, dst, recursive=True, options=options, journal=journal, emit=run.emit)
+            planner = Planner(src, dst, recursive=True, options=options, journal=done_records, emit=run.emit)
             partition_job = PartitionJob(
                 source,
                 destination,
                 dict(arguments),
                 journal_path=str(journal.path.resolve()) if journal is not None else None,
                 journal_spec=journal.spec if journal is not None else None,
+                journal_url=journal_url,
             )
             summary = await run.run(planner, partition_job)
         except BaseException:
+            if done_records is not None and done_records is not journal:
+                done_records.close()
             if journal is not None:
                 journal.close()  # interrupted: the journal stays for the next run
             raise
+        if done_records is not None and done_records is not journal:
+            done_records.finish(failed=len(summary.failed))
         if journal is not None:
             journal.finish(failed=len(summary.failed))
         return summary
@@ -214,6 +236,20 @@ async def _connect(spec: ClusterSpec) -> AsyncIterator[Client]:
     # became of the objects is reported by the run itself.
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
+    if not spec.is_local:
+        try:
+            client = await Client(spec.address, asynchronous=True, timeout=CONNECT_TIMEOUT)  # type: ignore[no-untyped-call]
+        except (TimeoutError, OSError) as exc:
+            raise NetworkError(
+                f"cannot reach the Dask scheduler at {spec.address}: {exc}",
+                hint="start it with 'dask scheduler', its workers with 'dask worker ADDRESS' "
+                "(docs/cluster.md)",
+            ) from None
+        try:
+            yield client
+        finally:
+            await _bounded(client.close(timeout=_close_timeout()))
+        return
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
         cluster = await LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=spec.local_workers,
@@ -228,11 +264,20 @@ async def _connect(spec: ClusterSpec) -> AsyncIterator[Client]:
             try:
                 yield client
             finally:
-                await _bounded(client.close(timeout=CLOSE_TIMEOUT))
+                await _bounded(client.close(timeout=_close_timeout()))
         finally:
-            await _bounded(cluster.close(timeout=CLOSE_TIMEOUT))
+            await _bounded(cluster.close(timeout=_close_timeout()))
+
+
+def _close_timeout() -> float:
+    """Seconds the cluster has to close: a run that ended lets its workers stop cleanly (about a
+    second); an interrupted one does not wait beyond CLOSE_TIMEOUT (the workers end with it:
+    each one leaves when its parent's pipe closes)."""
+    task = asyncio.current_task()
+    return CLOSE_TIMEOUT if task is not None and task.cancelling() else CLOSE_TIMEOUT_ENDED
 
 
 async def _bounded(closing: Any) -> None:
+    timeout = _close_timeout()
     with contextlib.suppress(Exception, asyncio.TimeoutError, asyncio.CancelledError):
-        await asyncio.wait_for(closing, CLOSE_TIMEOUT)
+        await asyncio.wait_for(closing, timeout)

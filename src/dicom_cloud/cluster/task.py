@@ -19,7 +19,7 @@ from typing import Any
 
 from ..engine.model import TransferEvent, TransferItem, TransferSummary
 from ..errors import DicomCloudError
-from ..journal import JobSpec, SharedJournal
+from ..journal import JobSpec, Journal, SharedJournal
 from ..location import LocationOpener
 from .portable import PortableError, PortableEvent, PortableSummary
 
@@ -35,6 +35,9 @@ class PartitionJob:
     #: The job's SQLite file, shared by the workers of a cluster on this machine (None: no journal).
     journal_path: str | None = None
     journal_spec: JobSpec | None = None
+    #: The job's PostgreSQL journal instead (``--journal``): sent to the workers as given, so it
+    #: should carry no password (workers read theirs from PGPASSWORD or ~/.pgpass).
+    journal_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,12 @@ async def _run(job: PartitionJob, index: int, items: Sequence[TransferItem]) -> 
     config = config_from_args(arguments, encrypt=arguments.encrypt, sse_kms_key_id=arguments.sse_kms_key_id)
     events = _Events()
     opener = LocationOpener(config)
-    journal = None
-    if job.journal_path is not None and job.journal_spec is not None:
+    journal: Journal | None = None
+    if job.journal_url is not None and job.journal_spec is not None:
+        from .pg_journal import PostgresJournal
+
+        journal = PostgresJournal(job.journal_url, job.journal_spec)
+    elif job.journal_path is not None and job.journal_spec is not None:
         journal = SharedJournal(Path(job.journal_path), job.journal_spec)
     abort: PortableError | None = None
     try:
