@@ -16,7 +16,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import pytest
 from test_cli import CLI, assert_same_tree, cli_env, run_cli
 
 from conftest import unique_name
-from servers import S3Server
+from servers import S3Server, free_ports
 
 pytest.importorskip("distributed")
 
@@ -196,3 +198,104 @@ def test_signal_ends_the_run_promptly(
     assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
     assert took < SIGNAL_BOUND
     assert_gone(workers)
+
+
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def journal_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for the job's journal, dropped on exit."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"dc_cluster_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def remote_cluster(env: dict[str, str]) -> Iterator[str]:
+    """A Dask scheduler and two workers on 127.0.0.1, as an operator starts them on machines: the
+    workers get the store's credentials from their own environment."""
+    (port,) = free_ports(1)
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).parent / "dask")
+    processes = [
+        subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]  # fmt: skip
+    try:
+        for _ in range(2):
+            processes.append(
+                subprocess.Popen(
+                    [dask, "worker", address, "--nthreads", "1", "--no-dashboard"],
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        wait_for_workers(address, 2)
+        yield address
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_for_workers(address: str, count: int, within: float = 120.0) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=within) as client:
+        client.wait_for_workers(count, timeout=within)
+
+
+def test_remote_cluster_with_a_postgresql_journal(
+    seaweedfs: S3Server,
+    s3_bucket: str,
+    seeded: dict[str, bytes],
+    env: dict[str, str],
+    remote_cluster: str,
+    journal_database: str,
+) -> None:
+    src, dst = f"s3://{s3_bucket}/src/", f"s3://{s3_bucket}/remote/"
+    refused = run_cli("copy", src, dst, "-r", "--cluster", remote_cluster, env=env)
+    assert refused.code == 2 and "needs --journal postgresql://" in refused.stderr, refused
+
+    result = run_cli(
+        "copy", src, dst, "-r", "--cluster", remote_cluster, "--journal", journal_database,
+        "--partition-size", PARTITION, "--json", env=env, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert result.code == 0, result
+    summary = summary_of(result.stdout)
+    assert summary["files"] == OBJECTS and summary["failed"] == 0, summary
+    verified = run_cli("verify", src, dst, env=env, timeout=RUN_TIMEOUT)
+    assert verified.code == 0, verified
+
+    import psycopg
+
+    with psycopg.connect(journal_database) as db:
+        left = db.execute("SELECT count(*) FROM dicom_cloud_job_done").fetchone()
+    assert left == (0,)  # the job completed: its rows are gone
+
+    # Run again, on the cluster and then in one process: the same engine decides the same for
+    # every object already there.
+    again = run_cli(
+        "copy", src, dst, "-r", "--cluster", remote_cluster, "--journal", journal_database, "--json",
+        env=env, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert again.code == 0, again
+    local = run_cli("copy", src, dst, "-r", "--json", env=env, timeout=RUN_TIMEOUT)
+    assert local.code == 0, local
+    counts = ("files", "skipped", "identical", "replaced", "failed")
+    on_cluster, in_one_process = summary_of(again.stdout), summary_of(local.stdout)
+    assert [on_cluster[k] for k in counts] == [in_one_process[k] for k in counts], (
+        on_cluster,
+        in_one_process,
+    )
