@@ -33,7 +33,7 @@ from .journal import JobSpec, Journal
 from .localio import resolves_within
 from .location import Location, LocationOpener
 from .store import CHECKSUM_METADATA_KEY, BucketInfo, ObjectInfo, PutOptions
-from .sync import PlanCallback, Sync, SyncOptions, SyncSummary
+from .sync import Copier, PlanCallback, Sync, SyncOptions, SyncSummary
 from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary, verify
 from .treediff import DifferenceCallback, VerifyResult, verify_object, verify_trees
 from .url import StorageURL, account_scheme
@@ -183,6 +183,7 @@ async def sync_async(
     config: StoreConfig | None = None,
     on_event: EventCallback | None = None,
     on_plan: PlanCallback | None = None,
+    copier: Copier | None = None,
     job: JobRequest | None = None,
 ) -> SyncSummary:
     """Make ``destination`` hold what ``source`` holds (both are trees: prefixes or directories).
@@ -216,7 +217,14 @@ async def sync_async(
         )
         try:
             summary = await Sync(
-                src, dst, journal, transfer=options, options=sync, on_event=on_event, on_plan=on_plan
+                src,
+                dst,
+                journal,
+                transfer=options,
+                options=sync,
+                on_event=on_event,
+                on_plan=on_plan,
+                copier=copier,
             ).run()
         except BaseException:
             journal.close()

@@ -299,3 +299,46 @@ def test_remote_cluster_with_a_postgresql_journal(
         on_cluster,
         in_one_process,
     )
+
+
+def test_sync_of_a_local_tree_on_the_cluster(
+    seaweedfs: S3Server, s3_bucket: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The plan is the client's, its copies are the workers' (one of them killed mid-run), its
+    deletions come after every copy succeeded and stay under --max-delete."""
+    tree = tmp_path / "tree"
+    make_tree(tree, OBJECTS)
+    dst = f"s3://{s3_bucket}/synced/"
+    run_cli("upload", tmp_path / "tree" / "s0", f"{dst}stale/", "-r", env=env, timeout=RUN_TIMEOUT).ok()
+    stale = (OBJECTS + 6) // 7  # what is under s0/, uploaded under stale/: not in the source
+
+    # --max-delete refuses before anything changes: nothing copied, nothing deleted.
+    refused = run_cli(
+        "sync", tree, dst, "--delete", "--max-delete", "10", "--cluster", "local:2", env=env
+    )  # fmt: skip
+    assert refused.code == 14, refused
+    assert run_cli("list", dst, "-r", "--json", env=env).ok().stdout.count("\n") == stale
+
+    argv = ["sync", str(tree), dst, "--delete", "--max-delete", "100%", "--cluster", "local:2"]
+    proc = start([*argv, "--partition-size", PARTITION, "--json"], env)
+    try:
+        wait_for_completions(proc, int(PARTITION))
+        workers_of(proc)[0].kill()
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    summary = summary_of(stdout)
+    assert summary["created"] == OBJECTS and summary["deleted"] == stale, summary
+    assert run_cli("verify", tree, dst, env=env, timeout=RUN_TIMEOUT).code == 0
+
+    # Changes on the source: one file changed, one added, one removed.
+    (tree / "s1" / "000001.dcm").write_bytes(b"changed")
+    (tree / "s1" / "added.dcm").write_bytes(b"added")
+    (tree / "s2" / "000002.dcm").unlink()
+    again = run_cli(*argv, "--json", env=env, timeout=RUN_TIMEOUT)
+    assert again.code == 0, again
+    summary = summary_of(again.stdout)
+    assert (summary["created"], summary["updated"], summary["deleted"]) == (1, 1, 1), summary
+    assert run_cli("verify", tree, dst, env=env, timeout=RUN_TIMEOUT).code == 0
+    assert b"<Upload>" not in unfinished_uploads(seaweedfs, s3_bucket)

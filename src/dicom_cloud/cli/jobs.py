@@ -46,21 +46,15 @@ def add_journal_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_cluster_option(parser: argparse.ArgumentParser) -> None:
+def add_cluster_option(parser: argparse.ArgumentParser, *, journal: bool = True) -> None:
     parser.add_argument(
         "--cluster",
         metavar="local:N|tcp://HOST:PORT",
         help="run a recursive transfer on a Dask cluster: local:N starts N worker processes here "
         "(needs the cluster extra; docs/cluster.md)",
     )
-    parser.add_argument(
-        "--journal",
-        dest="journal_url",
-        metavar="postgresql://...",
-        help="with --cluster: keep the job's finished objects in this PostgreSQL database, shared by "
-        "workers on any machine (required with a remote cluster; put the password in PGPASSWORD "
-        "or ~/.pgpass on the workers, not in the URL)",
-    )
+    if journal:
+        _add_journal_url(parser)
     parser.add_argument(
         "--partition-size",
         type=int,
@@ -68,6 +62,17 @@ def add_cluster_option(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"with --cluster: objects per task (default {DEFAULT_PARTITION_ITEMS}); a worker lost "
         "redoes at most one task's unfinished objects",
+    )
+
+
+def _add_journal_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--journal",
+        dest="journal_url",
+        metavar="postgresql://...",
+        help="with --cluster: keep the job's finished objects in this PostgreSQL database, shared by "
+        "workers on any machine (required with a remote cluster; put the password in PGPASSWORD "
+        "or ~/.pgpass on the workers, not in the URL)",
     )
 
 
@@ -117,9 +122,20 @@ def _sync(args: argparse.Namespace) -> int:
         name_filter=name_filter,
         checksum=args.checksum,
     )
-    with TransferProgress(mode, "Synced") as progress:
-        summary = run_command(
-            api.sync_async(
+    copier: Any = None
+    if args.cluster is not None and not args.dry_run:
+        from ..cluster.runner import SyncCopier
+        from ..cluster.spec import parse_cluster
+
+        if args.partition_size < 1:
+            raise UsageError("--partition-size must be at least 1")
+        copier = SyncCopier(
+            parse_cluster(args.cluster), cluster_arguments(args), partition_items=args.partition_size
+        )
+
+    async def run() -> SyncSummary:
+        try:
+            return await api.sync_async(
                 args.source,
                 args.destination,
                 options=options,
@@ -128,8 +144,14 @@ def _sync(args: argparse.Namespace) -> int:
                 on_event=None if args.dry_run else progress,
                 on_plan=plan_line,
                 job=job_request(args),
+                copier=copier,
             )
-        )
+        finally:
+            if copier is not None:
+                await copier.aclose()
+
+    with TransferProgress(mode, "Synced") as progress:
+        summary = run_command(run())
     _sync_summary(mode, summary)
     if summary.failed:
         raise TransferFailedError(
@@ -347,6 +369,7 @@ def add_job_commands(
         " as NAME.conflict-TIME (keep-both), or is overwritten (newer), or one side always wins"
         " (default: %(default)s)",
     )
+    add_cluster_option(sub, journal=False)
     connection_options(sub)
     output_options(sub)
 

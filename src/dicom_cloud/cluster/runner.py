@@ -22,11 +22,18 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import extras
 from ..api import JobRequest, open_journal, open_transfer_locations
 from ..backends import StoreConfig
-from ..engine.model import EventCallback, TransferEvent, TransferOptions, TransferSummary
+from ..engine.model import (
+    DoneCallback,
+    EventCallback,
+    TransferEvent,
+    TransferItem,
+    TransferOptions,
+    TransferSummary,
+)
 from ..engine.planner import Planner, close_items
 from ..errors import DicomCloudError, NetworkError, UsageError
 from ..journal import Journal
-from ..location import LocationOpener
+from ..location import Location, LocationOpener
 from .partition import DEFAULT_PARTITION_BYTES, DEFAULT_PARTITION_ITEMS, Partition, partitions
 from .pg_journal import PostgresJournal, check_journal_url, create_tables
 from .spec import ClusterSpec
@@ -137,7 +144,9 @@ class _ClusterRun:
         self._on_event = on_event
         self._partition_items = partition_items
         self._partition_bytes = partition_bytes
-        self._abort: DicomCloudError | None = None
+        #: Told of each object written (sync records its state from them).
+        self.on_done: DoneCallback | None = None
+        self.abort: DicomCloudError | None = None
         self._run_id = uuid.uuid4().hex[:12]
 
     def emit(self, event: TransferEvent) -> None:
@@ -151,40 +160,45 @@ class _ClusterRun:
             self.journal.begin()
             self.journal.flush()
         items = planner.plan()
-        in_flight: dict[asyncio.Future[PartitionResult], Partition] = {}
         try:
-            async with _connect(self.cluster) as client:
-                threads = 0
-                if not self.cluster.is_local:
-                    threads = sum((await client.nthreads()).values())  # type: ignore[no-untyped-call]
-                limit = IN_FLIGHT_PER_THREAD * max(threads, self.cluster.local_workers, 1)
-                async for partition in partitions(
-                    items, max_items=self._partition_items, max_bytes=self._partition_bytes
-                ):
-                    while len(in_flight) >= limit and self._abort is None:
-                        await self._gather(in_flight)
-                    if self._abort is not None:
-                        break
-                    future = client.submit(
-                        run_partition,
-                        job,
-                        partition.index,
-                        partition.items,
-                        key=f"dicom-cloud-{self._run_id}-{partition.index}",
-                        pure=False,
-                    )
-                    in_flight[asyncio.ensure_future(_result(future))] = partition
-                while in_flight and self._abort is None:
-                    await self._gather(in_flight)
+            async with ClusterSession(self.cluster) as session:
+                await self.run_items(items, job, session)
         finally:
-            for pending in in_flight:
-                pending.cancel()
             await close_items(items)
             await planner.close()
             self.summary.seconds = time.monotonic() - started
-        if self._abort is not None:
-            raise self._abort
+        if self.abort is not None:
+            raise self.abort
         return self.summary
+
+    async def run_items(
+        self, items: AsyncIterator[TransferItem], job: PartitionJob, session: ClusterSession
+    ) -> None:
+        """Partition ``items``, run the partitions on the cluster, account for their results."""
+        in_flight: dict[asyncio.Future[PartitionResult], Partition] = {}
+        try:
+            async for partition in partitions(
+                items, max_items=self._partition_items, max_bytes=self._partition_bytes
+            ):
+                client, limit = await session.client()
+                while len(in_flight) >= limit and self.abort is None:
+                    await self._gather(in_flight)
+                if self.abort is not None:
+                    break
+                future = client.submit(
+                    run_partition,
+                    job,
+                    partition.index,
+                    partition.items,
+                    key=f"dicom-cloud-{self._run_id}-{partition.index}",
+                    pure=False,
+                )
+                in_flight[asyncio.ensure_future(_result(future))] = partition
+            while in_flight and self.abort is None:
+                await self._gather(in_flight)
+        finally:
+            for pending in in_flight:
+                pending.cancel()
 
     async def _gather(self, in_flight: dict[asyncio.Future[PartitionResult], Partition]) -> None:
         """Wait for at least one partition to end, and account for those that did."""
@@ -198,9 +212,12 @@ class _ClusterRun:
                 continue
             for event in result.events:
                 self.emit(event.restore())
+            if self.on_done is not None:
+                for item, crc32c, etag in result.written:
+                    self.on_done(item, crc32c, etag)
             result.summary.add_to(self.summary)
-            if result.abort is not None and self._abort is None:
-                self._abort = result.abort.restore()
+            if result.abort is not None and self.abort is None:
+                self.abort = result.abort.restore()
 
     def _lost(self, partition: Partition, exc: Exception) -> None:
         """Every object of a partition that did not come back fails (those that its attempts
@@ -223,6 +240,34 @@ def _why_lost(exc: Exception) -> str:
 async def _result(future: Any) -> PartitionResult:
     result: PartitionResult = await future
     return result
+
+
+class ClusterSession:
+    """A connection to the cluster, made on first use (a run with nothing to move starts none) and
+    kept for the rest of the command (a bidirectional sync copies twice)."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Client | None = None
+        self._limit = 1
+
+    async def client(self) -> tuple[Client, int]:
+        """The client, and how many partitions may be in flight."""
+        if self._client is None:
+            client = await self._stack.enter_async_context(_connect(self.spec))
+            threads = self.spec.local_workers
+            if not self.spec.is_local:
+                threads = sum((await client.nthreads()).values())  # type: ignore[no-untyped-call]
+            self._client = client
+            self._limit = IN_FLIGHT_PER_THREAD * max(threads, 1)
+        return self._client, self._limit
+
+    async def __aenter__(self) -> ClusterSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -281,3 +326,52 @@ async def _bounded(closing: Any) -> None:
     timeout = _close_timeout()
     with contextlib.suppress(Exception, asyncio.TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(closing, timeout)
+
+
+class SyncCopier:
+    """A sync's copies on a cluster (``sync --cluster``): the client plans as a local sync does
+    (listings spilled to its job file, comparisons, ``--max-delete`` checked before anything
+    changes), the plan's copy actions are partitioned and run by the workers, each object written
+    comes back to the client, which records the sync's state, and deletions happen in the client
+    after every copy succeeded. The workers keep no journal: a partition run again after its
+    worker died copies its objects again (the same bytes)."""
+
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        arguments: Mapping[str, Any],
+        *,
+        partition_items: int = DEFAULT_PARTITION_ITEMS,
+    ) -> None:
+        extras.require("cluster", "--cluster")
+        self.cluster = cluster
+        self.arguments = dict(arguments)
+        self.partition_items = partition_items
+        self.session = ClusterSession(cluster)
+
+    async def __call__(
+        self,
+        src: Location,
+        dst: Location,
+        items: AsyncIterator[TransferItem],
+        on_done: DoneCallback,
+        on_event: EventCallback | None,
+    ) -> TransferSummary:
+        started = time.monotonic()
+        run = _ClusterRun(self.cluster, on_event, None, self.partition_items, DEFAULT_PARTITION_BYTES)
+        run.display = src.display
+        run.on_done = on_done
+        job = PartitionJob(
+            str(src.url), str(dst.url), self.arguments, items_listed=False, report_written=True
+        )
+        try:
+            await run.run_items(items, job, self.session)
+        finally:
+            await close_items(items)
+            run.summary.seconds = time.monotonic() - started
+        if run.abort is not None:
+            raise run.abort
+        return run.summary
+
+    async def aclose(self) -> None:
+        await self.session.__aexit__()

@@ -38,6 +38,11 @@ class PartitionJob:
     #: The job's PostgreSQL journal instead (``--journal``): sent to the workers as given, so it
     #: should carry no password (workers read theirs from PGPASSWORD or ~/.pgpass).
     journal_url: str | None = None
+    #: The items are a listing's (checked against the destination as a listing's are), not a
+    #: sync's plan (which decided what to update itself).
+    items_listed: bool = True
+    #: Return each object written with its CRC32C and ETag (a sync records them).
+    report_written: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class PartitionResult:
     summary: PortableSummary
     #: The error that stops the whole run (credentials refused, bucket missing), if one did.
     abort: PortableError | None = None
+    #: Each object written, its CRC32C and ETag (with ``report_written``).
+    written: tuple[tuple[TransferItem, str | None, str | None], ...] = ()
 
 
 def run_partition(job: PartitionJob, index: int, items: Sequence[TransferItem]) -> PartitionResult:
@@ -76,6 +83,11 @@ async def _run(job: PartitionJob, index: int, items: Sequence[TransferItem]) -> 
     elif job.journal_path is not None and job.journal_spec is not None:
         journal = SharedJournal(Path(job.journal_path), job.journal_spec)
     abort: PortableError | None = None
+    written: list[tuple[TransferItem, str | None, str | None]] = []
+
+    def on_done(item: TransferItem, crc32c: str | None, etag: str | None) -> None:
+        written.append((item, crc32c, etag))
+
     try:
         transfer = Transfer(
             opener.open(job.source),
@@ -85,7 +97,8 @@ async def _run(job: PartitionJob, index: int, items: Sequence[TransferItem]) -> 
             on_event=events,
             journal=journal,
             items=_stream(items),
-            items_listed=True,
+            items_listed=job.items_listed,
+            on_done=on_done if job.report_written else None,
         )
         try:
             await transfer.run()
@@ -96,7 +109,7 @@ async def _run(job: PartitionJob, index: int, items: Sequence[TransferItem]) -> 
         if journal is not None:
             journal.close()
         await opener.close()
-    return PartitionResult(index, tuple(events.collected), PortableSummary.of(summary), abort)
+    return PartitionResult(index, tuple(events.collected), PortableSummary.of(summary), abort, tuple(written))
 
 
 async def _stream(items: Sequence[TransferItem]) -> AsyncIterator[TransferItem]:
