@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import statistics
 import sys
 import time
 import tracemalloc
@@ -38,8 +37,11 @@ async def fake_listing(count: int) -> AsyncIterator[TransferItem]:
 
 async def simulate(keys: int, partition_size: int, in_flight: int, checkpoints: int) -> None:
     window: collections.deque[Partition] = collections.deque()
-    counts: list[int] = []
-    sizes: list[int] = []
+    # Running statistics only: lists of per-partition figures would grow with the listing and
+    # show up in the very measurement they serve.
+    partitions_seen = 0
+    smallest, largest, last_count = 10**12, 0, 0
+    size_sum = size_square_sum = 0.0
     listed = 0
     every = max(keys // checkpoints, 1)
     next_report = every
@@ -50,13 +52,18 @@ async def simulate(keys: int, partition_size: int, in_flight: int, checkpoints: 
         if len(window) >= in_flight:
             window.popleft()  # the oldest partition in flight finished
         window.append(part)
-        counts.append(len(part.items))
-        sizes.append(part.bytes)
-        listed += len(part.items)
+        count, size = len(part.items), part.bytes
+        if partitions_seen:  # the previous partition was not the last: a full one
+            smallest, largest = min(smallest, last_count), max(largest, last_count)
+        partitions_seen += 1
+        last_count = count
+        size_sum += size
+        size_square_sum += size * size
+        listed += count
         if listed >= next_report:
             current, peak = tracemalloc.get_traced_memory()
             print(
-                f"{listed:>11,} keys  {len(counts):>7,} partitions  held {current / 1e6:6.2f} MB"
+                f"{listed:>11,} keys  {partitions_seen:>7,} partitions  held {current / 1e6:6.2f} MB"
                 f"  peak {peak / 1e6:6.2f} MB  {time.monotonic() - started:6.1f} s",
                 flush=True,
             )
@@ -64,13 +71,18 @@ async def simulate(keys: int, partition_size: int, in_flight: int, checkpoints: 
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     seconds = time.monotonic() - started
-    full = counts[:-1] or counts
-    print(f"keys: {listed:,} in {len(counts):,} partitions, {seconds:.1f} s ({listed / seconds:,.0f} keys/s)")
+    if partitions_seen == 1:
+        smallest = largest = last_count
+    mean = size_sum / partitions_seen
+    stdev = max(size_square_sum / partitions_seen - mean * mean, 0.0) ** 0.5
+    print(
+        f"keys: {listed:,} in {partitions_seen:,} partitions, {seconds:.1f} s "
+        f"({listed / seconds:,.0f} keys/s)"
+    )
     print(f"peak of Python allocations: {peak / 1e6:.2f} MB (held at the end: {current / 1e6:.2f} MB)")
     print(
-        f"objects per partition: min {min(full)}, max {max(full)}, last {counts[-1]}; "
-        f"bytes per partition: mean {statistics.mean(sizes) / 1e6:.1f} MB, "
-        f"stdev {statistics.pstdev(sizes) / statistics.mean(sizes):.1%} of the mean"
+        f"objects per partition: min {smallest}, max {largest} (all but the last), last {last_count}; "
+        f"bytes per partition: mean {mean / 1e6:.1f} MB, stdev {stdev / mean:.1%} of the mean"
     )
 
 

@@ -104,8 +104,8 @@ async def transfer_on_cluster(
             run.display = src.display
             planner = Planner(src, dst, recursive=True, options=options, journal=done_records, emit=run.emit)
             partition_job = PartitionJob(
-                source,
-                destination,
+                str(src.url),  # local paths made absolute: a worker's directory is not the client's
+                str(dst.url),
                 dict(arguments),
                 journal_path=str(journal.path.resolve()) if journal is not None else None,
                 journal_spec=journal.spec if journal is not None else None,
