@@ -71,6 +71,10 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=400)
     parser.add_argument("--small", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--parallel", type=int, default=0, help="--parallel of each worker (default: the CLI's)"
+    )
+    parser.add_argument("--scenarios", default="one,study,small")
     parser.add_argument("--data-dir", type=Path, default=BENCH / ".data")
     args = parser.parse_args()
     data = args.data_dir.resolve()
@@ -101,6 +105,7 @@ def main() -> int:
             ("study", "single"), ("study", "cluster"),
             ("small", "cluster"), ("small", "single"),
         ]  # fmt: skip
+        order = [(scenario, mode) for scenario, mode in order if scenario in args.scenarios.split(",")]
         for n, (scenario, mode) in enumerate(order):
             tree, expected = trees[scenario]
             prefix = f"run-{n}-{scenario}-{mode}/"
@@ -113,6 +118,8 @@ def main() -> int:
             argv += ["-r", "-q", "--no-journal"]
             if mode == "cluster":
                 argv += ["--cluster", f"local:{args.workers}"]
+                if args.parallel:
+                    argv += ["--parallel", str(args.parallel)]
             env = common.tool_env("dicom-cloud", srv, home)
             before_load, before_cpu = loadavg(), server_cpu(srv)
             os.sync()
@@ -146,7 +153,7 @@ def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
     by = {(r["scenario"], r["mode"]): r for r in rows}
     print()
-    for scenario in ("one", "study", "small"):
+    for scenario in sorted({scenario for scenario, _ in order}):
         single, cluster = by[(scenario, "single")], by[(scenario, "cluster")]
         objects = single["objects"]
         print(

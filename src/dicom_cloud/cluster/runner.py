@@ -295,7 +295,13 @@ async def _connect(spec: ClusterSpec) -> AsyncIterator[Client]:
         finally:
             await _bounded(client.close(timeout=_close_timeout()))
         return
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+    settings = {
+        "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+        # Dask's statistical profiler samples every worker thread 100 times a second: CPU that the
+        # transfers want, for a dashboard that a local cluster does not start.
+        "distributed.worker.profile.enabled": False,
+    }
+    with dask.config.set(settings):
         cluster = await LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=spec.local_workers,
             threads_per_worker=1,

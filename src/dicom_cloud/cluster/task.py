@@ -98,6 +98,7 @@ async def _run(job: PartitionJob, index: int, items: Sequence[TransferItem]) -> 
             journal=journal,
             items=_stream(items),
             items_listed=job.items_listed,
+            preflight=False,  # the client's, once for the run
             on_done=on_done if job.report_written else None,
         )
         try:
