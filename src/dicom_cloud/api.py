@@ -33,7 +33,7 @@ from .journal import JobSpec, Journal
 from .localio import resolves_within
 from .location import Location, LocationOpener
 from .store import CHECKSUM_METADATA_KEY, BucketInfo, ObjectInfo, PutOptions
-from .sync import PlanCallback, Sync, SyncOptions, SyncSummary
+from .sync import Copier, PlanCallback, Sync, SyncOptions, SyncSummary
 from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary, verify
 from .treediff import DifferenceCallback, VerifyResult, verify_object, verify_trees
 from .url import StorageURL, account_scheme
@@ -84,14 +84,8 @@ async def transfer_async(
     if uid_log is not None:
         options = replace(options or TransferOptions(), on_uid_map=uid_log.write)
     try:
-        src = opener.open(source)
-        dst = opener.open(destination)
-        opener.config.check_encryption_applies({src.url.scheme, dst.url.scheme})
-        if require == "upload" and not src.is_local:
-            raise UsageError(f"upload reads local files; {source} is remote", hint="use copy or download")
-        if require == "download" and not dst.is_local:
-            raise UsageError(f"download writes local files; {destination} is remote", hint="use copy")
-        journal = _open_journal(job, require, src, dst, recursive, options)
+        src, dst = open_transfer_locations(opener, source, destination, require)
+        journal = open_journal(job, require, src, dst, recursive, options)
         transfer = Transfer(
             src,
             dst,
@@ -135,7 +129,21 @@ class JobRequest:
     directory: str | None = None
 
 
-def _open_journal(
+def open_transfer_locations(
+    opener: LocationOpener, source: str, destination: str, require: Literal["upload", "download", "copy"]
+) -> tuple[Location, Location]:
+    """The two locations of a transfer, refused when they do not fit the verb or the encryption."""
+    src = opener.open(source)
+    dst = opener.open(destination)
+    opener.config.check_encryption_applies({src.url.scheme, dst.url.scheme})
+    if require == "upload" and not src.is_local:
+        raise UsageError(f"upload reads local files; {source} is remote", hint="use copy or download")
+    if require == "download" and not dst.is_local:
+        raise UsageError(f"download writes local files; {destination} is remote", hint="use copy")
+    return src, dst
+
+
+def open_journal(
     job: JobRequest | None,
     verb: str,
     src: Location,
@@ -175,6 +183,7 @@ async def sync_async(
     config: StoreConfig | None = None,
     on_event: EventCallback | None = None,
     on_plan: PlanCallback | None = None,
+    copier: Copier | None = None,
     job: JobRequest | None = None,
 ) -> SyncSummary:
     """Make ``destination`` hold what ``source`` holds (both are trees: prefixes or directories).
@@ -208,7 +217,14 @@ async def sync_async(
         )
         try:
             summary = await Sync(
-                src, dst, journal, transfer=options, options=sync, on_event=on_event, on_plan=on_plan
+                src,
+                dst,
+                journal,
+                transfer=options,
+                options=sync,
+                on_event=on_event,
+                on_plan=on_plan,
+                copier=copier,
             ).run()
         except BaseException:
             journal.close()

@@ -33,6 +33,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "postgres": ("psycopg", "procrastinate"),
     "parquet": ("pyarrow",),
     "aws": ("botocore",),
+    "cluster": ("dask", "distributed"),
 }
 
 

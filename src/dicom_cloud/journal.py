@@ -47,6 +47,8 @@ from .errors import JobLockedError, UsageError
 SCHEMA_VERSION = 1
 _COMMIT_INTERVAL = 0.5
 _COMMIT_ROWS = 500
+#: Seconds a writer waits for another one's transaction (workers of a cluster share one job file).
+_BUSY_TIMEOUT = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS job (
@@ -133,7 +135,7 @@ class Journal:
         self.path = path
         self.spec = spec
         self._lock_fd = lock_fd
-        self._db = sqlite3.connect(path, isolation_level="DEFERRED")
+        self._db = sqlite3.connect(path, isolation_level="DEFERRED", timeout=_BUSY_TIMEOUT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -294,6 +296,24 @@ class Journal:
             _remove_job_files(self.path)
         os.close(self._lock_fd)
         self._lock_fd = -1
+
+
+class SharedJournal(Journal):
+    """A job's file opened by one of the processes that work for the run holding it (the workers of
+    a cluster on this machine): no lock (the run holds it), no record of the run (the run makes it),
+    and each row committed at once, so that a writer holds SQLite's write lock for one row only and
+    a worker killed at any moment loses nothing it reported done."""
+
+    def __init__(self, path: Path, spec: JobSpec) -> None:
+        super().__init__(path, spec, lock_fd=-1, record=False)
+
+    def _tick(self) -> None:
+        self.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.commit()
+        self._db.close()
 
 
 def _remove_job_files(path: Path) -> None:

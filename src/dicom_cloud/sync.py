@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .errors import DeleteLimitError, DicomCloudError, NotSupportedError, UsageError
 from .filters import Filter
@@ -36,6 +36,7 @@ from .journal import Journal
 from .location import Location
 from .store import ObjectInfo
 from .transfer import (
+    DoneCallback,
     EventCallback,
     Transfer,
     TransferEvent,
@@ -157,6 +158,20 @@ class _Plan:
         return int(self.db.execute("SELECT count(*) FROM plan WHERE action = ?", (action,)).fetchone()[0])
 
 
+class Copier(Protocol):
+    """Runs the copies of a sync's plan (``items``, in plan order) from ``src`` to ``dst``, telling
+    ``on_done`` of each object written, as the transfer engine does in this process."""
+
+    async def __call__(
+        self,
+        src: Location,
+        dst: Location,
+        items: AsyncIterator[TransferItem],
+        on_done: DoneCallback,
+        on_event: EventCallback | None,
+    ) -> TransferSummary: ...
+
+
 class Sync:
     """One run of ``sync`` from ``a`` (the source) to ``b`` (the destination), or between both."""
 
@@ -170,6 +185,7 @@ class Sync:
         options: SyncOptions,
         on_event: EventCallback | None = None,
         on_plan: PlanCallback | None = None,
+        copier: Copier | None = None,
     ) -> None:
         if transfer.dicom is not None or transfer.deidentify is not None:
             raise UsageError(
@@ -184,6 +200,8 @@ class Sync:
         self.options = options
         self.on_event = on_event
         self.on_plan = on_plan
+        #: Runs the plan's copies elsewhere (a cluster's workers) instead of in this process.
+        self.copier = copier
         self.summary = SyncSummary(dry_run=transfer.dry_run)
         # With client-side encryption the stored bytes are not the source's: only the journal's record
         # of earlier copies can tell an object is up to date, never its size or checksum.
@@ -461,16 +479,19 @@ class Sync:
             a_sig, b_sig = (item.version, written) if side == "a" else (written, item.version)
             self.journal.set_entry(rel, a_sig, b_sig, crc32c)
 
-        transfer = Transfer(
-            src,
-            dst,
-            recursive=True,
-            options=self.transfer,
-            on_event=self.on_event,
-            items=items,
-            on_done=on_done,
-        )
-        summary = await transfer.run()
+        if self.copier is not None and not self.transfer.dry_run:
+            summary = await self.copier(src, dst, items, on_done, self.on_event)
+        else:
+            transfer = Transfer(
+                src,
+                dst,
+                recursive=True,
+                options=self.transfer,
+                on_event=self.on_event,
+                items=items,
+                on_done=on_done,
+            )
+            summary = await transfer.run()
         self.summary.transfers.append(summary)
         return summary
 

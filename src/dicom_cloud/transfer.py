@@ -126,7 +126,15 @@ class Transfer:
         journal: Journal | None = None,
         items: AsyncIterator[TransferItem] | None = None,
         on_done: DoneCallback | None = None,
+        items_listed: bool = False,
+        preflight: bool = True,
     ) -> None:
+        """``items``: what to transfer, planned by the caller instead of a listing of ``src``.
+        ``items_listed``: they are a listing's items as the planner makes them (a partition of a
+        run on a cluster), to be checked against the destination as a listing's are. ``preflight``:
+        False where the caller has checked the destination already (a cluster's client, once for
+        all its partitions: a listing per partition costs the store more than the partition's
+        small objects)."""
         self.src = src
         self.dst = dst
         self.recursive = recursive
@@ -136,6 +144,7 @@ class Transfer:
         self.summary = TransferSummary(dry_run=self.options.dry_run)
         self._accounting = Accounting(self.summary, on_event, manifest, on_done, dst.display)
         self._abort: DicomCloudError | None = None
+        self._preflight = preflight
         self._planner = Planner(
             src,
             dst,
@@ -151,7 +160,9 @@ class Transfer:
         self._router = Router(
             context,
             DestinationCheck(dst, self.options, crypt, budget),
-            checks_destination=self._checks_destination(caller_planned=items is not None),
+            checks_destination=self._checks_destination(
+                caller_planned=items is not None and not items_listed
+            ),
         )
         self._crypt = crypt
         #: Destination names being checked and written, one item at a time per name.
@@ -174,7 +185,8 @@ class Transfer:
 
     async def run(self) -> TransferSummary:
         started = time.monotonic()
-        await self._planner.preflight()
+        if self._preflight:
+            await self._planner.preflight()
         queue: asyncio.Queue[TransferItem | None] = asyncio.Queue(maxsize=self.options.parallel * 4)
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.options.parallel)]
         items = self._planner.plan()

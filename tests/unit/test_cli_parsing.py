@@ -122,9 +122,9 @@ def test_start_up_loads_no_heavy_library() -> None:
     code = (
         "import sys\n"
         "from dicom_cloud.cli.main import build_parser\n"
-        "build_parser().parse_args(['upload', 'a', 's3://b/c', '-r'])\n"
+        "build_parser().parse_args(['upload', 'a', 's3://b/c', '-r', '--cluster', 'local:2'])\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'pydicom', 'numpy', 'sqlalchemy', 'fastapi', 'PIL', 'uvicorn'})\n"
+        "{'pydicom', 'numpy', 'sqlalchemy', 'fastapi', 'PIL', 'uvicorn', 'dask', 'distributed'})\n"
         "print(','.join(heavy))\n"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import api
+from ..cluster.partition import DEFAULT_PARTITION_ITEMS
 from ..errors import DifferencesFoundError, TransferFailedError, UsageError
 from ..journal import find_job, forget_job, list_jobs, prune_jobs
 from ..sync import DEFAULT_MAX_DELETE, SyncOptions, SyncSummary, parse_max_delete
@@ -31,7 +32,8 @@ _NOT_IDENTITY = frozenset(
     {
         "handler", "command", "argv", "source", "destination", "recursive", "parallel", "part_size",
         "part_concurrency", "multipart_threshold", "quiet", "json_output", "verbose", "retries",
-        "timeout", "attempts", "no_journal", "dry_run", "manifest", "deid_map",
+        "timeout", "attempts", "no_journal", "dry_run", "manifest", "deid_map", "cluster", "partition_size",
+        "journal_url",
     }
 )  # fmt: skip
 
@@ -42,6 +44,42 @@ def add_journal_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep no journal of this run (an interrupted run then starts again from scratch)",
     )
+
+
+def add_cluster_option(parser: argparse.ArgumentParser, *, journal: bool = True) -> None:
+    parser.add_argument(
+        "--cluster",
+        metavar="local:N|tcp://HOST:PORT",
+        help="run a recursive transfer on a Dask cluster: local:N starts N worker processes here "
+        "(needs the cluster extra; docs/cluster.md)",
+    )
+    if journal:
+        _add_journal_url(parser)
+    parser.add_argument(
+        "--partition-size",
+        type=int,
+        default=DEFAULT_PARTITION_ITEMS,
+        metavar="N",
+        help=f"with --cluster: objects per task (default {DEFAULT_PARTITION_ITEMS}); a worker lost "
+        "redoes at most one task's unfinished objects",
+    )
+
+
+def _add_journal_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--journal",
+        dest="journal_url",
+        metavar="postgresql://...",
+        help="with --cluster: keep the job's finished objects in this PostgreSQL database, shared by "
+        "workers on any machine (required with a remote cluster; put the password in PGPASSWORD "
+        "or ~/.pgpass on the workers, not in the URL)",
+    )
+
+
+def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's arguments as sent to the workers of a cluster: flags and file paths (never key
+    material: the workers read keys and credentials themselves); the handler stays here."""
+    return {key: value for key, value in vars(args).items() if key != "handler"}
 
 
 def job_request(args: argparse.Namespace) -> api.JobRequest | None:
@@ -84,9 +122,20 @@ def _sync(args: argparse.Namespace) -> int:
         name_filter=name_filter,
         checksum=args.checksum,
     )
-    with TransferProgress(mode, "Synced") as progress:
-        summary = run_command(
-            api.sync_async(
+    copier: Any = None
+    if args.cluster is not None and not args.dry_run:
+        from ..cluster.runner import SyncCopier
+        from ..cluster.spec import parse_cluster
+
+        if args.partition_size < 1:
+            raise UsageError("--partition-size must be at least 1")
+        copier = SyncCopier(
+            parse_cluster(args.cluster), cluster_arguments(args), partition_items=args.partition_size
+        )
+
+    async def run() -> SyncSummary:
+        try:
+            return await api.sync_async(
                 args.source,
                 args.destination,
                 options=options,
@@ -95,8 +144,14 @@ def _sync(args: argparse.Namespace) -> int:
                 on_event=None if args.dry_run else progress,
                 on_plan=plan_line,
                 job=job_request(args),
+                copier=copier,
             )
-        )
+        finally:
+            if copier is not None:
+                await copier.aclose()
+
+    with TransferProgress(mode, "Synced") as progress:
+        summary = run_command(run())
     _sync_summary(mode, summary)
     if summary.failed:
         raise TransferFailedError(
@@ -314,6 +369,7 @@ def add_job_commands(
         " as NAME.conflict-TIME (keep-both), or is overwritten (newer), or one side always wins"
         " (default: %(default)s)",
     )
+    add_cluster_option(sub, journal=False)
     connection_options(sub)
     output_options(sub)
 

@@ -34,7 +34,7 @@ from . import dimse as dimse_commands
 from . import serve as serve_commands
 from . import viewer as viewer_commands
 from . import worker as worker_commands
-from .jobs import add_job_commands, add_journal_option, job_request
+from .jobs import add_cluster_option, add_job_commands, add_journal_option, cluster_arguments, job_request
 from .options import (
     client_encryption,
     config_from_args,
@@ -353,20 +353,46 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
         options = options_from_args(args)
         config = config_from_args(args, encrypt=args.encrypt, sse_kms_key_id=args.sse_kms_key_id)
         mode = choose_mode(quiet=args.quiet, json_output=args.json_output)
-        with TransferProgress(mode, verb, report_failures=args.recursive) as progress:
-            summary = run_command(
-                call(
-                    args.source,
-                    args.destination,
-                    recursive=args.recursive,
-                    options=options,
-                    config=config,
-                    on_event=progress,
-                    manifest=args.manifest,
-                    deid_map=args.deid_map,
-                    job=job_request(args),
-                )
+        on_cluster = args.cluster is not None and not options.dry_run  # a dry run only lists: here
+        if args.journal_url is not None and args.cluster is None:
+            raise UsageError(
+                "--journal is the journal of a run on a cluster", hint="add --cluster, or drop --journal"
             )
+        if on_cluster:
+            cluster = _cluster_of(args)
+        with TransferProgress(mode, verb, report_failures=args.recursive) as progress:
+            if on_cluster:
+                from ..cluster.runner import transfer_on_cluster
+
+                summary = run_command(
+                    transfer_on_cluster(
+                        args.command,
+                        args.source,
+                        args.destination,
+                        cluster=cluster,
+                        arguments=cluster_arguments(args),
+                        options=options,
+                        config=config,
+                        on_event=progress,
+                        job=job_request(args),
+                        partition_items=args.partition_size,
+                        journal_url=args.journal_url,
+                    )
+                )
+            else:
+                summary = run_command(
+                    call(
+                        args.source,
+                        args.destination,
+                        recursive=args.recursive,
+                        options=options,
+                        config=config,
+                        on_event=progress,
+                        manifest=args.manifest,
+                        deid_map=args.deid_map,
+                        job=job_request(args),
+                    )
+                )
         progress.summary(summary)
         if summary.failed and not args.recursive:
             raise summary.failed[0][1]  # one object: exit with its own error's code
@@ -397,6 +423,21 @@ def _transfer(verb: str, call: TransferCall) -> Callable[[argparse.Namespace], i
         return 0
 
     return handler
+
+
+def _cluster_of(args: argparse.Namespace) -> Any:
+    """The ``--cluster`` of a transfer command, refused where it does not apply."""
+    from ..cluster.spec import parse_cluster
+
+    cluster = parse_cluster(args.cluster)
+    if args.partition_size < 1:
+        raise UsageError("--partition-size must be at least 1")
+    if not args.recursive:
+        raise UsageError("--cluster runs a recursive transfer", hint="add --recursive, or drop --cluster")
+    for flag, value in (("--manifest", args.manifest), ("--deid-map", args.deid_map)):
+        if value:
+            raise UsageError(f"{flag} is not available with --cluster", hint=f"drop {flag} or --cluster")
+    return cluster
 
 
 def _display(config: Any, url: str) -> Callable[[str], str]:
@@ -649,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "(by default a download decrypts, --encrypt client-side included)",
             )
         add_journal_option(sub)
+        add_cluster_option(sub)
         _connection_options(sub)
         _output_options(sub)
 
