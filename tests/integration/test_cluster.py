@@ -22,14 +22,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import distributed  # noqa: F401  # the cluster extra is part of the test install: missing is a failure
 import psutil
 import pytest
 from test_cli import CLI, assert_same_tree, cli_env, run_cli
 
 from conftest import unique_name
 from servers import S3Server, free_ports
-
-pytest.importorskip("distributed")
 
 OBJECTS = int(os.environ.get("CLUSTER_OBJECTS", "2000"))
 #: Objects per task: enough partitions that a worker is always busy with one when it is killed.
@@ -206,7 +205,7 @@ ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 @pytest.fixture
 def journal_database() -> Iterator[str]:
     """A fresh PostgreSQL database for the job's journal, dropped on exit."""
-    psycopg = pytest.importorskip("psycopg")
+    import psycopg
     name = f"dc_cluster_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
