@@ -9,7 +9,7 @@ import pytest
 
 from dicom_cloud.backends import open_store
 from dicom_cloud.backends.local import LocalStore
-from dicom_cloud.errors import AlreadyExistsError, NotFoundError, UnsafeNameError
+from dicom_cloud.errors import AlreadyExistsError, DicomCloudError, NotFoundError, UnsafeNameError
 from dicom_cloud.localio import PARTIAL_SUFFIX
 from dicom_cloud.store import CHECKSUM_METADATA_KEY, PutOptions
 
@@ -280,3 +280,39 @@ def test_private_store_creates_owner_only_files_and_directories(tmp_path: Path, 
     dirs = [root, *(p for p in made if p.is_dir())]
     assert {str(p): p.stat().st_mode & 0o777 for p in dirs} == {str(p): dir_mode for p in dirs}
     assert shared.stat().st_mode & 0o777 == 0o755  # a directory that existed keeps its mode
+
+
+def test_put_many_writes_each_object_and_names_each_failure(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+
+    async def main() -> None:
+        await store.put("blocked", b"a file where a directory would be")
+        outcomes = await store.put_many(
+            [
+                ("x/1.dcm", b"one", PutOptions(metadata={CHECKSUM_METADATA_KEY: "00000000"})),
+                ("blocked/2.dcm", b"two", PutOptions()),
+                ("x/3.dcm", b"three", PutOptions(content_type="application/dicom")),
+            ]
+        )
+        assert outcomes[0] is None and outcomes[2] is None
+        assert isinstance(outcomes[1], DicomCloudError)
+        assert await store.get("x/1.dcm") == b"one" and await store.get("x/3.dcm") == b"three"
+        assert (await store.stat("x/3.dcm")).content_type == "application/dicom"
+
+    asyncio.run(main())
+    assert _leftovers(tmp_path) == []
+
+
+def test_put_many_of_a_store_of_requests_names_each_failure(mem_bucket: str) -> None:
+    store = open_store(f"memory://{mem_bucket}")
+
+    async def main() -> None:
+        outcomes = await store.put_many(
+            [("a/1.dcm", b"one", PutOptions()), ("a/2.dcm", b"two", PutOptions(if_absent=True))]
+        )
+        assert outcomes == [None, None]
+        again = await store.put_many([("a/2.dcm", b"again", PutOptions(if_absent=True))])
+        assert isinstance(again[0], AlreadyExistsError)
+        assert await store.get("a/2.dcm") == b"two"
+
+    asyncio.run(main())
