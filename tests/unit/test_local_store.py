@@ -242,6 +242,38 @@ def test_metadata_round_trips_via_xattrs(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_metadata_is_one_attribute_and_files_of_one_attribute_per_name_are_read(tmp_path: Path) -> None:
+    """The stored format since 2026-12-04 (docs/storage-format.md): one attribute, a JSON object;
+    files written before keep one attribute per name and read as they did."""
+    if not _has_user_xattrs(tmp_path):
+        pytest.skip("temporary filesystem has no user extended attributes")
+    store = LocalStore(tmp_path)
+    meta = {CHECKSUM_METADATA_KEY: "0a1b2c3d", "Source": "PACS1"}
+
+    async def main() -> None:
+        await store.put("new.dcm", b"data", PutOptions(content_type="application/dicom", metadata=meta))
+        assert os.listxattr(tmp_path / "new.dcm") == ["user.dicom_cloud"]
+        old = tmp_path / "old.dcm"
+        old.write_bytes(b"data")
+        st = old.stat()
+        for name, value in {
+            **meta,
+            "content-type": "application/dicom",
+            "crc32c-stamp": f"{st.st_size}:{st.st_mtime_ns}",
+        }.items():
+            os.setxattr(old, f"user.dicom_cloud.{name}", value.encode())
+        for key in ("new.dcm", "old.dcm"):
+            info = await store.stat(key)
+            assert dict(info.metadata) == meta and info.content_type == "application/dicom", key
+            info, data = await store.read(key)
+            assert dict(info.metadata) == meta and data == b"data", key
+        with old.open("ab") as f:  # edited since its checksum was recorded: the checksum is stale
+            f.write(b"!")
+        assert CHECKSUM_METADATA_KEY not in (await store.stat("old.dcm")).metadata
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("private", [True, False])
 def test_private_store_creates_owner_only_files_and_directories(tmp_path: Path, private: bool) -> None:
     """A private store (the archive's) makes every file 0600 and every directory it creates 0700,

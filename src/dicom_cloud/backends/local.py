@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -405,7 +406,10 @@ def check_key(key: str) -> None:
             raise UnsafeNameError(f"object name has a '{segment}' segment: {key!r}")
 
 
-#: Object metadata lives in extended attributes under this namespace, where the filesystem has them.
+#: Object metadata lives in extended attributes, where the filesystem has them: all of it in one
+#: attribute, a JSON object of names to values (one system call to write, one to read). Files
+#: written before 2026-12-04 have one attribute per name under this namespace; they are read too.
+_METADATA_XATTR = "user.dicom_cloud"
 _XATTR_PREFIX = "user.dicom_cloud."
 _CONTENT_TYPE = "content-type"
 #: Size and mtime of the content the stored CRC32C was computed for.
@@ -413,27 +417,52 @@ _CHECKSUM_STAMP = "crc32c-stamp"
 
 
 def _write_metadata(path: Path | int, options: PutOptions) -> None:
-    """The metadata of ``options`` as extended attributes of ``path`` (or of an open file, by its
-    descriptor, once its content is written)."""
+    """The metadata of ``options`` as the extended attribute of ``path`` (or of an open file, by
+    its descriptor, once its content is written)."""
     items = dict(options.metadata)
     if options.content_type:
         items[_CONTENT_TYPE] = options.content_type
+    if not items:
+        return
     if CHECKSUM_METADATA_KEY in items:
         # Editing a file keeps its extended attributes: the checksum says which content it describes.
         items[_CHECKSUM_STAMP] = _stamp(os.stat(path))
-    for name, value in items.items():
-        try:
-            os.setxattr(path, _XATTR_PREFIX + name, value.encode("utf-8"))
-        except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.E2BIG, errno.ENOSPC):
-                log.debug("metadata not kept for %s: filesystem has no extended attributes", path)
-                return
-            raise
+    value = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        os.setxattr(path, _METADATA_XATTR, value)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.E2BIG, errno.ENOSPC):
+            log.debug("metadata not kept for %s: filesystem has no extended attributes", path)
+            return
+        raise
 
 
 def _read_metadata(path: Path | int) -> dict[str, str]:
     """The metadata kept as extended attributes of ``path`` (or of an open file, by its descriptor);
     a CRC32C whose stamp no longer matches the file is left out."""
+    try:
+        metadata = _metadata_of(json.loads(os.getxattr(path, _METADATA_XATTR)))
+    except (OSError, ValueError):
+        metadata = _metadata_per_attribute(path)  # none, or written before they were one attribute
+    stamp = metadata.pop(_CHECKSUM_STAMP, None)
+    if CHECKSUM_METADATA_KEY in metadata:
+        try:
+            current = _stamp(os.stat(path))
+        except OSError:
+            current = None
+        if stamp != current:  # the file changed since the checksum was recorded: it is stale
+            del metadata[CHECKSUM_METADATA_KEY]
+    return metadata
+
+
+def _metadata_of(decoded: object) -> dict[str, str]:
+    if not isinstance(decoded, dict):
+        return {}
+    return {str(k): v for k, v in decoded.items() if isinstance(v, str)}
+
+
+def _metadata_per_attribute(path: Path | int) -> dict[str, str]:
+    """Metadata as files written before 2026-12-04 keep it: one attribute per name."""
     try:
         names = os.listxattr(path)
     except OSError:
@@ -443,14 +472,6 @@ def _read_metadata(path: Path | int) -> dict[str, str]:
         if name.startswith(_XATTR_PREFIX):
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 metadata[name[len(_XATTR_PREFIX) :]] = os.getxattr(path, name).decode("utf-8")
-    stamp = metadata.pop(_CHECKSUM_STAMP, None)
-    if CHECKSUM_METADATA_KEY in metadata:
-        try:
-            current = _stamp(os.stat(path))
-        except OSError:
-            current = None
-        if stamp != current:  # the file changed since the checksum was recorded: it is stale
-            del metadata[CHECKSUM_METADATA_KEY]
     return metadata
 
 
