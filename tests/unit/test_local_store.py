@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -348,3 +349,37 @@ def test_put_many_of_a_store_of_requests_names_each_failure(mem_bucket: str) -> 
         assert await store.get("a/2.dcm") == b"two"
 
     asyncio.run(main())
+
+
+def test_whole_writes_leave_no_partial_file_and_fall_back_where_unnamed_files_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole write is a file without a name, linked once complete (nothing to leave behind);
+    on a file system without such files it goes through a partial file, as before."""
+    store = LocalStore(tmp_path / "a", private=True)
+    created: list[str] = []
+    real_open = os.open
+
+    def watched(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        created.append(Path(path).name)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched)
+    asyncio.run(store.put("d/x.dcm", b"one"))
+    asyncio.run(store.put("d/x.dcm", b"two"))  # replacing
+    assert not any(name.endswith(PARTIAL_SUFFIX) for name in created)
+    assert (tmp_path / "a" / "d" / "x.dcm").read_bytes() == b"two"
+    assert sorted(p.name for p in (tmp_path / "a" / "d").iterdir()) == ["x.dcm"]
+
+    def no_unnamed_files(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return watched(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_unnamed_files)
+    other = LocalStore(tmp_path / "b", private=True)
+    asyncio.run(other.put("d/y.dcm", b"three", PutOptions(content_type="application/dicom")))
+    assert any(name.endswith(PARTIAL_SUFFIX) for name in created)  # the partial file path
+    assert (tmp_path / "b" / "d" / "y.dcm").read_bytes() == b"three"
+    assert (tmp_path / "b" / "d" / "y.dcm").stat().st_mode & 0o777 == 0o600
+    assert _leftovers(tmp_path) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from ..localio import (
     StalePartials,
     counting_listing,
     make_dirs,
+    partial_path,
     read_chunks,
 )
 from ..store import (
@@ -69,6 +71,9 @@ class LocalStore(Store):
         self._stale = StalePartials()
         #: Files created 0600 and directories 0700 (whatever the umask allows beyond).
         self.private = private
+        #: Whether whole writes go through files without a name (``O_TMPFILE``); off once the
+        #: file system is found to have none.
+        self._unnamed_files = hasattr(os, "O_TMPFILE")
 
     def url(self, key: str = "") -> str:
         # For messages only: no validation here, so that an unsafe name can still be reported.
@@ -175,7 +180,15 @@ class LocalStore(Store):
         return PutResult(etag=None)
 
     def _put_now(self, path: Path, data: bytes | memoryview, options: PutOptions) -> None:
-        """:meth:`put`, in the calling (worker) thread."""
+        """:meth:`put`, in the calling (worker) thread: as a file without a name, given its name
+        once whole (:meth:`_put_unnamed`), where the file system makes such files; else
+        through a partial file."""
+        if self._unnamed_files:
+            try:
+                self._put_unnamed(path, data, options)
+                return
+            except _NoUnnamedFiles:
+                self._unnamed_files = False
 
         def write(tmp: Path, fd: int) -> None:
             # Through the partial file's own descriptor: it was created empty with its final
@@ -210,6 +223,66 @@ class LocalStore(Store):
         runs = [items[start : start + size] for start in range(0, len(items), size)]
         done = await asyncio.gather(*(asyncio.to_thread(write_run, run) for run in runs))
         return [outcome for outcomes in done for outcome in outcomes]
+
+    def _put_unnamed(self, path: Path, data: bytes | memoryview, options: PutOptions) -> None:
+        """Write ``data`` and its metadata into a new file that has no name yet (``O_TMPFILE``),
+        then link it under ``path``. Until the link the file is in no directory: a process that
+        dies before it (even by ``kill -9``) leaves nothing behind, so there is no partial file
+        to create, lock, look for or rename, and the link itself is atomic (``EEXIST`` when the
+        name is taken; replacing a file goes through a partial name and a rename).
+        :class:`_NoUnnamedFiles` where the file system has no such files."""
+        flags = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC
+        mode = PRIVATE_FILE_MODE if self.private else 0o666
+        try:
+            try:
+                fd = os.open(path.parent, flags, mode)
+            except FileNotFoundError:
+                _make_parent(path, self.private)
+                fd = os.open(path.parent, flags, mode)
+            else:
+                # Partial files of ``path`` left by a writer that died (through another write
+                # path, or an earlier version) go as they did; a directory made now has none.
+                self._stale.remove_for(path)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise _NoUnnamedFiles from None
+            raise _translate(exc, path) from exc
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+            _write_metadata(fd, options)
+            self._link_unnamed(fd, path, options.if_absent)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+        finally:
+            os.close(fd)
+
+    def _link_unnamed(self, fd: int, path: Path, if_absent: bool) -> None:
+        proc_path = f"/proc/self/fd/{fd}"  # linkat(AT_SYMLINK_FOLLOW) of it names the open file
+        # A directory descriptor makes Python call linkat() (link() would link the /proc symbolic
+        # link itself, EXDEV); the path is absolute, so which descriptor does not matter.
+        link = functools.partial(os.link, src_dir_fd=fd, follow_symlinks=True)
+        try:
+            link(proc_path, path)
+            return
+        except FileExistsError:
+            if if_absent:
+                raise AlreadyExistsError(f"{path} already exists") from None
+        except FileNotFoundError:
+            if not Path("/proc/self/fd").exists():
+                raise _NoUnnamedFiles from None  # no /proc: nothing names the open file
+            raise
+        # Replacing: the file gets a partial name first (a process that dies now leaves a partial
+        # file no one holds, removed as stale by a later write of ``path`` or by cleanup).
+        partial = partial_path(path)
+        link(proc_path, partial)
+        try:
+            os.replace(partial, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise
 
     async def put_stream(
         self,
@@ -403,6 +476,10 @@ class RandomAccessWriter:
         with contextlib.suppress(OSError):
             self.tmp.unlink()
         self._partial.release()
+
+
+class _NoUnnamedFiles(Exception):
+    """The file system (or the system) cannot make files without a name, or name them later."""
 
 
 def check_key(key: str) -> None:
