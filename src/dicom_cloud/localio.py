@@ -82,7 +82,8 @@ def final_name_of(name: str) -> str | None:
 _partial_names = random.Random()
 os.register_at_fork(after_in_child=_partial_names.seed)
 
-#: New partial file names tried before giving up (each is lost only to a concurrent cleanup).
+#: New partial file names tried before giving up (each is lost only to a name already taken or
+#: to a concurrent cleanup).
 _NAME_TRIES = 8
 
 
@@ -101,7 +102,10 @@ class PartialFile:
         mode = PRIVATE_FILE_MODE if private else 0o666
         for _ in range(_NAME_TRIES):
             path = partial_path(final)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            except FileExistsError:
+                continue  # the name is another writer's: another one
             # Another process may have taken the lock between the create and this call, finding the
             # file unlocked: it then removes it. Waiting for the lock and checking the file is still
             # linked tells; a fresh name is taken if it was removed.
@@ -183,8 +187,9 @@ class StalePartials:
         self._directories = directories
         self._lock = threading.Lock()
 
-    def remove_for(self, final: Path) -> int:
-        """Remove the stale partial files of ``final``; the number removed."""
+    def remove_for(self, final: Path, keep: str | None = None) -> int:
+        """Remove the stale partial files of ``final`` (but the one named ``keep``: the caller's
+        own, held); the number removed."""
         directory = final.parent
         with self._lock:
             found = self._found.get(directory)
@@ -200,7 +205,7 @@ class StalePartials:
             names = found.pop(final.name, [])
         removed = 0
         for name in names:
-            if remove_if_stale(directory / name):
+            if name != keep and remove_if_stale(directory / name):
                 log.info("removed %s, left by an interrupted transfer of %s", directory / name, final)
                 removed += 1
         return removed

@@ -20,16 +20,23 @@ Contract, for every backend (checked by ``tests/integration/test_store_contract.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
-from .errors import NotSupportedError
+from .errors import DicomCloudError, NotSupportedError
 
 if TYPE_CHECKING:
     from .resumable import ResumableUploads
+
+#: What :meth:`Store.put_many` says of each object, in order: its error, or None when written.
+PutOutcomes: TypeAlias = list[DicomCloudError | None]
+
+#: Objects :meth:`Store.put_many` writes at once on stores whose writes are requests.
+PUT_MANY_CONCURRENCY = 16
 
 #: Metadata key under which dicom-cloud records the CRC32C (8 hex digits) of the whole object.
 #: Underscores, not dashes: Azure metadata names must be identifiers.
@@ -168,6 +175,25 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def put(self, key: str, data: bytes | memoryview, options: PutOptions = PutOptions()) -> PutResult:
         """Write a whole object from memory in one request."""
+
+    async def put_many(self, items: Sequence[tuple[str, bytes | memoryview, PutOptions]]) -> PutOutcomes:
+        """Write several whole objects (``(key, data, options)``), each as :meth:`put` writes it;
+        the error of each, in order (None: written). An error that is not a
+        :class:`~dicom_cloud.errors.DicomCloudError` is raised once every write has ended.
+        Objects are written :data:`PUT_MANY_CONCURRENCY` at a time; a local disk overrides this
+        to write them all in one worker-thread trip (a trip per object cost more than the write
+        of a small one)."""
+        slots = asyncio.Semaphore(PUT_MANY_CONCURRENCY)
+
+        async def one(key: str, data: bytes | memoryview, options: PutOptions) -> None:
+            async with slots:
+                await self.put(key, data, options)
+
+        outcomes = await asyncio.gather(*(one(*item) for item in items), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, DicomCloudError):
+                raise outcome
+        return [outcome if isinstance(outcome, DicomCloudError) else None for outcome in outcomes]
 
     @abc.abstractmethod
     async def put_stream(

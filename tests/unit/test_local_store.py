@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 
 from dicom_cloud.backends import open_store
 from dicom_cloud.backends.local import LocalStore
-from dicom_cloud.errors import AlreadyExistsError, NotFoundError, UnsafeNameError
+from dicom_cloud.errors import AlreadyExistsError, DicomCloudError, NotFoundError, UnsafeNameError
 from dicom_cloud.localio import PARTIAL_SUFFIX
 from dicom_cloud.store import CHECKSUM_METADATA_KEY, PutOptions
 
@@ -242,6 +243,38 @@ def test_metadata_round_trips_via_xattrs(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_metadata_is_one_attribute_and_files_of_one_attribute_per_name_are_read(tmp_path: Path) -> None:
+    """The stored format since 2026-12-04 (docs/storage-format.md): one attribute, a JSON object;
+    files written before keep one attribute per name and read as they did."""
+    if not _has_user_xattrs(tmp_path):
+        pytest.skip("temporary filesystem has no user extended attributes")
+    store = LocalStore(tmp_path)
+    meta = {CHECKSUM_METADATA_KEY: "0a1b2c3d", "Source": "PACS1"}
+
+    async def main() -> None:
+        await store.put("new.dcm", b"data", PutOptions(content_type="application/dicom", metadata=meta))
+        assert os.listxattr(tmp_path / "new.dcm") == ["user.dicom_cloud"]
+        old = tmp_path / "old.dcm"
+        old.write_bytes(b"data")
+        st = old.stat()
+        for name, value in {
+            **meta,
+            "content-type": "application/dicom",
+            "crc32c-stamp": f"{st.st_size}:{st.st_mtime_ns}",
+        }.items():
+            os.setxattr(old, f"user.dicom_cloud.{name}", value.encode())
+        for key in ("new.dcm", "old.dcm"):
+            info = await store.stat(key)
+            assert dict(info.metadata) == meta and info.content_type == "application/dicom", key
+            info, data = await store.read(key)
+            assert dict(info.metadata) == meta and data == b"data", key
+        with old.open("ab") as f:  # edited since its checksum was recorded: the checksum is stale
+            f.write(b"!")
+        assert CHECKSUM_METADATA_KEY not in (await store.stat("old.dcm")).metadata
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("private", [True, False])
 def test_private_store_creates_owner_only_files_and_directories(tmp_path: Path, private: bool) -> None:
     """A private store (the archive's) makes every file 0600 and every directory it creates 0700,
@@ -280,3 +313,73 @@ def test_private_store_creates_owner_only_files_and_directories(tmp_path: Path, 
     dirs = [root, *(p for p in made if p.is_dir())]
     assert {str(p): p.stat().st_mode & 0o777 for p in dirs} == {str(p): dir_mode for p in dirs}
     assert shared.stat().st_mode & 0o777 == 0o755  # a directory that existed keeps its mode
+
+
+def test_put_many_writes_each_object_and_names_each_failure(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+
+    async def main() -> None:
+        await store.put("blocked", b"a file where a directory would be")
+        outcomes = await store.put_many(
+            [
+                ("x/1.dcm", b"one", PutOptions(metadata={CHECKSUM_METADATA_KEY: "00000000"})),
+                ("blocked/2.dcm", b"two", PutOptions()),
+                ("x/3.dcm", b"three", PutOptions(content_type="application/dicom")),
+            ]
+        )
+        assert outcomes[0] is None and outcomes[2] is None
+        assert isinstance(outcomes[1], DicomCloudError)
+        assert await store.get("x/1.dcm") == b"one" and await store.get("x/3.dcm") == b"three"
+        assert (await store.stat("x/3.dcm")).content_type == "application/dicom"
+
+    asyncio.run(main())
+    assert _leftovers(tmp_path) == []
+
+
+def test_put_many_of_a_store_of_requests_names_each_failure(mem_bucket: str) -> None:
+    store = open_store(f"memory://{mem_bucket}")
+
+    async def main() -> None:
+        outcomes = await store.put_many(
+            [("a/1.dcm", b"one", PutOptions()), ("a/2.dcm", b"two", PutOptions(if_absent=True))]
+        )
+        assert outcomes == [None, None]
+        again = await store.put_many([("a/2.dcm", b"again", PutOptions(if_absent=True))])
+        assert isinstance(again[0], AlreadyExistsError)
+        assert await store.get("a/2.dcm") == b"two"
+
+    asyncio.run(main())
+
+
+def test_whole_writes_leave_no_partial_file_and_fall_back_where_unnamed_files_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole write is a file without a name, linked once complete (nothing to leave behind);
+    on a file system without such files it goes through a partial file, as before."""
+    store = LocalStore(tmp_path / "a", private=True)
+    created: list[str] = []
+    real_open = os.open
+
+    def watched(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        created.append(Path(path).name)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched)
+    asyncio.run(store.put("d/x.dcm", b"one"))
+    asyncio.run(store.put("d/x.dcm", b"two"))  # replacing
+    assert not any(name.endswith(PARTIAL_SUFFIX) for name in created)
+    assert (tmp_path / "a" / "d" / "x.dcm").read_bytes() == b"two"
+    assert sorted(p.name for p in (tmp_path / "a" / "d").iterdir()) == ["x.dcm"]
+
+    def no_unnamed_files(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return watched(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_unnamed_files)
+    other = LocalStore(tmp_path / "b", private=True)
+    asyncio.run(other.put("d/y.dcm", b"three", PutOptions(content_type="application/dicom")))
+    assert any(name.endswith(PARTIAL_SUFFIX) for name in created)  # the partial file path
+    assert (tmp_path / "b" / "d" / "y.dcm").read_bytes() == b"three"
+    assert (tmp_path / "b" / "d" / "y.dcm").stat().st_mode & 0o777 == 0o600
+    assert _leftovers(tmp_path) == []

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from dicom_cloud import localio
 from dicom_cloud.backends.local import LocalStore
 from dicom_cloud.localio import (
     PARTIAL_SUFFIX,
@@ -70,3 +73,33 @@ def test_directories_are_read_once_and_remembered_within_bounds(tmp_path: Path) 
         assert stale.remove_for(directory / "f") == 1
         assert stale.remove_for(directory / "f") == 0
     assert len(stale._found) == 2
+
+
+def test_a_directory_made_for_a_write_is_not_read_for_stale_partials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It holds nothing of an earlier write; a directory that was there is read as before."""
+    store = LocalStore(Path("/"))
+    read: list[Path] = []
+    real = localio._partials_by_final
+
+    def counted(directory: Path) -> dict[str, list[str]]:
+        read.append(directory)
+        return real(directory)
+
+    monkeypatch.setattr(localio, "_partials_by_final", counted)
+    asyncio.run(store.put(str(tmp_path / "new" / "a.dcm").lstrip("/"), b"x"))
+    assert read == [] and (tmp_path / "new" / "a.dcm").read_bytes() == b"x"
+    asyncio.run(store.put(str(tmp_path / "new" / "b.dcm").lstrip("/"), b"y"))
+    assert read == [tmp_path / "new"]
+
+
+def test_a_partial_name_already_taken_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = iter([7, 7, 8])
+    monkeypatch.setattr(localio._names, "getrandbits", lambda bits: next(draws))
+    first = PartialFile(tmp_path / "a.dcm")
+    second = PartialFile(tmp_path / "a.dcm")  # 7 is taken: 8
+    assert first.path.name.endswith(f".00000007{PARTIAL_SUFFIX}")
+    assert second.path.name.endswith(f".00000008{PARTIAL_SUFFIX}")
+    first.release()
+    second.release()

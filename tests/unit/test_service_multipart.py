@@ -14,6 +14,7 @@ from dicom_cloud.service.multipart import (
     related_body,
     related_boundary,
     related_content_type,
+    related_length,
     write_related,
 )
 
@@ -161,4 +162,6 @@ def test_a_body_made_whole_equals_the_streamed_one() -> None:
 
     whole = related_body(contents, "bnd")
     assert whole == asyncio.run(collect())
+    assert related_length([(ct, len(content)) for ct, content in contents], "bnd") == len(whole)
+    assert related_length([], "bnd") == len(related_body([], "bnd"))
     assert [content for _, content in parse_related(whole, "bnd", "x")] == [b"first", b"\r\n- x"]

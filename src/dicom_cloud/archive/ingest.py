@@ -76,8 +76,6 @@ _FIRST_HEAD = 64 * 1024
 _MAX_HEAD = 8 * 1024 * 1024
 #: Parts of staging writes of streamed STOW-RS instances (S3's smallest is 5 MiB), one in flight.
 _STAGING_PLAN = MultipartPlan(part_size=8 * 1024 * 1024, concurrency=1)
-#: Instances of one batch whose objects are written at once (each an object, then its sidecar).
-_BATCH_WRITES = 8
 DICOM_TYPE, SIDECAR_TYPE = "application/dicom", "application/dicom+json"
 
 
@@ -283,21 +281,22 @@ class Ingestor:
         outcome of each into ``results``."""
         if not new:
             return
-        slots = asyncio.Semaphore(_BATCH_WRITES)
-
-        async def write(i: int) -> None:
-            item = prepared[i]
-            async with slots:
-                await self.objects.put(item.object_key, item.data, DICOM_TYPE, plaintext_crc=item.crc)
-                await self.objects.put(item.sidecar_key, item.sidecar, SIDECAR_TYPE)
-
         indexed: set[int] = set()
         try:
-            written = await asyncio.gather(*(write(i) for i in new), return_exceptions=True)
-            failed = [e for e in written if isinstance(e, BaseException)]
-            for error in failed:
-                if not isinstance(error, DicomCloudError) or (error.http_status >= 500 and error.retryable):
-                    raise error  # the store is down (or worse): the whole request fails
+            # Each instance's object, then its sidecar: one call for the batch (on a local disk,
+            # one worker-thread trip).
+            writes: list[tuple[str, bytes, str, str | None]] = []
+            for i in new:
+                item = prepared[i]
+                writes += [
+                    (item.object_key, item.data, DICOM_TYPE, item.crc),
+                    (item.sidecar_key, item.sidecar, SIDECAR_TYPE, None),
+                ]
+            outcomes = await self.objects.put_many(writes)
+            written = [outcomes[2 * n] or outcomes[2 * n + 1] for n in range(len(new))]
+            for error in written:
+                if error is not None and error.http_status >= 500 and error.retryable:
+                    raise error  # the store is down: the whole request fails
             ready = [i for i, e in zip(new, written, strict=True) if e is None]
             for i, e in zip(new, written, strict=True):
                 if isinstance(e, DicomCloudError):

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from ..checksum import crc32c_hex
 from ..crypto.envelope import ClientEncryption
 from ..errors import IntegrityError
-from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, PutOptions, Store
+from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, PutOptions, PutOutcomes, Store
 
 log = logging.getLogger("dicom_cloud.archive")
 
@@ -57,6 +57,33 @@ class ArchiveObjects:
             stored_crc = None
         metadata[CHECKSUM_METADATA_KEY] = stored_crc or await _crc32c_off_loop(data)
         await self.store.put(self.key(key), data, PutOptions(content_type=content_type, metadata=metadata))
+
+    async def put_many(self, items: Sequence[tuple[str, bytes, str, str | None]]) -> PutOutcomes:
+        """Write several objects as :meth:`put` writes each (``(key, data, content type,
+        plaintext CRC32C or None)``); the error of each, in order (None: written). Their
+        encryption and checksums are made in one worker-thread trip, and the store writes them
+        as it writes several at once (:meth:`Store.put_many`)."""
+        crypto = self.crypto
+
+        def prepared() -> list[tuple[str, bytes | memoryview, PutOptions]]:
+            out: list[tuple[str, bytes | memoryview, PutOptions]] = []
+            for key, data, content_type, plaintext_crc in items:
+                metadata: dict[str, str] = {}
+                stored: bytes | memoryview = data
+                stored_crc = plaintext_crc
+                if crypto.writes_encrypted:
+                    stored = crypto.encrypt(data)
+                    metadata.update(crypto.marker())
+                    stored_crc = None
+                metadata[CHECKSUM_METADATA_KEY] = stored_crc or crc32c_hex(stored)
+                out.append((self.key(key), stored, PutOptions(content_type=content_type, metadata=metadata)))
+            return out
+
+        if crypto.writes_encrypted or sum(len(d) for _, d, _, crc in items if crc is None) > _HASH_ON_LOOP:
+            writes = await asyncio.to_thread(prepared)
+        else:
+            writes = prepared()  # a few small checksums: less than a trip to a thread
+        return await self.store.put_many(writes)
 
     async def put_stream(
         self, key: str, chunks: AsyncIterator[bytes], content_type: str, plaintext_crc: str

@@ -262,6 +262,16 @@ async def write_related(
     yield separator + delimiter + b"--\r\n"
 
 
+def related_length(parts: Sequence[tuple[str, int]], boundary: str) -> int:
+    """The length of the body :func:`write_related` streams for parts of these content types and
+    sizes: an answer whose parts are sent as stored can carry a Content-Length (its client
+    then reads it without the chunked framing, and a cut answer still shows as short)."""
+    delimiter = len(boundary) + 2
+    framing = sum(delimiter + len("\r\nContent-Type: ") + len(ct) + 4 for ct, _ in parts)
+    separators = 2 * max(len(parts) - 1, 0) + (2 if parts else 0)
+    return framing + sum(size for _, size in parts) + separators + delimiter + 4
+
+
 def related_body(parts: Sequence[tuple[str, bytes | memoryview]], boundary: str) -> bytes:
     """A whole multipart/related body at once (what :func:`write_related` streams), for answers
     small enough to send with a Content-Length."""

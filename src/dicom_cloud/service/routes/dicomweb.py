@@ -41,6 +41,7 @@ from ..multipart import (
     related_body,
     related_boundary,
     related_content_type,
+    related_length,
     write_related,
 )
 from ..negotiation import frame_plan, instance_syntax
@@ -416,9 +417,12 @@ async def _retrieve(
             if isinstance(reads, AsyncGenerator):  # stops the reads ahead of a client that left
                 await reads.aclose()
 
-    return StreamingResponse(
-        write_related(parts(), boundary), media_type=media_type, headers=ignored_parameters(request)
-    )
+    headers = ignored_parameters(request)
+    if target is None or all(r.transfer_syntax_uid == target for r in records):
+        # Every part as stored: the body's length is known from the index before a byte is sent.
+        sizes = [(_part_type(r.transfer_syntax_uid), r.size) for r in records]
+        headers = {**headers, "Content-Length": str(related_length(sizes, boundary))}
+    return StreamingResponse(write_related(parts(), boundary), media_type=media_type, headers=headers)
 
 
 def _part_type(transfer_syntax_uid: str) -> str:
