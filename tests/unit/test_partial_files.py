@@ -96,7 +96,7 @@ def test_a_directory_made_for_a_write_is_not_read_for_stale_partials(
 
 def test_a_partial_name_already_taken_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     draws = iter([7, 7, 8])
-    monkeypatch.setattr(localio._names, "getrandbits", lambda bits: next(draws))
+    monkeypatch.setattr(localio._partial_names, "getrandbits", lambda bits: next(draws))
     first = PartialFile(tmp_path / "a.dcm")
     second = PartialFile(tmp_path / "a.dcm")  # 7 is taken: 8
     assert first.path.name.endswith(f".00000007{PARTIAL_SUFFIX}")
