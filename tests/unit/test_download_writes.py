@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from test_local_store import _has_user_xattrs
 
 from dicom_cloud import api
 from dicom_cloud.backends import open_store
@@ -21,18 +22,6 @@ from dicom_cloud.localio import PARTIAL_SUFFIX, partial_path
 from dicom_cloud.store import CHECKSUM_METADATA_KEY, PutOptions
 from dicom_cloud.transfer import TransferOptions, TransferSummary
 from dicom_cloud.url import parse_url
-
-
-def _has_user_xattrs(path: Path) -> bool:
-    probe = path / "xattr-probe"
-    probe.write_bytes(b"")
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-    except (OSError, AttributeError):
-        return False
-    finally:
-        probe.unlink()
-    return True
 
 
 def _partials(root: Path) -> list[Path]:
