@@ -87,14 +87,20 @@ class Server:
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server so far: its process and the live processes below it
         (the workers of ``dicom-cloud serve --workers N``), and their children that ended."""
-        ticks = 0
-        for pid in [self.pid, *descendants(self.pid)]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # ended meanwhile: its time is in its parent's cutime/cstime
-            ticks += sum(int(v) for v in fields[11:15])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return tree_cpu_seconds(self.pid)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and the live processes below it, and of their
+    children that ended."""
+    ticks = 0
+    for member in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile: its time is in its parent's cutime/cstime
+        ticks += sum(int(v) for v in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def descendants(pid: int) -> list[int]:

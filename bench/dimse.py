@@ -56,7 +56,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "tests"))
 
 import generate  # noqa: E402
-from dicomweb import descendants  # noqa: E402
+from dicomweb import tree_cpu_seconds  # noqa: E402
 from live_service import free_port, start_service_process  # noqa: E402
 from orthanc_server import PLUGINS_DIR, start_orthanc  # noqa: E402
 from run import anonymize, machine  # noqa: E402
@@ -90,16 +90,7 @@ class Target:
         """User + system CPU seconds of the server so far (0 when unknown): its process and the live
         processes below it (the HTTP workers of ``dicom-cloud serve``, which take the STOW-RS fill),
         and their children that ended."""
-        if self.pid is None:
-            return 0.0
-        ticks = 0
-        for pid in [self.pid, *descendants(self.pid)]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # ended meanwhile: its time is in its parent's cutime/cstime
-            ticks += sum(int(v) for v in fields[11:15])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return 0.0 if self.pid is None else tree_cpu_seconds(self.pid)
 
 
 def stow_request(http: httpx.Client, url: str, name: str, body: bytes) -> None:

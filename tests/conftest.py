@@ -91,3 +91,17 @@ def local_root(tmp_path: Path) -> Path:
     root = tmp_path / "local-root"
     root.mkdir()
     return root
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """The URL of a new, empty database on the local PostgreSQL, dropped afterwards."""
+    import psycopg
+
+    from live_service import fresh_postgres_database
+
+    try:
+        with fresh_postgres_database() as url:
+            yield url
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc}", pytrace=False)

@@ -9,7 +9,6 @@ The old schema is procrastinate 3.3.0's own ``schema.sql`` (tests/vectors): the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -17,18 +16,9 @@ import pytest
 
 from dicom_cloud.archive.queue import IngestQueue, migration_version, migrations_available
 from dicom_cloud.errors import UsageError
-from live_service import fresh_postgres_database
 
 OLD_SCHEMA = Path(__file__).parent.parent / "vectors" / "procrastinate-3.3.0-schema.sql"
 
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    try:
-        with fresh_postgres_database() as url:
-            yield url
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc}", pytrace=False)
 
 
 def _applied(url: str) -> list[str]:

@@ -28,7 +28,7 @@ from archive_helpers import make_instance
 from dicom_cloud.archive import Archive
 from dicom_cloud.service.app import archive_settings
 from dicom_cloud.service.settings import ServiceSettings, load_settings
-from live_service import LiveService, fresh_postgres_database, start_service
+from live_service import LiveService, start_service
 from servers import S3Server
 
 #: Upload sessions of one small file each (about 1 KB: the queue's overhead, not the bytes). 400
@@ -46,14 +46,6 @@ def s3_env(seaweedfs: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
         monkeypatch.setenv(name, value)
     return seaweedfs
 
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    try:
-        with fresh_postgres_database() as url:
-            yield url
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc}", pytrace=False)
 
 
 @pytest.fixture
