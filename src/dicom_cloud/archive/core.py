@@ -322,24 +322,21 @@ class Archive:
                         f"a queued request holds at most {uploads.MAX_FILES} files",
                         hint="split it into several requests",
                     )
-                keys.append(self.store_key(BucketLayout.staging_key(tenant, session_id, len(staged))))
+                keys.append(BucketLayout.staging_key(tenant, session_id, len(staged)))
                 counted = _CountedStream(chunks, max_size, f"file {len(staged)}")
                 options = PutOptions(content_type=content_type)
-                await self.store.put_stream(keys[-1], counted.chunks(), options, plan=STAGING_WRITE_PLAN)
+                await self.store.put_stream(
+                    self.store_key(keys[-1]), counted.chunks(), options, plan=STAGING_WRITE_PLAN
+                )
                 name, size, crc = f"part-{len(staged) + 1}", counted.size, counted.crc
                 staged.append(DeclaredFile(name, size, crc.hexdigest(), content_type=content_type))
             return await self._run(
                 lambda s: uploads.create(s, tenant, staged, expires_in, max_size, session_id=session_id)
             )
         except BaseException:
-            await asyncio.shield(self._delete_quietly(keys))
+            # A failure to remove is logged, not raised: the orphan sweep is the second chance.
+            await asyncio.shield(self._objects.delete(keys))
             raise
-
-    async def _delete_quietly(self, keys: Sequence[str]) -> None:
-        try:
-            await self.store.delete(list(keys))
-        except Exception:  # it is failing anyway; the orphan sweep is the second chance
-            log.warning("staged files of a failed request could not be removed")
 
     async def get_upload(self, tenant: str, session_id: str) -> UploadSession:
         """The session; NotFoundError if unknown to this tenant."""

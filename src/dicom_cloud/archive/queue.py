@@ -32,6 +32,8 @@ import logging
 import random
 import time
 from collections.abc import Iterable
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
@@ -341,10 +343,11 @@ def migration_version(name: str) -> tuple[int, ...]:
 def migrations_available() -> list[str]:
     """The installed procrastinate's migration files, in the order they apply (version, then the
     ``01_pre`` files before the ``50_post`` ones)."""
-    from importlib import resources
+    return sorted(entry.name for entry in _migrations_folder().iterdir() if entry.name.endswith(".sql"))
 
-    folder = resources.files("procrastinate.sql.migrations")
-    return sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".sql"))
+
+def _migrations_folder() -> Traversable:
+    return resources.files("procrastinate.sql.migrations")
 
 
 def migrations_pending(applied: set[str], available: list[str]) -> list[str]:
@@ -385,9 +388,7 @@ async def _migrate(connection: psycopg.AsyncConnection[Any], available: list[str
             )
     cursor = await connection.execute("SELECT name FROM dicom_cloud_queue_migrations")
     applied = {name for (name,) in await cursor.fetchall()}
-    from importlib import resources
-
-    folder = resources.files("procrastinate.sql.migrations")
+    folder = _migrations_folder()
     for name in migrations_pending(applied, available):
         log.info("ingest.queue_schema_migrated", extra={"migration": name})
         async with connection.transaction():
