@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -24,11 +25,20 @@ from typing import Any, Protocol, runtime_checkable
 
 from .budget import ByteBudget
 from .checksum import crc32c_file
-from .errors import CorruptedInTransitError, DicomCloudError, IntegrityError, NotFoundError, UsageError
+from .errors import (
+    CorruptedInTransitError,
+    DicomCloudError,
+    IntegrityError,
+    NotFoundError,
+    NotSupportedError,
+    UsageError,
+)
 from .store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
 
 #: Version of the session-state dicts written here; states of another version start over.
 STATE_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -228,7 +238,7 @@ async def upload_file_resumable(
     held: dict[int, PartRecord] = {}
     resumed = False
     if state is not None and not _describes(state, fingerprint, crc, part_size, key):
-        await _abort_quietly(uploads, state)
+        await abandon(uploads, state, key)
         state_store.clear(key)
         state = None
     if state is not None:
@@ -239,6 +249,9 @@ async def upload_file_resumable(
             state_store.clear(key)
             state = None
     if state is None:
+        # Recorded before the upload exists: a process killed between the two leaves a marker,
+        # and the next attempt removes what it began (abandon).
+        state_store.save(key, begin_marker(key))
         state = await uploads.begin(key, size, part_size, options)
         state.update(v=STATE_VERSION, source=fingerprint, crc32c=crc, part_size=part_size, key=key)
         state_store.save(key, state)
@@ -343,7 +356,34 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return (typed or leaves)[0]
 
 
-async def _abort_quietly(uploads: ResumableUploads, state: dict[str, Any]) -> None:
-    """Abort a session that no longer fits the file; a failure leaves it to ``cleanup``."""
-    with contextlib.suppress(Exception):  # an orphan is listed and removed by `dicom-cloud cleanup`
-        await uploads.abort(state)
+def begin_marker(key: str) -> dict[str, Any]:
+    """The state saved for ``key`` before a multipart upload to it begins, where the upload's own
+    session is not (yet) recorded: a streamed upload, or the moment before ``begin`` answers."""
+    return {"v": STATE_VERSION, "key": key, "begun": True}
+
+
+async def abandon(uploads: ResumableUploads, state: Mapping[str, Any], key: str) -> int:
+    """Discard the upload an earlier attempt at ``key`` recorded in ``state``; the number aborted.
+
+    A recorded session is aborted by its id. A :func:`begin_marker` names no session: the
+    unfinished uploads the server lists at exactly ``key`` are aborted (the attempt that saved the
+    marker died with its upload in flight: a killed worker, process or machine). Failures are
+    logged and left to ``dicom-cloud cleanup``: they never fail the new attempt."""
+    if not state.get("begun"):
+        with contextlib.suppress(Exception):  # an orphan is listed and removed by `dicom-cloud cleanup`
+            await uploads.abort(dict(state))
+            return 1
+        return 0
+    aborted = 0
+    try:
+        async for upload in uploads.incomplete(key):
+            if upload.key == key:
+                await uploads.abort_incomplete(upload)
+                aborted += 1
+    except NotSupportedError:
+        pass  # GCS: unlisted sessions expire by themselves after a week
+    except DicomCloudError as exc:
+        log.warning("%s: an earlier attempt's unfinished upload could not be removed (%s)", key, exc)
+    if aborted:
+        log.info("%s: removed %d unfinished upload(s) of an earlier attempt", key, aborted)
+    return aborted

@@ -31,6 +31,8 @@ from conftest import unique_name
 from servers import S3Server, free_ports
 
 OBJECTS = int(os.environ.get("CLUSTER_OBJECTS", "2000"))
+#: Objects of 11 MiB added to the killed-worker copy, copied in 5 MiB parts.
+LARGE_OBJECTS = 6
 #: Objects per task: enough partitions that a worker is always busy with one when it is killed.
 PARTITION = str(max(OBJECTS // 40, 10))
 #: A command must end within 2 s of SIGINT; the bound asserted allows for a busy machine.
@@ -121,7 +123,18 @@ def test_copy_survives_a_killed_worker(
     dst_bucket = unique_name("s3")
     seaweedfs.create_bucket(dst_bucket)
     src, dst = f"s3://{s3_bucket}/src/", f"s3://{dst_bucket}/copy/"
-    argv = ["copy", src, dst, "-r", "--cluster", "local:2", "--partition-size", PARTITION, "--json"]
+    # Objects copied in parts among the small ones (spread over the listing, so over partitions),
+    # so that "no multipart upload left" has multipart copies to be about.
+    big = tmp_path / "big"
+    for n in range(LARGE_OBJECTS):
+        (big / f"s{n % 7}").mkdir(parents=True, exist_ok=True)
+        (big / f"s{n % 7}" / f"{n * OBJECTS // LARGE_OBJECTS:06d}.big").write_bytes(os.urandom(11 * 2**20))
+    run_cli("upload", big, src, "-r", env=env, timeout=RUN_TIMEOUT).ok()
+    seeded = {**seeded, **{str(p.relative_to(big)): p.read_bytes() for p in big.rglob("*.big")}}
+    argv = [
+        "copy", src, dst, "-r", "--cluster", "local:2", "--partition-size", PARTITION, "--json",
+        "--multipart-threshold", "5MiB", "--part-size", "5MiB",
+    ]  # fmt: skip
     proc = start(argv, env)
     try:
         wait_for_completions(proc, int(PARTITION))  # one partition back: both workers are busy
@@ -136,10 +149,13 @@ def test_copy_survives_a_killed_worker(
     # Every object accounted once: written, or found identical (written by the killed worker
     # before it could record it), none failed.
     assert summary["failed"] == 0
-    assert summary["files"] + summary["skipped"] == OBJECTS, summary
+    assert summary["files"] + summary["skipped"] == OBJECTS + LARGE_OBJECTS, summary
     verified = run_cli("verify", src, dst, "--json", env=env, timeout=RUN_TIMEOUT)
     assert verified.code == 0, verified
     assert b"<Upload>" not in unfinished_uploads(seaweedfs, dst_bucket)
+    status, listing = seaweedfs.s3_request("GET", f"/{dst_bucket}?list-type=2&prefix=copy/s0/000000.big")
+    assert status == 200, listing
+    assert b"-3&#34;</ETag>" in listing or b'-3"</ETag>' in listing, listing  # copied in 3 parts
 
     # And back to local disk, on the cluster too.
     result = run_cli(
@@ -206,6 +222,7 @@ ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 def journal_database() -> Iterator[str]:
     """A fresh PostgreSQL database for the job's journal, dropped on exit."""
     import psycopg
+
     name = f"dc_cluster_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')

@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 import pytest
 from test_cli import assert_same_tree, cli_env, run_cli
+from test_interrupts import start, wait_until
 
+from conftest import unique_name
 from faultproxy import FaultProxy, Rule
 from servers import AzureServer, GCSServer, S3Server
 
@@ -257,3 +259,37 @@ def test_slow_answers_time_out_and_are_retried(
     assert faulty.proxy.counts["delay"] == 8
     assert_same_tree(down, small)
     _assert_exact_copy(faulty, "slow/", small, tmp_path)
+
+
+def test_a_multipart_copy_killed_mid_upload_leaves_no_unfinished_upload(
+    faulty: Faulty, seaweedfs: S3Server, tmp_path: Path
+) -> None:
+    """A streamed copy between buckets cannot be continued; killed with its parts in flight, the
+    next run of the job must remove the upload the dead one began (docs/resume.md, "Markers")."""
+    data = random.Random(5).randbytes(12 * MiB)  # three parts of 5 MiB
+    source = _write(tmp_path / "src", {"big.dcm": data})
+    run_cli("upload", f"{source}/", f"{faulty.root}/src/", "-r", env=faulty.direct_env).ok()
+    dst_bucket = unique_name("s3")
+    seaweedfs.create_bucket(dst_bucket)
+
+    def unfinished() -> bytes:
+        status, body = seaweedfs.s3_request("GET", f"/{dst_bucket}?uploads")
+        assert status == 200, body
+        return body
+
+    env = cli_env(faulty.env, DICOM_CLOUD_STATE_DIR=str(tmp_path / "state"))
+    argv = ["copy", f"{faulty.root}/src/", f"s3://{dst_bucket}/copy/", "-r", *MULTIPART]
+    faulty.proxy.add(Rule("delay", method="PUT", path="partNumber=", seconds=20.0))  # parts hang
+    running = start([*argv, "--json"], env)
+    try:
+        wait_until(running, lambda: b"<Upload>" in unfinished(), "multipart upload begun")
+    finally:
+        running.proc.kill()
+        running.proc.wait()
+    assert b"<Upload>" in unfinished()  # what the killed run left on the server
+    faulty.proxy.clear()
+    run_cli(*argv, env=env, timeout=120).ok()  # the same job, run again
+    assert b"<Upload>" not in unfinished()
+    down = tmp_path / "down"
+    run_cli("download", f"s3://{dst_bucket}/copy/", f"{down}/", "-r", env=faulty.direct_env).ok()
+    assert (down / "big.dcm").read_bytes() == data

@@ -20,7 +20,6 @@ from dicom_cloud.errors import UsageError
 OLD_SCHEMA = Path(__file__).parent.parent / "vectors" / "procrastinate-3.3.0-schema.sql"
 
 
-
 def _applied(url: str) -> list[str]:
     with psycopg.connect(url, autocommit=True) as connection:
         return [

@@ -47,7 +47,6 @@ def s3_env(seaweedfs: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     return seaweedfs
 
 
-
 @pytest.fixture
 def queued_service(s3_env: S3Server, s3_bucket: str, database: str, tmp_path: Path) -> Iterator[LiveService]:
     settings = _settings(s3_bucket, database, tmp_path)

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from dicom_cloud.resumable import (
     MemoryStateStore,
     PartRecord,
     ResumableResult,
+    abandon,
+    begin_marker,
     fit_part_size,
     part_range,
     upload_file_resumable,
@@ -38,6 +41,7 @@ class InProcessUploads:
         self.sequential = sequential
         self.reports_md5 = reports_md5
         self.sessions: dict[str, dict[int, bytes]] = {}
+        self.keys: dict[str, str] = {}
         self.options: dict[str, PutOptions] = {}
         self.objects: dict[str, tuple[bytes, PutOptions]] = {}
         self.sent: list[int] = []
@@ -48,6 +52,7 @@ class InProcessUploads:
     async def begin(self, key: str, size: int, part_size: int, options: PutOptions) -> dict[str, Any]:
         upload_id = f"u{len(self.sessions)}"
         self.sessions[upload_id] = {}
+        self.keys[upload_id] = key
         self.options[upload_id] = options
         return {"upload_id": upload_id}
 
@@ -81,11 +86,13 @@ class InProcessUploads:
     async def abort(self, state: dict[str, Any]) -> None:
         self.sessions.pop(state["upload_id"], None)
 
-    def incomplete(self, prefix: str = "") -> Any:
-        raise NotImplementedError
+    async def incomplete(self, prefix: str = "") -> AsyncIterator[IncompleteUpload]:
+        for upload_id in list(self.sessions):
+            if self.keys[upload_id].startswith(prefix):
+                yield IncompleteUpload(self.keys[upload_id], upload_id)
 
     async def abort_incomplete(self, upload: IncompleteUpload) -> None:
-        raise NotImplementedError
+        self.sessions.pop(upload.upload_id, None)
 
     async def close(self) -> None:
         pass
@@ -245,3 +252,45 @@ def test_fit_part_size() -> None:
     assert fit_part_size(1000 * quantum, quantum, uploads) == 10 * quantum  # 100 parts
     uploads.min_part_size = 5 * 1024 * 1024
     assert fit_part_size(10, quantum, uploads) == 5 * 1024 * 1024
+
+
+class DyingStateStore(MemoryStateStore):
+    """The process dies on the n-th save (a kill between the server's answer and the record)."""
+
+    def __init__(self, dies_on: int) -> None:
+        super().__init__()
+        self.saves = 0
+        self.dies_on = dies_on
+
+    def save(self, key: str, state: dict[str, Any]) -> None:
+        self.saves += 1
+        if self.saves == self.dies_on:
+            raise KeyboardInterrupt
+        super().save(key, state)
+
+
+def test_an_upload_begun_but_never_recorded_is_removed_by_the_next_run(data_file: Path) -> None:
+    uploads = InProcessUploads()
+    dying = DyingStateStore(dies_on=2)  # the marker is saved, the session is not
+    with pytest.raises(KeyboardInterrupt):
+        upload(uploads, data_file, dying)
+    assert len(uploads.sessions) == 1  # begun on the server, unknown to the journal
+    states = MemoryStateStore()
+    states.states = json.loads(json.dumps(dying.states))
+    assert states.load("k") == begin_marker("k")
+    result = upload(uploads, data_file, states)
+    assert not result.resumed and result.parts_sent == 8
+    assert uploads.sessions == {}  # the orphan aborted, the new upload completed
+    assert uploads.objects["k"][0] == data_file.read_bytes()
+
+
+def test_abandon_a_marker_aborts_the_uploads_at_exactly_its_key() -> None:
+    uploads = InProcessUploads()
+    for key in ("k", "k", "k2", "other"):
+        asyncio.run(uploads.begin(key, 10, 10, PutOptions()))
+    assert asyncio.run(abandon(uploads, begin_marker("k"), "k")) == 2
+    assert sorted(uploads.keys[u] for u in uploads.sessions) == ["k2", "other"]
+    # A recorded session is aborted by its id alone.
+    session = next(u for u in uploads.sessions if uploads.keys[u] == "k2")
+    assert asyncio.run(abandon(uploads, {"upload_id": session}, "k2")) == 1
+    assert [uploads.keys[u] for u in uploads.sessions] == ["other"]

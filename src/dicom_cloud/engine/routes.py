@@ -36,7 +36,7 @@ from ..crypto.envelope import ClientEncryption, Format
 from ..errors import AlreadyExistsError, IntegrityError, NotFoundError
 from ..journal import Journal
 from ..location import Location
-from ..resumable import fit_part_size, upload_file_resumable
+from ..resumable import abandon, begin_marker, fit_part_size, upload_file_resumable
 from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 from .destination import ENVELOPE_ROOM, Claim, Content, DestinationCheck
 from .model import (
@@ -479,8 +479,27 @@ class StreamedCopy:
                 content_type=ctx.content_type(attempt, info, head, encrypted=ciphertext),
             )
         plan = ctx.upload_plan()
-        async with ctx.budget.reserve(HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
-            result = await ctx.dst.store.put_stream(item.dst_key, chunks(), options, plan)
+        journal = ctx.journal
+        uploads = ctx.dst.store.resumable_uploads() if journal is not None else None
+        if journal is not None and uploads is not None:
+            # A streamed upload cannot be continued, but it must not be left behind: an attempt
+            # killed mid-stream (a cluster worker, a process) left a marker, and its unfinished
+            # upload is removed before this attempt begins its own.
+            earlier = journal.load(item.dst_key)
+            if earlier is not None:
+                await abandon(uploads, earlier, item.dst_key)
+            journal.save(item.dst_key, begin_marker(item.dst_key))
+        try:
+            async with ctx.budget.reserve(HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
+                result = await ctx.dst.store.put_stream(item.dst_key, chunks(), options, plan)
+        except Exception:
+            if journal is not None and uploads is not None:
+                # Failed, not interrupted (an interrupted run leaves the marker for the next one).
+                await abandon(uploads, begin_marker(item.dst_key), item.dst_key)
+                journal.clear(item.dst_key)
+            raise
+        if journal is not None and uploads is not None:
+            journal.clear(item.dst_key)
         return Written(options.metadata.get(CHECKSUM_METADATA_KEY), result.etag)
 
 
