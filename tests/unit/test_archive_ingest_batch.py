@@ -160,3 +160,36 @@ def test_a_batch_counts_as_its_instances_towards_the_planner_statistics(
     monkeypatch.setattr(Database, "refresh_statistics", counted)
     run(a.store_instances("acme", [make_instance(STUDY, SERIES, _sop(i)) for i in range(25)]))
     assert refreshed >= 2  # the lookup of 25 and the insert of 25: each crosses a multiple of 10
+
+
+def test_levels_shared_by_a_batch_end_as_stored_one_by_one(mem_bucket: str) -> None:
+    """The patient, study and series rows a batch shares are looked up once per transaction: the
+    values they end with (a patient's latest, a study's and a series' first seen) are what storing
+    the same instances one request at a time leaves."""
+    parts = [
+        make_instance(STUDY, SERIES, _sop(0), PatientID="P", PatientName="A^A"),
+        make_instance(
+            STUDY, SERIES, _sop(1), PatientID="P", PatientName="B^B",
+            StudyDescription="first", SeriesDescription="s1",
+        ),
+        make_instance(
+            STUDY, SERIES, _sop(2), PatientID="P", PatientName="C^C",
+            StudyDescription="second", SeriesDescription="s2", AccessionNumber="A7",
+        ),
+    ]  # fmt: skip
+    found = []
+    for batched in (True, False):
+        with opened(ArchiveSettings(f"memory://{mem_bucket}/b{batched}", "sqlite://")) as (a, run):
+            if batched:
+                results = run(a.store_instances("acme", parts))
+            else:
+                results = [r for part in parts for r in run(a.store_instances("acme", [part]))]
+            assert all(isinstance(r, StoredInstance) and r.created for r in results)
+            wanted = {"includefield": "all"}
+            found.append((run(a.search_studies("acme", wanted)), run(a.search_series("acme", wanted))))
+    assert found[0] == found[1]
+    studies, series = found[0]
+    assert studies[0]["00100010"]["Value"] == [{"Alphabetic": "C^C"}]  # the patient's latest name
+    assert studies[0]["00081030"]["Value"] == ["first"]  # the study's first description
+    assert studies[0]["00080050"]["Value"] == ["A7"]  # filled where it was missing
+    assert series[0]["0008103E"]["Value"] == ["s1"]

@@ -11,7 +11,7 @@ from typing import Any, cast
 from sqlalchemy import (
     Connection,
     Insert,
-    RowMapping,
+    Select,
     Table,
     bindparam,
     delete,
@@ -147,6 +147,34 @@ def _given(attrs: IndexedAttributes, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(attrs, name) for name in names if getattr(attrs, name) is not None}
 
 
+class LevelRows:
+    """The patient, study and series rows one transaction has looked up or written, by key.
+
+    The instances of one request mostly share them (a STOW-RS of a series: one patient, study
+    and series for all), and each instance would otherwise look all three up again. Made for one
+    transaction and dropped with it: a row seen in a transaction that rolled back may not exist."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def find(
+        self, connection: Connection, query: Select[Any], table: Table, tenant: str, key: str
+    ) -> dict[str, Any] | None:
+        """The row of ``key`` (its columns by name), from this transaction's memory or ``query``."""
+        known = self._rows.get((table.name, tenant, key))
+        if known is not None:
+            return known
+        row = connection.execute(query, {"tenant": tenant, "key": key}).first()
+        if row is None:
+            return None
+        values = dict(row._mapping)
+        self._rows[(table.name, tenant, key)] = values
+        return values
+
+    def remember(self, table: Table, tenant: str, key: str, values: dict[str, Any]) -> None:
+        self._rows[(table.name, tenant, key)] = values
+
+
 def insert_instance(
     session: Session,
     tenant: str,
@@ -157,31 +185,39 @@ def insert_instance(
     size: int,
     crc32c: str,
     encrypted: bool,
+    rows: LevelRows | None = None,
 ) -> InstanceRecord:
     """Insert the instance row and any missing patient, study and series rows above it.
 
     SQL expressions on the session's connection (no ORM unit of work: this runs for every
-    instance stored), one statement per level, an UPDATE only when a value changes.
-    A series already filed under another study is ConflictError (its UIDs are inconsistent).
-    Races with another writer surface as sqlalchemy's IntegrityError: the caller retries.
+    instance stored), one statement per level, an UPDATE only when a value changes; with
+    ``rows`` (one per transaction), a level already looked up or written in the transaction is
+    not looked up again. A series already filed under another study is ConflictError (its UIDs
+    are inconsistent). Races with another writer surface as sqlalchemy's IntegrityError: the
+    caller retries.
     """
     connection = session.connection()
     now = datetime.now(UTC)
+    rows = rows if rows is not None else LevelRows()
 
     patient_values = _given(attrs, _PATIENT_ATTRIBUTES)
-    patient = connection.execute(_FIND_PATIENT, {"tenant": tenant, "key": attrs.patient_id}).first()
+    patient = rows.find(connection, _FIND_PATIENT, _PATIENTS, tenant, attrs.patient_id)
     if patient is None:
         patient_pk = _inserted(
             connection, _PATIENTS, {"tenant": tenant, "patient_id": attrs.patient_id, **patient_values}
         )
+        rows.remember(
+            _PATIENTS, tenant, attrs.patient_id, _row(patient_pk, _PATIENT_ATTRIBUTES, patient_values)
+        )
     else:
-        patient_pk = patient.id
-        changed = {name: value for name, value in patient_values.items() if patient._mapping[name] != value}
+        patient_pk = patient["id"]
+        changed = {name: value for name, value in patient_values.items() if patient[name] != value}
         if changed:
             connection.execute(update(_PATIENTS).where(_PATIENTS.c.id == patient_pk).values(**changed))
+            patient.update(changed)
 
     study_values = _given(attrs, _STUDY_ATTRIBUTES)
-    study = connection.execute(_FIND_STUDY, {"tenant": tenant, "key": attrs.study_instance_uid}).first()
+    study = rows.find(connection, _FIND_STUDY, _STUDIES, tenant, attrs.study_instance_uid)
     if study is None:
         study_pk = _inserted(
             connection,
@@ -194,12 +230,15 @@ def insert_instance(
                 **study_values,
             },
         )
+        rows.remember(
+            _STUDIES, tenant, attrs.study_instance_uid, _row(study_pk, _STUDY_ATTRIBUTES, study_values)
+        )
     else:
-        study_pk = study.id
-        _fill_missing(connection, _STUDIES, study_pk, study._mapping, study_values)
+        study_pk = study["id"]
+        _fill_missing(connection, _STUDIES, study_pk, study, study_values)
 
     series_values = _given(attrs, _SERIES_ATTRIBUTES)
-    series = connection.execute(_FIND_SERIES, {"tenant": tenant, "key": attrs.series_instance_uid}).first()
+    series = rows.find(connection, _FIND_SERIES, _SERIES, tenant, attrs.series_instance_uid)
     if series is None:
         series_pk = _inserted(
             connection,
@@ -211,11 +250,13 @@ def insert_instance(
                 **series_values,
             },
         )
-    elif series.study_pk != study_pk:
+        row = _row(series_pk, _SERIES_ATTRIBUTES, series_values)
+        rows.remember(_SERIES, tenant, attrs.series_instance_uid, {**row, "study_pk": study_pk})
+    elif series["study_pk"] != study_pk:
         raise ConflictError("the series of this instance is already filed under another study")
     else:
-        series_pk = series.id
-        _fill_missing(connection, _SERIES, series_pk, series._mapping, series_values)
+        series_pk = series["id"]
+        _fill_missing(connection, _SERIES, series_pk, series, series_values)
 
     instance_pk = _inserted(
         connection,
@@ -276,13 +317,20 @@ def _inserted(connection: Connection, table: Table, values: dict[str, Any]) -> i
     return int(key[0])
 
 
+def _row(pk: int, names: Sequence[str], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A level's row as just inserted: its key and every attribute (None where not given)."""
+    return {"id": pk, **{name: values.get(name) for name in names}}
+
+
 def _fill_missing(
-    connection: Connection, table: Table, pk: int, stored: RowMapping, values: Mapping[str, Any]
+    connection: Connection, table: Table, pk: int, stored: dict[str, Any], values: Mapping[str, Any]
 ) -> None:
-    """Set the columns of row ``pk`` that are NULL and that ``values`` has (first seen wins)."""
+    """Set the columns of row ``pk`` that are NULL and that ``values`` has (first seen wins);
+    ``stored`` (the row as known) is updated alike."""
     missing = {name: value for name, value in values.items() if stored[name] is None}
     if missing:
         connection.execute(update(table).where(table.c.id == pk).values(**missing))
+        stored.update(missing)
 
 
 def instance_page(session: Session, after: int, size: int) -> list[tuple[int, str]]:

@@ -305,7 +305,8 @@ class Ingestor:
             encrypted = self.objects.writes_encrypted
 
             def insert_all(session: Session) -> list[InstanceRecord]:
-                return [prepared[i].insert(tenant, encrypted, session) for i in ready]
+                rows = index.LevelRows()  # one per attempt: a retried transaction looks up afresh
+                return [prepared[i].insert(tenant, encrypted, session, rows) for i in ready]
 
             try:
                 records = await self.db.run(insert_all, len(ready)) if ready else []
@@ -609,7 +610,9 @@ class _Prepared:
     data: bytes = b""
     sidecar: bytes = b""
 
-    def insert(self, tenant: str, encrypted: bool, session: Session) -> InstanceRecord:
+    def insert(
+        self, tenant: str, encrypted: bool, session: Session, rows: index.LevelRows | None = None
+    ) -> InstanceRecord:
         return index.insert_instance(
             session,
             tenant,
@@ -619,6 +622,7 @@ class _Prepared:
             size=self.size,
             crc32c=self.crc,
             encrypted=encrypted,
+            rows=rows,
         )
 
 
