@@ -581,6 +581,16 @@ class Archive:
         number. NotFoundError when there are none (for this tenant)."""
         check_tenant(tenant)
         _check_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
+        if series_instance_uid is not None and sop_instance_uid is not None:
+            # One instance (per-instance WADO-RS, metadata, frames): one statement, no session.
+            found = await self._db.lookup(
+                lambda c: index.instance_at(
+                    c, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
+                )
+            )
+            if not found:
+                raise NotFoundError("no such instance")
+            return found
         return await self._read(
             lambda s: index.require_instances(
                 s, tenant, study_instance_uid, series_instance_uid, sop_instance_uid

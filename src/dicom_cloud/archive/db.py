@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -99,12 +99,19 @@ _WAL_WAIT = 30.0
 _READ_ONLY = "dicom_cloud_read_only"
 
 
+#: Execution option of connections that make one read statement (see :meth:`Database.lookup`).
+_ONE_READ = "dicom_cloud_one_read"
+
+
 def _sqlite_begin(connection: Any) -> None:
     """Take the write lock when a transaction starts, waiting up to the busy timeout: a deferred
     transaction that turns into a write while another process commits fails at once instead.
     Read-only units begin a deferred transaction: in WAL mode they read a snapshot beside the
-    writer."""
-    if connection.get_execution_options().get(_READ_ONLY):
+    writer. A single read statement begins none: SQLite runs it in a snapshot of its own."""
+    options = connection.get_execution_options()
+    if options.get(_ONE_READ):
+        return
+    if options.get(_READ_ONLY):
         connection.exec_driver_sql("BEGIN")
     else:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -235,6 +242,25 @@ class Database:
     async def read(self, work: Callable[[Session], T], units: int = 1) -> T:
         """:meth:`read_sync` in a worker thread."""
         return await asyncio.to_thread(self.read_sync, work, units)
+
+    def lookup_sync(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work(connection)``, which makes ONE read statement, on a bare connection: no
+        session, and on SQLite no BEGIN and COMMIT around it (the statement reads a snapshot of
+        its own). For the lookups made on every request (an instance by its UIDs), where the
+        session and the transaction's statements cost more than the query."""
+
+        def unit() -> T:
+            with self._read_turns, self.engine.connect() as connection:
+                connection.execution_options(**{_ONE_READ: True, _READ_ONLY: True})
+                return work(connection)
+
+        result = _translated(unit)
+        self._count_unit()
+        return result
+
+    async def lookup(self, work: Callable[[Connection], T]) -> T:
+        """:meth:`lookup_sync` in a worker thread."""
+        return await asyncio.to_thread(self.lookup_sync, work)
 
     def refresh_statistics(self) -> None:
         """SQLite: refresh the planner's statistics (sampled ANALYZE, milliseconds). Without them it

@@ -367,6 +367,14 @@ _FIND_ONE = _FIND_INSTANCE.where(
 )
 
 
+def instance_at(
+    connection: Connection, tenant: str, study: str, series: str, sop: str
+) -> list[InstanceRecord]:
+    """The instance of these three UIDs (none or one), in one statement."""
+    values = {"tenant": tenant, "sop_instance_uid": sop, "study": study, "series": series}
+    return [_record(row) for row in connection.execute(_FIND_ONE, values)]
+
+
 def list_instances(
     session: Session,
     tenant: str,
@@ -375,13 +383,9 @@ def list_instances(
     sop_instance_uid: str | None = None,
 ) -> list[InstanceRecord]:
     if series_instance_uid is not None and sop_instance_uid is not None:
-        values = {
-            "tenant": tenant,
-            "sop_instance_uid": sop_instance_uid,
-            "study": study_instance_uid,
-            "series": series_instance_uid,
-        }
-        return [_record(row) for row in session.connection().execute(_FIND_ONE, values)]
+        return instance_at(
+            session.connection(), tenant, study_instance_uid, series_instance_uid, sop_instance_uid
+        )
     query = _RECORDS.where(Instance.tenant == tenant, Study.study_instance_uid == study_instance_uid)
     if series_instance_uid is not None:
         query = query.where(Series.series_instance_uid == series_instance_uid)

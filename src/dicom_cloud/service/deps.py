@@ -96,7 +96,7 @@ async def current_principal(
     authenticator: Authenticator = request.app.state.authenticator
     credential = request_credential(credentials.credentials if credentials else None, request.cookies)
     principal = await authenticator.authenticate(credential.value if credential else None)
-    if credential is not None:
+    if credential is not None and credential.from_cookie:  # a header's credential needs no CSRF check
         check_csrf(request.method, request.headers, credential, own_origins(request))
     request.state.principal = principal
     return principal

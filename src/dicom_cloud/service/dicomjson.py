@@ -4,6 +4,7 @@ transfer syntaxes of frames, Accept negotiation, and the service root that fills
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,7 +74,17 @@ _MEDIA_RANGE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
 def parse_accept(header: str) -> list[MediaType]:
     """The media ranges of an Accept header (or a WADO-URI ``contentType`` list), best first:
     by q-value, then by the order given (RFC 9110 §12.5.1; PS3.18 §8.7.1 lets the client give
-    several ranges). Ranges with q=0 are dropped; a malformed q counts as 1."""
+    several ranges). Ranges with q=0 are dropped; a malformed q counts as 1. The ranges are
+    shared between calls with the same header: read them, never change them."""
+    return list(_cached_accept(header) if len(header) <= _CACHED_ACCEPT else _parse_accept(header))
+
+
+#: Accept headers up to this length are parsed once: a client sends the same one on every
+#: request, and a request reads it more than once (negotiation, then the answer's type).
+_CACHED_ACCEPT = 512
+
+
+def _parse_accept(header: str) -> tuple[MediaType, ...]:
     ranges: list[tuple[float, int, MediaType]] = []
     for position, match in enumerate(_MEDIA_RANGE.finditer(header)):
         item = match.group(0).strip()
@@ -86,7 +97,10 @@ def parse_accept(header: str) -> list[MediaType]:
             quality = 1.0
         if quality > 0:
             ranges.append((-min(quality, 1.0), position, media))
-    return [media for _, _, media in sorted(ranges, key=lambda entry: (entry[0], entry[1]))]
+    return tuple(media for _, _, media in sorted(ranges, key=lambda entry: (entry[0], entry[1])))
+
+
+_cached_accept = functools.lru_cache(maxsize=128)(_parse_accept)
 
 
 _WARN_AGENT = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
