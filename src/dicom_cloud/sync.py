@@ -160,7 +160,8 @@ class _Plan:
 
 class Copier(Protocol):
     """Runs the copies of a sync's plan (``items``, in plan order) from ``src`` to ``dst``, telling
-    ``on_done`` of each object written, as the transfer engine does in this process."""
+    ``on_done`` of each object written, as the transfer engine does in this process; upload
+    sessions are kept in ``sessions`` (the sync's job file)."""
 
     async def __call__(
         self,
@@ -169,6 +170,7 @@ class Copier(Protocol):
         items: AsyncIterator[TransferItem],
         on_done: DoneCallback,
         on_event: EventCallback | None,
+        sessions: Journal,
     ) -> TransferSummary: ...
 
 
@@ -480,7 +482,7 @@ class Sync:
             self.journal.set_entry(rel, a_sig, b_sig, crc32c)
 
         if self.copier is not None and not self.transfer.dry_run:
-            summary = await self.copier(src, dst, items, on_done, self.on_event)
+            summary = await self.copier(src, dst, items, on_done, self.on_event, self.journal)
         else:
             transfer = Transfer(
                 src,
@@ -490,6 +492,9 @@ class Sync:
                 on_event=self.on_event,
                 items=items,
                 on_done=on_done,
+                # The sync records what it copied itself (its entries), so the job file keeps
+                # no finished objects; it keeps the upload sessions, as every job's does.
+                sessions=self.journal,
             )
             summary = await transfer.run()
         self.summary.transfers.append(summary)

@@ -74,6 +74,7 @@ from .journal import Journal
 from .localio import check_local_name, resolves_within
 from .location import Location
 from .names import check_object_key, nfc_twin, other_spelling_on_disk
+from .resumable import StateStore
 from .retry import RetryPolicy
 from .throttle import AdaptiveLimiter
 
@@ -124,6 +125,7 @@ class Transfer:
         on_event: EventCallback | None = None,
         manifest: ManifestWriter | None = None,
         journal: Journal | None = None,
+        sessions: StateStore | None = None,
         items: AsyncIterator[TransferItem] | None = None,
         on_done: DoneCallback | None = None,
         items_listed: bool = False,
@@ -134,7 +136,9 @@ class Transfer:
         run on a cluster), to be checked against the destination as a listing's are. ``preflight``:
         False where the caller has checked the destination already (a cluster's client, once for
         all its partitions: a listing per partition costs the store more than the partition's
-        small objects)."""
+        small objects). ``sessions``: where upload sessions are kept when they are not in
+        ``journal`` (a sync keeps no finished objects there, but its uploads are resumable and
+        its streamed copies leave nothing unfinished behind a killed process)."""
         self.src = src
         self.dst = dst
         self.recursive = recursive
@@ -156,7 +160,8 @@ class Transfer:
         )
         crypt = self.options.encryption or _NO_ENCRYPTION
         budget = ByteBudget(self.options.memory_budget)
-        context = RouteContext(src, dst, self.options, crypt, budget, self._accounting.progress, journal)
+        sessions = sessions if sessions is not None else journal
+        context = RouteContext(src, dst, self.options, crypt, budget, self._accounting.progress, sessions)
         self._router = Router(
             context,
             DestinationCheck(dst, self.options, crypt, budget),

@@ -335,7 +335,14 @@ def test_sync_of_a_local_tree_on_the_cluster(
     assert refused.code == 14, refused
     assert run_cli("list", dst, "-r", "--json", env=env).ok().stdout.count("\n") == stale
 
-    argv = ["sync", str(tree), dst, "--delete", "--max-delete", "100%", "--cluster", "local:2"]
+    # Files uploaded in parts among the small ones: the worker that takes a dead one's partition
+    # over continues (or removes) its multipart uploads, from the sync's job file.
+    for n in range(LARGE_OBJECTS):
+        (tree / f"s{n % 7}" / f"{n * OBJECTS // LARGE_OBJECTS:06d}.big").write_bytes(os.urandom(11 * 2**20))
+    argv = [
+        "sync", str(tree), dst, "--delete", "--max-delete", "100%", "--cluster", "local:2",
+        "--multipart-threshold", "5MiB", "--part-size", "5MiB",
+    ]  # fmt: skip
     proc = start([*argv, "--partition-size", PARTITION, "--json"], env)
     try:
         wait_for_completions(proc, int(PARTITION))
@@ -345,8 +352,9 @@ def test_sync_of_a_local_tree_on_the_cluster(
         proc.kill()
     assert proc.returncode == 0, stderr
     summary = summary_of(stdout)
-    assert summary["created"] == OBJECTS and summary["deleted"] == stale, summary
+    assert summary["created"] == OBJECTS + LARGE_OBJECTS and summary["deleted"] == stale, summary
     assert run_cli("verify", tree, dst, env=env, timeout=RUN_TIMEOUT).code == 0
+    assert b"<Upload>" not in unfinished_uploads(seaweedfs, s3_bucket)
 
     # Changes on the source: one file changed, one added, one removed.
     (tree / "s1" / "000001.dcm").write_bytes(b"changed")

@@ -146,6 +146,8 @@ class _ClusterRun:
         self._partition_bytes = partition_bytes
         #: Told of each object written (sync records its state from them).
         self.on_done: DoneCallback | None = None
+        #: Called once a partition's objects are told: commits what ``on_done`` recorded.
+        self.recorded: Callable[[], None] | None = None
         self.abort: DicomCloudError | None = None
         self._run_id = uuid.uuid4().hex[:12]
 
@@ -215,6 +217,8 @@ class _ClusterRun:
             if self.on_done is not None:
                 for item, crc32c, etag in result.written:
                     self.on_done(item, crc32c, etag)
+                if self.recorded is not None:
+                    self.recorded()
             result.summary.add_to(self.summary)
             if result.abort is not None and self.abort is None:
                 self.abort = result.abort.restore()
@@ -339,8 +343,10 @@ class SyncCopier:
     (listings spilled to its job file, comparisons, ``--max-delete`` checked before anything
     changes), the plan's copy actions are partitioned and run by the workers, each object written
     comes back to the client, which records the sync's state, and deletions happen in the client
-    after every copy succeeded. The workers keep no journal: a partition run again after its
-    worker died copies its objects again (the same bytes)."""
+    after every copy succeeded. The workers record no finished objects: a partition run again
+    after its worker died copies its objects again (the same bytes). The workers of a local
+    cluster keep their upload sessions in the sync's job file, so that the worker taking a dead
+    one's partition over continues its large uploads and removes its unfinished streamed ones."""
 
     def __init__(
         self,
@@ -362,13 +368,27 @@ class SyncCopier:
         items: AsyncIterator[TransferItem],
         on_done: DoneCallback,
         on_event: EventCallback | None,
+        sessions: Journal,
     ) -> TransferSummary:
         started = time.monotonic()
         run = _ClusterRun(self.cluster, on_event, None, self.partition_items, DEFAULT_PARTITION_BYTES)
         run.display = src.display
         run.on_done = on_done
+        # The workers write their upload sessions into the sync's job file: the client commits
+        # what it recorded after each partition, rather than holding SQLite's write lock (its
+        # batched commits wait for the next row) while it waits for the next partition.
+        run.recorded = sessions.flush
         job = PartitionJob(
-            str(src.url), str(dst.url), self.arguments, items_listed=False, report_written=True
+            str(src.url),
+            str(dst.url),
+            self.arguments,
+            # The workers keep their upload sessions in the sync's job file (a local cluster's
+            # workers share it), never its finished objects: see the class's docstring.
+            journal_path=str(sessions.path.resolve()) if self.cluster.is_local else None,
+            journal_spec=sessions.spec,
+            sessions_only=True,
+            items_listed=False,
+            report_written=True,
         )
         try:
             await run.run_items(items, job, self.session)

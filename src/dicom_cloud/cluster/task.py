@@ -38,6 +38,9 @@ class PartitionJob:
     #: The job's PostgreSQL journal instead (``--journal``): sent to the workers as given, so it
     #: should carry no password (workers read theirs from PGPASSWORD or ~/.pgpass).
     journal_url: str | None = None
+    #: The journal holds upload sessions only (a sync's job file): no finished objects are
+    #: recorded in it nor skipped by it.
+    sessions_only: bool = False
     #: The items are a listing's (checked against the destination as a listing's are), not a
     #: sync's plan (which decided what to update itself).
     items_listed: bool = True
@@ -82,6 +85,7 @@ async def _run(job: PartitionJob, index: int, items: Sequence[TransferItem]) -> 
         journal = PostgresJournal(job.journal_url, job.journal_spec)
     elif job.journal_path is not None and job.journal_spec is not None:
         journal = SharedJournal(Path(job.journal_path), job.journal_spec)
+    sessions = journal if job.sessions_only else None
     abort: PortableError | None = None
     written: list[tuple[TransferItem, str | None, str | None]] = []
 
@@ -95,7 +99,8 @@ async def _run(job: PartitionJob, index: int, items: Sequence[TransferItem]) -> 
             recursive=True,
             options=options,
             on_event=events,
-            journal=journal,
+            journal=None if job.sessions_only else journal,
+            sessions=sessions,
             items=_stream(items),
             items_listed=job.items_listed,
             preflight=False,  # the client's, once for the run

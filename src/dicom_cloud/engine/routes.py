@@ -34,9 +34,8 @@ from ..budget import ByteBudget
 from ..checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_update
 from ..crypto.envelope import ClientEncryption, Format
 from ..errors import AlreadyExistsError, IntegrityError, NotFoundError
-from ..journal import Journal
 from ..location import Location
-from ..resumable import abandon, begin_marker, fit_part_size, upload_file_resumable
+from ..resumable import StateStore, abandon, begin_marker, fit_part_size, upload_file_resumable
 from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 from .destination import ENVELOPE_ROOM, Claim, Content, DestinationCheck
 from .model import (
@@ -63,7 +62,8 @@ Progress = Callable[[Attempt, int], None]
 @dataclass(frozen=True)
 class RouteContext:
     """What every route may use: the two locations, the run's options and keys, the memory budget,
-    where to report progress, and the job's journal (for resumable uploads)."""
+    where to report progress, and where upload sessions are kept (the job's journal, or a
+    sync's job file: resumable uploads, and the markers of streamed ones)."""
 
     src: Location
     dst: Location
@@ -71,7 +71,7 @@ class RouteContext:
     crypt: ClientEncryption
     budget: ByteBudget
     progress: Progress
-    journal: Journal | None = None
+    sessions: StateStore | None = None
 
     def upload_plan(self) -> MultipartPlan:
         """Parts in flight for one multipart upload, as many as the memory budget allows."""
@@ -305,8 +305,8 @@ class WholeObject:
 class MultipartUpload:
     """A large local file: CRC32C first (it goes in the metadata), then a multipart upload.
 
-    With a journal, and a store that can continue an upload from another process, the upload's
-    session is kept in the journal so that a re-run sends only the parts the server lacks. A file
+    Where sessions are kept (a job's journal), and the store can continue an upload from another
+    process, the upload's session is kept there so that a re-run sends only the parts the server lacks. A file
     that changed while it was read is not left under the name as good: the object just written
     from it is removed again."""
 
@@ -321,15 +321,15 @@ class MultipartUpload:
         if not put.content_type:
             head = await asyncio.to_thread(_file_head, path)
             put = replace(put, content_type=ctx.content_type(attempt, None, head, encrypted=False))
-        uploads = ctx.dst.store.resumable_uploads() if ctx.journal is not None else None
-        if uploads is not None and ctx.journal is not None:
+        uploads = ctx.dst.store.resumable_uploads() if ctx.sessions is not None else None
+        if uploads is not None and ctx.sessions is not None:
             resumed = await upload_file_resumable(
                 uploads,
                 path,
                 item.dst_key,
                 part_size=fit_part_size(item.size, plan.part_size, uploads),
                 options=with_checksum(put, None, None),
-                state_store=ctx.journal,
+                state_store=ctx.sessions,
                 budget=ctx.budget,
                 on_progress=lambda count: ctx.progress(attempt, count),
                 concurrency=plan.concurrency,
@@ -479,27 +479,27 @@ class StreamedCopy:
                 content_type=ctx.content_type(attempt, info, head, encrypted=ciphertext),
             )
         plan = ctx.upload_plan()
-        journal = ctx.journal
-        uploads = ctx.dst.store.resumable_uploads() if journal is not None else None
-        if journal is not None and uploads is not None:
+        sessions = ctx.sessions
+        uploads = ctx.dst.store.resumable_uploads() if sessions is not None else None
+        if sessions is not None and uploads is not None:
             # A streamed upload cannot be continued, but it must not be left behind: an attempt
             # killed mid-stream (a cluster worker, a process) left a marker, and its unfinished
             # upload is removed before this attempt begins its own.
-            earlier = journal.load(item.dst_key)
+            earlier = sessions.load(item.dst_key)
             if earlier is not None:
                 await abandon(uploads, earlier, item.dst_key)
-            journal.save(item.dst_key, begin_marker(item.dst_key))
+            sessions.save(item.dst_key, begin_marker(item.dst_key))
         try:
             async with ctx.budget.reserve(HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
                 result = await ctx.dst.store.put_stream(item.dst_key, chunks(), options, plan)
         except Exception:
-            if journal is not None and uploads is not None:
+            if sessions is not None and uploads is not None:
                 # Failed, not interrupted (an interrupted run leaves the marker for the next one).
                 await abandon(uploads, begin_marker(item.dst_key), item.dst_key)
-                journal.clear(item.dst_key)
+                sessions.clear(item.dst_key)
             raise
-        if journal is not None and uploads is not None:
-            journal.clear(item.dst_key)
+        if sessions is not None and uploads is not None:
+            sessions.clear(item.dst_key)
         return Written(options.metadata.get(CHECKSUM_METADATA_KEY), result.etag)
 
 
