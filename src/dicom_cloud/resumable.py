@@ -381,9 +381,11 @@ async def abandon(uploads: ResumableUploads, state: Mapping[str, Any], key: str)
                 await uploads.abort_incomplete(upload)
                 aborted += 1
     except NotSupportedError:
-        pass  # GCS: unlisted sessions expire by themselves after a week
-    except DicomCloudError as exc:
-        log.warning("%s: an earlier attempt's unfinished upload could not be removed (%s)", key, exc)
+        pass  # GCS: our client cannot list them (docs/resume.md, "Markers")
+    except Exception as exc:  # never fails the attempt it precedes (or hides the error it follows)
+        log.warning(
+            "%s: an earlier attempt's unfinished upload could not be removed (%s)", key, type(exc).__name__
+        )
     if aborted:
         log.info("%s: removed %d unfinished upload(s) of an earlier attempt", key, aborted)
     return aborted

@@ -306,9 +306,9 @@ class MultipartUpload:
     """A large local file: CRC32C first (it goes in the metadata), then a multipart upload.
 
     Where sessions are kept (a job's journal), and the store can continue an upload from another
-    process, the upload's session is kept there so that a re-run sends only the parts the server lacks. A file
-    that changed while it was read is not left under the name as good: the object just written
-    from it is removed again."""
+    process, the upload's session is kept there so that a re-run sends only the parts the server
+    lacks. A file that changed while it was read is not left under the name as good: the object
+    just written from it is removed again."""
 
     def __init__(self, ctx: RouteContext) -> None:
         self.ctx = ctx
