@@ -162,8 +162,9 @@ class ArchiveObjects:
             log.warning("objects left behind after a delete: %s (%d keys)", type(exc).__name__, len(keys))
 
 
-#: Hashing this much takes microseconds, less than a hop to a worker thread.
-_HASH_ON_LOOP = 64 * 1024
+#: Hashing this much takes microseconds, less than a hop to a worker thread (CRC32C runs at
+#: about 25 GB/s here: 40 us for 1 MiB, where a hop costs more CPU and a wake-up).
+_HASH_ON_LOOP = 1024 * 1024
 
 
 async def _crc32c_off_loop(data: bytes | memoryview) -> str:
