@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,23 +214,6 @@ def test_signal_ends_the_run_promptly(
     assert_gone(workers)
 
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def journal_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for the job's journal, dropped on exit."""
-    import psycopg
-
-    name = f"dc_cluster_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture
 def remote_cluster(env: dict[str, str]) -> Iterator[str]:
     """A Dask scheduler and two workers on 127.0.0.1, as an operator starts them on machines: the
@@ -278,14 +260,14 @@ def test_remote_cluster_with_a_postgresql_journal(
     seeded: dict[str, bytes],
     env: dict[str, str],
     remote_cluster: str,
-    journal_database: str,
+    database: str,
 ) -> None:
     src, dst = f"s3://{s3_bucket}/src/", f"s3://{s3_bucket}/remote/"
     refused = run_cli("copy", src, dst, "-r", "--cluster", remote_cluster, env=env)
     assert refused.code == 2 and "needs --journal postgresql://" in refused.stderr, refused
 
     result = run_cli(
-        "copy", src, dst, "-r", "--cluster", remote_cluster, "--journal", journal_database,
+        "copy", src, dst, "-r", "--cluster", remote_cluster, "--journal", database,
         "--partition-size", PARTITION, "--json", env=env, timeout=RUN_TIMEOUT,
     )  # fmt: skip
     assert result.code == 0, result
@@ -296,14 +278,14 @@ def test_remote_cluster_with_a_postgresql_journal(
 
     import psycopg
 
-    with psycopg.connect(journal_database) as db:
+    with psycopg.connect(database) as db:
         left = db.execute("SELECT count(*) FROM dicom_cloud_job_done").fetchone()
     assert left == (0,)  # the job completed: its rows are gone
 
     # Run again, on the cluster and then in one process: the same engine decides the same for
     # every object already there.
     again = run_cli(
-        "copy", src, dst, "-r", "--cluster", remote_cluster, "--journal", journal_database, "--json",
+        "copy", src, dst, "-r", "--cluster", remote_cluster, "--journal", database, "--json",
         env=env, timeout=RUN_TIMEOUT,
     )  # fmt: skip
     assert again.code == 0, again
