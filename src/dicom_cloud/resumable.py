@@ -362,6 +362,25 @@ def begin_marker(key: str) -> dict[str, Any]:
     return {"v": STATE_VERSION, "key": key, "begun": True}
 
 
+@contextlib.asynccontextmanager
+async def streamed_upload(uploads: ResumableUploads, sessions: StateStore, key: str) -> AsyncIterator[None]:
+    """Around a multipart upload to ``key`` that cannot be continued (a stream): the unfinished
+    upload of an earlier attempt that left its marker is aborted first, this one's marker is kept
+    while it runs, and cleared when it completes, or when it fails and its own upload is aborted.
+    An interruption (cancellation) leaves the marker for the next attempt."""
+    earlier = sessions.load(key)
+    if earlier is not None:
+        await abandon(uploads, earlier, key)
+    sessions.save(key, begin_marker(key))
+    try:
+        yield
+    except Exception:
+        await abandon(uploads, begin_marker(key), key)
+        sessions.clear(key)
+        raise
+    sessions.clear(key)
+
+
 async def abandon(uploads: ResumableUploads, state: Mapping[str, Any], key: str) -> int:
     """Discard the upload an earlier attempt at ``key`` recorded in ``state``; the number aborted.
 

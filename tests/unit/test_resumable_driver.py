@@ -24,6 +24,7 @@ from dicom_cloud.resumable import (
     begin_marker,
     fit_part_size,
     part_range,
+    streamed_upload,
     upload_file_resumable,
 )
 from dicom_cloud.store import CHECKSUM_METADATA_KEY, ObjectInfo, PutOptions
@@ -294,3 +295,23 @@ def test_abandon_a_marker_aborts_the_uploads_at_exactly_its_key() -> None:
     session = next(u for u in uploads.sessions if uploads.keys[u] == "k2")
     assert asyncio.run(abandon(uploads, {"upload_id": session}, "k2")) == 1
     assert [uploads.keys[u] for u in uploads.sessions] == ["other"]
+
+
+def test_a_streamed_upload_removes_what_an_earlier_one_left_and_its_own_on_failure() -> None:
+    uploads, states = InProcessUploads(), MemoryStateStore()
+
+    async def attempt(outcome: BaseException | None) -> None:
+        async with streamed_upload(uploads, states, "k"):
+            await uploads.begin("k", 10, 10, PutOptions())  # what the stream's store does
+            assert states.load("k") == begin_marker("k")
+            if outcome is not None:
+                raise outcome
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(attempt(asyncio.CancelledError()))  # interrupted: upload and marker stay
+    assert len(uploads.sessions) == 1 and states.load("k") == begin_marker("k")
+    with pytest.raises(ConnectionError):
+        asyncio.run(attempt(ConnectionError("down")))  # the earlier upload, then its own, aborted
+    assert uploads.sessions == {} and states.load("k") is None
+    asyncio.run(attempt(None))
+    assert len(uploads.sessions) == 1 and states.load("k") is None  # (completed, in a real store)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +36,7 @@ from ..checksum import Crc32c, crc32c_combine, crc32c_file, crc32c_hex, crc32c_u
 from ..crypto.envelope import ClientEncryption, Format
 from ..errors import AlreadyExistsError, IntegrityError, NotFoundError
 from ..location import Location
-from ..resumable import StateStore, abandon, begin_marker, fit_part_size, upload_file_resumable
+from ..resumable import StateStore, fit_part_size, streamed_upload, upload_file_resumable
 from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
 from .destination import ENVELOPE_ROOM, Claim, Content, DestinationCheck
 from .model import (
@@ -479,27 +480,17 @@ class StreamedCopy:
                 content_type=ctx.content_type(attempt, info, head, encrypted=ciphertext),
             )
         plan = ctx.upload_plan()
-        sessions = ctx.sessions
-        uploads = ctx.dst.store.resumable_uploads() if sessions is not None else None
-        if sessions is not None and uploads is not None:
-            # A streamed upload cannot be continued, but it must not be left behind: an attempt
-            # killed mid-stream (a cluster worker, a process) left a marker, and its unfinished
-            # upload is removed before this attempt begins its own.
-            earlier = sessions.load(item.dst_key)
-            if earlier is not None:
-                await abandon(uploads, earlier, item.dst_key)
-            sessions.save(item.dst_key, begin_marker(item.dst_key))
-        try:
-            async with ctx.budget.reserve(HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
-                result = await ctx.dst.store.put_stream(item.dst_key, chunks(), options, plan)
-        except Exception:
-            if sessions is not None and uploads is not None:
-                # Failed, not interrupted (an interrupted run leaves the marker for the next one).
-                await abandon(uploads, begin_marker(item.dst_key), item.dst_key)
-                sessions.clear(item.dst_key)
-            raise
-        if sessions is not None and uploads is not None:
-            sessions.clear(item.dst_key)
+        uploads = ctx.dst.store.resumable_uploads() if ctx.sessions is not None else None
+        # A streamed upload cannot be continued, but it must not be left behind: an attempt
+        # killed mid-stream (a cluster worker, a process) leaves a marker, and the next attempt
+        # removes its unfinished upload before it begins its own.
+        marked = (
+            streamed_upload(uploads, ctx.sessions, item.dst_key)
+            if uploads is not None and ctx.sessions is not None
+            else contextlib.nullcontext()
+        )
+        async with marked, ctx.budget.reserve(HELD_PARTS_PER_SLOT * plan.part_size * plan.concurrency):
+            result = await ctx.dst.store.put_stream(item.dst_key, chunks(), options, plan)
         return Written(options.metadata.get(CHECKSUM_METADATA_KEY), result.etag)
 
 
