@@ -6,7 +6,6 @@ environment (``scripts/install-test-servers`` plus the dev extras install them).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from servers import (
     start_azurite,
     start_fake_gcs,
     start_seaweedfs,
+    unique_name,
 )
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
@@ -58,11 +58,6 @@ def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
     server = _start("fake-gcs", start_fake_gcs, tmp_path_factory)
     yield server
     server.stop()
-
-
-def unique_name(kind: str = "t") -> str:
-    """A bucket/container name valid on S3, Azure and GCS (lower case, digits, '-', 3-63 chars)."""
-    return f"{kind}-{uuid.uuid4().hex[:16]}"
 
 
 @pytest.fixture

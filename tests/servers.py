@@ -39,6 +39,7 @@ import sysconfig
 import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -738,3 +739,8 @@ if __name__ == "__main__":  # manual check: python tests/servers.py
             srv.create_bucket("probe")
         srv.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+def unique_name(kind: str = "t") -> str:
+    """A bucket/container name valid on S3, Azure and GCS (lower case, digits, '-', 3-63 chars)."""
+    return f"{kind}-{uuid.uuid4().hex[:16]}"

@@ -26,8 +26,7 @@ import psutil
 import pytest
 from test_cli import CLI, assert_same_tree, cli_env, run_cli
 
-from conftest import unique_name
-from servers import S3Server, free_ports
+from servers import S3Server, free_ports, unique_name
 
 OBJECTS = int(os.environ.get("CLUSTER_OBJECTS", "2000"))
 #: Objects of 11 MiB added to the killed-worker copy, copied in 5 MiB parts.

@@ -20,9 +20,8 @@ import pytest
 from test_cli import assert_same_tree, cli_env, run_cli
 from test_interrupts import start, wait_until
 
-from conftest import unique_name
 from faultproxy import FaultProxy, Rule
-from servers import AzureServer, GCSServer, S3Server
+from servers import AzureServer, GCSServer, S3Server, unique_name
 
 MiB = 1024 * 1024
 MULTIPART = ["--multipart-threshold", "5MiB", "--part-size", "5MiB"]
