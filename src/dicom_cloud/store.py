@@ -84,6 +84,9 @@ class Features:
     #: ``list_buckets`` names the buckets or containers the credentials reach (the store may then
     #: be opened without a bucket of its own, for that call only).
     list_buckets: bool = False
+    #: ``read_now`` reads with blocking system calls (local disk): a caller already in a worker
+    #: thread reads there, without a hop of its own.
+    read_now: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,10 @@ class Store(abc.ABC):
             f"{self.scheme}:// cannot make presigned URLs",
             hint="share links exist for s3://, gs:// and azure:// locations",
         )
+
+    def read_now(self, key: str) -> tuple[ObjectInfo, bytes | memoryview]:
+        """:meth:`read` as a blocking call, for a worker thread (``features.read_now``)."""
+        raise NotSupportedError(f"{self.scheme}:// objects are read by awaiting read()")
 
     def open_writer(self, key: str, size: int) -> RandomAccessWriter:
         """A writer for ``size`` bytes at ``key`` filled at any offsets (``features.random_access_write``)."""

@@ -599,10 +599,32 @@ class Archive:
 
     async def read_instance(self, record: InstanceRecord) -> bytes:
         """The instance's Part 10 bytes: decrypted, size and CRC32C checked (IntegrityError)."""
-        data, crc = await self._objects.get_with_crc(record.object_key)
-        if len(data) != record.size or (crc or crc32c_hex(data)) != record.crc32c:
-            raise IntegrityError("a stored instance does not match the size and CRC32C in the index")
-        return data
+        return _matching(record, *await self._objects.get_with_crc(record.object_key))
+
+    async def instance_with_bytes(
+        self, tenant: str, study: str, series: str, sop: str, *, max_size: int
+    ) -> tuple[InstanceRecord, bytes | None]:
+        """One instance by its three UIDs, with its bytes as :meth:`read_instance` gives them when
+        it is at most ``max_size`` (None when larger: stream it). NotFoundError when missing.
+
+        Where the store reads with blocking calls (local disk), the lookup, the read and the
+        checks are one worker-thread call: per-instance retrieval's hops are most of its cost."""
+        if not self._objects.reads_now:
+            record = (await self.instances(tenant, study, series, sop))[0]
+            return record, await self.read_instance(record) if record.size <= max_size else None
+        check_tenant(tenant)
+        _check_uids(study, series, sop)
+
+        def now() -> tuple[InstanceRecord, bytes | None]:
+            found = self._db.lookup_sync(lambda c: index.instance_at(c, tenant, study, series, sop))
+            if not found:
+                raise NotFoundError("no such instance")
+            record = found[0]
+            if record.size > max_size:
+                return record, None
+            return record, _matching(record, *self._objects.get_with_crc_now(record.object_key))
+
+        return await asyncio.to_thread(now)
 
     async def stream_instance(
         self, record: InstanceRecord, chunk_size: int = 1024 * 1024
@@ -924,3 +946,11 @@ class _CountedStream:
                 raise UsageError(f"{self._name}: larger than {self._max_size} bytes")
             self.crc.update(chunk)
             yield chunk
+
+
+def _matching(record: InstanceRecord, data: bytes, crc: str | None) -> bytes:
+    """``data`` if it has the record's size and CRC32C (``crc``: its CRC32C when already known);
+    IntegrityError otherwise."""
+    if len(data) != record.size or (crc or crc32c_hex(data)) != record.crc32c:
+        raise IntegrityError("a stored instance does not match the size and CRC32C in the index")
+    return data

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from ..checksum import crc32c_hex
 from ..crypto.envelope import ClientEncryption
 from ..errors import IntegrityError
-from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, PutOptions, PutOutcomes, Store
+from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, PutOutcomes, Store
 
 log = logging.getLogger("dicom_cloud.archive")
 
@@ -109,19 +109,36 @@ class ArchiveObjects:
         """:meth:`get`, and the CRC32C of the plaintext when it was computed on the way (objects
         stored in clear carry theirs): a caller checking it against the index need not compute it
         again. None for encrypted objects."""
+        if self.store.features.read_now:
+            # Read, check and decrypt in one worker-thread call: one hop per object.
+            return await asyncio.to_thread(self.get_with_crc_now, key)
         full = self.key(key)
         info, blob = await self.store.read(full)
+        if len(blob) <= _HASH_ON_LOOP and self.crypto.detect(full, info.metadata) is None:
+            return self._opened(full, info, blob)
+        return await asyncio.to_thread(self._opened, full, info, blob)
+
+    @property
+    def reads_now(self) -> bool:
+        """Whether :meth:`get_with_crc_now` can read (the store reads with blocking calls)."""
+        return self.store.features.read_now
+
+    def get_with_crc_now(self, key: str) -> tuple[bytes, str | None]:
+        """:meth:`get_with_crc` as a blocking call, for a worker thread (only where
+        :attr:`reads_now`)."""
+        full = self.key(key)
+        return self._opened(full, *self.store.read_now(full))
+
+    def _opened(self, full: str, info: ObjectInfo, blob: bytes | memoryview) -> tuple[bytes, str | None]:
+        """An object's bytes as read, CRC32C-checked when it carries one, and decrypted."""
         recorded = info.metadata.get(CHECKSUM_METADATA_KEY)
-        crc = await _crc32c_off_loop(blob) if recorded is not None else None
+        crc = crc32c_hex(blob) if recorded is not None else None
         if recorded is not None and crc != recorded:
             raise IntegrityError(f"{self.store.url(full)} does not match its recorded CRC32C")
         fmt = self.crypto.detect(full, info.metadata)
         if fmt is None:
             return bytes(blob), crc
-        plaintext = await asyncio.to_thread(
-            self.crypto.decrypt, self.store.url(full), fmt, info.metadata, blob
-        )
-        return plaintext, None
+        return self.crypto.decrypt(self.store.url(full), fmt, info.metadata, blob), None
 
     async def stream(self, key: str, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
         """An object's plaintext as chunks, about one chunk in memory. An encrypted object's last

@@ -62,7 +62,7 @@ class LocalStore(Store):
     """A directory tree. Keys use ``/``; the root itself is never escaped (``..`` is refused)."""
 
     scheme = "file"
-    features = Features(server_side_copy=True, random_access_write=True)
+    features = Features(server_side_copy=True, random_access_write=True, read_now=True)
 
     def __init__(self, root: Path, *, private: bool = False) -> None:
         self.root = root
@@ -123,33 +123,28 @@ class LocalStore(Store):
             raise _translate(exc, path) from exc
 
     async def read(self, key: str) -> tuple[ObjectInfo, bytes | memoryview]:
-        path = self.path(key)
+        # One thread hop for stat, metadata and bytes: this runs once per small file uploaded.
+        return await asyncio.to_thread(self.read_now, key)
 
-        def read_with_info() -> tuple[ObjectInfo, bytes]:
-            # One thread hop for stat, metadata and bytes: this runs once per small file uploaded.
+    def read_now(self, key: str) -> tuple[ObjectInfo, bytes | memoryview]:
+        path = self.path(key)
+        try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 data = f.read()
                 # On the open file: the attributes of the bytes read, without path lookups.
                 metadata = _read_metadata(f.fileno())
-            content_type = metadata.pop(_CONTENT_TYPE, None)
-            info = ObjectInfo(
-                key=key,
-                size=len(data),
-                last_modified=_mtime(st),
-                metadata=metadata,
-                content_type=content_type,
-            )
-            return info, data
-
-        try:
-            return await asyncio.to_thread(read_with_info)
         except IsADirectoryError:
             raise NotFoundError(
                 f"{path}: is a directory", hint="add --recursive to transfer a directory"
             ) from None
         except OSError as exc:
             raise _translate(exc, path) from exc
+        content_type = metadata.pop(_CONTENT_TYPE, None)
+        info = ObjectInfo(
+            key=key, size=len(data), last_modified=_mtime(st), metadata=metadata, content_type=content_type
+        )
+        return info, data
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         path = self.path(key)

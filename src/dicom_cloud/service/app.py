@@ -18,10 +18,11 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.routing import BaseRoute
 
 from .. import __version__
 from ..archive import Archive, ArchiveSettings
@@ -33,6 +34,7 @@ from .auth import Authenticator, OidcVerifier
 from .credential_cache import CredentialCache
 from .deps import Reader, secret_resolver
 from .handlers import install_error_handlers
+from .instance_retrieval import InstanceRetrieval
 from .memory import RequestMemory
 from .observability import AccessLogMiddleware, Metrics
 from .presign import S3PutSigner
@@ -227,6 +229,16 @@ def create_app(
     app.state.metrics = metrics
     app.state.put_signer = S3PutSigner.for_storage(settings.storage_url)
     install_error_handlers(app)
+    for module in (health, dicomweb, wado_uri, uploads, labels, shares, tokens, web, viewer):
+        app.include_router(module.router)
+    # Last: the viewer's files requested from the root, after every route they must not shadow.
+    app.include_router(viewer.root_router)
+    # Innermost: CORS headers and the access log apply to its answers as to the routes'.
+    app.add_middleware(
+        InstanceRetrieval,
+        route=_route_of(dicomweb.router, dicomweb.retrieve_instance),
+        max_size=dicomweb.WHOLE_ANSWER_LIMIT,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -237,11 +249,11 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
-    for module in (health, dicomweb, wado_uri, uploads, labels, shares, tokens, web, viewer):
-        app.include_router(module.router)
-    # Last: the viewer's files requested from the root, after every route they must not shadow.
-    app.include_router(viewer.root_router)
     return app
+
+
+def _route_of(router: APIRouter, endpoint: Callable[..., Any]) -> BaseRoute:
+    return next(r for r in router.routes if getattr(r, "endpoint", None) is endpoint)
 
 
 def _add_private_docs(app: FastAPI) -> None:

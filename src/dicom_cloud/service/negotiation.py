@@ -49,6 +49,11 @@ def _alternatives(stored: Collection[str]) -> str:
     return f"stored as {', '.join(sorted(set(stored)))}: ask for transfer-syntax=* (as stored){extra}"
 
 
+def instance_part_type(transfer_syntax_uid: str) -> str:
+    """The Content-Type of a multipart part holding an instance in this transfer syntax."""
+    return f"{DICOM}; transfer-syntax={transfer_syntax_uid}"
+
+
 def instance_syntax(request: Request, stored: Collection[str]) -> str | None:
     """The transfer syntax to send instances stored in ``stored`` in: None for as stored, else a
     syntax every one of them can be sent in (the stored one or a transcoding). 406 when no media

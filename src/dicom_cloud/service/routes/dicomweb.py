@@ -44,7 +44,7 @@ from ..multipart import (
     related_length,
     write_related,
 )
-from ..negotiation import frame_plan, instance_syntax
+from ..negotiation import frame_plan, instance_part_type, instance_syntax
 from ..stow import StowReceiver, memory_share
 from ..stow_queue import is_queued, queue_stow
 
@@ -381,25 +381,31 @@ async def _retrieve(
 ) -> Response:
     principal.require_study(study)
     check_accepts(request, media_type="multipart/related", related_type=DICOM)
-    records = await archive.instances(principal.tenant, study, series, instance)
-    # As stored (None), or one syntax every instance can be sent in; 406 before anything is read.
+    if series is not None and instance is not None:
+        # One instance (the common per-instance retrieval): found and read in one step, sent as
+        # one body with a Content-Length (a store fault is then a clean error status).
+        record, data = await archive.instance_with_bytes(
+            principal.tenant, study, series, instance, max_size=WHOLE_ANSWER_LIMIT
+        )
+        records = [record]
+    else:
+        records, data = await archive.instances(principal.tenant, study, series, instance), None
+    # As stored (None), or one syntax every instance can be sent in; 406 before any part is sent.
     target = instance_syntax(request, {r.transfer_syntax_uid for r in records})
 
     async def encoded(record: InstanceRecord, data: bytes) -> tuple[str, bytes]:
         """One part: transcoded (one instance at a time, in a worker thread) when asked."""
         if target is None or record.transfer_syntax_uid == target:
-            return _part_type(record.transfer_syntax_uid), data
+            return instance_part_type(record.transfer_syntax_uid), data
         try:
-            return _part_type(target), await archive.transcode(data, target)
+            return instance_part_type(target), await archive.transcode(data, target)
         except NotSupportedError as exc:
             raise NotAcceptableError(exc.message, hint=exc.hint) from None
 
     boundary = new_boundary()
     media_type = related_content_type(boundary, DICOM)
-    if len(records) == 1 and records[0].size <= WHOLE_ANSWER_LIMIT:
-        # One instance (the common per-instance retrieval): one body with a Content-Length, no
-        # stream machinery; a store fault is a clean error status.
-        part = await encoded(records[0], await archive.read_instance(records[0]))
+    if data is not None:
+        part = await encoded(records[0], data)
         return Response(
             related_body([part], boundary), media_type=media_type, headers=ignored_parameters(request)
         )
@@ -420,13 +426,9 @@ async def _retrieve(
     headers = ignored_parameters(request)
     if target is None or all(r.transfer_syntax_uid == target for r in records):
         # Every part as stored: the body's length is known from the index before a byte is sent.
-        sizes = [(_part_type(r.transfer_syntax_uid), r.size) for r in records]
+        sizes = [(instance_part_type(r.transfer_syntax_uid), r.size) for r in records]
         headers = {**headers, "Content-Length": str(related_length(sizes, boundary))}
     return StreamingResponse(write_related(parts(), boundary), media_type=media_type, headers=headers)
-
-
-def _part_type(transfer_syntax_uid: str) -> str:
-    return f"{DICOM}; transfer-syntax={transfer_syntax_uid}"
 
 
 @router.get("/studies/{study}", responses={200: _MULTIPART}, summary="WADO-RS: retrieve a study")
