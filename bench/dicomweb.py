@@ -1,6 +1,7 @@
 """The DICOMweb service beside Orthanc 1.10 and its DICOMweb plugin: one run, same data, same client.
 
     .venv/bin/python bench/dicomweb.py [--instances 400] [--qido-instances 100000] [--repeat 3]
+                                       [--retrievals 3]
                                        [--clients 4] [--batch 10] [--fill-batch 100] [--queries 200]
 
 Both servers run at once on loopback, each as its own process with its default embedded storage:
@@ -11,7 +12,8 @@ concurrent requests:
 
 - STOW-RS of the synthetic CT study of ``bench/generate.py`` in requests of ``--batch`` instances
   (instances/s, MB/s); the study is deleted between repetitions;
-- WADO-RS of the whole study (one multipart/related answer) and of every instance on its own;
+- WADO-RS of the whole study (one multipart/related answer) and of every instance on its own,
+  ``--retrievals`` rounds after each STOW-RS, the servers taking turns within each round;
 - QIDO-RS latency (median, p95) of study, series and instance searches after ``--qido-instances``
   small instances were indexed in both (the fill is timed too).
 
@@ -297,16 +299,21 @@ def measure_study(
                 timing, _ = timed(server, partial(each, stow, server, batches))
                 measures[server.name].stow.append(timing)
                 note(f"{server.name} #{repetition + 1}: STOW-RS {timing.seconds:.2f} s")
-            for server in alternate(servers, repetition + 1):
-                timing, parts = timed(server, partial(wado, server, f"/studies/{study_uid}"))
-                verify(server, parts, expected)
-                measures[server.name].wado_study.append(timing)
-                timing, answers = timed(server, partial(each, wado, server, paths))
-                if any(len(a) != 1 for a in answers):
-                    raise BenchError(f"{server.name}: an instance's WADO-RS answer is not one part")
-                verify(server, [a[0] for a in answers], expected)
-                measures[server.name].wado_instances.append(timing)
-                note(f"{server.name} #{repetition + 1}: WADO-RS study and instances verified")
+            # Retrievals in rounds, the servers taking turns within each: this VM's speed shifts
+            # for seconds at a time, and a shift would otherwise land on one server's whole series.
+            for turn in range(args.retrievals):
+                order = alternate(servers, repetition + turn + 1)
+                for server in order:
+                    timing, parts = timed(server, partial(wado, server, f"/studies/{study_uid}"))
+                    verify(server, parts, expected)
+                    measures[server.name].wado_study.append(timing)
+                for server in order:
+                    timing, answers = timed(server, partial(each, wado, server, paths))
+                    if any(len(a) != 1 for a in answers):
+                        raise BenchError(f"{server.name}: an instance's WADO-RS answer is not one part")
+                    verify(server, [a[0] for a in answers], expected)
+                    measures[server.name].wado_instances.append(timing)
+            note(f"#{repetition + 1}: WADO-RS study and instances verified ({args.retrievals} rounds)")
 
 
 def fill(
@@ -458,7 +465,9 @@ def render(report: dict[str, Any]) -> str:
         f"Data: the synthetic CT study, {p['instances']} instances ({p['study_mb']:.0f} MB), stored in "
         f"STOW-RS requests of {p['batch']}; then {p['qido_instances']} small instances indexed "
         f"(batches of {p['fill_batch']}, Orthanc through {p['orthanc_fill']}). {p['clients']} concurrent "
-        f"requests; {p['repeat']} repetitions of the study (medians); {p['queries']} repetitions of each "
+        f"requests; {p['repeat']} repetitions of the study's STOW-RS, each followed by "
+        f"{p.get('retrievals', 1)} rounds of its WADO-RS, the servers taking turns (medians); "
+        f"{p['queries']} repetitions of each "
         f"search. Orthanc: SyncStorageArea {str(p['orthanc_sync_storage']).lower()}, "
         f"MaximumStorageCacheSize 0. dicom-cloud serve workers: {p.get('workers', 1)}.",
         "",
@@ -517,6 +526,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--clients", type=int, default=4, help="concurrent requests (STOW, per-instance WADO, fill)"
     )
     p.add_argument("--repeat", type=int, default=3, help="repetitions of the study's STOW and WADO")
+    p.add_argument(
+        "--retrievals",
+        type=int,
+        default=3,
+        help="rounds of WADO-RS (whole study, then instance by instance) per repetition, the servers "
+        "taking turns within each",
+    )
     p.add_argument("--qido-instances", type=int, default=100_000, help="small instances indexed for QIDO")
     p.add_argument("--fill-batch", type=int, default=100, help="instances per request of the index fill")
     p.add_argument(
@@ -540,8 +556,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.qido_instances < 10 * SMALL_PER_STUDY or min(args.instances, args.batch, args.clients) < 1:
         p.error(f"--qido-instances must be at least {10 * SMALL_PER_STUDY}; counts must be positive")
-    if args.repeat < 1 or args.queries < 1 or args.fill_batch < 1:
-        p.error("--repeat, --queries and --fill-batch must be positive")
+    if min(args.repeat, args.retrievals, args.queries, args.fill_batch) < 1:
+        p.error("--repeat, --retrievals, --queries and --fill-batch must be positive")
     return args
 
 
@@ -579,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch": args.batch,
                 "clients": args.clients,
                 "repeat": args.repeat,
+                "retrievals": args.retrievals,
                 "qido_instances": args.qido_instances,
                 "fill_batch": args.fill_batch,
                 "orthanc_fill": "STOW-RS" if args.orthanc_fill == "stow" else "POST /instances",
