@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import compileall
 import contextlib
 import datetime as dt
 import hashlib
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -849,6 +850,16 @@ def hold_server(srv: S3Server) -> None:
             time.sleep(3600)
 
 
+def compile_sources(tools: Sequence[str]) -> None:
+    """Byte-compile the source trees of the dicom-cloud variants, as ``pip install`` does for an
+    installed package: a checkout run with PYTHONDONTWRITEBYTECODE set (or never run before)
+    would otherwise compile every module again at each start, about 0.1 s that no installed
+    copy spends and no compiled peer has."""
+    trees = {REPO / "src"} | ({BASE_SRC} if BASE_SRC and "dicom-cloud-base" in tools else set())
+    for tree in trees:
+        compileall.compile_dir(tree, quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     global BASE_SRC
     args = parse_args(argv)
@@ -865,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         path.mkdir(parents=True, exist_ok=True)
     manifest = ensure(paths["inputs"], args.instances, args.large_size)
     warm_page_cache(paths["inputs"] / e.name for e in [*manifest.study, manifest.large])
+    compile_sources(tools)
     meta: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
