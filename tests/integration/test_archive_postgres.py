@@ -178,6 +178,11 @@ def test_pydicom_files_round_trip(archive: tuple[Archive, Run]) -> None:
         [found] = run(a.search_instances(f"t{i}", {"includefield": "all"}))
         assert found["00080018"]["Value"] == [record.sop_instance_uid]
         assert len(run(a.metadata(f"t{i}", record.study_instance_uid))) == 1
+        # One instance by its three UIDs (per-instance WADO-RS): the textual lookup on PostgreSQL.
+        uids = (record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid)
+        assert run(a.instances(f"t{i}", *uids)) == [record]
+        found_record, data = run(a.instance_with_bytes(f"t{i}", *uids, max_size=1 << 30))
+        assert found_record == record and data == run(a.read_instance(record))
     assert stored >= 50
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session
@@ -367,12 +368,19 @@ _FIND_ONE = _FIND_INSTANCE.where(
 )
 
 
+# The same as a typed textual statement: SQLAlchemy computes the cache key of a Select at every
+# execution, a walk of its joins and clauses that was half the lookup's cost (70 us of 140); a
+# textual statement's key is its string. Rendered without a dialect: plain SQL with ``:name``
+# parameters, which SQLite and PostgreSQL both take (tests/integration/test_archive_postgres.py).
+_FIND_ONE_TEXT = text(str(_FIND_ONE)).columns(*_FIND_ONE.selected_columns)
+
+
 def instance_at(
     connection: Connection, tenant: str, study: str, series: str, sop: str
 ) -> list[InstanceRecord]:
     """The instance of these three UIDs (none or one), in one statement."""
     values = {"tenant": tenant, "sop_instance_uid": sop, "study": study, "series": series}
-    return [_record(row) for row in connection.execute(_FIND_ONE, values)]
+    return [_record(row) for row in connection.execute(_FIND_ONE_TEXT, values)]
 
 
 def list_instances(
