@@ -1,10 +1,10 @@
 """Per-instance WADO-RS answered before FastAPI's routing and dependency resolution.
 
 A viewer fetches a study instance by instance (``GET /studies/{study}/series/{series}/instances/
-{instance}``), so that request is the service's most frequent. Through the router it costs about
-twice what the work itself costs: matching the path against every route, resolving the
-dependency tree (credential, scope, archive, three validated UIDs) and the framework's wrappers
-around the endpoint were about a third of the service's CPU per request (py-spy).
+{instance}``), so that request is the service's most frequent. Through the router, matching the
+path against every route and resolving the dependency tree (credential, scope, archive, three
+validated UIDs) were about a fifth of the interpreter's time per request (py-spy), more than
+finding the instance in the index.
 
 This middleware answers the plain case itself, with the same functions the route uses: a GET of
 that path with no query string, a credential that reads the study, an Accept satisfied by the
