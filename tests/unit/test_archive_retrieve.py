@@ -17,7 +17,7 @@ from pydicom.encaps import generate_frames
 
 from archive_helpers import Run, make_instance, opened, read_test_file
 from dicom_cloud.archive import Archive, ArchiveSettings, DeclaredFile, InstanceRecord
-from dicom_cloud.errors import NotFoundError, NotSupportedError, UsageError
+from dicom_cloud.errors import IntegrityError, NotFoundError, NotSupportedError, UsageError
 
 STUDY, SERIES = "1.2.3", "1.2.3.1"
 
@@ -222,6 +222,36 @@ def test_read_instances_streams_in_order(archive: tuple[Archive, Run]) -> None:
         raise AssertionError
 
     assert run(first_only()) == datas[0]
+
+
+def test_read_instances_from_local_disk_in_batches(tmp_path: Path) -> None:
+    """On local disk instances are read a few per worker-thread call: the same bytes in the same
+    order for any prefetch, and a damaged instance is an IntegrityError."""
+    settings = ArchiveSettings(f"file://{tmp_path / 'objects'}", f"sqlite:///{tmp_path / 'index.sqlite'}")
+    with opened(settings) as archive:
+        a, run = archive
+        datas = [make_instance(STUDY, SERIES, f"{SERIES}.{n}", InstanceNumber=n) for n in range(1, 8)]
+        for d in datas:
+            _store(archive, d)
+        records = run(a.instances("acme", STUDY))
+
+        async def collect(prefetch: int) -> list[bytes]:
+            return [data async for _, data in a.read_instances(records, prefetch=prefetch)]
+
+        for prefetch in (1, 2, 3, 4, 50):
+            assert run(collect(prefetch)) == datas
+
+        async def first_only() -> bytes:
+            async for _, data in a.read_instances(records):
+                return data  # leaving early cancels the read ahead
+            raise AssertionError
+
+        assert run(first_only()) == datas[0]
+        files = [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
+        [damaged] = [p for p in files if p.read_bytes() == datas[4]]
+        damaged.write_bytes(datas[4][:-1] + bytes([datas[4][-1] ^ 1]))
+        with pytest.raises(IntegrityError):
+            run(collect(4))
 
 
 def test_bulk_data(archive: tuple[Archive, Run]) -> None:

@@ -648,6 +648,10 @@ class Archive:
         multipart/related response streams. Memory holds at most ``prefetch + 1`` instances."""
         if prefetch < 1:
             raise UsageError("prefetch must be at least 1")
+        if self._objects.reads_now:
+            async for pair in self._read_in_batches(records, max(1, prefetch // 2)):
+                yield pair
+            return
         pending: deque[asyncio.Task[bytes]] = deque()
         upcoming = iter(records)
         try:
@@ -664,6 +668,33 @@ class Archive:
         finally:
             for task in pending:
                 task.cancel()
+
+    async def _read_in_batches(
+        self, records: Sequence[InstanceRecord], batch: int
+    ) -> AsyncIterator[tuple[InstanceRecord, bytes]]:
+        """:meth:`read_instances` on a store read with blocking calls: ``batch`` instances per
+        worker-thread call, the next batch read while this one is consumed (``2 * batch``
+        instances in memory). Each hop costs two thread switches, about a fifth of a whole-study
+        retrieval's CPU when made per instance (perf)."""
+
+        def read(group: Sequence[InstanceRecord]) -> list[bytes]:
+            return [_matching(r, *self._objects.get_with_crc_now(r.object_key)) for r in group]
+
+        def started(group: Sequence[InstanceRecord]) -> asyncio.Task[list[bytes]]:
+            return asyncio.create_task(asyncio.to_thread(read, group))
+
+        groups = [records[i : i + batch] for i in range(0, len(records), batch)]
+        ahead = started(groups[0]) if groups else None
+        try:
+            for number, group in enumerate(groups, start=1):
+                assert ahead is not None
+                datas = await ahead
+                ahead = started(groups[number]) if number < len(groups) else None
+                for record, data in zip(group, datas, strict=True):
+                    yield record, data
+        finally:
+            if ahead is not None:  # stops the read ahead of a consumer that left
+                ahead.cancel()
 
     async def bulkdata(
         self,
