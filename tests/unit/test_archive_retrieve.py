@@ -202,7 +202,9 @@ def test_delete_removes_rows_before_objects(
     assert len(run(_keys(a))) == 2
 
 
-def test_read_instances_streams_in_order(archive: tuple[Archive, Run]) -> None:
+def _check_read_instances(archive: tuple[Archive, Run]) -> list[bytes]:
+    """Seven stored instances read back in order for any prefetch, and a reader that leaves after
+    the first (the reads ahead are cancelled); the instances' bytes."""
     a, run = archive
     datas = [make_instance(STUDY, SERIES, f"{SERIES}.{n}", InstanceNumber=n) for n in range(1, 8)]
     for d in datas:
@@ -212,9 +214,8 @@ def test_read_instances_streams_in_order(archive: tuple[Archive, Run]) -> None:
     async def collect(prefetch: int) -> list[bytes]:
         return [data async for _, data in a.read_instances(records, prefetch=prefetch)]
 
-    assert run(collect(1)) == datas
-    assert run(collect(3)) == datas
-    assert run(collect(50)) == datas
+    for prefetch in (1, 2, 3, 4, 50):
+        assert run(collect(prefetch)) == datas
 
     async def first_only() -> bytes:
         async for _, data in a.read_instances(records):
@@ -222,36 +223,30 @@ def test_read_instances_streams_in_order(archive: tuple[Archive, Run]) -> None:
         raise AssertionError
 
     assert run(first_only()) == datas[0]
+    return datas
+
+
+def test_read_instances_streams_in_order(archive: tuple[Archive, Run]) -> None:
+    _check_read_instances(archive)
 
 
 def test_read_instances_from_local_disk_in_batches(tmp_path: Path) -> None:
     """On local disk instances are read a few per worker-thread call: the same bytes in the same
-    order for any prefetch, and a damaged instance is an IntegrityError."""
+    order, and a damaged instance is an IntegrityError."""
     settings = ArchiveSettings(f"file://{tmp_path / 'objects'}", f"sqlite:///{tmp_path / 'index.sqlite'}")
     with opened(settings) as archive:
         a, run = archive
-        datas = [make_instance(STUDY, SERIES, f"{SERIES}.{n}", InstanceNumber=n) for n in range(1, 8)]
-        for d in datas:
-            _store(archive, d)
-        records = run(a.instances("acme", STUDY))
-
-        async def collect(prefetch: int) -> list[bytes]:
-            return [data async for _, data in a.read_instances(records, prefetch=prefetch)]
-
-        for prefetch in (1, 2, 3, 4, 50):
-            assert run(collect(prefetch)) == datas
-
-        async def first_only() -> bytes:
-            async for _, data in a.read_instances(records):
-                return data  # leaving early cancels the read ahead
-            raise AssertionError
-
-        assert run(first_only()) == datas[0]
+        datas = _check_read_instances(archive)
         files = [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
         [damaged] = [p for p in files if p.read_bytes() == datas[4]]
         damaged.write_bytes(datas[4][:-1] + bytes([datas[4][-1] ^ 1]))
+        records = run(a.instances("acme", STUDY))
+
+        async def collect() -> list[bytes]:
+            return [data async for _, data in a.read_instances(records)]
+
         with pytest.raises(IntegrityError):
-            run(collect(4))
+            run(collect())
 
 
 def test_bulk_data(archive: tuple[Archive, Run]) -> None:
