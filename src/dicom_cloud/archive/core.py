@@ -583,14 +583,11 @@ class Archive:
         _check_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         if series_instance_uid is not None and sop_instance_uid is not None:
             # One instance (per-instance WADO-RS, metadata, frames): one statement, no session.
-            found = await self._db.lookup(
-                lambda c: index.instance_at(
-                    c, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
+            return [
+                await asyncio.to_thread(
+                    self._instance_now, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
                 )
-            )
-            if not found:
-                raise NotFoundError("no such instance")
-            return found
+            ]
         return await self._read(
             lambda s: index.require_instances(
                 s, tenant, study_instance_uid, series_instance_uid, sop_instance_uid
@@ -616,15 +613,20 @@ class Archive:
         _check_uids(study, series, sop)
 
         def now() -> tuple[InstanceRecord, bytes | None]:
-            found = self._db.lookup_sync(lambda c: index.instance_at(c, tenant, study, series, sop))
-            if not found:
-                raise NotFoundError("no such instance")
-            record = found[0]
+            record = self._instance_now(tenant, study, series, sop)
             if record.size > max_size:
                 return record, None
             return record, _matching(record, *self._objects.get_with_crc_now(record.object_key))
 
         return await asyncio.to_thread(now)
+
+    def _instance_now(self, tenant: str, study: str, series: str, sop: str) -> InstanceRecord:
+        """The instance of these three UIDs, in one statement on a bare connection (blocking: for
+        a worker thread). NotFoundError when there is none."""
+        found = self._db.lookup_sync(lambda c: index.instance_at(c, tenant, study, series, sop))
+        if not found:
+            raise NotFoundError("no such instance")
+        return found[0]
 
     async def stream_instance(
         self, record: InstanceRecord, chunk_size: int = 1024 * 1024

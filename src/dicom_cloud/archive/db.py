@@ -99,7 +99,7 @@ _WAL_WAIT = 30.0
 _READ_ONLY = "dicom_cloud_read_only"
 
 
-#: Execution option of connections that make one read statement (see :meth:`Database.lookup`).
+#: Execution option of connections that make one read statement (see :meth:`Database.lookup_sync`).
 _ONE_READ = "dicom_cloud_one_read"
 
 
@@ -257,10 +257,6 @@ class Database:
         result = _translated(unit)
         self._count_unit()
         return result
-
-    async def lookup(self, work: Callable[[Connection], T]) -> T:
-        """:meth:`lookup_sync` in a worker thread."""
-        return await asyncio.to_thread(self.lookup_sync, work)
 
     def refresh_statistics(self) -> None:
         """SQLite: refresh the planner's statistics (sampled ANALYZE, milliseconds). Without them it

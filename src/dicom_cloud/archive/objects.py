@@ -109,7 +109,7 @@ class ArchiveObjects:
         """:meth:`get`, and the CRC32C of the plaintext when it was computed on the way (objects
         stored in clear carry theirs): a caller checking it against the index need not compute it
         again. None for encrypted objects."""
-        if self.store.features.read_now:
+        if self.reads_now:
             # Read, check and decrypt in one worker-thread call: one hop per object.
             return await asyncio.to_thread(self.get_with_crc_now, key)
         full = self.key(key)

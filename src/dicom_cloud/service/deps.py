@@ -93,8 +93,14 @@ async def current_principal(
 ) -> Principal:
     if credentials is None and request.headers.get("authorization"):
         raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
+    return await request_principal(request, credentials.credentials if credentials else None)
+
+
+async def request_principal(request: Request, bearer: str | None) -> Principal:
+    """The principal of ``bearer`` (the Authorization header's token), else of the request's
+    session or share cookie with its CSRF check; recorded on the request for the access log."""
     authenticator: Authenticator = request.app.state.authenticator
-    credential = request_credential(credentials.credentials if credentials else None, request.cookies)
+    credential = request_credential(bearer, request.cookies)
     principal = await authenticator.authenticate(credential.value if credential else None)
     if credential is not None and credential.from_cookie:  # a header's credential needs no CSRF check
         check_csrf(request.method, request.headers, credential, own_origins(request))

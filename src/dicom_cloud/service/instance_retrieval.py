@@ -23,8 +23,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..archive import Archive
 from ..errors import DicomCloudError
-from .auth import Authenticator, bearer_credential, check_csrf, request_credential
-from .deps import own_origins
+from .auth import bearer_credential
+from .deps import request_principal
 from .dicomjson import DICOM, UID_MAX, check_accepts
 from .multipart import new_boundary, related_body, related_content_type
 from .negotiation import instance_part_type, instance_syntax
@@ -66,15 +66,8 @@ class InstanceRetrieval:
         self, request: Request, study: str, series: str, instance: str
     ) -> tuple[dict[str, object], bytes] | tuple[None, None]:
         """The response's start message and body, or Nones for the route to answer."""
-        state = request.app.state
-        authenticator: Authenticator = state.authenticator
-        archive: Archive = state.archive
-        credential = request_credential(
-            bearer_credential(request.headers.get("authorization")), request.cookies
-        )
-        principal = await authenticator.authenticate(credential.value if credential else None)
-        if credential is not None and credential.from_cookie:
-            check_csrf(request.method, request.headers, credential, own_origins(request))
+        archive: Archive = request.app.state.archive
+        principal = await request_principal(request, bearer_credential(request.headers.get("authorization")))
         principal.require("read")
         principal.require_study(study)
         check_accepts(request, media_type="multipart/related", related_type=DICOM)
@@ -84,7 +77,6 @@ class InstanceRetrieval:
         stored = record.transfer_syntax_uid
         if data is None or instance_syntax(request, {stored}) not in (None, stored):
             return None, None  # streamed or transcoded: the route's work
-        request.state.principal = principal
         request.scope["route"] = self.route
         boundary = new_boundary()
         body = related_body([(instance_part_type(stored), data)], boundary)
