@@ -171,7 +171,7 @@ def _run_http(settings: Any) -> int:
     import uvicorn
 
     from ..service.app import SETTINGS_ENV, bootstrap_once, create_app
-    from ..service.workers import reuse_port_supported, run_workers
+    from ..service.workers import balanced_workers_supported, run_workers
 
     options: dict[str, Any] = {
         "host": settings.host,
@@ -196,7 +196,7 @@ def _run_http(settings: Any) -> int:
         }
     )
     os.environ[SETTINGS_ENV] = shared.model_dump_json()
-    if not reuse_port_supported():  # one socket shared by uvicorn's workers
+    if not balanced_workers_supported():  # uvicorn's own workers: whoever wakes first accepts
         uvicorn.run("dicom_cloud.service.app:app_from_environment", factory=True, workers=workers, **options)
         return 0
     host, port = options.pop("host"), options.pop("port")

@@ -1,10 +1,9 @@
 """The worker processes of ``dicom-cloud serve --workers N``.
 
-Each worker is a uvicorn server in its own process (its own interpreter and GIL) listening on its
-own socket bound to the same address with ``SO_REUSEPORT``: the kernel spreads new connections
-over the workers. With one socket shared by all (uvicorn's own ``--workers``), whichever worker
-wakes first accepts every connection waiting, so a burst of connections (a client pool opening
-four at once) lands on one worker and stays there while the others idle.
+Each worker is a uvicorn server in its own process (its own interpreter and GIL). The parent binds
+one listening socket and hands it to every worker; the workers take connections from it least
+connections first (:mod:`.acceptor`), so a client's few keep-alive connections spread over the
+workers instead of landing on one.
 
 The parent only supervises: it starts the workers, restarts one that dies, and on SIGTERM or
 SIGINT stops them all. Settings reach the workers through :data:`~.app.SETTINGS_ENV`.
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -22,7 +22,10 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
+import uvicorn
+
 from ..errors import UsageError
+from .acceptor import BalancedServer, ConnectionCounts, shared_counts
 
 log = logging.getLogger("dicom_cloud.service")
 
@@ -30,10 +33,14 @@ log = logging.getLogger("dicom_cloud.service")
 STARTUP_FAILURE = 3
 #: Seconds a worker is given to stop before it is killed.
 STOP_TIMEOUT = 30.0
+#: Connections the kernel holds for the workers to accept.
+BACKLOG = 2048
 
 
-def reuse_port_supported() -> bool:
-    return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+def balanced_workers_supported() -> bool:
+    """Whether the workers can share one socket with least-connections accepting (an event loop
+    that watches a listening socket: every POSIX system)."""
+    return os.name == "posix"
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -42,34 +49,33 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     # (with Nagle's algorithm on, every small answer waited 40 ms for the client's delayed ACK).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
+    sock.listen(BACKLOG)
     return sock
 
 
-def _worker(host: str, port: int, options: dict[str, Any]) -> None:
-    import uvicorn
-
-    sock = _listening_socket(host, port)
-    sock.listen(2048)
+def _worker(sock: socket.socket, counts: ConnectionCounts, number: int, options: dict[str, Any]) -> None:
     config = uvicorn.Config("dicom_cloud.service.app:app_from_environment", factory=True, **options)
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    server = BalancedServer(config, sock, counts, number)
+    server.run(sockets=[])
     if not server.started:
         sys.exit(STARTUP_FAILURE)
 
 
 def run_workers(count: int, host: str, port: int, options: dict[str, Any]) -> int:
     """Run ``count`` workers on ``host:port`` until SIGTERM/SIGINT; the exit code of the service."""
-    try:  # a port in use fails here, once, with a clear message (not listening: gets no connections)
-        _listening_socket(host, port).close()
+    try:  # a port in use fails here, once, with a clear message
+        sock = _listening_socket(host, port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     context = multiprocessing.get_context("spawn")
+    counts = shared_counts(context, count)
     stopping = False
 
     def start(number: int) -> BaseProcess:
-        process = context.Process(target=_worker, args=(host, port, options), name=f"worker-{number}")
+        process = context.Process(
+            target=_worker, args=(sock, counts, number, options), name=f"worker-{number}"
+        )
         process.start()
         return process
 
@@ -105,4 +111,5 @@ def run_workers(count: int, host: str, port: int, options: dict[str, Any]) -> in
                 process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sock.close()
     return code
