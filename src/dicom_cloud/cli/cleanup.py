@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..cleanup import Orphan, cleanup_async
 from ..errors import UsageError
 from .options import parse_duration
 from .render import human_bytes, plural
 from .runner import run as run_command
+
+if TYPE_CHECKING:
+    from ..cleanup import Orphan
 
 SUMMARY = (
     "Remove leftovers of interrupted transfers older than --older-than: unfinished S3 multipart\n"
@@ -46,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: Any) -> int:
+    from ..cleanup import cleanup_async  # loaded for this command only
+
     try:
         older_than = parse_duration(args.older_than)
     except UsageError:

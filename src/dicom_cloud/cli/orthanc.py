@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..orthanc import ENTRY_SCRIPT
-from ..orthanc.config import HybridMode, parse_configuration
+from ..orthanc import ENTRY_SCRIPT, HybridMode
 
 DEFAULT_PLUGINS_DIR = "/usr/share/orthanc/plugins"
 
@@ -42,6 +41,8 @@ def _key_pair(spec: str) -> list[Any]:
 
 def orthanc_configuration(args: argparse.Namespace) -> dict[str, Any]:
     """The whole configuration for the parsed options (validated like the plugin validates it)."""
+    from ..orthanc.config import parse_configuration  # the plugin's own code, for this command only
+
     storage_directory = str(Path(args.storage_directory).resolve())
     section: dict[str, Any]
     if args.s3:

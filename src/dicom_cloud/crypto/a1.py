@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TypeAlias
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import AEADDecryptionContext, Cipher, algorithms, modes
+from typing import TYPE_CHECKING, TypeAlias
 
 from dicom_cloud.crypto.keys import KeyRing, MasterKey
 from dicom_cloud.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers import AEADDecryptionContext, Cipher, modes
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -51,9 +51,29 @@ _ZERO_COUNTER = bytes(16)
 assert (HEADER, OVERHEAD) == (70, 86)
 
 
+# cryptography is imported at the first encryption or decryption: it takes about 10 ms to load,
+# which every command that never encrypts (most transfers) would otherwise pay at start-up.
+def _aes_ctr(key: bytes, counter: bytes) -> Cipher[modes.CTR]:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    return Cipher(algorithms.AES(key), modes.CTR(counter))
+
+
+def _aes_gcm(key: bytes, iv: bytes, tag: bytes | None = None) -> Cipher[modes.GCM]:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    return Cipher(algorithms.AES(key), modes.GCM(iv, tag))
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
+
+
 def _ctr(master: MasterKey, data: bytes) -> bytes:
     # CTR is its own inverse: the same call wraps and unwraps.
-    ctx = Cipher(algorithms.AES(master.key), modes.CTR(_ZERO_COUNTER)).encryptor()
+    ctx = _aes_ctr(master.key, _ZERO_COUNTER).encryptor()
     return ctx.update(data) + ctx.finalize()
 
 
@@ -123,7 +143,7 @@ class A1Encryptor:
     def _start(self, master: MasterKey, iv: bytes, dek: bytes) -> None:
         self.key_id = master.id
         self.header: bytes = MAGIC + _KEY_ID.pack(master.id) + _ctr(master, iv) + _ctr(master, dek)
-        self._ctx = Cipher(algorithms.AES(dek), modes.GCM(iv)).encryptor()
+        self._ctx = _aes_gcm(dek, iv).encryptor()
         self._ctx.authenticate_additional_data(self.header)
 
     def update(self, chunk: Buffer) -> bytes:
@@ -156,12 +176,12 @@ def decrypt(blob: Buffer, ring: KeyRing) -> bytes:
         raise _truncated(len(view))
     header = bytes(view[:HEADER])
     iv, dek = _unwrap(header, master)
-    ctx = Cipher(algorithms.AES(dek), modes.GCM(iv, bytes(view[-TAG:]))).decryptor()
+    ctx = _aes_gcm(dek, iv, bytes(view[-TAG:])).decryptor()
     ctx.authenticate_additional_data(header)
     plaintext = ctx.update(view[HEADER:-TAG])
     try:
         ctx.finalize()
-    except InvalidTag as e:
+    except _invalid_tag() as e:
         # The unauthenticated plaintext is dropped here, never handed out.
         raise _bad_tag() from e
     return plaintext
@@ -218,7 +238,7 @@ class A1Decryptor:
             header = bytes(self._head)
             iv, dek = _unwrap(header, self._master)
             # The tag is not known yet: it is checked in finalize with finalize_with_tag.
-            self._ctx = Cipher(algorithms.AES(dek), modes.GCM(iv)).decryptor()
+            self._ctx = _aes_gcm(dek, iv).decryptor()
             self._ctx.authenticate_additional_data(header)
 
     def finalize(self) -> None:
@@ -230,5 +250,5 @@ class A1Decryptor:
             raise _truncated(len(self._head) + len(self._tail))
         try:
             self._ctx.finalize_with_tag(self._tail)
-        except InvalidTag as e:
+        except _invalid_tag() as e:
             raise _bad_tag() from e

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -26,6 +25,7 @@ from ..credentials import parse_connection_string
 from ..crypto.keys import MAX_KEY_ID, KeyRing, MasterKey
 from ..dicom.layout import orthanc_object_name
 from ..errors import UsageError
+from . import HybridMode
 
 Provider = Literal["s3", "azure", "gs", "file"]
 
@@ -58,14 +58,6 @@ S3_STORAGE_CLASSES = frozenset(
 AZURE_ACCESS_TIERS = frozenset({"Hot", "Cool", "Cold", "Archive", "Premium"})
 
 MEGABYTE = 1024 * 1024
-
-
-class HybridMode(Enum):
-    """Where new attachments go, and which storage is read first."""
-
-    DISABLED = "Disabled"
-    WRITE_TO_FILE_SYSTEM = "WriteToFileSystem"
-    WRITE_TO_OBJECT_STORAGE = "WriteToObjectStorage"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from ..crypto import a1
 from ..dicom.layout import OrthancContentType
 from ..errors import DicomCloudError, NotFoundError, UsageError
 from ..store import PutOptions, Store
-from .config import HybridMode, PluginConfig
+from . import HybridMode
+from .config import PluginConfig
 from .removals import PendingRemovals
 
 log = logging.getLogger(__name__)
