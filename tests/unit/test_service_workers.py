@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import multiprocessing
 import socket
 
 import pytest
 
 from dicom_cloud.cli.serve import server_stack
 from dicom_cloud.errors import UsageError
-from dicom_cloud.service.acceptor import MAX_DECLINES, LeastConnectionsAcceptor, counted, should_accept
+from dicom_cloud.service.acceptor import (
+    MAX_DECLINES,
+    NOT_ACCEPTING,
+    LeastConnectionsAcceptor,
+    counted,
+    shared_counts,
+    should_accept,
+)
 from dicom_cloud.service.workers import _listening_socket, balanced_workers_supported, run_workers
 
 pytestmark = pytest.mark.skipif(not balanced_workers_supported(), reason="balanced workers are POSIX only")
@@ -56,6 +64,9 @@ def test_a_worker_accepts_while_no_other_holds_fewer_connections() -> None:
     assert not should_accept([3, 1, 2], 0, declined=MAX_DECLINES - 1)
     # The less loaded worker is too busy to take it: after enough deferrals, anyone accepts.
     assert should_accept([3, 1, 2], 0, declined=MAX_DECLINES)
+    # A worker still starting, stopping or dead is never waited for.
+    assert should_accept([7, NOT_ACCEPTING], 0, declined=0)
+    assert list(shared_counts(multiprocessing.get_context("spawn"), 3)) == [NOT_ACCEPTING] * 3
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -99,6 +110,7 @@ def test_keep_alive_connections_spread_evenly_and_closes_are_counted(loop: str) 
         for acceptor in acceptors:
             acceptor.close()
         sock.close()
+        assert counts == [NOT_ACCEPTING, NOT_ACCEPTING]  # stopped workers are not waited for
         return held, after_close
 
     if loop == "uvloop":

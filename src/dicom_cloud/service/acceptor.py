@@ -39,11 +39,16 @@ ACCEPT_RETRY_DELAY = 1.0
 
 #: Open connections per worker, one slot each, in memory shared by the worker processes.
 ConnectionCounts = MutableSequence[int]
+#: The count of a worker that is not accepting (starting, stopping or dead): never the least.
+NOT_ACCEPTING = 2**62
 
 
 def shared_counts(context: Any, workers: int) -> ConnectionCounts:
-    """Zeroed slots for ``workers`` workers, handed to each worker process as an argument."""
+    """Slots for ``workers`` workers, handed to each worker process as an argument; each says
+    :data:`NOT_ACCEPTING` until its worker's acceptor starts, so that no worker waits for one
+    still starting."""
     counts: ConnectionCounts = context.RawArray(ctypes.c_long, workers)
+    counts[:] = [NOT_ACCEPTING] * workers
     return counts
 
 
@@ -86,7 +91,8 @@ class LeastConnectionsAcceptor:
 
     def connection_closed(self) -> None:
         self._open -= 1
-        self._counts[self._me] = self._open
+        if not self._closed:
+            self._counts[self._me] = self._open
 
     def _pause(self, seconds: float) -> None:
         if self._listening:
@@ -134,6 +140,7 @@ class LeastConnectionsAcceptor:
 
     def close(self) -> None:
         self._closed = True
+        self._counts[self._me] = NOT_ACCEPTING  # the others stop leaving connections to this one
         if self._retry is not None:
             self._retry.cancel()
         if self._listening:

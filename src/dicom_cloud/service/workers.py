@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 
 from ..errors import UsageError
-from .acceptor import BalancedServer, ConnectionCounts, shared_counts
+from .acceptor import NOT_ACCEPTING, BalancedServer, ConnectionCounts, shared_counts
 
 log = logging.getLogger("dicom_cloud.service")
 
@@ -97,6 +97,7 @@ def run_workers(count: int, host: str, port: int, options: dict[str, Any]) -> in
                     log.error("workers.startup_failed", extra={"worker": number})
                     stopping, code = True, 1
                     break
+                counts[number] = NOT_ACCEPTING  # until the new worker accepts
                 log.warning("workers.restarted", extra={"worker": number, "exit_code": process.exitcode})
                 workers[number] = start(number)
     finally:
