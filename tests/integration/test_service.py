@@ -6,9 +6,11 @@ presigned), and two instances sharing one PostgreSQL database and one bucket.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -742,19 +744,36 @@ def test_serve_with_workers_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         service.stop()
 
 
-def _established_per_process(pids: list[int], port: int) -> list[int]:
-    """Established TCP connections on local ``port`` held by each of ``pids`` (from /proc)."""
+def _tcp_inodes(port: int, state: str) -> set[str]:
+    """Socket inodes of TCP sockets on local ``port`` in ``state`` (01 established, 0A listening)."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
                 inodes.add(fields[9])
-    held = []
-    for pid in pids:
-        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        held.append(sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes))
-    return held
+    return inodes
+
+
+def _socket_fds(pid: int, inodes: set[str]) -> list[str]:
+    """The descriptors of ``pid`` that are sockets among ``inodes``."""
+    fds = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        link = os.readlink(fd)
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            fds.append(fd.name)
+    return fds
+
+
+def _accepting(pid: int, port: int) -> bool:
+    """Whether a worker's event loop watches the listening socket (its epoll set holds it): the
+    worker has started and takes connections."""
+    listening = set(_socket_fds(pid, _tcp_inodes(port, "0A")))
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
+            if listening & set(re.findall(r"tfd:\s*(\d+)\s", info.read_text())):
+                return True
+    return False
 
 
 def test_serve_workers_share_a_clients_keep_alive_connections(tmp_path: Path) -> None:
@@ -767,6 +786,12 @@ def test_serve_workers_share_a_clients_keep_alive_connections(tmp_path: Path) ->
             int(p) for p in Path(f"/proc/{service.pid}/task/{service.pid}/children").read_text().split()
         ]
         port = int(service.url.rsplit(":", 1)[1].split("/")[0])
+        workers = [pid for pid in children if _socket_fds(pid, _tcp_inodes(port, "0A"))]
+        assert len(workers) == 2
+        deadline = time.monotonic() + 60  # the first worker answers the start-up's probe alone
+        while not all(_accepting(pid, port) for pid in workers):
+            assert time.monotonic() < deadline, "a worker never started accepting"
+            time.sleep(0.1)
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
         try:
             for client in clients:  # one request each, the connections kept open
@@ -774,7 +799,8 @@ def test_serve_workers_share_a_clients_keep_alive_connections(tmp_path: Path) ->
             for client in clients:
                 assert client.recv(65536).startswith(b"HTTP/1.1 200")
             # Every connection the workers hold counts (the start-up's health probe may linger).
-            held = [n for n in _established_per_process(children, port) if n]
+            established = _tcp_inodes(port, "01")
+            held = [n for n in (len(_socket_fds(pid, established)) for pid in workers) if n]
             assert len(held) == 2 and max(held) - min(held) <= 1, held
         finally:
             for client in clients:
