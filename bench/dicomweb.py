@@ -173,12 +173,18 @@ def start_theirs(workdir: Path, clients: int, sync_storage: bool) -> tuple[Serve
 # Requests and checks (the same code for both servers)
 
 
-def split_multipart(content_type: str, body: bytes) -> list[bytes]:
-    """The parts' contents of a multipart/related answer."""
+def part_delimiter(content_type: str) -> bytes:
+    """What precedes each part of a multipart/related body of this Content-Type: CRLF, ``--`` and
+    the boundary."""
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if match is None:
         raise BenchError(f"no boundary in {content_type!r}")
-    pieces = (b"\r\n" + body).split(b"\r\n--" + match.group(1).encode())
+    return b"\r\n--" + match.group(1).encode()
+
+
+def split_multipart(content_type: str, body: bytes) -> list[bytes]:
+    """The parts' contents of a multipart/related answer."""
+    pieces = (b"\r\n" + body).split(part_delimiter(content_type))
     return [piece.split(b"\r\n\r\n", 1)[1] for piece in pieces[1:-1]]
 
 
@@ -208,10 +214,7 @@ def wado_streamed(server: Server, path: str) -> list[bytes]:
     with server.http.stream("GET", f"{server.root}{path}", headers=headers) as answer:
         if answer.status_code != 200:
             raise BenchError(f"{server.name}: WADO-RS {path} answered {answer.status_code}")
-        match = re.search(r'boundary="?([^";]+)"?', answer.headers["content-type"])
-        if match is None:
-            raise BenchError(f"{server.name}: no boundary in {answer.headers['content-type']!r}")
-        delimiter = b"\r\n--" + match.group(1).encode()
+        delimiter = part_delimiter(answer.headers["content-type"])
         parts: list[bytes] = []
         pending = bytearray(b"\r\n")  # the first delimiter has no CRLF of its own before it
         started = False  # whether the first delimiter was seen (what comes before it is preamble)
