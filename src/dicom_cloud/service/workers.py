@@ -45,8 +45,9 @@ def balanced_workers_supported() -> bool:
 
 def _listening_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto named: asyncio sets TCP_NODELAY on accepted connections only when it is IPPROTO_TCP
-    # (with Nagle's algorithm on, every small answer waited 40 ms for the client's delayed ACK).
+    # proto named, as asyncio's transports expect of TCP; TCP_NODELAY is set on every accepted
+    # connection by the acceptor (with Nagle's algorithm on, every small answer waited 40 ms for
+    # the client's delayed ACK).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
