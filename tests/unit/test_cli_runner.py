@@ -160,3 +160,14 @@ def test_a_command_that_does_not_stop_is_ended_within_the_grace_period(signals: 
     assert code == EXIT_INTERRUPTED, errors
     assert seconds < BOUND
     assert "dicom-cloud: interrupted" in errors, errors  # it says so, even leaving at once
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
+def test_commands_run_on_uvloop() -> None:
+    """uvloop is a core dependency outside Windows: the commands' event loop is its own."""
+    import uvloop
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert runner.run(loop_type()) is uvloop.Loop
