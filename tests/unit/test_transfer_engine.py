@@ -559,3 +559,17 @@ def test_planning_runs_at_most_a_bounded_queue_ahead() -> None:
     assert summary.files == sink.written == 10_000
     # Queued items, plus the one the planner holds while the queue is full.
     assert worst <= parallel * 4 + 1
+
+
+def test_md5_is_checked_only_where_no_crc32c_is_recorded_and_the_etag_is_one() -> None:
+    """What decides whether a whole object is checked in a worker thread (MD5) or inline (CRC32C)."""
+    from dicom_cloud.engine.objectmeta import checks_md5
+
+    md5 = "0" * 32
+    plain = ObjectInfo(key="k", size=1, etag=md5)
+    ours = ObjectInfo(key="k", size=1, etag=md5, metadata={CHECKSUM_METADATA_KEY: "00000000"})
+    multipart = ObjectInfo(key="k", size=1, etag=md5 + "-3")
+    assert checks_md5(plain, etag_is_md5=True)
+    assert not checks_md5(plain, etag_is_md5=False)  # a store whose ETags are not MD5s
+    assert not checks_md5(ours, etag_is_md5=True)
+    assert not checks_md5(multipart, etag_is_md5=True)

@@ -418,9 +418,9 @@ class RandomAccessWriter:
     whole-object download in a worker thread).
 
     Writes go through the partial file's own descriptor, the one that holds its lock, so the lock
-    lasts until the rename. Writes run in worker threads that outlive a cancelled download;
-    ``commit`` and ``abort`` wait for the writes in flight before the descriptor is closed, so no
-    write lands on a reused descriptor.
+    lasts until the rename. Writes run on the event loop (small chunks) or in worker threads, and
+    a worker thread outlives a cancelled download; ``commit`` and ``abort`` wait for the writes in
+    flight before the descriptor is closed, so no write lands on a reused descriptor.
     """
 
     def __init__(self, final: Path, size: int, partial: PartialFile) -> None:

@@ -42,7 +42,8 @@ DEFAULT_PART_CONCURRENCY = 8
 #: Parts that obstore's multipart writer holds per upload slot (being read, queued, being sent):
 #: measured as peak RSS over a 1 GiB upload.
 HELD_PARTS_PER_SLOT = 3
-#: Chunk size of streamed reads (ranged downloads, copies between providers).
+#: Chunk size of streamed reads (ranged downloads, copies between providers). Ranged downloads write
+#: each chunk on the event loop: it must stay within routes.INLINE_LIMIT.
 STREAM_CHUNK = 1024 * 1024
 #: Ranged downloads read parts of up to this size when the object has more than ``part_concurrency``
 #: parts of ``part_size`` (never smaller than ``part_size``). Each part is streamed, so memory holds

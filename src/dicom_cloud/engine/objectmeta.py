@@ -28,14 +28,19 @@ def verify(data: bytes | memoryview, info: ObjectInfo, where: str, *, etag_is_md
     checksum = crc32c_hex(data)
     if info.metadata.get(CHECKSUM_METADATA_KEY):
         check_checksum(checksum, info, where)
-    elif (
-        etag_is_md5
-        # Objects written by other tools: a plain single-part S3 ETag is the MD5 of the bytes.
-        and (etag := md5_etag(info.etag)) is not None
-        and hashlib.md5(data, usedforsecurity=False).hexdigest() != etag
-    ):
+    elif checks_md5(info, etag_is_md5=etag_is_md5) and _md5_hex(data) != md5_etag(info.etag):
         raise EtagMismatch(f"{where}: MD5 does not match the ETag")
     return checksum
+
+
+def checks_md5(info: ObjectInfo, *, etag_is_md5: bool) -> bool:
+    """Whether :func:`verify` hashes the bytes with MD5: an object without our CRC32C, whose ETag is
+    an MD5 (objects written by other tools: a plain single-part S3 ETag is the MD5 of the bytes)."""
+    return not info.metadata.get(CHECKSUM_METADATA_KEY) and etag_is_md5 and md5_etag(info.etag) is not None
+
+
+def _md5_hex(data: bytes | memoryview) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def check_checksum(actual: str, info: ObjectInfo, where: str) -> None:
