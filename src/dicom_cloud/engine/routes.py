@@ -66,8 +66,9 @@ Progress = Callable[[Attempt, int], None]
 #: calls). Inline, a 400-object study download (objects with our CRC32C) took 0.69 s against 0.77 s,
 #: a 1 GiB download 1.42-1.52 s against 1.54-1.62 s (docs/benchmarks.md, 2026-12-04). Beyond this
 #: size, and for MD5, ciphers and de-identification (CPU work that releases the GIL), the worker
-#: thread runs beside the loop. A write into the page cache blocks the loop for as long as the kernel
-#: throttles it (its pauses are bounded, 200 ms at most): stopping on Ctrl-C is not held up.
+#: thread runs beside the loop. A write into the page cache blocks the loop while the kernel throttles
+#: it (at most 200 ms per pause), which does not hold up stopping on Ctrl-C; a destination on a hung
+#: network mount would, as creating the partial file on the loop already did.
 INLINE_LIMIT = 1 * MiB
 
 
