@@ -70,6 +70,8 @@ Progress = Callable[[Attempt, int], None]
 #: it (at most 200 ms per pause), which does not hold up stopping on Ctrl-C; a destination on a hung
 #: network mount would, as creating the partial file on the loop already did.
 INLINE_LIMIT = 1 * MiB
+# Ranged downloads write every chunk on the loop (RangedDownload): a chunk must be cheap to write.
+assert STREAM_CHUNK <= INLINE_LIMIT
 
 
 @dataclass(frozen=True)
