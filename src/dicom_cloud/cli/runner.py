@@ -16,7 +16,8 @@ The loop is uvloop's where it is installed (a dependency everywhere but Windows)
 transfer crosses threads several times (obstore's runtime completes its futures from its own
 threads, hashing and file writes run in worker threads), and uvloop's wake-ups across threads cost
 less system CPU than asyncio's self-pipe. A 400-object study download spent 0.45 system CPU-seconds
-against 0.54 and took 0.76 s against 0.82 (docs/benchmarks.md, 2026-12-04).
+against 0.54 and took 0.76 s against 0.82 (docs/benchmarks.md, 2026-12-04). The C allocator keeps
+the transfer's large buffers for reuse (``allocator.keep_freed_buffers``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+from ..allocator import keep_freed_buffers
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 T = TypeVar("T")
@@ -59,6 +61,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to its end; on SIGINT/SIGTERM cancel it and raise ``Stopped``."""
     if threading.current_thread() is not threading.main_thread():
         return asyncio.run(coro)  # signals reach the main thread only
+    keep_freed_buffers()
     loop = new_event_loop()
     task = loop.create_task(coro)
     received: list[int] = []
