@@ -19,24 +19,26 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .backends import StoreConfig, open_store
 from .checksum import crc32c_hex
 from .crypto.envelope import ClientEncryption
 from .crypto.keys import KeyRing
-from .dicom.manifest import ManifestWriter
-from .dicom.uidmap import UidMapLog
 from .errors import NotFoundError, NotSupportedError, UsageError
 from .filters import Filter
 from .journal import JobSpec, Journal
 from .localio import resolves_within
 from .location import Location, LocationOpener
 from .store import CHECKSUM_METADATA_KEY, BucketInfo, ObjectInfo, PutOptions
-from .sync import Copier, PlanCallback, Sync, SyncOptions, SyncSummary
 from .transfer import EventCallback, Transfer, TransferOptions, TransferSummary, verify
-from .treediff import DifferenceCallback, VerifyResult, verify_object, verify_trees
 from .url import StorageURL, account_scheme
+
+if TYPE_CHECKING:  # imported where used: most commands need none of them
+    from .dicom.manifest import ManifestWriter
+    from .dicom.uidmap import UidMapLog
+    from .sync import Copier, PlanCallback, SyncOptions, SyncSummary
+    from .treediff import DifferenceCallback, VerifyResult
 
 T = TypeVar("T")
 
@@ -79,8 +81,16 @@ async def transfer_async(
     that running it again after an interruption skips what is done and continues large uploads.
     """
     opener = LocationOpener(config)
-    writer = ManifestWriter.open(manifest) if manifest else None
-    uid_log = UidMapLog(deid_map) if deid_map else None
+    writer: ManifestWriter | None = None
+    if manifest:
+        from .dicom.manifest import ManifestWriter
+
+        writer = ManifestWriter.open(manifest)
+    uid_log: UidMapLog | None = None
+    if deid_map:
+        from .dicom.uidmap import UidMapLog
+
+        uid_log = UidMapLog(deid_map)
     if uid_log is not None:
         options = replace(options or TransferOptions(), on_uid_map=uid_log.write)
     try:
@@ -192,6 +202,8 @@ async def sync_async(
     sync as the fast path), deletes extraneous destination objects with ``SyncOptions.delete`` (at
     most ``max_delete`` of them), or merges both ways with ``bidirectional``. See sync.py.
     """
+    from .sync import Sync, SyncOptions
+
     options = options or TransferOptions()
     sync = sync or SyncOptions()
     job = job or JobRequest(options={})
@@ -250,6 +262,8 @@ async def verify_async(
     """Compare two trees by name, size and content checksum; report each difference. When
     ``source`` names one object (a file, or an object key), compare it with the one object
     ``destination`` names (the same name inside it when it is a directory or ends with ``/``)."""
+    from .treediff import verify_object, verify_trees
+
     opener = LocationOpener(config)
     try:
         a = opener.open(source)

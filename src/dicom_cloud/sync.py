@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import os
 import posixpath
-import re
 import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
@@ -30,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from .errors import DeleteLimitError, DicomCloudError, NotSupportedError, UsageError
+from .deletelimit import DEFAULT_MAX_DELETE, check_delete_limit, parse_max_delete
+from .errors import DicomCloudError, NotSupportedError, UsageError
 from .filters import Filter
 from .journal import Journal
 from .location import Location
@@ -51,7 +51,6 @@ ConflictPolicy = Literal["keep-both", "newer", "source", "destination"]
 #: Called with each planned action ("create", "update", "delete", "conflict") and its name, size.
 PlanCallback = Callable[[str, str, int], None]
 
-DEFAULT_MAX_DELETE = "50%"
 _CHUNK = 500
 
 
@@ -89,37 +88,6 @@ class SyncSummary:
     @property
     def bytes(self) -> int:
         return sum(summary.bytes for summary in self.transfers)
-
-
-def parse_max_delete(text: str) -> tuple[int | None, float | None]:
-    """``"250"`` -> (250, None); ``"50%"`` -> (None, 0.5)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", text)
-    if not match:
-        raise UsageError(f"--max-delete {text!r}: expected a count (1000) or a percentage (50%)")
-    number, percent = match.groups()
-    if percent:
-        share = float(number) / 100
-        if share > 1:
-            raise UsageError(f"--max-delete {text}: more than 100%")
-        return None, share
-    if "." in number:
-        raise UsageError(f"--max-delete {text}: a count is a whole number")
-    return int(number), None
-
-
-def check_delete_limit(deletions: int, total: int, limit: str, where: str) -> None:
-    """Refuse (DeleteLimitError) to delete more than the limit allows; nothing has changed yet."""
-    if not deletions:
-        return
-    count, share = parse_max_delete(limit)
-    allowed = count if count is not None else int(total * (share or 0.0))
-    if deletions > allowed:
-        raise DeleteLimitError(
-            f"this sync would delete {deletions} of the {total} objects in {where}, more than"
-            f" --max-delete {limit} allows; nothing was changed",
-            hint="check that the source is the tree you meant (an empty or wrong source deletes"
-            " everything); to go ahead, raise the limit, e.g. --max-delete 100%",
-        )
 
 
 class _Plan:

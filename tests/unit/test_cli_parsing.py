@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_cloud.cli.main import main
+from dicom_cloud.cli.main import build_parser, command_named, main
 from dicom_cloud.cli.options import parse_duration, parse_size, parse_tags
 from dicom_cloud.errors import UsageError
 
@@ -129,3 +129,29 @@ def test_start_up_loads_no_heavy_library() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "", f"imported at start-up: {loaded}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["download", "s3://b/p/", "out/", "-r", "--endpoint", "http://127.0.0.1:9000", "--quiet"],
+        ["upload", "study/", "s3://b/p/", "-r", "--tags", "Source=PACS1", "--part-size", "8MiB"],
+        ["sync", "a/", "s3://b/a/", "--delete", "--max-delete", "10"],
+        ["token", "create", "--tenant", "t", "--scopes", "read", "--expires", "30d"],
+        ["orthanc-config", "--local", "objects"],
+    ],
+)
+def test_a_command_parses_the_same_with_only_its_own_options_built(argv: list[str]) -> None:
+    """``main`` builds the options of the command being run only: what it parses is what the
+    parser of every command parses."""
+    lean = build_parser(command_named(argv)).parse_args(argv)
+    full = build_parser().parse_args(argv)
+    handlers = lean.__dict__.pop("handler"), full.__dict__.pop("handler")
+    assert vars(lean) == vars(full)
+    assert all(callable(handler) for handler in handlers)
+
+
+def test_an_unknown_command_is_refused_with_the_list_of_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["uplod", "a", "s3://b/a"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'uplod'" in err and "'upload'" in err and "'orthanc-config'" in err

@@ -11,17 +11,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import api
 from ..cluster.partition import DEFAULT_PARTITION_ITEMS
+from ..deletelimit import DEFAULT_MAX_DELETE, parse_max_delete
 from ..errors import DifferencesFoundError, TransferFailedError, UsageError
 from ..journal import find_job, forget_job, list_jobs, prune_jobs
-from ..sync import DEFAULT_MAX_DELETE, SyncOptions, SyncSummary, parse_max_delete
-from ..treediff import Difference
 from .options import config_from_args, options_from_args, parse_duration, selection
 from .render import TransferProgress, choose_mode, human_bytes, plural
 from .runner import run as run_command
+
+if TYPE_CHECKING:  # imported where used: a command other than sync and verify needs neither
+    from ..sync import SyncSummary
+    from ..treediff import Difference
 
 AddCommand = Callable[[str, str, str, Callable[[argparse.Namespace], int]], Any]
 AddArguments = Callable[..., None]
@@ -113,6 +116,8 @@ def _sync(args: argparse.Namespace) -> int:
             print(json.dumps({"event": "plan", "action": action, "name": rel, "size": size}), flush=True)
         elif mode != "quiet":
             print(f"would {action:<8} {rel} ({human_bytes(size)})")
+
+    from ..sync import SyncOptions
 
     sync_options = SyncOptions(
         delete=args.delete,
