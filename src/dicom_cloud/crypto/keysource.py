@@ -18,7 +18,6 @@ Key files hold base64 of 32 random bytes (``openssl rand -base64 32``), as Ortha
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +63,8 @@ def load_keys(
         if env.get(CONFIG_ENV):
             raise UsageError(f"{CONFIG_ENV} names {path}, which does not exist")
         return KeySettings(None)
+    import tomllib  # here, where a configuration file exists: most starts have none
+
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8")).get("encryption", {})
     except (OSError, tomllib.TOMLDecodeError) as exc:
