@@ -8,10 +8,15 @@ per 4 KiB, the kernel zeroing every page) and unmapped again. glibc raises the t
 mapped block is freed, but only to that block's size: a larger one is mapped again, and the heap
 gives back what is freed at its top beyond twice the threshold.
 
-Above a threshold of 4 MiB these buffers come from the heap, which keeps up to 8 MiB freed at its
-top before giving memory back. A 1 GiB download took 80,000-125,000 minor page faults and 1.25-1.36
-seconds (median 1.31), against 24,000-30,000 and 1.19-1.29 s (median 1.24); its peak RSS grew from
-85-105 to 105-130 MiB (docs/benchmarks.md, 2026-12-05). Other C libraries are left as they are.
+Setting the thresholds turns that adjustment off, so they are set where it would end: up to
+32 MiB (the largest threshold glibc chooses itself) buffers come from the heap, a transfer's parts
+(16 MiB by default) included, and the heap keeps up to 32 MiB freed at its top. Measured on
+2026-12-05 (docs/benchmarks.md): a 1 GiB download took 72,000-101,000 minor page faults and
+1.28-1.48 s, against 24,000-30,000 and 1.22-1.34 s; a 1 GiB upload in 16 MiB parts stayed as it was
+(21,000 faults, against 33,000-60,000). Lower thresholds were worse: at 4 MiB every part of that
+upload was mapped afresh (533,000 faults, 0.4 system CPU-seconds more), and with the heap keeping
+only 8 MiB each freed part was given back and faulted in again (330,000). Peak RSS of the download
+grew from 78-87 to 105-130 MiB. Other C libraries are left as they are.
 """
 
 from __future__ import annotations
@@ -22,16 +27,17 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-#: Allocations up to this size come from the heap (glibc's dynamic threshold stops at 32 MiB).
-MMAP_THRESHOLD = 4 * 1024 * 1024
+#: Allocations up to this size come from the heap (glibc's own threshold stops at 32 MiB).
+MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Freed memory kept at the heap's top before it is given back to the system.
-TRIM_THRESHOLD = 8 * 1024 * 1024
+TRIM_THRESHOLD = 32 * 1024 * 1024
 
 
 def keep_freed_buffers() -> bool:
     """Set glibc's thresholds for this process (see the module's docstring); False where the C
-    library is not glibc or refuses them. Process-wide: for the faces (the CLI, the service's
-    workers), never for a program that imports the library."""
+    library is not glibc or refuses them. Process-wide: for a face's own process (the CLI sets
+    them), never for a program that imports the library. The service's whole-study reads showed
+    no difference with them (0.154 against 0.155 s), and it does not set them."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes  # 1.6 ms of start-up: only where it is used
