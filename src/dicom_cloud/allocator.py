@@ -10,13 +10,24 @@ gives back what is freed at its top beyond twice the threshold.
 
 Setting the thresholds turns that adjustment off, so they are set where it would end: up to
 32 MiB (the largest threshold glibc chooses itself) buffers come from the heap, a transfer's parts
-(16 MiB by default) included, and the heap keeps up to 32 MiB freed at its top. Measured on
-2026-12-05 (docs/benchmarks.md): a 1 GiB download took 72,000-101,000 minor page faults and
-1.28-1.48 s, against 24,000-30,000 and 1.22-1.34 s; a 1 GiB upload in 16 MiB parts stayed as it was
-(21,000 faults, against 33,000-60,000). Lower thresholds were worse: at 4 MiB every part of that
-upload was mapped afresh (533,000 faults, 0.4 system CPU-seconds more), and with the heap keeping
-only 8 MiB each freed part was given back and faulted in again (330,000). Peak RSS of the download
-grew from 78-87 to 105-130 MiB. Other C libraries are left as they are.
+(16 MiB by default) included, and a heap keeps up to 32 MiB freed at its top. The threads share two
+heaps (arenas) instead of up to eight per core, each keeping its own freed memory. Lower thresholds
+were worse: at 4 MiB every part of an upload was mapped afresh (533,000 faults for 1 GiB, 0.4 system
+CPU-seconds more), and with 8 MiB kept each freed part was given back and faulted in again
+(330,000). Measured on 2026-12-05 (docs/benchmarks.md, 5 alternating runs each):
+
+=============================  =========================  =========================
+                               before                     after
+=============================  =========================  =========================
+1 GiB download                 1.45-2.06 s, 81-102k       1.22-1.97 s, 16-18k
+                               faults, 86-96 MiB RSS      faults, 76-82 MiB RSS
+three 1 GiB objects at once    4.32-7.17 s, 234-305k      3.61-5.39 s, 31-32k
+                               faults, 161-176 MiB        faults, 135-139 MiB
+1 GiB upload, 16 MiB parts     7.00-7.68 s, 25-40k        6.94-7.84 s, 17-23k
+                               faults, 89-98 MiB          faults, 81-106 MiB
+=============================  =========================  =========================
+
+Other C libraries are left as they are.
 """
 
 from __future__ import annotations
@@ -26,11 +37,18 @@ import sys
 #: mallopt's parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 #: Allocations up to this size come from the heap (glibc's own threshold stops at 32 MiB).
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Freed memory kept at the heap's top before it is given back to the system.
 TRIM_THRESHOLD = 32 * 1024 * 1024
+#: Heaps the threads allocate from. glibc makes up to eight per core, one for each thread that finds
+#: the others busy, and each keeps its own freed memory: obstore's runtime threads allocate the
+#: chunks, worker threads and the event loop free them.
+ARENAS = 2
+
+_SETTINGS = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_ARENA_MAX, ARENAS))
 
 
 def keep_freed_buffers() -> bool:
@@ -49,6 +67,4 @@ def keep_freed_buffers() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # musl has a mallopt that does nothing and answers 0.
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    return all([bool(mallopt(parameter, value)) for parameter, value in _SETTINGS])  # each one set
