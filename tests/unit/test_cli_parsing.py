@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -116,9 +118,6 @@ def test_upload_to_memory_succeeds(
 def test_start_up_loads_no_heavy_library() -> None:
     """A plain command must not pay for pydicom, numpy, SQLAlchemy or FastAPI: scripts run it in loops
     (0.1 s of start-up, measured, against 0.25 s with them)."""
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "from dicom_cloud.cli.main import build_parser\n"
@@ -126,6 +125,21 @@ def test_start_up_loads_no_heavy_library() -> None:
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
         "{'pydicom', 'numpy', 'sqlalchemy', 'fastapi', 'PIL', 'uvicorn', 'dask', 'distributed'})\n"
         "print(','.join(heavy))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "", f"imported at start-up: {loaded}"
+
+
+def test_a_transfer_imports_no_module_it_does_not_use() -> None:
+    """Sync, verify, manifests, UID maps and the TOML reader are imported by the commands that use
+    them: each module a start imports costs every command (docs/benchmarks.md, 2026-12-05)."""
+    code = (
+        "import sys\n"
+        "from dicom_cloud.cli.main import build_parser\n"
+        "build_parser('download').parse_args(['download', 's3://b/p/', 'out/', '-r'])\n"
+        "unused = {'dicom_cloud.sync', 'dicom_cloud.treediff', 'dicom_cloud.dicom.manifest',\n"
+        "          'dicom_cloud.dicom.uidmap', 'tomllib'}\n"
+        "print(','.join(sorted(unused & set(sys.modules))))\n"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "", f"imported at start-up: {loaded}"
