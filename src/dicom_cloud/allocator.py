@@ -52,7 +52,7 @@ _SETTINGS = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRES
 
 
 def keep_freed_buffers() -> bool:
-    """Set glibc's thresholds for this process (see the module's docstring); False where the C
+    """Set glibc's thresholds and arenas for this process (the module's docstring); False where the C
     library is not glibc or refuses them. Process-wide: for a face's own process (the CLI's runner
     sets them for every command it runs: transfers, the DIMSE face, the ingest worker), never for a
     program that imports the library. ``serve`` does not set them: its workers are uvicorn's, and
