@@ -153,6 +153,8 @@ class Journal:
         self.started = False
         self._pending = 0
         self._last_commit = time.monotonic()
+        #: Finished objects not yet written (``record_done``), written with the next commit.
+        self._done_rows: list[tuple[str, str, str, int, str | None]] = []
 
     def begin(self) -> None:
         """Record this run as the job's latest, running: called once it has a plan with work in it
@@ -209,15 +211,18 @@ class Journal:
         """Whether an earlier run finished this object, as it is now (same version). Asked once
         per planned object: the first question records the run."""
         self.begin()
+        if not self.previously_done:
+            # A new job: no earlier run finished anything. (Rows another process of this run
+            # writes meanwhile can only make an object be moved again, never skipped wrongly.)
+            return False
         row = self._db.execute("SELECT version FROM done WHERE src_key = ?", (src_key,)).fetchone()
         return row is not None and row[0] == version
 
     def record_done(self, src_key: str, version: str, dst_key: str, size: int, crc32c: str | None) -> None:
         self.begin()
-        self._db.execute(
-            "INSERT OR REPLACE INTO done (src_key, version, dst_key, size, crc32c) VALUES (?, ?, ?, ?, ?)",
-            (src_key, version, dst_key, size, crc32c),
-        )
+        # Kept until the next commit and then written in one statement: one INSERT per object
+        # was a twentieth of a 400-object download's time on the event loop.
+        self._done_rows.append((src_key, version, dst_key, size, crc32c))
         self._tick()
 
     # -- resumable upload sessions (the state store of resumable uploads) ---------------
@@ -266,6 +271,13 @@ class Journal:
             self.flush()
 
     def flush(self) -> None:
+        if self._done_rows:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO done (src_key, version, dst_key, size, crc32c)"
+                " VALUES (?, ?, ?, ?, ?)",
+                self._done_rows,
+            )
+            self._done_rows.clear()
         self._db.commit()
         self._pending = 0
         self._last_commit = time.monotonic()
@@ -275,6 +287,7 @@ class Journal:
         status = "failed" if failed else "complete"
         self._db.execute("UPDATE job SET status = ?, failed = ?, updated = ?", (status, failed, time.time()))
         if status == "complete":
+            self._done_rows.clear()
             self._db.execute("DELETE FROM done")
             self._db.execute("DELETE FROM sessions")
         self.flush()
@@ -289,7 +302,7 @@ class Journal:
         if self._lock_fd < 0:
             return
         with contextlib.suppress(sqlite3.Error):
-            self._db.commit()
+            self.flush()
         unrecorded = self._db.execute("SELECT count(*) FROM job").fetchone()[0] == 0
         self._db.close()
         if unrecorded:  # a job never started (or only dry-run): leave nothing behind
@@ -312,7 +325,7 @@ class SharedJournal(Journal):
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
-            self._db.commit()
+            self.flush()
         self._db.close()
 
 
