@@ -17,12 +17,10 @@ from ..credentials import AwsSettings, AzureSettings
 from ..errors import AuthenticationError, DicomCloudError, PermissionDeniedError
 from ..store import BucketInfo
 from . import StoreConfig
-from .rest import Request, RestClient, status_error
+from .http_errors import S3_AUTH_CODES, status_error
+from .rest import Request, RestClient
 from .sigv4 import Signer, aws_endpoint, current_credentials
 
-_S3_AUTH_CODES = frozenset(
-    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
-)
 _AZURE_AUTH_CODES = frozenset(
     {"AuthenticationFailed", "InvalidAuthenticationInfo", "NoAuthenticationInformation"}
 )
@@ -128,7 +126,7 @@ async def list_azure_containers(az: AzureSettings, config: StoreConfig) -> list[
 def _s3_error(response: requests.Response) -> DicomCloudError:
     code, _ = _code_and_message(response)
     detail = f": {code}" if code else f": HTTP {response.status_code}"
-    if code in _S3_AUTH_CODES or response.status_code == 401:
+    if code in S3_AUTH_CODES or response.status_code == 401:
         return AuthenticationError(
             f"S3 refused the credentials for listing buckets{detail}",
             hint="check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile (docs/credentials.md)",

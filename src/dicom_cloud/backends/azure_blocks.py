@@ -39,7 +39,8 @@ from ..errors import (
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
 from .azure_sas import account_sas, blob_sas_url, service_sas
-from .rest import Request, RestClient, info_from_headers, status_error
+from .http_errors import status_error
+from .rest import Request, RestClient, info_from_headers
 
 #: A service version that knows every header used here.
 _VERSION = "2021-08-06"

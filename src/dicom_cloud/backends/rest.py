@@ -19,12 +19,8 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ..errors import (
-    DicomCloudError,
     NetworkError,
-    NotFoundError,
-    PermissionDeniedError,
     ThrottledError,
-    UsageError,
 )
 from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after
 from ..store import ObjectInfo
@@ -129,14 +125,3 @@ def info_from_headers(key: str, headers: Mapping[str, str], meta_prefix: str) ->
         metadata=metadata,
         content_type=headers.get("Content-Type"),
     )
-
-
-def status_error(provider: str, status: int, what: str, detail: str) -> DicomCloudError:
-    """The error of an answer no provider-specific code explained, by its HTTP status alone."""
-    if status == 403:
-        return PermissionDeniedError(f"permission denied on {what}{detail}")
-    if status == 404:
-        return NotFoundError(f"{what} not found")
-    if status == 400:
-        return UsageError(f"{provider} rejected the request for {what}{detail}")
-    return DicomCloudError(f"{provider} answered HTTP {status} for {what}{detail}")

@@ -22,12 +22,9 @@ from ..errors import (
     IntegrityError,
     NotFoundError,
 )
-from .rest import Request, RestClient, status_error
+from .http_errors import s3_error, s3_error_code
+from .rest import Request, RestClient
 from .sigv4 import CredentialSource, Signer, object_url, sha256_hex
-
-_AUTH_CODES = frozenset(
-    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
-)
 
 
 class S3Client:
@@ -97,20 +94,15 @@ class S3Client:
         return response
 
     def error(self, response: requests.Response, what: str) -> DicomCloudError:
-        code, message = error_code(response)
-        detail = f": {code} {message}".rstrip() if code else f": HTTP {response.status_code}"
-        if code in _AUTH_CODES or response.status_code == 401:
-            return AuthenticationError(
-                f"S3 refused the credentials for {what}{detail}",
-                hint="check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile (docs/credentials.md)",
-            )
-        if code == "NoSuchBucket":
-            return BucketNotFoundError(f"bucket s3://{self.bucket} does not exist")
+        general = s3_error(response.status_code, response.content, what, self.bucket)
+        if isinstance(general, AuthenticationError | BucketNotFoundError):
+            return general
+        code, message = s3_error_code(response.content)
         if code == "NoSuchUpload" or (response.status_code == 404 and code != "NoSuchKey"):
             return NotFoundError(f"{what}: the multipart upload no longer exists")
         if code in ("InvalidPart", "InvalidDigest", "BadDigest", "InvalidPartOrder"):
-            return IntegrityError(f"{what}{detail}")
-        return status_error("S3", response.status_code, what, detail)
+            return IntegrityError(f"{what}: {code} {message}".rstrip())
+        return general
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -179,11 +171,3 @@ def text(element: ET.Element, name: str) -> str:
         if local_name(child.tag) == name:
             return child.text or ""
     return ""
-
-
-def error_code(response: requests.Response) -> tuple[str, str]:
-    try:
-        root = xml(response)
-    except ET.ParseError:
-        return "", ""
-    return text(root, "Code"), " ".join(text(root, "Message").split())[:200]

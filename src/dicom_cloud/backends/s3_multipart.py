@@ -26,10 +26,6 @@ from .rest import info_from_headers
 from .s3_client import S3Client, children, encode_query, text, xml
 from .sigv4 import UNSIGNED_PAYLOAD, CredentialSource, bucket_url
 
-_AUTH_CODES = frozenset(
-    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
-)
-
 
 class S3ResumableUploads:
     """Resumable multipart uploads into one S3 bucket, over the signed S3 client (s3_client.py)."""

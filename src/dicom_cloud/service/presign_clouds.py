@@ -33,7 +33,8 @@ from xml.sax.saxutils import escape
 from ..backends.azure_sas import blob_sas_url
 from ..backends.gcs import GCSStore
 from ..backends.gcs_resumable import CHUNK_QUANTUM, GCSResumableUploads
-from ..backends.rest import Request, RestClient, status_error
+from ..backends.http_errors import status_error
+from ..backends.rest import Request, RestClient
 from ..credentials import azure_settings
 from ..errors import UsageError
 from ..store import CHECKSUM_METADATA_KEY, PutOptions, Store
