@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -123,6 +123,21 @@ class RandomAccessWriter(Protocol):
     def write_at(self, offset: int, data: bytes | memoryview) -> None: ...
     def commit(self, if_absent: bool = False, options: PutOptions | None = None) -> None: ...
     def abort(self) -> None: ...
+
+
+class RangeReader(Protocol):
+    """Parts of objects read with blocking calls into one reused buffer each, in threads of its
+    own (``Store.range_reader``): ranged downloads without a copy of every chunk on the way."""
+
+    async def read(self, key: str, start: int, end: int, sink: Callable[[int, memoryview], None]) -> None:
+        """Bytes ``[start, end)`` of ``key`` handed to ``sink`` in order as ``(offset, chunk)``, from
+        a worker thread; a chunk's memory is reused once ``sink`` returns. Cancelled, it returns
+        only once that thread no longer calls ``sink``."""
+        ...
+
+    def close(self) -> None:
+        """Let its threads go (reads still running end on their own)."""
+        ...
 
 
 class Store(abc.ABC):
@@ -242,6 +257,11 @@ class Store(abc.ABC):
     def resumable_uploads(self) -> ResumableUploads | None:
         """Multipart uploads that a later process can continue (docs/resume.md), or None when
         this store (or the credentials it was opened with) cannot offer them."""
+        return None
+
+    def range_reader(self) -> RangeReader | None:
+        """Blocking ranged reads into reused buffers (the large-download path), or None when this
+        store reads ranges through :meth:`stream` only."""
         return None
 
     async def remove_empty_directories(self, prefix: str, *, older_than: timedelta) -> int:

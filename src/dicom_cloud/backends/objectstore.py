@@ -34,7 +34,16 @@ from ..errors import (
 )
 from ..names import printable
 from ..retry import RequestRetries, resumable_listing
-from ..store import BucketInfo, Features, MultipartPlan, ObjectInfo, PutOptions, PutResult, Store
+from ..store import (
+    BucketInfo,
+    Features,
+    MultipartPlan,
+    ObjectInfo,
+    PutOptions,
+    PutResult,
+    RangeReader,
+    Store,
+)
 from . import StoreConfig
 
 if TYPE_CHECKING:
@@ -138,7 +147,10 @@ class ObjectStoreBackend(Store):
         self.resumable_factory: Callable[[], ResumableUploads] | None = None
         #: Lists the account's buckets or containers (set by open_objectstore for S3 and Azure).
         self.bucket_lister: Callable[[], Awaitable[list[BucketInfo]]] | None = None
+        #: Builds the ranged reader of large downloads (set by open_objectstore where it can sign).
+        self.range_reader_factory: Callable[[], RangeReader] | None = None
         self._resumable: ResumableUploads | None = None
+        self._range_reader: RangeReader | None = None
 
     def _verified_azure_writer(self, options: PutOptions) -> AzureResumableUploads | None:
         """On Azure, whole puts go through our own Put Blob with Content-MD5 (checked by the server)
@@ -165,6 +177,11 @@ class ObjectStoreBackend(Store):
         if self._resumable is None and self.resumable_factory is not None:
             self._resumable = self.resumable_factory()
         return self._resumable
+
+    def range_reader(self) -> RangeReader | None:
+        if self._range_reader is None and self.range_reader_factory is not None:
+            self._range_reader = self.range_reader_factory()
+        return self._range_reader
 
     # -- reads -------------------------------------------------------------------------
 
@@ -375,6 +392,8 @@ class ObjectStoreBackend(Store):
         self._inner = None  # type: ignore[assignment]
         if self._resumable is not None:
             await self._resumable.close()
+        if self._range_reader is not None:
+            self._range_reader.close()
 
     # -- error translation -------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from obstore.store import S3Store
 
 from ..credentials import AwsSettings, aws_settings
 from ..errors import UsageError
+from ..retry import RequestRetries
 from ..store import BucketInfo, Features
 from . import StoreConfig, refuse_key_in_clear
 from .objectstore import ObjectStoreBackend, _first_line, client_options, retry_config
@@ -21,6 +22,7 @@ from .sigv4 import current_credentials
 
 if TYPE_CHECKING:
     from ..resumable import ResumableUploads
+    from ..store import RangeReader
 
 
 #: The checksum S3 writes carry unless DICOM_CLOUD_S3_CHECKSUM says otherwise.
@@ -106,6 +108,7 @@ def open_s3(bucket: str, config: StoreConfig) -> ObjectStoreBackend:
     backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
     backend.write_encryption = encryption
     backend.resumable_factory = _s3_resumable_factory(bucket, aws, config, path_style)
+    backend.range_reader_factory = _s3_range_reader_factory(bucket, aws, config, path_style)
     backend.bucket_lister = partial(_list_s3_buckets, aws, config)
     if not aws.has_keys:
         backend.missing_credentials_hint = (
@@ -144,6 +147,40 @@ def _s3_resumable_factory(
             create_headers=create_headers,
             max_retries=config.max_retries,
             timeout=(config.connect_timeout, config.request_timeout),
+        )
+
+    return build
+
+
+#: Proxy settings obstore's HTTP client follows; the ranged reader does not, so it steps aside.
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def _s3_range_reader_factory(
+    bucket: str, aws: AwsSettings, config: StoreConfig, path_style: bool
+) -> Callable[[], RangeReader] | None:
+    """Ranged reads into reused buffers (s3_ranges.py) sign their own requests: only with keys we
+    hold, not with SSE-C (the customer key would travel with every request: not implemented), and
+    not through a proxy."""
+    credentials = current_credentials(aws)
+    if credentials is None or config.sse_customer_key is not None:
+        return None
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+
+    def build() -> RangeReader:
+        from .s3_ranges import S3RangeReader
+        from .sigv4 import aws_endpoint
+
+        return S3RangeReader(
+            bucket=bucket,
+            endpoint=aws.endpoint or aws_endpoint(aws.region),
+            region=aws.region,
+            credentials=credentials,
+            path_style=path_style,
+            retries=RequestRetries(retries=max(0, config.max_retries), timeout=config.request_timeout),
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.request_timeout,
         )
 
     return build

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -37,7 +38,14 @@ from ..crypto.envelope import ClientEncryption, Format
 from ..errors import AlreadyExistsError, IntegrityError, NotFoundError
 from ..location import Location
 from ..resumable import StateStore, fit_part_size, streamed_upload, upload_file_resumable
-from ..store import CHECKSUM_METADATA_KEY, MultipartPlan, ObjectInfo, PutOptions, RandomAccessWriter
+from ..store import (
+    CHECKSUM_METADATA_KEY,
+    MultipartPlan,
+    ObjectInfo,
+    PutOptions,
+    RandomAccessWriter,
+    RangeReader,
+)
 from .destination import ENVELOPE_ROOM, Claim, Content, DestinationCheck
 from .model import (
     DICOM_CONTENT_TYPE,
@@ -407,10 +415,15 @@ class RangedDownload:
         writer = ctx.dst.store.open_writer(item.dst_key, size)
         parts_in_flight = asyncio.Semaphore(ctx.options.part_concurrency)
         src_store = ctx.src.store
+        reader = src_store.range_reader()
 
         async def fetch(index: int, start: int) -> None:
             end = min(start + part, size)
             async with parts_in_flight, ctx.budget.reserve(2 * STREAM_CHUNK):
+                if reader is not None:
+                    report = functools.partial(ctx.progress, attempt)
+                    part_crcs[index] = await _read_part(reader, item.src_key, start, end, writer, report)
+                    return
                 crc = 0
                 position = start
                 async for chunk in src_store.stream(
@@ -445,6 +458,40 @@ class RangedDownload:
             writer.abort()
             raise
         return Written(f"{whole:08x}")
+
+
+async def _read_part(
+    reader: RangeReader,
+    key: str,
+    start: int,
+    end: int,
+    writer: RandomAccessWriter,
+    report: Callable[[int], None],
+) -> int:
+    """Bytes ``[start, end)`` read by the store's ranged reader, each chunk checked and written in
+    the reader's thread (the GIL released for both), progress reported on the loop every few
+    chunks (each report wakes it). Returns the part's CRC32C."""
+    loop = asyncio.get_running_loop()
+    crc = 0
+    unreported = 0
+
+    def sink(offset: int, chunk: memoryview) -> None:
+        nonlocal crc, unreported
+        writer.write_at(offset, chunk)
+        crc = crc32c_update(crc, chunk)
+        unreported += len(chunk)
+        if unreported >= _PROGRESS_STEP:
+            loop.call_soon_threadsafe(report, unreported)
+            unreported = 0
+
+    await reader.read(key, start, end, sink)
+    if unreported:
+        report(unreported)
+    return crc
+
+
+#: Bytes a ranged part reads between two progress reports.
+_PROGRESS_STEP = 8 * MiB
 
 
 def _write_and_hash(writer: RandomAccessWriter, offset: int, chunk: bytes | memoryview, crc: int) -> int:
