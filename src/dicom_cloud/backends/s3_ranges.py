@@ -226,8 +226,9 @@ class S3RangeReader:
     def _check_answer(self, response: http.client.HTTPResponse, what: str, start: int, end: int) -> None:
         status = response.status
         if status == 206:
-            if response.length != end - start:
-                raise _Lost(f"a part answer of {response.length} bytes for {end - start}")
+            answered = response.getheader("Content-Range", "")
+            if response.length != end - start or not answered.startswith(f"bytes {start}-{end - 1}/"):
+                raise _Lost(f"an answer for another range ({answered or 'none'})")
             return
         try:
             body = response.read(_ERROR_BODY)
