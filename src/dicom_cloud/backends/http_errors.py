@@ -6,8 +6,6 @@ no HTTP stack, so the reader's start does not pay for ``requests``.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-
 from ..errors import (
     AuthenticationError,
     BucketNotFoundError,
@@ -38,6 +36,8 @@ def s3_error_code(body: bytes) -> tuple[str, str]:
     """The ``Code`` and ``Message`` of an S3 error body (empty strings where it has none)."""
     if not body:
         return "", ""
+    import xml.etree.ElementTree as ET  # on error paths only: a ranged read's start does without it
+
     try:
         # The body comes from the configured S3 endpoint; ElementTree expands no external entities.
         root = ET.fromstring(body)  # noqa: S314

@@ -635,9 +635,10 @@ def _version(_: argparse.Namespace) -> int:
 
 class _NotRun:
     """Stands for the parser of a command other than the one being run, taking every call of
-    argparse's building API and doing nothing. argparse needs each command's name and summary (for
-    the usage, --help and the error on an unknown command), not its options: building the options
-    of every command (about 470 ``add_argument`` calls) was 6-8 ms of each start."""
+    argparse's building API and doing nothing. Running one command needs neither the other
+    commands' parsers nor their options: building every command's options (about 470
+    ``add_argument`` calls) was 6-8 ms of each start, and their parsers another 2-3 ms. An unknown
+    command gets the whole parser, whose error lists every command."""
 
     def __getattr__(self, name: str) -> Callable[..., _NotRun]:
         return self._nothing
@@ -659,7 +660,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dicom-cloud {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    built: list[str] = []
+
     def add(name: str, summary: str, examples: str, handler: Callable[[argparse.Namespace], int]) -> Any:
+        if command is not None and name != command:
+            return _NotRun()  # another command: neither its parser nor its options are made
         sub = commands.add_parser(
             name,
             help=summary,
@@ -668,7 +673,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             formatter_class=_Formatter,
         )
         sub.set_defaults(handler=handler)
-        return sub if command is None or name == command else _NotRun()
+        built.append(name)
+        return sub
 
     for name, verb, call, summary, examples in (
         (
@@ -821,6 +827,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from .orthanc import add_parser as add_orthanc_parser  # the Orthanc plugin's configuration
 
     add_orthanc_parser(commands, add)
+    if command is not None and not built:
+        return build_parser()  # not a command: refused with the list of every command
     return parser
 
 
