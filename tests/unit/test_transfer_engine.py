@@ -12,6 +12,7 @@ import pytest
 
 from dicom_cloud import api
 from dicom_cloud.backends import open_store
+from dicom_cloud.engine.planner import COUNTED_EVERY
 from dicom_cloud.errors import IntegrityError, NotFoundError, UnsafeNameError, UsageError
 from dicom_cloud.localio import PARTIAL_SUFFIX
 from dicom_cloud.location import Location
@@ -557,8 +558,10 @@ def test_planning_runs_at_most_a_bounded_queue_ahead() -> None:
     )
     summary = asyncio.run(transfer.run())
     assert summary.files == sink.written == 10_000
-    # Queued items, plus the one the planner holds while the queue is full.
-    assert worst <= parallel * 4 + 1
+    # The first COUNTED_EVERY listed before any is handed on (a source that ends within them is
+    # counted from them), then queued items, plus the one the planner holds while the queue is full:
+    # a bound that does not grow with the listing.
+    assert worst <= COUNTED_EVERY + parallel * 4 + 1
 
 
 def test_md5_is_checked_only_where_no_crc32c_is_recorded_and_the_etag_is_one() -> None:
@@ -573,3 +576,26 @@ def test_md5_is_checked_only_where_no_crc32c_is_recorded_and_the_etag_is_one() -
     assert not checks_md5(plain, etag_is_md5=False)  # a store whose ETags are not MD5s
     assert not checks_md5(ours, etag_is_md5=True)
     assert not checks_md5(multipart, etag_is_md5=True)
+
+
+@pytest.mark.parametrize(("count", "listings"), [(COUNTED_EVERY - 1, 1), (COUNTED_EVERY + 5, 2)])
+def test_a_source_that_ends_within_a_count_is_listed_once(count: int, listings: int) -> None:
+    """A study-sized source is counted from the planner's own listing, before its first object is
+    handed on; a longer one is listed again by the counting pass ahead of the planner."""
+    src = CountingSource(count)
+    events: list[TransferEvent] = []
+    transfer = Transfer(
+        _location(src, "p/"),
+        _location(SlowSink(), "q/"),
+        recursive=True,
+        options=TransferOptions(parallel=4),
+        on_event=events.append,
+    )
+    summary = asyncio.run(transfer.run())
+    assert summary.files == count
+    assert len(src.listings) == listings
+    kinds = [e.kind for e in events]
+    complete = [i for i, e in enumerate(events) if e.kind == "counted" and e.totals and e.totals.complete]
+    assert len(complete) == 1 and events[complete[0]].totals.files == count  # type: ignore[union-attr]
+    if listings == 1:
+        assert complete[0] < kinds.index("started")

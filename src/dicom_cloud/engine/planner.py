@@ -1,9 +1,11 @@
 """The planner: (source, destination, recursive) -> a stream of ``TransferItem``.
 
 It stats one object or streams a listing, so memory does not grow with the number of objects.
-Beside it, a counting pass lists the source once more, ahead of it, keeping only counts: its
-``counted`` events tell the totals (and what an earlier run of the job finished) long before the
-transfers reach the end. The planner never overtakes it (``CountAhead``)."""
+``counted`` events tell the totals (and what an earlier run of the job finished) before the first
+transfer ends. A listing that ends within its first ``COUNTED_EVERY`` objects is counted from
+those, before the first is handed on (one listing). A longer one gets a counting pass beside the
+planner, listing the source once more, ahead of it, keeping only counts; the planner never
+overtakes it (``CountAhead``)."""
 
 from __future__ import annotations
 
@@ -127,16 +129,33 @@ class Planner:
                     f"{self.dst.display(self.dst.prefix)} is inside {self.src.display(prefix)}",
                     hint="copy to a destination outside the source tree",
                 )
+            # The first COUNTED_EVERY objects are listed before any is handed on: a source that
+            # ends within them (a study, a series) is counted from them, listed once. A longer one
+            # gets the counting pass, which lists it again ahead of the planner.
+            listing = self.src.store.list(prefix)
+            head: list[TransferItem] = []
+            ended = True
+            async for info in listing:
+                found = True
+                listed = self._listed_item(info, prefix)
+                if listed is not None:
+                    head.append(listed)
+                if len(head) >= COUNTED_EVERY:
+                    ended = False
+                    break
             lookahead: CountAhead | None = None
-            if not self.options.dry_run:
+            if ended and not self.options.dry_run:
+                tally = _Tally(self._finished_before())
+                for listed in head:
+                    tally.add(listed)
+                self._report(prefix, tally, complete=True)
+            elif not self.options.dry_run:
                 lookahead = CountAhead()
                 self._counting = asyncio.create_task(self._count_ahead(prefix, lookahead))
             index = 0
-            async for info in self.src.store.list(prefix):
-                found = True
-                listed = self._listed_item(info, prefix)
-                if listed is None:
-                    continue
+            async for listed in _chain(
+                head, None if ended else listing, lambda i: self._listed_item(i, prefix)
+            ):
                 if lookahead is not None:
                     # The first item waits for a first count (a listing page), so that a total is
                     # known before anything completes; the others only for their own count.
@@ -168,33 +187,34 @@ class Planner:
         this listing only ends the counting: the planner's own listing reports listing errors.
         """
         counting_listing.set(True)  # this task's own context: the planner's listing gives the warnings
-        journal = self.journal if self.journal is not None and self.journal.previously_done else None
-        src_url, dst_url = self.src.display(prefix), self.dst.display(self.dst.prefix)
-        files = size = done = done_bytes = 0
+        tally = _Tally(self._finished_before())
         last_report = time.monotonic()
         try:
             async for info in self.src.store.list(prefix):
                 item = self._listed_item(info, prefix)
                 if item is None:
                     continue
-                files += 1
-                size += item.size
-                if journal is not None and journal.is_done(item.src_key, item.version):
-                    done += 1
-                    done_bytes += item.size
-                lookahead.advance(files)
+                tally.add(item)
+                lookahead.advance(tally.files)
                 now = time.monotonic()
-                if files % COUNTED_EVERY == 0 or now - last_report >= COUNTED_INTERVAL:
+                if tally.files % COUNTED_EVERY == 0 or now - last_report >= COUNTED_INTERVAL:
                     last_report = now
-                    totals = ListingTotals(files, size, done, done_bytes)
-                    self._emit(TransferEvent("counted", src_url, dst_url, size, totals=totals))
+                    self._report(prefix, tally)
         except Exception as exc:
-            log.debug("counting %s stopped: %s", src_url, exc)
+            log.debug("counting %s stopped: %s", self.src.display(prefix), exc)
             return
         finally:
             lookahead.finish()
-        totals = ListingTotals(files, size, done, done_bytes, complete=True)
-        self._emit(TransferEvent("counted", src_url, dst_url, size, totals=totals))
+        self._report(prefix, tally, complete=True)
+
+    def _finished_before(self) -> Journal | None:
+        """The job's journal when an earlier run of it finished objects (which are counted apart)."""
+        return self.journal if self.journal is not None and self.journal.previously_done else None
+
+    def _report(self, prefix: str, tally: _Tally, *, complete: bool = False) -> None:
+        totals = ListingTotals(tally.files, tally.size, tally.done, tally.done_bytes, complete=complete)
+        src_url, dst_url = self.src.display(prefix), self.dst.display(self.dst.prefix)
+        self._emit(TransferEvent("counted", src_url, dst_url, tally.size, totals=totals))
 
     def _source_is_file(self) -> bool:
         return self.src.is_local and os.path.isfile("/" + self.src.key)
@@ -218,3 +238,33 @@ class Planner:
                 name = unicodedata.normalize("NFC", name)
             return self.dst.join(name)
         return self.dst.key
+
+
+class _Tally:
+    """The counts of a listing so far, with what an earlier run of the job finished (``journal``)."""
+
+    def __init__(self, journal: Journal | None) -> None:
+        self.journal = journal
+        self.files = self.size = self.done = self.done_bytes = 0
+
+    def add(self, item: TransferItem) -> None:
+        self.files += 1
+        self.size += item.size
+        if self.journal is not None and self.journal.is_done(item.src_key, item.version):
+            self.done += 1
+            self.done_bytes += item.size
+
+
+async def _chain(
+    head: list[TransferItem],
+    rest: AsyncIterator[ObjectInfo] | None,
+    item_of: Callable[[ObjectInfo], TransferItem | None],
+) -> AsyncIterator[TransferItem]:
+    """The items listed already, then those of the rest of the listing."""
+    for item in head:
+        yield item
+    if rest is not None:
+        async for info in rest:
+            listed = item_of(info)
+            if listed is not None:
+                yield listed
