@@ -34,8 +34,10 @@ from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after
 from .http_errors import s3_error
 from .sigv4 import CredentialSource, Signer, object_url
 
-#: Bytes read per chunk (one buffer of this size per part being read).
-CHUNK = 1024 * 1024
+#: Bytes read per chunk (one buffer of this size per part being read). Of 256 KiB, 512 KiB, 1 MiB
+#: and 2 MiB, 512 KiB gave the fastest 1 GiB download (medians of 8 and 10 alternating runs: 0.86
+#: against 0.89-0.93 s): each chunk is checked and written while it is still in the core's cache.
+CHUNK = 512 * 1024
 #: Threads reading at once, for all the downloads of a run: parts beyond wait their turn.
 _THREADS = 32
 #: Largest error body read to explain a refusal.
