@@ -7,7 +7,7 @@ import re
 
 import requests
 
-from dicom_cloud.backends.sigv4 import Signer, SigningCredentials, object_url, sha256_hex
+from dicom_cloud.backends.sigv4 import S3Bucket, Signer, SigningCredentials, object_url, sha256_hex
 from servers import S3Server
 
 
@@ -75,13 +75,8 @@ def test_multipart_upload_through_presigned_part_urls(seaweedfs: S3Server, s3_bu
     from dicom_cloud.backends.s3_multipart import S3ResumableUploads
     from dicom_cloud.store import PutOptions
 
-    uploads = S3ResumableUploads(
-        bucket=s3_bucket,
-        endpoint=seaweedfs.endpoint,
-        region=seaweedfs.region,
-        credentials=SigningCredentials(seaweedfs.access_key, seaweedfs.secret_key),
-        path_style=True,
-    )
+    keys = SigningCredentials(seaweedfs.access_key, seaweedfs.secret_key)
+    uploads = S3ResumableUploads(S3Bucket(s3_bucket, seaweedfs.endpoint, seaweedfs.region, keys, True))
     parts = [b"a" * (5 * 1024 * 1024), b"tail"]
 
     async def main() -> None:

@@ -429,17 +429,12 @@ def _multipart_put(backend: Backend, key: str, data: bytes, part_size: int) -> s
     import asyncio
 
     from dicom_cloud.backends.s3_multipart import S3ResumableUploads
-    from dicom_cloud.backends.sigv4 import SigningCredentials
+    from dicom_cloud.backends.sigv4 import S3Bucket, SigningCredentials
     from dicom_cloud.store import PutOptions
 
     server = backend.server
-    uploads = S3ResumableUploads(
-        bucket=backend.bucket,
-        endpoint=server.endpoint,
-        region=server.region,
-        credentials=SigningCredentials(server.access_key, server.secret_key),
-        path_style=True,
-    )
+    keys = SigningCredentials(server.access_key, server.secret_key)
+    uploads = S3ResumableUploads(S3Bucket(backend.bucket, server.endpoint, server.region, keys, True))
 
     async def put() -> str:
         state = await uploads.begin(key, len(data), part_size, PutOptions())

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
-from ..credentials import AwsSettings, aws_settings
+from ..credentials import aws_settings
 from ..errors import UsageError
 from ..retry import RequestRetries
 from ..store import BucketInfo, Features
 from . import StoreConfig, refuse_key_in_clear
 from .objectstore import ObjectStoreBackend, _first_line, client_options, retry_config
-from .sigv4 import current_credentials
+from .sigv4 import S3Bucket, aws_endpoint, current_credentials
 
 if TYPE_CHECKING:
     from ..resumable import ResumableUploads
@@ -107,8 +107,13 @@ def open_s3(bucket: str, config: StoreConfig) -> ObjectStoreBackend:
     )
     backend = ObjectStoreBackend(s3, "s3", bucket, features, endpoint=aws.endpoint or "AWS S3")
     backend.write_encryption = encryption
-    backend.resumable_factory = _s3_resumable_factory(bucket, aws, config, path_style)
-    backend.range_reader_factory = _s3_range_reader_factory(bucket, aws, config, path_style)
+    # Our own signed requests (resumable uploads, ranged downloads) need keys we hold.
+    credentials = current_credentials(aws)
+    if credentials is not None:
+        endpoint = aws.endpoint or aws_endpoint(aws.region)
+        signing = S3Bucket(bucket, endpoint, aws.region, credentials, path_style)
+        backend.resumable_factory = _s3_resumable_factory(signing, config)
+        backend.range_reader_factory = _s3_range_reader_factory(signing, config)
     backend.bucket_lister = partial(_list_s3_buckets, aws, config)
     if not aws.has_keys:
         backend.missing_credentials_hint = (
@@ -118,16 +123,11 @@ def open_s3(bucket: str, config: StoreConfig) -> ObjectStoreBackend:
     return backend
 
 
-def _s3_resumable_factory(
-    bucket: str, aws: AwsSettings, config: StoreConfig, path_style: bool
-) -> Callable[[], ResumableUploads] | None:
-    """Resumable uploads sign their own requests: only with keys we hold, and not with SSE-C
-    (the customer key would have to travel with every part request: not implemented)."""
-    credentials = current_credentials(aws)
-    if credentials is None or config.sse_customer_key is not None:
+def _s3_resumable_factory(signing: S3Bucket, config: StoreConfig) -> Callable[[], ResumableUploads] | None:
+    """Resumable uploads sign their own requests: not with SSE-C (the customer key would have to
+    travel with every part request: not implemented)."""
+    if config.sse_customer_key is not None:
         return None
-    from .sigv4 import aws_endpoint
-
     create_headers: dict[str, str] = {}
     if config.server_side_encryption:
         create_headers["x-amz-server-side-encryption"] = config.server_side_encryption
@@ -139,11 +139,7 @@ def _s3_resumable_factory(
         from .s3_multipart import S3ResumableUploads
 
         return S3ResumableUploads(
-            bucket=bucket,
-            endpoint=aws.endpoint or aws_endpoint(aws.region),
-            region=aws.region,
-            credentials=credentials,
-            path_style=path_style,
+            signing,
             create_headers=create_headers,
             max_retries=config.max_retries,
             timeout=(config.connect_timeout, config.request_timeout),
@@ -156,28 +152,17 @@ def _s3_resumable_factory(
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
-def _s3_range_reader_factory(
-    bucket: str, aws: AwsSettings, config: StoreConfig, path_style: bool
-) -> Callable[[], RangeReader] | None:
-    """Ranged reads into reused buffers (s3_ranges.py) sign their own requests: only with keys we
-    hold, not with SSE-C (the customer key would travel with every request: not implemented), and
-    not through a proxy."""
-    credentials = current_credentials(aws)
-    if credentials is None or config.sse_customer_key is not None:
-        return None
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+def _s3_range_reader_factory(signing: S3Bucket, config: StoreConfig) -> Callable[[], RangeReader] | None:
+    """Ranged reads into reused buffers (s3_ranges.py) sign their own requests: not with SSE-C
+    (as above), and not through a proxy."""
+    if config.sse_customer_key is not None or any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return None
 
     def build() -> RangeReader:
         from .s3_ranges import S3RangeReader
-        from .sigv4 import aws_endpoint
 
         return S3RangeReader(
-            bucket=bucket,
-            endpoint=aws.endpoint or aws_endpoint(aws.region),
-            region=aws.region,
-            credentials=credentials,
-            path_style=path_style,
+            signing,
             retries=RequestRetries(retries=max(0, config.max_retries), timeout=config.request_timeout),
             connect_timeout=config.connect_timeout,
             read_timeout=config.request_timeout,

@@ -24,27 +24,19 @@ from ..errors import (
 )
 from .http_errors import s3_error, s3_error_code
 from .rest import Request, RestClient
-from .sigv4 import CredentialSource, Signer, object_url, sha256_hex
+from .sigv4 import S3Bucket, object_url, sha256_hex
 
 
 class S3Client:
     """Signed requests to one S3 bucket."""
 
     def __init__(
-        self,
-        *,
-        bucket: str,
-        endpoint: str,
-        region: str,
-        credentials: CredentialSource,
-        path_style: bool,
-        max_retries: int = 4,
-        timeout: tuple[float, float] = (10.0, 300.0),
+        self, bucket: S3Bucket, *, max_retries: int = 4, timeout: tuple[float, float] = (10.0, 300.0)
     ) -> None:
-        self.bucket = bucket
-        self.endpoint = endpoint.rstrip("/")
-        self.path_style = path_style
-        self.signer = Signer(credentials, region, "s3")
+        self.bucket = bucket.name
+        self.endpoint = bucket.endpoint.rstrip("/")
+        self.path_style = bucket.path_style
+        self.signer = bucket.signer()
         self._http = RestClient(what=f"S3 at {self.endpoint}", max_retries=max_retries, timeout=timeout)
 
     # -- requests ----------------------------------------------------------------------------

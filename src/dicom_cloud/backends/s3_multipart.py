@@ -24,7 +24,7 @@ from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
 from .rest import info_from_headers
 from .s3_client import S3Client, children, encode_query, text, xml
-from .sigv4 import UNSIGNED_PAYLOAD, CredentialSource, bucket_url
+from .sigv4 import UNSIGNED_PAYLOAD, S3Bucket, bucket_url
 
 
 class S3ResumableUploads:
@@ -36,26 +36,14 @@ class S3ResumableUploads:
 
     def __init__(
         self,
+        bucket: S3Bucket,
         *,
-        bucket: str,
-        endpoint: str,
-        region: str,
-        credentials: CredentialSource,
-        path_style: bool,
         create_headers: dict[str, str] | None = None,
         max_retries: int = 4,
         timeout: tuple[float, float] = (10.0, 300.0),
     ) -> None:
-        self.bucket = bucket
-        self._s3 = S3Client(
-            bucket=bucket,
-            endpoint=endpoint,
-            region=region,
-            credentials=credentials,
-            path_style=path_style,
-            max_retries=max_retries,
-            timeout=timeout,
-        )
+        self.bucket = bucket.name
+        self._s3 = S3Client(bucket, max_retries=max_retries, timeout=timeout)
         #: Server-side encryption headers for CreateMultipartUpload (SSE-S3, SSE-KMS).
         self._create_headers = dict(create_headers or {})
 

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from ..errors import NetworkError, ThrottledError
 from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after
 from .http_errors import s3_error
-from .sigv4 import CredentialSource, Signer, object_url
+from .sigv4 import S3Bucket
 
 #: Bytes read per chunk (one buffer of this size per part being read). Of 256 KiB, 512 KiB, 1 MiB
 #: and 2 MiB, 512 KiB gave the fastest 1 GiB download (medians of 8 and 10 alternating runs: 0.86
@@ -108,21 +108,12 @@ class S3RangeReader:
     chunk_size = CHUNK
 
     def __init__(
-        self,
-        *,
-        bucket: str,
-        endpoint: str,
-        region: str,
-        credentials: CredentialSource,
-        path_style: bool,
-        retries: RequestRetries,
-        connect_timeout: float,
-        read_timeout: float,
+        self, bucket: S3Bucket, *, retries: RequestRetries, connect_timeout: float, read_timeout: float
     ) -> None:
-        self.bucket = bucket
-        self._endpoint = endpoint.rstrip("/")
-        self._path_style = path_style
-        self._signer = Signer(credentials, region, "s3")
+        self.bucket = bucket.name
+        self._target = bucket
+        self._endpoint = bucket.endpoint.rstrip("/")
+        self._signer = bucket.signer()
         self._retries = retries
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -150,7 +141,7 @@ class S3RangeReader:
             raise
 
     def read_blocking(self, key: str, start: int, end: int, sink: Sink, interrupt: _Interrupt) -> None:
-        url = object_url(self._endpoint, self.bucket, key, path_style=self._path_style)
+        url = self._target.object_url(key)
         what = f"s3://{self.bucket}/{key}"
         buffer = memoryview(bytearray(min(self.chunk_size, max(end - start, 1))))
         position = start  # what sink has been given: a retry asks for the rest only

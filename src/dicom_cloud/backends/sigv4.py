@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import posixpath
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
@@ -301,6 +301,25 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
         name, _, value = item.partition("=")
         pairs.append((unquote(name), unquote(value)))
     return pairs
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """One S3 bucket as our own signed requests reach it: its name, its endpoint and addressing,
+    and the region and keys they are signed with (resumable uploads, the service's presigning,
+    ranged downloads)."""
+
+    name: str
+    endpoint: str
+    region: str
+    credentials: CredentialSource = field(repr=False)
+    path_style: bool
+
+    def object_url(self, key: str) -> str:
+        return object_url(self.endpoint.rstrip("/"), self.name, key, path_style=self.path_style)
+
+    def signer(self) -> Signer:
+        return Signer(self.credentials, self.region, "s3")
 
 
 def object_url(endpoint: str, bucket: str, key: str, *, path_style: bool) -> str:

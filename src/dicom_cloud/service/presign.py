@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from ..backends.s3_client import S3Client
-from ..backends.sigv4 import Signer, aws_endpoint, current_credentials, object_url
+from ..backends.sigv4 import S3Bucket, Signer, aws_endpoint, current_credentials, object_url
 from ..credentials import aws_settings
 from ..errors import DicomCloudError, NetworkError, UsageError
 from ..url import parse_url
@@ -116,13 +116,8 @@ class S3PutSigner:
         """The signed S3 REST client (backends/s3_client.py), made on first use: the same client,
         retries included, as resumable uploads use."""
         if self._s3 is None:
-            self._s3 = S3Client(
-                bucket=self._bucket,
-                endpoint=self._endpoint,
-                region=self._signer.region,
-                credentials=self._signer.credentials,
-                path_style=self._path_style,
-                max_retries=_RETRIES,
-                timeout=(10.0, _REQUEST_TIMEOUT),
+            bucket = S3Bucket(
+                self._bucket, self._endpoint, self._signer.region, self._signer.credentials, self._path_style
             )
+            self._s3 = S3Client(bucket, max_retries=_RETRIES, timeout=(10.0, _REQUEST_TIMEOUT))
         return self._s3
