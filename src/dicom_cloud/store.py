@@ -131,8 +131,9 @@ class RangeReader(Protocol):
 
     async def read(self, key: str, start: int, end: int, sink: Callable[[int, memoryview], None]) -> None:
         """Bytes ``[start, end)`` of ``key`` handed to ``sink`` in order as ``(offset, chunk)``, from
-        a worker thread; a chunk's memory is reused once ``sink`` returns. Cancelled, it returns
-        only once that thread no longer calls ``sink``."""
+        a worker thread; a chunk's memory is reused once ``sink`` returns. Cancelled, it stops
+        before the next chunk; ``sink`` must stay safe to call until the thread has noticed (a
+        ``RandomAccessWriter`` refuses writes once aborted)."""
         ...
 
     def close(self) -> None:

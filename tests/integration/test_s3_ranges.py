@@ -5,7 +5,9 @@ of the tree, a cancelled read that lets go of its sink at once, and the stores t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -148,3 +150,38 @@ def test_stores_that_cannot_sign_step_aside(
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     assert _store(s3_bucket).range_reader() is None
+
+
+def test_a_read_cancelled_while_connecting_is_not_waited_for(
+    env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint whose accept queue is full never completes a connection: a cancelled read
+    does not wait for the connect timeout (the CLI has 2 s to stop)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    host, port = listener.getsockname()
+    fillers = []
+    for _ in range(3):  # connections nobody accepts: later SYNs are dropped
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect((host, port))
+        fillers.append(filler)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    reader = _reader(_store(s3_bucket, connect_timeout=10))
+
+    async def main() -> float:
+        task = asyncio.create_task(reader.read("r/any.bin", 0, 10, lambda offset, chunk: None))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(main()) < 1.0
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()

@@ -12,8 +12,8 @@ hold, no SSE-C customer key, no proxy in the environment); anywhere else obstore
 Each request is signed with SigV4 (sigv4.py) and repeated under the request layer of the retry
 policy (retry.py: the same waits and counts as obstore's, Retry-After honoured); a connection lost
 part-way continues from the last byte received. Cancelling a read wakes its thread (its socket is
-shut down) and waits until the thread has let go of the caller's sink. Nothing here logs a URL or
-a header: they carry signatures.
+shut down) and waits briefly for it to let go of the caller's sink. Nothing here logs a URL or a
+header: they carry signatures.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ CHUNK = 512 * 1024
 _THREADS = 32
 #: Largest error body read to explain a refusal.
 _ERROR_BODY = 64 * 1024
+#: Seconds a cancelled read waits for its thread to let go (well within the CLI's 2 s to stop).
+_LET_GO = 0.5
 
 Sink = Callable[[int, memoryview], None]
 
@@ -125,7 +127,7 @@ class S3RangeReader:
     async def read(self, key: str, start: int, end: int, sink: Sink) -> None:
         """Bytes ``[start, end)`` of ``key`` handed to ``sink`` in order as ``(offset, chunk)``, from
         a worker thread; a chunk's memory is reused once ``sink`` returns. Cancelled, it stops
-        before the next chunk and returns only once its thread no longer calls ``sink``."""
+        before the next chunk, waiting up to half a second for its thread to let go."""
         interrupt = _Interrupt()
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._threads, self.read_blocking, key, start, end, sink, interrupt)
@@ -133,11 +135,14 @@ class S3RangeReader:
             await asyncio.shield(future)
         except asyncio.CancelledError:
             interrupt.set()
-            while not future.done():  # within one chunk: the socket is shut down
+            # Its socket shut down, the thread ends within a chunk. One still connecting (an
+            # endpoint that does not answer) is not waited for past _LET_GO: it checks the
+            # interrupt before anything else, and the writer it feeds refuses writes once aborted.
+            deadline = loop.time() + _LET_GO
+            while not future.done() and (left := deadline - loop.time()) > 0:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([future])
-            if not future.cancelled():
-                future.exception()  # retrieved: an interrupted read's error means nothing
+                    await asyncio.wait([future], timeout=left)
+            future.add_done_callback(_ignore_outcome)
             raise
 
     def read_blocking(self, key: str, start: int, end: int, sink: Sink, interrupt: _Interrupt) -> None:
@@ -236,6 +241,12 @@ class S3RangeReader:
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _ignore_outcome(future: asyncio.Future[None]) -> None:
+    """An interrupted read's error means nothing: retrieved, so that it is not reported."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _final(lost: _Lost, what: str, endpoint: str) -> NetworkError:
