@@ -220,8 +220,8 @@ class Journal:
 
     def record_done(self, src_key: str, version: str, dst_key: str, size: int, crc32c: str | None) -> None:
         self.begin()
-        # Kept until the next commit and then written in one statement: one INSERT per object
-        # was a twentieth of a 400-object download's time on the event loop.
+        # Kept until the next commit and then written in one statement: an INSERT per object
+        # (16 of 674 samples of a 400-object download's event loop, py-spy) becomes one per commit.
         self._done_rows.append((src_key, version, dst_key, size, crc32c))
         self._tick()
 
