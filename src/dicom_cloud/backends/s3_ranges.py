@@ -35,8 +35,8 @@ from .http_errors import s3_error
 from .sigv4 import S3Bucket
 
 #: Bytes read per chunk (one buffer of this size per part being read). Of 256 KiB, 512 KiB, 1 MiB
-#: and 2 MiB, 512 KiB gave the fastest 1 GiB download (medians of 8 and 10 alternating runs: 0.86
-#: against 0.89-0.93 s): each chunk is checked and written while it is still in the core's cache.
+#: and 2 MiB, 512 KiB gave the fastest 1 GiB download (medians of 8 and 10 alternating runs:
+#: 0.86-0.89 s against 0.89-0.93 s): each chunk is checked and written while still in the cache.
 CHUNK = 512 * 1024
 #: Threads reading at once, for all the downloads of a run: parts beyond wait their turn.
 _THREADS = 32
