@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from .errors import DicomCloudError, UsageError
+from .errors import DicomCloudError, NetworkError, ThrottledError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,14 @@ REQUEST_MAX_DELAY = 8.0
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
+def status_exhausted(message: str, status: int, retry_after: float | None) -> NetworkError:
+    """The error of a request whose retries a transient status used up: ThrottledError for 429 and
+    503 (the object layer's limiter hears of it, with the server's Retry-After), else NetworkError."""
+    if status in (429, 503):
+        return ThrottledError(message, retry_after=retry_after)
+    return NetworkError(message)
+
+
 @dataclass(frozen=True)
 class RequestRetries:
     """The request layer: how often and how long one HTTP request is repeated by the stack that
@@ -117,6 +125,11 @@ class RequestRetries:
         if retry_after is not None and retry_after > drawn:
             return min(self.max_delay, retry_after)
         return drawn
+
+    def allows(self, retries_done: int, started: float) -> bool:
+        """Whether another retry may start: retries are left, and the first try (at ``started``,
+        ``time.monotonic()``) was less than ``timeout`` ago."""
+        return retries_done < self.retries and time.monotonic() - started < self.timeout
 
     def obstore_config(self) -> dict[str, Any]:
         """This policy as obstore's ``RetryConfig`` (obstore does not expose response headers, so

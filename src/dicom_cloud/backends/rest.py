@@ -20,9 +20,8 @@ from requests.adapters import HTTPAdapter
 
 from ..errors import (
     NetworkError,
-    ThrottledError,
 )
-from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after
+from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after, status_exhausted
 from ..store import ObjectInfo
 
 #: Requests in flight at once per client: the engine's default parallelism.
@@ -82,23 +81,18 @@ class RestClient:
                 requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,
             ) as exc:
-                if not self._may_retry(retry, started):
+                if not policy.allows(retry, started):
                     raise NetworkError(f"cannot reach {self._what}: {type(exc).__name__}") from None
             else:
                 status = response.status_code
                 if ok(status) or status not in TRANSIENT_STATUS:
                     return response
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                if not self._may_retry(retry, started):
+                if not policy.allows(retry, started):
                     message = f"{self._what} answered HTTP {status} {_brief(response)}"
-                    if status in (429, 503):
-                        raise ThrottledError(message, retry_after=retry_after)
-                    raise NetworkError(message)
+                    raise status_exhausted(message, status, retry_after)
             retry += 1
             time.sleep(policy.delay(retry, retry_after=retry_after))
-
-    def _may_retry(self, retries_done: int, started: float) -> bool:
-        return retries_done < self._policy.retries and time.monotonic() - started < self._policy.timeout
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

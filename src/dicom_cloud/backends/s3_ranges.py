@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from ..errors import NetworkError, ThrottledError
-from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after
+from ..errors import NetworkError
+from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after, status_exhausted
 from .http_errors import s3_error
 from .sigv4 import S3Bucket
 
@@ -167,11 +167,10 @@ class S3RangeReader:
                 interrupt.check()  # a shut-down socket looks like a lost connection
                 if position > before:  # what the last request brought is kept: count afresh
                     retry, started = 0, time.monotonic()
-                policy = self._retries
-                if retry >= policy.retries or time.monotonic() - started >= policy.timeout:
+                if not self._retries.allows(retry, started):
                     raise _final(lost, what, self._endpoint) from None
                 retry += 1
-                interrupt.sleep(policy.delay(retry, retry_after=lost.retry_after))
+                interrupt.sleep(self._retries.delay(retry, retry_after=lost.retry_after))
 
     def _attempt(
         self,
@@ -251,10 +250,7 @@ def _ignore_outcome(future: asyncio.Future[None]) -> None:
 
 def _final(lost: _Lost, what: str, endpoint: str) -> NetworkError:
     """The error of a read whose retries are used up."""
-    if lost.status in (429, 503):
-        return ThrottledError(
-            f"S3 at {endpoint} answered HTTP {lost.status} reading {what}", retry_after=lost.retry_after
-        )
     if lost.status is not None:
-        return NetworkError(f"S3 at {endpoint} answered HTTP {lost.status} reading {what}")
+        message = f"S3 at {endpoint} answered HTTP {lost.status} reading {what}"
+        return status_exhausted(message, lost.status, lost.retry_after)
     return NetworkError(f"cannot read {what} from S3 at {endpoint}: {lost}")
