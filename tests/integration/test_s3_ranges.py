@@ -23,6 +23,10 @@ from servers import S3Server
 
 MiB = 1024 * 1024
 DATA = random.Random(5).randbytes(5 * MiB + 123)
+#: Seconds within which a cancelled read must have returned: it takes half a second at most (the CLI
+#: has 2 s to stop); the bound allows a busy machine, as test_interrupts.py does, and stays far
+#: below the 30 s waits it must not sit out (a delayed answer, a connect that does not complete).
+STOPPED_WITHIN = 5.0
 
 
 @pytest.fixture
@@ -133,7 +137,7 @@ def test_a_cancelled_read_lets_go_of_its_sink_at_once(proxy: FaultProxy, s3_buck
             await task
         return time.monotonic() - started
 
-    assert asyncio.run(main()) < 1.0
+    assert asyncio.run(main()) < STOPPED_WITHIN
     assert calls_after == []
 
 
@@ -156,7 +160,7 @@ def test_a_read_cancelled_while_connecting_is_not_waited_for(
     env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An endpoint whose accept queue is full never completes a connection: a cancelled read
-    does not wait for the connect timeout (the CLI has 2 s to stop)."""
+    does not wait for the connect timeout."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
@@ -169,7 +173,7 @@ def test_a_read_cancelled_while_connecting_is_not_waited_for(
             filler.connect((host, port))
         fillers.append(filler)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    reader = _reader(_store(s3_bucket, connect_timeout=10))
+    reader = _reader(_store(s3_bucket, connect_timeout=30))
 
     async def main() -> float:
         task = asyncio.create_task(reader.read("r/any.bin", 0, 10, lambda offset, chunk: None))
@@ -181,7 +185,7 @@ def test_a_read_cancelled_while_connecting_is_not_waited_for(
         return time.monotonic() - started
 
     try:
-        assert asyncio.run(main()) < 1.0
+        assert asyncio.run(main()) < STOPPED_WITHIN
     finally:
         for sock in (*fillers, listener):
             sock.close()
