@@ -64,8 +64,8 @@ def faulty_azure(azurite: AzureServer, azure_container: str) -> Iterator[Faulty]
 
 @pytest.fixture
 def faulty_gcs(fake_gcs: GCSServer, gcs_bucket: str) -> Iterator[Faulty]:
-    """The same in front of fake-gcs-server (JSON API; resumable upload sessions go to the URL the
-    server names, which is its own: their chunks bypass the proxy)."""
+    """The same in front of fake-gcs-server (JSON API; the resumable upload sessions it names are
+    on the host it was asked at, the proxy's, so their chunks pass through the proxy too)."""
     with FaultProxy(*_upstream(fake_gcs.endpoint), seed=3) as proxy:
         env = cli_env(fake_gcs.env(), STORAGE_EMULATOR_HOST=proxy.endpoint)
         yield Faulty(proxy, fake_gcs, f"gs://{gcs_bucket}", env, cli_env(fake_gcs.env()))
@@ -241,6 +241,29 @@ def test_gcs_upload_and_download_through_faults(
     down = tmp_path / "down"
     run_cli("download", f"{url}/up/", f"{down}/", *options, env=faulty_gcs.env, timeout=300).ok()
     assert_same_tree(down, files)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "outcome"),
+    [
+        # The last chunk finalised the object; sent again, it finds the session gone.
+        (3, "the object is complete"),
+        # The emulator appends a resent chunk twice (GCS keeps offsets): the object's CRC32C
+        # differs from the file's, the object is deleted and written again.
+        (1, "the object is checked and written again"),
+    ],
+)
+def test_a_gcs_chunk_whose_answer_is_lost(
+    faulty_gcs: Faulty, tree: dict[str, bytes], tmp_path: Path, chunk: int, outcome: str
+) -> None:
+    """A chunk that reached the server with its answer lost on the way back is sent again; what
+    the server then holds decides (the object checked by size and CRC32C, or a new session)."""
+    files = {"big/one.dcm": tree["big/one.dcm"]}  # 11 MiB: three chunks of 5, 5 and 1 MiB
+    source = _write(tmp_path / "src", files)
+    faulty_gcs.proxy.add(Rule("drop_response_body", method="PUT", path="upload_id", every=chunk, count=1))
+    run_cli("upload", f"{source}/", f"{faulty_gcs.root}/up/", "-r", *MULTIPART, env=faulty_gcs.env).ok()
+    assert faulty_gcs.proxy.counts["drop_response_body"] == 1, outcome
+    _assert_exact_copy(faulty_gcs, "up/", files, tmp_path)
 
 
 def test_slow_answers_time_out_and_are_retried(

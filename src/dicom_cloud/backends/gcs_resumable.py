@@ -190,14 +190,36 @@ class GCSResumableUploads:
         response = await self._http.send(
             lambda: Request("PUT", state["session_uri"], headers, data), ok=lambda s: s in (200, 201, 308)
         )
+        what = f"chunk {number} of {self._url(state['key'])}"
         if response.status_code == 308:
             held = response.headers.get("Range", "")
             if not held or int(held.rsplit("-", 1)[1]) + 1 < end:
-                # The server kept less than was sent: a later run continues from what it holds.
-                raise NetworkError(f"GCS kept only part of chunk {number} of {self._url(state['key'])}")
+                # The server kept less than was sent: a later attempt continues from what it holds.
+                raise NetworkError(f"GCS kept only part of {what}")
         elif response.status_code not in (200, 201):
-            raise self._error(response, f"chunk {number} of {self._url(state['key'])}")
+            error = self._error(response, what)
+            if type(error) is not NotFoundError:
+                raise error
+            # The session is gone. The last chunk may have been sent again after its answer was
+            # lost: the first one finalised the object, and a server may forget a finished
+            # session. The object says whether it did; otherwise a later attempt begins anew.
+            if end < size or not await self._holds(state):
+                raise NetworkError(f"{what}: the upload session was lost") from None
         return PartRecord(number, len(data))
+
+    async def _holds(self, state: dict[str, Any]) -> bool:
+        """Whether the bucket holds the object this session was writing: its size and CRC32C."""
+        url = self._object_api(state["key"])
+        response = await self._http.send(lambda: Request("GET", url, self._authorize()))
+        if response.status_code >= 300:
+            return False
+        resource = response.json()
+        reported = resource.get("crc32c")
+        return (
+            int(resource.get("size", -1)) == int(state["size"])
+            and bool(reported)
+            and base64.b64decode(reported).hex() == state.get("crc32c")
+        )
 
     async def complete(self, state: dict[str, Any], parts: list[PartRecord]) -> ObjectInfo:
         # The last chunk finalised the object; what remains is to check it.
