@@ -17,6 +17,8 @@ Faults (``Rule.fault``):
 
 - ``slowdown``: 503 with an S3 ``SlowDown`` XML error body, without asking the server.
 - ``server_error``: 500 ``InternalError``.  ``too_many_requests``: 429 ``SlowDown``.
+- ``no_such_upload``: 404 ``NoSuchUpload``, as S3 may answer a multipart commit sent again after
+  the first one finished the upload.
 - ``delay``: wait ``Rule.seconds`` and then forward as usual.
 - ``drop_request_body``: read part of the request body, then close the connection.
 - ``drop_response_body``: forward, send the server's status, headers and half its body, then close
@@ -44,6 +46,7 @@ Fault = Literal[
     "slowdown",
     "server_error",
     "too_many_requests",
+    "no_such_upload",
     "delay",
     "drop_request_body",
     "drop_response_body",
@@ -54,6 +57,7 @@ _ERRORS: dict[str, tuple[int, str, str]] = {
     "slowdown": (503, "Service Unavailable", "SlowDown"),
     "server_error": (500, "Internal Server Error", "InternalError"),
     "too_many_requests": (429, "Too Many Requests", "SlowDown"),
+    "no_such_upload": (404, "Not Found", "NoSuchUpload"),
 }
 _HEAD_LIMIT = 64 * 1024
 

@@ -17,9 +17,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ..errors import (
-    IntegrityError,
-)
+from ..errors import BucketNotFoundError, IntegrityError, NetworkError, NotFoundError
 from ..resumable import IncompleteUpload, PartRecord
 from ..store import ObjectInfo, PutOptions
 from .rest import info_from_headers
@@ -115,7 +113,21 @@ class S3ResumableUploads:
     async def complete(self, state: dict[str, Any], parts: list[PartRecord]) -> ObjectInfo:
         key = state["key"]
         ordered = sorted(parts, key=lambda p: p.number)
-        await self._s3.complete_multipart(key, state["upload_id"], [p.etag or "" for p in ordered])
+        try:
+            await self._s3.complete_multipart(key, state["upload_id"], [p.etag or "" for p in ordered])
+        except BucketNotFoundError:
+            raise
+        except NotFoundError:
+            # A commit sent again after its answer was lost: the first one may have made the
+            # object, and a server may forget the finished upload (NoSuchUpload). S3 derives a
+            # multipart object's ETag from its parts' ETags: that says whether the object is ours.
+            try:
+                info = await self.stat(key)
+            except NotFoundError:
+                info = None
+            if info is None or info.etag != multipart_etag([p.etag or "" for p in ordered]):
+                raise NetworkError(f"{self._url(key)}: the multipart upload was lost part-way") from None
+            return info
         return await self.stat(key)
 
     async def abort(self, state: dict[str, Any]) -> None:
@@ -158,3 +170,16 @@ class S3ResumableUploads:
 
     async def close(self) -> None:
         self._s3.close()
+
+
+def multipart_etag(part_etags: list[str]) -> str:
+    """The ETag S3 gives an object completed from parts with these ETags (the MD5 of their MD5s,
+    a dash, the count); empty when a part's ETag is not an MD5 (encrypted with a KMS key)."""
+    try:
+        digests = [bytes.fromhex(etag.strip('"')) for etag in part_etags]
+    except ValueError:
+        return ""
+    if not all(len(d) == 16 for d in digests):
+        return ""
+    joined = hashlib.md5(b"".join(digests), usedforsecurity=False)
+    return f"{joined.hexdigest()}-{len(digests)}"
