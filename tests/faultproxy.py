@@ -36,6 +36,7 @@ import contextlib
 import random
 import re
 import socket
+import ssl
 import struct
 import threading
 from collections import Counter
@@ -99,8 +100,13 @@ class _Request:
 
 
 class FaultProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, *, seed: int = 0) -> None:
+    def __init__(
+        self, upstream_host: str, upstream_port: int, *, seed: int = 0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        #: Served over TLS with this context when set (the upstream is still spoken to in clear):
+        #: an HTTPS endpoint in front of a server that has none, as a load balancer would be.
+        self._tls = tls
         self.rules: list[Rule] = []
         #: What the proxy did: "requests", "forwarded", and one entry per fault name.
         self.counts: Counter[str] = Counter()
@@ -115,7 +121,7 @@ class FaultProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     def add(self, rule: Rule) -> Rule:
         with self._lock:
@@ -158,7 +164,7 @@ class FaultProxy:
     # -- serving ---------------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _choose(self, method: str, target: str) -> Rule | None:

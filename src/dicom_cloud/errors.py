@@ -13,7 +13,8 @@ in one place.
     ├── PermissionDeniedError       exit 5   credentials valid but not allowed
     │   └── UnreadableFileError     exit 5   a local source file this process may not read
     ├── NetworkError                exit 6   server unreachable, timeouts, resets (retryable)
-    │   └── ThrottledError          exit 6   429 / 503 SlowDown (retryable)
+    │   ├── ThrottledError          exit 6   429 / 503 SlowDown (retryable)
+    │   └── UntrustedCertificateError exit 6 a server's TLS certificate refused (not retried)
     ├── IntegrityError              exit 7   checksum mismatch, truncated or tampered data
     │   ├── SourceChangedError      exit 7   a local file changed while it was being transferred
     │   └── CorruptedInTransitError exit 7   the server assembled other bytes than were sent (retryable)
@@ -140,6 +141,13 @@ class ThrottledError(NetworkError):
         super().__init__(message, hint=hint)
         #: Seconds the server asked us to wait (its Retry-After header), when the backend can read it.
         self.retry_after = retry_after
+
+
+class UntrustedCertificateError(NetworkError):
+    """The server's TLS certificate was refused (an unknown authority, another name, expired):
+    asking again cannot help."""
+
+    retryable = False
 
 
 class IntegrityError(DicomCloudError):

@@ -11,7 +11,6 @@ kill -9 leave index and objects in agreement; SIGTERM ends the face promptly; DI
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import ssl
@@ -25,10 +24,6 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -47,6 +42,7 @@ from dimse_helpers import (
 )
 from live_service import ServiceProcess, start_service_process
 from servers import _Proc
+from tls_certs import make_server_certificate
 
 pytestmark = pytest.mark.integration
 
@@ -586,37 +582,13 @@ def test_signal_stops_the_face_promptly(tmp_path: Path, signum: int) -> None:
         proc.stop(graceful=False)
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 def test_dicom_tls(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    certificate = make_server_certificate(tmp_path)
     port = free_port()
-    proc = _dimse_process(tmp_path, port, "--dicom-tls-cert", str(cert), "--dicom-tls-key", str(key))
+    tls = ("--dicom-tls-cert", str(certificate.cert), "--dicom-tls-key", str(certificate.key))
+    proc = _dimse_process(tmp_path, port, *tls)
     try:
-        context = ssl.create_default_context(cafile=str(cert))
+        context = ssl.create_default_context(cafile=str(certificate.ca))
         context.check_hostname = False
 
         def tls_echo() -> bool:

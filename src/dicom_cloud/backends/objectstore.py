@@ -45,6 +45,7 @@ from ..store import (
     Store,
 )
 from . import StoreConfig
+from .tls import untrusted_certificate
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, ObjectStore, RetryConfig
@@ -520,6 +521,8 @@ def translate_error(exc: BaseException, where: str, endpoint: str = "") -> Dicom
         return NotFoundError(f"{where}: not found")
     if status is not None and 400 <= status < 500:
         return UsageError(f"{where}: request refused with status {status} ({code or 'no detail'})")
+    if failure.certificate is not None:
+        return untrusted_certificate(endpoint or "the storage server", failure.certificate)
     if failure.transport in ("Interrupted", "Decode"):
         # The connection dropped part-way through a request or a response body.
         return NetworkError(f"{where}: connection dropped ({failure.reason})")
@@ -550,6 +553,8 @@ class _Failure:
     variants: frozenset[str] = frozenset()
     #: The request went to a cloud metadata service to fetch credentials.
     credential_lookup: bool = False
+    #: Why the server's TLS certificate was refused (rustls: UnknownIssuer, NotValidForName...).
+    certificate: str | None = None
 
     @property
     def reason(self) -> str:
@@ -575,6 +580,7 @@ _DEBUG_TRANSPORT = re.compile(r"^\s*(?:source: )?HttpError \{\n\s*kind: (\w+),$"
 _DEBUG_IO_KIND = re.compile(r"^\s*kind: (\w+),$", re.M)
 _DEBUG_VARIANT = re.compile(r"^\s*(?:\w+: )?(\w+) ?[{(]$", re.M)
 _DEBUG_URI = re.compile(r"^\s*uri: Some\(\n\s*(https?://[^/\s,]+)", re.M)
+_DEBUG_CERTIFICATE = re.compile(r"^\s*error: InvalidCertificate\(\n\s*(\w+)", re.M)
 # In the XML body the object's name is escaped: these tags are the server's own.
 _BODY_CODE = re.compile(r"<Code>(\w+)</Code>")
 _BODY_MESSAGE = re.compile(r"<Message>(.*?)</Message>")
@@ -596,6 +602,7 @@ def _failure(exc: BaseException) -> _Failure:
     transport_match = _DEBUG_TRANSPORT.search(chain)
     io_kinds = [kind for kind in _DEBUG_IO_KIND.findall(chain) if kind.startswith("Connection")]
     uri_match = _DEBUG_URI.search(chain)
+    certificate_match = _DEBUG_CERTIFICATE.search(chain)
     return _Failure(
         status=int(status_match.group(1)) if status_match else None,
         code=code_match.group(1) if code_match else None,
@@ -604,6 +611,7 @@ def _failure(exc: BaseException) -> _Failure:
         io_kind=io_kinds[0] if io_kinds else None,
         variants=frozenset(_DEBUG_VARIANT.findall(chain)),
         credential_lookup=bool(uri_match and uri_match.group(1).startswith(_CREDENTIAL_HOSTS)),
+        certificate=certificate_match.group(1) if certificate_match else None,
     )
 
 

@@ -10,6 +10,7 @@ here logs a URL or a header: they may carry signatures or session capabilities.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,10 @@ from ..errors import (
 )
 from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after, status_exhausted
 from ..store import ObjectInfo
+from .tls import ca_bundle, untrusted_certificate
 
+#: What OpenSSL says of a certificate it refused, and why (requests keeps no structured form).
+_CERTIFICATE_REFUSED = re.compile(r"CERTIFICATE_VERIFY_FAILED\] certificate verify failed: ([^(']+)")
 #: Requests in flight at once per client: the engine's default parallelism.
 _THREADS = 32
 
@@ -47,6 +51,9 @@ class RestClient:
         self._policy = RequestRetries(retries=max(0, max_retries), timeout=timeout[1])
         self._timeout = timeout
         self._session = requests.Session()
+        #: The CAs the other HTTPS clients trust (tls.py); per request, where it wins over
+        #: requests' environment variables (a session's ``verify`` does not).
+        self._verify = ca_bundle()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=_THREADS)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
@@ -75,7 +82,14 @@ class RestClient:
                     data=bytes(request.body) if isinstance(request.body, memoryview) else request.body,
                     timeout=self._timeout,
                     allow_redirects=False,
+                    verify=self._verify,
                 )
+            except requests.exceptions.SSLError as exc:
+                refused = _CERTIFICATE_REFUSED.search(str(exc))
+                if refused:
+                    raise untrusted_certificate(self._what, refused.group(1).strip()) from None
+                if not policy.allows(retry, started):
+                    raise NetworkError(f"cannot reach {self._what}: {type(exc).__name__}") from None
             except (
                 requests.ConnectionError,
                 requests.Timeout,

@@ -33,6 +33,7 @@ from ..errors import NetworkError
 from ..retry import TRANSIENT_STATUS, RequestRetries, parse_retry_after, status_exhausted
 from .http_errors import s3_error
 from .sigv4 import S3Bucket
+from .tls import untrusted_certificate
 
 #: Bytes read per chunk (one buffer of this size per part being read). Of 256 KiB, 512 KiB, 1 MiB
 #: and 2 MiB, 512 KiB gave the fastest 1 GiB download (medians of 8 and 10 alternating runs:
@@ -196,6 +197,8 @@ class S3RangeReader:
             path = parts.path + (f"?{parts.query}" if parts.query else "")
             try:
                 connection.connect()
+            except ssl.SSLCertVerificationError as exc:
+                raise untrusted_certificate(self._endpoint, exc.verify_message) from None
             except OSError as exc:
                 raise _Lost(type(exc).__name__) from None
             assert connection.sock is not None

@@ -16,6 +16,7 @@ from ..errors import (
     DicomCloudError,
     DicomFormatError,
     KeyMissingError,
+    UntrustedCertificateError,
     UsageError,
 )
 from ..filters import Filter
@@ -66,7 +67,7 @@ DEFAULT_MEMORY_BUDGET = 80 * MiB
 
 #: Errors after which no other item can succeed either: stop the whole run at once. A permission
 #: refusal is one too while nothing has succeeded yet (afterwards it concerns one object only).
-FATAL = (AuthenticationError, BucketNotFoundError, KeyMissingError)
+FATAL = (AuthenticationError, BucketNotFoundError, KeyMissingError, UntrustedCertificateError)
 
 #: What to do when a destination name already holds other bytes (see TransferOptions.on_conflict).
 ConflictPolicy = Literal["overwrite", "skip", "keep-both", "fail"]
