@@ -174,7 +174,7 @@ class S3ResumableUploads:
 
 def multipart_etag(part_etags: list[str]) -> str:
     """The ETag S3 gives an object completed from parts with these ETags (the MD5 of their MD5s,
-    a dash, the count); empty when a part's ETag is not an MD5 (encrypted with a KMS key)."""
+    a dash, the count); empty when a part's ETag is not 32 hexadecimal digits."""
     try:
         digests = [bytes.fromhex(etag.strip('"')) for etag in part_etags]
     except ValueError:

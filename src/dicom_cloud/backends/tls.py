@@ -11,6 +11,7 @@ two read ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` as OpenSSL does; :func:`ca_bundl
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..errors import UntrustedCertificateError
 
@@ -19,8 +20,13 @@ def ca_bundle() -> str | bool:
     """``requests``' ``verify`` for one request: the CA file (or directory) that ``SSL_CERT_FILE``
     (or ``SSL_CERT_DIR``) names, which the other two clients trust; else True (requests' own
     ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE``, else its bundle). Given per request, the path
-    wins over requests' variables, which some systems set to their default bundle."""
-    return os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR") or True
+    wins over requests' variables, which some systems set to their default bundle. A name that
+    does not exist is passed over, as the other two clients pass it over."""
+    for variable in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        path = os.environ.get(variable)
+        if path and Path(path).exists():
+            return path
+    return True
 
 
 def untrusted_certificate(endpoint: str, reason: str) -> UntrustedCertificateError:
