@@ -759,7 +759,10 @@ def _socket_fds(pid: int, inodes: set[str]) -> list[str]:
     """The descriptors of ``pid`` that are sockets among ``inodes``."""
     fds = []
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        link = os.readlink(fd)
+        try:
+            link = os.readlink(fd)
+        except FileNotFoundError:
+            continue  # closed since the directory was read (a worker still starting opens files)
         if link.startswith("socket:[") and link[8:-1] in inodes:
             fds.append(fd.name)
     return fds
