@@ -209,29 +209,33 @@ class GCSResumableUploads:
 
     async def _holds(self, state: dict[str, Any]) -> bool:
         """Whether the bucket holds the object this session was writing: its size and CRC32C."""
-        url = self._object_api(state["key"])
-        response = await self._http.send(lambda: Request("GET", url, self._authorize()))
+        response = await self._object(state["key"])
         if response.status_code >= 300:
             return False
         resource = response.json()
-        reported = resource.get("crc32c")
+        reported = _reported_crc32c(resource)
         return (
             int(resource.get("size", -1)) == int(state["size"])
-            and bool(reported)
-            and base64.b64decode(reported).hex() == state.get("crc32c")
+            and reported is not None
+            and reported == state.get("crc32c")
         )
+
+    async def _object(self, key: str) -> requests.Response:
+        """The answer to a GET of the object's resource (JSON API metadata)."""
+        url = self._object_api(key)
+        return await self._http.send(lambda: Request("GET", url, self._authorize()))
 
     async def complete(self, state: dict[str, Any], parts: list[PartRecord]) -> ObjectInfo:
         # The last chunk finalised the object; what remains is to check it.
         key = state["key"]
-        url = self._object_api(key)
-        response = await self._http.send(lambda: Request("GET", url, self._authorize()))
+        response = await self._object(key)
         if response.status_code >= 300:
             raise self._error(response, self._url(key))
         resource = response.json()
         expected = state.get("crc32c")
-        reported = resource.get("crc32c")
-        if expected and reported and base64.b64decode(reported).hex() != expected:
+        reported = _reported_crc32c(resource)
+        if expected and reported and reported != expected:
+            url = self._object_api(key)
             await self._http.send(lambda: Request("DELETE", url, self._authorize()))
             raise CorruptedInTransitError(
                 f"{self._url(key)}: the uploaded object's CRC32C differs from the file's; it was deleted"
@@ -259,6 +263,12 @@ class GCSResumableUploads:
 
     async def close(self) -> None:
         self._http.close()
+
+
+def _reported_crc32c(resource: dict[str, Any]) -> str | None:
+    """The CRC32C an object resource reports, as hex (GCS gives it in base64), if any."""
+    reported = resource.get("crc32c")
+    return base64.b64decode(reported).hex() if reported else None
 
 
 def authorization_from(credentials: Any, refresh: Callable[[], None]) -> dict[str, str]:

@@ -84,17 +84,18 @@ class RestClient:
                     allow_redirects=False,
                     verify=self._verify,
                 )
-            except requests.exceptions.SSLError as exc:
-                refused = _CERTIFICATE_REFUSED.search(str(exc))
-                if refused:
-                    raise untrusted_certificate(self._what, refused.group(1).strip()) from None
-                if not policy.allows(retry, started):
-                    raise NetworkError(f"cannot reach {self._what}: {type(exc).__name__}") from None
             except (
                 requests.ConnectionError,
                 requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,
             ) as exc:
+                refused = (
+                    _CERTIFICATE_REFUSED.search(str(exc))
+                    if isinstance(exc, requests.exceptions.SSLError)
+                    else None
+                )
+                if refused:  # asking again cannot help
+                    raise untrusted_certificate(self._what, refused.group(1).strip()) from None
                 if not policy.allows(retry, started):
                     raise NetworkError(f"cannot reach {self._what}: {type(exc).__name__}") from None
             else:

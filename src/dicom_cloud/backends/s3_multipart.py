@@ -112,9 +112,9 @@ class S3ResumableUploads:
 
     async def complete(self, state: dict[str, Any], parts: list[PartRecord]) -> ObjectInfo:
         key = state["key"]
-        ordered = sorted(parts, key=lambda p: p.number)
+        etags = [p.etag or "" for p in sorted(parts, key=lambda p: p.number)]
         try:
-            await self._s3.complete_multipart(key, state["upload_id"], [p.etag or "" for p in ordered])
+            await self._s3.complete_multipart(key, state["upload_id"], etags)
         except BucketNotFoundError:
             raise
         except NotFoundError:
@@ -125,7 +125,7 @@ class S3ResumableUploads:
                 info = await self.stat(key)
             except NotFoundError:
                 info = None
-            if info is None or info.etag != multipart_etag([p.etag or "" for p in ordered]):
+            if info is None or info.etag != multipart_etag(etags):
                 raise NetworkError(f"{self._url(key)}: the multipart upload was lost part-way") from None
             return info
         return await self.stat(key)
