@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,8 +38,6 @@ class TLSEndpoint:
 
 @pytest.fixture
 def tls_s3(seaweedfs: S3Server, s3_bucket: str, tmp_path: Path) -> Iterator[TLSEndpoint]:
-    import ssl
-
     certificate = make_server_certificate(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certificate.cert, certificate.key)
@@ -47,6 +46,12 @@ def tls_s3(seaweedfs: S3Server, s3_bucket: str, tmp_path: Path) -> Iterator[TLSE
     with FaultProxy(upstream.hostname, upstream.port, tls=context) as proxy:
         env = {**seaweedfs.env(), "AWS_ENDPOINT_URL": proxy.endpoint}
         yield TLSEndpoint(proxy, certificate, f"s3://{s3_bucket}", env)
+
+
+def _another_ca(tmp_path: Path) -> Path:
+    """A trust store without the server's CA: another CA's certificate."""
+    (tmp_path / "other").mkdir()
+    return make_server_certificate(tmp_path / "other").ca
 
 
 def test_upload_and_download_over_https_with_a_private_ca(tls_s3: TLSEndpoint, tmp_path: Path) -> None:
@@ -88,9 +93,7 @@ def test_an_untrusted_certificate_is_a_clear_error(
         trusted = cli_env(tls_s3.server_env, SSL_CERT_FILE=str(tls_s3.certificate.ca))
         run_cli("upload", str(tmp_path / "src" / "one.dcm"), url, *sizes, env=trusted).ok()
         argv = ["download", url, str(local), *sizes]
-    (tmp_path / "other").mkdir()
-    other = make_server_certificate(tmp_path / "other").ca  # a trust store without the server's CA
-    result = run_cli(*argv, env=cli_env(tls_s3.server_env, SSL_CERT_FILE=str(other)))
+    result = run_cli(*argv, env=cli_env(tls_s3.server_env, SSL_CERT_FILE=str(_another_ca(tmp_path))))
     assert result.code == 6, result.stderr
     assert "Traceback" not in result.stderr
     assert f"the TLS certificate of {tls_s3.proxy.endpoint}" in result.stderr or (
@@ -110,8 +113,7 @@ def test_the_reader_and_the_resumable_uploads_refuse_it_too(
         monkeypatch.setenv(name, value)
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)  # with a proxy the reader steps aside
-    (tmp_path / "other").mkdir()
-    monkeypatch.setenv("SSL_CERT_FILE", str(make_server_certificate(tmp_path / "other").ca))
+    monkeypatch.setenv("SSL_CERT_FILE", str(_another_ca(tmp_path)))
     store = open_store(tls_s3.root + "/", StoreConfig())
     reader, uploads = store.range_reader(), store.resumable_uploads()
     assert reader is not None and uploads is not None
