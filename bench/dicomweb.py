@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import generate  # noqa: E402
 from live_service import ServiceProcess, start_service_process  # noqa: E402
 from orthanc_server import PLUGINS_DIR, OrthancServer, start_orthanc  # noqa: E402
-from run import anonymize, machine  # noqa: E402
+from run import anonymize, file_system, machine  # noqa: E402
 from service import STOW_HEADERS, multipart, percentile, small_instances  # noqa: E402
 
 OURS, ORTHANC = "dicom-cloud", "orthanc"
@@ -491,6 +491,7 @@ def render(report: dict[str, Any]) -> str:
         f"# DICOMweb: dicom-cloud beside Orthanc ({report['date']})",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB; {m['uname']}.",
+        f"Both servers' data on {report.get('data_file_system', 'an unrecorded file system')}.",
         "Load average (1, 5, 15 min) at start: "
         + ", ".join(f"{v:.2f}" for v in report["load_average_at_start"])
         + "; at end: "
@@ -623,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": machine(),
+            "data_file_system": file_system(work),
             "load_average_at_start": os.getloadavg(),
             "versions": versions(orthanc),
             "parameters": {

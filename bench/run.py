@@ -710,7 +710,8 @@ def markdown(rows: list[Row], manifest: Manifest, meta: dict[str, Any]) -> str:
         "",
         f"{meta['date']}, {meta['machine']['cpu']} x{meta['machine']['cores']}, "
         f"{meta['machine']['memory_gib']:.0f} GiB, SeaweedFS {meta['versions'].get('seaweedfs', '?')} on the "
-        f"same machine. Medians of {meta['repeat']} runs; MB = 10^6 bytes.",
+        f"same machine. Medians of {meta['repeat']} runs; MB = 10^6 bytes. Data directory (inputs, "
+        f"server, downloads) on {meta.get('data_file_system', 'an unrecorded file system')}.",
     ]
     if meta.get("dicom_cloud_args"):
         lines.append(f"dicom-cloud extra args: `{meta['dicom_cloud_args']}`")
@@ -754,6 +755,31 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gib": mem_kib / (1 << 20),
     }
+
+
+def file_system(path: Path) -> str:
+    """The file system ``path`` is on: its type, and for ext4 whether it has a journal. Creating a
+    file on an ext4 without one costs ten to thirty times more once files have been deleted nearby
+    (the allocator checks each freed inode's deletion time before reusing it): what a run writes
+    depends on it as much as on the tool (docs/benchmarks.md, 2026-12-05, AMD EPYC)."""
+    target = os.path.realpath(path)
+    best: tuple[str, str, str] = ("", "unknown", "")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            # ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER_OPTIONS
+            fields, _, rest = line.partition(" - ")
+            mount_point = fields.split()[4].replace("\\040", " ")
+            inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) >= len(best[0]) and rest:
+                kind, source = [*rest.split(), "", ""][:2]
+                best = (mount_point, kind, source)
+    _, kind, source = best
+    if kind != "ext4" or not source.startswith("/dev/"):
+        return kind
+    device = Path(source).resolve().name
+    journals = Path("/proc/fs/jbd2")
+    has_journal = journals.is_dir() and any(e.name.startswith(device + "-") for e in journals.iterdir())
+    return f"ext4 ({'with' if has_journal else 'no'} journal)"
 
 
 def anonymize(text: str, data_dir: Path) -> str:
@@ -893,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
+        "data_file_system": file_system(data_dir),
         "versions": versions(tools),
         "repeat": args.repeat,
         "instances": len(manifest.study),
