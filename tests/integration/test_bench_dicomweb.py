@@ -1,6 +1,7 @@
 """bench/dicomweb.py end to end at a tiny scale: ``dicom-cloud serve`` and a real Orthanc with its DICOMweb
-plugin, the same data into both, retrievals verified, QIDO counts compared, the report written.
-Figures at this scale mean nothing; the test keeps the benchmark runnable."""
+plugin, the same data into both, retrievals verified, QIDO counts compared, the report written; and
+bench/service_ab.py, two trees of the service side by side. Figures at this scale mean nothing; the
+tests keep the benchmarks runnable."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ _saved_path = list(sys.path)
 sys.path.insert(0, str(BENCH))
 try:
     import dicomweb
+    import service_ab
     from service import STOW_HEADERS, multipart
 finally:
     sys.path[:] = _saved_path  # bench/ holds top-level modules (orthanc.py, sync.py) that must not shadow
@@ -56,3 +58,18 @@ def test_one_small_run_measures_both_servers_and_writes_the_report(tmp_path: Pat
     assert f"Both servers' data on {report['data_file_system']}." in text
     assert str(tmp_path) not in text
     assert not (tmp_path / "data" / "dicomweb-run").exists()
+
+
+def test_two_trees_of_the_service_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """This checkout's src as its own base: both servers store, answer and pass the comparison with
+    the files, and the table has every measure."""
+    src = BENCH.parent / "src"
+    scale = ["--rounds", "2", "--instances", "4", "--batch", "2", "--clients", "2", "--stow"]
+    assert service_ab.main(["--base-src", str(src), *scale, "--data-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    for measure in ("STOW-RS study", "whole study, parsed", "whole study, raw"):
+        assert f"| {measure} | " in table
+    assert not (tmp_path / "service-ab-run").exists()
+    with pytest.raises(SystemExit) as refused:  # a directory without the package: a usage error
+        service_ab.main(["--base-src", str(tmp_path)])
+    assert refused.value.code == 2
