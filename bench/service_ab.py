@@ -11,7 +11,8 @@ servers alternating every round:
   (the parts cut out as they stream in, as a viewer does) and compared with the files (length and
   CRC-32 of every part);
 - the same answer read without parsing (its bytes counted): the servers without the client's work;
-- with ``--stow``, the study's STOW-RS (deleted first), ``--clients`` requests at once.
+- with ``--stow``, the study's STOW-RS (deleted first), ``--clients`` requests at once, in rounds
+  of their own before the reads.
 
 Each figure is the median of the rounds: wall time, and the server's CPU time read from
 ``/proc/PID/task/*/schedstat`` in nanoseconds (a retrieval takes under a tenth of a CPU-second,
@@ -194,20 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.clients) as pool:
             for server in servers:
                 stow_all(pool, server, batches)
-            for turn in range(args.rounds):
-                order = servers[turn % 2 :] + servers[: turn % 2]
-                for server in order:
+            rounds = [(turn, "stow") for turn in range(args.rounds if args.stow else 0)]
+            rounds += [(turn, "read") for turn in range(args.rounds)]
+            for turn, kind in rounds:  # the STOW-RS rounds first: the reads then find the study settled
+                for server in servers[turn % 2 :] + servers[: turn % 2]:
                     samples = results[server.name]
-                    if args.stow:
+                    if kind == "stow":
                         server.delete_study(study)
                         os.sync()  # the deletion's writes are not flushed during the measurement
                         measured(server, samples, "STOW-RS study", partial(stow_all, pool, server, batches))
+                        continue
                     whole = partial(wado_streamed, server, f"/studies/{study}")
                     if fingerprints(measured(server, samples, "whole study, parsed", whole)) != expected:
                         raise BenchError(f"{server.name}: the study retrieved differs from the one stored")
-                    measured(
-                        server, samples, "whole study, raw", partial(raw_read, server, f"/studies/{study}")
-                    )
+                    raw = partial(raw_read, server, f"/studies/{study}")
+                    measured(server, samples, "whole study, raw", raw)
     except (BenchError, httpx.HTTPError) as error:
         print(f"service-ab: FAILED: {error}; the servers' data and logs are kept in {work}", file=sys.stderr)
         return 1
