@@ -129,9 +129,13 @@ def _client(clients: int, headers: dict[str, str]) -> httpx.Client:
     return httpx.Client(headers={**CLIENT_HEADERS, **headers}, timeout=600, limits=limits)
 
 
-def start_ours(workdir: Path, clients: int, workers: int | None) -> Server:
+def start_ours(
+    workdir: Path, clients: int, workers: int | None, *, name: str = OURS, env: dict[str, str] | None = None
+) -> Server:
+    """``dicom-cloud serve`` in ``workdir`` (``env`` added to its environment: another tree's
+    ``PYTHONPATH`` for bench/service_ab.py), with a client of ``clients`` connections."""
     extra = ("--workers", str(workers)) if workers else ()
-    service: ServiceProcess = start_service_process(workdir, extra_args=extra)
+    service: ServiceProcess = start_service_process(workdir, extra_args=extra, env=env)
     http = _client(clients, {"Authorization": f"Bearer {service.token}"})
 
     def delete_study(uid: str) -> None:
@@ -141,7 +145,7 @@ def start_ours(workdir: Path, clients: int, workers: int | None) -> Server:
         http.close()
         service.stop()
 
-    return Server(OURS, service.url, service.pid, http, delete_study, stop)
+    return Server(name, service.url, service.pid, http, delete_study, stop)
 
 
 def start_theirs(workdir: Path, clients: int, sync_storage: bool) -> tuple[Server, OrthancServer]:

@@ -49,16 +49,13 @@ from dicomweb import (  # noqa: E402
     MULTIPART_DICOM,
     BenchError,
     Server,
-    _client,
     descendants,
+    start_ours,
     stow,
     wado_streamed,
 )
 from run import file_system, machine  # noqa: E402
 from service import multipart  # noqa: E402
-
-sys.path.insert(0, str(BENCH.parent / "tests"))
-from live_service import start_service_process  # noqa: E402
 
 THIS, BASE = "this tree", "base"
 
@@ -97,17 +94,7 @@ def cpu_seconds(pid: int) -> float:
 
 def start(name: str, workdir: Path, clients: int, pythonpath: str | None) -> Server:
     env = {"PYTHONPATH": pythonpath} if pythonpath else None
-    service = start_service_process(workdir / name.replace(" ", "-"), env=env)
-    http = _client(clients, {"Authorization": f"Bearer {service.token}"})
-
-    def delete_study(uid: str) -> None:
-        http.delete(f"{service.url}/studies/{uid}").raise_for_status()
-
-    def stop() -> None:
-        http.close()
-        service.stop()
-
-    return Server(name, service.url, service.pid, http, delete_study, stop)
+    return start_ours(workdir / name.replace(" ", "-"), clients, None, name=name, env=env)
 
 
 def fingerprints(contents: list[bytes]) -> Counter[tuple[int, int]]:
