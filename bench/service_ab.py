@@ -16,9 +16,10 @@ servers alternating every round:
 
 Each figure is the median of the rounds: wall time, and the server's CPU time read from
 ``/proc/PID/task/*/schedstat`` in nanoseconds (a retrieval takes under a tenth of a CPU-second,
-a few clock ticks of ``/proc/PID/stat``). On a VM whose speed drifts by a tenth within minutes,
-two servers side by side taking turns request by request held still where runs one after the
-other did not (docs/benchmarks.md, 2026-12-05).
+a few clock ticks of ``/proc/PID/stat``; threads that end during a measurement are not counted).
+On a VM whose speed drifts by a tenth within minutes, two servers side by side taking turns held
+still better than runs one after the other; still, this tree against itself gave 0.94-1.08x
+(docs/benchmarks.md, 2026-12-05): repeat a comparison before believing a small difference.
 """
 
 from __future__ import annotations
@@ -79,9 +80,8 @@ def cpu_seconds(pid: int) -> float:
     schedstat (nanoseconds)."""
     total = 0
     for member in [pid, *descendants(pid)]:
-        with_tasks = Path(f"/proc/{member}/task")
         try:
-            tasks = list(with_tasks.iterdir())
+            tasks = list(Path(f"/proc/{member}/task").iterdir())
         except OSError:
             continue  # ended meanwhile
         for task in tasks:
