@@ -168,8 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base_src = args.base_src.resolve()
-    manifest = generate.ensure(args.data_dir / "inputs-dicomweb", instances=args.instances, large_size=1)
-    bodies = [(args.data_dir / "inputs-dicomweb" / e.name).read_bytes() for e in manifest.study]
+    inputs = args.data_dir / "inputs-dicomweb"  # the study dicomweb.py makes, shared with it
+    manifest = generate.ensure(inputs, instances=args.instances, large_size=1)
+    bodies = [(inputs / e.name).read_bytes() for e in manifest.study]
     expected = fingerprints(bodies)
     study = str(pydicom.dcmread(io.BytesIO(bodies[0])).StudyInstanceUID)
     batches = [multipart(bodies[i : i + args.batch]) for i in range(0, len(bodies), args.batch)]
