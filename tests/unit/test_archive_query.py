@@ -62,6 +62,19 @@ def test_study_results_carry_the_required_attributes(archive: tuple[Archive, Run
     assert b["00100030"] == {"vr": "DA"}  # absent birth date: present, empty
 
 
+def test_a_page_of_studies_carries_each_study_s_own_counts(archive: tuple[Archive, Run]) -> None:
+    a, run = archive
+    page = run(a.search_studies("acme", {}))
+    assert len(page) > 1
+    for study in page:  # the page's counts, from one query, against each study searched alone
+        uid = study["0020000D"]["Value"][0]
+        [alone] = run(a.search_studies("acme", {"StudyInstanceUID": uid}))
+        for tag in ("00080061", "00201206", "00201208"):
+            assert study[tag] == alone[tag]
+    [p1] = [s for s in page if s["0020000D"]["Value"] == [A]]
+    assert (p1["00201206"], p1["00201208"]) == ({"vr": "IS", "Value": [2]}, {"vr": "IS", "Value": [3]})
+
+
 def test_includefield(archive: tuple[Archive, Run]) -> None:
     a, run = archive
     [s] = run(a.search_studies("acme", {"PatientID": "P2", "includefield": "StudyDescription,00080080"}))
